@@ -1,0 +1,85 @@
+// Core bindings: ISA and thread-pool control, machine-limit probes.
+#include <pybind11/stl.h>
+
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "csrc/bindings.h"
+#include "csrc/dispatch.h"
+#include "csrc/limits.h"
+#include "csrc/threadpool.h"
+
+namespace py = pybind11;
+
+namespace ff {
+
+void init_core(py::module_& m) {
+  m.def("isa", [] { return std::string(isa_name(active_isa())); },
+        "ISA variant of the kernels in use (FUSEDFORMER_ISA or the best this CPU supports).");
+  m.def("compiled_isas", &compiled_isas, "ISA variants compiled into this build.");
+  m.def("supported_isas", &supported_isas, "ISA variants this CPU can run.");
+  m.def("num_threads", &num_threads, "Threads of the kernel pool (the caller included).");
+  m.def(
+      "set_num_threads",
+      [](int n) {
+        if (n < 1) throw py::value_error("[set_num_threads] n must be >= 1, got " + std::to_string(n));
+        py::gil_scoped_release release;
+        set_num_threads(n);
+      },
+      py::arg("n"), "Resizes the kernel thread pool.");
+  m.def("available_cpus", &available_cpus, "CPUs this process may run on.");
+  m.def(
+      "peak_gflops",
+      [](double seconds) {
+        if (!(seconds > 0 && seconds <= 60))
+          throw py::value_error("[peak_gflops] seconds must be in (0, 60]");
+        py::gil_scoped_release release;
+        return peak_gflops(seconds);
+      },
+      py::kw_only(), py::arg("seconds") = 0.3,
+      "Measured fp32 FMA throughput of all pool threads, GFLOP/s (best ISA of this CPU).");
+  m.def(
+      "memory_bandwidth",
+      [](int64_t mib, int passes) {
+        if (mib < 1 || passes < 1)
+          throw py::value_error("[memory_bandwidth] mib and passes must be >= 1");
+        py::gil_scoped_release release;
+        return memory_bandwidth_gbs(mib << 20, passes);
+      },
+      py::kw_only(), py::arg("mib") = 512, py::arg("passes") = 5,
+      "Measured streaming-read bandwidth of all pool threads over a buffer of `mib` MiB, GB/s.");
+  m.def(
+      "_pool_trace",
+      [](int64_t n, int64_t grain) {
+        // Test hook: which thread ran each index of a parallel_for over [0, n).
+        std::vector<int64_t> owner(static_cast<size_t>(n), -1);
+        std::mutex mu;
+        std::vector<std::thread::id> ids;
+        struct Ctx {
+          std::vector<int64_t>* owner;
+          std::mutex* mu;
+          std::vector<std::thread::id>* ids;
+        } ctx{&owner, &mu, &ids};
+        py::gil_scoped_release release;
+        parallel_for_raw(n, grain, [](void* c, int64_t b, int64_t e) {
+          auto* p = static_cast<Ctx*>(c);
+          int64_t id;
+          {
+            std::lock_guard<std::mutex> lock(*p->mu);
+            auto me = std::this_thread::get_id();
+            id = 0;
+            while (id < static_cast<int64_t>(p->ids->size()) && (*p->ids)[id] != me) ++id;
+            if (id == static_cast<int64_t>(p->ids->size())) p->ids->push_back(me);
+          }
+          // busy work so that every thread gets a share
+          volatile double x = 0;
+          for (int i = 0; i < 20000; ++i) x = x + i;
+          for (int64_t i = b; i < e; ++i) (*p->owner)[i] = ((*p->owner)[i] == -1) ? id : -2;
+        }, &ctx);
+        return owner;
+      },
+      py::arg("n"), py::arg("grain"));
+}
+
+}  // namespace ff

@@ -1,0 +1,78 @@
+#include "csrc/dispatch.h"
+
+#include <cstdlib>
+#include <stdexcept>
+
+#include "csrc/threadpool.h"
+
+namespace ff {
+namespace {
+
+Isa g_isa = Isa::generic;
+
+bool cpu_has_avx2() {
+#if defined(FF_HAVE_AVX2) && (defined(__GNUC__) || defined(__clang__))
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+         __builtin_cpu_supports("f16c");
+#else
+  return false;
+#endif
+}
+
+std::string join(const std::vector<std::string>& v) {
+  std::string s;
+  for (const auto& x : v) s += (s.empty() ? "" : ", ") + x;
+  return s;
+}
+
+}  // namespace
+
+Isa active_isa() { return g_isa; }
+
+const char* isa_name(Isa isa) { return isa == Isa::avx2 ? "avx2" : "generic"; }
+
+std::vector<std::string> compiled_isas() {
+#ifdef FF_HAVE_AVX2
+  return {"generic", "avx2"};
+#else
+  return {"generic"};
+#endif
+}
+
+std::vector<std::string> supported_isas() {
+  if (cpu_has_avx2()) return {"generic", "avx2"};
+  return {"generic"};
+}
+
+void select_isa() {
+  const char* env = std::getenv("FUSEDFORMER_ISA");
+  const std::string want = env ? env : "auto";
+  if (want == "auto" || want.empty()) {
+    g_isa = cpu_has_avx2() ? Isa::avx2 : Isa::generic;
+  } else if (want == "generic") {
+    g_isa = Isa::generic;
+  } else if (want == "avx2") {
+    if (!cpu_has_avx2())
+      throw std::invalid_argument(
+          "[fusedformer] FUSEDFORMER_ISA=avx2, but this CPU or build lacks AVX2+FMA+F16C; "
+          "supported here: " + join(supported_isas()));
+    g_isa = Isa::avx2;
+  } else {
+    throw std::invalid_argument("[fusedformer] FUSEDFORMER_ISA='" + want +
+                                "' is not one of: auto, " + join(compiled_isas()));
+  }
+}
+
+void select_num_threads() {
+  const char* env = std::getenv("FUSEDFORMER_NUM_THREADS");
+  if (!env || !*env) return;
+  char* end = nullptr;
+  const long n = std::strtol(env, &end, 10);
+  if (*end != '\0' || n < 1 || n > 4096)
+    throw std::invalid_argument(std::string("[fusedformer] FUSEDFORMER_NUM_THREADS='") + env +
+                                "' is not a positive integer (1 to 4096)");
+  set_num_threads(static_cast<int>(n));
+}
+
+}  // namespace ff

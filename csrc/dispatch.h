@@ -1,0 +1,32 @@
+// Run-time choice of the kernel ISA variant: the best the CPU supports, or FUSEDFORMER_ISA.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "kernels/cpu/dispatch.h"
+
+namespace ff {
+
+enum class Isa { generic, avx2 };
+
+// Chosen once at import (select_isa) and fixed afterwards.
+Isa active_isa();
+const char* isa_name(Isa isa);
+// Variants compiled into this build, and those this CPU can run.
+std::vector<std::string> compiled_isas();
+std::vector<std::string> supported_isas();
+// Reads FUSEDFORMER_ISA ("auto", "generic", "avx2"); throws std::invalid_argument with a
+// message naming the variable and the allowed values.
+void select_isa();
+// Reads FUSEDFORMER_NUM_THREADS (positive integer) and sizes the pool; throws likewise.
+void select_num_threads();
+
+}  // namespace ff
+
+#ifdef FF_HAVE_AVX2
+#define FF_KERNELS(getter) \
+  (::ff::active_isa() == ::ff::Isa::avx2 ? ::ff::avx2::getter() : ::ff::generic::getter())
+#else
+#define FF_KERNELS(getter) (::ff::generic::getter())
+#endif

@@ -1,0 +1,93 @@
+#include "csrc/limits.h"
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <memory>
+
+#include "csrc/dispatch.h"
+#include "csrc/threadpool.h"
+
+namespace ff {
+namespace {
+
+// The probes measure the machine, so they use the best ISA the CPU has, whatever
+// FUSEDFORMER_ISA forces for the kernels.
+const ProbeKernels& best_probe() {
+#ifdef FF_HAVE_AVX2
+  if (supported_isas().size() > 1) return avx2::probe_kernels();
+#endif
+  return generic::probe_kernels();
+}
+
+double now() {
+  using clock = std::chrono::steady_clock;
+  return std::chrono::duration<double>(clock::now().time_since_epoch()).count();
+}
+
+std::atomic<float> g_sink{0};  // keeps the probe results alive
+
+}  // namespace
+
+double peak_gflops(double seconds) {
+  const ProbeKernels& k = best_probe();
+  // Calibrate the iteration count on one thread, then run it on every pool thread at once.
+  int64_t iters = 1 << 16;
+  double t0 = now();
+  g_sink = g_sink + k.fma_chains(iters);
+  double dt = std::max(now() - t0, 1e-6);
+  iters = std::max<int64_t>(iters, static_cast<int64_t>(iters * (seconds / 3) / dt));
+  const int threads = num_threads();
+  struct Ctx {
+    const ProbeKernels* k;
+    int64_t iters;
+  } ctx{&k, iters};
+  auto body = [](void* c, int64_t b, int64_t e) {
+    const auto* p = static_cast<const Ctx*>(c);
+    for (int64_t i = b; i < e; ++i) g_sink = g_sink + p->k->fma_chains(p->iters);
+  };
+  double best = 0;
+  for (int rep = 0; rep < 3; ++rep) {
+    t0 = now();
+    parallel_for_raw(threads, 1, body, &ctx);
+    dt = now() - t0;
+    best = std::max(best, static_cast<double>(threads) * iters * k.flops_per_iter() / dt / 1e9);
+  }
+  return best;
+}
+
+double memory_bandwidth_gbs(int64_t bytes, int passes) {
+  const ProbeKernels& k = best_probe();
+  const int64_t n = bytes / static_cast<int64_t>(sizeof(float));
+  std::unique_ptr<float[]> buf(new float[n]);
+  const int threads = num_threads();
+  struct Ctx {
+    const ProbeKernels* k;
+    float* x;
+    int64_t n;
+    int threads;
+    bool init;
+  } ctx{&k, buf.get(), n, threads, true};
+  auto body = [](void* c, int64_t b, int64_t e) {
+    auto* p = static_cast<Ctx*>(c);
+    for (int64_t t = b; t < e; ++t) {
+      const int64_t lo = p->n * t / p->threads, hi = p->n * (t + 1) / p->threads;
+      if (p->init) {
+        for (int64_t i = lo; i < hi; ++i) p->x[i] = static_cast<float>(i & 7);
+      } else {
+        g_sink = g_sink + p->k->sum(p->x + lo, hi - lo);
+      }
+    }
+  };
+  parallel_for_raw(threads, 1, body, &ctx);  // first touch by the threads that read
+  ctx.init = false;
+  double best = 0;
+  for (int rep = 0; rep < passes; ++rep) {
+    const double t0 = now();
+    parallel_for_raw(threads, 1, body, &ctx);
+    best = std::max(best, static_cast<double>(n) * sizeof(float) / (now() - t0) / 1e9);
+  }
+  return best;
+}
+
+}  // namespace ff

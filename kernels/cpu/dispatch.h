@@ -1,0 +1,51 @@
+// ISA-neutral declarations shared by the kernels and the bindings.
+//
+// Each area (attention, quant, ...) describes its kernels as a struct of function pointers in
+// its api.h, and every ISA variant defines a getter returning its table:
+//   FF_DECLARE_KERNEL_TABLE(AttentionKernels, attention_kernels)
+// declares ff::generic::attention_kernels() and ff::avx2::attention_kernels(); the bindings
+// pick one at run time with FF_KERNELS(attention_kernels) (csrc/dispatch.h).
+#pragma once
+
+#include <cstdint>
+
+#if defined(FF_HAVE_AVX2) || defined(__x86_64__) || defined(_M_X64)
+#define FF_IF_AVX2(...) __VA_ARGS__
+#else
+#define FF_IF_AVX2(...)
+#endif
+
+#define FF_DECLARE_KERNEL_TABLE(Type, getter)          \
+  namespace ff {                                        \
+  namespace generic {                                   \
+  const Type& getter();                                 \
+  }                                                     \
+  FF_IF_AVX2(namespace avx2 { const Type& getter(); }) \
+  }
+
+namespace ff {
+
+// Storage types the kernels accept: fp32, IEEE fp16 and bfloat16 (as raw 16-bit words).
+enum class DType : int { f32 = 0, f16 = 1, bf16 = 2 };
+
+// The thread pool lives in csrc/; kernels only see this entry point. fn(ctx, begin, end) is
+// called on sub-ranges of [0, n) of at most `grain` indices, on the pool's threads (the caller
+// included). Kernels make every index's result independent of which thread computes it, so
+// results do not depend on the thread count.
+using RangeFn = void (*)(void* ctx, int64_t begin, int64_t end);
+void parallel_for_raw(int64_t n, int64_t grain, RangeFn fn, void* ctx);
+int num_threads();
+
+// Machine-limit probes, per ISA variant (kernels/cpu/probe.cpp).
+struct ProbeKernels {
+  // Runs `iters` iterations of independent FMA chains; returns a checksum. flops_per_iter()
+  // flops per iteration.
+  float (*fma_chains)(int64_t iters);
+  int64_t (*flops_per_iter)();
+  // Sums n floats with wide loads (a streaming read).
+  float (*sum)(const float* x, int64_t n);
+};
+
+}  // namespace ff
+
+FF_DECLARE_KERNEL_TABLE(ProbeKernels, probe_kernels)

@@ -1,0 +1,48 @@
+// Machine-limit probes: FMA throughput and streaming-read bandwidth, per ISA variant.
+#include "kernels/cpu/simd/vec.h"
+
+namespace ff {
+namespace FF_ISA_NS {
+namespace {
+
+// Enough independent accumulators to cover FMA latency x ports (4 cycles x 2 ports on
+// Haswell..Zen4 needs 8; 12 leaves headroom) without spilling 16 ymm registers.
+constexpr int kChains = 12;
+
+float fma_chains(int64_t iters) {
+  simd::f32x8 acc[kChains];
+  for (int c = 0; c < kChains; ++c) acc[c] = simd::set1(0.001f * static_cast<float>(c + 1));
+  const simd::f32x8 a = simd::set1(0.999999f), b = simd::set1(1e-7f);
+  for (int64_t i = 0; i < iters; ++i) {
+    for (int c = 0; c < kChains; ++c) acc[c] = simd::fmadd(acc[c], a, b);
+  }
+  simd::f32x8 s = simd::zero();
+  for (int c = 0; c < kChains; ++c) s = simd::add(s, acc[c]);
+  return simd::reduce_add(s);
+}
+
+int64_t flops_per_iter() { return int64_t{kChains} * simd::kWidth * 2; }
+
+float sum(const float* x, int64_t n) {
+  simd::f32x8 a0 = simd::zero(), a1 = simd::zero(), a2 = simd::zero(), a3 = simd::zero();
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    a0 = simd::add(a0, simd::load(x + i));
+    a1 = simd::add(a1, simd::load(x + i + 8));
+    a2 = simd::add(a2, simd::load(x + i + 16));
+    a3 = simd::add(a3, simd::load(x + i + 24));
+  }
+  float s = simd::reduce_add(simd::add(simd::add(a0, a1), simd::add(a2, a3)));
+  for (; i < n; ++i) s += x[i];
+  return s;
+}
+
+}  // namespace
+
+const ProbeKernels& probe_kernels() {
+  static const ProbeKernels k{fma_chains, flops_per_iter, sum};
+  return k;
+}
+
+}  // namespace FF_ISA_NS
+}  // namespace ff

@@ -1,0 +1,100 @@
+// AVX2 + FMA + F16C backend of the vector abstraction. Included only through simd/vec.h, in
+// translation units compiled with -mavx2 -mfma -mf16c.
+#pragma once
+
+#include <immintrin.h>
+
+#include <cstdint>
+
+namespace ff {
+namespace FF_ISA_NS {
+namespace simd {
+
+constexpr const char* kBackend = "avx2";
+
+struct f32x8 {
+  __m256 v;
+};
+struct m32x8 {
+  __m256 v;
+};
+
+inline f32x8 zero() { return {_mm256_setzero_ps()}; }
+inline f32x8 set1(float x) { return {_mm256_set1_ps(x)}; }
+inline f32x8 load(const float* p) { return {_mm256_loadu_ps(p)}; }
+inline void store(float* p, f32x8 a) { _mm256_storeu_ps(p, a.v); }
+inline f32x8 add(f32x8 a, f32x8 b) { return {_mm256_add_ps(a.v, b.v)}; }
+inline f32x8 sub(f32x8 a, f32x8 b) { return {_mm256_sub_ps(a.v, b.v)}; }
+inline f32x8 mul(f32x8 a, f32x8 b) { return {_mm256_mul_ps(a.v, b.v)}; }
+inline f32x8 fmadd(f32x8 a, f32x8 b, f32x8 c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
+inline f32x8 max(f32x8 a, f32x8 b) { return {_mm256_max_ps(a.v, b.v)}; }
+inline f32x8 min(f32x8 a, f32x8 b) { return {_mm256_min_ps(a.v, b.v)}; }
+inline f32x8 round(f32x8 a) {
+  return {_mm256_round_ps(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)};
+}
+inline f32x8 ldexp(f32x8 a, f32x8 n) {
+  __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n.v), _mm256_set1_epi32(127)), 23);
+  return {_mm256_mul_ps(a.v, _mm256_castsi256_ps(e))};
+}
+inline m32x8 cmp_lt(f32x8 a, f32x8 b) { return {_mm256_cmp_ps(a.v, b.v, _CMP_LT_OQ)}; }
+inline f32x8 select(m32x8 m, f32x8 a, f32x8 b) { return {_mm256_blendv_ps(a.v, b.v, m.v)}; }
+
+inline float reduce_add(f32x8 a) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a.v), _mm256_extractf128_ps(a.v, 1));  // 0+4 ...
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));  // (0+4)+(2+6), (1+5)+(3+7)
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+inline float reduce_max(f32x8 a) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(a.v), _mm256_extractf128_ps(a.v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_max_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+inline f32x8 load_u8(const uint8_t* p) {
+  __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  return {_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b))};
+}
+inline f32x8 load_i8(const int8_t* p) {
+  __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  return {_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b))};
+}
+
+// Hardware fp16 conversion (F16C), round to nearest even.
+#define FF_SIMD_HAS_F16C 1
+inline f32x8 load_f16(const uint16_t* p) {
+  return {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))};
+}
+inline void store_f16(uint16_t* p, f32x8 a) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(a.v, _MM_FROUND_TO_NEAREST_INT));
+}
+
+}  // namespace simd
+}  // namespace FF_ISA_NS
+}  // namespace ff
+
+namespace ff {
+namespace FF_ISA_NS {
+namespace simd {
+
+#define FF_SIMD_HAS_BF16 1
+inline f32x8 load_bf16(const uint16_t* p) {
+  __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return {_mm256_castsi256_ps(_mm256_slli_epi32(w, 16))};
+}
+// round to nearest even; NaN stays a (quiet) NaN
+inline void store_bf16(uint16_t* p, f32x8 a) {
+  __m256i x = _mm256_castps_si256(a.v);
+  __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(x, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(x, _mm256_set1_epi32(0x7fff)), lsb), 16);
+  __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(a.v, a.v, _CMP_UNORD_Q));
+  __m256i qnan = _mm256_or_si256(_mm256_srli_epi32(x, 16), _mm256_set1_epi32(0x40));
+  r = _mm256_blendv_epi8(r, _mm256_and_si256(qnan, _mm256_set1_epi32(0xffff)), nan);
+  __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0xD8);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+}
+
+}  // namespace simd
+}  // namespace FF_ISA_NS
+}  // namespace ff

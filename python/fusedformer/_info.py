@@ -1,0 +1,96 @@
+"""ff.info(): what this build is, what it runs on, and which optional backends are usable."""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.metadata
+import importlib.util
+import os
+import platform
+
+from fusedformer import _C
+
+# backend -> (module to import, pip extra that installs it)
+BACKENDS = {
+    "torch": ("torch", "torch"),
+    "mlx": ("mlx.core", "mlx"),
+    "coremltools": ("coremltools", "coreml"),
+    "transformers": ("transformers", "hf"),
+}
+_DIST_NAMES = {"torch": "torch", "mlx": "mlx", "coremltools": "coremltools", "transformers": "transformers"}
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name (Linux /proc/cpuinfo, macOS sysctl), else platform.processor()."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    if platform.system() == "Darwin":
+        try:
+            import subprocess
+
+            return subprocess.run(
+                ["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True, check=True
+            ).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return platform.processor() or platform.machine()
+
+
+@functools.lru_cache(maxsize=None)
+def machine_limits() -> dict:
+    """Measured fp32 FMA peak (GFLOP/s) and streaming-read bandwidth (GB/s) of all pool threads.
+
+    Measured once per process (about half a second) and cached.
+    """
+    return {
+        "peak_gflops": round(_C.peak_gflops(), 1),
+        "bandwidth_gbs": round(_C.memory_bandwidth(), 2),
+        "threads": _C.num_threads(),
+    }
+
+
+@functools.lru_cache(maxsize=None)
+def backend_status(name: str) -> dict:
+    """{'available': True, 'version': ...} or {'available': False, 'reason': ..., 'install': ...}."""
+    module, extra = BACKENDS[name]
+    install = f"pip install 'fusedformer[{extra}]'"
+    if importlib.util.find_spec(module.split(".")[0]) is None:
+        return {"available": False, "reason": "not installed", "install": install}
+    try:
+        importlib.import_module(module)
+    except Exception as e:  # a broken install must not break ff.info()
+        return {"available": False, "reason": f"import failed: {type(e).__name__}: {e}", "install": install}
+    try:
+        version = importlib.metadata.version(_DIST_NAMES[name])
+    except importlib.metadata.PackageNotFoundError:
+        version = getattr(importlib.import_module(module), "__version__", "unknown")
+    return {"available": True, "version": version}
+
+
+def info(*, measure: bool = True) -> dict:
+    """Version, ISA in use and compiled in, threads, measured limits and optional backends.
+
+    ``measure=False`` skips the (cached, ~0.5 s) machine-limit probes.
+    """
+    from fusedformer import __version__
+
+    return {
+        "version": __version__,
+        "isa": _C.isa(),
+        "isas_compiled": list(_C.compiled_isas()),
+        "isas_supported": list(_C.supported_isas()),
+        "threads": _C.num_threads(),
+        "cpus_available": _C.available_cpus(),
+        "cpu": cpu_model(),
+        "platform": f"{platform.system()} {platform.machine()}",
+        "python": platform.python_version(),
+        "env": {k: os.environ[k] for k in ("FUSEDFORMER_ISA", "FUSEDFORMER_NUM_THREADS") if k in os.environ},
+        "limits": machine_limits() if measure else None,
+        "backends": {name: backend_status(name) for name in BACKENDS},
+    }
