@@ -17,6 +17,16 @@ namespace ff {
 void init_core(py::module_& m) {
   m.def("isa", [] { return std::string(isa_name(active_isa())); },
         "ISA variant of the kernels in use (FUSEDFORMER_ISA or the best this CPU supports).");
+  m.def(
+      "_set_isa",
+      [](const std::string& name) {
+        try {
+          set_isa(name);
+        } catch (const std::invalid_argument& e) {
+          throw py::value_error(e.what());
+        }
+      },
+      py::arg("name"), "Test hook: switch the kernel ISA variant ('auto', 'generic', 'avx2').");
   m.def("compiled_isas", &compiled_isas, "ISA variants compiled into this build.");
   m.def("supported_isas", &supported_isas, "ISA variants this CPU can run.");
   m.def("num_threads", &num_threads, "Threads of the kernel pool (the caller included).");

@@ -47,7 +47,10 @@ std::vector<std::string> supported_isas() {
 
 void select_isa() {
   const char* env = std::getenv("FUSEDFORMER_ISA");
-  const std::string want = env ? env : "auto";
+  set_isa(env ? env : "auto");
+}
+
+void set_isa(const std::string& want) {
   if (want == "auto" || want.empty()) {
     g_isa = cpu_has_avx2() ? Isa::avx2 : Isa::generic;
   } else if (want == "generic") {

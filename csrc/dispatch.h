@@ -19,6 +19,8 @@ std::vector<std::string> supported_isas();
 // Reads FUSEDFORMER_ISA ("auto", "generic", "avx2"); throws std::invalid_argument with a
 // message naming the variable and the allowed values.
 void select_isa();
+// Test hook: switch the variant at run time (not while kernels run on other threads).
+void set_isa(const std::string& name);
 // Reads FUSEDFORMER_NUM_THREADS (positive integer) and sizes the pool; throws likewise.
 void select_num_threads();
 

@@ -1,0 +1,46 @@
+# Two commands do everything on a fresh machine:
+#   make bench   set up .venv, build, run the main benchmark
+#   make test    set up .venv, build, run the whole test suite
+PYTHON ?= python3
+VENV   := .venv
+VPY    := $(VENV)/bin/python
+DEPS   := $(VENV)/.deps-installed
+EDIT   := $(VENV)/.fusedformer-editable
+export FUSEDFORMER_BUILD_JOBS ?= 2
+
+.PHONY: all venv build test test-fast bench wheel clean
+
+all: build
+
+# Dev dependencies, pinned by requirements/constraints.txt (what CI tests).
+$(DEPS): requirements/dev.txt requirements/constraints.txt
+	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -q -r requirements/dev.txt -c requirements/constraints.txt
+	touch $@
+
+# The package itself, editable (console script `fusedformer`, imports from python/).
+$(EDIT): $(DEPS) pyproject.toml setup.py
+	$(VPY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+venv: $(DEPS)
+
+# Incremental rebuild of the extension in place (objects newer than every source are kept).
+build: $(EDIT)
+	PYTHONWARNINGS=ignore $(VPY) setup.py -q build_ext --inplace
+	@test -n "$$(ls python/fusedformer/_C*.so 2>/dev/null)" || (echo "build failed" && exit 1)
+
+test: build
+	$(VPY) -m pytest -q
+
+test-fast: build
+	$(VPY) -m pytest -q -m "not slow"
+
+bench: build
+	$(VPY) -m fusedformer.cli bench limits
+
+wheel: $(DEPS)
+	$(VPY) -m pip wheel --no-build-isolation --no-deps -w dist .
+
+clean:
+	rm -rf build dist python/fusedformer/_C*.so python/*.egg-info
