@@ -107,16 +107,11 @@ def sdpa(q, k, v, *, mask=None, causal=False, scale=None, window=None, return_ls
 
         return sdpa_mlx(q, k, v, mask=mask, causal=causal, scale=scale, window=window, return_lse=return_lse)
     if framework == "torch":
-        import torch
+        from fusedformer.torch import attention_op
 
-        op = torch.ops.fusedformer.sdpa_lse if return_lse else torch.ops.fusedformer.sdpa
-        _load_torch_ops()
+        op = attention_op.sdpa_lse if return_lse else attention_op.sdpa
         return op(q, k, v, mask, bool(causal), scale_f, window_i or None)
     return native_sdpa(q, k, v, mask=mask, causal=causal, scale=scale_f, window=window_i, return_lse=return_lse)
-
-
-def _load_torch_ops():
-    import fusedformer.torch.attention_op  # noqa: F401  (registers fusedformer::sdpa*)
 
 
 # ---- native path (numpy and torch CPU tensors) ----------------------------------------------
