@@ -222,7 +222,10 @@ class Report:
             out_dir = Path(out_dir)
             written["json"] = self.write_json(out_dir / f"{self.area}.json")
             if plot and self.rows:
-                written["png"] = self.write_plot(out_dir / f"{self.area}.png")
+                try:
+                    written["png"] = self.write_plot(out_dir / f"{self.area}.png")
+                except ImportError:
+                    print("no plot: matplotlib is missing (pip install 'fusedformer[bench]')")
             for p in written.values():
                 print(f"wrote {p}")
         return written
