@@ -27,11 +27,25 @@ inline uint32_t code_at(const uint8_t* stream, int64_t index, int bits) {
 
 // The eight codes starting at element `index` (a multiple of 8) of a B-bit stream (B <= 8):
 // they fill exactly B bytes.
+// Composed from power-of-two loads so the value stays in registers (a B-byte memcpy goes
+// through the stack and stalls store forwarding).
+template <class T>
+inline uint64_t load_le(const uint8_t* p) {
+  T v;
+  std::memcpy(&v, p, sizeof(T));
+  return v;
+}
 template <int B>
 inline uint64_t load_code_bytes(const uint8_t* stream, int64_t index) {
-  uint64_t u = 0;
-  std::memcpy(&u, stream + (index >> 3) * B, B);
-  return u;
+  const uint8_t* p = stream + (index >> 3) * B;
+  if constexpr (B == 1) return p[0];
+  if constexpr (B == 2) return load_le<uint16_t>(p);
+  if constexpr (B == 3) return load_le<uint16_t>(p) | uint64_t{p[2]} << 16;
+  if constexpr (B == 4) return load_le<uint32_t>(p);
+  if constexpr (B == 5) return load_le<uint32_t>(p) | uint64_t{p[4]} << 32;
+  if constexpr (B == 6) return load_le<uint32_t>(p) | load_le<uint16_t>(p + 4) << 32;
+  if constexpr (B == 7) return load_le<uint32_t>(p) | load_le<uint16_t>(p + 4) << 32 | uint64_t{p[6]} << 48;
+  return load_le<uint64_t>(p);
 }
 
 #if defined(__AVX2__)

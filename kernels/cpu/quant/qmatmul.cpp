@@ -42,6 +42,8 @@ struct Problem {
 // Int8 likewise: scale * (sum_k x*q - zero_point * sum_k x). Pruned weights decode rows into
 // an L1 buffer first.
 
+#define FF_ALWAYS_INLINE inline __attribute__((always_inline))
+
 template <int MR>
 constexpr int unroll() {
   return MR == 1 ? 4 : MR == 2 ? 2 : 1;
@@ -49,7 +51,7 @@ constexpr int unroll() {
 
 // acc[r][u] += x_r[k + 8u] * v(k + 8u) over [k0, k1), steps of 8 * U.
 template <int MR, class V>
-inline void dot_span(const Problem& p, int64_t k0, int64_t k1, const V& v, f32x8 (&acc)[MR][unroll<MR>()]) {
+FF_ALWAYS_INLINE void dot_span(const Problem& p, int64_t k0, int64_t k1, const V& v, f32x8 (&acc)[MR][unroll<MR>()]) {
   constexpr int U = unroll<MR>();
   for (int64_t k = k0; k < k1; k += 8 * U) {
     for (int u = 0; u < U; ++u) {
@@ -60,7 +62,7 @@ inline void dot_span(const Problem& p, int64_t k0, int64_t k1, const V& v, f32x8
 }
 
 template <int MR>
-inline f32x8 sum_chains(f32x8 (&acc)[MR][unroll<MR>()], int r) {
+FF_ALWAYS_INLINE f32x8 sum_chains(f32x8 (&acc)[MR][unroll<MR>()], int r) {
   f32x8 s = acc[r][0];
   for (int u = 1; u < unroll<MR>(); ++u) s = simd::add(s, acc[r][u]);
   return s;
@@ -99,7 +101,7 @@ void gemv_affine(const Problem& p, const float* xsum, int64_t n0, int64_t n1) {
       f32x8 gacc[MR][U];
       for (int r = 0; r < MR; ++r)
         for (int u = 0; u < U; ++u) gacc[r][u] = simd::zero();
-      dot_span<MR>(p, g * span, (g + 1) * span, [&](int64_t k) { return quant::to_f32(quant::codes8<B>(stream, base + k)); },
+      dot_span<MR>(p, g * span, (g + 1) * span, [&](int64_t k) __attribute__((always_inline)) { return quant::to_f32(quant::codes8<B>(stream, base + k)); },
                    gacc);
       const f32x8 s = simd::set1(sc[g]);
       for (int r = 0; r < MR; ++r) {
@@ -122,7 +124,7 @@ void gemv_int8(const Problem& p, const float* xsum, int64_t n0, int64_t n1) {
     f32x8 acc[MR][U];
     for (int r = 0; r < MR; ++r)
       for (int u = 0; u < U; ++u) acc[r][u] = simd::zero();
-    dot_span<MR>(p, 0, body, [&](int64_t k) { return simd::load_i8(q + k); }, acc);
+    dot_span<MR>(p, 0, body, [&](int64_t k) __attribute__((always_inline)) { return simd::load_i8(q + k); }, acc);
     const float zp = w.zero_points ? static_cast<float>(w.zero_points[n]) : 0.0f;
     for (int r = 0; r < MR; ++r) {
       float d = simd::reduce_add(sum_chains<MR>(acc, r));
@@ -144,7 +146,7 @@ void gemv_lut(const Problem& p, int64_t n0, int64_t n1) {
     f32x8 acc[MR][U];
     for (int r = 0; r < MR; ++r)
       for (int u = 0; u < U; ++u) acc[r][u] = simd::zero();
-    dot_span<MR>(p, 0, body, [&](int64_t k) { return quant::lookup<B>(lut, quant::codes8<B>(stream, base + k)); }, acc);
+    dot_span<MR>(p, 0, body, [&](int64_t k) __attribute__((always_inline)) { return quant::lookup<B>(lut, quant::codes8<B>(stream, base + k)); }, acc);
     for (int r = 0; r < MR; ++r) {
       float d = simd::reduce_add(sum_chains<MR>(acc, r));
       for (int64_t k = body; k < w.k; k += 8) {  // K % 8 == 0 for LUT weights
