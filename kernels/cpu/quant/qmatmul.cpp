@@ -1,0 +1,343 @@
+// Quantized matmul y = x @ W.T with W decoded inside the kernel, tile by tile.
+//
+// GEMV (m <= 8): each task owns kGemvRows rows of W; a row is decoded kGemvChunk values at a
+// time into an L1 buffer and dotted with every x row while it is hot.
+// GEMM: each task owns a panel of kPanel rows of W; for every K chunk of kKc the panel is
+// decoded and packed k-major in sub-panels of 16 columns (64 KB, L2), then a 6x16
+// register-blocked micro-kernel sweeps all rows of x over it.
+// Work is split by fixed row counts of W, so results do not depend on the thread count.
+#include <algorithm>
+#include <memory>
+
+#include "kernels/cpu/quant/api.h"
+#include "kernels/cpu/quant/decode.h"
+
+namespace ff {
+namespace FF_ISA_NS {
+
+void quant_kmeans1d(const float* v, int64_t n, int k, float* centroids);  // kmeans.cpp
+
+namespace {
+
+using simd::f32x8;
+
+constexpr int64_t kGemvRows = 16;
+constexpr int64_t kGemvChunk = 512;
+constexpr int64_t kPanel = 64;
+constexpr int64_t kKc = 256;
+constexpr int kMr = 6, kNr = 16;
+constexpr int64_t kMaxGemvRows = 8;
+
+struct Problem {
+  const float* x;  // fp32 [m, k], row stride ldx
+  int64_t m, ldx;
+  const QWeight* w;
+  float* y;  // fp32 [m, n]
+};
+
+// ---- GEMV --------------------------------------------------------------------------------
+// Dense formats decode eight codes straight into a register and FMA them with every x row
+// (kUnroll independent chains per row when few rows). Affine factors the group out:
+// sum_k x*(s*q + b) = s * sum_k x*q + b * sum_k x (the x group sums are computed once).
+// Int8 likewise: scale * (sum_k x*q - zero_point * sum_k x). Pruned weights decode rows into
+// an L1 buffer first.
+
+#define FF_ALWAYS_INLINE inline __attribute__((always_inline))
+
+template <int MR>
+constexpr int unroll() {
+  return MR == 1 ? 4 : MR == 2 ? 2 : 1;
+}
+
+// acc[r][u] += x_r[k + 8u] * v(k + 8u) over [k0, k1), steps of 8 * U.
+template <int MR, class V>
+FF_ALWAYS_INLINE void dot_span(const Problem& p, int64_t k0, int64_t k1, const V& v, f32x8 (&acc)[MR][unroll<MR>()]) {
+  constexpr int U = unroll<MR>();
+  for (int64_t k = k0; k < k1; k += 8 * U) {
+    for (int u = 0; u < U; ++u) {
+      const f32x8 wv = v(k + 8 * u);
+      for (int r = 0; r < MR; ++r) acc[r][u] = simd::fmadd(simd::load(p.x + r * p.ldx + k + 8 * u), wv, acc[r][u]);
+    }
+  }
+}
+
+template <int MR>
+FF_ALWAYS_INLINE f32x8 sum_chains(f32x8 (&acc)[MR][unroll<MR>()], int r) {
+  f32x8 s = acc[r][0];
+  for (int u = 1; u < unroll<MR>(); ++u) s = simd::add(s, acc[r][u]);
+  return s;
+}
+
+// x row sums per affine group (xsum[r * groups + g]) or per row (groups == 1, whole K).
+void x_group_sums(const Problem& p, int64_t group, float* xsum) {
+  const int64_t groups = p.w->k / group;
+  for (int64_t r = 0; r < p.m; ++r)
+    for (int64_t g = 0; g < groups; ++g) {
+      const float* x = p.x + r * p.ldx + g * group;
+      f32x8 s = simd::zero();
+      int64_t i = 0;
+      for (; i + 8 <= group; i += 8) s = simd::add(s, simd::load(x + i));
+      float t = simd::reduce_add(s);
+      for (; i < group; ++i) t += x[i];
+      xsum[r * groups + g] = t;
+    }
+}
+
+template <int MR, int B>
+void gemv_affine(const Problem& p, const float* xsum, int64_t n0, int64_t n1) {
+  constexpr int U = unroll<MR>();
+  const QWeight& w = *p.w;
+  const int64_t groups = w.k / w.group;
+  const uint8_t* stream = static_cast<const uint8_t*>(w.codes);
+  const int64_t span = std::max<int64_t>(w.group, 8 * U);  // group >= 32 >= 8 * U
+  for (int64_t n = n0; n < n1; ++n) {
+    const float* sc = w.scales + n * groups;
+    const float* bi = w.biases + n * groups;
+    const int64_t base = n * w.k;
+    f32x8 acc[MR];
+    float bias_part[MR];
+    for (int r = 0; r < MR; ++r) acc[r] = simd::zero(), bias_part[r] = 0;
+    for (int64_t g = 0; g < groups; ++g) {
+      f32x8 gacc[MR][U];
+      for (int r = 0; r < MR; ++r)
+        for (int u = 0; u < U; ++u) gacc[r][u] = simd::zero();
+      dot_span<MR>(p, g * span, (g + 1) * span, [&](int64_t k) __attribute__((always_inline)) { return quant::to_f32(quant::codes8<B>(stream, base + k)); },
+                   gacc);
+      const f32x8 s = simd::set1(sc[g]);
+      for (int r = 0; r < MR; ++r) {
+        acc[r] = simd::fmadd(sum_chains<MR>(gacc, r), s, acc[r]);
+        bias_part[r] += bi[g] * xsum[r * groups + g];
+      }
+    }
+    for (int r = 0; r < MR; ++r) p.y[r * w.n + n] = simd::reduce_add(acc[r]) + bias_part[r];
+  }
+}
+
+// Int8 and LUT: v(k) decodes eight values of row n; `post` maps the dot to y.
+template <int MR>
+void gemv_int8(const Problem& p, const float* xsum, int64_t n0, int64_t n1) {
+  constexpr int U = unroll<MR>();
+  const QWeight& w = *p.w;
+  const int64_t body = w.k / (8 * U) * (8 * U);
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* q = static_cast<const int8_t*>(w.codes) + n * w.k;
+    f32x8 acc[MR][U];
+    for (int r = 0; r < MR; ++r)
+      for (int u = 0; u < U; ++u) acc[r][u] = simd::zero();
+    dot_span<MR>(p, 0, body, [&](int64_t k) __attribute__((always_inline)) { return simd::load_i8(q + k); }, acc);
+    const float zp = w.zero_points ? static_cast<float>(w.zero_points[n]) : 0.0f;
+    for (int r = 0; r < MR; ++r) {
+      float d = simd::reduce_add(sum_chains<MR>(acc, r));
+      for (int64_t k = body; k < w.k; ++k) d += p.x[r * p.ldx + k] * static_cast<float>(q[k]);
+      p.y[r * w.n + n] = w.scales[n] * (d - zp * xsum[r]);
+    }
+  }
+}
+
+template <int MR, int B>
+void gemv_lut(const Problem& p, int64_t n0, int64_t n1) {
+  constexpr int U = unroll<MR>();
+  const QWeight& w = *p.w;
+  const uint8_t* stream = static_cast<const uint8_t*>(w.codes);
+  const int64_t body = w.k / (8 * U) * (8 * U);
+  for (int64_t n = n0; n < n1; ++n) {
+    const float* lut = w.lut + ((n / w.group) << B);
+    const int64_t base = n * w.k;
+    f32x8 acc[MR][U];
+    for (int r = 0; r < MR; ++r)
+      for (int u = 0; u < U; ++u) acc[r][u] = simd::zero();
+    dot_span<MR>(p, 0, body, [&](int64_t k) __attribute__((always_inline)) { return quant::lookup<B>(lut, quant::codes8<B>(stream, base + k)); }, acc);
+    for (int r = 0; r < MR; ++r) {
+      float d = simd::reduce_add(sum_chains<MR>(acc, r));
+      for (int64_t k = body; k < w.k; k += 8) {  // K % 8 == 0 for LUT weights
+        alignas(32) float v[8];
+        simd::store(v, quant::lookup<B>(lut, quant::codes8<B>(stream, base + k)));
+        for (int i = 0; i < 8; ++i) d += p.x[r * p.ldx + k + i] * v[i];
+      }
+      p.y[r * w.n + n] = d;
+    }
+  }
+}
+
+// Any format (pruned ones): rows decoded into an L1 buffer, then dotted.
+template <int MR>
+void gemv_buffered(const Problem& p, int64_t n0, int64_t n1) {
+  const QWeight& w = *p.w;
+  alignas(32) float buf[kGemvChunk];
+  for (int64_t n = n0; n < n1; ++n) {
+    f32x8 acc[MR];
+    float tail[MR];
+    for (int r = 0; r < MR; ++r) acc[r] = simd::zero(), tail[r] = 0;
+    for (int64_t k0 = 0; k0 < w.k; k0 += kGemvChunk) {
+      const int64_t len = std::min(kGemvChunk, w.k - k0);
+      quant::decode_row(w, n, k0, len, buf);
+      const float* x = p.x + k0;
+      int64_t i = 0;
+      for (; i + 8 <= len; i += 8) {
+        const f32x8 b = simd::load(buf + i);
+        for (int r = 0; r < MR; ++r) acc[r] = simd::fmadd(simd::load(x + r * p.ldx + i), b, acc[r]);
+      }
+      for (; i < len; ++i)
+        for (int r = 0; r < MR; ++r) tail[r] += x[r * p.ldx + i] * buf[i];
+    }
+    for (int r = 0; r < MR; ++r) p.y[r * w.n + n] = simd::reduce_add(acc[r]) + tail[r];
+  }
+}
+
+template <int MR>
+void gemv_mr(const Problem& p) {
+  const QWeight& w = *p.w;
+  const int64_t tasks = (w.n + kGemvRows - 1) / kGemvRows;
+  auto over_rows = [&](const auto& rows_fn) {
+    parallel_for(tasks, 1, [&](int64_t b, int64_t e) {
+      for (int64_t t = b; t < e; ++t) rows_fn(t * kGemvRows, std::min(w.n, (t + 1) * kGemvRows));
+    });
+  };
+  if (w.mask) return over_rows([&](int64_t a, int64_t b) { gemv_buffered<MR>(p, a, b); });
+  if (w.codes_kind == QCodes::affine) {
+    std::unique_ptr<float[]> xsum(new float[p.m * (w.k / w.group)]);
+    x_group_sums(p, w.group, xsum.get());
+    return quant::bits_switch(w.bits, [&](auto b) {
+      over_rows([&](int64_t a, int64_t e) { gemv_affine<MR, decltype(b)::value>(p, xsum.get(), a, e); });
+    });
+  }
+  if (w.codes_kind == QCodes::int8) {
+    std::unique_ptr<float[]> xsum(new float[p.m]);
+    x_group_sums(p, w.k, xsum.get());
+    return over_rows([&](int64_t a, int64_t e) { gemv_int8<MR>(p, xsum.get(), a, e); });
+  }
+  if (w.codes_kind == QCodes::lut) {
+    return quant::bits_switch(w.bits, [&](auto b) {
+      over_rows([&](int64_t a, int64_t e) { gemv_lut<MR, decltype(b)::value>(p, a, e); });
+    });
+  }
+  over_rows([&](int64_t a, int64_t b) { gemv_buffered<MR>(p, a, b); });
+}
+
+void gemv(const Problem& p) {
+  switch (p.m) {
+    case 1: return gemv_mr<1>(p);
+    case 2: return gemv_mr<2>(p);
+    case 3: return gemv_mr<3>(p);
+    case 4: return gemv_mr<4>(p);
+    case 5: return gemv_mr<5>(p);
+    case 6: return gemv_mr<6>(p);
+    case 7: return gemv_mr<7>(p);
+    default: return gemv_mr<8>(p);
+  }
+}
+
+// ---- GEMM --------------------------------------------------------------------------------
+// y[0:MR, 0:cols] (+)= x[0:MR, 0:kc] @ B, B packed k-major [kc][16].
+template <int MR>
+void micro_kernel(const float* x, int64_t ldx, const float* b, int64_t kc, float* y, int64_t ldy,
+                  int cols, bool accumulate) {
+  f32x8 acc[MR][2];
+  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = simd::zero();
+  for (int64_t k = 0; k < kc; ++k) {
+    const f32x8 b0 = simd::load(b + k * kNr), b1 = simd::load(b + k * kNr + 8);
+    for (int r = 0; r < MR; ++r) {
+      const f32x8 a = simd::set1(x[r * ldx + k]);
+      acc[r][0] = simd::fmadd(a, b0, acc[r][0]);
+      acc[r][1] = simd::fmadd(a, b1, acc[r][1]);
+    }
+  }
+  for (int r = 0; r < MR; ++r) {
+    float* yr = y + r * ldy;
+    if (cols == kNr) {
+      if (accumulate) {
+        acc[r][0] = simd::add(acc[r][0], simd::load(yr));
+        acc[r][1] = simd::add(acc[r][1], simd::load(yr + 8));
+      }
+      simd::store(yr, acc[r][0]);
+      simd::store(yr + 8, acc[r][1]);
+    } else {
+      alignas(32) float out[kNr];
+      simd::store(out, acc[r][0]);
+      simd::store(out + 8, acc[r][1]);
+      for (int c = 0; c < cols; ++c) yr[c] = accumulate ? yr[c] + out[c] : out[c];
+    }
+  }
+}
+
+using MicroFn = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t, int, bool);
+constexpr MicroFn kMicro[kMr + 1] = {nullptr,          micro_kernel<1>, micro_kernel<2>, micro_kernel<3>,
+                                     micro_kernel<4>, micro_kernel<5>, micro_kernel<6>};
+
+// Decodes rows [n0, n0 + rows) x [k0, k0 + kc) into sub-panels of 16 columns, k-major.
+void pack_panel(const QWeight& w, int64_t n0, int64_t rows, int64_t k0, int64_t kc, float* packed) {
+  alignas(32) float row[kKc];
+  const int64_t padded = (rows + kNr - 1) / kNr * kNr;
+  for (int64_t j = 0; j < padded; ++j) {
+    float* dst = packed + (j / kNr) * kc * kNr + (j % kNr);
+    if (j < rows) {
+      quant::decode_row(w, n0 + j, k0, kc, row);
+      for (int64_t k = 0; k < kc; ++k) dst[k * kNr] = row[k];
+    } else {
+      for (int64_t k = 0; k < kc; ++k) dst[k * kNr] = 0.0f;
+    }
+  }
+}
+
+void gemm_panel(const Problem& p, int64_t n0) {
+  const QWeight& w = *p.w;
+  const int64_t rows = std::min(kPanel, w.n - n0);
+  alignas(32) float packed[kKc * kPanel];
+  for (int64_t k0 = 0; k0 < w.k; k0 += kKc) {
+    const int64_t kc = std::min(kKc, w.k - k0);
+    pack_panel(w, n0, rows, k0, kc, packed);
+    for (int64_t s = 0; s * kNr < rows; ++s) {
+      const int cols = static_cast<int>(std::min<int64_t>(kNr, rows - s * kNr));
+      for (int64_t m0 = 0; m0 < p.m; m0 += kMr) {
+        const int mr = static_cast<int>(std::min<int64_t>(kMr, p.m - m0));
+        kMicro[mr](p.x + m0 * p.ldx + k0, p.ldx, packed + s * kc * kNr, kc, p.y + m0 * w.n + n0 + s * kNr, w.n,
+                   cols, k0 > 0);
+      }
+    }
+  }
+}
+
+void gemm(const Problem& p) {
+  parallel_for((p.w->n + kPanel - 1) / kPanel, 1, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) gemm_panel(p, t * kPanel);
+  });
+}
+
+void qmatmul(const QMatmulArgs& a) {
+  const int64_t m = a.m, k = a.w.k, n = a.w.n;
+  if (m == 0 || n == 0) return;
+  std::unique_ptr<float[]> xbuf, ybuf;
+  Problem p{nullptr, m, a.ldx, &a.w, nullptr};
+  FF_DTYPE_SWITCH(a.dtype, T, [&] {
+    using E = typename Elem<T>::type;
+    if (T == DType::f32) {
+      p.x = static_cast<const float*>(a.x);
+      p.y = static_cast<float*>(a.y);
+    } else {
+      xbuf.reset(new float[m * k]);
+      ybuf.reset(new float[m * n]);
+      for (int64_t r = 0; r < m; ++r) to_f32<T>(static_cast<const E*>(a.x) + r * a.ldx, xbuf.get() + r * k, k);
+      p.x = xbuf.get();
+      p.ldx = k;
+      p.y = ybuf.get();
+    }
+  });
+  if (m <= kMaxGemvRows) {
+    gemv(p);
+  } else {
+    gemm(p);
+  }
+  FF_DTYPE_SWITCH(a.dtype, T, [&] {
+    if (T != DType::f32) from_f32<T>(p.y, static_cast<typename Elem<T>::type*>(a.y), m * n);
+  });
+}
+
+}  // namespace
+
+const QuantKernels& quant_kernels() {
+  static const QuantKernels k{qmatmul, quant_kmeans1d};
+  return k;
+}
+
+}  // namespace FF_ISA_NS
+}  // namespace ff
