@@ -82,8 +82,9 @@ def test_threads_same_bits(rng, isa, threads, shape):
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 @pytest.mark.parametrize("opts", [dict(), dict(causal=True, window=40)], ids=["plain", "causal-window"])
-def test_numpy_dtypes(rng, isa, dtype, opts):
-    q, k, v = make_qkv(rng, 2, 8, 2, 65, 130, 64, dtype=dtype)
+@pytest.mark.parametrize("shape", [(2, 8, 2, 65, 130, 64), (1, 8, 4, 2, 300, 59)], ids=["packed", "streamed"])
+def test_numpy_dtypes(rng, isa, dtype, opts, shape):
+    q, k, v = make_qkv(rng, *shape, dtype=dtype)
     out, lse = ff.sdpa(q, k, v, return_lse=True, **opts)
     assert out.dtype == np.dtype(dtype)
     check(out, lse, q, k, v, tol=dtype, **opts)

@@ -47,6 +47,7 @@ def torch_sdpa_err(torch, q, k, v, ref, *, causal=False, window=None):
         ((2, 4, 4, 1, 700, 128), dict()),
         ((1, 7, 1, 33, 33, 80), dict(causal=True, window=9)),
         ((1, 4, 2, 20, 1100, 96), dict(window=300)),
+        ((1, 8, 4, 3, 1100, 59), dict(causal=True)),
     ],
     ids=str,
 )
