@@ -186,6 +186,15 @@ def test_strided_inputs(rng, isa):
     check(out, None, q, k, v, causal=True)
 
 
+def test_negative_zero_and_step_strides(rng, isa):
+    """Reversed queries, K broadcast over heads (stride 0), every second key of V."""
+    q = rng.standard_normal((1, 4, 9, 32), dtype=np.float32)[:, :, ::-1]
+    k = np.broadcast_to(rng.standard_normal((1, 1, 20, 32), dtype=np.float32), (1, 2, 20, 32))
+    v = rng.standard_normal((1, 2, 40, 32), dtype=np.float32)[:, :, ::2]
+    out = ff.sdpa(q, k, v, causal=True)
+    check(out, None, q, k, v, causal=True)
+
+
 def test_noncontiguous_last_dim_is_copied(rng, isa):
     q, k, v = make_qkv(rng, 1, 2, 2, 7, 9, 64)
     qs = np.asfortranarray(q)
