@@ -25,8 +25,8 @@ namespace {
 
 constexpr int64_t kRowTile = 96;       // query rows per block (positions x heads of a group)
 constexpr int64_t kSplitChunk = 512;   // keys per split-KV chunk, chosen by shape
-constexpr int64_t kStreamMaxRows = 8;
-constexpr int64_t kPrefetchTiles = 2;  // how far ahead K/V tiles are prefetched  // blocks this small stream K/V instead of packing them
+constexpr int64_t kStreamMaxRows = 8;  // blocks this small stream K/V instead of packing them
+constexpr int64_t kPrefetchTiles = 2;  // how far ahead K/V tiles are prefetched
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // Shape-derived constants of one call.
@@ -264,7 +264,7 @@ Block block_of(const Problem& pr, int64_t u) {
   return bk;
 }
 
-// Partials of split-KV: per unit, kRowTile rows of o [dp] plus m and l.
+// Partials of split-KV: per unit, `pitch` rows of o [dp] plus m and l.
 struct Partials {
   std::unique_ptr<float[]> o, m, l;
 };
@@ -273,11 +273,13 @@ template <DType T>
 void run(const SdpaParams& p, const Problem& pr) {
   const int64_t units = p.batch * p.kv_heads * pr.row_blocks * pr.chunks;
   const int64_t dp = pr.dp, G = pr.group;
+  const int64_t rows = p.q_len * G;
+  const int64_t pitch = rows < kRowTile ? rows : kRowTile;  // partial rows per unit
   Partials part;
   if (pr.chunks > 1) {
-    part.o.reset(new float[units * kRowTile * dp]);
-    part.m.reset(new float[units * kRowTile]);
-    part.l.reset(new float[units * kRowTile]);
+    part.o.reset(new float[units * pitch * dp]);
+    part.m.reset(new float[units * pitch]);
+    part.l.reset(new float[units * pitch]);
   }
   parallel_for(units, 1, [&](int64_t begin, int64_t end) {
     const Work w = thread_work(dp);
@@ -290,10 +292,10 @@ void run(const SdpaParams& p, const Problem& pr) {
           write_row<T>(p, bk.b, bk.kvh * G + r % G, r / G, w.o + rr * dp, w.m[rr], w.l[rr]);
         }
       } else {
-        for (int64_t i = 0; i < bk.nr * dp; ++i) part.o[u * kRowTile * dp + i] = w.o[i];
+        for (int64_t i = 0; i < bk.nr * dp; ++i) part.o[u * pitch * dp + i] = w.o[i];
         for (int64_t rr = 0; rr < bk.nr; ++rr) {
-          part.m[u * kRowTile + rr] = w.m[rr];
-          part.l[u * kRowTile + rr] = w.l[rr];
+          part.m[u * pitch + rr] = w.m[rr];
+          part.l[u * pitch + rr] = w.l[rr];
         }
       }
     }
@@ -309,12 +311,12 @@ void run(const SdpaParams& p, const Problem& pr) {
       const Block bk = block_of(pr, u0);
       for (int64_t rr = 0; rr < bk.nr; ++rr) {
         float mx = kNegInf;
-        for (int64_t c = 0; c < pr.chunks; ++c) mx = std::fmax(mx, part.m[(u0 + c) * kRowTile + rr]);
+        for (int64_t c = 0; c < pr.chunks; ++c) mx = std::fmax(mx, part.m[(u0 + c) * pitch + rr]);
         for (int64_t x = 0; x < dp; x += 8) simd::store(acc + x, simd::zero());
         float l = 0.0f;
         if (mx != kNegInf) {
           for (int64_t c = 0; c < pr.chunks; ++c) {
-            const int64_t at = (u0 + c) * kRowTile + rr;
+            const int64_t at = (u0 + c) * pitch + rr;
             const float e = simd::exp_scalar(part.m[at] - mx);
             if (e == 0.0f) continue;
             l += e * part.l[at];
