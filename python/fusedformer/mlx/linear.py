@@ -1,0 +1,260 @@
+"""Compressed-weight linears for MLX: ff.mlx.QuantizedLinear and qmatmul_mlx (ff.qmatmul on MLX).
+
+Every format of ``ff.quant`` is served from a ``QuantizedWeight``'s own arrays; nothing is
+re-quantized, so MLX computes with exactly the values of ``qw.dequantize()``:
+
+======================  ==================================================================
+format                  MLX path
+======================  ==================================================================
+Affine                  ``mx.quantized_matmul`` on ``qw.to_mlx()`` — MLX's fused kernel
+                        (Metal on Apple GPUs, MLX's CPU kernel elsewhere).
+Int8                    no fused MLX kernel: dequantize per tile of output rows
+                        ((q - zero_point) * scale), then a float32 matmul.
+Palettize               no fused MLX kernel: unpack the indices and gather from the LUT per
+                        tile of output rows, then a float32 matmul.
+Prune (+Affine/Palet.)  no fused MLX kernel: scatter the packed survivors into each tile
+                        through the bitmask (cumulative count), dequantize, float32 matmul.
+======================  ==================================================================
+
+Tiles bound the transient dense weight to ``TILE_ELEMENTS`` values; the compressed arrays are
+what stays in memory. Activations may be float32, float16 or bfloat16; accumulation is float32
+and the result has the activations' dtype. No Metal is written here: on Apple GPUs the affine
+format uses MLX's own kernel and the others run as the MLX op compositions below.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from fusedformer._frameworks import framework_of
+from fusedformer.quant import Affine, Int8, Palettize, Prune, QuantizedWeight, compress
+
+TILE_ELEMENTS = 1 << 22  # dense weight values materialised at once by the tiled formats
+FLOAT_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
+
+
+# -- bit streams ---------------------------------------------------------------------------
+def unpack_bits(packed, bits: int, start: int, count: int):
+    """Codes ``start .. start+count`` of LSB-first ``bits``-wide streams along the last axis of
+    ``packed`` (uint8), as uint8 (the layout of fusedformer.quant.packing)."""
+    if bits == 8:
+        return packed[..., start : start + count]
+    lead = packed.shape[:-1]
+    bit0, bit1 = start * bits, (start + count) * bits
+    b0, b1 = bit0 // 8, -(-bit1 // 8)
+    seg = packed[..., b0:b1]
+    if 8 % bits == 0 and bit0 % 8 == 0:  # whole codes per byte: one shift per code slot
+        shifts = mx.arange(0, 8, bits, dtype=mx.uint8)
+        codes = (seg[..., None] >> shifts) & ((1 << bits) - 1)
+        return codes.reshape(*lead, -1)[..., :count]
+    planes = ((seg[..., None] >> mx.arange(8, dtype=mx.uint8)) & 1).reshape(*lead, -1)
+    planes = planes[..., bit0 - 8 * b0 : bit1 - 8 * b0].reshape(*lead, count, bits)
+    return (planes << mx.arange(bits, dtype=mx.uint8)).sum(-1).astype(mx.uint8)
+
+
+def _row_lut_values(lut, codes, row0: int, group_size: int):
+    """lut[group of each row][codes] for codes [rows, K] starting at output row ``row0``."""
+    if lut.shape[0] == 1:
+        return mx.take(lut[0], codes.astype(mx.uint32))
+    groups = (mx.arange(row0, row0 + codes.shape[0]) // group_size)[:, None]
+    return mx.take(lut.reshape(-1), groups * lut.shape[1] + codes.astype(mx.int32))
+
+
+# -- one compressed weight as MLX arrays -----------------------------------------------------
+class MLXWeight(nn.Module):
+    """A compressed W [N, K] held as MLX arrays (frozen parameters), multiplied as x @ W.T."""
+
+    def __init__(self, qw: QuantizedWeight):
+        super().__init__()
+        self.out_features, self.in_features = qw.shape
+        self.scheme = qw.scheme
+
+    @staticmethod
+    def from_quantized(qw: QuantizedWeight) -> "MLXWeight":
+        for scheme_type, cls in _FORMATS:
+            if isinstance(qw.scheme, scheme_type):
+                weight = cls(qw)
+                weight.freeze()
+                return weight
+        raise TypeError(f"[qmatmul] no MLX path for scheme {qw.scheme!r}")
+
+    def matmul_t(self, x):
+        """x [..., K] @ W.T -> [..., N] in x's dtype, float32 accumulation, tile by tile."""
+        x32 = x.astype(mx.float32)
+        tiles = [x32 @ self.dequantize_rows(r0, r1).T for r0, r1 in self._row_tiles()]
+        y = tiles[0] if len(tiles) == 1 else mx.concatenate(tiles, axis=-1)
+        return y.astype(x.dtype)
+
+    def dequantize(self):
+        """W as float32 [N, K]: the same values as QuantizedWeight.dequantize()."""
+        return mx.concatenate([self.dequantize_rows(r0, r1) for r0, r1 in self._row_tiles()], axis=0)
+
+    def dequantize_rows(self, r0: int, r1: int):
+        raise NotImplementedError
+
+    def _row_tiles(self):
+        rows = max(1, TILE_ELEMENTS // self.in_features)
+        return [(r, min(r + rows, self.out_features)) for r in range(0, self.out_features, rows)]
+
+
+def _mx(arrays: dict, name: str):
+    return mx.array(np.asarray(arrays[name]))
+
+
+class AffineWeight(MLXWeight):
+    """MLX's own affine format: ``mx.quantized_matmul`` (fused) on ``qw.to_mlx()``."""
+
+    def __init__(self, qw):
+        super().__init__(qw)
+        self.bits, self.group_size = qw.scheme.bits, qw.scheme.group_size
+        self.w_q, self.scales, self.biases = qw.to_mlx()
+
+    def matmul_t(self, x):
+        y = mx.quantized_matmul(x, self.w_q, self.scales, self.biases, transpose=True,
+                                group_size=self.group_size, bits=self.bits)
+        return y.astype(x.dtype)
+
+    def dequantize_rows(self, r0, r1):
+        return mx.dequantize(self.w_q[r0:r1], self.scales[r0:r1], self.biases[r0:r1],
+                             group_size=self.group_size, bits=self.bits)
+
+
+class Int8Weight(MLXWeight):
+    """Per-channel int8 (no fused MLX kernel): (q - zero_point) * scale per tile, then matmul."""
+
+    def __init__(self, qw):
+        super().__init__(qw)
+        arrays = qw.to_dict()
+        self.w_q, self.scales = _mx(arrays, "w_q"), _mx(arrays, "scales")
+        self.zero_points = _mx(arrays, "zero_points") if "zero_points" in arrays else None
+
+    def dequantize_rows(self, r0, r1):
+        q = self.w_q[r0:r1].astype(mx.float32)
+        if self.zero_points is not None:
+            q = q - self.zero_points[r0:r1, None].astype(mx.float32)
+        return q * self.scales[r0:r1, None]
+
+
+class PalettizedWeight(MLXWeight):
+    """k-means LUT (no fused MLX kernel): unpack indices and gather from the LUT per tile."""
+
+    def __init__(self, qw):
+        super().__init__(qw)
+        arrays = qw.to_dict()
+        self.bits, self.group_size = qw.scheme.bits, qw.scheme.group_size
+        self.indices, self.lut = _mx(arrays, "indices"), _mx(arrays, "lut")
+
+    def dequantize_rows(self, r0, r1):
+        codes = unpack_bits(self.indices[r0:r1], self.bits, 0, self.in_features)
+        return _row_lut_values(self.lut, codes, r0, self.group_size)
+
+
+class PrunedWeight(MLXWeight):
+    """Bitmask + packed survivors (no fused MLX kernel). Each tile places its rows' survivors
+    through the mask's running count, then dequantizes them as the inner scheme says."""
+
+    def __init__(self, qw):
+        super().__init__(qw)
+        arrays = qw.to_dict()
+        self.inner = qw.scheme.then
+        self.mask = _mx(arrays, "mask")
+        kept = np.unpackbits(np.asarray(arrays["mask"]), axis=-1, count=self.in_features, bitorder="little")
+        self.row_offsets = np.concatenate([[0], np.cumsum(kept.sum(1))]).astype(np.int64)  # plain numpy
+        if self.inner is None:
+            self.survivors = _mx(arrays, "values")  # ("values" would shadow dict.values of nn.Module)
+        elif isinstance(self.inner, Affine):
+            self.w_q = _mx(arrays, "w_q").view(mx.uint8).reshape(-1)
+            self.scales, self.biases = _mx(arrays, "scales"), _mx(arrays, "biases")
+        else:
+            self.indices, self.lut = _mx(arrays, "indices"), _mx(arrays, "lut")
+
+    def dequantize_rows(self, r0, r1):
+        rows, k = r1 - r0, self.in_features
+        keep = unpack_bits(self.mask[r0:r1], 1, 0, k).astype(mx.bool_)
+        s0, s1 = int(self.row_offsets[r0]), int(self.row_offsets[r1])
+        if s1 == s0:
+            return mx.zeros((rows, k), dtype=mx.float32)
+        slot = mx.maximum(mx.cumsum(keep.reshape(-1).astype(mx.int32)) - 1, 0).reshape(rows, k)
+        inner = self.inner
+        if inner is None:
+            dense = mx.take(self.survivors[s0:s1], slot)
+        elif isinstance(inner, Affine):
+            codes = mx.take(unpack_bits(self.w_q, inner.bits, s0, s1 - s0), slot).astype(mx.float32)
+            g = inner.group_size
+            dense = (self.scales[r0:r1, :, None] * codes.reshape(rows, k // g, g)
+                     + self.biases[r0:r1, :, None]).reshape(rows, k)
+        else:
+            codes = mx.take(unpack_bits(self.indices, inner.bits, s0, s1 - s0), slot)
+            dense = _row_lut_values(self.lut, codes, r0, inner.group_size)
+        return mx.where(keep, dense, 0.0)
+
+
+_FORMATS = ((Affine, AffineWeight), (Int8, Int8Weight), (Palettize, PalettizedWeight), (Prune, PrunedWeight))
+
+
+# -- the module and the functional op --------------------------------------------------------
+class QuantizedLinear(nn.Module):
+    """y = x @ W.T + bias with W compressed by any ff.quant scheme (see the module docstring
+    for which formats run a fused MLX kernel). Parameters are frozen, like nn.QuantizedLinear."""
+
+    def __init__(self, qw: QuantizedWeight, bias=None):
+        super().__init__()
+        self.qweight = MLXWeight.from_quantized(qw)
+        if bias is not None:
+            self.bias = bias if isinstance(bias, mx.array) else mx.array(np.asarray(bias))
+        self.quantized_weight = qw  # the numpy original: serialisation, torch interop
+        self.freeze()
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module, scheme) -> "QuantizedLinear":
+        """Compresses an nn.Linear's weight (or a dequantized nn.QuantizedLinear's) with ``scheme``."""
+        return cls(compress(dense_weight(linear), scheme), bias=linear.get("bias"))
+
+    @property
+    def scheme(self):
+        return self.qweight.scheme
+
+    def _extra_repr(self):
+        w = self.qweight
+        return f"input_dims={w.in_features}, output_dims={w.out_features}, bias={'bias' in self}, scheme={w.scheme}"
+
+    def __call__(self, x):
+        y = self.qweight.matmul_t(x)
+        return y + self.bias.astype(y.dtype) if "bias" in self else y
+
+
+def dense_weight(linear: nn.Module):
+    """The float weight [N, K] of an nn.Linear or nn.QuantizedLinear (affine, dequantized)."""
+    if isinstance(linear, nn.QuantizedLinear):
+        return mx.dequantize(linear.weight, linear.scales, linear.get("biases"),
+                             group_size=linear.group_size, bits=linear.bits, mode=linear.mode)
+    return linear.weight
+
+
+_CACHE: "weakref.WeakKeyDictionary[QuantizedWeight, MLXWeight]" = weakref.WeakKeyDictionary()
+
+
+def mlx_weight(qw: QuantizedWeight) -> MLXWeight:
+    """The MLX form of ``qw``, built once per QuantizedWeight object (weakly cached)."""
+    try:
+        return _CACHE[qw]
+    except KeyError:
+        weight = _CACHE[qw] = MLXWeight.from_quantized(qw)
+        return weight
+    except TypeError:  # not weak-referenceable or not hashable
+        return MLXWeight.from_quantized(qw)
+
+
+def qmatmul_mlx(x, qw: QuantizedWeight):
+    """ff.qmatmul for MLX activations: x [..., K] @ W.T -> [..., N] in x's dtype (lazy)."""
+    if framework_of(x) != "mlx":
+        raise TypeError(f"[qmatmul] qmatmul_mlx takes an MLX x, got {framework_of(x)}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"[qmatmul] x has dtype {x.dtype}; MLX qmatmul takes float32, float16 or bfloat16")
+    if x.ndim == 0 or x.shape[-1] != qw.shape[1]:
+        raise ValueError(f"[qmatmul] x has shape {tuple(x.shape)} but the weight has K={qw.shape[1]} input features")
+    return mlx_weight(qw).matmul_t(x)
