@@ -18,7 +18,7 @@ _EXPORTS = {
     "QuantizedLinear": "linear",
     "qmatmul_mlx": "linear",
     "optimize": "optimize",
-    "FusedAttention": "optimize",
+    "use_fused_sdpa": "optimize",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -22,6 +22,8 @@ import mlx.core as mx
 from fusedformer._frameworks import common_framework
 
 FLOAT_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
+# MLX's own op, captured at import: ff.mlx.use_fused_sdpa() routes the public name to sdpa_mlx.
+MX_FAST_SDPA = mx.fast.scaled_dot_product_attention
 
 
 def sdpa_mlx(q, k, v, mask=None, causal=False, scale=None, window=None, return_lse=False):
@@ -41,7 +43,7 @@ def sdpa_mlx(q, k, v, mask=None, causal=False, scale=None, window=None, return_l
         out, lse = sdpa_composed(q, k, v, attn_mask, scale)
         return _zero_dead_rows(out, live), lse
     attn_mask, live = attention_mask(mask, lq, lk, causal=causal, window=window, dtype=q.dtype)
-    out = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=attn_mask)
+    out = MX_FAST_SDPA(q, k, v, scale=scale, mask=attn_mask)
     return _zero_dead_rows(out, live)
 
 

@@ -24,6 +24,7 @@ format uses MLX's own kernel and the others run as the MLX op compositions below
 
 from __future__ import annotations
 
+import json
 import weakref
 
 import mlx.core as mx
@@ -211,8 +212,15 @@ class QuantizedLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Module, scheme) -> "QuantizedLinear":
-        """Compresses an nn.Linear's weight (or a dequantized nn.QuantizedLinear's) with ``scheme``."""
-        return cls(compress(dense_weight(linear), scheme), bias=linear.get("bias"))
+        """Compresses an nn.Linear's weight with ``scheme``. An affine nn.QuantizedLinear whose
+        bits and group size equal the scheme's is adopted as it is (its arrays are already our
+        format; quantizing its dequantized grid again would move some values); any other is
+        dequantized and compressed."""
+        if _same_affine(linear, scheme):
+            qw = affine_weight_from_mlx(linear.weight, linear.scales, linear.biases, scheme)
+        else:
+            qw = compress(dense_weight(linear), scheme)
+        return cls(qw, bias=linear.get("bias"))
 
     @property
     def scheme(self):
@@ -233,6 +241,20 @@ def dense_weight(linear: nn.Module):
         return mx.dequantize(linear.weight, linear.scales, linear.get("biases"),
                              group_size=linear.group_size, bits=linear.bits, mode=linear.mode)
     return linear.weight
+
+
+def _same_affine(linear, scheme) -> bool:
+    return (isinstance(linear, nn.QuantizedLinear) and linear.mode == "affine" and isinstance(scheme, Affine)
+            and (linear.bits, linear.group_size) == (scheme.bits, scheme.group_size))
+
+
+def affine_weight_from_mlx(w_q, scales, biases, scheme: Affine) -> QuantizedWeight:
+    """A QuantizedWeight over MLX's own affine arrays (scales and biases widened to float32,
+    which is exact): the inverse of ``qw.to_mlx()``, no re-quantization."""
+    shape = (w_q.shape[0], w_q.shape[1] * 32 // scheme.bits)
+    meta = json.dumps({"scheme": scheme.to_json(), "shape": list(shape)}, sort_keys=True)
+    parts = [np.array(w_q), np.array(scales.astype(mx.float32)), np.array(biases.astype(mx.float32))]
+    return QuantizedWeight.from_op_args(parts, meta)
 
 
 _CACHE: "weakref.WeakKeyDictionary[QuantizedWeight, MLXWeight]" = weakref.WeakKeyDictionary()
