@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import require
+from tests.conftest import require
 
 from fusedformer import reference
 

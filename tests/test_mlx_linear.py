@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import require
+from tests.conftest import require
 
 from fusedformer import reference
 
@@ -118,3 +118,16 @@ def test_bad_inputs(rng):
         qmatmul_mlx(mx.zeros((3, 64), dtype=mx.int32), qw)
     with pytest.raises(TypeError, match=r"^\[qmatmul\] qmatmul_mlx takes an MLX x"):
         qmatmul_mlx(np.zeros((3, 64), np.float32), qw)
+
+
+@pytest.mark.parametrize("scheme", [Q.Affine(4, 32), Q.Palettize(4), Q.Prune(0.5)], ids=scheme_id)
+def test_ff_qmatmul_front_dispatches_mlx(rng, scheme):
+    import fusedformer as ff
+
+    qw = compressed(rng, scheme)
+    x, x64 = random_x(rng, (2, 3, 128), "bf16")
+    y = ff.qmatmul(x, qw)
+    assert isinstance(y, mx.array) and y.dtype == mx.bfloat16 and y.shape == (2, 3, 48)
+    check_matmul(y.reshape(6, -1), x64.reshape(6, -1), qw.dequantize(), "bf16")
+    with pytest.raises(ValueError, match=r"^\[qmatmul\] x has shape"):
+        ff.qmatmul(mx.zeros((2, 64)), qw)

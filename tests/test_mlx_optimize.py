@@ -7,7 +7,7 @@ import warnings
 
 import numpy as np
 import pytest
-from conftest import require
+from tests.conftest import require
 
 pytestmark = pytest.mark.mlx
 mx = require("mlx")
