@@ -1,0 +1,39 @@
+"""The MLX benchmark rows run, force evaluation and say which backend they ran on (tiny shapes,
+no timing assertions)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests.conftest import require
+
+pytestmark = pytest.mark.mlx
+require("mlx")
+from fusedformer.bench import Report  # noqa: E402
+from fusedformer.mlx import bench as mlx_bench  # noqa: E402
+
+MACHINE = {"cpu": "test", "threads": 1, "isa": "generic", "limits": {"peak_gflops": 100.0, "bandwidth_gbs": 10.0}}
+
+
+def test_attention_rows(rng):
+    q = rng.standard_normal((1, 4, 9, 16), dtype=np.float32)
+    k = rng.standard_normal((1, 2, 9, 16), dtype=np.float32)
+    rows = mlx_bench.attention_rows(q, k, k, causal=True, window=4, budget_s=0.01)
+    assert [r["impl"] for r in rows] == [mlx_bench.IMPL_SDPA, mlx_bench.IMPL_MX_FAST_SDPA]
+    rep = Report("attention", machine=MACHINE)
+    for row in rows:
+        assert row["timing"].runs >= 5 and "MLX" in row["note"] and "backend on" in row["note"]
+        rep.add(case="tiny", flops=1e6, baseline=mlx_bench.IMPL_MX_FAST_SDPA, **row)
+    assert rep.rows[0].ratio is not None
+
+
+def test_qmatmul_rows(rng):
+    Q = pytest.importorskip("fusedformer.quant")
+    w = rng.standard_normal((16, 64), dtype=np.float32)
+    x = rng.standard_normal((2, 64), dtype=np.float32)
+    for scheme in (Q.Affine(4, 32), Q.Int8(), Q.Prune(0.5)):
+        (row,) = mlx_bench.qmatmul_rows(x, Q.compress(w, scheme), budget_s=0.01)
+        assert type(scheme).__name__ in row["impl"] and row["timing"].runs >= 5
+    row = mlx_bench.mlx_quantized_matmul_row(x, w, bits=4, group_size=32, budget_s=0.01)
+    assert row["impl"].startswith(mlx_bench.IMPL_MX_QMATMUL)
