@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tests.conftest import require
 
+import fusedformer as ff
 from fusedformer import reference
 
 pytestmark = pytest.mark.mlx
@@ -36,15 +39,16 @@ def check(got, want, dtype, what="out"):
     np.testing.assert_allclose(got[finite], want[finite], atol=atol, rtol=rtol, err_msg=what)
 
 
-def run_both(rng, shape, *, dtype="fp32", mask_np=None, **options):
-    """Checks out (fused path) and out + lse (composed path) against the oracle."""
+def run_both(rng, shape, *, dtype="fp32", mask_np=None, op=ff.sdpa, **options):
+    """Checks out (fused path) and out + lse (composed path) against the oracle, through ff.sdpa
+    (which validates and dispatches MLX arrays to sdpa_mlx) unless ``op`` says otherwise."""
     (q, k, v), (q64, k64, v64) = make_qkv(rng, *shape, dtype=dtype)
     mask = None if mask_np is None else mx.array(mask_np)
     want, want_lse = reference.sdpa(q64, k64, v64, mask=mask_np, return_lse=True, **options)
-    out = sdpa_mlx(q, k, v, mask=mask, **options)
-    assert out.dtype == DTYPES[dtype]
+    out = op(q, k, v, mask=mask, **options)
+    assert isinstance(out, mx.array) and out.dtype == DTYPES[dtype]
     check(out, want, dtype)
-    out, lse = sdpa_mlx(q, k, v, mask=mask, return_lse=True, **options)
+    out, lse = op(q, k, v, mask=mask, return_lse=True, **options)
     assert lse.dtype == mx.float32
     check(out, want, dtype)
     check(lse, want_lse, dtype, "lse")
@@ -134,8 +138,10 @@ def test_dtypes(rng, dtype, masking):
 
 
 def test_scale_and_value_dim(rng):
-    run_both(rng, (2, 4, 1, 5, 9, 48, 24), scale=0.3, causal=True)
-    run_both(rng, (1, 2, 2, 7, 7, 16, 80), scale=1.7)
+    run_both(rng, (2, 4, 1, 5, 9, 48), scale=0.3, causal=True)
+    # ff.sdpa takes v shaped like k; sdpa_mlx itself also serves a value dim != the head dim
+    run_both(rng, (2, 4, 1, 5, 9, 48, 24), scale=0.3, causal=True, op=sdpa_mlx)
+    run_both(rng, (1, 2, 2, 7, 7, 16, 80), scale=1.7, op=sdpa_mlx)
 
 
 def test_composed_path_matches_fused(rng):
@@ -156,3 +162,27 @@ def test_bad_inputs(rng):
         sdpa_mlx(q.astype(mx.int32), k, v)
     with pytest.raises(TypeError, match=r"^\[sdpa\] v has dtype .*float16 but q has .*float32"):
         sdpa_mlx(q, k, v.astype(mx.float16))
+
+
+def test_bad_inputs_through_ff_sdpa(rng):
+    (q, k, v), (q64, k64, _) = make_qkv(rng, 1, 2, 2, 4, 4, 8)
+    with pytest.raises(TypeError, match=r"^\[sdpa\] all arrays must come from one framework: .*k is numpy"):
+        ff.sdpa(q, k64.astype(np.float32), v)
+    with pytest.raises(TypeError, match=r"^\[sdpa\] all arrays must come from one framework: .*mask is numpy"):
+        ff.sdpa(q, k, v, mask=np.ones((4, 4), dtype=bool))
+    with pytest.raises(TypeError, match=r"^\[sdpa\] q has dtype int32"):
+        ff.sdpa(q.astype(mx.int32), k.astype(mx.int32), v.astype(mx.int32))
+    with pytest.raises(TypeError, match=r"^\[sdpa\] q, k and v must share one dtype"):
+        ff.sdpa(q, k, v.astype(mx.float16))
+    with pytest.raises(ValueError, match=r"^\[sdpa\] k has 3 heads, which does not divide q's 2 heads"):
+        ff.sdpa(q, mx.zeros((1, 3, 4, 8)), mx.zeros((1, 3, 4, 8)))
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    b=st.integers(1, 2), hkv=st.integers(1, 3), group=st.integers(1, 3), lq=st.integers(1, 40),
+    lk=st.integers(1, 40), d=st.sampled_from([8, 16, 33, 64]), causal=st.booleans(),
+    window=st.one_of(st.none(), st.integers(1, 8)), seed=st.integers(0, 2**31),
+)
+def test_random_shapes(b, hkv, group, lq, lk, d, causal, window, seed):
+    run_both(np.random.default_rng(seed), (b, hkv * group, hkv, lq, lk, d), causal=causal, window=window)

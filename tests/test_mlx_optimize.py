@@ -145,7 +145,7 @@ def dense_params(model) -> dict:
     for path, module in model.named_modules():
         if isinstance(module, QuantizedLinear):
             prefix = f"{path}." if path else ""
-            out[prefix + "weight"] = module.quantized_weight.dequantize()
+            out[prefix + "weight"] = module.quantized_weight().dequantize()
             if "bias" in module:
                 out[prefix + "bias"] = np.array(module.bias)
     for path, value in tree_flatten(model.parameters()):
@@ -266,7 +266,7 @@ def test_nn_quantized_linear_adopted_or_recompressed(rng):
     np.testing.assert_array_equal(np.array(adopted.qweight.w_q), np.array(layer.weight))
     dense = mx.dequantize(layer.weight, layer.scales, layer.biases, group_size=32, bits=4)
     np.testing.assert_array_equal(np.array(adopted.qweight.dequantize()), np.array(dense))
-    np.testing.assert_array_equal(adopted.quantized_weight.dequantize(), np.array(dense))
+    np.testing.assert_array_equal(adopted.quantized_weight().dequantize(), np.array(dense))
     x = mx.random.normal((3, 64))
     np.testing.assert_allclose(np.array(adopted(x)), np.array(layer(x)), atol=1e-6, rtol=1e-6)
     assert recompressed.scheme == Q.Affine(4, 32)

@@ -207,8 +207,12 @@ class QuantizedLinear(nn.Module):
         self.qweight = MLXWeight.from_quantized(qw)
         if bias is not None:
             self.bias = bias if isinstance(bias, mx.array) else mx.array(np.asarray(bias))
-        self.quantized_weight = qw  # the numpy original: serialisation, torch interop
+        self._qw = qw  # the numpy original: serialisation, torch interop
         self.freeze()
+
+    def quantized_weight(self) -> QuantizedWeight:
+        """The QuantizedWeight this layer serves (what ff.torch.QuantizedLinear also takes)."""
+        return self._qw
 
     @classmethod
     def from_linear(cls, linear: nn.Module, scheme) -> "QuantizedLinear":
