@@ -201,6 +201,8 @@ def test_compressed_weights_same_logits_as_dense_twins(rng, name):
     ff.mlx.optimize(model, attention="fused", weights=scheme, skip=("lm_head",))
     swapped = {p for p, m in model.named_modules() if isinstance(m, QuantizedLinear)}
     assert len(swapped) == 7 * CONFIG["n_layers"] and "lm_head" not in swapped
+    assert set(model.fusedformer_report.quantized) == swapped and model.fusedformer_report.skipped == ["lm_head"]
+    assert len(model.fusedformer_report.attention_modules) == CONFIG["n_layers"]
     assert isinstance(model.lm_head, nn.Linear)
     np.testing.assert_array_equal(np.array(model.lm_head.weight), original)
     ids = tokens(rng)
@@ -244,15 +246,23 @@ def test_routing_is_scoped_to_optimized_modules():
     assert type(mha).__name__ == "FusedMultiHeadAttention"
 
 
-def test_skip_and_incompatible_layers_left_dense():
+def test_skip_patterns_report_and_checks_before_any_change():
     Q = schemes()
     model = nn.Sequential(nn.Linear(64, 40), nn.ReLU(), nn.Linear(40, 64), nn.Linear(64, 8))
-    with pytest.warns(UserWarning, match=r"\[optimize\] left dense: layers\.2 .*group size 32"):
-        ff.mlx.optimize(model, attention=None, weights=Q.Affine(4, 32), skip=("layers.3",))
-    kinds = [type(layer).__name__ for layer in model.layers]
-    assert kinds == ["QuantizedLinear", "ReLU", "Linear", "Linear"]
-    with pytest.raises(ValueError, match=r"^\[optimize\] attention='flash'"):
+    with pytest.raises(ValueError, match=r"^\[quant\] layers\.2: K=40 is not divisible by the group size 32"):
+        ff.mlx.optimize(model, weights=Q.Affine(4, 32))
+    assert [type(m).__name__ for m in model.layers] == ["Linear", "ReLU", "Linear", "Linear"]  # untouched
+    ff.mlx.optimize(model, attention=None, weights={"layers.0": Q.Int8(), "*": Q.Affine(4, 32)}, skip=("layers.2",))
+    assert [type(m).__name__ for m in model.layers] == ["QuantizedLinear", "ReLU", "Linear", "QuantizedLinear"]
+    report = model.fusedformer_report
+    assert report.quantized == {"layers.0": repr(Q.Int8()), "layers.3": repr(Q.Affine(4, 32))}
+    assert report.skipped == ["layers.2"] and report.bytes_after < report.bytes_before
+    with pytest.warns(UserWarning, match=r"\[optimize\] weights pattern 'mlp\.\*' matched no linear layer"):
+        ff.mlx.optimize(nn.Sequential(nn.Linear(64, 8)), weights={"mlp.*": Q.Int8()})
+    with pytest.raises(ValueError, match=r"^\[optimize\] attention must be one of"):
         ff.mlx.optimize(model, attention="flash")
+    with pytest.raises(TypeError, match=r"^\[optimize\] weights for '\*' must be a fusedformer.quant scheme"):
+        ff.mlx.optimize(model, weights="int4")
 
 
 def test_nn_quantized_linear_adopted_or_recompressed(rng):
