@@ -49,6 +49,26 @@ def _names(scheme) -> tuple[str, ...]:
     return ("mask",) + _names(inner)
 
 
+def _dtypes(scheme) -> dict[str, type]:
+    """Storage dtype of each canonical array."""
+    code = np.uint8
+    if isinstance(scheme, Affine):
+        code = np.uint32
+    elif isinstance(scheme, Int8):
+        code = np.int8
+    return {"w_q": code, "scales": np.float32, "biases": np.float32, "zero_points": np.int8,
+            "indices": np.uint8, "lut": np.float32, "mask": np.uint8, "values": np.float32}
+
+
+def _as_dtype(name: str, a: np.ndarray, dtype) -> np.ndarray:
+    """Reinterprets same-width storage (int32 <-> uint32 from frameworks without uint32)."""
+    if a.dtype == dtype:
+        return a
+    if a.dtype.kind in "iu" and np.dtype(dtype).kind in "iu" and a.dtype.itemsize == np.dtype(dtype).itemsize:
+        return a.view(dtype)
+    _fail(f"array {name!r} has dtype {a.dtype}, expected {np.dtype(dtype).name}")
+
+
 class QuantizedWeight:
     """A compressed weight W [N, K]; see fusedformer.quant for the layout of each format."""
 
@@ -59,7 +79,7 @@ class QuantizedWeight:
         missing = [n for n in names if n not in arrays]
         if missing:
             _fail(f"{type(scheme).__name__} weight is missing arrays {missing}")
-        self.arrays = {n: np.ascontiguousarray(arrays[n]) for n in names}
+        self.arrays = {n: _as_dtype(n, np.ascontiguousarray(arrays[n]), _dtypes(scheme)[n]) for n in names}
         self._row_offsets = None
 
     # -- views -------------------------------------------------------------------------
