@@ -226,6 +226,13 @@ class QuantizedLinear(nn.Module):
             qw = compress(dense_weight(linear), scheme)
         return cls(qw, bias=linear.get("bias"))
 
+    @classmethod
+    def from_torch(cls, layer) -> "QuantizedLinear":
+        """The MLX twin of an ``ff.torch.QuantizedLinear``: the same QuantizedWeight (so the
+        same dequantized values, bit for bit) and its bias."""
+        bias = None if layer.bias is None else mx.array(layer.bias.detach().float().cpu().numpy())
+        return cls(layer.quantized_weight(), bias=bias)
+
     @property
     def scheme(self):
         return self.qweight.scheme
@@ -259,6 +266,21 @@ def affine_weight_from_mlx(w_q, scales, biases, scheme: Affine) -> QuantizedWeig
     meta = json.dumps({"scheme": scheme.to_json(), "shape": list(shape)}, sort_keys=True)
     parts = [np.array(w_q), np.array(scales.astype(mx.float32)), np.array(biases.astype(mx.float32))]
     return QuantizedWeight.from_op_args(parts, meta)
+
+
+def quantized_weights_from_state_dict(state_dict) -> dict[str, QuantizedWeight]:
+    """{module path: QuantizedWeight} for every compressed layer of a state dict saved by
+    ``ff.torch.QuantizedLinear`` (keys ``<path>.w_<array>`` and ``<path>.w_meta``; torch tensors
+    or numpy arrays, e.g. from a safetensors file)."""
+    arrays = {k: _as_numpy(v) for k, v in state_dict.items()}
+    paths = [k[: -len("w_meta")] for k in arrays if k.endswith("w_meta")]
+    return {p.rstrip("."): QuantizedWeight.from_dict(arrays, prefix=p + "w_") for p in paths}
+
+
+def _as_numpy(a) -> np.ndarray:
+    if type(a).__module__.startswith("torch"):
+        return a.detach().cpu().numpy()
+    return np.asarray(a)
 
 
 _CACHE: "weakref.WeakKeyDictionary[QuantizedWeight, MLXWeight]" = weakref.WeakKeyDictionary()
