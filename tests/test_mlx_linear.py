@@ -131,3 +131,14 @@ def test_ff_qmatmul_front_dispatches_mlx(rng, scheme):
     check_matmul(y.reshape(6, -1), x64.reshape(6, -1), qw.dequantize(), "bf16")
     with pytest.raises(ValueError, match=r"^\[qmatmul\] x has shape"):
         ff.qmatmul(mx.zeros((2, 64)), qw)
+
+
+@pytest.mark.parametrize("zero_point", [False, True])
+@pytest.mark.parametrize("k", [40, 96])  # 40: no MLX group size divides K -> composition; 96: 8-bit kernel
+def test_int8_both_paths(rng, zero_point, k):
+    qw = compressed(rng, Q.Int8(zero_point), n=33, k=k)
+    weight = MLXWeight.from_quantized(qw)
+    assert (weight.group_size is None) == (k == 40)
+    np.testing.assert_array_equal(np.array(weight.dequantize()), qw.dequantize())
+    x, x64 = random_x(rng, (7, k), "fp32")
+    check_matmul(weight.matmul_t(x), x64, qw.dequantize(), "fp32")

@@ -8,8 +8,9 @@ format                  MLX path
 ======================  ==================================================================
 Affine                  ``mx.quantized_matmul`` on ``qw.to_mlx()`` — MLX's fused kernel
                         (Metal on Apple GPUs, MLX's CPU kernel elsewhere).
-Int8                    no fused MLX kernel: dequantize per tile of output rows
-                        ((q - zero_point) * scale), then a float32 matmul.
+Int8                    ``mx.quantized_matmul`` 8-bit affine on codes q + 128 with bias
+                        -(128 + zero_point) * scale: the same weights, MLX's fused kernel
+                        (K divisible by 32; else dequantize per tile, then matmul).
 Palettize               no fused MLX kernel: unpack the indices and gather from the LUT per
                         tile of output rows, then a float32 matmul.
 Prune (+Affine/Palet.)  no fused MLX kernel: scatter the packed survivors into each tile
@@ -125,19 +126,36 @@ class AffineWeight(MLXWeight):
 
 
 class Int8Weight(MLXWeight):
-    """Per-channel int8 (no fused MLX kernel): (q - zero_point) * scale per tile, then matmul."""
+    """Per-channel int8. MLX has no int8 kernel, but its 8-bit affine one takes these weights
+    without loss: codes u = q + 128 (uint8, MLX's packing), scale = the channel's scale, bias =
+    -(128 + zero_point) * scale, so scale * u + bias = (q - zero_point) * scale. Used when a
+    group size of 128/64/32 divides K (float32 rounding of the sum differs from the composition
+    path, the weights are the same); otherwise (q - zero_point) * scale per tile, then matmul."""
 
     def __init__(self, qw):
         super().__init__(qw)
         arrays = qw.to_dict()
-        self.w_q, self.scales = _mx(arrays, "w_q"), _mx(arrays, "scales")
-        self.zero_points = _mx(arrays, "zero_points") if "zero_points" in arrays else None
+        n, k = qw.shape
+        scales = np.asarray(arrays["scales"], np.float32)
+        zero = np.asarray(arrays["zero_points"], np.float32) if "zero_points" in arrays else np.zeros(n, np.float32)
+        self.codes = mx.array((np.asarray(arrays["w_q"]).astype(np.int16) + 128).astype(np.uint8))  # u = q + 128
+        self.scales = mx.array(scales)
+        self.offsets = mx.array(zero + 128)  # exact small integers: W = (u - offset) * scale
+        self.group_size = next((g for g in (128, 64, 32) if k % g == 0), None)
+        if self.group_size is not None:
+            groups = k // self.group_size
+            self.group_scales = mx.array(np.repeat(scales[:, None], groups, axis=1))
+            self.group_biases = mx.array(np.repeat((-(zero + 128) * scales)[:, None], groups, axis=1))
+
+    def matmul_t(self, x):
+        if self.group_size is None:
+            return super().matmul_t(x)
+        y = mx.quantized_matmul(x, self.codes.view(mx.uint32), self.group_scales, self.group_biases,
+                                transpose=True, group_size=self.group_size, bits=8)
+        return y.astype(x.dtype)
 
     def dequantize_rows(self, r0, r1):
-        q = self.w_q[r0:r1].astype(mx.float32)
-        if self.zero_points is not None:
-            q = q - self.zero_points[r0:r1, None].astype(mx.float32)
-        return q * self.scales[r0:r1, None]
+        return (self.codes[r0:r1].astype(mx.float32) - self.offsets[r0:r1, None]) * self.scales[r0:r1, None]
 
 
 class PalettizedWeight(MLXWeight):
