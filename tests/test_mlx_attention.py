@@ -186,3 +186,39 @@ def test_bad_inputs_through_ff_sdpa(rng):
 )
 def test_random_shapes(b, hkv, group, lq, lk, d, causal, window, seed):
     run_both(np.random.default_rng(seed), (b, hkv * group, hkv, lq, lk, d), causal=causal, window=window)
+
+
+@pytest.fixture
+def native_cpu_kernel():
+    from fusedformer.mlx.attention import cpu_kernel
+
+    with cpu_kernel("native"):
+        yield
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+@pytest.mark.parametrize("masking", ["none", "causal", "window", "bool", "additive"])
+def test_native_cpu_kernel(rng, native_cpu_kernel, dtype, masking):
+    """Opt-in: fusedformer's own kernel on the MLX arrays' memory, same semantics and dtypes."""
+    options = {"causal": dict(causal=True), "window": dict(causal=True, window=5)}.get(masking, {})
+    mask = None
+    if masking == "bool":
+        mask = rng.random((2, 1, 9, 21)) < 0.6
+        mask[1, 0, 3] = False  # a fully masked row
+    elif masking == "additive":
+        mask = rng.standard_normal((9, 21)).astype(np.float32)
+        mask[2] = -np.inf
+    run_both(rng, (2, 4, 2, 9, 21, 32), dtype=dtype, mask_np=mask, **options)
+
+
+def test_native_cpu_kernel_scope_and_fallbacks(rng):
+    from fusedformer.mlx import attention
+
+    (q, k, v), (q64, k64, v64) = make_qkv(rng, 1, 2, 1, 5, 5, 16, dtype="bf16")
+    with attention.cpu_kernel("native"):
+        assert attention._runs_native(q.astype(mx.float32), v)
+        assert not attention._runs_native(q, v)  # bf16 has no numpy buffer: MLX's path
+        check(ff.sdpa(q, k, v, causal=True), reference.sdpa(q64, k64, v64, causal=True), "bf16")
+    assert attention._cpu_kernel == "mlx"
+    with pytest.raises(ValueError, match=r"^\[sdpa\] cpu kernel 'metal'"):
+        attention.set_cpu_kernel("metal")

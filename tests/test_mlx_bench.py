@@ -20,7 +20,7 @@ def test_attention_rows(rng):
     q = rng.standard_normal((1, 4, 9, 16), dtype=np.float32)
     k = rng.standard_normal((1, 2, 9, 16), dtype=np.float32)
     rows = mlx_bench.attention_rows(q, k, k, causal=True, window=4, budget_s=0.01)
-    assert [r["impl"] for r in rows] == [mlx_bench.IMPL_SDPA, mlx_bench.IMPL_MX_FAST_SDPA]
+    assert [r["impl"] for r in rows] == [mlx_bench.IMPL_SDPA, mlx_bench.IMPL_SDPA_NATIVE, mlx_bench.IMPL_MX_FAST_SDPA]
     rep = Report("attention", machine=MACHINE)
     for row in rows:
         assert row["timing"].runs >= 5 and "MLX" in row["note"] and "backend on" in row["note"]
@@ -35,5 +35,6 @@ def test_qmatmul_rows(rng):
     for scheme in (Q.Affine(4, 32), Q.Int8(), Q.Prune(0.5)):
         (row,) = mlx_bench.qmatmul_rows(x, Q.compress(w, scheme), budget_s=0.01)
         assert type(scheme).__name__ in row["impl"] and row["timing"].runs >= 5
+        assert ("fused kernel" in row["note"]) == (not isinstance(scheme, Q.Prune))
     row = mlx_bench.mlx_quantized_matmul_row(x, w, bits=4, group_size=32, budget_s=0.01)
     assert row["impl"].startswith(mlx_bench.IMPL_MX_QMATMUL)

@@ -296,3 +296,13 @@ def test_mlx_lm_model_if_installed(rng):
         warnings.simplefilter("error")
         ff.mlx.optimize(model, attention="fused", weights=schemes().Affine(8, 32))
     np.testing.assert_allclose(np.array(model(ids)), base, atol=5e-2, rtol=5e-2)
+
+
+def test_native_cpu_kernel_in_an_optimized_model(rng):
+    model = make_model()
+    ids = tokens(rng)
+    base = np.array(model(ids))
+    ff.mlx.optimize(model, attention="fused")
+    with ff.mlx.cpu_kernel("native"):
+        logits = np.array(model(ids))
+    np.testing.assert_allclose(logits, base, atol=2e-5, rtol=2e-5)

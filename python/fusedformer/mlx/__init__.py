@@ -15,6 +15,8 @@ import importlib
 # public name -> module (inside fusedformer.mlx) that defines it
 _EXPORTS = {
     "sdpa_mlx": "attention",
+    "cpu_kernel": "attention",
+    "set_cpu_kernel": "attention",
     "QuantizedLinear": "linear",
     "qmatmul_mlx": "linear",
     "optimize": "optimize",

@@ -19,10 +19,11 @@ import mlx.core as mx
 import numpy as np
 
 from fusedformer.bench.harness import measure
-from fusedformer.mlx.attention import MX_FAST_SDPA, attention_mask, sdpa_mlx
+from fusedformer.mlx.attention import MX_FAST_SDPA, NATIVE_DTYPES, attention_mask, cpu_kernel, sdpa_mlx
 from fusedformer.mlx.linear import MLXWeight
 
 IMPL_SDPA = "fusedformer mlx sdpa"
+IMPL_SDPA_NATIVE = "fusedformer mlx sdpa, native cpu kernel"
 IMPL_MX_FAST_SDPA = "mlx mx.fast.sdpa"
 IMPL_QLINEAR = "fusedformer mlx QuantizedLinear"
 IMPL_MX_QMATMUL = "mlx quantized_matmul"
@@ -49,18 +50,25 @@ def _row(impl: str, fn, budget_s: float, note: str = "") -> dict:
 
 
 def attention_rows(q, k, v, *, causal=False, window=None, mask=None, dtype=None, budget_s=1.0) -> list[dict]:
-    """Rows for ff.sdpa on MLX arrays (ours) and mx.fast.scaled_dot_product_attention given the
-    same mask (MLX's own op), on numpy q [B,Hq,Lq,D], k/v [B,Hkv,Lk,D] (``dtype`` bf16 etc.)."""
+    """Rows for ff.sdpa on MLX arrays (ours: MLX's op with our semantics, and on the CPU device
+    also the opt-in native kernel) and mx.fast.scaled_dot_product_attention given the same mask
+    (MLX's own op), on numpy q [B,Hq,Lq,D], k/v [B,Hkv,Lk,D] (``dtype``: an mx dtype)."""
     q, k, v = (to_mlx(t, dtype) for t in (q, k, v))
     mask = None if mask is None else to_mlx(mask)
     scale = q.shape[-1] ** -0.5
     mlx_mask, _ = attention_mask(mask, q.shape[2], k.shape[2], causal=causal, window=window, dtype=q.dtype)
     if isinstance(mlx_mask, mx.array):
         mx.eval(mlx_mask)
-    return [
-        _row(IMPL_SDPA, lambda: sdpa_mlx(q, k, v, mask=mask, causal=causal, scale=scale, window=window), budget_s),
-        _row(IMPL_MX_FAST_SDPA, lambda: MX_FAST_SDPA(q, k, v, scale=scale, mask=mlx_mask), budget_s),
-    ]
+
+    def ours():
+        return sdpa_mlx(q, k, v, mask=mask, causal=causal, scale=scale, window=window)
+
+    rows = [_row(IMPL_SDPA, ours, budget_s)]
+    if mx.default_device() == mx.cpu and q.dtype in NATIVE_DTYPES:
+        with cpu_kernel("native"):
+            rows.append(_row(IMPL_SDPA_NATIVE, ours, budget_s, note="inference only, evaluates at the call"))
+    rows.append(_row(IMPL_MX_FAST_SDPA, lambda: MX_FAST_SDPA(q, k, v, scale=scale, mask=mlx_mask), budget_s))
+    return rows
 
 
 def qmatmul_rows(x, qw, *, dtype=None, budget_s=1.0) -> list[dict]:
@@ -70,8 +78,7 @@ def qmatmul_rows(x, qw, *, dtype=None, budget_s=1.0) -> list[dict]:
     mx.eval(weight.parameters())
     xm = to_mlx(x, dtype)
     fmt = type(qw.scheme).__name__
-    path = "mx.quantized_matmul" if fmt == "Affine" else "MLX op composition, per-tile dequantize"
-    return [_row(f"{IMPL_QLINEAR} ({fmt})", lambda: weight.matmul_t(xm), budget_s, note=path)]
+    return [_row(f"{IMPL_QLINEAR} ({fmt})", lambda: weight.matmul_t(xm), budget_s, note=weight.path)]
 
 
 def mlx_quantized_matmul_row(x, w, *, bits=4, group_size=64, dtype=None, budget_s=1.0) -> dict:

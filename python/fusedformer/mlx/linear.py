@@ -75,6 +75,8 @@ def _row_lut_values(lut, codes, row0: int, group_size: int):
 class MLXWeight(nn.Module):
     """A compressed W [N, K] held as MLX arrays (frozen parameters), multiplied as x @ W.T."""
 
+    path = "MLX op composition: dequantize per tile, then matmul"  # how matmul_t runs
+
     def __init__(self, qw: QuantizedWeight):
         super().__init__()
         self.out_features, self.in_features = qw.shape
@@ -115,6 +117,8 @@ def _mx(arrays: dict, name: str):
 class AffineWeight(MLXWeight):
     """MLX's own affine format: ``mx.quantized_matmul`` (fused) on ``qw.to_mlx()``."""
 
+    path = "mx.quantized_matmul (MLX's fused kernel)"
+
     def __init__(self, qw):
         super().__init__(qw)
         self.bits, self.group_size = qw.scheme.bits, qw.scheme.group_size
@@ -151,6 +155,10 @@ class Int8Weight(MLXWeight):
             groups = k // self.group_size
             self.group_scales = mx.array(np.repeat(scales[:, None], groups, axis=1))
             self.group_biases = mx.array(np.repeat((-(zero + 128) * scales)[:, None], groups, axis=1))
+
+    @property
+    def path(self):
+        return MLXWeight.path if self.group_size is None else "mx.quantized_matmul 8-bit (MLX's fused kernel)"
 
     def matmul_t(self, x):
         if self.group_size is None:
