@@ -190,9 +190,7 @@ def test_random_shapes(b, hkv, group, lq, lk, d, causal, window, seed):
 
 @pytest.fixture
 def native_cpu_kernel():
-    from fusedformer.mlx.attention import cpu_kernel
-
-    with cpu_kernel("native"):
+    with ff.mlx.cpu_kernel("native"):
         yield
 
 
@@ -212,13 +210,13 @@ def test_native_cpu_kernel(rng, native_cpu_kernel, dtype, masking):
 
 
 def test_native_cpu_kernel_scope_and_fallbacks(rng):
-    from fusedformer.mlx import attention
+    from fusedformer.mlx import native
 
     (q, k, v), (q64, k64, v64) = make_qkv(rng, 1, 2, 1, 5, 5, 16, dtype="bf16")
-    with attention.cpu_kernel("native"):
-        assert attention._runs_native(q.astype(mx.float32), v)
-        assert not attention._runs_native(q, v)  # bf16 has no numpy buffer: MLX's path
+    with ff.mlx.cpu_kernel("native"):
+        assert native.use_native(q.astype(mx.float32))
+        assert not native.use_native(q)  # bf16 has no numpy buffer format: MLX's path
         check(ff.sdpa(q, k, v, causal=True), reference.sdpa(q64, k64, v64, causal=True), "bf16")
-    assert attention._cpu_kernel == "mlx"
-    with pytest.raises(ValueError, match=r"^\[sdpa\] cpu kernel 'metal'"):
-        attention.set_cpu_kernel("metal")
+    assert not native.use_native(q.astype(mx.float32))
+    with pytest.raises(ValueError, match=r"^\[mlx\] cpu kernel 'metal'"):
+        ff.mlx.set_cpu_kernel("metal")

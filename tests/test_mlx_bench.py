@@ -33,8 +33,9 @@ def test_qmatmul_rows(rng):
     w = rng.standard_normal((16, 64), dtype=np.float32)
     x = rng.standard_normal((2, 64), dtype=np.float32)
     for scheme in (Q.Affine(4, 32), Q.Int8(), Q.Prune(0.5)):
-        (row,) = mlx_bench.qmatmul_rows(x, Q.compress(w, scheme), budget_s=0.01)
+        row, native_row = mlx_bench.qmatmul_rows(x, Q.compress(w, scheme), budget_s=0.01)
         assert type(scheme).__name__ in row["impl"] and row["timing"].runs >= 5
         assert ("fused kernel" in row["note"]) == (not isinstance(scheme, Q.Prune))
+        assert native_row["impl"].endswith("native cpu kernel")
     row = mlx_bench.mlx_quantized_matmul_row(x, w, bits=4, group_size=32, budget_s=0.01)
     assert row["impl"].startswith(mlx_bench.IMPL_MX_QMATMUL)

@@ -142,3 +142,22 @@ def test_int8_both_paths(rng, zero_point, k):
     np.testing.assert_array_equal(np.array(weight.dequantize()), qw.dequantize())
     x, x64 = random_x(rng, (7, k), "fp32")
     check_matmul(weight.matmul_t(x), x64, qw.dequantize(), "fp32")
+
+
+@pytest.mark.parametrize("scheme", [Q.Affine(4, 32), Q.Int8(True), Q.Palettize(3), Q.Prune(0.5, then=Q.Affine(4, 32)),
+                                    Q.Prune(0.5, then=Q.Palettize(4)), Q.Prune(0.5)], ids=scheme_id)
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_native_cpu_kernel(rng, scheme, dtype):
+    """Opt-in native kernel on views of the MLX arrays: the same QuantizedWeight, same results."""
+    import fusedformer as ff
+
+    qw = compressed(rng, scheme)
+    layer = QuantizedLinear(qw)
+    view = layer.quantized_weight()
+    for name, a in qw.arrays.items():
+        np.testing.assert_array_equal(view.arrays[name], a, err_msg=name)
+    x, x64 = random_x(rng, (3, 128), dtype)
+    with ff.mlx.cpu_kernel("native"):
+        y = layer(x)
+    assert isinstance(y, mx.array) and y.dtype == DTYPES[dtype]
+    check_matmul(y, x64, qw.dequantize(), dtype)

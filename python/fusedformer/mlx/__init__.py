@@ -15,8 +15,8 @@ import importlib
 # public name -> module (inside fusedformer.mlx) that defines it
 _EXPORTS = {
     "sdpa_mlx": "attention",
-    "cpu_kernel": "attention",
-    "set_cpu_kernel": "attention",
+    "cpu_kernel": "native",
+    "set_cpu_kernel": "native",
     "QuantizedLinear": "linear",
     "qmatmul_mlx": "linear",
     "optimize": "optimize",

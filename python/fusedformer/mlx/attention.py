@@ -9,12 +9,9 @@ Two paths, chosen per call:
   like ours); every other case goes in as one combined bool or additive mask array.
 * **composed** (``return_lse=True``): plain MLX ops with float32 scores, because
   ``mx.fast.scaled_dot_product_attention`` does not return the log-sum-exp. Always unfused.
-* **native** (opt-in, MLX's CPU device only, float32/float16): fusedformer's own flash kernel
-  on the arrays' memory (zero-copy through the buffer protocol), the result copied back into an
-  MLX array. Far faster than MLX's CPU backend, but for inference only: it evaluates its inputs
-  at the call, gradients do not flow through it and it cannot run inside ``mx.compile``. Turn
-  it on with ``cpu_kernel("native")`` (a context manager), ``set_cpu_kernel("native")`` or
-  ``FUSEDFORMER_MLX_CPU_KERNEL=native``.
+* **native** (opt-in, MLX's CPU device, float32/float16; see fusedformer.mlx.native):
+  fusedformer's own flash kernel on the arrays' memory. Far faster than MLX's CPU backend, for
+  inference only.
 
 On both paths rows whose keys are all masked give 0 (and lse ``-inf``): MLX alone gives the mean
 of ``v`` (bool masks) or NaN (additive ``-inf``) there, so we detect those rows from the mask and
@@ -23,43 +20,15 @@ zero them.
 
 from __future__ import annotations
 
-import contextlib
-import os
-
 import mlx.core as mx
 import numpy as np
 
 from fusedformer._frameworks import common_framework
+from fusedformer.mlx.native import use_native
 
 FLOAT_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
 # MLX's own op, captured at import: ff.mlx.use_fused_sdpa() routes the public name to sdpa_mlx.
 MX_FAST_SDPA = mx.fast.scaled_dot_product_attention
-CPU_KERNELS = ("mlx", "native")
-NATIVE_DTYPES = (mx.float32, mx.float16)  # numpy has no bfloat16 buffer format
-_cpu_kernel = os.environ.get("FUSEDFORMER_MLX_CPU_KERNEL", "mlx")
-
-
-def set_cpu_kernel(kind: str) -> str:
-    """Which kernel ff.sdpa runs for MLX arrays on MLX's CPU device: "mlx" (default: MLX's own
-    op, lazy and differentiable) or "native" (fusedformer's kernel, inference only). Returns the
-    previous choice."""
-    global _cpu_kernel
-    if kind not in CPU_KERNELS:
-        raise ValueError(f"[sdpa] cpu kernel {kind!r}; use one of {CPU_KERNELS}")
-    previous, _cpu_kernel = _cpu_kernel, kind
-    return previous
-
-
-@contextlib.contextmanager
-def cpu_kernel(kind: str):
-    """``with cpu_kernel("native"): ...`` runs the block's MLX attention on fusedformer's kernel."""
-    previous = set_cpu_kernel(kind)
-    try:
-        yield
-    finally:
-        set_cpu_kernel(previous)
-
-
 def sdpa_mlx(q, k, v, mask=None, causal=False, scale=None, window=None, return_lse=False):
     """Scaled dot-product attention on MLX arrays (see ff.sdpa for the semantics).
 
@@ -72,7 +41,7 @@ def sdpa_mlx(q, k, v, mask=None, causal=False, scale=None, window=None, return_l
     _check_inputs(q, k, v, mask)
     lq, lk = q.shape[2], k.shape[2]
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if _runs_native(q, v):
+    if use_native(q) and v.shape[-1] == q.shape[-1]:
         return _sdpa_native(q, k, v, mask, causal, scale, window, return_lse)
     if return_lse:
         attn_mask, live = attention_mask(mask, lq, lk, causal=causal, window=window, dtype=mx.float32)
@@ -81,11 +50,6 @@ def sdpa_mlx(q, k, v, mask=None, causal=False, scale=None, window=None, return_l
     attn_mask, live = attention_mask(mask, lq, lk, causal=causal, window=window, dtype=q.dtype)
     out = MX_FAST_SDPA(q, k, v, scale=scale, mask=attn_mask)
     return _zero_dead_rows(out, live)
-
-
-def _runs_native(q, v) -> bool:
-    return (_cpu_kernel == "native" and mx.default_device() == mx.cpu and q.dtype in NATIVE_DTYPES
-            and v.shape[-1] == q.shape[-1])
 
 
 def _sdpa_native(q, k, v, mask, causal, scale, window, return_lse):

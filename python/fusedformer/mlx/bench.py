@@ -19,7 +19,8 @@ import mlx.core as mx
 import numpy as np
 
 from fusedformer.bench.harness import measure
-from fusedformer.mlx.attention import MX_FAST_SDPA, NATIVE_DTYPES, attention_mask, cpu_kernel, sdpa_mlx
+from fusedformer.mlx.attention import MX_FAST_SDPA, attention_mask, sdpa_mlx
+from fusedformer.mlx.native import NATIVE_DTYPES, cpu_kernel
 from fusedformer.mlx.linear import MLXWeight
 
 IMPL_SDPA = "fusedformer mlx sdpa"
@@ -72,13 +73,19 @@ def attention_rows(q, k, v, *, causal=False, window=None, mask=None, dtype=None,
 
 
 def qmatmul_rows(x, qw, *, dtype=None, budget_s=1.0) -> list[dict]:
-    """A row for ff.mlx's x @ W.T over ``qw`` (any scheme; the note says whether it is MLX's
-    fused kernel or an op composition) on numpy x [..., K]."""
+    """Rows for ff.mlx's x @ W.T over ``qw`` (any scheme) on numpy x [..., K]: MLX's path of the
+    format (the note says whether that is MLX's fused kernel or an op composition) and, on the
+    CPU device, the opt-in native kernel."""
     weight = MLXWeight.from_quantized(qw)
     mx.eval(weight.parameters())
     xm = to_mlx(x, dtype)
-    fmt = type(qw.scheme).__name__
-    return [_row(f"{IMPL_QLINEAR} ({fmt})", lambda: weight.matmul_t(xm), budget_s, note=weight.path)]
+    impl = f"{IMPL_QLINEAR} ({type(qw.scheme).__name__})"
+    rows = [_row(impl, lambda: weight.matmul_t(xm), budget_s, note=weight.path)]
+    if mx.default_device() == mx.cpu and xm.dtype in NATIVE_DTYPES:
+        with cpu_kernel("native"):
+            rows.append(_row(f"{impl}, native cpu kernel", lambda: weight.matmul_t(xm), budget_s,
+                             note="inference only, evaluates at the call"))
+    return rows
 
 
 def mlx_quantized_matmul_row(x, w, *, bits=4, group_size=64, dtype=None, budget_s=1.0) -> dict:

@@ -33,6 +33,7 @@ import mlx.nn as nn
 import numpy as np
 
 from fusedformer._frameworks import framework_of
+from fusedformer.mlx.native import use_native
 from fusedformer.quant import Affine, Int8, Palettize, Prune, QuantizedWeight, compress
 
 TILE_ELEMENTS = 1 << 22  # dense weight values materialised at once by the tiled formats
@@ -81,6 +82,7 @@ class MLXWeight(nn.Module):
         super().__init__()
         self.out_features, self.in_features = qw.shape
         self.scheme = qw.scheme
+        self._quantized = None
 
     @staticmethod
     def from_quantized(qw: QuantizedWeight) -> "MLXWeight":
@@ -92,7 +94,27 @@ class MLXWeight(nn.Module):
         raise TypeError(f"[qmatmul] no MLX path for scheme {qw.scheme!r}")
 
     def matmul_t(self, x):
-        """x [..., K] @ W.T -> [..., N] in x's dtype, float32 accumulation, tile by tile."""
+        """x [..., K] @ W.T -> [..., N] in x's dtype with float32 accumulation: MLX's path of
+        the format, or fusedformer's native kernel when chosen (fusedformer.mlx.native)."""
+        if use_native(x):
+            from fusedformer.ops_quant import qmatmul_numpy
+
+            return mx.array(qmatmul_numpy(np.asarray(x), self.quantized_weight()))
+        return self._mlx_matmul_t(x)
+
+    def quantized_weight(self) -> QuantizedWeight:
+        """This weight as a QuantizedWeight over (zero-copy) numpy views of its MLX arrays."""
+        if self._quantized is None:
+            arrays = {name: np.asarray(a) for name, a in self.canonical_arrays().items()}
+            self._quantized = QuantizedWeight(self.scheme, (self.out_features, self.in_features), arrays)
+        return self._quantized
+
+    def canonical_arrays(self) -> dict:
+        """The format's arrays by their fusedformer.quant names (MLX arrays)."""
+        raise NotImplementedError
+
+    def _mlx_matmul_t(self, x):
+        """Tile by tile: dequantize rows, multiply in float32."""
         x32 = x.astype(mx.float32)
         tiles = [x32 @ self.dequantize_rows(r0, r1).T for r0, r1 in self._row_tiles()]
         y = tiles[0] if len(tiles) == 1 else mx.concatenate(tiles, axis=-1)
@@ -124,7 +146,10 @@ class AffineWeight(MLXWeight):
         self.bits, self.group_size = qw.scheme.bits, qw.scheme.group_size
         self.w_q, self.scales, self.biases = qw.to_mlx()
 
-    def matmul_t(self, x):
+    def canonical_arrays(self):
+        return {"w_q": self.w_q, "scales": self.scales, "biases": self.biases}
+
+    def _mlx_matmul_t(self, x):
         y = mx.quantized_matmul(x, self.w_q, self.scales, self.biases, transpose=True,
                                 group_size=self.group_size, bits=self.bits)
         return y.astype(x.dtype)
@@ -160,9 +185,15 @@ class Int8Weight(MLXWeight):
     def path(self):
         return MLXWeight.path if self.group_size is None else "mx.quantized_matmul 8-bit (MLX's fused kernel)"
 
-    def matmul_t(self, x):
+    def canonical_arrays(self):
+        arrays = {"w_q": (self.codes.astype(mx.int16) - 128).astype(mx.int8), "scales": self.scales}
+        if self.scheme.zero_point:
+            arrays["zero_points"] = (self.offsets - 128).astype(mx.int8)
+        return arrays
+
+    def _mlx_matmul_t(self, x):
         if self.group_size is None:
-            return super().matmul_t(x)
+            return super()._mlx_matmul_t(x)
         y = mx.quantized_matmul(x, self.codes.view(mx.uint32), self.group_scales, self.group_biases,
                                 transpose=True, group_size=self.group_size, bits=8)
         return y.astype(x.dtype)
@@ -179,6 +210,9 @@ class PalettizedWeight(MLXWeight):
         arrays = qw.to_dict()
         self.bits, self.group_size = qw.scheme.bits, qw.scheme.group_size
         self.indices, self.lut = _mx(arrays, "indices"), _mx(arrays, "lut")
+
+    def canonical_arrays(self):
+        return {"indices": self.indices, "lut": self.lut}
 
     def dequantize_rows(self, r0, r1):
         codes = unpack_bits(self.indices[r0:r1], self.bits, 0, self.in_features)
@@ -203,6 +237,13 @@ class PrunedWeight(MLXWeight):
             self.scales, self.biases = _mx(arrays, "scales"), _mx(arrays, "biases")
         else:
             self.indices, self.lut = _mx(arrays, "indices"), _mx(arrays, "lut")
+
+    def canonical_arrays(self):
+        if self.inner is None:
+            return {"mask": self.mask, "values": self.survivors}
+        if isinstance(self.inner, Affine):
+            return {"mask": self.mask, "w_q": self.w_q, "scales": self.scales, "biases": self.biases}
+        return {"mask": self.mask, "indices": self.indices, "lut": self.lut}
 
     def dequantize_rows(self, r0, r1):
         rows, k = r1 - r0, self.in_features
@@ -238,12 +279,12 @@ class QuantizedLinear(nn.Module):
         self.qweight = MLXWeight.from_quantized(qw)
         if bias is not None:
             self.bias = bias if isinstance(bias, mx.array) else mx.array(np.asarray(bias))
-        self._qw = qw  # the numpy original: serialisation, torch interop
         self.freeze()
 
     def quantized_weight(self) -> QuantizedWeight:
-        """The QuantizedWeight this layer serves (what ff.torch.QuantizedLinear also takes)."""
-        return self._qw
+        """The QuantizedWeight this layer serves, over views of its MLX arrays (serialisation,
+        ff.torch.QuantizedLinear, the native kernel)."""
+        return self.qweight.quantized_weight()
 
     @classmethod
     def from_linear(cls, linear: nn.Module, scheme) -> "QuantizedLinear":
