@@ -1,7 +1,9 @@
 """Compressed-weight linears for MLX: ff.mlx.QuantizedLinear and qmatmul_mlx (ff.qmatmul on MLX).
 
 Every format of ``ff.quant`` is served from a ``QuantizedWeight``'s own arrays; nothing is
-re-quantized, so MLX computes with exactly the values of ``qw.dequantize()``:
+re-quantized, so MLX computes with the values of ``qw.dequantize()`` (``MLXWeight.dequantize()``
+reproduces them bit for bit; matmul results differ from the float64 reference by float32
+rounding only):
 
 ======================  ==================================================================
 format                  MLX path
@@ -18,9 +20,12 @@ Prune (+Affine/Palet.)  no fused MLX kernel: scatter the packed survivors into e
 ======================  ==================================================================
 
 Tiles bound the transient dense weight to ``TILE_ELEMENTS`` values; the compressed arrays are
-what stays in memory. Activations may be float32, float16 or bfloat16; accumulation is float32
-and the result has the activations' dtype. No Metal is written here: on Apple GPUs the affine
-format uses MLX's own kernel and the others run as the MLX op compositions below.
+what stays in memory (``quantized_weight()`` views them from numpy without a copy).
+Activations may be float32, float16 or bfloat16; accumulation is float32 and the result has the
+activations' dtype. No Metal is written here: on Apple GPUs affine and int8 use MLX's own
+kernel and the others run as the MLX op compositions below. On MLX's CPU device,
+``ff.mlx.cpu_kernel("native")`` runs fusedformer's native kernel for every format instead
+(fusedformer.mlx.native; inference only).
 """
 
 from __future__ import annotations
