@@ -1,6 +1,6 @@
 """ff.sdpa for MLX arrays, with fusedformer's semantics on top of MLX's attention.
 
-Two paths, chosen per call:
+Three paths, chosen per call:
 
 * **fused** (``return_lse=False``): ``mx.fast.scaled_dot_product_attention``. On Apple GPUs this
   is MLX's fused Metal kernel (vector kernel for decode, tiled kernel for prefill); on the CPU
@@ -13,7 +13,7 @@ Two paths, chosen per call:
   fusedformer's own flash kernel on the arrays' memory. Far faster than MLX's CPU backend, for
   inference only.
 
-On both paths rows whose keys are all masked give 0 (and lse ``-inf``): MLX alone gives the mean
+On every path rows whose keys are all masked give 0 (and lse ``-inf``): MLX alone gives the mean
 of ``v`` (bool masks) or NaN (additive ``-inf``) there, so we detect those rows from the mask and
 zero them.
 """
@@ -23,12 +23,15 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
+from fusedformer import _C
 from fusedformer._frameworks import common_framework
 from fusedformer.mlx.native import use_native
 
 FLOAT_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
 # MLX's own op, captured at import: ff.mlx.use_fused_sdpa() routes the public name to sdpa_mlx.
 MX_FAST_SDPA = mx.fast.scaled_dot_product_attention
+
+
 def sdpa_mlx(q, k, v, mask=None, causal=False, scale=None, window=None, return_lse=False):
     """Scaled dot-product attention on MLX arrays (see ff.sdpa for the semantics).
 
@@ -41,7 +44,7 @@ def sdpa_mlx(q, k, v, mask=None, causal=False, scale=None, window=None, return_l
     _check_inputs(q, k, v, mask)
     lq, lk = q.shape[2], k.shape[2]
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if use_native(q) and v.shape[-1] == q.shape[-1]:
+    if use_native(q) and v.shape[-1] == q.shape[-1] and q.shape[-1] <= _C.sdpa_max_head_dim:
         return _sdpa_native(q, k, v, mask, causal, scale, window, return_lse)
     if return_lse:
         attn_mask, live = attention_mask(mask, lq, lk, causal=causal, window=window, dtype=mx.float32)
