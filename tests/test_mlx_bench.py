@@ -39,3 +39,17 @@ def test_qmatmul_rows(rng):
         assert native_row["impl"].endswith("native cpu kernel")
     row = mlx_bench.mlx_quantized_matmul_row(x, w, bits=4, group_size=32, budget_s=0.01)
     assert row["impl"].startswith(mlx_bench.IMPL_MX_QMATMUL)
+
+
+def test_add_rows_to_report(rng):
+    Q = pytest.importorskip("fusedformer.quant")
+    rep = Report("qmatmul", machine=MACHINE)
+    w = rng.standard_normal((16, 64), dtype=np.float32)
+    x = rng.standard_normal((1, 64), dtype=np.float32)
+    mlx_bench.add_qmatmul_rows(rep, case="c", x=x, qws={"int8": Q.compress(w, Q.Int8())}, flops=2e3, io_bytes=260,
+                               budget_s=0.01, native=True)
+    assert [r.impl for r in rep.rows] == ["fusedformer mlx int8", "fusedformer mlx int8, native"]
+    q = rng.standard_normal((1, 2, 4, 8), dtype=np.float32)
+    mlx_bench.add_attention_rows(rep, case="a", q=q, k=q, v=q, causal=True, flops=1e3,
+                                 baseline=mlx_bench.IMPL_MX_FAST_SDPA, budget_s=0.01)
+    assert len(rep.rows) == 5 and all("MLX" in r.note for r in rep.rows)

@@ -161,3 +161,13 @@ def test_native_cpu_kernel(rng, scheme, dtype):
         y = layer(x)
     assert isinstance(y, mx.array) and y.dtype == DTYPES[dtype]
     check_matmul(y, x64, qw.dequantize(), dtype)
+
+
+@pytest.mark.parametrize("scheme", [Q.Palettize(4), Q.Prune(0.5), Q.Int8(True)], ids=scheme_id)
+def test_many_rows_relayout_path(rng, scheme, monkeypatch):
+    monkeypatch.setattr(mlx_linear, "TILE_ELEMENTS", 16 * 64)
+    qw = compressed(rng, scheme, n=48, k=64)
+    weight = MLXWeight.from_quantized(qw)
+    x, x64 = random_x(rng, (2, 20, 64), "fp32")  # 40 rows >= CPU_RELAYOUT_MIN_ROWS
+    y = MLXWeight._mlx_matmul_t(weight, x)  # the composition path, also for int8
+    check_matmul(y.reshape(40, -1), x64.reshape(40, -1), qw.dequantize(), "fp32")

@@ -8,7 +8,8 @@ call times graph construction only), and returns row dicts for ``Report.add``::
     for row in mlx_bench.attention_rows(q, k, v, causal=True, budget_s=args.budget):
         rep.add(case=case, flops=flops, bytes=nbytes, baseline="torch sdpa", **row)
 
-Every row's note names the MLX device and platform (on Linux: "MLX CPU backend on Linux").
+or let ``add_attention_rows`` / ``add_qmatmul_rows`` add them to a Report in one call. Every
+row's note names the MLX device and platform (on Linux: "MLX CPU backend on Linux").
 """
 
 from __future__ import annotations
@@ -95,3 +96,20 @@ def mlx_quantized_matmul_row(x, w, *, bits=4, group_size=64, dtype=None, budget_
     xm = to_mlx(x, dtype)
     fn = lambda: mx.quantized_matmul(xm, wq, scales, biases, transpose=True, group_size=group_size, bits=bits)  # noqa: E731
     return _row(f"{IMPL_MX_QMATMUL} ({bits}-bit, group {group_size})", fn, budget_s)
+
+
+def add_attention_rows(rep, *, case, q, k, v, causal=False, window=None, mask=None, dtype=None, flops=None,
+                       bytes=None, baseline=None, budget_s=1.0) -> None:  # noqa: A002 (Report.add's name)
+    """attention_rows(...) added to ``rep`` under ``case`` (same flops/bytes/baseline for each)."""
+    for row in attention_rows(q, k, v, causal=causal, window=window, mask=mask, dtype=dtype, budget_s=budget_s):
+        rep.add(case=case, flops=flops, bytes=bytes, baseline=baseline, **row)
+
+
+def add_qmatmul_rows(rep, *, case, x, qws: dict, flops=None, io_bytes=0.0, baseline=None, budget_s=1.0,
+                     native=False) -> None:
+    """One row per {name: QuantizedWeight} for ff.mlx's MLX path ("fusedformer mlx <name>"), plus
+    the opt-in native kernel on MLX arrays with ``native=True``; bytes = compressed weight + io."""
+    for name, qw in qws.items():
+        rows = qmatmul_rows(x, qw, budget_s=budget_s)
+        for row, impl in zip(rows if native else rows[:1], (f"fusedformer mlx {name}", f"fusedformer mlx {name}, native")):
+            rep.add(case=case, flops=flops, bytes=qw.nbytes + io_bytes, baseline=baseline, **{**row, "impl": impl})
