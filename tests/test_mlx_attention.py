@@ -13,7 +13,7 @@ from fusedformer import reference
 
 pytestmark = pytest.mark.mlx
 mx = require("mlx")
-from fusedformer.mlx.attention import sdpa_composed, sdpa_mlx  # noqa: E402
+from fusedformer.mlx.attention import attention_mask, sdpa_composed, sdpa_mlx  # noqa: E402
 
 DTYPES = {"fp32": mx.float32, "fp16": mx.float16, "bf16": mx.bfloat16}
 # (atol, rtol) on out, outputs of order 1; lse is compared in float32 (scores are float32).
@@ -220,3 +220,25 @@ def test_native_cpu_kernel_scope_and_fallbacks(rng):
     assert not native.use_native(q.astype(mx.float32))
     with pytest.raises(ValueError, match=r"^\[mlx\] cpu kernel 'metal'"):
         ff.mlx.set_cpu_kernel("metal")
+
+
+def test_mlx_path_compiles_and_differentiates(rng):
+    """MLX's path stays an MLX graph: mx.compile and mx.grad work through it."""
+    (q, k, v), (q64, k64, v64) = make_qkv(rng, 1, 4, 2, 9, 12, 16)
+    mask = mx.array(rng.random((9, 12)) < 0.8)
+
+    def f(q, k, v):
+        return sdpa_mlx(q, k, v, mask=mask, causal=True, window=6)
+
+    check(mx.compile(f)(q, k, v), reference.sdpa(q64, k64, v64, mask=np.array(mask), causal=True, window=6), "fp32")
+
+    def loss(fn):
+        return lambda q, k, v: (fn(q, k, v) * v.sum()).sum()
+
+    attn_mask, _ = attention_mask(mask, 9, 12, causal=True, window=6, dtype=mx.float32)
+    composed = lambda q, k, v: sdpa_composed(q, k, v, attn_mask, 16**-0.5)[0]  # noqa: E731
+    grads = mx.grad(loss(f), argnums=(0, 1, 2))(q, k, v)
+    want = mx.grad(loss(composed), argnums=(0, 1, 2))(q, k, v)
+    for g, w in zip(grads, want):
+        assert not np.isnan(np.array(g)).any()
+        np.testing.assert_allclose(np.array(g), np.array(w), atol=1e-4, rtol=1e-4)

@@ -8,7 +8,9 @@ Attention. MLX models (mlx.nn.MultiHeadAttention, mlx-lm's models, most hand-wri
 finds those modules (any module whose ``__call__`` calls ``scaled_dot_product_attention``) and
 gives each a subclass that runs its ``__call__`` inside :func:`use_fused_sdpa`, which routes
 ``mx.fast.scaled_dot_product_attention`` to :func:`fusedformer.mlx.attention.sdpa_mlx` for the
-duration of that call only (other models in the process are untouched). The fused MLX kernel
+duration of that call only (other models in the process are untouched; the name is
+process-wide while the call builds its graph, so do not build other MLX graphs from other
+threads meanwhile). The fused MLX kernel
 still does the work; what changes is fusedformer's semantics: rows with every key masked (left
 padding, windows) give 0 instead of NaN or the mean of v.
 
