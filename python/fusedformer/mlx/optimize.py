@@ -22,46 +22,19 @@ same bits and group size is adopted as it is, any other is dequantized and compr
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import functools
 import inspect
 import threading
-import warnings
-from dataclasses import dataclass, field
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from fusedformer import quant
+from fusedformer._optimize import OptimizeReport, check_arguments, plan_weights
 from fusedformer.mlx.attention import MX_FAST_SDPA, sdpa_mlx
 from fusedformer.mlx.linear import QuantizedLinear
 
-ATTENTION_MODES = ("fused", None)
 _routing = threading.local()
-
-
-@dataclass
-class OptimizeReport:
-    """What optimize() changed (the MLX counterpart of ff.torch's report)."""
-
-    attention: str | None
-    attention_modules: list[str] = field(default_factory=list)
-    quantized: dict[str, str] = field(default_factory=dict)
-    skipped: list[str] = field(default_factory=list)
-    unmatched_patterns: list[str] = field(default_factory=list)
-    bytes_before: int = 0
-    bytes_after: int = 0
-
-    def __str__(self) -> str:
-        lines = [f"fusedformer.mlx.optimize: attention={self.attention!r}, "
-                 f"{len(self.attention_modules)} attention modules"]
-        if self.quantized:
-            lines.append(f"  {len(self.quantized)} linear layers compressed: {self.bytes_before / 2**20:.1f} MiB -> "
-                         f"{self.bytes_after / 2**20:.1f} MiB")
-        if self.skipped:
-            lines.append(f"  skipped: {', '.join(self.skipped)}")
-        return "\n".join(lines)
 
 
 def optimize(model: nn.Module, attention: str | None = "fused", weights=None, skip=("lm_head",)) -> nn.Module:
@@ -74,16 +47,9 @@ def optimize(model: nn.Module, attention: str | None = "fused", weights=None, sk
     skip: module names (globs over the dotted path, or one dotted component such as "lm_head")
       whose linears stay as they are.
     """
-    if attention not in ATTENTION_MODES:
-        raise ValueError(f"[optimize] attention must be one of {ATTENTION_MODES}, got {attention!r}")
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"[optimize] model must be an mlx.nn.Module, got {type(model).__name__}")
-    if isinstance(skip, str):
-        skip = (skip,)
-    plan, skipped, unmatched = _plan_weights(model, weights, skip) if weights is not None else ([], [], [])
-    report = OptimizeReport(attention=attention, skipped=skipped, unmatched_patterns=unmatched)
-    for pattern in unmatched:
-        warnings.warn(f"[optimize] weights pattern {pattern!r} matched no linear layer", stacklevel=2)
+    skip = check_arguments(model, attention, skip, nn.Module, "mlx.nn")
+    plan, skipped, unmatched = plan_weights(_linears(model), weights, skip) if weights is not None else ([], [], [])
+    report = OptimizeReport("mlx", attention=attention, skipped=skipped, unmatched_patterns=unmatched)
     if attention == "fused":
         for path, module in model.named_modules():
             if is_attention_module(module):
@@ -102,34 +68,10 @@ def optimize(model: nn.Module, attention: str | None = "fused", weights=None, sk
     return model
 
 
-def _matches(name: str, pattern: str) -> bool:
-    """A glob over the full module name, or an exact dotted component ("lm_head", "mlp")."""
-    return fnmatch.fnmatchcase(name, pattern) or pattern in name.split(".")
-
-
-def _plan_weights(model, weights, skip):
-    """[(path, linear, scheme)] to compress, paths skipped, patterns that matched nothing;
-    raises before anything changes if a layer cannot take its scheme."""
-    rules = list(weights.items()) if isinstance(weights, dict) else [("*", weights)]
-    for pattern, scheme in rules:
-        if not quant.is_scheme(scheme):
-            raise TypeError(f"[optimize] weights for {pattern!r} must be a fusedformer.quant scheme, got {scheme!r}")
-    used, plan, skipped = set(), [], []
+def _linears(model):
     for path, module in model.named_modules():
-        if not isinstance(module, (nn.Linear, nn.QuantizedLinear)):
-            continue
-        if any(_matches(path, s) for s in skip):
-            skipped.append(path)
-            continue
-        for pattern, scheme in rules:
-            if _matches(path, pattern):
-                used.add(pattern)
-                plan.append((path, module, scheme))
-                break
-    for path, linear, scheme in plan:
-        out_dims, in_dims = _linear_shape(linear)
-        quant.check_compressible((out_dims, in_dims), scheme, name=path)
-    return plan, skipped, [p for p, _ in rules if p not in used]
+        if isinstance(module, (nn.Linear, nn.QuantizedLinear)):
+            yield path, module, _linear_shape(module)
 
 
 def _linear_shape(linear) -> tuple[int, int]:
