@@ -187,6 +187,7 @@ def test_use_fused_sdpa_counts_fallbacks(rng):
 
 @pytest.mark.torch
 @pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.filterwarnings("ignore:.*nested:UserWarning")  # torch's own notes on the stock model's fast path
 def test_transformer_encoder_layer_swap(batch_first):
     torch.manual_seed(0)
     stock = nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 4, 64, batch_first=batch_first, dropout=0.1), 2).eval()
