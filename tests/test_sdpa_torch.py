@@ -150,6 +150,15 @@ def test_torch_export_sees_one_op(torch):
     torch.testing.assert_close(ep.module()(q, k, v), _module(torch)(q, k, v))
 
 
+def test_jit_trace_records_the_op(torch):
+    """jit.trace must see fusedformer::sdpa (the Core ML path lowers it), not a baked constant."""
+    q, k, v = qkv(torch, 1, 4, 2, 5, 9, 16, torch.float32)
+    traced = torch.jit.trace(_module(torch), (q, k, v))
+    assert "fusedformer::sdpa" in str(traced.graph)
+    q2, k2, v2 = qkv(torch, 1, 4, 2, 5, 9, 16, torch.float32, seed=1)
+    torch.testing.assert_close(traced(q2, k2, v2), _module(torch)(q2, k2, v2))
+
+
 @pytest.mark.slow
 def test_torch_compile_inductor(torch):
     """Inductor compiles around the opaque op (about 1.5 min on 2 busy cores: slow marker)."""

@@ -116,12 +116,15 @@ def sdpa(q, k, v, *, mask=None, causal=False, scale=None, window=None, return_ls
 
 def _torch_plain_eager(*tensors) -> bool:
     """True when torch tensors can skip the custom op (about 30 us of dispatch per call): plain
-    tensors (no fake/functional/subclass), nothing tracing (torch.compile, export), and no
-    autograd to record. Otherwise the op runs, so graphs see it and backward raises."""
+    tensors (no fake/functional/subclass), nothing tracing (torch.compile, export, jit.trace:
+    the Core ML export path needs the op in the graph), and no autograd to record. Otherwise
+    the op runs, so graphs see it and backward raises."""
     import torch
 
     present = [t for t in tensors if t is not None]
-    if torch.compiler.is_compiling() or any(type(t) is not torch.Tensor for t in present):
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return False
+    if any(type(t) is not torch.Tensor for t in present):
         return False
     return not (torch.is_grad_enabled() and any(t.requires_grad for t in present))
 
