@@ -71,5 +71,6 @@ ext = Pybind11Extension(
     cxx_std=17,
 )
 ext.extra_link_args += ["-pthread"]
+ext.depends += KERNEL_SOURCES + HEADERS  # relink _C when only kernel objects changed
 
 setup(ext_modules=[ext], cmdclass={"build_ext": BuildExt})

@@ -15,6 +15,7 @@ import threading
 import torch
 
 import fusedformer.torch.attention_op  # noqa: F401  (registers torch.ops.fusedformer.sdpa)
+from fusedformer.ops_attention import sdpa
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -59,5 +60,6 @@ def unsupported_reason(*tensors: torch.Tensor | None, dropout: float = 0.0) -> s
 
 
 def fused_sdpa(q, k, v, mask=None, *, causal=False, scale=None, window=None) -> torch.Tensor:
-    """torch.ops.fusedformer.sdpa with fusedformer semantics (bottom-right causal)."""
-    return torch.ops.fusedformer.sdpa(q, k, v, mask, causal, scale, window)
+    """ff.sdpa on torch tensors (bottom-right causal): the kernel directly in eager mode,
+    torch.ops.fusedformer.sdpa under torch.compile / export / tracing."""
+    return sdpa(q, k, v, mask=mask, causal=causal, scale=scale, window=window)
