@@ -130,7 +130,7 @@ inline void bits_switch(int bits, const F& f) {
   }
 }
 
-// W[n, k0 : k0 + len] -> out (fp32, exactly QuantizedWeight.dequantize()'s values).
+// W[n, k0 : k0 + len] -> out (fp32: QuantizedWeight.dequantize()'s values, to an FMA rounding).
 // Dense: k0 is a multiple of 8; len may end in a tail only for int8 (K % 8 != 0).
 inline void decode_row(const QWeight& w, int64_t n, int64_t k0, int64_t len, float* out);
 
@@ -139,7 +139,7 @@ inline float value_at(const QWeight& w, int64_t n, int64_t k, int64_t code_index
     case QCodes::affine: {
       const int64_t g = n * (w.k / w.group) + k / w.group;
       const float q = static_cast<float>(code_at(static_cast<const uint8_t*>(w.codes), code_index, w.bits));
-      const float sq = w.scales[g] * q;  // two roundings, like mx.dequantize
+      const float sq = w.scales[g] * q;  // (the compiler may fuse this into an FMA)
       return sq + w.biases[g];
     }
     case QCodes::int8: {
@@ -155,15 +155,37 @@ inline float value_at(const QWeight& w, int64_t n, int64_t k, int64_t code_index
   }
 }
 
+// Pruned rows: walk the mask a byte (8 columns) at a time; each kept column takes the next
+// code of the row's survivors. Invariants of the inner format are hoisted per row / group.
 inline void decode_sparse(const QWeight& w, int64_t n, int64_t k0, int64_t len, float* out) {
-  const uint8_t* mask = w.mask;
-  const int64_t base = n * w.k;
-  // survivors of row n before k0 (rows start on a byte: K % 8 == 0, and so does k0)
+  const uint8_t* mask = w.mask + (n * w.k + k0) / 8;  // rows and k0 start on a byte (K % 8 == 0)
   int64_t p = w.row_offsets[n];
-  for (int64_t b = base >> 3; b < (base + k0) >> 3; ++b) p += __builtin_popcount(mask[b]);
-  for (int64_t k = k0; k < k0 + len; ++k) {
-    const bool kept = (mask[(base + k) >> 3] >> ((base + k) & 7)) & 1;
-    out[k - k0] = kept ? value_at(w, n, k, p++) : 0.0f;
+  for (const uint8_t* b = w.mask + n * w.k / 8; b < mask; ++b) p += __builtin_popcount(*b);
+  const uint8_t* stream = static_cast<const uint8_t*>(w.codes);
+  const float* values = static_cast<const float*>(w.codes);
+  const int64_t groups = w.codes_kind == QCodes::affine ? w.k / w.group : 1;
+  const float* sc = w.scales ? w.scales + n * groups : nullptr;
+  const float* bi = w.biases ? w.biases + n * groups : nullptr;
+  const float* lut = w.lut ? w.lut + ((n / w.group) << w.bits) : nullptr;
+  for (int64_t i = 0; i < len; i += 8) {
+    const unsigned bits = mask[i / 8];
+    for (int j = 0; j < 8; ++j) out[i + j] = 0.0f;
+    if (!bits) continue;
+    const int64_t g = w.codes_kind == QCodes::affine ? (k0 + i) / w.group : 0;  // 8 | group
+    for (unsigned m = bits; m; m &= m - 1) {
+      const int j = __builtin_ctz(m);
+      float v;
+      if (w.codes_kind == QCodes::affine) {
+        const float sq = sc[g] * static_cast<float>(code_at(stream, p, w.bits));
+        v = sq + bi[g];
+      } else if (w.codes_kind == QCodes::lut) {
+        v = lut[code_at(stream, p, w.bits)];
+      } else {
+        v = values[p];
+      }
+      ++p;
+      out[i + j] = v;
+    }
   }
 }
 
