@@ -168,9 +168,14 @@ void gemv_buffered(const Problem& p, int64_t n0, int64_t n1) {
     f32x8 acc[MR];
     float tail[MR];
     for (int r = 0; r < MR; ++r) acc[r] = simd::zero(), tail[r] = 0;
+    int64_t next = w.mask ? w.row_offsets[n] : 0;  // survivor cursor of pruned rows
     for (int64_t k0 = 0; k0 < w.k; k0 += kGemvChunk) {
       const int64_t len = std::min(kGemvChunk, w.k - k0);
-      quant::decode_row(w, n, k0, len, buf);
+      if (w.mask) {
+        next = quant::decode_sparse(w, n, k0, len, buf, next);
+      } else {
+        quant::decode_row(w, n, k0, len, buf);
+      }
       const float* x = p.x + k0;
       int64_t i = 0;
       for (; i + 8 <= len; i += 8) {
