@@ -27,6 +27,11 @@ constexpr int64_t kPanel = 64;
 constexpr int64_t kKc = 256;
 constexpr int kMr = 6, kNr = 16;
 constexpr int64_t kMaxGemvRows = 8;
+// Fewer multiply-adds than this per pool chunk are not worth waking a thread for.
+constexpr int64_t kMinChunkWork = int64_t{1} << 18;
+
+// Pool grain (tasks per chunk) for tasks of `work` multiply-adds each.
+int64_t grain_for(int64_t work) { return std::max<int64_t>(1, kMinChunkWork / std::max<int64_t>(work, 1)); }
 
 struct Problem {
   const float* x;  // fp32 [m, k], row stride ldx
@@ -194,7 +199,7 @@ void gemv_mr(const Problem& p) {
   const QWeight& w = *p.w;
   const int64_t tasks = (w.n + kGemvRows - 1) / kGemvRows;
   auto over_rows = [&](const auto& rows_fn) {
-    parallel_for(tasks, 1, [&](int64_t b, int64_t e) {
+    parallel_for(tasks, grain_for(kGemvRows * w.k * p.m), [&](int64_t b, int64_t e) {
       for (int64_t t = b; t < e; ++t) rows_fn(t * kGemvRows, std::min(w.n, (t + 1) * kGemvRows));
     });
   };
@@ -303,7 +308,7 @@ void gemm_panel(const Problem& p, int64_t n0) {
 }
 
 void gemm(const Problem& p) {
-  parallel_for((p.w->n + kPanel - 1) / kPanel, 1, [&](int64_t b, int64_t e) {
+  parallel_for((p.w->n + kPanel - 1) / kPanel, grain_for(kPanel * p.w->k * p.m), [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t) gemm_panel(p, t * kPanel);
   });
 }
