@@ -1,7 +1,8 @@
 // Quantized matmul y = x @ W.T with W decoded inside the kernel, tile by tile.
 //
-// GEMV (m <= 8): each task owns kGemvRows rows of W; a row is decoded kGemvChunk values at a
-// time into an L1 buffer and dotted with every x row while it is hot.
+// GEMV (m <= 8): each task owns kGemvRows rows of W; dense rows are decoded eight codes at a
+// time straight into registers and FMA'd with every x row (pruned rows go through an L1
+// buffer of kGemvChunk values).
 // GEMM: each task owns a panel of kPanel rows of W; for every K chunk of kKc the panel is
 // decoded and packed k-major in sub-panels of 16 columns (64 KB, L2), then a 6x16
 // register-blocked micro-kernel sweeps all rows of x over it.
