@@ -68,14 +68,18 @@ def test_int8_odd_k(k, m, isa, rng):
 
 
 @pytest.mark.parametrize("m", [1, 3, 20])
-def test_thread_count_does_not_change_results(m, isa, rng):
-    qw = weight(Affine(4, 64))
-    x = rng.standard_normal((m, K)).astype(np.float32)
+@pytest.mark.parametrize("scheme", [Affine(4, 64), Int8(), Palettize(3), Prune(0.5, then=Affine(2, 32))], ids=repr)
+def test_thread_count_does_not_change_results(m, scheme, isa, rng):
+    # big enough that the pool splits the rows (small problems run on the calling thread)
+    w = (rng.standard_normal((1031, 1024)) * 0.05).astype(np.float32)
+    qw = compress(w, scheme)
+    x = rng.standard_normal((m, 1024)).astype(np.float32)
     with kernel_config(threads=1):
         y1 = ff.qmatmul(x, qw)
     with kernel_config(threads=2):
         y2 = ff.qmatmul(x, qw)
     np.testing.assert_array_equal(y1, y2)
+    check(y2, x, qw)
 
 
 @pytest.mark.parametrize("m", [1, 5, 40])
@@ -123,3 +127,26 @@ def test_large_shapes(scheme, m, rng):
     qw = compress(w, scheme)
     x = rng.standard_normal((m, 2048)).astype(np.float32)
     check(ff.qmatmul(x, qw), x, qw)
+
+
+def test_random_shapes_and_schemes():
+    """hypothesis over (M, N, K, scheme): kernel arithmetic against the float64 oracle."""
+    hyp = pytest.importorskip("hypothesis")
+    st = hyp.strategies
+
+    schemes = st.sampled_from([Affine(2, 32), Affine(3, 32), Affine(4, 32), Affine(5, 64), Affine(6, 32),
+                               Affine(8, 32), Int8(), Int8(zero_point=True), Palettize(1), Palettize(4),
+                               Palettize(6), Prune(0.5), Prune(0.3, then=Affine(4, 32)),
+                               Prune(n_m=(2, 4), then=Palettize(3))])
+
+    @hyp.settings(max_examples=25, deadline=None, database=None)
+    @hyp.given(m=st.integers(1, 40), n=st.integers(1, 70), k_blocks=st.integers(1, 6), scheme=schemes,
+               seed=st.integers(0, 2**31))
+    def run(m, n, k_blocks, scheme, seed):
+        rng = np.random.default_rng(seed)
+        k = 32 * k_blocks if not isinstance(scheme, Affine) or scheme.group_size == 32 else 64 * k_blocks
+        qw = compress(rng.standard_normal((n, k)).astype(np.float32), scheme)
+        x = rng.standard_normal((m, k)).astype(np.float32)
+        check(ff.qmatmul(x, qw), x, qw)
+
+    run()

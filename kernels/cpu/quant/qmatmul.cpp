@@ -1,7 +1,8 @@
 // Quantized matmul y = x @ W.T with W decoded inside the kernel, tile by tile.
 //
-// GEMV (m <= 8): each task owns kGemvRows rows of W; a row is decoded kGemvChunk values at a
-// time into an L1 buffer and dotted with every x row while it is hot.
+// GEMV (m <= 8): each task owns kGemvRows rows of W; dense rows are decoded eight codes at a
+// time straight into registers and FMA'd with every x row (pruned rows go through an L1
+// buffer of kGemvChunk values).
 // GEMM: each task owns a panel of kPanel rows of W; for every K chunk of kKc the panel is
 // decoded and packed k-major in sub-panels of 16 columns (64 KB, L2), then a 6x16
 // register-blocked micro-kernel sweeps all rows of x over it.
@@ -27,6 +28,11 @@ constexpr int64_t kPanel = 64;
 constexpr int64_t kKc = 256;
 constexpr int kMr = 6, kNr = 16;
 constexpr int64_t kMaxGemvRows = 8;
+// Fewer multiply-adds than this per pool chunk are not worth waking a thread for.
+constexpr int64_t kMinChunkWork = int64_t{1} << 18;
+
+// Pool grain (tasks per chunk) for tasks of `work` multiply-adds each.
+int64_t grain_for(int64_t work) { return std::max<int64_t>(1, kMinChunkWork / std::max<int64_t>(work, 1)); }
 
 struct Problem {
   const float* x;  // fp32 [m, k], row stride ldx
@@ -168,9 +174,14 @@ void gemv_buffered(const Problem& p, int64_t n0, int64_t n1) {
     f32x8 acc[MR];
     float tail[MR];
     for (int r = 0; r < MR; ++r) acc[r] = simd::zero(), tail[r] = 0;
+    int64_t next = w.mask ? w.row_offsets[n] : 0;  // survivor cursor of pruned rows
     for (int64_t k0 = 0; k0 < w.k; k0 += kGemvChunk) {
       const int64_t len = std::min(kGemvChunk, w.k - k0);
-      quant::decode_row(w, n, k0, len, buf);
+      if (w.mask) {
+        next = quant::decode_sparse(w, n, k0, len, buf, next);
+      } else {
+        quant::decode_row(w, n, k0, len, buf);
+      }
       const float* x = p.x + k0;
       int64_t i = 0;
       for (; i + 8 <= len; i += 8) {
@@ -184,34 +195,143 @@ void gemv_buffered(const Problem& p, int64_t n0, int64_t n1) {
   }
 }
 
+#if defined(__AVX2__)
+// 4-bit GEMV, AVX2: eight bytes hold sixteen codes; zero-extended to lanes, (b & 15) are the
+// even elements and (b >> 4) the odd ones, so x is read in a per-16 permuted copy
+// [x0 x2 .. x14 x1 x3 .. x15] and each code costs neither a broadcast nor a variable shift.
+// `values(c)` maps eight codes (i32x8) to the fp32 factors (raw q for affine, LUT entries).
+void permute_x16(const Problem& p, float* xp) {
+  for (int64_t r = 0; r < p.m; ++r)
+    for (int64_t k = 0; k < p.w->k; k += 16)
+      for (int i = 0; i < 8; ++i) {
+        xp[r * p.w->k + k + i] = p.x[r * p.ldx + k + 2 * i];
+        xp[r * p.w->k + k + 8 + i] = p.x[r * p.ldx + k + 2 * i + 1];
+      }
+}
+
+template <int MR, class Values>
+FF_ALWAYS_INLINE void dot_nibbles(const float* xp, int64_t ldx, const uint8_t* bytes, int64_t k0, int64_t k1,
+                                  const Values& values, f32x8 (&acc)[MR][2]) {
+  const __m256i low = _mm256_set1_epi32(15);
+  for (int64_t k = k0; k < k1; k += 16) {
+    const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes + k / 2)));
+    const f32x8 even = values(quant::i32x8{_mm256_and_si256(b, low)});
+    const f32x8 odd = values(quant::i32x8{_mm256_srli_epi32(b, 4)});
+    for (int r = 0; r < MR; ++r) {
+      acc[r][0] = simd::fmadd(simd::load(xp + r * ldx + k), even, acc[r][0]);
+      acc[r][1] = simd::fmadd(simd::load(xp + r * ldx + k + 8), odd, acc[r][1]);
+    }
+  }
+}
+
+template <int MR>
+void gemv_affine_nibbles(const Problem& p, const float* xp, const float* xsum, int64_t n0, int64_t n1) {
+  const QWeight& w = *p.w;
+  const int64_t groups = w.k / w.group;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* bytes = static_cast<const uint8_t*>(w.codes) + n * w.k / 2;
+    const float* sc = w.scales + n * groups;
+    const float* bi = w.biases + n * groups;
+    f32x8 acc[MR];
+    float bias_part[MR];
+    for (int r = 0; r < MR; ++r) acc[r] = simd::zero(), bias_part[r] = 0;
+    for (int64_t g = 0; g < groups; ++g) {
+      f32x8 gacc[MR][2];
+      for (int r = 0; r < MR; ++r) gacc[r][0] = gacc[r][1] = simd::zero();
+      dot_nibbles<MR>(xp, w.k, bytes, g * w.group, (g + 1) * w.group,
+                      [](quant::i32x8 c) __attribute__((always_inline)) { return quant::to_f32(c); }, gacc);
+      const f32x8 s = simd::set1(sc[g]);
+      for (int r = 0; r < MR; ++r) {
+        acc[r] = simd::fmadd(simd::add(gacc[r][0], gacc[r][1]), s, acc[r]);
+        bias_part[r] += bi[g] * xsum[r * groups + g];
+      }
+    }
+    for (int r = 0; r < MR; ++r) p.y[r * w.n + n] = simd::reduce_add(acc[r]) + bias_part[r];
+  }
+}
+
+template <int MR>
+void gemv_lut_nibbles(const Problem& p, const float* xp, int64_t n0, int64_t n1) {
+  const QWeight& w = *p.w;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* bytes = static_cast<const uint8_t*>(w.codes) + n * w.k / 2;
+    const float* lut = w.lut + ((n / w.group) << 4);
+    f32x8 acc[MR][2];
+    for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = simd::zero();
+    dot_nibbles<MR>(xp, w.k, bytes, 0, w.k,
+                    [lut](quant::i32x8 c) __attribute__((always_inline)) { return quant::lookup<4>(lut, c); }, acc);
+    for (int r = 0; r < MR; ++r) p.y[r * w.n + n] = simd::reduce_add(simd::add(acc[r][0], acc[r][1]));
+  }
+}
+#endif
+
+// Runs rows_fn(n0, n1) over all rows of W in tasks of kGemvRows. (Plain templates rather than
+// generic lambdas keep the symbols demangleable for the build's ISA-leak check.)
+template <class RowsFn>
+void over_rows(const Problem& p, const RowsFn& rows_fn) {
+  const QWeight& w = *p.w;
+  parallel_for((w.n + kGemvRows - 1) / kGemvRows, grain_for(kGemvRows * w.k * p.m), [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) rows_fn(t * kGemvRows, std::min(w.n, (t + 1) * kGemvRows));
+  });
+}
+
+template <int MR, int B>
+void gemv_affine_all(const Problem& p) {
+  const QWeight& w = *p.w;
+  std::unique_ptr<float[]> xsum(new float[p.m * (w.k / w.group)]);
+  x_group_sums(p, w.group, xsum.get());
+  const float* xs = xsum.get();
+#if defined(__AVX2__)
+  if (B == 4) {  // group sizes are multiples of 16
+    std::unique_ptr<float[]> xperm(new float[p.m * w.k]);
+    permute_x16(p, xperm.get());
+    const float* xp = xperm.get();
+    return over_rows(p, [&](int64_t a, int64_t e) { gemv_affine_nibbles<MR>(p, xp, xs, a, e); });
+  }
+#endif
+  over_rows(p, [&](int64_t a, int64_t e) { gemv_affine<MR, B>(p, xs, a, e); });
+}
+
+template <int MR, int B>
+void gemv_lut_all(const Problem& p) {
+#if defined(__AVX2__)
+  if (B == 4 && p.w->k % 16 == 0) {
+    std::unique_ptr<float[]> xperm(new float[p.m * p.w->k]);
+    permute_x16(p, xperm.get());
+    const float* xp = xperm.get();
+    return over_rows(p, [&](int64_t a, int64_t e) { gemv_lut_nibbles<MR>(p, xp, a, e); });
+  }
+#endif
+  over_rows(p, [&](int64_t a, int64_t e) { gemv_lut<MR, B>(p, a, e); });
+}
+
+template <int MR>
+void gemv_int8_all(const Problem& p) {
+  std::unique_ptr<float[]> xsum(new float[p.m]);
+  x_group_sums(p, p.w->k, xsum.get());
+  const float* xs = xsum.get();
+  over_rows(p, [&](int64_t a, int64_t e) { gemv_int8<MR>(p, xs, a, e); });
+}
+
 template <int MR>
 void gemv_mr(const Problem& p) {
+  using Fn = void (*)(const Problem&);
+  static constexpr Fn kAffine[9] = {nullptr,
+                                    gemv_affine_all<MR, 1>, gemv_affine_all<MR, 2>, gemv_affine_all<MR, 3>,
+                                    gemv_affine_all<MR, 4>, gemv_affine_all<MR, 5>, gemv_affine_all<MR, 6>,
+                                    gemv_affine_all<MR, 7>, gemv_affine_all<MR, 8>};
+  static constexpr Fn kLut[9] = {nullptr,
+                                 gemv_lut_all<MR, 1>, gemv_lut_all<MR, 2>, gemv_lut_all<MR, 3>,
+                                 gemv_lut_all<MR, 4>, gemv_lut_all<MR, 5>, gemv_lut_all<MR, 6>,
+                                 gemv_lut_all<MR, 7>, gemv_lut_all<MR, 8>};
   const QWeight& w = *p.w;
-  const int64_t tasks = (w.n + kGemvRows - 1) / kGemvRows;
-  auto over_rows = [&](const auto& rows_fn) {
-    parallel_for(tasks, 1, [&](int64_t b, int64_t e) {
-      for (int64_t t = b; t < e; ++t) rows_fn(t * kGemvRows, std::min(w.n, (t + 1) * kGemvRows));
-    });
-  };
-  if (w.mask) return over_rows([&](int64_t a, int64_t b) { gemv_buffered<MR>(p, a, b); });
-  if (w.codes_kind == QCodes::affine) {
-    std::unique_ptr<float[]> xsum(new float[p.m * (w.k / w.group)]);
-    x_group_sums(p, w.group, xsum.get());
-    return quant::bits_switch(w.bits, [&](auto b) {
-      over_rows([&](int64_t a, int64_t e) { gemv_affine<MR, decltype(b)::value>(p, xsum.get(), a, e); });
-    });
+  if (w.mask) return over_rows(p, [&](int64_t a, int64_t e) { gemv_buffered<MR>(p, a, e); });
+  switch (w.codes_kind) {
+    case QCodes::affine: return kAffine[w.bits](p);
+    case QCodes::lut: return kLut[w.bits](p);
+    case QCodes::int8: return gemv_int8_all<MR>(p);
+    default: return over_rows(p, [&](int64_t a, int64_t e) { gemv_buffered<MR>(p, a, e); });
   }
-  if (w.codes_kind == QCodes::int8) {
-    std::unique_ptr<float[]> xsum(new float[p.m]);
-    x_group_sums(p, w.k, xsum.get());
-    return over_rows([&](int64_t a, int64_t e) { gemv_int8<MR>(p, xsum.get(), a, e); });
-  }
-  if (w.codes_kind == QCodes::lut) {
-    return quant::bits_switch(w.bits, [&](auto b) {
-      over_rows([&](int64_t a, int64_t e) { gemv_lut<MR, decltype(b)::value>(p, a, e); });
-    });
-  }
-  over_rows([&](int64_t a, int64_t b) { gemv_buffered<MR>(p, a, b); });
 }
 
 void gemv(const Problem& p) {
@@ -298,7 +418,7 @@ void gemm_panel(const Problem& p, int64_t n0) {
 }
 
 void gemm(const Problem& p) {
-  parallel_for((p.w->n + kPanel - 1) / kPanel, 1, [&](int64_t b, int64_t e) {
+  parallel_for((p.w->n + kPanel - 1) / kPanel, grain_for(kPanel * p.w->k * p.m), [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t) gemm_panel(p, t * kPanel);
   });
 }
