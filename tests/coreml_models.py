@@ -87,12 +87,16 @@ class Attention(nn.Module):
         return rope(q, positions), rope(k, positions), v
 
     def attend(self, q, k, v):
+        """Causal attention of the L new queries over all keys (bottom-right aligned)."""
         out = torch.ops.fusedformer.sdpa(q, k, v, None, True, None, self.window)
         b, _, l, _ = out.shape
         return self.o(out.transpose(1, 2).reshape(b, l, -1))
 
-    def forward(self, x, positions):
-        return self.attend(*self.project(x, positions))
+    def forward(self, x, positions, kv_cache=None, layer=0, start=0):
+        q, k, v = self.project(x, positions)
+        if kv_cache is not None:
+            k, v = kv_cache.update(layer, k, v, start)
+        return self.attend(q, k, v)
 
 
 class Block(nn.Module):
@@ -107,8 +111,8 @@ class Block(nn.Module):
     def mlp(self, x):
         return self.down(nn.functional.silu(self.gate(x)) * self.up(x))
 
-    def forward(self, x, positions):
-        x = x + self.attn(self.norm1(x), positions)
+    def forward(self, x, positions, **cache):
+        x = x + self.attn(self.norm1(x), positions, **cache)
         return x + self.mlp(self.norm2(x))
 
 
@@ -122,11 +126,16 @@ class TinyDecoder(nn.Module):
         self.norm = RMSNorm(dim)
         self.lm_head = nn.Linear(dim, vocab, bias=False)
 
-    def forward(self, input_ids):
+    def kv_cache_config(self):
+        attn = self.blocks[0].attn
+        return {"layers": len(self.blocks), "kv_heads": attn.kv_heads, "head_dim": attn.head_dim}
+
+    def forward(self, input_ids, kv_cache=None, start=0):
+        """Logits [B, L, vocab]; with ``kv_cache`` the tokens sit at positions start .. start+L-1."""
         x = self.embed(input_ids)
-        positions = torch.arange(input_ids.shape[1])
-        for block in self.blocks:
-            x = block(x, positions)
+        positions = torch.arange(start, start + input_ids.shape[1])
+        for i, block in enumerate(self.blocks):
+            x = block(x, positions, kv_cache=kv_cache, layer=i, start=start)
         return self.lm_head(self.norm(x))
 
 

@@ -168,10 +168,12 @@ def save(mlmodel, path, result: ExportResult):
     return mlmodel
 
 
-def _finish(mlmodel, path, attention, target, precision, notes):
-    effective = "unfused" if any("unfused" in n for n in notes) else attention
-    result = ExportResult(attention=effective, target=str(target), precision=precision, notes=notes)
-    for note in notes:
+def finish(mlmodel, path, attention, target, precision, fallbacks, info=()):
+    """Records what was done (``fallbacks`` are deviations from the request and are warned)."""
+    effective = "unfused" if any("unfused" in n for n in fallbacks) else attention
+    result = ExportResult(attention=effective, target=str(target), precision=precision,
+                          notes=list(fallbacks) + list(info))
+    for note in fallbacks:
         warnings.warn(f"[export] {note}", ExportWarning, stacklevel=3)
     return save(mlmodel, path, result)
 
@@ -222,4 +224,4 @@ def export(model, example_inputs, path, *, attention="fused", target="iOS18", pr
     inputs = [_tensor_type(ct, n, t, flexible.get(n)) for n, t in named.items()]
     mlmodel, notes = convert(traced, inputs, output_names, attention=attention, target=target,
                              precision=precision)
-    return _finish(mlmodel, path, attention, target, precision, notes)
+    return finish(mlmodel, path, attention, target, precision, notes)

@@ -350,7 +350,9 @@ def _squeeze(a):
 
 @op("concat")
 def _concat(a):
-    values, axis = a.values, a.scalar("axis")
+    values, axis = [np.asarray(v) for v in a.values], a.scalar("axis")
+    if any(v.ndim == 0 for v in values):  # MIL concatenates scalars as 1-element vectors
+        values = [np.atleast_1d(v) for v in values]
     if a.scalar("interleave", False):
         stacked = np.stack(values, axis=axis + 1 if axis >= 0 else axis)
         shape = list(values[0].shape)
