@@ -1,4 +1,5 @@
 // Core bindings: ISA and thread-pool control, machine-limit probes.
+#include <pybind11/numpy.h>
 #include <pybind11/stl.h>
 
 #include <mutex>
@@ -59,6 +60,24 @@ void init_core(py::module_& m) {
       },
       py::kw_only(), py::arg("mib") = 512, py::arg("passes") = 5,
       "Measured streaming-read bandwidth of all pool threads over a buffer of `mib` MiB, GB/s.");
+  m.def(
+      "fma_work",
+      [](int64_t iters) {
+        if (iters < 1) throw py::value_error("[fma_work] iters must be >= 1");
+        py::gil_scoped_release release;
+        return fma_work(iters);
+      },
+      py::arg("iters"),
+      "Runs `iters` iterations of independent FMA chains on every pool thread; returns the flops.");
+  m.def(
+      "stream_sum",
+      [](py::array_t<float, py::array::c_style> x) {
+        const float* p = x.data();
+        const int64_t n = x.size();
+        py::gil_scoped_release release;
+        return stream_sum(p, n);
+      },
+      py::arg("x"), "Sum of a float32 array, read by every pool thread (a streaming-read probe).");
   m.def(
       "_pool_trace",
       [](int64_t n, int64_t grain) {

@@ -56,6 +56,43 @@ double peak_gflops(double seconds) {
   return best;
 }
 
+double fma_work(int64_t iters) {
+  const ProbeKernels& k = best_probe();
+  struct Ctx {
+    const ProbeKernels* k;
+    int64_t iters;
+  } ctx{&k, iters};
+  const int threads = num_threads();
+  parallel_for_raw(threads, 1, [](void* c, int64_t b, int64_t e) {
+    const auto* p = static_cast<const Ctx*>(c);
+    for (int64_t i = b; i < e; ++i) g_sink = g_sink + p->k->fma_chains(p->iters);
+  }, &ctx);
+  return static_cast<double>(threads) * iters * k.flops_per_iter();
+}
+
+double stream_sum(const float* x, int64_t n) {
+  const ProbeKernels& k = best_probe();
+  constexpr int64_t kChunk = 1 << 16;  // fixed chunks: the result does not depend on threads
+  const int64_t chunks = (n + kChunk - 1) / kChunk;
+  std::unique_ptr<double[]> partial(new double[chunks > 0 ? chunks : 1]);
+  struct Ctx {
+    const ProbeKernels* k;
+    const float* x;
+    int64_t n;
+    double* partial;
+  } ctx{&k, x, n, partial.get()};
+  parallel_for_raw(chunks, 16, [](void* c, int64_t b, int64_t e) {
+    const auto* p = static_cast<const Ctx*>(c);
+    for (int64_t i = b; i < e; ++i) {
+      const int64_t lo = i * kChunk, hi = std::min(p->n, lo + kChunk);
+      p->partial[i] = p->k->sum(p->x + lo, hi - lo);
+    }
+  }, &ctx);
+  double s = 0;
+  for (int64_t i = 0; i < chunks; ++i) s += partial[i];
+  return s;
+}
+
 double memory_bandwidth_gbs(int64_t bytes, int passes) {
   const ProbeKernels& k = best_probe();
   const int64_t n = bytes / static_cast<int64_t>(sizeof(float));

@@ -6,4 +6,8 @@
 namespace ff {
 double peak_gflops(double seconds);
 double memory_bandwidth_gbs(int64_t bytes, int passes);
+// Fixed-work probes for timing from Python: FMA chains of `iters` iterations on every pool
+// thread (returns the flops done), and a parallel sum of n floats (a streaming read).
+double fma_work(int64_t iters);
+double stream_sum(const float* x, int64_t n);
 }  // namespace ff

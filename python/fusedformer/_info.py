@@ -18,7 +18,6 @@ BACKENDS = {
     "coremltools": ("coremltools", "coreml"),
     "transformers": ("transformers", "hf"),
 }
-_DIST_NAMES = {"torch": "torch", "mlx": "mlx", "coremltools": "coremltools", "transformers": "transformers"}
 
 
 def cpu_model() -> str:
@@ -55,6 +54,14 @@ def machine_limits() -> dict:
     }
 
 
+def installed_version(dist: str) -> str | None:
+    """Version of an installed distribution, without importing it (None if absent)."""
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 @functools.lru_cache(maxsize=None)
 def backend_status(name: str) -> dict:
     """{'available': True, 'version': ...} or {'available': False, 'reason': ..., 'install': ...}."""
@@ -66,10 +73,7 @@ def backend_status(name: str) -> dict:
         importlib.import_module(module)
     except Exception as e:  # a broken install must not break ff.info()
         return {"available": False, "reason": f"import failed: {type(e).__name__}: {e}", "install": install}
-    try:
-        version = importlib.metadata.version(_DIST_NAMES[name])
-    except importlib.metadata.PackageNotFoundError:
-        version = getattr(importlib.import_module(module), "__version__", "unknown")
+    version = installed_version(name) or getattr(importlib.import_module(module), "__version__", "unknown")
     return {"available": True, "version": version}
 
 

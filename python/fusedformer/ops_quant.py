@@ -1,5 +1,108 @@
-"""Front of ff.qmatmul (issue: compressed weights)."""
+"""Front of ff.qmatmul: y = x @ W.T for a compressed W (fusedformer.quant.QuantizedWeight).
+
+numpy and torch inputs run the native kernel (W decoded tile by tile inside it); mlx inputs go
+to fusedformer.mlx (lazily imported). x is [..., K] in float32, float16 or bfloat16 (torch);
+the result has x's dtype and shape [..., N].
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ._frameworks import framework_of
+
+_CODES = {"affine": 0, "int8": 1, "lut": 2, "f32": 3}
+
+
+def kernel_args(qw) -> dict:
+    """Keyword arguments of fusedformer._C.qmatmul describing qw (cached on it)."""
+    cached = getattr(qw, "_kernel_args", None)
+    if cached is not None:
+        return cached
+    from .quant import Affine, Int8, Palettize, Prune
+
+    n, k = qw.shape
+    s, a = qw.scheme, qw.arrays
+    inner = s.then if isinstance(s, Prune) else s
+    args = dict(n=n, k=k)
+    if isinstance(s, Prune):
+        args.update(mask=a["mask"], row_offsets=qw.row_offsets())
+    if inner is None:
+        args.update(codes_kind=_CODES["f32"], bits=32, group=1, codes=a["values"])
+    elif isinstance(inner, Affine):
+        args.update(codes_kind=_CODES["affine"], bits=inner.bits, group=inner.group_size,
+                    codes=a["w_q"].view(np.uint8), scales=a["scales"], biases=a["biases"])
+    elif isinstance(inner, Int8):
+        args.update(codes_kind=_CODES["int8"], bits=8, group=1, codes=a["w_q"], scales=a["scales"],
+                    zero_points=a.get("zero_points"))
+    elif isinstance(inner, Palettize):
+        rows_per_lut = n if a["lut"].shape[0] == 1 else inner.group_size
+        args.update(codes_kind=_CODES["lut"], bits=inner.bits, group=rows_per_lut, codes=a["indices"],
+                    lut=a["lut"])
+    qw._kernel_args = args
+    return args
+
+
+def _check(x_shape, qw):
+    from .quant import QuantizedWeight
+
+    if not isinstance(qw, QuantizedWeight):
+        raise TypeError(f"[qmatmul] qw must be a fusedformer.quant.QuantizedWeight, got {type(qw).__name__}")
+    if len(x_shape) < 1 or x_shape[-1] != qw.shape[1]:
+        raise ValueError(f"[qmatmul] x has shape {tuple(x_shape)}, whose last dimension must equal "
+                         f"the weight's K={qw.shape[1]} (weight shape [N, K] = {list(qw.shape)})")
+
+
+def qmatmul_numpy(x: np.ndarray, qw, dtype_code: int | None = None) -> np.ndarray:
+    """Native kernel on a numpy array (float32/float16, or raw bf16 words with dtype_code=2)."""
+    from . import _C
+
+    if dtype_code is None:
+        if x.dtype == np.float32:
+            dtype_code = 0
+        elif x.dtype == np.float16:
+            dtype_code = 1
+        else:
+            raise TypeError(f"[qmatmul] x must be float32 or float16 (numpy), got {x.dtype}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.shape[0] and (x2.strides[-1] != x2.itemsize or x2.strides[0] < x2.shape[1] * x2.itemsize):
+        x2 = np.ascontiguousarray(x2)
+    y = _C.qmatmul(x2, dtype=dtype_code, **kernel_args(qw))
+    return y.reshape(*lead, qw.shape[0])
 
 
 def qmatmul(x, qw):
-    raise NotImplementedError("[qmatmul] the quantized matmul kernels are not built yet")
+    """x @ W.T with W = qw.dequantize() decoded inside the kernel; x's framework and dtype out."""
+    kind = framework_of(x)
+    _check(tuple(x.shape), qw)
+    if kind == "mlx":
+        from .mlx import quant as mlx_quant  # implemented by the MLX integration
+
+        return mlx_quant.qmatmul(x, qw)
+    if kind == "torch":
+        import torch
+
+        if x.requires_grad and torch.is_grad_enabled():
+            from .torch.qmatmul_op import qmatmul_torch
+
+            return qmatmul_torch(x, qw)
+        return qmatmul_tensor(x, qw)
+    return qmatmul_numpy(np.asarray(x), qw)
+
+
+def qmatmul_tensor(x, qw):
+    """The native kernel on a CPU torch tensor (float32, float16 or bfloat16)."""
+    import torch
+
+    codes = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+    if x.dtype not in codes:
+        raise TypeError(f"[qmatmul] x must be float32, float16 or bfloat16, got {x.dtype}")
+    if x.device.type != "cpu":
+        raise ValueError(f"[qmatmul] x must be on the CPU, got {x.device}")
+    xc = x.detach()
+    if xc.dim() and xc.stride(-1) != 1:
+        xc = xc.contiguous()
+    raw = xc.view(torch.int16) if x.dtype == torch.bfloat16 else xc
+    y = torch.from_numpy(qmatmul_numpy(raw.numpy(), qw, codes[x.dtype]))
+    return y.view(torch.bfloat16) if x.dtype == torch.bfloat16 else y

@@ -1,0 +1,101 @@
+"""`fusedformer info | bench <area> | export | verify`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+
+
+def cmd_info(args) -> int:
+    from fusedformer import info
+
+    data = info(measure=not args.no_measure)
+    if args.json:
+        print(json.dumps(data, indent=1))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"fusedformer {data['version']}", show_header=False, title_justify="left")
+    table.add_row("cpu", f"{data['cpu']} ({data['platform']}, {data['cpus_available']} CPUs available)")
+    table.add_row("isa", f"{data['isa']} (compiled: {', '.join(data['isas_compiled'])}; "
+                  f"this CPU: {', '.join(data['isas_supported'])})")
+    table.add_row("threads", str(data["threads"]))
+    if data["limits"]:
+        table.add_row("measured peak", f"{data['limits']['peak_gflops']:.1f} GFLOP/s fp32 FMA")
+        table.add_row("measured bandwidth", f"{data['limits']['bandwidth_gbs']:.1f} GB/s streaming read")
+    for name, st in data["backends"].items():
+        table.add_row(name, st["version"] if st["available"] else f"missing: {st['reason']} — {st['install']}")
+    Console().print(table)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from fusedformer.bench import AREAS
+
+    try:
+        module = importlib.import_module(f"fusedformer.bench.{args.area}")
+    except ModuleNotFoundError as e:
+        if e.name == f"fusedformer.bench.{args.area}":
+            print(f"fusedformer bench {args.area}: not available in this build", file=sys.stderr)
+            return 2
+        raise
+    assert args.area in AREAS
+    report = module.run(args)
+    if report is None:  # the area printed why it could not run
+        return 1
+    report.finish(None if args.no_save else args.out, plot=args.plot)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from fusedformer.bench import AREAS
+
+    parser = argparse.ArgumentParser(prog="fusedformer", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("info", help="version, ISA, threads, measured limits, optional backends")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--no-measure", action="store_true", help="skip the machine-limit probes")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("bench", help="run a benchmark area; prints a table, writes JSON and PNG")
+    areas = p.add_subparsers(dest="area", required=True, metavar="AREA")
+    for area, help_text in AREAS.items():
+        a = areas.add_parser(area, help=help_text, description=help_text)
+        a.add_argument("--quick", action="store_true", help="smaller shapes, for a fast look")
+        a.add_argument("--out", default="benchmarks/results", help="directory for JSON and PNG")
+        a.add_argument("--budget", type=float, default=1.0, help="seconds of timed runs per row")
+        a.add_argument("--no-plot", dest="plot", action="store_false", help="skip the PNG")
+        a.add_argument("--no-save", action="store_true", help="print only, write nothing")
+        try:
+            module = importlib.import_module(f"fusedformer.bench.{area}")
+        except ModuleNotFoundError:
+            continue
+        if hasattr(module, "add_arguments"):
+            module.add_arguments(a)
+    p.set_defaults(func=cmd_bench)
+
+    try:
+        from fusedformer.coreml import cli as coreml_cli
+    except ImportError:
+        coreml_cli = None
+    if coreml_cli is not None:
+        p = sub.add_parser("export", help="export a model to a Core ML package")
+        coreml_cli.add_export_arguments(p)
+        p.set_defaults(func=coreml_cli.run_export)
+        p = sub.add_parser("verify", help="run an exported Core ML program with the MIL reference interpreter")
+        coreml_cli.add_verify_arguments(p)
+        p.set_defaults(func=coreml_cli.run_verify)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

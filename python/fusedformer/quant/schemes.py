@@ -1,0 +1,104 @@
+"""Compression schemes: small validated value objects, serialisable to JSON-able dicts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+def _fail(msg: str):
+    raise ValueError(f"[quant] {msg}")
+
+
+@dataclass(frozen=True)
+class Affine:
+    """MLX affine quantization: groups of ``group_size`` along K, w = scale * q + bias."""
+
+    bits: int = 4
+    group_size: int = 64
+
+    BITS = (2, 3, 4, 5, 6, 8)
+    GROUP_SIZES = (32, 64, 128)
+
+    def __post_init__(self):
+        if self.bits not in self.BITS:
+            _fail(f"Affine bits={self.bits!r} is not supported; use one of {self.BITS}")
+        if self.group_size not in self.GROUP_SIZES:
+            _fail(f"Affine group_size={self.group_size!r} is not supported; use one of {self.GROUP_SIZES}")
+
+    def to_json(self) -> dict:
+        return {"format": "affine", "bits": self.bits, "group_size": self.group_size}
+
+
+@dataclass(frozen=True)
+class Int8:
+    """Per-output-channel int8 (Core ML linear_symmetric): w = (q - zero_point) * scale."""
+
+    zero_point: bool = False
+
+    def to_json(self) -> dict:
+        return {"format": "int8", "zero_point": self.zero_point}
+
+
+@dataclass(frozen=True)
+class Palettize:
+    """k-means palettization: w = lut[group of the row][index]; bits-wide indices."""
+
+    bits: int = 4
+    granularity: str = "per_tensor"
+    group_size: int = 16
+
+    BITS = (1, 2, 3, 4, 6, 8)
+    GRANULARITIES = ("per_tensor", "per_grouped_channel")
+
+    def __post_init__(self):
+        if self.bits not in self.BITS:
+            _fail(f"Palettize bits={self.bits!r} is not supported; use one of {self.BITS}")
+        if self.granularity not in self.GRANULARITIES:
+            _fail(f"Palettize granularity={self.granularity!r}; use one of {self.GRANULARITIES}")
+        if not isinstance(self.group_size, int) or self.group_size < 1:
+            _fail(f"Palettize group_size={self.group_size!r} must be a positive integer")
+
+    def to_json(self) -> dict:
+        return {"format": "palettize", "bits": self.bits, "granularity": self.granularity,
+                "group_size": self.group_size}
+
+
+@dataclass(frozen=True)
+class Prune:
+    """Magnitude pruning (unstructured, or n:m along K), optionally quantizing the survivors."""
+
+    sparsity: float = 0.5
+    then: Affine | Palettize | None = None
+    n_m: tuple[int, int] | None = None
+
+    def __post_init__(self):
+        if self.n_m is not None:
+            n, m = self.n_m
+            if not (0 < n < m <= 16):
+                _fail(f"Prune n_m={self.n_m!r} must satisfy 0 < n < m <= 16 (e.g. (2, 4))")
+            object.__setattr__(self, "n_m", (int(n), int(m)))
+            object.__setattr__(self, "sparsity", 1.0 - n / m)
+        if not (0.0 <= float(self.sparsity) < 1.0):
+            _fail(f"Prune sparsity={self.sparsity!r} must lie in [0, 1)")
+        if self.then is not None and not isinstance(self.then, (Affine, Palettize)):
+            _fail(f"Prune then={self.then!r} must be None, an Affine or a Palettize")
+
+    def to_json(self) -> dict:
+        return {"format": "prune", "sparsity": float(self.sparsity),
+                "n_m": list(self.n_m) if self.n_m else None,
+                "then": self.then.to_json() if self.then is not None else None}
+
+
+def scheme_from_json(d: dict):
+    fmt = d.get("format")
+    if fmt == "affine":
+        return Affine(d["bits"], d["group_size"])
+    if fmt == "int8":
+        return Int8(d.get("zero_point", False))
+    if fmt == "palettize":
+        return Palettize(d["bits"], d["granularity"], d["group_size"])
+    if fmt == "prune":
+        then = scheme_from_json(d["then"]) if d.get("then") else None
+        n_m = tuple(d["n_m"]) if d.get("n_m") else None
+        return Prune(d["sparsity"], then, n_m)
+    _fail(f"unknown scheme format {fmt!r}")

@@ -1,0 +1,278 @@
+"""QuantizedWeight: one compressed W [N, K] (y = x @ W.T), its canonical arrays, and compress()."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from . import algorithms as alg
+from .packing import pack_bits, unpack_bits
+from .schemes import Affine, Int8, Palettize, Prune, scheme_from_json
+
+
+def _fail(msg: str):
+    raise ValueError(f"[quant] {msg}")
+
+
+def _to_numpy_f32(w) -> np.ndarray:
+    mod = type(w).__module__
+    if mod.startswith("torch"):
+        w = w.detach().to("cpu").float().numpy()
+    elif mod.startswith("mlx"):
+        import mlx.core as mx
+
+        w = np.array(w.astype(mx.float32))
+    return np.ascontiguousarray(np.asarray(w, dtype=np.float32))
+
+
+def _lut_groups(scheme: Palettize, n: int) -> int:
+    if scheme.granularity == "per_tensor":
+        return 1
+    if n % scheme.group_size:
+        _fail(f"Palettize per_grouped_channel group_size={scheme.group_size} does not divide "
+              f"the {n} output channels")
+    return n // scheme.group_size
+
+
+def _names(scheme) -> tuple[str, ...]:
+    """Canonical array names, in the order of to_op_args() and of the kernels' arguments."""
+    if isinstance(scheme, Affine):
+        return ("w_q", "scales", "biases")
+    if isinstance(scheme, Int8):
+        return ("w_q", "scales", "zero_points") if scheme.zero_point else ("w_q", "scales")
+    if isinstance(scheme, Palettize):
+        return ("indices", "lut")
+    inner = scheme.then
+    if inner is None:
+        return ("mask", "values")
+    return ("mask",) + _names(inner)
+
+
+class QuantizedWeight:
+    """A compressed weight W [N, K]; see fusedformer.quant for the layout of each format."""
+
+    def __init__(self, scheme, shape, arrays: dict[str, np.ndarray]):
+        self.scheme = scheme
+        self.shape = (int(shape[0]), int(shape[1]))
+        names = _names(scheme)
+        missing = [n for n in names if n not in arrays]
+        if missing:
+            _fail(f"{type(scheme).__name__} weight is missing arrays {missing}")
+        self.arrays = {n: np.ascontiguousarray(arrays[n]) for n in names}
+        self._row_offsets = None
+
+    # -- views -------------------------------------------------------------------------
+    @property
+    def format(self) -> str:
+        return self.scheme.to_json()["format"]
+
+    @property
+    def nbytes(self) -> int:
+        return int(sum(a.nbytes for a in self.arrays.values()))
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Storage bits per weight, including scales, biases, LUTs and masks."""
+        return 8.0 * self.nbytes / (self.shape[0] * self.shape[1])
+
+    @property
+    def nnz(self) -> int:
+        if not isinstance(self.scheme, Prune):
+            return self.shape[0] * self.shape[1]
+        return int(self.mask().sum())
+
+    def mask(self) -> np.ndarray:
+        """bool [N, K] of the kept entries (all True for the dense formats)."""
+        if not isinstance(self.scheme, Prune):
+            return np.ones(self.shape, bool)
+        return unpack_bits(self.arrays["mask"], 1, self.shape[1]).astype(bool)
+
+    def row_offsets(self) -> np.ndarray:
+        """int64 [N + 1]: where each row's survivors start in the packed stream (Prune)."""
+        if self._row_offsets is None:
+            counts = self.mask().sum(1) if isinstance(self.scheme, Prune) else np.full(self.shape[0], self.shape[1])
+            self._row_offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        return self._row_offsets
+
+    def codes(self) -> np.ndarray:
+        """The integer codes: affine q / int8 q / LUT indices as [N, K] (dense formats) or the
+        survivors' codes as [nnz] (Prune with then=...)."""
+        n, k = self.shape
+        s, a = self.scheme, self.arrays
+        if isinstance(s, Affine):
+            return unpack_bits(a["w_q"].view(np.uint8).reshape(n, -1), s.bits, k)
+        if isinstance(s, Int8):
+            return a["w_q"]
+        if isinstance(s, Palettize):
+            return unpack_bits(a["indices"], s.bits, k)
+        inner = s.then
+        stream = a["w_q"] if isinstance(inner, Affine) else a["indices"]
+        return unpack_bits(stream, inner.bits, self.nnz)
+
+    # -- values ------------------------------------------------------------------------
+    def dequantize(self) -> np.ndarray:
+        """W as float32 [N, K], exactly the values every backend computes with."""
+        n, k = self.shape
+        s, a = self.scheme, self.arrays
+        if isinstance(s, Affine):
+            return alg.affine_dequantize(self.codes(), a["scales"], a["biases"], s.group_size)
+        if isinstance(s, Int8):
+            return alg.int8_dequantize(a["w_q"], a["scales"], a.get("zero_points"))
+        if isinstance(s, Palettize):
+            return self._lut_values(self.codes(), np.arange(n)[:, None], s)
+        keep = self.mask()
+        out = np.zeros((n, k), np.float32)
+        inner = s.then
+        if inner is None:
+            out[keep] = a["values"]
+            return out
+        rows, cols = np.nonzero(keep)
+        codes = self.codes()
+        if isinstance(inner, Affine):
+            g = cols // inner.group_size
+            out[keep] = a["scales"][rows, g] * codes.astype(np.float32) + a["biases"][rows, g]
+        else:
+            out[keep] = self._lut_values(codes, rows, inner)
+        return out
+
+    def _lut_values(self, codes, rows, scheme: Palettize):
+        lut = self.arrays["lut"]
+        group = 0 if lut.shape[0] == 1 else rows // scheme.group_size
+        return lut[group, codes].astype(np.float32)
+
+    def snr_db(self, w) -> float:
+        """Signal-to-noise ratio of the compressed weight against the original, in dB."""
+        w = _to_numpy_f32(w).astype(np.float64)
+        err = np.sum((w - self.dequantize()) ** 2)
+        return float("inf") if err == 0 else float(10 * np.log10(np.sum(w**2) / err))
+
+    def to_mlx(self):
+        """Affine: (w_q uint32, scales, biases) for mx.quantized_matmul / mx.dequantize with
+        group_size and bits of the scheme. Other formats: their canonical arrays as mx arrays."""
+        import mlx.core as mx
+
+        return tuple(mx.array(a) for a in self.arrays.values())
+
+    # -- serialisation -----------------------------------------------------------------
+    def meta(self) -> dict:
+        return {"scheme": self.scheme.to_json(), "shape": list(self.shape)}
+
+    def to_op_args(self) -> tuple[list[np.ndarray], str]:
+        """(parts in canonical order, JSON meta) for fusedformer::qmatmul."""
+        return list(self.arrays.values()), json.dumps(self.meta(), sort_keys=True)
+
+    @classmethod
+    def from_op_args(cls, parts, meta: str) -> "QuantizedWeight":
+        m = json.loads(meta)
+        scheme = scheme_from_json(m["scheme"])
+        names = _names(scheme)
+        if len(parts) != len(names):
+            _fail(f"{m['scheme']['format']} weight takes {len(names)} arrays {names}, got {len(parts)}")
+        return cls(scheme, m["shape"], {n: _to_numpy(p) for n, p in zip(names, parts)})
+
+    def to_dict(self, prefix: str = "") -> dict[str, np.ndarray]:
+        """Arrays only (safetensors-compatible): the canonical arrays plus ``meta`` (the JSON
+        of scheme and shape as uint8 bytes)."""
+        parts, meta = self.to_op_args()
+        d = {prefix + n: a for n, a in self.arrays.items()}
+        d[prefix + "meta"] = np.frombuffer(meta.encode(), dtype=np.uint8).copy()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict, prefix: str = "") -> "QuantizedWeight":
+        meta = bytes(_to_numpy(d[prefix + "meta"]).astype(np.uint8)).decode()
+        scheme = scheme_from_json(json.loads(meta)["scheme"])
+        return cls.from_op_args([d[prefix + n] for n in _names(scheme)], meta)
+
+    def __repr__(self) -> str:
+        return (f"QuantizedWeight({self.scheme}, shape={self.shape}, "
+                f"{self.bits_per_weight:.3f} bits/weight)")
+
+
+def _to_numpy(a) -> np.ndarray:
+    mod = type(a).__module__
+    if mod.startswith("torch"):
+        return a.detach().cpu().numpy()
+    if mod.startswith("mlx"):
+        return np.array(a)
+    return np.asarray(a)
+
+
+# -- compress ---------------------------------------------------------------------------
+def compress(w, scheme) -> QuantizedWeight:
+    """Compresses W [N, K] (numpy, torch or mlx; any float dtype) with ``scheme``."""
+    if not isinstance(scheme, (Affine, Int8, Palettize, Prune)):
+        raise TypeError(f"[quant] scheme must be Affine, Int8, Palettize or Prune, got {type(scheme).__name__}")
+    w = _to_numpy_f32(w)
+    if w.ndim != 2 or w.size == 0:
+        _fail(f"the weight must be a non-empty 2-D [N, K] array, got shape {w.shape}")
+    if not np.isfinite(w).all():
+        bad = int(np.size(w) - np.isfinite(w).sum())
+        _fail(f"the weight has {bad} NaN/inf entries; compress finite weights only")
+    n, k = w.shape
+    if isinstance(scheme, Prune):
+        return _compress_pruned(w, scheme)
+    if isinstance(scheme, Affine):
+        _check_groups(k, scheme.group_size)
+        q, scales, biases = alg.affine_quantize(w, scheme.bits, scheme.group_size)
+        w_q = pack_bits(q, scheme.bits).view(np.uint32)
+        return QuantizedWeight(scheme, w.shape, {"w_q": w_q, "scales": scales, "biases": biases})
+    if isinstance(scheme, Int8):
+        q, scales, zp = alg.int8_quantize(w, scheme.zero_point)
+        arrays = {"w_q": q, "scales": scales}
+        if zp is not None:
+            arrays["zero_points"] = zp
+        return QuantizedWeight(scheme, w.shape, arrays)
+    _check_k8(k, "Palettize")
+    lut, idx = _palettize(w.ravel(), np.arange(n + 1) * k, scheme)
+    return QuantizedWeight(scheme, w.shape, {"indices": pack_bits(idx.reshape(n, k), scheme.bits), "lut": lut})
+
+
+def _check_groups(k: int, group_size: int):
+    if k % group_size:
+        _fail(f"K={k} is not divisible by the group size {group_size}")
+
+
+def _check_k8(k: int, what: str):
+    if k % 8:
+        _fail(f"{what} needs K divisible by 8 (packed rows), got K={k}")
+
+
+def _palettize(values: np.ndarray, row_offsets: np.ndarray, scheme: Palettize):
+    """k-means LUT per group of rows over a row-major flat stream of values.
+
+    row_offsets [N + 1] delimits each row's values. Returns (lut [G, 2**bits], indices uint8
+    like values)."""
+    n = row_offsets.size - 1
+    groups = _lut_groups(scheme, n)
+    rows_per_group = n // groups
+    lut = np.zeros((groups, 1 << scheme.bits), np.float32)
+    idx = np.zeros(values.shape, np.uint8)
+    for g in range(groups):
+        lo, hi = row_offsets[g * rows_per_group], row_offsets[(g + 1) * rows_per_group]
+        lut[g] = alg.kmeans_lut(values[lo:hi], scheme.bits)
+        idx[lo:hi] = alg.lut_assign(values[lo:hi], lut[g])
+    return lut, idx
+
+
+def _compress_pruned(w, scheme: Prune) -> QuantizedWeight:
+    n, k = w.shape
+    _check_k8(k, "Prune")
+    if scheme.n_m is not None and k % scheme.n_m[1]:
+        _fail(f"K={k} is not divisible by m={scheme.n_m[1]} of n:m pruning")
+    keep = alg.magnitude_mask(w, scheme.sparsity, scheme.n_m)
+    arrays = {"mask": pack_bits(keep.astype(np.uint8), 1)}
+    inner = scheme.then
+    survivors = w[keep]
+    if inner is None:
+        arrays["values"] = survivors.astype(np.float32)
+    elif isinstance(inner, Affine):
+        _check_groups(k, inner.group_size)
+        q, scales, biases = alg.affine_quantize(w, inner.bits, inner.group_size, keep=keep)
+        arrays.update(w_q=pack_bits(q[keep], inner.bits), scales=scales, biases=biases)
+    else:
+        offsets = np.concatenate([[0], np.cumsum(keep.sum(1))])
+        lut, idx = _palettize(survivors, offsets, inner)
+        arrays.update(indices=pack_bits(idx, inner.bits), lut=lut)
+    return QuantizedWeight(scheme, w.shape, arrays)

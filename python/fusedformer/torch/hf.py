@@ -1,0 +1,105 @@
+"""Hugging Face transformers integration: an attention function registered as "fusedformer".
+
+What transformers (5.x) passes to an attention function, and how it maps onto ff.sdpa:
+- query [B, Hq, Lq, D], key/value [B, Hkv, Lk, D] (GQA un-repeated: the fused op shares K/V
+  tiles across the group itself);
+- attention_mask: None, or a 4-D mask built by transformers' sdpa mask function (bool, True =
+  attend, or additive float), already holding causality, padding and sliding windows; with None
+  the call is causal iff ``is_causal`` (or the module's ``is_causal``) and Lq > 1. When a static
+  cache passes more keys than queries with no mask (an empty-cache prefill), transformers means
+  top-left causality, so the keys beyond Lq are dropped, as its own sdpa function does;
+- scaling: the softmax scale; dropout: applied only in training (then torch's function runs);
+- sliding_window: already in the mask, so it is not applied twice;
+- softcap, position_bias, attention sinks, paged caches: not supported: torch's function runs.
+Returns (output [B, Lq, Hq, D] contiguous, None), as transformers expects.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fusedformer.torch.routing import AttentionStats, fused_sdpa, unsupported_reason
+
+NAME = "fusedformer"
+_UNSUPPORTED_KWARGS = ("softcap", "position_bias", "s_aux", "sinks", "cache")
+_registered = False
+
+
+def stats_of(module) -> AttentionStats:
+    """The stats object optimize() attached to this attention module (a shared default otherwise)."""
+    stats = getattr(module, "_fusedformer_stats", None)
+    return stats if stats is not None else DEFAULT_STATS
+
+
+DEFAULT_STATS = AttentionStats()
+
+
+def fusedformer_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs,
+):
+    stats = stats_of(module)
+    reason = unsupported_reason(query, key, value, attention_mask, dropout=dropout if module.training else 0.0)
+    if reason is None:
+        extra = [k for k in _UNSUPPORTED_KWARGS if kwargs.get(k) is not None]
+        if extra:
+            reason = f"unsupported argument {extra[0]}"
+        elif kwargs.get("output_attentions"):
+            reason = "output_attentions"
+    if reason is not None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        stats.record(reason)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+        )
+
+    q_len, kv_len = query.shape[2], key.shape[2]
+    is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    causal = bool(is_causal) and attention_mask is None and q_len > 1
+    if causal and kv_len > q_len:
+        key, value = key[:, :, :q_len], value[:, :, :q_len]
+    stats.record(None)
+    out = fused_sdpa(query, key, value, attention_mask, causal=causal, scale=scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register() -> None:
+    """Registers the attention function (and transformers' sdpa mask builder) as "fusedformer"."""
+    global _registered
+    if _registered:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(NAME, fusedformer_attention_forward)
+    AttentionMaskInterface.register(NAME, sdpa_mask)
+    _registered = True
+
+
+def is_hf_model(model) -> bool:
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:
+        return False
+    return isinstance(model, PreTrainedModel)
+
+
+def use_fused_attention(model, stats: AttentionStats) -> list[str]:
+    """Sets "fusedformer" as the attention implementation of an HF model; returns the names of
+    the attention modules that will report to ``stats``."""
+    register()
+    model.set_attn_implementation(NAME)
+    names = []
+    for name, module in model.named_modules():
+        if hasattr(module, "is_causal") or type(module).__name__.endswith("Attention"):
+            module._fusedformer_stats = stats
+            names.append(name)
+    return names

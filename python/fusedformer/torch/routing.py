@@ -1,0 +1,63 @@
+"""Routing torch attention calls to the fused op, and counting what could not be routed.
+
+Every integration (the Hugging Face attention function, the F.scaled_dot_product_attention
+mode, the swapped nn.MultiheadAttention) asks `unsupported_reason` first: a call the fused op
+cannot serve exactly (dropout while training, a gradient to compute, a device other than the
+CPU, an unsupported dtype...) runs torch's own op instead and is counted under its reason in an
+`AttentionStats`, so nothing falls back silently.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+
+import torch
+
+import fusedformer.torch.attention_op  # noqa: F401  (registers torch.ops.fusedformer.sdpa)
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class AttentionStats:
+    """Counts attention calls served by the fused op and fallbacks to torch by reason."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.fused = 0
+        self.fallbacks: collections.Counter[str] = collections.Counter()
+
+    def record(self, reason: str | None) -> None:
+        with self._lock:
+            if reason is None:
+                self.fused += 1
+            else:
+                self.fallbacks[reason] += 1
+
+    @property
+    def total(self) -> int:
+        return self.fused + sum(self.fallbacks.values())
+
+    def __repr__(self) -> str:
+        fb = ", ".join(f"{r}: {n}" for r, n in self.fallbacks.most_common()) or "none"
+        return f"AttentionStats(fused={self.fused}, fallbacks: {fb})"
+
+
+def unsupported_reason(*tensors: torch.Tensor | None, dropout: float = 0.0) -> str | None:
+    """Why the fused op cannot serve this call (None if it can)."""
+    present = [t for t in tensors if t is not None]
+    if dropout > 0:
+        return "dropout > 0"
+    if any(t.device.type != "cpu" for t in present):
+        return f"device {next(t.device for t in present if t.device.type != 'cpu')}"
+    for t in present[:3]:
+        if t.dtype not in SUPPORTED_DTYPES:
+            return f"dtype {t.dtype}"
+    if torch.is_grad_enabled() and any(t.requires_grad for t in present):
+        return "gradient required (fused backward not implemented)"
+    return None
+
+
+def fused_sdpa(q, k, v, mask=None, *, causal=False, scale=None, window=None) -> torch.Tensor:
+    """torch.ops.fusedformer.sdpa with fusedformer semantics (bottom-right causal)."""
+    return torch.ops.fusedformer.sdpa(q, k, v, mask, causal, scale, window)

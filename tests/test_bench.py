@@ -1,0 +1,79 @@
+"""The benchmark harness: timing logic, derived figures, the JSON schema, the plot."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fusedformer.bench import Report, Timing, measure
+from fusedformer.bench.report import validate
+
+MACHINE = {
+    "cpu": "test cpu",
+    "platform": "Linux x86_64",
+    "cpus_available": 2,
+    "threads": 2,
+    "isa": "avx2",
+    "isas_compiled": ["generic", "avx2"],
+    "limits": {"peak_gflops": 100.0, "bandwidth_gbs": 20.0, "threads": 2},
+    "versions": {"fusedformer": "0"},
+    "git_commit": None,
+    "date": "2026-01-01T00:00:00+00:00",
+}
+
+
+def test_measure_respects_run_bounds():
+    calls = []
+    t = measure(lambda: calls.append(1), warmup=3, min_runs=4, max_runs=4, budget_s=100)
+    assert t.runs == 4 and len(calls) == 7
+    t = measure(lambda: None, warmup=0, min_runs=2, max_runs=50, budget_s=0.0)
+    assert t.runs == 2
+    assert t.min_ms <= t.median_ms <= t.max_ms
+
+
+def test_measure_calls_sync_with_the_result():
+    seen = []
+    measure(lambda: "result", warmup=1, min_runs=2, max_runs=2, sync=seen.append)
+    assert seen == ["result"] * 3
+
+
+def test_measure_rejects_bad_bounds():
+    with pytest.raises(ValueError, match=r"\[bench\]"):
+        measure(lambda: None, min_runs=5, max_runs=2)
+
+
+def test_report_derives_figures_and_ratios(tmp_path):
+    rep = Report("unit", machine=MACHINE)
+    rep.add(case="c", impl="base", timing=Timing(10.0, 9.0, 12.0, 5), flops=1e9, bytes=1e8)
+    row = rep.add(case="c", impl="ours", timing=Timing(2.0, 1.5, 3.0, 7), flops=1e9, bytes=1e8, baseline="base",
+                  tokens_per_s=123.0)
+    assert row.gflops == pytest.approx(500.0)
+    assert row.pct_peak == pytest.approx(500.0)
+    assert row.gbs == pytest.approx(50.0)
+    assert row.pct_bandwidth == pytest.approx(250.0)
+    assert row.ratio == pytest.approx(0.2)
+    assert rep.rows[0].ratio is None
+    paths = rep.finish(tmp_path)
+    data = json.loads(paths["json"].read_text())
+    validate(data)
+    assert data["rows"][1]["extra"] == {"tokens_per_s": 123.0}
+    assert paths["png"].stat().st_size > 1000
+
+
+def test_validate_rejects_broken_reports():
+    rep = Report("unit", machine=MACHINE)
+    rep.add(case="c", impl="x", timing=Timing(1.0, 1.0, 1.0, 1))
+    good = rep.to_dict()
+    validate(good)
+    for mutate in (
+        lambda d: d.update(schema="other"),
+        lambda d: d.pop("machine"),
+        lambda d: d["rows"][0].pop("median_ms"),
+        lambda d: d["rows"][0].update(runs="many"),
+        lambda d: d["machine"].pop("limits"),
+    ):
+        bad = json.loads(json.dumps(good))
+        mutate(bad)
+        with pytest.raises(ValueError, match=r"\[bench\]"):
+            validate(bad)

@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+import fusedformer as ff
+from fusedformer import _C
+
+
+def test_info_content():
+    data = ff.info(measure=False)
+    assert data["version"] == ff.__version__
+    assert data["isa"] == _C.isa()
+    assert data["isa"] in data["isas_supported"]
+    assert set(data["isas_supported"]) <= set(data["isas_compiled"])
+    assert data["threads"] == _C.num_threads() >= 1
+    assert data["limits"] is None
+    assert set(data["backends"]) == {"torch", "mlx", "coremltools", "transformers"}
+    for name, status in data["backends"].items():
+        if status["available"]:
+            assert status["version"], name
+        else:
+            assert status["reason"] and status["install"].startswith("pip install"), name
+
+
+def test_info_measures_limits_once():
+    a = ff.info()["limits"]
+    b = ff.info()["limits"]
+    assert a is b or a == b  # cached
+    assert a["peak_gflops"] > 0 and a["bandwidth_gbs"] > 0
+
+
+def test_missing_backend_says_how_to_install(monkeypatch):
+    from fusedformer import _info
+
+    _info.backend_status.cache_clear()
+    monkeypatch.setitem(_info.BACKENDS, "torch", ("definitely_not_a_module_xyz", "torch"))
+    try:
+        status = _info.backend_status("torch")
+        assert status == {
+            "available": False,
+            "reason": "not installed",
+            "install": "pip install 'fusedformer[torch]'",
+        }
+    finally:
+        _info.backend_status.cache_clear()
+
+
+def test_lazy_submodules():
+    assert ff.reference.sdpa is not None
+    import pytest
+
+    with pytest.raises(AttributeError):
+        ff.not_a_thing  # noqa: B018

@@ -1,0 +1,42 @@
+"""Machine-limit probes return plausible numbers; the fixed-work probes do the work they claim."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fusedformer import _C
+
+
+def test_peak_gflops_plausible():
+    g = _C.peak_gflops(seconds=0.05)
+    # one scalar core manages ~1 GFLOP/s; no CPU this runs on does 100 TFLOP/s fp32
+    assert 0.5 < g < 1e5
+
+
+def test_memory_bandwidth_plausible():
+    bw = _C.memory_bandwidth(mib=64, passes=2)
+    assert 0.2 < bw < 1e4
+
+
+def test_fma_work_counts_flops():
+    per_iter = _C.fma_work(1)
+    assert per_iter == _C.num_threads() * 12 * 8 * 2
+    assert _C.fma_work(1000) == 1000 * per_iter
+
+
+def test_stream_sum_matches_numpy(rng):
+    for n in (1, 7, 31, 33, 65537, 200003):
+        x = rng.standard_normal(n).astype(np.float32)
+        assert _C.stream_sum(x) == pytest.approx(float(x.astype(np.float64).sum()), rel=1e-4, abs=1e-3)
+
+
+@pytest.mark.parametrize("bad", [dict(seconds=0.0), dict(seconds=-1.0), dict(seconds=1e9)])
+def test_peak_rejects_bad_duration(bad):
+    with pytest.raises(ValueError, match=r"\[peak_gflops\]"):
+        _C.peak_gflops(**bad)
+
+
+def test_bandwidth_rejects_bad_size():
+    with pytest.raises(ValueError, match=r"\[memory_bandwidth\]"):
+        _C.memory_bandwidth(mib=0)

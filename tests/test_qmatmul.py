@@ -1,0 +1,127 @@
+"""ff.qmatmul kernels against x @ W.T with W = qw.dequantize(), in float64: this measures the
+kernel arithmetic only (quantization error is tested in test_quant.py)."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+
+import fusedformer as ff
+from fusedformer import reference
+from fusedformer.quant import Affine, Int8, Palettize, Prune, compress
+
+from conftest import require
+
+SCHEMES = [
+    *(Affine(b, g) for b, g in [(2, 32), (3, 64), (4, 64), (4, 32), (5, 32), (6, 128), (8, 64)]),
+    Int8(),
+    Int8(zero_point=True),
+    *(Palettize(b) for b in (1, 2, 3, 4, 6, 8)),
+    Palettize(4, "per_grouped_channel", 1),
+    Palettize(3, "per_grouped_channel", 7),
+    Prune(0.5),
+    Prune(n_m=(2, 4)),
+    Prune(0.6, then=Affine(4, 32)),
+    Prune(0.5, then=Palettize(4)),
+    Prune(n_m=(2, 4), then=Palettize(2, "per_grouped_channel", 7)),
+]
+N, K = 77, 256  # odd N, several K chunks of the GEMV decode (and a partial GEMM panel)
+TOL = {"float32": 2e-6, "float16": 2e-3, "bfloat16": 1.6e-2}
+
+
+@functools.lru_cache(maxsize=None)
+def weight(scheme):
+    rng = np.random.default_rng(abs(hash(repr(scheme))) % 2**32)
+    w = (rng.standard_normal((N, K)) * 0.05).astype(np.float32)
+    return compress(w, scheme)
+
+
+def check(y, x, qw, dtype="float32"):
+    ref = reference.matmul_t(np.asarray(x, np.float64), qw.dequantize().astype(np.float64))
+    y = np.asarray(y, np.float64)
+    assert y.shape == ref.shape
+    assert np.isfinite(y).all()
+    scale = np.abs(np.asarray(x, np.float64)).sum(-1, keepdims=True) * np.abs(qw.dequantize()).max()
+    err = np.abs(y - ref) / scale
+    assert err.max() <= TOL[dtype], err.max()
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 7, 8, 33, 512])
+@pytest.mark.parametrize("scheme", SCHEMES, ids=repr)
+def test_qmatmul_all_formats(scheme, m, isa, threads, rng):
+    qw = weight(scheme)
+    x = rng.standard_normal((m, K)).astype(np.float32)
+    x_copy = x.copy()
+    check(ff.qmatmul(x, qw), x, qw)
+    np.testing.assert_array_equal(x, x_copy)
+
+
+@pytest.mark.parametrize("k", [8, 40, 33, 1])
+@pytest.mark.parametrize("m", [1, 9])
+def test_int8_odd_k(k, m, isa, rng):
+    w = rng.standard_normal((13, k)).astype(np.float32)
+    qw = compress(w, Int8(zero_point=True))
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    check(ff.qmatmul(x, qw), x, qw)
+
+
+@pytest.mark.parametrize("m", [1, 3, 20])
+def test_thread_count_does_not_change_results(m, isa, rng):
+    from conftest import kernel_config
+
+    qw = weight(Affine(4, 64))
+    x = rng.standard_normal((m, K)).astype(np.float32)
+    with kernel_config(threads=1):
+        y1 = ff.qmatmul(x, qw)
+    with kernel_config(threads=2):
+        y2 = ff.qmatmul(x, qw)
+    np.testing.assert_array_equal(y1, y2)
+
+
+@pytest.mark.parametrize("m", [1, 5, 40])
+def test_float16_and_batched_input(m, isa, rng):
+    qw = weight(Affine(4, 32))
+    x = rng.standard_normal((2, m, K)).astype(np.float16)
+    y = ff.qmatmul(x, qw)
+    assert y.dtype == np.float16 and y.shape == (2, m, N)
+    check(y.reshape(-1, N), x.reshape(-1, K).astype(np.float32), qw, "float16")
+
+
+def test_strided_rows(rng):
+    qw = weight(Palettize(4))
+    x = rng.standard_normal((9, 2 * K)).astype(np.float32)[:, ::2]
+    check(ff.qmatmul(x, qw), x, qw)
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("m", [1, 17])
+def test_torch_dtypes(dtype, m, isa, rng):
+    torch = require("torch")
+    qw = weight(Int8())
+    x = torch.from_numpy(rng.standard_normal((m, K)).astype(np.float32)).to(getattr(torch, dtype))
+    y = ff.qmatmul(x, qw)
+    assert isinstance(y, torch.Tensor) and y.dtype == x.dtype
+    check(y.float().numpy(), x.float().numpy(), qw, dtype)
+
+
+def test_bad_input(rng):
+    qw = weight(Affine(4, 64))
+    with pytest.raises(ValueError, match=r"\[qmatmul\].*K=256"):
+        ff.qmatmul(np.zeros((2, 100), np.float32), qw)
+    with pytest.raises(TypeError, match=r"\[qmatmul\]"):
+        ff.qmatmul(np.zeros((2, K), np.float64), qw)
+    with pytest.raises(TypeError, match=r"\[qmatmul\] qw"):
+        ff.qmatmul(np.zeros((2, K), np.float32), np.zeros((N, K)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scheme", [Affine(4, 64), Int8(), Palettize(4), Prune(0.5, then=Affine(4, 64))], ids=repr)
+@pytest.mark.parametrize("m", [1, 8, 300])
+def test_large_shapes(scheme, m, rng):
+    w = (rng.standard_normal((1031, 2048)) * 0.02).astype(np.float32)
+    qw = compress(w, scheme)
+    x = rng.standard_normal((m, 2048)).astype(np.float32)
+    check(ff.qmatmul(x, qw), x, qw)

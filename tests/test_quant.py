@@ -1,0 +1,191 @@
+"""fusedformer.quant: formats, quantization error, MLX bit identity, k-means vs coremltools,
+serialisation and bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fusedformer.quant import (Affine, Int8, Palettize, Prune, QuantizedWeight, compress, pack_bits,
+                               unpack_bits)
+
+from conftest import require
+
+
+def gaussian(rng, shape=(96, 256), std=0.02):
+    return (rng.standard_normal(shape) * std).astype(np.float32)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 7, 8])
+def test_pack_roundtrip(bits, rng):
+    q = rng.integers(0, 1 << bits, size=(5, 48)).astype(np.uint8)
+    packed = pack_bits(q, bits)
+    assert packed.shape == (5, 48 * bits // 8)
+    np.testing.assert_array_equal(unpack_bits(packed, bits, 48), q)
+
+
+# minimum SNR (dB) on a Gaussian weight and the storage bits per weight (all arrays counted)
+SNR = [
+    (Affine(2, 64), 8, 3.0), (Affine(3, 64), 14, 4.0), (Affine(4, 64), 20, 5.0), (Affine(4, 32), 21, 6.0),
+    (Affine(5, 64), 26, 6.0), (Affine(6, 64), 32, 7.0), (Affine(8, 128), 43, 8.5),
+    (Int8(), 40, 8 + 32 / 256), (Int8(zero_point=True), 40, 8 + 40 / 256),
+    (Palettize(1), 4, None), (Palettize(2), 9, None), (Palettize(3), 14, None), (Palettize(4), 20, None),
+    (Palettize(6), 31, None), (Palettize(8), 43, None), (Palettize(4, "per_grouped_channel", 16), 20, None),
+    (Prune(0.5), 10, None), (Prune(n_m=(2, 4)), 8, None), (Prune(0.5, then=Affine(4, 64)), 9.5, None),
+    (Prune(0.5, then=Palettize(4)), 9.5, None),
+]
+
+
+@pytest.mark.parametrize("scheme,min_snr,bpw", SNR, ids=[repr(s[0]) for s in SNR])
+def test_quantization_error(scheme, min_snr, bpw, rng):
+    w = gaussian(rng)
+    qw = compress(w, scheme)
+    d = qw.dequantize()
+    assert d.dtype == np.float32 and d.shape == w.shape
+    assert qw.snr_db(w) >= min_snr
+    if bpw is not None:
+        assert qw.bits_per_weight == pytest.approx(bpw)
+    assert qw.bits_per_weight * w.size == 8 * qw.nbytes
+
+
+def test_prune_structure(rng):
+    w = gaussian(rng)
+    qw = compress(w, Prune(0.75))
+    d = qw.dequantize()
+    assert np.count_nonzero(d) == w.size // 4
+    kept = np.abs(w[d != 0]).min()
+    assert np.abs(w[d == 0]).max() <= kept
+    np.testing.assert_array_equal(d[d != 0], w[d != 0])
+    d = compress(w, Prune(n_m=(2, 4))).dequantize()
+    assert ((d.reshape(-1, 4) != 0).sum(-1) <= 2).all()
+    assert (compress(w, Prune(0.0)).dequantize() == w).all()
+
+
+def test_palettize_luts(rng):
+    w = gaussian(rng, (32, 64))
+    qw = compress(w, Palettize(3, "per_grouped_channel", 8))
+    lut = qw.arrays["lut"]
+    assert lut.shape == (4, 8) and (np.diff(lut, axis=1) >= 0).all()
+    d = qw.dequantize()
+    for g in range(4):
+        assert set(np.unique(d[8 * g : 8 * g + 8])) <= set(lut[g])
+
+
+def test_affine_matches_mlx_rule_edges():
+    w = np.zeros((2, 64), np.float32)
+    w[1] = np.linspace(-1, 3, 64)
+    qw = compress(w, Affine(4, 32))
+    assert (qw.dequantize()[0] == 0).all()
+    assert qw.dequantize()[1].max() == np.float32(3)  # the larger-magnitude edge is exact
+
+
+@pytest.mark.mlx
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_mlx_bit_identity(bits, group_size, rng):
+    mx = require("mlx")
+    w = gaussian(rng, (24, 256), std=0.1)
+    w[0, :group_size] = 0  # a constant group
+    w[1, :7] = 5.0
+    qw = compress(w, Affine(bits, group_size))
+    w_q, scales, biases = mx.quantize(mx.array(w), group_size=group_size, bits=bits)
+    np.testing.assert_array_equal(np.array(w_q), qw.arrays["w_q"])
+    np.testing.assert_array_equal(np.array(scales), qw.arrays["scales"])
+    np.testing.assert_array_equal(np.array(biases), qw.arrays["biases"])
+    ours = qw.to_mlx()
+    d = np.array(mx.dequantize(*ours, group_size=group_size, bits=bits))
+    np.testing.assert_array_equal(d, qw.dequantize())
+    x = rng.standard_normal((3, 256)).astype(np.float32)
+    y = np.array(mx.quantized_matmul(mx.array(x), *ours, transpose=True, group_size=group_size, bits=bits))
+    np.testing.assert_allclose(y, x @ qw.dequantize().T, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.coreml
+@pytest.mark.parametrize("bits,shape", [(1, (64, 128)), (2, (96, 256)), (4, (64, 128)), (4, (256, 512)),
+                                        (6, (128, 256)), (8, (64, 256))])
+def test_kmeans_never_worse_than_coremltools(bits, shape, rng):
+    require("coremltools")
+    require("sklearn")
+    from coremltools.models.neural_network.quantization_utils import _get_kmeans_lookup_table_and_weight
+
+    w = gaussian(rng, shape)
+    w[0, :3] = 0.2  # outliers
+    lut, idx = _get_kmeans_lookup_table_and_weight(bits, w)
+    err_coreml = np.sum((w.astype(np.float64).ravel() - lut.ravel()[idx]) ** 2)
+    qw = compress(w, Palettize(bits))
+    err_ours = np.sum((w.astype(np.float64) - qw.dequantize()) ** 2)
+    assert err_ours <= err_coreml * (1 + 1e-6)
+
+
+def test_kmeans_exact_on_small_data():
+    # Optimal 2-means: {0, 0, 1, 1, 2} and {10, 11, 11}.
+    w = np.array([[0, 1, 2, 10, 11, 11, 0, 1]], np.float32)
+    lut = compress(w, Palettize(1)).arrays["lut"][0]
+    np.testing.assert_allclose(lut, [4 / 5, 32 / 3], rtol=1e-6)
+    lut = compress(np.full((1, 8), 0.5, np.float32), Palettize(2)).arrays["lut"][0]
+    np.testing.assert_array_equal(lut, [0.5] * 4)
+
+
+@pytest.mark.slow
+def test_kmeans_large_tensor_is_fast(rng):
+    import time
+
+    w = rng.standard_normal((2048, 4096)).astype(np.float32)
+    t = time.perf_counter()
+    qw = compress(w, Palettize(4))
+    assert time.perf_counter() - t < 60  # generous: shared 2-core machines
+    assert qw.snr_db(w) > 20
+
+
+SERIAL = [Affine(3, 32), Int8(), Int8(zero_point=True), Palettize(6, "per_grouped_channel", 8), Prune(0.5),
+          Prune(n_m=(2, 4), then=Affine(4, 64)), Prune(0.3, then=Palettize(2))]
+
+
+@pytest.mark.parametrize("scheme", SERIAL, ids=repr)
+def test_serialisation_roundtrip(scheme, rng, tmp_path):
+    w = gaussian(rng, (48, 128))
+    qw = compress(w, scheme)
+    for again in (QuantizedWeight.from_dict(qw.to_dict(prefix="p."), prefix="p."), QuantizedWeight.from_op_args(*qw.to_op_args())):
+        assert again.scheme == qw.scheme and again.shape == qw.shape
+        np.testing.assert_array_equal(again.dequantize(), qw.dequantize())
+    st = pytest.importorskip("safetensors.numpy")
+    st.save_file(qw.to_dict(), str(tmp_path / "w.safetensors"))
+    again = QuantizedWeight.from_dict(st.load_file(str(tmp_path / "w.safetensors")))
+    np.testing.assert_array_equal(again.dequantize(), qw.dequantize())
+
+
+def test_bad_input(rng):
+    w = gaussian(rng, (8, 96))
+    with pytest.raises(ValueError, match=r"\[quant\] K=96 is not divisible by the group size 64"):
+        compress(w, Affine(4, 64))
+    with pytest.raises(ValueError, match=r"\[quant\] Affine bits=7"):
+        Affine(7, 64)
+    with pytest.raises(ValueError, match=r"\[quant\] Affine group_size=48"):
+        Affine(4, 48)
+    with pytest.raises(ValueError, match=r"\[quant\] Palettize bits=5"):
+        Palettize(5)
+    with pytest.raises(ValueError, match=r"\[quant\] Palettize granularity"):
+        Palettize(4, "per_channel")
+    with pytest.raises(ValueError, match=r"\[quant\] Prune sparsity=1"):
+        Prune(1.0)
+    with pytest.raises(ValueError, match=r"\[quant\] Prune sparsity=-0.1"):
+        Prune(-0.1)
+    with pytest.raises(ValueError, match=r"\[quant\] Palettize per_grouped_channel group_size=3"):
+        compress(w, Palettize(4, "per_grouped_channel", 3))
+    with pytest.raises(ValueError, match=r"\[quant\] .*NaN/inf"):
+        bad = w.copy()
+        bad[1, 2] = np.nan
+        compress(bad, Int8())
+    with pytest.raises(ValueError, match=r"\[quant\] .*NaN/inf"):
+        bad = w.copy()
+        bad[0, 0] = np.inf
+        compress(bad, Palettize(2))
+    with pytest.raises(ValueError, match=r"\[quant\] the weight must be a non-empty 2-D"):
+        compress(w[0], Int8())
+    with pytest.raises(ValueError, match=r"\[quant\] Palettize needs K divisible by 8"):
+        compress(gaussian(rng, (4, 12)), Palettize(2))
+    with pytest.raises(TypeError, match=r"\[quant\] scheme"):
+        compress(w, "int4")
+    w_copy = w.copy()
+    compress(w, Prune(0.5, then=Affine(4, 32)))
+    np.testing.assert_array_equal(w, w_copy)  # inputs are never modified

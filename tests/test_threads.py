@@ -1,0 +1,71 @@
+"""The persistent thread pool: every index runs exactly once, work is shared, results do not
+depend on the thread count."""
+
+from __future__ import annotations
+
+import collections
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from fusedformer import _C
+from tests.conftest import kernel_config
+
+
+@pytest.mark.parametrize("n, grain", [(1, 1), (7, 3), (1000, 10), (4097, 64)])
+def test_every_index_runs_once(n, grain, threads):
+    owner = _C._pool_trace(n, grain)
+    assert len(owner) == n
+    assert min(owner) >= 0, "an index ran twice (-2) or never (-1)"
+
+
+def test_two_threads_share_the_work():
+    if _C.available_cpus() < 2:
+        pytest.skip("needs 2 CPUs")
+    with kernel_config(threads=2):
+        counts = collections.Counter(_C._pool_trace(2000, 10))
+    assert len(counts) == 2, counts
+
+
+def test_more_threads_than_cpus_is_fine():
+    with kernel_config(threads=5):
+        assert _C.num_threads() == 5
+        assert min(_C._pool_trace(100, 1)) >= 0
+
+
+def test_result_independent_of_thread_count(rng):
+    x = rng.standard_normal(3_000_001).astype(np.float32)
+    results = []
+    for t in (1, 2, 3):
+        with kernel_config(threads=t):
+            results.append(_C.stream_sum(x))
+    assert results[0] == results[1] == results[2]
+    assert results[0] == pytest.approx(float(x.astype(np.float64).sum()), rel=1e-5, abs=1e-2)
+
+
+def test_set_num_threads_rejects_zero():
+    with pytest.raises(ValueError, match=r"\[set_num_threads\]"):
+        _C.set_num_threads(0)
+
+
+def test_env_sets_pool_size():
+    env = {**os.environ, "FUSEDFORMER_NUM_THREADS": "3"}
+    out = subprocess.run(
+        [sys.executable, "-c", "from fusedformer import _C; print(_C.num_threads())"],
+        capture_output=True, text=True, env=env, timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "3"
+
+
+def test_default_pool_matches_available_cpus():
+    env = {k: v for k, v in os.environ.items() if k != "FUSEDFORMER_NUM_THREADS"}
+    out = subprocess.run(
+        [sys.executable, "-c", "from fusedformer import _C; print(_C.num_threads(), _C.available_cpus())"],
+        capture_output=True, text=True, env=env, timeout=60,
+    )
+    threads, cpus = out.stdout.split()
+    assert threads == cpus and int(cpus) >= 1
