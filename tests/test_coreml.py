@@ -7,14 +7,14 @@ import warnings
 import numpy as np
 import pytest
 
-from conftest import require
+from tests.conftest import require
 
 pytestmark = pytest.mark.coreml
 
 ct = require("coremltools")
 torch = require("torch")
 
-from coreml_models import SdpaCall, TinyDecoder, ensure_ops, psnr  # noqa: E402
+from tests.coreml_models import SdpaCall, TinyDecoder, ensure_ops, psnr  # noqa: E402
 
 import fusedformer as ff  # noqa: E402
 from fusedformer import reference  # noqa: E402

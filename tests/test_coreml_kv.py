@@ -5,14 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import require
+from tests.conftest import require
 
 pytestmark = pytest.mark.coreml
 
 ct = require("coremltools")
 torch = require("torch")
 
-from coreml_models import TinyDecoder, ensure_ops, psnr  # noqa: E402
+from tests.coreml_models import TinyDecoder, ensure_ops, psnr  # noqa: E402
 
 import fusedformer as ff  # noqa: E402
 from fusedformer.coreml.kv_cache import greedy_decode  # noqa: E402

@@ -142,7 +142,7 @@ def convert(traced, inputs, output_names, *, attention, target, precision, state
         raise ValueError(f"[export] attention must be one of {ATTENTIONS}, got {attention!r}")
     if precision not in PRECISIONS:
         raise ValueError(f"[export] precision must be one of {PRECISIONS}, got {precision!r}")
-    with lowering.lowering_options(attention=attention) as options:
+    with lowering.lowering_options(attention=attention, weight_dtype=precision) as options:
         mlmodel = ct.convert(
             traced,
             inputs=inputs,

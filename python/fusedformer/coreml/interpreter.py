@@ -733,8 +733,11 @@ class Program:
             out = np.asarray(value).astype(dtype)
         return out
 
-    def predict(self, inputs: dict, state: dict | None = None) -> dict[str, np.ndarray]:
-        """Runs the function; returns {output name: ndarray}. ``state`` is updated in place."""
+    def predict(self, inputs: dict, state: dict | None = None, *, intermediates=()) -> dict[str, np.ndarray]:
+        """Runs the function; returns {output name: ndarray}. ``state`` is updated in place.
+
+        ``intermediates``: names of inner variables to return as well (e.g. a decompressed weight).
+        """
         missing = [n for n in self.input_names if n not in inputs]
         extra = [n for n in inputs if n not in self.function.inputs]
         if missing or extra:
@@ -753,7 +756,11 @@ class Program:
                 env[var.name] = self._round(var, value)
         for name in self.state_names:
             state[name] = env[name]
-        return {v.name: np.asarray(env[v.name]) for v in self.function.outputs}
+        names = self.output_names + [n for n in intermediates if n not in self.output_names]
+        unknown = [n for n in names if n not in env]
+        if unknown:
+            raise ValueError(f"[verify] the program has no variable(s) {unknown}")
+        return {n: np.asarray(env[n]) for n in names}
 
 
 def verify(path_or_mlmodel, inputs: dict, *, function_name: str = "main", state: dict | None = None,

@@ -6,8 +6,8 @@
   in the program) and no causal flag (we build a bool mask). The result equals ``ff.sdpa``:
   bottom-right aligned causal, sliding window, bool or additive user masks, and 0 -- never NaN --
   for a query row whose keys are all masked.
-* ``fusedformer::qmatmul`` -> a compressed constant (constexpr_* ops, see weights.py) followed by
-  ``linear``.
+* ``fusedformer::qmatmul(x, parts, meta)`` -> the QuantizedWeight rebuilt from the traced
+  constants as a compressed constant (constexpr_* ops, see weights.py), then ``linear``.
 
 Which attention form is emitted is chosen by :func:`lowering_options` around ``ct.convert``.
 """
@@ -32,6 +32,7 @@ from coremltools import target as _target
 @dataclass
 class LoweringOptions:
     attention: str = "fused"  # "fused" | "unfused"
+    weight_dtype: str = "fp32"  # dtype of decompressed constexpr weights: "fp16" | "fp32"
     notes: list = field(default_factory=list)  # what the lowering decided, for the export result
 
 
@@ -216,3 +217,51 @@ def fusedformer_sdpa(context, node):
         name=node.name,
     )
     context.add(out, torch_name=node.name)
+
+
+# ----------------------------------------------------------------------------------------------
+# compressed weights
+
+
+def _part_dtypes(meta: str) -> list:
+    """Canonical dtypes of the QuantizedWeight parts, in to_op_args order.
+
+    The torch frontend stores small integer buffers as int32 consts (values kept, dtype lost):
+    packed bit streams are uint8, MLX affine words uint32, int8 codes / zero points int8.
+    """
+    import json
+
+    from fusedformer.quant.schemes import Affine, Prune, scheme_from_json
+    from fusedformer.quant.weight import _names
+
+    scheme = scheme_from_json(json.loads(meta)["scheme"])
+    words = np.uint32 if isinstance(scheme, Affine) else (np.uint8 if isinstance(scheme, Prune) else np.int8)
+    table = {"w_q": words, "zero_points": np.int8, "indices": np.uint8, "mask": np.uint8}
+    return [table.get(name, np.float32) for name in _names(scheme)]
+
+
+def _restore_parts(parts, meta: str) -> list[np.ndarray]:
+    out = []
+    for var, dtype in zip(parts, _part_dtypes(meta)):
+        value = np.asarray(var.val)
+        if np.issubdtype(value.dtype, np.integer) and value.dtype != dtype:
+            value = value.astype(np.int64).astype(dtype)  # same values (uint32 words wrap back)
+        out.append(value)
+    return out
+
+
+@register_torch_op(torch_alias=["fusedformer::qmatmul"], override=True)
+def fusedformer_qmatmul(context, node):
+    from fusedformer.coreml.weights import compressed_weight
+    from fusedformer.quant import QuantizedWeight
+
+    x, parts, meta = _get_inputs(context, node, expected=3)
+    if not isinstance(parts, (list, tuple)) or any(p.val is None for p in parts):
+        raise ValueError(f"[coreml] qmatmul {node.name}: the weight parts must be constants (buffers)")
+    meta = _value(meta)
+    qw = QuantizedWeight.from_op_args(_restore_parts(parts, meta), meta)
+    dtype = np.float16 if _OPTIONS.weight_dtype == "fp16" else np.float32
+    weight = compressed_weight(qw, dtype=dtype, name=f"{node.name}_weight")
+    if types.builtin_to_string(x.dtype) != types.builtin_to_string(weight.dtype):
+        x = mb.cast(x=x, dtype=types.builtin_to_string(weight.dtype))
+    context.add(mb.linear(x=x, weight=weight, name=node.name), torch_name=node.name)
