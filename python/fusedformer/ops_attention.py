@@ -1,5 +1,186 @@
-"""Front of ff.sdpa (issue: fused attention)."""
+"""Front of ff.sdpa: check arguments framework-neutrally, run the fused kernel, same kind out.
+
+numpy arrays and torch tensors run the native kernel (torch through the custom op
+``fusedformer::sdpa``, so torch.compile/export see one op and autograd refuses a backward);
+mlx arrays go to ``fusedformer.mlx.attention.sdpa_mlx``.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import numpy as np
+
+from fusedformer import _C
+from fusedformer._frameworks import common_framework, framework_of
+
+__all__ = ["sdpa", "check_args", "native_sdpa"]
+
+# dtype name (numpy, torch and mlx spell them alike after the last dot) -> kernel code
+DTYPE_CODES = {"float32": 0, "float16": 1, "bfloat16": 2}
+MAX_HEAD_DIM = int(_C.sdpa_max_head_dim)
+
+
+def _dtype_name(x) -> str:
+    return str(x.dtype).rsplit(".", 1)[-1]
+
+
+def check_args(q, k, v, mask=None, causal=False, scale=None, window=None):
+    """Validates ff.sdpa's arguments on shapes and dtype names only (any framework).
+
+    Returns (scale, window) normalised: scale a float (1/sqrt(D) by default), window an int
+    (0 for none). Raises ValueError/TypeError starting with ``[sdpa]`` and naming the argument.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not hasattr(t, "shape") or not hasattr(t, "dtype"):
+            raise TypeError(f"[sdpa] {name} must be an array or tensor, got {type(t).__name__}")
+        if len(t.shape) != 4:
+            kind = "[B, Hq, Lq, D]" if name == "q" else "[B, Hkv, Lk, D]"
+            raise ValueError(f"[sdpa] {name} must be 4-d {kind}, got shape {tuple(t.shape)}")
+        if 0 in tuple(t.shape):
+            raise ValueError(f"[sdpa] {name} has a zero-sized dimension: shape {tuple(t.shape)}")
+    names = {n: _dtype_name(t) for n, t in (("q", q), ("k", k), ("v", v))}
+    if len(set(names.values())) > 1:
+        detail = ", ".join(f"{n} is {d}" for n, d in names.items())
+        raise TypeError(f"[sdpa] q, k and v must share one dtype: {detail}")
+    if names["q"] not in DTYPE_CODES:
+        raise TypeError(f"[sdpa] q has dtype {names['q']}; supported: float32, float16, bfloat16")
+    b, hq, lq, d = (int(n) for n in q.shape)
+    bk, hkv, lk, dk = (int(n) for n in k.shape)
+    if tuple(v.shape) != tuple(k.shape):
+        raise ValueError(f"[sdpa] v's shape {tuple(v.shape)} must equal k's {tuple(k.shape)}")
+    if bk != b:
+        raise ValueError(f"[sdpa] k has batch {bk}, q has batch {b}")
+    if dk != d:
+        raise ValueError(f"[sdpa] k's head dim {dk} does not match q's head dim {d}")
+    if hq % hkv:
+        raise ValueError(f"[sdpa] k has {hkv} heads, which does not divide q's {hq} heads")
+    if d > MAX_HEAD_DIM:
+        raise ValueError(f"[sdpa] head dim {d} is above the supported {MAX_HEAD_DIM}")
+    if not isinstance(causal, (bool, np.bool_)):
+        raise TypeError(f"[sdpa] causal must be a bool, got {type(causal).__name__}")
+    if mask is not None:
+        if not hasattr(mask, "shape") or not hasattr(mask, "dtype"):
+            raise TypeError(f"[sdpa] mask must be an array or tensor, got {type(mask).__name__}")
+        mname = _dtype_name(mask)
+        if mname != "bool" and not mname.startswith(("float", "bfloat")):
+            raise TypeError(f"[sdpa] mask must be bool (True = keep) or floating (additive), got {mname}")
+        target = (b, hq, lq, lk)
+        shape = tuple(int(n) for n in mask.shape)
+        if len(shape) > 4 or any(m not in (1, t) for m, t in zip(shape[::-1], target[::-1])):
+            raise ValueError(f"[sdpa] mask of shape {shape} is not broadcastable to [B, Hq, Lq, Lk] = {target}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(d)
+    else:
+        if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+            raise TypeError(f"[sdpa] scale must be a real number or None, got {type(scale).__name__}")
+        scale = float(scale)
+        if not math.isfinite(scale):
+            raise ValueError(f"[sdpa] scale must be finite, got {scale}")
+    if window is None:
+        window = 0
+    else:
+        if isinstance(window, bool) or not isinstance(window, numbers.Integral):
+            raise TypeError(f"[sdpa] window must be a positive int or None, got {type(window).__name__}")
+        window = int(window)
+        if window < 1:
+            raise ValueError(f"[sdpa] window must be a positive int or None, got {window}")
+    return scale, window
 
 
 def sdpa(q, k, v, *, mask=None, causal=False, scale=None, window=None, return_lse=False):
-    raise NotImplementedError("[sdpa] the fused attention kernel is not built yet")
+    """Fused scaled-dot-product attention (see DESIGN.md): numpy, torch or mlx in, same out.
+
+    q [B, Hq, Lq, D], k/v [B, Hkv, Lk, D] with Hq % Hkv == 0 (GQA/MQA without repeating K/V).
+    causal is bottom-right aligned (query i sees keys j <= i + Lk - Lq); window=w also needs
+    j > i + Lk - Lq - w; mask is bool (True = keep) or additive float, broadcastable to
+    [B, Hq, Lq, Lk]. Fully masked rows give 0 (lse -inf), never NaN. Returns out (like q), or
+    (out, lse) with lse fp32 [B, Hq, Lq] when return_lse.
+    """
+    framework = common_framework("sdpa", q=q, k=k, v=v, mask=mask)
+    if framework == "numpy":
+        q, k, v = (np.asarray(t) if not isinstance(t, np.ndarray) else t for t in (q, k, v))
+    scale_f, window_i = check_args(q, k, v, mask, causal, scale, window)
+    if framework == "mlx":
+        from fusedformer.mlx.attention import sdpa_mlx
+
+        return sdpa_mlx(q, k, v, mask=mask, causal=causal, scale=scale, window=window, return_lse=return_lse)
+    if framework == "torch":
+        from fusedformer.torch import attention_op
+
+        op = attention_op.sdpa_lse if return_lse else attention_op.sdpa
+        return op(q, k, v, mask, bool(causal), scale_f, window_i or None)
+    return native_sdpa(q, k, v, mask=mask, causal=causal, scale=scale_f, window=window_i, return_lse=return_lse)
+
+
+# ---- native path (numpy and torch CPU tensors) ----------------------------------------------
+
+
+def _descriptor(x, name):
+    """(data pointer, shape, element strides) of a numpy array or CPU torch tensor."""
+    if isinstance(x, np.ndarray):
+        ptr = x.__array_interface__["data"][0]
+        return ptr, tuple(x.shape), tuple(s // x.itemsize for s in x.strides)
+    if x.device.type != "cpu":
+        raise ValueError(f"[sdpa] {name} is on {x.device}; the native kernel takes CPU tensors")
+    return x.data_ptr(), tuple(x.shape), tuple(x.stride())
+
+
+def _last_dim_contiguous(x):
+    """x itself when its last dimension is contiguous (any other strides), else a copy."""
+    if isinstance(x, np.ndarray):
+        ok = x.shape[-1] == 1 or x.strides[-1] == x.itemsize
+        ok = ok and all(s % x.itemsize == 0 for s in x.strides)
+        return x if ok else np.ascontiguousarray(x)
+    return x if (x.shape[-1] == 1 or x.stride(-1) == 1) else x.contiguous()
+
+
+def _kernel_mask(mask, framework):
+    """(mask as uint8 keep / fp32 additive, padded to 4-d, kind code) for the kernel."""
+    if mask is None:
+        return None, 0
+    if framework == "numpy":
+        m = np.asarray(mask)
+        m = m.view(np.uint8) if m.dtype == np.bool_ else m.astype(np.float32, copy=False)
+        m = m.reshape((1,) * (4 - m.ndim) + m.shape)
+        if any(s % m.itemsize for s in m.strides):
+            m = np.ascontiguousarray(m)
+    else:
+        import torch
+
+        m = mask.view(torch.uint8) if mask.dtype == torch.bool else mask.to(torch.float32)
+        m = m.reshape((1,) * (4 - m.dim()) + tuple(m.shape)) if m.dim() < 4 else m
+    return m, 1 if _dtype_name(m) == "uint8" else 2
+
+
+def native_sdpa(q, k, v, *, mask=None, causal=False, scale=None, window=0, return_lse=False,
+                out=None, kv_chunk=-1):
+    """The native kernel on numpy arrays or CPU torch tensors (arguments already checked).
+
+    ``out`` (test hook): a preallocated output like q to write into. ``kv_chunk``: -1 picks
+    split-KV by shape, 0 never splits, n > 0 forces chunks of n keys (tests).
+    """
+    framework = framework_of(q)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    b, hq, lq, _ = q.shape
+    if framework == "numpy":
+        if out is None:
+            out = np.empty(q.shape, dtype=q.dtype)
+        lse = np.empty((b, hq, lq), dtype=np.float32) if return_lse else None
+    else:
+        import torch
+
+        if out is None:
+            out = torch.empty(tuple(q.shape), dtype=q.dtype)
+        lse = torch.empty((b, hq, lq), dtype=torch.float32) if return_lse else None
+    m, mask_kind = _kernel_mask(mask, framework)
+    _C.sdpa(
+        _descriptor(q, "q"), _descriptor(k, "k"), _descriptor(v, "v"), _descriptor(out, "out"),
+        dtype=DTYPE_CODES[_dtype_name(q)],
+        lse=None if lse is None else _descriptor(lse, "lse"),
+        mask=None if m is None else _descriptor(m, "mask"), mask_kind=mask_kind,
+        causal=bool(causal), scale=scale, window=int(window or 0), kv_chunk=int(kv_chunk),
+    )
+    return (out, lse) if return_lse else out

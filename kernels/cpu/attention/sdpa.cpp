@@ -1,0 +1,342 @@
+// Flash-attention forward (prefill) and split-KV decode (flash-decoding) on the CPU.
+//
+// Work is cut into units of fixed size, never by thread count, so results are bitwise the
+// same for any number of threads:
+//   unit = (batch b, kv head, block of up to kRowTile query rows, chunk of keys).
+// The query rows of a kv head's group are flattened as r = i * G + g (position i, query head
+// kvh * G + g), so a block holds every query head of the group that reads the same K/V tiles:
+// each K/V tile is loaded once per block and shared by all of them (GQA/MQA without repeating
+// K/V). A block walks its keys in tiles of kKeyTile with an online softmax (running max m and
+// sum l, rescaling the fp32 accumulator by alpha = exp(m_old - m_new)); tiles outside every
+// row's causal/window range are skipped. With one chunk per row block the block writes its
+// output directly; with several (decode: few rows, many keys) each chunk writes an
+// unnormalised partial (o, m, l) and a merge pass combines them through their logsumexp.
+#include <cmath>
+#include <limits>
+#include <memory>
+
+#include "kernels/cpu/attention/api.h"
+#include "kernels/cpu/attention/tiles.h"
+
+namespace ff {
+namespace FF_ISA_NS {
+namespace attention {
+namespace {
+
+constexpr int64_t kRowTile = 64;       // query rows per block (positions x heads of a group)
+constexpr int64_t kSplitChunk = 512;   // keys per split-KV chunk, chosen by shape
+constexpr int64_t kStreamMaxRows = 8;  // blocks this small stream K/V instead of packing them
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// Shape-derived constants of one call.
+struct Problem {
+  const SdpaParams& p;
+  int64_t group;       // Hq / Hkv
+  int64_t dp;          // head dim rounded up to 16: row pitch of the fp32 scratch
+  int64_t row_blocks;  // blocks per (b, kv head)
+  int64_t chunks;      // key chunks per block (1: no split)
+  int64_t chunk_len;   // keys per chunk
+};
+
+struct Block {
+  int64_t b, kvh;
+  int64_t r0, nr;  // flattened rows [r0, r0 + nr) of the group
+  int64_t j0, j1;  // keys [j0, j1)
+};
+
+// The fp32 working set of one block (per thread, kept between calls).
+struct Work {
+  float* q;      // [kRowTile][dp], pre-scaled
+  float* o;      // [kRowTile][dp], unnormalised output
+  float* s;      // [kRowTile][kKeyTile], scores then probabilities
+  float* kt;     // [D][kKeyTile], packed transposed K tile
+  float* v;      // [kKeyTile][dp], packed V tile
+  float* m;      // [kRowTile] running max
+  float* l;      // [kRowTile] running sum
+  float* alpha;  // [kRowTile] rescale of this tile
+};
+
+Work thread_work(int64_t dp) {
+  thread_local std::unique_ptr<float[]> buf;
+  thread_local int64_t capacity = 0;
+  const int64_t sizes[] = {kRowTile * dp, kRowTile * dp, kRowTile * kKeyTile, dp * kKeyTile,
+                           kKeyTile * dp, kRowTile, kRowTile, kRowTile};
+  int64_t need = 0;
+  for (int64_t n : sizes) need += n;
+  if (capacity < need) {
+    buf.reset(new float[need]);
+    capacity = need;
+  }
+  float* ptrs[8];
+  float* at = buf.get();
+  for (int i = 0; i < 8; ++i) ptrs[i] = at, at += sizes[i];
+  return {ptrs[0], ptrs[1], ptrs[2], ptrs[3], ptrs[4], ptrs[5], ptrs[6], ptrs[7]};
+}
+
+// Keys [lo, hi) query position i may see under causal/window (before any mask).
+inline void key_range(const SdpaParams& p, int64_t i, int64_t* lo, int64_t* hi) {
+  const int64_t diag = i + p.kv_len - p.q_len;  // bottom-right aligned
+  *lo = 0;
+  *hi = p.kv_len;
+  if (p.causal) *hi = diag + 1;
+  if (p.window > 0) *lo = diag - p.window + 1;  // one-sided, as reference.sdpa
+  if (*lo < 0) *lo = 0;
+  if (*hi > p.kv_len) *hi = p.kv_len;
+}
+
+inline void apply_mask(const SdpaMask& mk, int64_t b, int64_t h, int64_t i, int64_t t,
+                       int64_t nk, float* s) {
+  const int64_t base = b * mk.stride_b + h * mk.stride_h + i * mk.stride_q + t * mk.stride_k;
+  const int64_t sk = mk.stride_k;
+  if (mk.kind == SdpaMaskKind::keep) {
+    const uint8_t* keep = static_cast<const uint8_t*>(mk.data) + base;
+    for (int64_t j = 0; j < nk; ++j)
+      if (!keep[j * sk]) s[j] = kNegInf;
+  } else {
+    const float* add = static_cast<const float*>(mk.data) + base;
+    for (int64_t j = 0; j < nk; ++j) s[j] += add[j * sk];
+  }
+}
+
+// Online softmax over one tile row of nk scores (the row has kKeyTile writable columns):
+// updates the running max m and sum l, turns s into exp(s - m_new) and returns the factor the
+// accumulator must be rescaled by. A row with no finite score yet keeps m = -inf, l = 0, p = 0.
+inline float softmax_update(float* s, int64_t nk, float* m, float* l) {
+  const int64_t n8 = round_up(nk, 8);
+  for (int64_t j = nk; j < n8; ++j) s[j] = kNegInf;
+  f32x8 mx = simd::set1(kNegInf);
+  for (int64_t j = 0; j < n8; j += 8) mx = simd::max(mx, simd::load(s + j));
+  const float m_new = std::fmax(*m, simd::reduce_max(mx));
+  if (m_new == kNegInf) {
+    for (int64_t j = 0; j < n8; j += 8) simd::store(s + j, simd::zero());
+    return 1.0f;
+  }
+  const f32x8 mn = simd::set1(m_new);
+  f32x8 sum = simd::zero();
+  for (int64_t j = 0; j < n8; j += 8) {
+    const f32x8 e = simd::exp(simd::sub(simd::load(s + j), mn));
+    simd::store(s + j, e);
+    sum = simd::add(sum, e);
+  }
+  const float alpha = simd::exp_scalar(*m - m_new);  // exp(-inf) == 0 on the first tile
+  *l = *l * alpha + simd::reduce_add(sum);
+  *m = m_new;
+  return alpha;
+}
+
+// Runs one block over its keys; leaves the unnormalised output in w.o and m, l in w.m, w.l.
+template <DType T>
+void attend(const Problem& pr, const Block& bk, const Work& w) {
+  using S = typename Elem<T>::type;
+  const SdpaParams& p = pr.p;
+  const int64_t G = pr.group, D = p.head_dim, dp = pr.dp, nr = bk.nr;
+  const S* q = static_cast<const S*>(p.q.data) + bk.b * p.q.stride_b;
+  const S* k = static_cast<const S*>(p.k.data) + bk.b * p.k.stride_b + bk.kvh * p.k.stride_h;
+  const S* v = static_cast<const S*>(p.v.data) + bk.b * p.v.stride_b + bk.kvh * p.v.stride_h;
+
+  // Rows: packed queries, fresh state, and the keys each may see within [j0, j1).
+  int64_t lo[kRowTile], hi[kRowTile], pos[kRowTile], head[kRowTile];
+  int64_t jmin = bk.j1, jmax = bk.j0, lo_max = bk.j0, hi_min = bk.j1;
+  for (int64_t rr = 0; rr < nr; ++rr) {
+    const int64_t r = bk.r0 + rr;
+    pos[rr] = r / G;
+    head[rr] = bk.kvh * G + r % G;
+    pack_row_scaled<T>(q + head[rr] * p.q.stride_h + pos[rr] * p.q.stride_l, D, p.scale,
+                       w.q + rr * dp, dp);
+    for (int64_t x = 0; x < dp; x += 8) simd::store(w.o + rr * dp + x, simd::zero());
+    w.m[rr] = kNegInf;
+    w.l[rr] = 0.0f;
+    key_range(p, pos[rr], &lo[rr], &hi[rr]);
+    lo[rr] = lo[rr] > bk.j0 ? lo[rr] : bk.j0;
+    hi[rr] = hi[rr] < bk.j1 ? hi[rr] : bk.j1;
+    if (lo[rr] < hi[rr]) {
+      jmin = lo[rr] < jmin ? lo[rr] : jmin;
+      jmax = hi[rr] > jmax ? hi[rr] : jmax;
+    }
+    lo_max = lo[rr] > lo_max ? lo[rr] : lo_max;
+    hi_min = hi[rr] < hi_min ? hi[rr] : hi_min;
+  }
+
+  const bool stream = nr <= kStreamMaxRows;
+  const int64_t ks = p.k.stride_l, vs = p.v.stride_l;
+  for (int64_t t = bk.j0 + (jmin - bk.j0) / kKeyTile * kKeyTile; t < jmax; t += kKeyTile) {
+    const int64_t nk = bk.j1 - t < kKeyTile ? bk.j1 - t : kKeyTile;
+    const S* kt = k + t * ks;
+    const S* vt = v + t * vs;
+
+    // S = (scale q) K^T
+    if (stream) {
+      for (int64_t rr = 0; rr < nr; rr += kDotRows)
+        with_rows<kDotRows>(static_cast<int>(nr - rr), [&](auto R) {
+          qk_dot<T, decltype(R)::value>(w.q + rr * dp, dp, kt, ks, nk, D, w.s + rr * kKeyTile,
+                                        kKeyTile);
+        });
+    } else {
+      pack_k_transposed<T>(kt, ks, nk, D, w.kt);
+      for (int64_t rr = 0; rr < nr; rr += kMr)
+        with_rows<kMr>(static_cast<int>(nr - rr), [&](auto R) {
+          qk_packed<decltype(R)::value>(w.q + rr * dp, dp, w.kt, D, w.s + rr * kKeyTile, kKeyTile);
+        });
+    }
+
+    // masks, then the online softmax of every row
+    const bool clip = t < lo_max || t + nk > hi_min;
+    for (int64_t rr = 0; rr < nr; ++rr) {
+      float* s = w.s + rr * kKeyTile;
+      if (clip) {
+        const int64_t a = lo[rr] - t, e = hi[rr] - t;
+        for (int64_t j = 0; j < nk && j < a; ++j) s[j] = kNegInf;
+        for (int64_t j = e < 0 ? 0 : e; j < nk; ++j) s[j] = kNegInf;
+      }
+      if (p.mask.kind != SdpaMaskKind::none) apply_mask(p.mask, bk.b, head[rr], pos[rr], t, nk, s);
+      w.alpha[rr] = softmax_update(s, nk, &w.m[rr], &w.l[rr]);
+    }
+
+    // O = diag(alpha) O + P V
+    if (stream) {
+      for (int64_t rr = 0; rr < nr; rr += kDotRows)
+        with_rows<kDotRows>(static_cast<int>(nr - rr), [&](auto R) {
+          pv_stream<T, decltype(R)::value>(w.o + rr * dp, dp, w.alpha + rr, w.s + rr * kKeyTile,
+                                           kKeyTile, vt, vs, nk, D);
+        });
+    } else {
+      const float* vf = w.v;
+      int64_t vf_stride = dp;
+      if (T == DType::f32 && D % 16 == 0) {
+        vf = reinterpret_cast<const float*>(vt);
+        vf_stride = vs;
+      } else {
+        pack_v<T>(vt, vs, nk, D, w.v, dp);
+      }
+      for (int64_t rr = 0; rr < nr; rr += kMr)
+        with_rows<kMr>(static_cast<int>(nr - rr), [&](auto R) {
+          pv_f32<decltype(R)::value>(w.o + rr * dp, dp, w.alpha + rr, w.s + rr * kKeyTile,
+                                     kKeyTile, vf, vf_stride, nk, dp);
+        });
+    }
+  }
+}
+
+// out[b, h, i] = o / l (0 where l == 0), lse = m + log l (-inf where l == 0).
+template <DType T>
+void write_row(const SdpaParams& p, int64_t b, int64_t h, int64_t i, const float* o, float m,
+               float l) {
+  using S = typename Elem<T>::type;
+  S* dst = static_cast<S*>(p.out) + b * p.out_stride_b + h * p.out_stride_h + i * p.out_stride_l;
+  const f32x8 inv = simd::set1(l > 0.0f ? 1.0f / l : 0.0f);
+  float row[kMaxHeadDim];
+  for (int64_t x = 0; x < p.head_dim; x += 8) simd::store(row + x, simd::mul(simd::load(o + x), inv));
+  from_f32<T>(row, dst, p.head_dim);
+  if (p.lse) p.lse[(b * p.q_heads + h) * p.q_len + i] = l > 0.0f ? m + std::log(l) : kNegInf;
+}
+
+// Unit u -> block. Blocks of later rows (more keys under causal) come first.
+Block block_of(const Problem& pr, int64_t u) {
+  const SdpaParams& p = pr.p;
+  const int64_t groups = p.batch * p.kv_heads;
+  const int64_t c = u % pr.chunks;
+  const int64_t rest = u / pr.chunks;
+  const int64_t bh = rest % groups, blk = pr.row_blocks - 1 - rest / groups;
+  Block bk;
+  bk.b = bh / p.kv_heads;
+  bk.kvh = bh % p.kv_heads;
+  bk.r0 = blk * kRowTile;
+  const int64_t rows = p.q_len * pr.group;
+  bk.nr = rows - bk.r0 < kRowTile ? rows - bk.r0 : kRowTile;
+  bk.j0 = c * pr.chunk_len;
+  bk.j1 = bk.j0 + pr.chunk_len < p.kv_len ? bk.j0 + pr.chunk_len : p.kv_len;
+  return bk;
+}
+
+// Partials of split-KV: per unit, kRowTile rows of o [dp] plus m and l.
+struct Partials {
+  std::unique_ptr<float[]> o, m, l;
+};
+
+template <DType T>
+void run(const SdpaParams& p, const Problem& pr) {
+  const int64_t units = p.batch * p.kv_heads * pr.row_blocks * pr.chunks;
+  const int64_t dp = pr.dp, G = pr.group;
+  Partials part;
+  if (pr.chunks > 1) {
+    part.o.reset(new float[units * kRowTile * dp]);
+    part.m.reset(new float[units * kRowTile]);
+    part.l.reset(new float[units * kRowTile]);
+  }
+  parallel_for(units, 1, [&](int64_t begin, int64_t end) {
+    const Work w = thread_work(dp);
+    for (int64_t u = begin; u < end; ++u) {
+      const Block bk = block_of(pr, u);
+      attend<T>(pr, bk, w);
+      if (pr.chunks == 1) {
+        for (int64_t rr = 0; rr < bk.nr; ++rr) {
+          const int64_t r = bk.r0 + rr;
+          write_row<T>(p, bk.b, bk.kvh * G + r % G, r / G, w.o + rr * dp, w.m[rr], w.l[rr]);
+        }
+      } else {
+        for (int64_t i = 0; i < bk.nr * dp; ++i) part.o[u * kRowTile * dp + i] = w.o[i];
+        for (int64_t rr = 0; rr < bk.nr; ++rr) {
+          part.m[u * kRowTile + rr] = w.m[rr];
+          part.l[u * kRowTile + rr] = w.l[rr];
+        }
+      }
+    }
+  });
+  if (pr.chunks == 1) return;
+
+  // Merge the chunks of each block: o = sum_c e^(m_c - M) o_c, l = sum_c e^(m_c - M) l_c.
+  const int64_t blocks = units / pr.chunks;
+  parallel_for(blocks, 1, [&](int64_t begin, int64_t end) {
+    float acc[kMaxHeadDim];
+    for (int64_t ub = begin; ub < end; ++ub) {
+      const int64_t u0 = ub * pr.chunks;
+      const Block bk = block_of(pr, u0);
+      for (int64_t rr = 0; rr < bk.nr; ++rr) {
+        float mx = kNegInf;
+        for (int64_t c = 0; c < pr.chunks; ++c) mx = std::fmax(mx, part.m[(u0 + c) * kRowTile + rr]);
+        for (int64_t x = 0; x < dp; x += 8) simd::store(acc + x, simd::zero());
+        float l = 0.0f;
+        if (mx != kNegInf) {
+          for (int64_t c = 0; c < pr.chunks; ++c) {
+            const int64_t at = (u0 + c) * kRowTile + rr;
+            const float e = simd::exp_scalar(part.m[at] - mx);
+            if (e == 0.0f) continue;
+            l += e * part.l[at];
+            const float* o = part.o.get() + at * dp;
+            const f32x8 ev = simd::set1(e);
+            for (int64_t x = 0; x < dp; x += 8)
+              simd::store(acc + x, simd::fmadd(ev, simd::load(o + x), simd::load(acc + x)));
+          }
+        }
+        const int64_t r = bk.r0 + rr;
+        write_row<T>(p, bk.b, bk.kvh * G + r % G, r / G, acc, mx, l);
+      }
+    }
+  });
+}
+
+void sdpa(const SdpaParams& p) {
+  const int64_t G = p.q_heads / p.kv_heads;
+  const int64_t rows = p.q_len * G;
+  int64_t chunk = p.kv_len;
+  if (p.kv_chunk > 0) {
+    chunk = p.kv_chunk;
+  } else if (p.kv_chunk < 0 && rows <= kRowTile && p.kv_len >= 2 * kSplitChunk) {
+    chunk = kSplitChunk;  // decode: few rows, many keys
+  }
+  if (chunk >= p.kv_len) chunk = p.kv_len;
+  const Problem pr{p, G, round_up(p.head_dim, 16), (rows + kRowTile - 1) / kRowTile,
+                   (p.kv_len + chunk - 1) / chunk, chunk};
+  FF_DTYPE_SWITCH(p.dtype, T, [&] { run<T>(p, pr); });
+}
+
+}  // namespace
+}  // namespace attention
+
+const AttentionKernels& attention_kernels() {
+  static const AttentionKernels k{attention::sdpa, attention::kMaxHeadDim, attention::kKeyTile};
+  return k;
+}
+
+}  // namespace FF_ISA_NS
+}  // namespace ff

@@ -1,0 +1,235 @@
+// Register-blocked micro-kernels of the flash-attention forward, on the f32x8 abstraction.
+//
+// Two shapes of work:
+//  * many query rows (prefill): K tile packed transposed as fp32 Kt[D][kKeyTile]; S = Q Kt is
+//    a small GEMM with kMr rows x 16 keys of accumulators (broadcast q, vector of keys). V is
+//    read as fp32 rows (packed when the storage type is not fp32 or D is not a multiple of 16);
+//    O += P V keeps kMr rows x 16 columns of O in registers while it walks the keys.
+//  * few query rows (decode): K and V are streamed from their storage once, converted on the
+//    fly; S rows are dot products over D (kDotRows rows x 2 keys of accumulators).
+// Every function here is the same algorithm on both backends (generic is the AVX2 oracle).
+#pragma once
+
+#include <cstdint>
+
+#include "kernels/cpu/simd/vec.h"
+
+namespace ff {
+namespace FF_ISA_NS {
+namespace attention {
+
+using simd::f32x8;
+
+constexpr int kKeyTile = 64;   // keys per K/V tile
+constexpr int kMr = 6;         // query rows per register block (prefill)
+constexpr int kDotRows = 4;    // query rows per register block (decode)
+constexpr int kMaxHeadDim = 256;
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// n (< 8) elements of storage type T as fp32 lanes, the rest 0.
+template <DType T>
+inline f32x8 load_n(const typename Elem<T>::type* p, int64_t n) {
+  float buf[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  for (int64_t i = 0; i < n; ++i) buf[i] = Elem<T>::to_f32(p[i]);
+  return simd::load(buf);
+}
+
+// ---- packing ----------------------------------------------------------------------------
+
+// dst[x] = scale * src[x] for x < d, 0 up to dp (a multiple of 8).
+template <DType T>
+inline void pack_row_scaled(const typename Elem<T>::type* src, int64_t d, float scale, float* dst,
+                            int64_t dp) {
+  const f32x8 s = simd::set1(scale);
+  int64_t x = 0;
+  for (; x + 8 <= d; x += 8) simd::store(dst + x, simd::mul(Elem<T>::load(src + x), s));
+  if (x < d) {
+    simd::store(dst + x, simd::mul(load_n<T>(src + x, d - x), s));
+    x += 8;
+  }
+  for (; x < dp; x += 8) simd::store(dst + x, simd::zero());
+}
+
+// Kt[x * kKeyTile + j] = k[j][x] for j < nk; columns nk..kKeyTile are 0.
+template <DType T>
+inline void pack_k_transposed(const typename Elem<T>::type* k, int64_t k_stride, int64_t nk,
+                              int64_t d, float* kt) {
+  float row[kMaxHeadDim + 8];
+  for (int64_t j = 0; j < nk; ++j) {
+    to_f32<T>(k + j * k_stride, row, d);
+    for (int64_t x = 0; x < d; ++x) kt[x * kKeyTile + j] = row[x];
+  }
+  if (nk < kKeyTile)
+    for (int64_t x = 0; x < d; ++x)
+      for (int64_t j = nk; j < kKeyTile; ++j) kt[x * kKeyTile + j] = 0.0f;
+}
+
+// vp[j][x] = v[j][x] as fp32 for j < nk, x < d; columns d..dp are 0 (dp a multiple of 16).
+template <DType T>
+inline void pack_v(const typename Elem<T>::type* v, int64_t v_stride, int64_t nk, int64_t d,
+                   float* vp, int64_t dp) {
+  for (int64_t j = 0; j < nk; ++j) {
+    float* dst = vp + j * dp;
+    to_f32<T>(v + j * v_stride, dst, d);
+    for (int64_t x = d; x < dp; ++x) dst[x] = 0.0f;
+  }
+}
+
+// ---- S = Q K^T --------------------------------------------------------------------------
+
+// s[r][0..kKeyTile) = sum_x q[r][x] * kt[x][..] for R rows (R <= kMr).
+template <int R>
+inline void qk_packed(const float* q, int64_t q_stride, const float* kt, int64_t d, float* s,
+                      int64_t s_stride) {
+  for (int c = 0; c < kKeyTile; c += 16) {
+    f32x8 acc[R][2];
+    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = simd::zero();
+    const float* kp = kt + c;
+    for (int64_t x = 0; x < d; ++x, kp += kKeyTile) {
+      const f32x8 k0 = simd::load(kp), k1 = simd::load(kp + 8);
+      for (int r = 0; r < R; ++r) {
+        const f32x8 qb = simd::set1(q[r * q_stride + x]);
+        acc[r][0] = simd::fmadd(qb, k0, acc[r][0]);
+        acc[r][1] = simd::fmadd(qb, k1, acc[r][1]);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      simd::store(s + r * s_stride + c, acc[r][0]);
+      simd::store(s + r * s_stride + c + 8, acc[r][1]);
+    }
+  }
+}
+
+// s[r][j] = q[r] . k[j] for R rows (R <= kDotRows), nk keys read from storage; q rows are
+// zero-padded to a multiple of 8.
+template <DType T, int R>
+inline void qk_dot(const float* q, int64_t q_stride, const typename Elem<T>::type* k,
+                   int64_t k_stride, int64_t nk, int64_t d, float* s, int64_t s_stride) {
+  const int64_t dv = d / 8 * 8;
+  int64_t j = 0;
+  for (; j + 2 <= nk; j += 2) {
+    const auto* k0p = k + j * k_stride;
+    const auto* k1p = k0p + k_stride;
+    f32x8 acc[R][2];
+    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = simd::zero();
+    auto step = [&](int64_t x, f32x8 k0, f32x8 k1) {
+      for (int r = 0; r < R; ++r) {
+        const f32x8 qv = simd::load(q + r * q_stride + x);
+        acc[r][0] = simd::fmadd(qv, k0, acc[r][0]);
+        acc[r][1] = simd::fmadd(qv, k1, acc[r][1]);
+      }
+    };
+    for (int64_t x = 0; x < dv; x += 8) step(x, Elem<T>::load(k0p + x), Elem<T>::load(k1p + x));
+    if (dv < d) step(dv, load_n<T>(k0p + dv, d - dv), load_n<T>(k1p + dv, d - dv));
+    for (int r = 0; r < R; ++r) {
+      s[r * s_stride + j] = simd::reduce_add(acc[r][0]);
+      s[r * s_stride + j + 1] = simd::reduce_add(acc[r][1]);
+    }
+  }
+  if (j < nk) {
+    const auto* kp = k + j * k_stride;
+    f32x8 acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = simd::zero();
+    auto step = [&](int64_t x, f32x8 kv) {
+      for (int r = 0; r < R; ++r) acc[r] = simd::fmadd(simd::load(q + r * q_stride + x), kv, acc[r]);
+    };
+    for (int64_t x = 0; x < dv; x += 8) step(x, Elem<T>::load(kp + x));
+    if (dv < d) step(dv, load_n<T>(kp + dv, d - dv));
+    for (int r = 0; r < R; ++r) s[r * s_stride + j] = simd::reduce_add(acc[r]);
+  }
+}
+
+// ---- O = diag(alpha) O + P V ------------------------------------------------------------
+
+// For R rows (R <= kMr): o[r][0..dp) = alpha[r] * o[r] + sum_{j < nk} p[r][j] * v[j][0..dp),
+// v fp32 with dp (a multiple of 16) readable columns per row.
+template <int R>
+inline void pv_f32(float* o, int64_t o_stride, const float* alpha, const float* p,
+                   int64_t p_stride, const float* v, int64_t v_stride, int64_t nk, int64_t dp) {
+  for (int64_t c = 0; c < dp; c += 16) {
+    f32x8 acc[R][2];
+    for (int r = 0; r < R; ++r) {
+      const f32x8 a = simd::set1(alpha[r]);
+      acc[r][0] = simd::mul(simd::load(o + r * o_stride + c), a);
+      acc[r][1] = simd::mul(simd::load(o + r * o_stride + c + 8), a);
+    }
+    const float* vp = v + c;
+    for (int64_t j = 0; j < nk; ++j, vp += v_stride) {
+      const f32x8 v0 = simd::load(vp), v1 = simd::load(vp + 8);
+      for (int r = 0; r < R; ++r) {
+        const f32x8 pb = simd::set1(p[r * p_stride + j]);
+        acc[r][0] = simd::fmadd(pb, v0, acc[r][0]);
+        acc[r][1] = simd::fmadd(pb, v1, acc[r][1]);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      simd::store(o + r * o_stride + c, acc[r][0]);
+      simd::store(o + r * o_stride + c + 8, acc[r][1]);
+    }
+  }
+}
+
+// The same for R rows (R <= kDotRows) with V streamed from storage (d columns, any d); o rows
+// have round_up(d, 8) columns, the padding stays 0.
+template <DType T, int R>
+inline void pv_stream(float* o, int64_t o_stride, const float* alpha, const float* p,
+                      int64_t p_stride, const typename Elem<T>::type* v, int64_t v_stride,
+                      int64_t nk, int64_t d) {
+  int64_t c = 0;
+  for (; c + 16 <= d; c += 16) {
+    f32x8 acc[R][2];
+    for (int r = 0; r < R; ++r) {
+      const f32x8 a = simd::set1(alpha[r]);
+      acc[r][0] = simd::mul(simd::load(o + r * o_stride + c), a);
+      acc[r][1] = simd::mul(simd::load(o + r * o_stride + c + 8), a);
+    }
+    const auto* vp = v + c;
+    for (int64_t j = 0; j < nk; ++j, vp += v_stride) {
+      const f32x8 v0 = Elem<T>::load(vp), v1 = Elem<T>::load(vp + 8);
+      for (int r = 0; r < R; ++r) {
+        const f32x8 pb = simd::set1(p[r * p_stride + j]);
+        acc[r][0] = simd::fmadd(pb, v0, acc[r][0]);
+        acc[r][1] = simd::fmadd(pb, v1, acc[r][1]);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      simd::store(o + r * o_stride + c, acc[r][0]);
+      simd::store(o + r * o_stride + c + 8, acc[r][1]);
+    }
+  }
+  for (; c < d; c += 8) {  // at most one full and one partial vector of columns
+    const int64_t n = d - c < 8 ? d - c : 8;
+    f32x8 acc[R];
+    for (int r = 0; r < R; ++r)
+      acc[r] = simd::mul(simd::load(o + r * o_stride + c), simd::set1(alpha[r]));
+    const auto* vp = v + c;
+    for (int64_t j = 0; j < nk; ++j, vp += v_stride) {
+      const f32x8 vv = n == 8 ? Elem<T>::load(vp) : load_n<T>(vp, n);
+      for (int r = 0; r < R; ++r) acc[r] = simd::fmadd(simd::set1(p[r * p_stride + j]), vv, acc[r]);
+    }
+    for (int r = 0; r < R; ++r) simd::store(o + r * o_stride + c, acc[r]);
+  }
+}
+
+// Calls f(Rows<R>{}) with R = min(n, kMax) as a compile-time row count (1 <= n).
+template <int N>
+struct Rows {
+  static constexpr int value = N;
+};
+template <int kMax, class F>
+inline void with_rows(int n, const F& f) {
+  static_assert(kMax >= 1 && kMax <= 6, "row blocks of 1..6");
+  switch (n < kMax ? n : kMax) {
+    case 1: f(Rows<1>{}); break;
+    case 2: f(Rows<(kMax >= 2 ? 2 : 1)>{}); break;
+    case 3: f(Rows<(kMax >= 3 ? 3 : 1)>{}); break;
+    case 4: f(Rows<(kMax >= 4 ? 4 : 1)>{}); break;
+    case 5: f(Rows<(kMax >= 5 ? 5 : 1)>{}); break;
+    default: f(Rows<kMax>{}); break;
+  }
+}
+
+}  // namespace attention
+}  // namespace FF_ISA_NS
+}  // namespace ff

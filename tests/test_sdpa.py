@@ -1,0 +1,303 @@
+"""ff.sdpa (native kernel) against the float64 oracle reference.sdpa."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fusedformer as ff
+from fusedformer import reference
+from fusedformer.ops_attention import native_sdpa
+
+# Max abs error vs the float64 oracle (outputs are O(1): convex combinations of N(0,1) rows).
+# fp16/bf16 are bounded by twice torch's own SDPA error in tests/test_sdpa_torch.py; these
+# absolute bounds are that criterion's envelope for the shapes below.
+TOL = {"float32": 2e-5, "float16": 3e-3, "bfloat16": 2.5e-2}
+LSE_TOL = {"float32": 2e-5, "float16": 2e-3, "bfloat16": 1.5e-2}
+
+
+def make_qkv(rng, b, hq, hkv, lq, lk, d, dtype=np.float32):
+    q = rng.standard_normal((b, hq, lq, d)).astype(dtype)
+    k = rng.standard_normal((b, hkv, lk, d)).astype(dtype)
+    v = rng.standard_normal((b, hkv, lk, d)).astype(dtype)
+    return q, k, v
+
+
+def check(out, lse, q, k, v, tol="float32", **opts):
+    ref_out, ref_lse = reference.sdpa(q, k, v, return_lse=True, **opts)
+    out = np.asarray(out, dtype=np.float64)
+    assert not np.isnan(out).any()
+    np.testing.assert_allclose(out, ref_out, atol=TOL[tol], rtol=0)
+    if lse is not None:
+        lse = np.asarray(lse, dtype=np.float64)
+        assert lse.shape == ref_lse.shape
+        np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(ref_lse))
+        live = np.isfinite(ref_lse)
+        np.testing.assert_allclose(lse[live], ref_lse[live], atol=LSE_TOL[tol], rtol=1e-6)
+
+
+# (B, Hq, Hkv, Lq, Lk, D): lengths straddle the key tile (64) and vector width, Lq > Lk too.
+SHAPES = [
+    (1, 1, 1, 1, 1, 32),
+    (2, 8, 8, 3, 31, 59),
+    (1, 8, 2, 33, 129, 64),
+    (1, 32, 8, 1, 1025, 128),
+    (1, 7, 1, 31, 127, 80),
+    (1, 8, 2, 129, 33, 96),
+    (1, 1, 1, 127, 3, 111),
+    (1, 8, 8, 1, 129, 256),
+]
+OPTIONS = [
+    dict(),
+    dict(causal=True),
+    dict(window=17),
+    dict(causal=True, window=5),
+    dict(scale=0.3),
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: "-".join(f"{k}{v}" for k, v in o.items()) or "plain")
+def test_matches_reference(rng, isa, shape, opts):
+    q, k, v = make_qkv(rng, *shape)
+    out, lse = ff.sdpa(q, k, v, return_lse=True, **opts)
+    assert out.shape == q.shape and out.dtype == q.dtype and lse.dtype == np.float32
+    check(out, lse, q, k, v, **opts)
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 2, 33, 200, 64), (2, 7, 1, 129, 127, 59)], ids=str)
+def test_threads_same_bits(rng, isa, threads, shape):
+    """Results are bitwise identical for 1 and 2 threads (fixed work decomposition)."""
+    q, k, v = make_qkv(rng, *shape)
+    from conftest import kernel_config
+
+    with kernel_config(threads=1):
+        base = ff.sdpa(q, k, v, causal=True)
+    out = ff.sdpa(q, k, v, causal=True)
+    np.testing.assert_array_equal(out, base)
+    check(out, None, q, k, v, causal=True)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("opts", [dict(), dict(causal=True, window=40)], ids=["plain", "causal-window"])
+def test_numpy_dtypes(rng, isa, dtype, opts):
+    q, k, v = make_qkv(rng, 2, 8, 2, 65, 130, 64, dtype=dtype)
+    out, lse = ff.sdpa(q, k, v, return_lse=True, **opts)
+    assert out.dtype == np.dtype(dtype)
+    check(out, lse, q, k, v, tol=dtype, **opts)
+
+
+# ---- masks ----------------------------------------------------------------------------------
+
+MASK_SHAPES = [(5, 70), (1, 1, 5, 70), (2, 1, 1, 70), (2, 4, 5, 70), (70,), (2, 4, 5, 1), (4, 1, 70)]
+
+
+@pytest.mark.parametrize("mshape", MASK_SHAPES, ids=str)
+@pytest.mark.parametrize("kind", ["bool", "additive"])
+def test_masks(rng, isa, mshape, kind):
+    q, k, v = make_qkv(rng, 2, 4, 2, 5, 70, 32)
+    if kind == "bool":
+        mask = rng.random(mshape) < 0.7
+    else:
+        mask = rng.standard_normal(mshape).astype(np.float32)
+        mask[rng.random(mshape) < 0.2] = -np.inf
+    out, lse = ff.sdpa(q, k, v, mask=mask, return_lse=True)
+    check(out, lse, q, k, v, mask=mask)
+    out, lse = ff.sdpa(q, k, v, mask=mask, causal=True, window=9, return_lse=True)
+    check(out, lse, q, k, v, mask=mask, causal=True, window=9)
+
+
+def test_additive_mask_float64_and_strided(rng, isa):
+    q, k, v = make_qkv(rng, 1, 2, 1, 9, 40, 16)
+    big = rng.standard_normal((2, 9, 80))  # float64, viewed with a step on the key axis
+    mask = big[:, :, ::2]
+    out = ff.sdpa(q, k, v, mask=mask[None])
+    check(out, None, q, k, v, mask=mask[None])
+
+
+def test_fully_masked_rows_give_zero_and_neg_inf(rng, isa, threads):
+    q, k, v = make_qkv(rng, 1, 4, 2, 6, 100, 32)
+    mask = np.ones((6, 100), dtype=bool)
+    mask[2] = False
+    add = np.zeros((6, 100), dtype=np.float32)
+    add[4] = -np.inf
+    for m in (mask, add):
+        for chunk in (-1, 0, 64):
+            out, lse = native_sdpa(q, k, v, mask=m, return_lse=True, kv_chunk=chunk)
+            dead = 2 if m.dtype == bool else 4
+            assert not np.isnan(out).any()
+            assert (out[:, :, dead] == 0).all() and np.isneginf(lse[:, :, dead]).all()
+            check(out, lse, q, k, v, mask=m)
+
+
+def test_causal_more_queries_than_keys(rng, isa):
+    """Bottom-right causal: the first Lq - Lk queries see no key at all."""
+    q, k, v = make_qkv(rng, 1, 2, 2, 40, 10, 32)
+    out, lse = ff.sdpa(q, k, v, causal=True, return_lse=True)
+    assert (out[:, :, :30] == 0).all() and np.isneginf(lse[:, :, :30]).all()
+    check(out, lse, q, k, v, causal=True)
+
+
+# ---- split-KV decode ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("chunk", [64, 128, 192])
+@pytest.mark.parametrize("opts", [dict(), dict(causal=True, window=300), dict(causal=True)], ids=str)
+def test_split_kv(rng, isa, threads, chunk, opts):
+    q, k, v = make_qkv(rng, 2, 8, 2, 3, 701, 64)
+    out, lse = native_sdpa(q, k, v, return_lse=True, kv_chunk=chunk, **opts)
+    check(out, lse, q, k, v, **opts)
+
+
+def test_split_kv_auto_decode(rng, isa, threads):
+    """Lq = 1 with many keys takes the split path by shape; results equal for any thread count."""
+    q, k, v = make_qkv(rng, 1, 32, 8, 1, 1500, 128)
+    out, lse = ff.sdpa(q, k, v, causal=True, return_lse=True)
+    check(out, lse, q, k, v, causal=True)
+    from conftest import kernel_config
+
+    with kernel_config(threads=1):
+        np.testing.assert_array_equal(ff.sdpa(q, k, v, causal=True), out)
+
+
+def test_split_kv_many_rows(rng, isa):
+    """Forced chunks also work when a kv group has several row blocks."""
+    q, k, v = make_qkv(rng, 1, 4, 1, 40, 300, 32)
+    out = native_sdpa(q, k, v, causal=True, kv_chunk=64)
+    check(out, None, q, k, v, causal=True)
+
+
+# ---- layouts, poisoning, immutability -------------------------------------------------------
+
+
+def test_strided_inputs(rng, isa):
+    """[B, L, H, D] tensors viewed as [B, H, L, D] (Hugging Face layout), sliced heads."""
+    b, l, h, d = 2, 37, 6, 64
+    qb = rng.standard_normal((b, l, h, d)).astype(np.float32)
+    kvb = rng.standard_normal((b, l, 2 * h, d)).astype(np.float32)
+    q = qb.transpose(0, 2, 1, 3)
+    k = kvb.transpose(0, 2, 1, 3)[:, :3]
+    v = kvb.transpose(0, 2, 1, 3)[:, 3::1][:, ::1][:, :3]
+    assert not q.flags.c_contiguous
+    out = ff.sdpa(q, k, v, causal=True)
+    check(out, None, q, k, v, causal=True)
+
+
+def test_noncontiguous_last_dim_is_copied(rng, isa):
+    q, k, v = make_qkv(rng, 1, 2, 2, 7, 9, 64)
+    qs = np.asfortranarray(q)
+    ks = np.repeat(k, 2, axis=-1)[..., ::2]
+    out = ff.sdpa(qs, ks, v)
+    check(out, None, q, k, v)
+
+
+@pytest.mark.parametrize("chunk", [-1, 64])
+def test_poisoned_output_fully_written(rng, isa, chunk):
+    q, k, v = make_qkv(rng, 1, 8, 2, 5, 300, 59)
+    out = np.full(q.shape, np.nan, dtype=np.float32)
+    native_sdpa(q, k, v, causal=True, out=out, kv_chunk=chunk)
+    check(out, None, q, k, v, causal=True)
+    out16 = np.full(q.shape, np.nan, dtype=np.float16)
+    q16, k16, v16 = (t.astype(np.float16) for t in (q, k, v))
+    native_sdpa(q16, k16, v16, window=3, out=out16, kv_chunk=chunk)
+    check(out16, None, q16, k16, v16, tol="float16", window=3)
+
+
+def test_inputs_unmodified(rng, isa):
+    q, k, v = make_qkv(rng, 1, 4, 2, 9, 70, 40)
+    mask = rng.standard_normal((9, 70)).astype(np.float32)
+    copies = [t.copy() for t in (q, k, v, mask)]
+    ff.sdpa(q, k, v, mask=mask, causal=True, return_lse=True)
+    for a, b in zip((q, k, v, mask), copies):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_large_scores_no_overflow(rng, isa):
+    q, k, v = make_qkv(rng, 1, 2, 2, 20, 90, 64)
+    out, lse = ff.sdpa(q * 30, k * 30, v, return_lse=True)
+    check(out, lse, q * 30, k * 30, v)
+
+
+# ---- bad input ------------------------------------------------------------------------------
+
+
+def _bad(rng):
+    q, k, v = make_qkv(rng, 1, 4, 2, 5, 6, 8)
+    return q, k, v
+
+
+@pytest.mark.parametrize(
+    "mutate, exc, words",
+    [
+        (lambda q, k, v: (q, k[:, :1].repeat(3, 1), v[:, :1].repeat(3, 1)), ValueError, "3 heads, which does not divide"),
+        (lambda q, k, v: (q, k[..., :4], v[..., :4]), ValueError, "head dim"),
+        (lambda q, k, v: (q[0], k, v), ValueError, "q must be 4-d"),
+        (lambda q, k, v: (q, k, v[:, :, :3]), ValueError, "v's shape"),
+        (lambda q, k, v: (q, k.astype(np.float16), v), TypeError, "share one dtype"),
+        (lambda q, k, v: (q.astype(np.float64), k.astype(np.float64), v.astype(np.float64)), TypeError, "float64"),
+        (lambda q, k, v: (q[:, :, :0], k, v), ValueError, "zero-sized"),
+        (lambda q, k, v: (q[:1], np.concatenate([k, k]), np.concatenate([v, v])), ValueError, "batch"),
+    ],
+)
+def test_bad_arrays(rng, mutate, exc, words):
+    q, k, v = mutate(*_bad(rng))
+    with pytest.raises(exc, match=r"^\[sdpa\].*" + words):
+        ff.sdpa(q, k, v)
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, words",
+    [
+        (dict(scale=float("nan")), ValueError, "scale"),
+        (dict(scale=float("inf")), ValueError, "scale"),
+        (dict(scale="1"), TypeError, "scale"),
+        (dict(window=0), ValueError, "window"),
+        (dict(window=2.5), TypeError, "window"),
+        (dict(causal="yes"), TypeError, "causal"),
+        (dict(mask=np.ones((5, 7), dtype=bool)), ValueError, "mask of shape"),
+        (dict(mask=np.ones((3, 5, 6), dtype=bool)), ValueError, "mask of shape"),
+        (dict(mask=np.ones((5, 6), dtype=np.int32)), TypeError, "mask must be bool"),
+    ],
+)
+def test_bad_options(rng, kwargs, exc, words):
+    q, k, v = _bad(rng)
+    with pytest.raises(exc, match=r"^\[sdpa\].*" + words):
+        ff.sdpa(q, k, v, **kwargs)
+
+
+def test_head_dim_limit(rng):
+    q, k, v = make_qkv(rng, 1, 1, 1, 2, 2, 264)
+    with pytest.raises(ValueError, match=r"^\[sdpa\] head dim 264"):
+        ff.sdpa(q, k, v)
+
+
+# ---- random shapes --------------------------------------------------------------------------
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    b=st.integers(1, 2),
+    hkv=st.integers(1, 3),
+    group=st.sampled_from([1, 2, 4, 7]),
+    lq=st.integers(1, 80),
+    lk=st.integers(1, 200),
+    d=st.sampled_from([1, 8, 13, 32, 59, 64, 100]),
+    causal=st.booleans(),
+    window=st.one_of(st.none(), st.integers(1, 100)),
+    chunk=st.sampled_from([-1, 0, 64]),
+    seed=st.integers(0, 2**31),
+)
+def test_random_shapes(b, hkv, group, lq, lk, d, causal, window, chunk, seed):
+    rng = np.random.default_rng(seed)
+    q, k, v = make_qkv(rng, b, hkv * group, hkv, lq, lk, d)
+    out, lse = native_sdpa(q, k, v, causal=causal, window=window or 0, return_lse=True, kv_chunk=chunk)
+    check(out, lse, q, k, v, causal=causal, window=window)
+
+
+@pytest.mark.slow
+def test_big_prefill(rng):
+    q, k, v = make_qkv(rng, 1, 4, 2, 1025, 1025, 128)
+    out = ff.sdpa(q, k, v, causal=True)
+    check(out, None, q, k, v, causal=True)

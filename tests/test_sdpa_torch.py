@@ -1,0 +1,149 @@
+"""ff.sdpa on torch tensors: dtypes (bf16 included), layouts, the fusedformer::sdpa custom ops
+under torch.compile / torch.export, and the refused backward."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import fusedformer as ff
+from fusedformer import reference
+
+from conftest import require
+
+pytestmark = pytest.mark.torch
+
+
+@pytest.fixture(scope="module")
+def torch():
+    return require("torch")
+
+
+def qkv(torch, b, hq, hkv, lq, lk, d, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(s, generator=g).to(dtype) for s in ((b, hq, lq, d), (b, hkv, lk, d), (b, hkv, lk, d)))
+
+
+def ref_of(q, k, v, **opts):
+    return reference.sdpa(*(t.float().numpy() for t in (q, k, v)), **opts)
+
+
+def torch_sdpa_err(torch, q, k, v, ref, *, causal=False, window=None):
+    """Max error of torch's own SDPA in q's dtype (explicit bool mask, live rows only)."""
+    import torch.nn.functional as F
+
+    allowed = torch.from_numpy(reference.sdpa_mask(q.shape[2], k.shape[2], causal=causal, window=window))
+    g = q.shape[1] // k.shape[1]
+    out = F.scaled_dot_product_attention(q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1), attn_mask=allowed)
+    live = allowed.any(-1).numpy()
+    return np.abs(out.float().numpy() - ref)[:, :, live].max()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize(
+    "shape, opts",
+    [
+        ((1, 8, 2, 65, 130, 64), dict(causal=True)),
+        ((2, 4, 4, 1, 700, 128), dict()),
+        ((1, 7, 1, 33, 33, 80), dict(causal=True, window=9)),
+        ((1, 4, 2, 20, 1100, 96), dict(window=300)),
+    ],
+    ids=str,
+)
+def test_dtypes_vs_torch_error(torch, isa, dtype, shape, opts):
+    """fp32 within 2e-5 of float64; fp16/bf16 error at most twice torch's own SDPA in that dtype."""
+    dt = getattr(torch, dtype)
+    q, k, v = qkv(torch, *shape, dt)
+    out, lse = ff.sdpa(q, k, v, return_lse=True, **opts)
+    assert out.dtype == dt and out.shape == q.shape and lse.dtype == torch.float32
+    ref, ref_lse = ref_of(q, k, v, return_lse=True, **opts)
+    err = np.abs(out.float().numpy() - ref).max()
+    assert not torch.isnan(out).any()
+    if dtype == "float32":
+        assert err < 2e-5
+    else:
+        bound = 2 * torch_sdpa_err(torch, q, k, v, ref, **opts)
+        assert err <= max(bound, 1e-3 if dtype == "float16" else 8e-3), (err, bound)
+    live = np.isfinite(ref_lse)
+    np.testing.assert_allclose(lse.numpy()[live], ref_lse[live], atol=2e-3 if dtype != "float32" else 2e-5, rtol=1e-5)
+
+
+def test_hf_layout_strided_no_contiguous_needed(torch, isa):
+    """[B, L, H, D].transpose(1, 2), as Hugging Face models pass q/k/v."""
+    b, l, h, d = 2, 45, 8, 64
+    q = torch.randn(b, l, h, d).transpose(1, 2)
+    kv = torch.randn(b, l, 2, 2, d)  # fused k/v projection output, 2 kv heads
+    k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
+    assert not q.is_contiguous() and not k.is_contiguous()
+    out = ff.sdpa(q, k, v, causal=True)
+    np.testing.assert_allclose(out.numpy(), ref_of(q, k, v, causal=True), atol=2e-5)
+
+
+def test_bf16_mask_and_lse(torch, isa):
+    q, k, v = qkv(torch, 1, 4, 2, 9, 70, 32, torch.bfloat16)
+    mask = torch.randn(9, 70, dtype=torch.bfloat16)
+    mask[3] = float("-inf")
+    out, lse = ff.sdpa(q, k, v, mask=mask, return_lse=True)
+    assert (out[:, :, 3] == 0).all() and torch.isneginf(lse[:, :, 3]).all()
+    ref = ref_of(q, k, v, mask=mask.float().numpy())
+    assert np.abs(out.float().numpy() - ref).max() < 2e-2
+    keep = torch.rand(1, 1, 9, 70) < 0.5
+    out = ff.sdpa(q, k, v, mask=keep)
+    assert np.abs(out.float().numpy() - ref_of(q, k, v, mask=keep.numpy())).max() < 2e-2
+
+
+def test_framework_mix_rejected(torch):
+    q, k, v = qkv(torch, 1, 2, 2, 3, 4, 8, torch.float32)
+    with pytest.raises(TypeError, match=r"^\[sdpa\] all arrays must come from one framework"):
+        ff.sdpa(q, k.numpy(), v)
+
+
+# ---- custom op ------------------------------------------------------------------------------
+
+
+def test_custom_op_registered_and_opcheck(torch):
+    import fusedformer.torch.attention_op  # noqa: F401
+
+    q, k, v = qkv(torch, 1, 4, 2, 5, 9, 16, torch.float32)
+    assert torch.allclose(torch.ops.fusedformer.sdpa(q, k, v, None, True), ff.sdpa(q, k, v, causal=True))
+    for op, args in [
+        (torch.ops.fusedformer.sdpa.default, (q, k, v, None, True, None, 3)),
+        (torch.ops.fusedformer.sdpa_lse.default, (q, k, v, torch.ones(5, 9, dtype=torch.bool), False, 0.5, None)),
+    ]:
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+
+
+def test_backward_raises_naming_op(torch):
+    q, k, v = qkv(torch, 1, 2, 2, 3, 4, 8, torch.float32)
+    q.requires_grad_(True)
+    out = ff.sdpa(q, k, v)
+    with pytest.raises(NotImplementedError, match=r"fusedformer::sdpa has no backward"):
+        out.sum().backward()
+    out, lse = ff.sdpa(q, k, v, return_lse=True)
+    with pytest.raises(NotImplementedError, match=r"fusedformer::sdpa_lse has no backward"):
+        (out.sum() + lse.sum()).backward()
+
+
+def _module(torch):
+    class Attn(torch.nn.Module):
+        def forward(self, q, k, v):
+            return ff.sdpa(q, k, v, causal=True) * 2
+
+    return Attn()
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_torch_compile(torch, backend):
+    torch._dynamo.reset()
+    q, k, v = qkv(torch, 1, 8, 2, 17, 40, 32, torch.float32)
+    mod = _module(torch)
+    compiled = torch.compile(mod, backend=backend, fullgraph=True)
+    torch.testing.assert_close(compiled(q, k, v), mod(q, k, v))
+
+
+def test_torch_export_sees_one_op(torch):
+    q, k, v = qkv(torch, 1, 8, 2, 17, 40, 32, torch.float32)
+    ep = torch.export.export(_module(torch), (q, k, v))
+    targets = [str(n.target) for n in ep.graph.nodes if n.op == "call_function"]
+    assert targets.count("fusedformer.sdpa.default") == 1, targets
+    torch.testing.assert_close(ep.module()(q, k, v), _module(torch)(q, k, v))
