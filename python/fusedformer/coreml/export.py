@@ -179,15 +179,15 @@ def finish(mlmodel, path, attention, target, precision, fallbacks, info=()):
 
 
 def export(model, example_inputs, path, *, attention="fused", target="iOS18", precision="fp16",
-           kv_cache=False, adapters=None, flexible=None, static_kwargs=None):
+           kv_cache=False, adapters=None, flexible=None, static_kwargs=None, max_len=256):
     """Traces ``model`` on ``example_inputs`` and converts it to a Core ML ML program at ``path``.
 
     attention: "fused" (iOS18 scaled_dot_product_attention) or "unfused" (matmul/softmax/matmul);
       targets below iOS18 always get "unfused" (recorded in ``mlmodel.fusedformer.notes`` and the
       package metadata, and warned).
     precision: "fp16" or "fp32" compute precision.
-    kv_cache: export a stateful decoder (see kv_cache.py; ``model`` must be a fusedformer
-      decoder or wrapped by ``kv_cache.StatefulDecoder``).
+    kv_cache: export a stateful decoder (see kv_cache.py for the protocol ``model`` follows);
+      ``max_len`` is the cache length, inputs take any length up to it.
     adapters: {name: state_dict} -> one multifunction package (see multifunction.py).
     flexible: {input name: {axis: (lo, hi)}} flexible input dims (RangeDim).
     static_kwargs: extra keyword arguments passed to forward while tracing (e.g. use_cache=False).
@@ -207,7 +207,7 @@ def export(model, example_inputs, path, *, attention="fused", target="iOS18", pr
         from fusedformer.coreml.kv_cache import export_stateful
 
         return export_stateful(model, example_inputs, path, attention=attention, target=target,
-                               precision=precision)
+                               precision=precision, max_len=max_len)
 
     named = name_inputs(model, example_inputs)
     static_kwargs = dict(static_kwargs or {})
