@@ -56,3 +56,14 @@ def test_export_kv_cache_and_verify_random_inputs(tmp_path, capsys):
 
 def test_verify_missing_package(tmp_path):
     assert cli.run_verify(_parse(cli.add_verify_arguments, [str(tmp_path / "none.mlpackage")])) == 2
+
+
+def test_bench_coreml_needs_macos(capsys, tmp_path):
+    import platform
+
+    from fusedformer.cli import main
+
+    if platform.system() == "Darwin":
+        pytest.skip("this checks the message off macOS")
+    assert main(["bench", "coreml", str(tmp_path / "a.mlpackage"), "--no-save"]) != 0
+    assert "needs macOS" in capsys.readouterr().err
