@@ -445,6 +445,19 @@ def _gather_batch(x, indices, axis, batch_dims):
     return np.stack([_gather_batch(xb, ib, axis - 1, batch_dims - 1) for xb, ib in zip(x, indices)])
 
 
+@op("gather_nd")
+def _gather_nd(a):
+    """x[indices[..., 0], ..., indices[..., K-1]] after ``batch_dims`` leading batch axes."""
+    x, indices = a.x, np.asarray(a.indices).astype(np.int64)
+    return _gather_nd_batch(x, indices, a.scalar("batch_dims", 0))
+
+
+def _gather_nd_batch(x, indices, batch_dims):
+    if batch_dims == 0:
+        return x[tuple(np.moveaxis(indices, -1, 0))]
+    return np.stack([_gather_nd_batch(xb, ib, batch_dims - 1) for xb, ib in zip(x, indices)])
+
+
 @op("gather_along_axis")
 def _gather_along_axis(a):
     return np.take_along_axis(a.x, np.asarray(a.indices).astype(np.int64), axis=a.scalar("axis", 0))

@@ -265,3 +265,59 @@ def fusedformer_qmatmul(context, node):
     if types.builtin_to_string(x.dtype) != types.builtin_to_string(weight.dtype):
         x = mb.cast(x=x, dtype=types.builtin_to_string(weight.dtype))
     context.add(mb.linear(x=x, weight=weight, name=node.name), torch_name=node.name)
+
+
+# ----------------------------------------------------------------------------------------------
+# torch ops coremltools 9.0 lacks that traced models emit
+
+
+def _diff(context, node):
+    """aten::diff(x, n=1, dim=-1, prepend=None, append=None) (transformers' packed-sequence check)."""
+    inputs = list(_get_inputs(context, node)) + [None] * 5
+    x, n, dim, prepend, append = inputs[:5]
+    n, dim = int(_value(n) if n is not None else 1), int(_value(dim) if dim is not None else -1)
+    axis = dim % x.rank
+    parts = [p for p in (prepend, x, append) if p is not None]
+    if len(parts) > 1:
+        x = mb.concat(values=parts, axis=axis)
+    for _ in range(n):
+        begin = [0] * x.rank
+        end = [0] * x.rank
+        end_mask = [True] * x.rank
+        head_end = list(end)
+        head_end[axis] = -1
+        head_mask = list(end_mask)
+        head_mask[axis] = False
+        tail_begin = list(begin)
+        tail_begin[axis] = 1
+        tail = mb.slice_by_index(x=x, begin=tail_begin, end=end, end_mask=end_mask)
+        head = mb.slice_by_index(x=x, begin=begin, end=head_end, end_mask=head_mask)
+        x = mb.sub(x=tail, y=head)
+    context.add(mb.identity(x=x, name=node.name), torch_name=node.name)
+
+
+def _new_ones(context, node):
+    """aten::new_ones(self, size, dtype, ...) (transformers' mask builders)."""
+    from coremltools.converters.mil.frontend.torch.utils import NUM_TO_DTYPE_STRING
+
+    inputs = list(_get_inputs(context, node)) + [None] * 3
+    x, size, dtype = inputs[:3]
+    if isinstance(size, (list, tuple)):
+        size = mb.concat(values=list(size), axis=0)
+    if size.val is not None:  # a constant shape (possibly (), a scalar)
+        ones = mb.const(val=np.ones([int(d) for d in np.asarray(size.val).ravel()], np.float32))
+    else:
+        ones = mb.fill(shape=mb.cast(x=size, dtype="int32"), value=1.0)
+    dtype = NUM_TO_DTYPE_STRING[_value(dtype)] if dtype is not None else types.builtin_to_string(x.dtype)
+    context.add(mb.cast(x=ones, dtype=dtype, name=node.name), torch_name=node.name)
+
+
+def _register_missing_torch_ops():
+    from coremltools.converters.mil.frontend.torch.torch_op_registry import _TORCH_OPS_REGISTRY
+
+    for name, fn in (("diff", _diff), ("new_ones", _new_ones)):
+        if name not in _TORCH_OPS_REGISTRY.name_to_func_mapping:
+            register_torch_op(fn, torch_alias=[name])
+
+
+_register_missing_torch_ops()
