@@ -123,17 +123,6 @@ def test_sdpa_lowering_matches_reference(case, attention, rng, tmp_path):
     np.testing.assert_allclose(out, expected, atol=2e-5, rtol=1e-5)
 
 
-def test_unknown_op_is_named(decoder, tmp_path):
-    from coremltools.converters.mil import Builder as mb
-
-    @mb.program(input_specs=[mb.TensorSpec(shape=(1, 1, 2, 3))], opset_version=ct.target.iOS17)
-    def prog(x):
-        return mb.l2_pool(x=x, kernel_sizes=[1, 1], strides=[1, 1], pad_type="valid")
-
-    with pytest.raises(ff.coreml.UnsupportedOpError, match="l2_pool"):
-        ff.coreml.Program(prog)
-
-
 def test_verify_rejects_bad_inputs(decoder, tmp_path):
     model, ids, _ = decoder
     mlmodel = ff.coreml.export(model, (ids,), tmp_path / "d.mlpackage", precision="fp32")

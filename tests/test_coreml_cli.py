@@ -44,6 +44,7 @@ def test_export_then_verify_tiny_llama(tmp_path, capsys):
     np.testing.assert_allclose(np.load(tmp_path / "out.npz")["logits"], expected, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_export_kv_cache_and_verify_random_inputs(tmp_path, capsys):
     out = tmp_path / "kv.mlpackage"
     args = _parse(cli.add_export_arguments, ["tiny-llama", "--out", str(out), "--seq-len", "4", "--kv-cache",

@@ -22,7 +22,7 @@ def _inventory(mlmodel):
     return ff.coreml.Program.load(mlmodel).op_types()
 
 
-@pytest.mark.parametrize("attention", ["fused", "unfused"])
+@pytest.mark.parametrize("attention", ["fused", pytest.param("unfused", marks=pytest.mark.slow)])
 def test_gpt2(attention, tmp_path):
     torch.manual_seed(0)
     config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=100, n_positions=32)

@@ -7,7 +7,7 @@ import pytest
 
 from tests.conftest import require
 
-pytestmark = pytest.mark.coreml
+pytestmark = [pytest.mark.coreml, pytest.mark.slow]  # seven conversions
 
 ct = require("coremltools")
 torch = require("torch")
