@@ -132,3 +132,26 @@ def test_verify_rejects_bad_inputs(decoder, tmp_path):
         ff.coreml.verify(mlmodel, {"input_ids": ids[:, :3]})
     with pytest.raises(ValueError, match="no model"):
         ff.coreml.verify(tmp_path / "missing.mlpackage", {"input_ids": ids})
+
+
+def test_flexible_length(decoder, tmp_path):
+    model, ids, _ = decoder
+    mlmodel = ff.coreml.export(model, (ids,), tmp_path / "flex.mlpackage", precision="fp32",
+                               flexible={"input_ids": {1: (1, 64)}})
+    for length in (1, 4, 17):
+        tokens = torch.randint(0, 97, (1, length))
+        with torch.no_grad():
+            expected = model(tokens).numpy()
+        out = ff.coreml.verify(mlmodel, {"input_ids": tokens})["logits"]
+        assert psnr(expected, out) >= 60, length
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"attention": "flash"}, "attention must be one of"),
+    ({"precision": "bf16"}, "precision must be one of"),
+    ({"target": "iOS99"}, "unknown target"),
+])
+def test_export_rejects_bad_options(decoder, tmp_path, kwargs, match):
+    model, ids, _ = decoder
+    with pytest.raises(ValueError, match=match):
+        ff.coreml.export(model, (ids,), tmp_path / "x.mlpackage", **kwargs)

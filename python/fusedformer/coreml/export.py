@@ -132,16 +132,21 @@ def resolve_target(target):
         raise ValueError(f"[export] unknown target {target!r} (e.g. 'iOS18', 'macOS15')") from None
 
 
+def check_options(attention, target, precision):
+    if attention not in ATTENTIONS:
+        raise ValueError(f"[export] attention must be one of {ATTENTIONS}, got {attention!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"[export] precision must be one of {PRECISIONS}, got {precision!r}")
+    resolve_target(target)
+
+
 def convert(traced, inputs, output_names, *, attention, target, precision, states=None, progress=True):
     """ct.convert with our lowerings registered and the options applied; -> (MLModel, notes)."""
     import coremltools as ct
 
     from fusedformer.coreml import lowering
 
-    if attention not in ATTENTIONS:
-        raise ValueError(f"[export] attention must be one of {ATTENTIONS}, got {attention!r}")
-    if precision not in PRECISIONS:
-        raise ValueError(f"[export] precision must be one of {PRECISIONS}, got {precision!r}")
+    check_options(attention, target, precision)
     with lowering.lowering_options(attention=attention, weight_dtype=precision) as options:
         mlmodel = ct.convert(
             traced,
@@ -197,6 +202,7 @@ def export(model, example_inputs, path, *, attention="fused", target="iOS18", pr
 
     import coremltools as ct
 
+    check_options(attention, target, precision)
     if adapters:
         from fusedformer.coreml.multifunction import export_multifunction
 
