@@ -4,6 +4,7 @@
 #include <pybind11/numpy.h>
 
 #include <string>
+#include <vector>
 
 #include "csrc/bindings.h"
 #include "csrc/dispatch.h"
@@ -55,10 +56,21 @@ py::array qmatmul(const py::array& x, int dtype, int codes_kind, int64_t n, int6
   w.bits = bits;
   w.group = group;
   const int64_t* offsets = nullptr;
+  std::vector<int64_t> own_offsets;
   if (sparse) {
     if (k % 8) fail("sparse weights need K % 8 == 0");
     w.mask = static_cast<const uint8_t*>(buffer(mask, "mask", 1, n * k / 8));
-    offsets = static_cast<const int64_t*>(buffer(row_offsets, "row_offsets", 8, n + 1));
+    if (row_offsets.is_none()) {  // survivors before each row: a popcount prefix of the mask
+      own_offsets.assign(static_cast<size_t>(n + 1), 0);
+      for (int64_t r = 0; r < n; ++r) {
+        int64_t c = 0;
+        for (int64_t b = r * k / 8; b < (r + 1) * k / 8; ++b) c += __builtin_popcount(w.mask[b]);
+        own_offsets[r + 1] = own_offsets[r] + c;
+      }
+      offsets = own_offsets.data();
+    } else {
+      offsets = static_cast<const int64_t*>(buffer(row_offsets, "row_offsets", 8, n + 1));
+    }
     w.row_offsets = offsets;
   }
   const int64_t count = sparse ? offsets[n] : n * k;

@@ -12,7 +12,7 @@ import fusedformer as ff
 from fusedformer import reference
 from fusedformer.quant import Affine, Int8, Palettize, Prune, compress
 
-from conftest import require
+from tests.conftest import kernel_config, require
 
 SCHEMES = [
     *(Affine(b, g) for b, g in [(2, 32), (3, 64), (4, 64), (4, 32), (5, 32), (6, 128), (8, 64)]),
@@ -69,8 +69,6 @@ def test_int8_odd_k(k, m, isa, rng):
 
 @pytest.mark.parametrize("m", [1, 3, 20])
 def test_thread_count_does_not_change_results(m, isa, rng):
-    from conftest import kernel_config
-
     qw = weight(Affine(4, 64))
     x = rng.standard_normal((m, K)).astype(np.float32)
     with kernel_config(threads=1):

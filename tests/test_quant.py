@@ -9,7 +9,7 @@ import pytest
 from fusedformer.quant import (Affine, Int8, Palettize, Prune, QuantizedWeight, compress, pack_bits,
                                unpack_bits)
 
-from conftest import require
+from tests.conftest import require
 
 
 def gaussian(rng, shape=(96, 256), std=0.02):

@@ -26,7 +26,7 @@ def kernel_args(qw) -> dict:
     inner = s.then if isinstance(s, Prune) else s
     args = dict(n=n, k=k)
     if isinstance(s, Prune):
-        args.update(mask=a["mask"], row_offsets=qw.row_offsets())
+        args.update(mask=a["mask"])  # the binding derives the row offsets
     if inner is None:
         args.update(codes_kind=_CODES["f32"], bits=32, group=1, codes=a["values"])
     elif isinstance(inner, Affine):
@@ -81,13 +81,9 @@ def qmatmul(x, qw):
 
         return mlx_quant.qmatmul(x, qw)
     if kind == "torch":
-        import torch
+        from .torch.qmatmul_op import qmatmul_torch
 
-        if x.requires_grad and torch.is_grad_enabled():
-            from .torch.qmatmul_op import qmatmul_torch
-
-            return qmatmul_torch(x, qw)
-        return qmatmul_tensor(x, qw)
+        return qmatmul_torch(x, qw)
     return qmatmul_numpy(np.asarray(x), qw)
 
 

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstring>
+#include <type_traits>
 
 #include "kernels/cpu/quant/api.h"
 #include "kernels/cpu/simd/vec.h"
@@ -24,62 +25,81 @@ inline uint32_t code_at(const uint8_t* stream, int64_t index, int bits) {
   return (v >> shift) & ((1u << bits) - 1);
 }
 
-// The eight codes starting at element `index` (a multiple of 8) of a b-bit stream (b <= 8):
-// they fill exactly b bytes.
-inline uint64_t load_code_bytes(const uint8_t* stream, int64_t index, int bits) {
-  uint64_t u = 0;
-  std::memcpy(&u, stream + (index >> 3) * bits, bits);
-  return u;
+// The eight codes starting at element `index` (a multiple of 8) of a B-bit stream (B <= 8):
+// they fill exactly B bytes.
+// Composed from power-of-two loads so the value stays in registers (a B-byte memcpy goes
+// through the stack and stalls store forwarding).
+template <class T>
+inline uint64_t load_le(const uint8_t* p) {
+  T v;
+  std::memcpy(&v, p, sizeof(T));
+  return v;
+}
+template <int B>
+inline uint64_t load_code_bytes(const uint8_t* stream, int64_t index) {
+  const uint8_t* p = stream + (index >> 3) * B;
+  if constexpr (B == 1) return p[0];
+  if constexpr (B == 2) return load_le<uint16_t>(p);
+  if constexpr (B == 3) return load_le<uint16_t>(p) | uint64_t{p[2]} << 16;
+  if constexpr (B == 4) return load_le<uint32_t>(p);
+  if constexpr (B == 5) return load_le<uint32_t>(p) | uint64_t{p[4]} << 32;
+  if constexpr (B == 6) return load_le<uint32_t>(p) | load_le<uint16_t>(p + 4) << 32;
+  if constexpr (B == 7) return load_le<uint32_t>(p) | load_le<uint16_t>(p + 4) << 32 | uint64_t{p[6]} << 48;
+  return load_le<uint64_t>(p);
 }
 
 #if defined(__AVX2__)
 struct i32x8 {
   __m256i v;
 };
-inline i32x8 codes8(const uint8_t* stream, int64_t index, int bits) {
-  if (bits == 8) {
+template <int B>
+inline i32x8 codes8(const uint8_t* stream, int64_t index) {
+  if constexpr (B == 8) {
     return {_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(stream + index)))};
+  } else {
+    const uint64_t u = load_code_bytes<B>(stream, index);
+    const __m256i mask = _mm256_set1_epi32((1 << B) - 1);
+    if constexpr (B <= 4) {
+      const __m256i shifts = _mm256_setr_epi32(0, B, 2 * B, 3 * B, 4 * B, 5 * B, 6 * B, 7 * B);
+      return {_mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int32_t>(u)), shifts), mask)};
+    } else {
+      // 5..7 bits: lane i takes the 16-bit window at byte (i*B)/8, shifted by (i*B)%8.
+#define FF_W(i) static_cast<char>(((i) * B) >> 3), static_cast<char>((((i) * B) >> 3) + 1), -1, -1
+      const __m256i ctrl = _mm256_setr_epi8(FF_W(0), FF_W(1), FF_W(2), FF_W(3), FF_W(4), FF_W(5), FF_W(6), FF_W(7));
+#undef FF_W
+      const __m256i sh = _mm256_setr_epi32(0, B & 7, (2 * B) & 7, (3 * B) & 7, (4 * B) & 7, (5 * B) & 7,
+                                           (6 * B) & 7, (7 * B) & 7);
+      const __m128i bytes = _mm_cvtsi64_si128(static_cast<int64_t>(u));
+      const __m256i win = _mm256_shuffle_epi8(_mm256_set_m128i(bytes, bytes), ctrl);
+      return {_mm256_and_si256(_mm256_srlv_epi32(win, sh), mask)};
+    }
   }
-  const uint64_t u = load_code_bytes(stream, index, bits);
-  const __m256i mask = _mm256_set1_epi32((1 << bits) - 1);
-  if (bits <= 4) {
-    const __m256i shifts = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(bits));
-    return {_mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int32_t>(u)), shifts), mask)};
-  }
-  // 5, 6, 7 bits: lane i takes the 16-bit window at byte (i*b)/8 and shifts by (i*b)%8.
-  alignas(32) int8_t ctrl[32];
-  alignas(32) int32_t sh[8];
-  for (int i = 0; i < 8; ++i) {
-    const int byte = (i * bits) >> 3;
-    ctrl[4 * i] = static_cast<int8_t>(byte);
-    ctrl[4 * i + 1] = static_cast<int8_t>(byte + 1);
-    ctrl[4 * i + 2] = ctrl[4 * i + 3] = -1;
-    sh[i] = (i * bits) & 7;
-  }
-  const __m128i bytes = _mm_cvtsi64_si128(static_cast<int64_t>(u));
-  const __m256i both = _mm256_set_m128i(bytes, bytes);
-  const __m256i win = _mm256_shuffle_epi8(both, _mm256_load_si256(reinterpret_cast<const __m256i*>(ctrl)));
-  return {_mm256_and_si256(_mm256_srlv_epi32(win, _mm256_load_si256(reinterpret_cast<const __m256i*>(sh))), mask)};
 }
 inline f32x8 to_f32(i32x8 c) { return {_mm256_cvtepi32_ps(c.v)}; }
-// lut[c] for 8 codes, lut with 2^bits entries.
-inline f32x8 lookup(const float* lut, i32x8 c, int bits) {
-  if (bits <= 3) return {_mm256_permutevar8x32_ps(_mm256_loadu_ps(lut), c.v)};
-  if (bits == 4) {
+// lut[c] for 8 codes; the LUT has 2^B entries.
+template <int B>
+inline f32x8 lookup(const float* lut, i32x8 c) {
+  if constexpr (B <= 3) {
+    // masked load: the LUT row has only 2^B entries
+    const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32(1 << B), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    return {_mm256_permutevar8x32_ps(_mm256_maskload_ps(lut, live), c.v)};
+  } else if constexpr (B == 4) {
     const __m256 lo = _mm256_permutevar8x32_ps(_mm256_loadu_ps(lut), c.v);
     const __m256 hi = _mm256_permutevar8x32_ps(_mm256_loadu_ps(lut + 8), c.v);
     return {_mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(c.v, 28)))};
+  } else {
+    return {_mm256_i32gather_ps(lut, c.v, 4)};
   }
-  return {_mm256_i32gather_ps(lut, c.v, 4)};
 }
 #else
 struct i32x8 {
   int32_t v[8];
 };
-inline i32x8 codes8(const uint8_t* stream, int64_t index, int bits) {
-  const uint64_t u = load_code_bytes(stream, index, bits);
+template <int B>
+inline i32x8 codes8(const uint8_t* stream, int64_t index) {
+  const uint64_t u = load_code_bytes<B>(stream, index);
   i32x8 c;
-  for (int i = 0; i < 8; ++i) c.v[i] = static_cast<int32_t>((u >> (i * bits)) & ((1u << bits) - 1));
+  for (int i = 0; i < 8; ++i) c.v[i] = static_cast<int32_t>((u >> (i * B)) & ((1u << B) - 1));
   return c;
 }
 inline f32x8 to_f32(i32x8 c) {
@@ -87,15 +107,30 @@ inline f32x8 to_f32(i32x8 c) {
   for (int i = 0; i < 8; ++i) f[i] = static_cast<float>(c.v[i]);
   return simd::load(f);
 }
-inline f32x8 lookup(const float* lut, i32x8 c, int bits) {
-  (void)bits;
+template <int B>
+inline f32x8 lookup(const float* lut, i32x8 c) {
   float f[8];
   for (int i = 0; i < 8; ++i) f[i] = lut[c.v[i]];
   return simd::load(f);
 }
 #endif
 
-// W[n, k0 : k0 + len] -> out (fp32, exactly QuantizedWeight.dequantize()'s values).
+// Calls f(std::integral_constant<int, B>) for the runtime code width (1..8).
+template <class F>
+inline void bits_switch(int bits, const F& f) {
+  switch (bits) {
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    case 4: return f(std::integral_constant<int, 4>{});
+    case 5: return f(std::integral_constant<int, 5>{});
+    case 6: return f(std::integral_constant<int, 6>{});
+    case 7: return f(std::integral_constant<int, 7>{});
+    default: return f(std::integral_constant<int, 8>{});
+  }
+}
+
+// W[n, k0 : k0 + len] -> out (fp32: QuantizedWeight.dequantize()'s values, to an FMA rounding).
 // Dense: k0 is a multiple of 8; len may end in a tail only for int8 (K % 8 != 0).
 inline void decode_row(const QWeight& w, int64_t n, int64_t k0, int64_t len, float* out);
 
@@ -104,7 +139,7 @@ inline float value_at(const QWeight& w, int64_t n, int64_t k, int64_t code_index
     case QCodes::affine: {
       const int64_t g = n * (w.k / w.group) + k / w.group;
       const float q = static_cast<float>(code_at(static_cast<const uint8_t*>(w.codes), code_index, w.bits));
-      const float sq = w.scales[g] * q;  // two roundings, like mx.dequantize
+      const float sq = w.scales[g] * q;  // (the compiler may fuse this into an FMA)
       return sq + w.biases[g];
     }
     case QCodes::int8: {
@@ -120,15 +155,37 @@ inline float value_at(const QWeight& w, int64_t n, int64_t k, int64_t code_index
   }
 }
 
+// Pruned rows: walk the mask a byte (8 columns) at a time; each kept column takes the next
+// code of the row's survivors. Invariants of the inner format are hoisted per row / group.
 inline void decode_sparse(const QWeight& w, int64_t n, int64_t k0, int64_t len, float* out) {
-  const uint8_t* mask = w.mask;
-  const int64_t base = n * w.k;
-  // survivors of row n before k0 (rows start on a byte: K % 8 == 0, and so does k0)
+  const uint8_t* mask = w.mask + (n * w.k + k0) / 8;  // rows and k0 start on a byte (K % 8 == 0)
   int64_t p = w.row_offsets[n];
-  for (int64_t b = base >> 3; b < (base + k0) >> 3; ++b) p += __builtin_popcount(mask[b]);
-  for (int64_t k = k0; k < k0 + len; ++k) {
-    const bool kept = (mask[(base + k) >> 3] >> ((base + k) & 7)) & 1;
-    out[k - k0] = kept ? value_at(w, n, k, p++) : 0.0f;
+  for (const uint8_t* b = w.mask + n * w.k / 8; b < mask; ++b) p += __builtin_popcount(*b);
+  const uint8_t* stream = static_cast<const uint8_t*>(w.codes);
+  const float* values = static_cast<const float*>(w.codes);
+  const int64_t groups = w.codes_kind == QCodes::affine ? w.k / w.group : 1;
+  const float* sc = w.scales ? w.scales + n * groups : nullptr;
+  const float* bi = w.biases ? w.biases + n * groups : nullptr;
+  const float* lut = w.lut ? w.lut + ((n / w.group) << w.bits) : nullptr;
+  for (int64_t i = 0; i < len; i += 8) {
+    const unsigned bits = mask[i / 8];
+    for (int j = 0; j < 8; ++j) out[i + j] = 0.0f;
+    if (!bits) continue;
+    const int64_t g = w.codes_kind == QCodes::affine ? (k0 + i) / w.group : 0;  // 8 | group
+    for (unsigned m = bits; m; m &= m - 1) {
+      const int j = __builtin_ctz(m);
+      float v;
+      if (w.codes_kind == QCodes::affine) {
+        const float sq = sc[g] * static_cast<float>(code_at(stream, p, w.bits));
+        v = sq + bi[g];
+      } else if (w.codes_kind == QCodes::lut) {
+        v = lut[code_at(stream, p, w.bits)];
+      } else {
+        v = values[p];
+      }
+      ++p;
+      out[i + j] = v;
+    }
   }
 }
 
@@ -141,11 +198,14 @@ inline void decode_row(const QWeight& w, int64_t n, int64_t k0, int64_t len, flo
     case QCodes::affine: {
       const float* sc = w.scales + n * (w.k / w.group);
       const float* bi = w.biases + n * (w.k / w.group);
-      for (; i + 8 <= len; i += 8) {
-        const int64_t g = (k0 + i) / w.group;
-        const f32x8 q = to_f32(codes8(stream, base + i, w.bits));
-        simd::store(out + i, simd::add(simd::mul(simd::set1(sc[g]), q), simd::set1(bi[g])));
-      }
+      bits_switch(w.bits, [&](auto b) {
+        constexpr int B = decltype(b)::value;
+        for (; i + 8 <= len; i += 8) {
+          const int64_t g = (k0 + i) / w.group;
+          const f32x8 q = to_f32(codes8<B>(stream, base + i));
+          simd::store(out + i, simd::add(simd::mul(simd::set1(sc[g]), q), simd::set1(bi[g])));
+        }
+      });
       break;
     }
     case QCodes::int8: {
@@ -157,7 +217,10 @@ inline void decode_row(const QWeight& w, int64_t n, int64_t k0, int64_t len, flo
     }
     case QCodes::lut: {
       const float* lut = w.lut + ((n / w.group) << w.bits);
-      for (; i + 8 <= len; i += 8) simd::store(out + i, lookup(lut, codes8(stream, base + i, w.bits), w.bits));
+      bits_switch(w.bits, [&](auto b) {
+        constexpr int B = decltype(b)::value;
+        for (; i + 8 <= len; i += 8) simd::store(out + i, lookup<B>(lut, codes8<B>(stream, base + i)));
+      });
       break;
     }
     default: {

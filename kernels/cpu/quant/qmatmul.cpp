@@ -36,8 +36,132 @@ struct Problem {
 };
 
 // ---- GEMV --------------------------------------------------------------------------------
+// Dense formats decode eight codes straight into a register and FMA them with every x row
+// (kUnroll independent chains per row when few rows). Affine factors the group out:
+// sum_k x*(s*q + b) = s * sum_k x*q + b * sum_k x (the x group sums are computed once).
+// Int8 likewise: scale * (sum_k x*q - zero_point * sum_k x). Pruned weights decode rows into
+// an L1 buffer first.
+
+#define FF_ALWAYS_INLINE inline __attribute__((always_inline))
+
 template <int MR>
-void gemv_rows(const Problem& p, int64_t n0, int64_t n1) {
+constexpr int unroll() {
+  return MR == 1 ? 4 : MR == 2 ? 2 : 1;
+}
+
+// acc[r][u] += x_r[k + 8u] * v(k + 8u) over [k0, k1), steps of 8 * U.
+template <int MR, class V>
+FF_ALWAYS_INLINE void dot_span(const Problem& p, int64_t k0, int64_t k1, const V& v, f32x8 (&acc)[MR][unroll<MR>()]) {
+  constexpr int U = unroll<MR>();
+  for (int64_t k = k0; k < k1; k += 8 * U) {
+    for (int u = 0; u < U; ++u) {
+      const f32x8 wv = v(k + 8 * u);
+      for (int r = 0; r < MR; ++r) acc[r][u] = simd::fmadd(simd::load(p.x + r * p.ldx + k + 8 * u), wv, acc[r][u]);
+    }
+  }
+}
+
+template <int MR>
+FF_ALWAYS_INLINE f32x8 sum_chains(f32x8 (&acc)[MR][unroll<MR>()], int r) {
+  f32x8 s = acc[r][0];
+  for (int u = 1; u < unroll<MR>(); ++u) s = simd::add(s, acc[r][u]);
+  return s;
+}
+
+// x row sums per affine group (xsum[r * groups + g]) or per row (groups == 1, whole K).
+void x_group_sums(const Problem& p, int64_t group, float* xsum) {
+  const int64_t groups = p.w->k / group;
+  for (int64_t r = 0; r < p.m; ++r)
+    for (int64_t g = 0; g < groups; ++g) {
+      const float* x = p.x + r * p.ldx + g * group;
+      f32x8 s = simd::zero();
+      int64_t i = 0;
+      for (; i + 8 <= group; i += 8) s = simd::add(s, simd::load(x + i));
+      float t = simd::reduce_add(s);
+      for (; i < group; ++i) t += x[i];
+      xsum[r * groups + g] = t;
+    }
+}
+
+template <int MR, int B>
+void gemv_affine(const Problem& p, const float* xsum, int64_t n0, int64_t n1) {
+  constexpr int U = unroll<MR>();
+  const QWeight& w = *p.w;
+  const int64_t groups = w.k / w.group;
+  const uint8_t* stream = static_cast<const uint8_t*>(w.codes);
+  const int64_t span = std::max<int64_t>(w.group, 8 * U);  // group >= 32 >= 8 * U
+  for (int64_t n = n0; n < n1; ++n) {
+    const float* sc = w.scales + n * groups;
+    const float* bi = w.biases + n * groups;
+    const int64_t base = n * w.k;
+    f32x8 acc[MR];
+    float bias_part[MR];
+    for (int r = 0; r < MR; ++r) acc[r] = simd::zero(), bias_part[r] = 0;
+    for (int64_t g = 0; g < groups; ++g) {
+      f32x8 gacc[MR][U];
+      for (int r = 0; r < MR; ++r)
+        for (int u = 0; u < U; ++u) gacc[r][u] = simd::zero();
+      dot_span<MR>(p, g * span, (g + 1) * span, [&](int64_t k) __attribute__((always_inline)) { return quant::to_f32(quant::codes8<B>(stream, base + k)); },
+                   gacc);
+      const f32x8 s = simd::set1(sc[g]);
+      for (int r = 0; r < MR; ++r) {
+        acc[r] = simd::fmadd(sum_chains<MR>(gacc, r), s, acc[r]);
+        bias_part[r] += bi[g] * xsum[r * groups + g];
+      }
+    }
+    for (int r = 0; r < MR; ++r) p.y[r * w.n + n] = simd::reduce_add(acc[r]) + bias_part[r];
+  }
+}
+
+// Int8 and LUT: v(k) decodes eight values of row n; `post` maps the dot to y.
+template <int MR>
+void gemv_int8(const Problem& p, const float* xsum, int64_t n0, int64_t n1) {
+  constexpr int U = unroll<MR>();
+  const QWeight& w = *p.w;
+  const int64_t body = w.k / (8 * U) * (8 * U);
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* q = static_cast<const int8_t*>(w.codes) + n * w.k;
+    f32x8 acc[MR][U];
+    for (int r = 0; r < MR; ++r)
+      for (int u = 0; u < U; ++u) acc[r][u] = simd::zero();
+    dot_span<MR>(p, 0, body, [&](int64_t k) __attribute__((always_inline)) { return simd::load_i8(q + k); }, acc);
+    const float zp = w.zero_points ? static_cast<float>(w.zero_points[n]) : 0.0f;
+    for (int r = 0; r < MR; ++r) {
+      float d = simd::reduce_add(sum_chains<MR>(acc, r));
+      for (int64_t k = body; k < w.k; ++k) d += p.x[r * p.ldx + k] * static_cast<float>(q[k]);
+      p.y[r * w.n + n] = w.scales[n] * (d - zp * xsum[r]);
+    }
+  }
+}
+
+template <int MR, int B>
+void gemv_lut(const Problem& p, int64_t n0, int64_t n1) {
+  constexpr int U = unroll<MR>();
+  const QWeight& w = *p.w;
+  const uint8_t* stream = static_cast<const uint8_t*>(w.codes);
+  const int64_t body = w.k / (8 * U) * (8 * U);
+  for (int64_t n = n0; n < n1; ++n) {
+    const float* lut = w.lut + ((n / w.group) << B);
+    const int64_t base = n * w.k;
+    f32x8 acc[MR][U];
+    for (int r = 0; r < MR; ++r)
+      for (int u = 0; u < U; ++u) acc[r][u] = simd::zero();
+    dot_span<MR>(p, 0, body, [&](int64_t k) __attribute__((always_inline)) { return quant::lookup<B>(lut, quant::codes8<B>(stream, base + k)); }, acc);
+    for (int r = 0; r < MR; ++r) {
+      float d = simd::reduce_add(sum_chains<MR>(acc, r));
+      for (int64_t k = body; k < w.k; k += 8) {  // K % 8 == 0 for LUT weights
+        alignas(32) float v[8];
+        simd::store(v, quant::lookup<B>(lut, quant::codes8<B>(stream, base + k)));
+        for (int i = 0; i < 8; ++i) d += p.x[r * p.ldx + k + i] * v[i];
+      }
+      p.y[r * w.n + n] = d;
+    }
+  }
+}
+
+// Any format (pruned ones): rows decoded into an L1 buffer, then dotted.
+template <int MR>
+void gemv_buffered(const Problem& p, int64_t n0, int64_t n1) {
   const QWeight& w = *p.w;
   alignas(32) float buf[kGemvChunk];
   for (int64_t n = n0; n < n1; ++n) {
@@ -60,22 +184,46 @@ void gemv_rows(const Problem& p, int64_t n0, int64_t n1) {
   }
 }
 
-void gemv(const Problem& p) {
-  auto run = [&](auto mr) {
-    constexpr int MR = decltype(mr)::value;
-    parallel_for((p.w->n + kGemvRows - 1) / kGemvRows, 1, [&](int64_t b, int64_t e) {
-      for (int64_t t = b; t < e; ++t) gemv_rows<MR>(p, t * kGemvRows, std::min(p.w->n, (t + 1) * kGemvRows));
+template <int MR>
+void gemv_mr(const Problem& p) {
+  const QWeight& w = *p.w;
+  const int64_t tasks = (w.n + kGemvRows - 1) / kGemvRows;
+  auto over_rows = [&](const auto& rows_fn) {
+    parallel_for(tasks, 1, [&](int64_t b, int64_t e) {
+      for (int64_t t = b; t < e; ++t) rows_fn(t * kGemvRows, std::min(w.n, (t + 1) * kGemvRows));
     });
   };
+  if (w.mask) return over_rows([&](int64_t a, int64_t b) { gemv_buffered<MR>(p, a, b); });
+  if (w.codes_kind == QCodes::affine) {
+    std::unique_ptr<float[]> xsum(new float[p.m * (w.k / w.group)]);
+    x_group_sums(p, w.group, xsum.get());
+    return quant::bits_switch(w.bits, [&](auto b) {
+      over_rows([&](int64_t a, int64_t e) { gemv_affine<MR, decltype(b)::value>(p, xsum.get(), a, e); });
+    });
+  }
+  if (w.codes_kind == QCodes::int8) {
+    std::unique_ptr<float[]> xsum(new float[p.m]);
+    x_group_sums(p, w.k, xsum.get());
+    return over_rows([&](int64_t a, int64_t e) { gemv_int8<MR>(p, xsum.get(), a, e); });
+  }
+  if (w.codes_kind == QCodes::lut) {
+    return quant::bits_switch(w.bits, [&](auto b) {
+      over_rows([&](int64_t a, int64_t e) { gemv_lut<MR, decltype(b)::value>(p, a, e); });
+    });
+  }
+  over_rows([&](int64_t a, int64_t b) { gemv_buffered<MR>(p, a, b); });
+}
+
+void gemv(const Problem& p) {
   switch (p.m) {
-    case 1: return run(std::integral_constant<int, 1>{});
-    case 2: return run(std::integral_constant<int, 2>{});
-    case 3: return run(std::integral_constant<int, 3>{});
-    case 4: return run(std::integral_constant<int, 4>{});
-    case 5: return run(std::integral_constant<int, 5>{});
-    case 6: return run(std::integral_constant<int, 6>{});
-    case 7: return run(std::integral_constant<int, 7>{});
-    default: return run(std::integral_constant<int, 8>{});
+    case 1: return gemv_mr<1>(p);
+    case 2: return gemv_mr<2>(p);
+    case 3: return gemv_mr<3>(p);
+    case 4: return gemv_mr<4>(p);
+    case 5: return gemv_mr<5>(p);
+    case 6: return gemv_mr<6>(p);
+    case 7: return gemv_mr<7>(p);
+    default: return gemv_mr<8>(p);
   }
 }
 

@@ -49,6 +49,26 @@ def _names(scheme) -> tuple[str, ...]:
     return ("mask",) + _names(inner)
 
 
+def _dtypes(scheme) -> dict[str, type]:
+    """Storage dtype of each canonical array."""
+    code = np.uint8
+    if isinstance(scheme, Affine):
+        code = np.uint32
+    elif isinstance(scheme, Int8):
+        code = np.int8
+    return {"w_q": code, "scales": np.float32, "biases": np.float32, "zero_points": np.int8,
+            "indices": np.uint8, "lut": np.float32, "mask": np.uint8, "values": np.float32}
+
+
+def _as_dtype(name: str, a: np.ndarray, dtype) -> np.ndarray:
+    """Reinterprets same-width storage (int32 <-> uint32 from frameworks without uint32)."""
+    if a.dtype == dtype:
+        return a
+    if a.dtype.kind in "iu" and np.dtype(dtype).kind in "iu" and a.dtype.itemsize == np.dtype(dtype).itemsize:
+        return a.view(dtype)
+    _fail(f"array {name!r} has dtype {a.dtype}, expected {np.dtype(dtype).name}")
+
+
 class QuantizedWeight:
     """A compressed weight W [N, K]; see fusedformer.quant for the layout of each format."""
 
@@ -59,7 +79,7 @@ class QuantizedWeight:
         missing = [n for n in names if n not in arrays]
         if missing:
             _fail(f"{type(scheme).__name__} weight is missing arrays {missing}")
-        self.arrays = {n: np.ascontiguousarray(arrays[n]) for n in names}
+        self.arrays = {n: _as_dtype(n, np.ascontiguousarray(arrays[n]), _dtypes(scheme)[n]) for n in names}
         self._row_offsets = None
 
     # -- views -------------------------------------------------------------------------
@@ -200,13 +220,42 @@ def _to_numpy(a) -> np.ndarray:
 
 
 # -- compress ---------------------------------------------------------------------------
+def is_scheme(obj) -> bool:
+    """True for an Affine, Int8, Palettize or Prune scheme object."""
+    return isinstance(obj, (Affine, Int8, Palettize, Prune))
+
+
+def check_compressible(shape, scheme, name: str | None = None) -> None:
+    """Raises a ``[quant]`` ValueError if a weight of ``shape`` [N, K] cannot take ``scheme``
+    (everything compress() checks except the values themselves)."""
+    if not is_scheme(scheme):
+        raise TypeError(f"[quant] scheme must be Affine, Int8, Palettize or Prune, got {type(scheme).__name__}")
+    what = f"{name}: " if name else ""
+    if len(shape) != 2 or 0 in shape:
+        _fail(f"{what}the weight must be a non-empty 2-D [N, K] array, got shape {tuple(shape)}")
+    n, k = shape
+    inner = scheme.then if isinstance(scheme, Prune) else scheme
+    if isinstance(scheme, Prune):
+        if k % 8:
+            _fail(f"{what}Prune needs K divisible by 8 (packed rows), got K={k}")
+        if scheme.n_m is not None and k % scheme.n_m[1]:
+            _fail(f"{what}K={k} is not divisible by m={scheme.n_m[1]} of n:m pruning")
+    if isinstance(inner, Affine) and k % inner.group_size:
+        _fail(f"{what}K={k} is not divisible by the group size {inner.group_size}")
+    if isinstance(inner, Palettize):
+        if k % 8:
+            _fail(f"{what}Palettize needs K divisible by 8 (packed rows), got K={k}")
+        if inner.granularity == "per_grouped_channel" and n % inner.group_size:
+            _fail(f"{what}Palettize per_grouped_channel group_size={inner.group_size} does not divide "
+                  f"the {n} output channels")
+
+
 def compress(w, scheme) -> QuantizedWeight:
     """Compresses W [N, K] (numpy, torch or mlx; any float dtype) with ``scheme``."""
-    if not isinstance(scheme, (Affine, Int8, Palettize, Prune)):
+    if not is_scheme(scheme):
         raise TypeError(f"[quant] scheme must be Affine, Int8, Palettize or Prune, got {type(scheme).__name__}")
     w = _to_numpy_f32(w)
-    if w.ndim != 2 or w.size == 0:
-        _fail(f"the weight must be a non-empty 2-D [N, K] array, got shape {w.shape}")
+    check_compressible(w.shape, scheme)
     if not np.isfinite(w).all():
         bad = int(np.size(w) - np.isfinite(w).sum())
         _fail(f"the weight has {bad} NaN/inf entries; compress finite weights only")
@@ -214,7 +263,6 @@ def compress(w, scheme) -> QuantizedWeight:
     if isinstance(scheme, Prune):
         return _compress_pruned(w, scheme)
     if isinstance(scheme, Affine):
-        _check_groups(k, scheme.group_size)
         q, scales, biases = alg.affine_quantize(w, scheme.bits, scheme.group_size)
         w_q = pack_bits(q, scheme.bits).view(np.uint32)
         return QuantizedWeight(scheme, w.shape, {"w_q": w_q, "scales": scales, "biases": biases})
@@ -224,19 +272,8 @@ def compress(w, scheme) -> QuantizedWeight:
         if zp is not None:
             arrays["zero_points"] = zp
         return QuantizedWeight(scheme, w.shape, arrays)
-    _check_k8(k, "Palettize")
     lut, idx = _palettize(w.ravel(), np.arange(n + 1) * k, scheme)
     return QuantizedWeight(scheme, w.shape, {"indices": pack_bits(idx.reshape(n, k), scheme.bits), "lut": lut})
-
-
-def _check_groups(k: int, group_size: int):
-    if k % group_size:
-        _fail(f"K={k} is not divisible by the group size {group_size}")
-
-
-def _check_k8(k: int, what: str):
-    if k % 8:
-        _fail(f"{what} needs K divisible by 8 (packed rows), got K={k}")
 
 
 def _palettize(values: np.ndarray, row_offsets: np.ndarray, scheme: Palettize):
@@ -257,10 +294,6 @@ def _palettize(values: np.ndarray, row_offsets: np.ndarray, scheme: Palettize):
 
 
 def _compress_pruned(w, scheme: Prune) -> QuantizedWeight:
-    n, k = w.shape
-    _check_k8(k, "Prune")
-    if scheme.n_m is not None and k % scheme.n_m[1]:
-        _fail(f"K={k} is not divisible by m={scheme.n_m[1]} of n:m pruning")
     keep = alg.magnitude_mask(w, scheme.sparsity, scheme.n_m)
     arrays = {"mask": pack_bits(keep.astype(np.uint8), 1)}
     inner = scheme.then
@@ -268,7 +301,6 @@ def _compress_pruned(w, scheme: Prune) -> QuantizedWeight:
     if inner is None:
         arrays["values"] = survivors.astype(np.float32)
     elif isinstance(inner, Affine):
-        _check_groups(k, inner.group_size)
         q, scales, biases = alg.affine_quantize(w, inner.bits, inner.group_size, keep=keep)
         arrays.update(w_q=pack_bits(q[keep], inner.bits), scales=scales, biases=biases)
     else:

@@ -1,0 +1,78 @@
+"""QuantizedLinear: nn.Linear with a compressed weight, y = x @ W.T + b through
+fusedformer::qmatmul (W decoded inside the kernel)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from fusedformer.quant import QuantizedWeight, compress
+from fusedformer.torch.qmatmul_op import parts_as_tensors
+
+
+class QuantizedLinear(nn.Module):
+    """A linear layer over a fusedformer.quant.QuantizedWeight (inference only).
+
+    The compressed arrays are buffers named ``w_<array>`` (plus ``w_meta``: the scheme and
+    shape as JSON bytes), so state_dict() holds the compressed form and load_state_dict()
+    accepts any scheme/shape (the buffers are replaced, not copied into).
+    """
+
+    def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.out_features, self.in_features = qw.shape
+        self._set_weight(qw)
+        self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, scheme) -> "QuantizedLinear":
+        """Compresses linear.weight with scheme (bias kept as is)."""
+        return cls(compress(linear.weight.detach(), scheme), linear.bias)
+
+    def _set_weight(self, qw: QuantizedWeight) -> None:
+        self._names = list(qw.arrays)
+        for name in [n for n in self._buffers if n.startswith("w_")]:
+            del self._buffers[name]
+        for name, t in zip(self._names, parts_as_tensors(qw)):
+            self.register_buffer("w_" + name, t.clone())
+        self.register_buffer("w_meta", torch.from_numpy(qw.to_dict()["meta"]))
+        self._meta = qw.to_op_args()[1]
+        self.scheme = qw.scheme
+
+    def quantized_weight(self) -> QuantizedWeight:
+        return QuantizedWeight.from_op_args(self._parts(), self._meta)
+
+    def _parts(self) -> list[torch.Tensor]:
+        return [getattr(self, "w_" + n) for n in self._names]
+
+    @property
+    def weight_nbytes(self) -> int:
+        return int(sum(t.numel() * t.element_size() for t in self._parts()))
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return torch.from_numpy(self.quantized_weight().dequantize())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.fusedformer.qmatmul(x, self._parts(), self._meta)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        meta_key = prefix + "w_meta"
+        if meta_key in state_dict:
+            arrays = {k[len(prefix) + 2:]: state_dict[k].detach().cpu().numpy()
+                      for k in state_dict if k.startswith(prefix + "w_")}
+            qw = QuantizedWeight.from_dict(arrays)
+            if qw.shape != (self.out_features, self.in_features):
+                error_msgs.append(f"[qmatmul] {prefix}: compressed weight of shape {list(qw.shape)} does not "
+                                  f"fit a layer of [{self.out_features}, {self.in_features}]")
+                return
+            self._set_weight(qw)  # buffers now have the incoming shapes; super() copies them
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def extra_repr(self) -> str:
+        bpw = 8 * self.weight_nbytes / (self.in_features * self.out_features)
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, scheme={self.scheme}, {bpw:.2f} bits/weight")

@@ -1,0 +1,98 @@
+"""torch integration: fusedformer::qmatmul (custom op + fake) and QuantizedLinear."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+
+from fusedformer.quant import Affine, Int8, Palettize, Prune
+
+from tests.conftest import require
+
+pytestmark = pytest.mark.torch
+torch = require("torch")
+
+from fusedformer.torch.quantized_linear import QuantizedLinear  # noqa: E402
+
+SCHEMES = [Affine(4, 32), Affine(3, 64), Int8(), Palettize(4, "per_grouped_channel", 8), Prune(0.5, then=Affine(4, 64))]
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=repr)
+@pytest.mark.parametrize("bias", [True, False])
+def test_quantized_linear_matches_dequantized(scheme, bias, rng):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(128, 40, bias=bias)
+    q = QuantizedLinear.from_linear(lin, scheme)
+    x = torch.randn(2, 5, 128)
+    with torch.no_grad():
+        ref = torch.nn.functional.linear(x.double(), q.dequantized_weight().double(),
+                                         None if lin.bias is None else lin.bias.double())
+        y = q(x)
+    assert y.shape == (2, 5, 40) and y.dtype == torch.float32
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+    assert q.weight_nbytes < lin.weight.numel() * 4
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=repr)
+def test_state_dict_roundtrip(scheme):
+    torch.manual_seed(1)
+    lin = torch.nn.Linear(64, 24)
+    q = QuantizedLinear.from_linear(lin, scheme)
+    buf = io.BytesIO()
+    torch.save(q.state_dict(), buf)
+    buf.seek(0)
+    other = QuantizedLinear.from_linear(torch.nn.Linear(64, 24), Int8())  # another scheme
+    other.load_state_dict(torch.load(buf))
+    assert other.scheme == q.scheme
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(other(x), q(x), rtol=0, atol=0)
+    assert any(k.endswith("w_meta") for k in q.state_dict())
+
+
+def test_op_fake_and_compile_shapes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    q = QuantizedLinear.from_linear(torch.nn.Linear(64, 24, bias=False), Affine(4, 32))
+    with FakeTensorMode() as mode:
+        x = torch.empty(7, 64)
+        parts = [mode.from_tensor(p) for p in q._parts()]
+        y = torch.ops.fusedformer.qmatmul(x, parts, q._meta)
+    assert y.shape == (7, 24)
+    torch.library.opcheck(torch.ops.fusedformer.qmatmul.default, (torch.randn(3, 64), q._parts(), q._meta),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_backward_raises_clearly():
+    q = QuantizedLinear.from_linear(torch.nn.Linear(64, 8), Int8())
+    x = torch.randn(2, 64, requires_grad=True)
+    y = q(x)
+    with pytest.raises(NotImplementedError, match=r"\[qmatmul\] backward is not implemented"):
+        y.sum().backward()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_activations(dtype):
+    torch.manual_seed(2)
+    lin = torch.nn.Linear(64, 16)
+    q = QuantizedLinear.from_linear(lin, Palettize(4))
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        y = q(x.to(dtype))
+        ref = q(x)
+    assert y.dtype == dtype
+    torch.testing.assert_close(y.float(), ref, rtol=3e-2, atol=3e-2)
+
+
+def test_ff_qmatmul_on_tensors(rng):
+    import fusedformer as ff
+    from fusedformer.quant import compress
+
+    w = rng.standard_normal((20, 64)).astype(np.float32)
+    qw = compress(w, Affine(4, 64))
+    x = torch.randn(3, 64)
+    y = ff.qmatmul(x, qw)
+    assert isinstance(y, torch.Tensor)
+    np.testing.assert_allclose(y.numpy(), x.numpy() @ qw.dequantize().T, rtol=1e-5, atol=1e-5)
