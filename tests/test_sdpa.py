@@ -71,7 +71,7 @@ def test_matches_reference(rng, isa, shape, opts):
 def test_threads_same_bits(rng, isa, threads, shape):
     """Results are bitwise identical for 1 and 2 threads (fixed work decomposition)."""
     q, k, v = make_qkv(rng, *shape)
-    from conftest import kernel_config
+    from tests.conftest import kernel_config
 
     with kernel_config(threads=1):
         base = ff.sdpa(q, k, v, causal=True)
@@ -156,7 +156,7 @@ def test_split_kv_auto_decode(rng, isa, threads):
     q, k, v = make_qkv(rng, 1, 32, 8, 1, 1500, 128)
     out, lse = ff.sdpa(q, k, v, causal=True, return_lse=True)
     check(out, lse, q, k, v, causal=True)
-    from conftest import kernel_config
+    from tests.conftest import kernel_config
 
     with kernel_config(threads=1):
         np.testing.assert_array_equal(ff.sdpa(q, k, v, causal=True), out)

@@ -9,7 +9,7 @@ import pytest
 import fusedformer as ff
 from fusedformer import reference
 
-from conftest import require
+from tests.conftest import require
 
 pytestmark = pytest.mark.torch
 

@@ -4,7 +4,9 @@
 //  * many query rows (prefill): K tile packed transposed as fp32 Kt[D][kKeyTile]; S = Q Kt is
 //    a small GEMM with kMr rows x 16 keys of accumulators (broadcast q, vector of keys). V is
 //    read as fp32 rows (packed when the storage type is not fp32 or D is not a multiple of 16);
-//    O += P V keeps kMr rows x 16 columns of O in registers while it walks the keys.
+//    O += P V keeps kMr rows x 16 columns of O in registers while it walks the keys. Callers
+//    loop column blocks outside and row blocks inside, so the 16-wide slice of Kt or V a tile
+//    reads (8 KiB / 4 KiB at D = 128) stays in L1 across the row blocks.
 //  * few query rows (decode): K and V are streamed from their storage once, converted on the
 //    fly; S rows are dot products over D (kDotRows rows x 2 keys of accumulators).
 // Every function here is the same algorithm on both backends (generic is the AVX2 oracle).
@@ -51,18 +53,24 @@ inline void pack_row_scaled(const typename Elem<T>::type* src, int64_t d, float 
   for (; x < dp; x += 8) simd::store(dst + x, simd::zero());
 }
 
-// Kt[x * kKeyTile + j] = k[j][x] for j < nk; columns nk..kKeyTile are 0.
+// Kt[x * kKeyTile + j] = k[j][x] for j < nk, x < d; columns nk..kKeyTile are 0. Works in 8x8
+// blocks (8 keys x 8 dims loaded as rows, transposed in registers).
 template <DType T>
 inline void pack_k_transposed(const typename Elem<T>::type* k, int64_t k_stride, int64_t nk,
                               int64_t d, float* kt) {
-  float row[kMaxHeadDim + 8];
-  for (int64_t j = 0; j < nk; ++j) {
-    to_f32<T>(k + j * k_stride, row, d);
-    for (int64_t x = 0; x < d; ++x) kt[x * kKeyTile + j] = row[x];
+  for (int64_t j = 0; j < kKeyTile; j += 8) {
+    const int64_t keys = nk - j < 8 ? (nk - j > 0 ? nk - j : 0) : 8;
+    for (int64_t x = 0; x < d; x += 8) {
+      const int64_t dims = d - x < 8 ? d - x : 8;
+      f32x8 blk[8];
+      for (int64_t i = 0; i < 8; ++i) {
+        const auto* src = k + (j + i) * k_stride + x;
+        blk[i] = i >= keys ? simd::zero() : dims == 8 ? Elem<T>::load(src) : load_n<T>(src, dims);
+      }
+      simd::transpose8x8(blk);
+      for (int64_t i = 0; i < dims; ++i) simd::store(kt + (x + i) * kKeyTile + j, blk[i]);
+    }
   }
-  if (nk < kKeyTile)
-    for (int64_t x = 0; x < d; ++x)
-      for (int64_t j = nk; j < kKeyTile; ++j) kt[x * kKeyTile + j] = 0.0f;
 }
 
 // vp[j][x] = v[j][x] as fp32 for j < nk, x < d; columns d..dp are 0 (dp a multiple of 16).
@@ -78,26 +86,24 @@ inline void pack_v(const typename Elem<T>::type* v, int64_t v_stride, int64_t nk
 
 // ---- S = Q K^T --------------------------------------------------------------------------
 
-// s[r][0..kKeyTile) = sum_x q[r][x] * kt[x][..] for R rows (R <= kMr).
+// One register tile of S = Q Kt: s[r][0..16) = sum_x q[r][x] * kt[x][0..16) for R rows
+// (R <= kMr); kt points at a 16-key column block of the packed tile (row pitch kKeyTile).
 template <int R>
 inline void qk_packed(const float* q, int64_t q_stride, const float* kt, int64_t d, float* s,
                       int64_t s_stride) {
-  for (int c = 0; c < kKeyTile; c += 16) {
-    f32x8 acc[R][2];
-    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = simd::zero();
-    const float* kp = kt + c;
-    for (int64_t x = 0; x < d; ++x, kp += kKeyTile) {
-      const f32x8 k0 = simd::load(kp), k1 = simd::load(kp + 8);
-      for (int r = 0; r < R; ++r) {
-        const f32x8 qb = simd::set1(q[r * q_stride + x]);
-        acc[r][0] = simd::fmadd(qb, k0, acc[r][0]);
-        acc[r][1] = simd::fmadd(qb, k1, acc[r][1]);
-      }
-    }
+  f32x8 acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = simd::zero();
+  for (int64_t x = 0; x < d; ++x, kt += kKeyTile) {
+    const f32x8 k0 = simd::load(kt), k1 = simd::load(kt + 8);
     for (int r = 0; r < R; ++r) {
-      simd::store(s + r * s_stride + c, acc[r][0]);
-      simd::store(s + r * s_stride + c + 8, acc[r][1]);
+      const f32x8 qb = simd::set1(q[r * q_stride + x]);
+      acc[r][0] = simd::fmadd(qb, k0, acc[r][0]);
+      acc[r][1] = simd::fmadd(qb, k1, acc[r][1]);
     }
+  }
+  for (int r = 0; r < R; ++r) {
+    simd::store(s + r * s_stride, acc[r][0]);
+    simd::store(s + r * s_stride + 8, acc[r][1]);
   }
 }
 
@@ -142,31 +148,29 @@ inline void qk_dot(const float* q, int64_t q_stride, const typename Elem<T>::typ
 
 // ---- O = diag(alpha) O + P V ------------------------------------------------------------
 
-// For R rows (R <= kMr): o[r][0..dp) = alpha[r] * o[r] + sum_{j < nk} p[r][j] * v[j][0..dp),
-// v fp32 with dp (a multiple of 16) readable columns per row.
+// One register tile of O = diag(alpha) O + P V over 16 columns: for R rows (R <= kMr),
+// o[r][0..16) = alpha[r] * o[r][0..16) + sum_{j < nk} p[r][j] * v[j][0..16); v is fp32 with
+// row pitch v_stride and o, v point at the 16-column block.
 template <int R>
 inline void pv_f32(float* o, int64_t o_stride, const float* alpha, const float* p,
-                   int64_t p_stride, const float* v, int64_t v_stride, int64_t nk, int64_t dp) {
-  for (int64_t c = 0; c < dp; c += 16) {
-    f32x8 acc[R][2];
+                   int64_t p_stride, const float* v, int64_t v_stride, int64_t nk) {
+  f32x8 acc[R][2];
+  for (int r = 0; r < R; ++r) {
+    const f32x8 a = simd::set1(alpha[r]);
+    acc[r][0] = simd::mul(simd::load(o + r * o_stride), a);
+    acc[r][1] = simd::mul(simd::load(o + r * o_stride + 8), a);
+  }
+  for (int64_t j = 0; j < nk; ++j, v += v_stride) {
+    const f32x8 v0 = simd::load(v), v1 = simd::load(v + 8);
     for (int r = 0; r < R; ++r) {
-      const f32x8 a = simd::set1(alpha[r]);
-      acc[r][0] = simd::mul(simd::load(o + r * o_stride + c), a);
-      acc[r][1] = simd::mul(simd::load(o + r * o_stride + c + 8), a);
+      const f32x8 pb = simd::set1(p[r * p_stride + j]);
+      acc[r][0] = simd::fmadd(pb, v0, acc[r][0]);
+      acc[r][1] = simd::fmadd(pb, v1, acc[r][1]);
     }
-    const float* vp = v + c;
-    for (int64_t j = 0; j < nk; ++j, vp += v_stride) {
-      const f32x8 v0 = simd::load(vp), v1 = simd::load(vp + 8);
-      for (int r = 0; r < R; ++r) {
-        const f32x8 pb = simd::set1(p[r * p_stride + j]);
-        acc[r][0] = simd::fmadd(pb, v0, acc[r][0]);
-        acc[r][1] = simd::fmadd(pb, v1, acc[r][1]);
-      }
-    }
-    for (int r = 0; r < R; ++r) {
-      simd::store(o + r * o_stride + c, acc[r][0]);
-      simd::store(o + r * o_stride + c + 8, acc[r][1]);
-    }
+  }
+  for (int r = 0; r < R; ++r) {
+    simd::store(o + r * o_stride, acc[r][0]);
+    simd::store(o + r * o_stride + 8, acc[r][1]);
   }
 }
 

@@ -80,6 +80,16 @@ inline f32x8 load_u8(const uint8_t* p) { FF_LANES(static_cast<float>(p[i])); }
 // 8 signed bytes -> 8 floats
 inline f32x8 load_i8(const int8_t* p) { FF_LANES(static_cast<float>(p[i])); }
 
+// In-place transpose of an 8x8 block held as 8 rows: r[i].v[j] <- r[j].v[i].
+inline void transpose8x8(f32x8* r) {
+  for (int i = 0; i < 8; ++i)
+    for (int j = i + 1; j < 8; ++j) {
+      const float t = r[i].v[j];
+      r[i].v[j] = r[j].v[i];
+      r[j].v[i] = t;
+    }
+}
+
 #undef FF_LANES
 
 }  // namespace simd

@@ -174,6 +174,14 @@ def _mha_fastpath_disabled():
         torch.backends.mha.set_fastpath_enabled(was)
 
 
+class FusedTransformerEncoder(nn.TransformerEncoder):
+    """nn.TransformerEncoder without its nested-tensor fast path, so its layers' attention runs fused."""
+
+    def forward(self, *args, **kwargs):
+        with _mha_fastpath_disabled():
+            return super().forward(*args, **kwargs)
+
+
 class FusedTransformerEncoderLayer(nn.TransformerEncoderLayer):
     """nn.TransformerEncoderLayer whose self-attention runs the fused op (see FusedMultiheadAttention)."""
 
@@ -193,6 +201,7 @@ class FusedTransformerDecoderLayer(nn.TransformerDecoderLayer):
 # torch class -> fused subclass optimize() swaps in
 SWAPS = {
     nn.MultiheadAttention: FusedMultiheadAttention,
+    nn.TransformerEncoder: FusedTransformerEncoder,
     nn.TransformerEncoderLayer: FusedTransformerEncoderLayer,
     nn.TransformerDecoderLayer: FusedTransformerDecoderLayer,
 }

