@@ -23,9 +23,10 @@ namespace FF_ISA_NS {
 namespace attention {
 namespace {
 
-constexpr int64_t kRowTile = 64;       // query rows per block (positions x heads of a group)
+constexpr int64_t kRowTile = 96;       // query rows per block (positions x heads of a group)
 constexpr int64_t kSplitChunk = 512;   // keys per split-KV chunk, chosen by shape
-constexpr int64_t kStreamMaxRows = 8;  // blocks this small stream K/V instead of packing them
+constexpr int64_t kStreamMaxRows = 8;
+constexpr int64_t kPrefetchTiles = 2;  // how far ahead K/V tiles are prefetched  // blocks this small stream K/V instead of packing them
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // Shape-derived constants of one call.
@@ -163,6 +164,18 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
     const int64_t nk = bk.j1 - t < kKeyTile ? bk.j1 - t : kKeyTile;
     const S* kt = k + t * ks;
     const S* vt = v + t * vs;
+    // Touch the K and V rows kPrefetchTiles tiles ahead while this one computes: V is read
+    // column block by column block, which hardware prefetchers do not follow, and decode is
+    // bound by how many bytes are in flight.
+    {
+      const int64_t ahead = t + kPrefetchTiles * kKeyTile;
+      const int64_t n = jmax - ahead < kKeyTile ? jmax - ahead : kKeyTile;
+      const int64_t row_bytes = D * static_cast<int64_t>(sizeof(S));
+      if (n > 0) {
+        prefetch_rows(k + ahead * ks, ks * sizeof(S), n, row_bytes);
+        prefetch_rows(v + ahead * vs, vs * sizeof(S), n, row_bytes);
+      }
+    }
 
     // S = (scale q) K^T
     if (stream) {
@@ -233,13 +246,13 @@ void write_row(const SdpaParams& p, int64_t b, int64_t h, int64_t i, const float
   if (p.lse) p.lse[(b * p.q_heads + h) * p.q_len + i] = l > 0.0f ? m + std::log(l) : kNegInf;
 }
 
-// Unit u -> block. Blocks of later rows (more keys under causal) come first.
+// Unit u -> block. Consecutive units share a kv head (its K/V stay in cache); within a head,
+// blocks of later rows (more keys under causal) come first.
 Block block_of(const Problem& pr, int64_t u) {
   const SdpaParams& p = pr.p;
-  const int64_t groups = p.batch * p.kv_heads;
   const int64_t c = u % pr.chunks;
   const int64_t rest = u / pr.chunks;
-  const int64_t bh = rest % groups, blk = pr.row_blocks - 1 - rest / groups;
+  const int64_t bh = rest / pr.row_blocks, blk = pr.row_blocks - 1 - rest % pr.row_blocks;
   Block bk;
   bk.b = bh / p.kv_heads;
   bk.kvh = bh % p.kv_heads;
