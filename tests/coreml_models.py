@@ -1,9 +1,4 @@
-"""Small torch modules for the Core ML tests, and a stand-in for the fusedformer::qmatmul op.
-
-The real qmatmul op lives in fusedformer.torch.qmatmul_op (branch quant). Until it is merged,
-``ensure_qmatmul_op()`` registers a test-only op with the same schema, computed from
-``QuantizedWeight.dequantize()``, so tracing records the same ``fusedformer::qmatmul`` node.
-"""
+"""Small torch modules and helpers for the Core ML tests."""
 
 from __future__ import annotations
 
@@ -13,7 +8,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from fusedformer import reference
 
 
 def ensure_ops():
@@ -47,48 +41,5 @@ class SdpaCall(nn.Module):
 
 
 def ensure_qmatmul_op():
-    """Makes torch.ops.fusedformer.qmatmul exist (the library's if present, else a test-only one)."""
-    try:
-        import fusedformer.torch.qmatmul_op  # noqa: F401
-    except ImportError:
-        pass
-    if hasattr(torch.ops.fusedformer, "qmatmul"):
-        return
-
-    @torch.library.custom_op("fusedformer::qmatmul", mutates_args=())
-    def qmatmul(x: torch.Tensor, parts: list[torch.Tensor], meta: str) -> torch.Tensor:
-        from fusedformer.quant import QuantizedWeight
-
-        w = QuantizedWeight.from_op_args([p.numpy() for p in parts], meta).dequantize()
-        return torch.from_numpy(reference.matmul_t(x.detach().numpy(), w).astype(np.float32)).to(x.dtype)
-
-    @qmatmul.register_fake
-    def _(x, parts, meta):
-        import json
-
-        return x.new_empty(x.shape[:-1] + (json.loads(meta)["shape"][0],))
-
-
-def _as_tensor(a: np.ndarray) -> torch.Tensor:
-    """A QuantizedWeight part as a torch buffer (uint32 words travel as int32: same bytes)."""
-    a = np.ascontiguousarray(a)
-    if a.dtype == np.uint32:
-        a = a.view(np.int32)
-    return torch.from_numpy(a.copy())
-
-
-class QLinear(nn.Module):
-    """y = fusedformer::qmatmul(x, qw) + bias, the parts of qw held as buffers."""
-
-    def __init__(self, qw, bias=None):
-        super().__init__()
-        parts, self.meta = qw.to_op_args()
-        self.n_parts = len(parts)
-        for i, p in enumerate(parts):
-            self.register_buffer(f"part{i}", _as_tensor(p))
-        self.bias = None if bias is None else nn.Parameter(torch.as_tensor(bias))
-
-    def forward(self, x):
-        parts = [getattr(self, f"part{i}") for i in range(self.n_parts)]
-        y = torch.ops.fusedformer.qmatmul(x, parts, self.meta)
-        return y if self.bias is None else y + self.bias
+    """Registers torch.ops.fusedformer.qmatmul (importing the library's op)."""
+    import fusedformer.torch.qmatmul_op  # noqa: F401

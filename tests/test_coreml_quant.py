@@ -13,11 +13,12 @@ pytestmark = pytest.mark.coreml
 ct = require("coremltools")
 torch = require("torch")
 
-from tests.coreml_models import QLinear, ensure_qmatmul_op, psnr  # noqa: E402
+from tests.coreml_models import ensure_qmatmul_op, psnr  # noqa: E402
 
 import fusedformer as ff  # noqa: E402
 from fusedformer import quant  # noqa: E402
 from fusedformer.coreml.weights import constexpr_op_types  # noqa: E402
+from fusedformer.torch.quantized_linear import QuantizedLinear  # noqa: E402
 
 ensure_qmatmul_op()
 
@@ -48,7 +49,7 @@ def test_qmatmul_lowering(name, rng, tmp_path):
     w = rng.standard_normal((n, k)).astype(np.float32)
     qw = quant.compress(w, SCHEMES[name])
     bias = rng.standard_normal(n).astype(np.float32)
-    module = QLinear(qw, bias).eval()
+    module = QuantizedLinear(qw, torch.from_numpy(bias)).eval()
     x = rng.standard_normal((2, 3, k)).astype(np.float32)
     mlmodel = ff.coreml.export(module, {"x": torch.from_numpy(x)}, tmp_path / "q.mlpackage", precision="fp32")
     program = ff.coreml.Program.load(tmp_path / "q.mlpackage")
@@ -70,7 +71,7 @@ def test_qmatmul_lowering(name, rng, tmp_path):
 def test_fp16_program_keeps_weights_compressed(rng, tmp_path):
     w = rng.standard_normal((16, 64)).astype(np.float32)
     qw = quant.compress(w, quant.Palettize(bits=4))
-    module = QLinear(qw).eval()
+    module = QuantizedLinear(qw).eval()
     x = rng.standard_normal((1, 64)).astype(np.float32)
     ff.coreml.export(module, {"x": torch.from_numpy(x)}, tmp_path / "q16.mlpackage", precision="fp16")
     program = ff.coreml.Program.load(tmp_path / "q16.mlpackage")
@@ -79,3 +80,17 @@ def test_fp16_program_keeps_weights_compressed(rng, tmp_path):
     out = program.predict({"x": x}, intermediates=[_weight_var(program)])
     np.testing.assert_array_equal(out[_weight_var(program)], qw.dequantize().astype(np.float16))
     assert psnr(x @ qw.dequantize().T, out["output"]) > 50
+
+
+def test_optimized_decoder_with_compressed_weights(tmp_path):
+    from fusedformer.coreml.models import tiny_llama
+
+    model = tiny_llama(dim=64, seed=4)
+    ff.torch.optimize(model, attention=None, weights=quant.Affine(bits=4, group_size=32))
+    ids = torch.randint(0, 97, (1, 7))
+    with torch.no_grad():
+        expected = model(ids).numpy()  # native qmatmul kernels
+    mlmodel = ff.coreml.export(model, (ids,), tmp_path / "q.mlpackage", precision="fp32")
+    ops = ff.coreml.Program.load(mlmodel).op_types()
+    assert ops["constexpr_blockwise_shift_scale"] == 2 * 7  # every block linear; lm_head kept
+    assert psnr(expected, ff.coreml.verify(mlmodel, {"input_ids": ids})["logits"]) >= 60
