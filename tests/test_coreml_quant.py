@@ -82,7 +82,8 @@ def test_fp16_program_keeps_weights_compressed(rng, tmp_path):
     assert psnr(x @ qw.dequantize().T, out["output"]) > 50
 
 
-def test_optimized_decoder_with_compressed_weights(tmp_path):
+@pytest.mark.parametrize("precision, min_psnr", [("fp32", 60), ("fp16", 35)])
+def test_optimized_decoder_with_compressed_weights(tmp_path, precision, min_psnr):
     from fusedformer.coreml.models import tiny_llama
 
     model = tiny_llama(dim=64, seed=4)
@@ -90,7 +91,8 @@ def test_optimized_decoder_with_compressed_weights(tmp_path):
     ids = torch.randint(0, 97, (1, 7))
     with torch.no_grad():
         expected = model(ids).numpy()  # native qmatmul kernels
-    mlmodel = ff.coreml.export(model, (ids,), tmp_path / "q.mlpackage", precision="fp32")
+    mlmodel = ff.coreml.export(model, (ids,), tmp_path / "q.mlpackage", precision=precision)
     ops = ff.coreml.Program.load(mlmodel).op_types()
     assert ops["constexpr_blockwise_shift_scale"] == 2 * 7  # every block linear; lm_head kept
-    assert psnr(expected, ff.coreml.verify(mlmodel, {"input_ids": ids})["logits"]) >= 60
+    assert ops["scaled_dot_product_attention"] == 2
+    assert psnr(expected, ff.coreml.verify(mlmodel, {"input_ids": ids})["logits"]) >= min_psnr

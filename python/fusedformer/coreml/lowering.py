@@ -263,7 +263,8 @@ def fusedformer_qmatmul(context, node):
     dtype = np.float16 if _OPTIONS.weight_dtype == "fp16" else np.float32
     weight = compressed_weight(qw, dtype=dtype, name=f"{node.name}_weight")
     if types.builtin_to_string(x.dtype) != types.builtin_to_string(weight.dtype):
-        x = mb.cast(x=x, dtype=types.builtin_to_string(weight.dtype))
+        # keep the frontend graph in x's dtype; the fp16 pass later drops the cast pair
+        weight = mb.cast(x=weight, dtype=types.builtin_to_string(x.dtype))
     context.add(mb.linear(x=x, weight=weight, name=node.name), torch_name=node.name)
 
 
