@@ -43,3 +43,10 @@ class SdpaCall(nn.Module):
 def ensure_qmatmul_op():
     """Registers torch.ops.fusedformer.qmatmul (importing the library's op)."""
     import fusedformer.torch.qmatmul_op  # noqa: F401
+
+
+class SdpaLseCall(SdpaCall):
+    """forward(q, k, v) = fusedformer::sdpa_lse: (out, lse)."""
+
+    def forward(self, q, k, v):
+        return torch.ops.fusedformer.sdpa_lse(q, k, v, self.mask, self.causal, self.scale, self.window)

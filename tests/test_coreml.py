@@ -14,7 +14,7 @@ pytestmark = pytest.mark.coreml
 ct = require("coremltools")
 torch = require("torch")
 
-from tests.coreml_models import SdpaCall, TinyDecoder, ensure_ops, psnr  # noqa: E402
+from tests.coreml_models import SdpaCall, SdpaLseCall, TinyDecoder, ensure_ops, psnr  # noqa: E402
 
 import fusedformer as ff  # noqa: E402
 from fusedformer import reference  # noqa: E402
@@ -155,3 +155,19 @@ def test_export_rejects_bad_options(decoder, tmp_path, kwargs, match):
     model, ids, _ = decoder
     with pytest.raises(ValueError, match=match):
         ff.coreml.export(model, (ids,), tmp_path / "x.mlpackage", **kwargs)
+
+
+@pytest.mark.parametrize("case", ["decode-window", "lq>lk-empty-rows", "bool-mask-dead-row"])
+def test_sdpa_lse_lowering(case, rng, tmp_path):
+    b, hq, hkv, lq, lk, d, options = SDPA_CASES[case]
+    q, k, v = _qkv(rng, b, hq, hkv, lq, lk, d)
+    options = dict(options)
+    if callable(options.get("mask")):
+        options["mask"] = options["mask"](rng, lq, lk)
+    expected_out, expected_lse = reference.sdpa(q, k, v, return_lse=True, **options)
+    module = SdpaLseCall(**options).eval()
+    mlmodel = ff.coreml.export(module, {"q": torch.from_numpy(q), "k": torch.from_numpy(k), "v": torch.from_numpy(v)},
+                               tmp_path / "lse.mlpackage", precision="fp32")
+    out = ff.coreml.verify(mlmodel, {"q": q, "k": k, "v": v})
+    np.testing.assert_allclose(out["output_0"], expected_out, atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(out["output_1"], expected_lse, atol=2e-5, rtol=1e-5)

@@ -203,20 +203,49 @@ def _use_fused() -> bool:
     return True
 
 
+def lower_lse(q, k, mask=None, *, causal=False, scale=None, window=None, name="lse") -> Var:
+    """log-sum-exp of the scaled, masked scores [B, H, Lq] (-inf for a row with no key)."""
+    hq, hkv, d = q.shape[1], k.shape[1], q.shape[-1]
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    k = repeat_kv_heads(k, hq // hkv, f"{name}_k_heads")
+    scores = mb.mul(x=mb.matmul(x=q, y=k, transpose_y=True), y=np.float32(scale))
+    lq, lk = _dim(q, -2), _dim(k, -2)
+    keep = structural_mask(lq, lk, causal=causal, window=window, name=f"{name}_keep")
+    attn_mask = combine_masks(keep, mask, f"{name}_mask")
+    if attn_mask is not None:
+        if types.is_bool(attn_mask.dtype):
+            scores = mb.select(cond=attn_mask, a=scores, b=np.float32(-np.inf))
+        else:
+            scores = mb.add(x=scores, y=attn_mask)
+    lse = mb.reduce_log_sum_exp(x=scores, axes=[-1], keep_dims=True)
+    if attn_mask is not None and _rows_may_be_empty(lq, lk, mask):
+        lse = mb.select(cond=_live_rows(attn_mask, f"{name}_live"), a=lse, b=np.float32(-np.inf))
+    return mb.squeeze(x=lse, axes=[-1], name=name)
+
+
+def _sdpa_args(context, node):
+    inputs = list(_get_inputs(context, node)) + [None] * 7
+    q, k, v, mask, causal, scale, window = inputs[:7]
+    options = dict(causal=bool(_value(causal) or False), scale=_value(scale), window=_value(window))
+    return q, k, v, mask, options
+
+
 @register_torch_op(torch_alias=["fusedformer::sdpa"], override=True)
 def fusedformer_sdpa(context, node):
-    inputs = _get_inputs(context, node)
-    inputs = list(inputs) + [None] * (7 - len(inputs))
-    q, k, v, mask, causal, scale, window = inputs[:7]
-    out = lower_sdpa(
-        q, k, v, mask,
-        causal=bool(_value(causal) or False),
-        scale=_value(scale),
-        window=_value(window),
-        fused=_use_fused(),
-        name=node.name,
-    )
+    q, k, v, mask, options = _sdpa_args(context, node)
+    out = lower_sdpa(q, k, v, mask, fused=_use_fused(), name=node.name, **options)
     context.add(out, torch_name=node.name)
+
+
+@register_torch_op(torch_alias=["fusedformer::sdpa_lse"], override=True)
+def fusedformer_sdpa_lse(context, node):
+    """(out, lse): out as fusedformer::sdpa, lse from the scores (Core ML's fused op has none)."""
+    q, k, v, mask, options = _sdpa_args(context, node)
+    out_name, lse_name = node.outputs[:2]
+    out = lower_sdpa(q, k, v, mask, fused=_use_fused(), name=out_name, **options)
+    lse = lower_lse(q, k, mask, name=lse_name, **options)
+    context.add(out, torch_name=out_name)
+    context.add(lse, torch_name=lse_name)
 
 
 # ----------------------------------------------------------------------------------------------
