@@ -62,3 +62,22 @@ def test_bert_with_padding(tmp_path):
     # padding matters: the same ids without the mask give other states for the padded sentence
     unmasked = ff.coreml.verify(mlmodel, {"input_ids": ids, "attention_mask": np.ones((2, 7), np.int32)})
     assert np.abs(unmasked["last_hidden_state"][1] - expected[1]).max() > 1e-3
+
+
+def test_llama_stateful_decode_matches_generate(tmp_path):
+    from fusedformer.coreml.kv_cache import greedy_decode
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, vocab_size=100, max_position_embeddings=64)
+    model = transformers.LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, 100, (1, 5))
+    with torch.no_grad():
+        generated = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=8,
+                                   pad_token_id=0)[:, 5:].numpy()
+    path = tmp_path / "llama.mlpackage"
+    ff.coreml.export(model, (ids,), path, kv_cache=True, precision="fp32", max_len=64)
+    program = ff.coreml.Program.load(path)
+    assert program.state_names == ["k_cache", "v_cache"]
+    assert program.op_types()["scaled_dot_product_attention"] == 2
+    np.testing.assert_array_equal(greedy_decode(program, ids.numpy(), steps=8), generated)

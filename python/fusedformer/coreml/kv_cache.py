@@ -7,8 +7,9 @@ prefill (L = prompt) and every decode step (L = 1). The number of cached tokens 
 length minus L -- no position input is needed -- and causal attention over the cache is
 ``ff.sdpa(causal=True)``'s bottom-right alignment.
 
-The model takes part through a small protocol (a fusedformer decoder implements it; a wrapper
-can adapt any other model):
+The model takes part through a small protocol (fusedformer's own decoder implements it, and
+``LlamaFamilyAdapter`` adapts Hugging Face LLaMA-family causal LMs: Llama, Mistral, Qwen2, ...;
+export(kv_cache=True) wraps those automatically):
 
 * ``model.kv_cache_config()`` -> ``{"layers": n, "kv_heads": h, "head_dim": d}``
 * ``model(input_ids, kv_cache=cache, start=past)``: each attention layer ``i`` calls
@@ -27,6 +28,63 @@ def _torch():
     import torch
 
     return torch
+
+
+def LlamaFamilyAdapter(hf_model):
+    """The KV-cache protocol over a Hugging Face LLaMA-family causal LM (same weights, no copy).
+
+    It runs the model's own modules (embeddings, RMSNorms, projections, rotary embedding, MLP,
+    lm_head) layer by layer, with the K/V of each layer going through the cache and attention
+    through ``fusedformer::sdpa`` (causal, bottom-right aligned, the module's own scaling).
+    """
+    torch = _torch()
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    import fusedformer.torch.attention_op  # noqa: F401  (registers the op)
+
+    class _Adapter(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.hf = hf_model
+
+        def kv_cache_config(self):
+            attn = self.hf.model.layers[0].self_attn
+            config = self.hf.config
+            return {"layers": len(self.hf.model.layers), "kv_heads": config.num_key_value_heads,
+                    "head_dim": attn.head_dim}
+
+        def _attention(self, attn, h, cos, sin, kv_cache, layer, start):
+            b, length, _ = h.shape
+            shape = (b, length, -1, attn.head_dim)
+            q = attn.q_proj(h).view(shape).transpose(1, 2)
+            k = attn.k_proj(h).view(shape).transpose(1, 2)
+            v = attn.v_proj(h).view(shape).transpose(1, 2)
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            if kv_cache is not None:
+                k, v = kv_cache.update(layer, k, v, start)
+            out = torch.ops.fusedformer.sdpa(q, k, v, None, True, attn.scaling, None)
+            return attn.o_proj(out.transpose(1, 2).reshape(b, length, -1))
+
+        def forward(self, input_ids, kv_cache=None, start=0):
+            inner = self.hf.model
+            x = inner.embed_tokens(input_ids)
+            positions = torch.arange(start, start + input_ids.shape[1]).unsqueeze(0)
+            cos, sin = inner.rotary_emb(x, positions)
+            for i, layer in enumerate(inner.layers):
+                x = x + self._attention(layer.self_attn, layer.input_layernorm(x), cos, sin, kv_cache, i, start)
+                x = x + layer.mlp(layer.post_attention_layernorm(x))
+            return self.hf.lm_head(inner.norm(x))
+
+    return _Adapter().eval()
+
+
+def is_llama_family(model) -> bool:
+    """A Hugging Face causal LM with LLaMA's layout (model.layers[i].self_attn.q_proj, rotary_emb)."""
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    return (hasattr(model, "lm_head") and layers is not None and len(layers) > 0
+            and hasattr(layers[0], "self_attn") and hasattr(layers[0].self_attn, "q_proj")
+            and hasattr(inner, "rotary_emb") and hasattr(layers[0], "mlp"))
 
 
 def StatefulDecoder(model, max_len: int, batch: int = 1):
@@ -73,6 +131,8 @@ def export_stateful(model, example_inputs, path, *, attention="fused", target="i
 
     from fusedformer.coreml.export import convert, finish
 
+    if not hasattr(model, "kv_cache_config") and is_llama_family(model):
+        model = LlamaFamilyAdapter(model)
     if not hasattr(model, "kv_cache_config"):
         raise TypeError(
             f"[export] kv_cache=True needs a decoder with kv_cache_config() and forward(input_ids, "
