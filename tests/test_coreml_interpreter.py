@@ -36,7 +36,6 @@ CASES = {
     "gather": lambda r: mb.gather(x=_x(r, 5, 3), indices=np.array([[4, 0], [1, -1]], np.int32), axis=0),
     "gather_batch": lambda r: mb.gather(x=_x(r, 2, 5, 3), indices=np.array([[4, 0], [1, 2]], np.int32), axis=1,
                                         batch_dims=1),
-    "gather_nd": lambda r: mb.gather_nd(x=_x(r, 4, 5, 3), indices=np.array([[1, 2], [3, 0]], np.int32)),
     "gather_along_axis": lambda r: mb.gather_along_axis(x=_x(r, 3, 4), indices=np.array([[0, 3], [1, 1], [2, 0]], np.int32),
                                                         axis=1),
     "concat": lambda r: mb.concat(values=[_x(r, 2, 3), _x(r, 2, 1)], axis=1),
@@ -95,6 +94,19 @@ def test_concat_interleave_as_documented():
 
     (out,) = interpreter.Program(prog).predict({"a": in1, "b": in2}).values()
     np.testing.assert_array_equal(out, [[1, 2], [7, 8], [3, 4], [9, 10], [5, 6], [11, 12]])
+
+
+def test_gather_nd(rng):
+    x = _x(rng, 2, 4, 5)
+    indices = np.array([[[1, 2], [3, 0]], [[0, 4], [2, 2]]], np.int32)
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=(2, 4, 5))], opset_version=ct.target.iOS18)
+    def prog(x):
+        return mb.gather_nd(x=x, indices=indices, batch_dims=1)
+
+    (out,) = interpreter.Program(prog).predict({"x": x}).values()
+    expected = np.stack([x[b][indices[b, :, 0], indices[b, :, 1]] for b in range(2)])
+    np.testing.assert_array_equal(out, expected)
 
 
 def test_cumsum_exclusive():
