@@ -171,3 +171,22 @@ def test_sdpa_lse_lowering(case, rng, tmp_path):
     out = ff.coreml.verify(mlmodel, {"q": q, "k": k, "v": v})
     np.testing.assert_allclose(out["output_0"], expected_out, atol=2e-5, rtol=1e-5)
     np.testing.assert_allclose(out["output_1"], expected_lse, atol=2e-5, rtol=1e-5)
+
+
+class _DiffOnes(torch.nn.Module):
+    def forward(self, x):
+        d = torch.diff(x, prepend=x[:, :1] - 1, dim=-1)
+        return d * x.new_ones((x.shape[0], 1))
+
+
+def test_torch_ops_coremltools_lacks(rng, tmp_path):
+    x = torch.from_numpy(rng.standard_normal((2, 6)).astype(np.float32))
+    mlmodel = ff.coreml.export(_DiffOnes(), {"x": x}, tmp_path / "diff.mlpackage", precision="fp32")
+    with torch.no_grad():
+        expected = _DiffOnes()(x).numpy()
+    np.testing.assert_allclose(ff.coreml.verify(mlmodel, {"x": x})["output"], expected, rtol=1e-6, atol=1e-6)
+
+
+def test_bool_inputs_are_refused(tmp_path):
+    with pytest.raises(TypeError, match="bool"):
+        ff.coreml.export(_DiffOnes(), {"x": torch.ones(2, 3, dtype=torch.bool)}, tmp_path / "b.mlpackage")

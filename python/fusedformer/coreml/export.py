@@ -85,23 +85,20 @@ def name_outputs(flat, input_names) -> list[str]:
     return [k if k is not None else f"output_{i}" for i, (k, _) in enumerate(flat)]
 
 
-class _Flat:
-    """torch.nn.Module factory: positional tensors in, a tuple of tensors out (for tracing)."""
+def flat_module(model, input_names, static_kwargs):
+    """A module for tracing: positional tensors in (named ``input_names``), a tuple of tensors out."""
+    import torch
 
-    @staticmethod
-    def wrap(model, input_names, static_kwargs):
-        import torch
+    class Flat(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
 
-        class Flat(torch.nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.model = model
+        def forward(self, *args):
+            out = self.model(**dict(zip(input_names, args)), **static_kwargs)
+            return tuple(t for _, t in _flatten_outputs(out))
 
-            def forward(self, *args):
-                out = self.model(**dict(zip(input_names, args)), **static_kwargs)
-                return tuple(t for _, t in _flatten_outputs(out))
-
-        return Flat().eval()
+    return Flat().eval()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -111,9 +108,11 @@ class _Flat:
 def _tensor_type(ct, name, tensor, flexible=None):
     import torch
 
-    dtype = np.int32 if tensor.dtype in (torch.int64, torch.int32, torch.int16) else (
-        np.bool_ if tensor.dtype == torch.bool else np.float32
-    )
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"[export] example input {name!r} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.dtype == torch.bool:
+        raise TypeError(f"[export] input {name!r} is bool; Core ML inputs are int32/fp16/fp32: pass it as int")
+    dtype = np.int32 if tensor.dtype in (torch.int64, torch.int32, torch.int16, torch.uint8) else np.float32
     shape = list(tensor.shape)
     if flexible:
         for axis, (lo, hi) in flexible.items():
@@ -216,18 +215,18 @@ def export(model, example_inputs, path, *, attention="fused", target="iOS18", pr
                                precision=precision, max_len=max_len)
 
     named = name_inputs(model, example_inputs)
+    flexible = flexible or {}
+    inputs = [_tensor_type(ct, n, t, flexible.get(n)) for n, t in named.items()]
     static_kwargs = dict(static_kwargs or {})
     model = model.eval()
     with torch.no_grad():
         flat = _flatten_outputs(model(**named, **static_kwargs))
     output_names = name_outputs(flat, list(named))
-    wrapper = _Flat.wrap(model, list(named), static_kwargs)
+    wrapper = flat_module(model, list(named), static_kwargs)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.trace: coremltools needs it
         traced = torch.jit.trace(wrapper, tuple(named.values()), check_trace=False, strict=False)
-    flexible = flexible or {}
-    inputs = [_tensor_type(ct, n, t, flexible.get(n)) for n, t in named.items()]
     mlmodel, notes = convert(traced, inputs, output_names, attention=attention, target=target,
                              precision=precision)
     return finish(mlmodel, path, attention, target, precision, notes)

@@ -8,7 +8,7 @@ length minus L -- no position input is needed -- and causal attention over the c
 ``ff.sdpa(causal=True)``'s bottom-right alignment.
 
 The model takes part through a small protocol (fusedformer's own decoder implements it, and
-``LlamaFamilyAdapter`` adapts Hugging Face LLaMA-family causal LMs: Llama, Mistral, Qwen2, ...;
+``llama_family_adapter`` adapts Hugging Face LLaMA-family causal LMs: Llama, Mistral, Qwen2, ...;
 export(kv_cache=True) wraps those automatically):
 
 * ``model.kv_cache_config()`` -> ``{"layers": n, "kv_heads": h, "head_dim": d}``
@@ -30,7 +30,7 @@ def _torch():
     return torch
 
 
-def LlamaFamilyAdapter(hf_model):
+def llama_family_adapter(hf_model):
     """The KV-cache protocol over a Hugging Face LLaMA-family causal LM (same weights, no copy).
 
     It runs the model's own modules (embeddings, RMSNorms, projections, rotary embedding, MLP,
@@ -87,7 +87,7 @@ def is_llama_family(model) -> bool:
             and hasattr(inner, "rotary_emb") and hasattr(layers[0], "mlp"))
 
 
-def StatefulDecoder(model, max_len: int, batch: int = 1):
+def stateful_decoder(model, max_len: int, batch: int = 1):
     """Wraps a protocol model: forward(input_ids, attention_mask) -> logits, caches as buffers."""
     torch = _torch()
 
@@ -125,14 +125,15 @@ def export_stateful(model, example_inputs, path, *, attention="fused", target="i
     ``example_inputs``: input_ids [B, L] (tensor, or {"input_ids": ...}); the export accepts any
     L in 1..max_len and any total length up to max_len.
     """
+    import warnings
+
     import coremltools as ct
     import torch
-    import warnings
 
     from fusedformer.coreml.export import convert, finish
 
     if not hasattr(model, "kv_cache_config") and is_llama_family(model):
-        model = LlamaFamilyAdapter(model)
+        model = llama_family_adapter(model)
     if not hasattr(model, "kv_cache_config"):
         raise TypeError(
             f"[export] kv_cache=True needs a decoder with kv_cache_config() and forward(input_ids, "
@@ -144,7 +145,7 @@ def export_stateful(model, example_inputs, path, *, attention="fused", target="i
     batch, length = ids.shape
     if length > max_len:
         raise ValueError(f"[export] example input_ids has {length} tokens, more than max_len={max_len}")
-    wrapper = StatefulDecoder(model.eval(), max_len=max_len, batch=batch)
+    wrapper = stateful_decoder(model.eval(), max_len=max_len, batch=batch)
     mask = torch.ones(batch, length, dtype=torch.int32)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)

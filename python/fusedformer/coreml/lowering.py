@@ -301,6 +301,15 @@ def fusedformer_qmatmul(context, node):
 # torch ops coremltools 9.0 lacks that traced models emit
 
 
+def _slice_axis(x: Var, axis: int, begin: int, end: int | None) -> Var:
+    """x[..., begin:end, ...] along ``axis`` (end None: to the end)."""
+    begins, ends = [0] * x.rank, [0] * x.rank
+    begins[axis] = begin
+    ends[axis] = 0 if end is None else end
+    end_mask = [i != axis or end is None for i in range(x.rank)]
+    return mb.slice_by_index(x=x, begin=begins, end=ends, end_mask=end_mask)
+
+
 def _diff(context, node):
     """aten::diff(x, n=1, dim=-1, prepend=None, append=None) (transformers' packed-sequence check)."""
     inputs = list(_get_inputs(context, node)) + [None] * 5
@@ -311,18 +320,7 @@ def _diff(context, node):
     if len(parts) > 1:
         x = mb.concat(values=parts, axis=axis)
     for _ in range(n):
-        begin = [0] * x.rank
-        end = [0] * x.rank
-        end_mask = [True] * x.rank
-        head_end = list(end)
-        head_end[axis] = -1
-        head_mask = list(end_mask)
-        head_mask[axis] = False
-        tail_begin = list(begin)
-        tail_begin[axis] = 1
-        tail = mb.slice_by_index(x=x, begin=tail_begin, end=end, end_mask=end_mask)
-        head = mb.slice_by_index(x=x, begin=begin, end=head_end, end_mask=head_mask)
-        x = mb.sub(x=tail, y=head)
+        x = mb.sub(x=_slice_axis(x, axis, 1, None), y=_slice_axis(x, axis, 0, -1))
     context.add(mb.identity(x=x, name=node.name), torch_name=node.name)
 
 
