@@ -68,3 +68,29 @@ def test_bench_coreml_needs_macos(capsys, tmp_path):
         pytest.skip("this checks the message off macOS")
     assert main(["bench", "coreml", str(tmp_path / "a.mlpackage"), "--no-save"]) != 0
     assert "needs macOS" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_export_hf_directory_with_kv_cache_and_adapter(tmp_path, capsys):
+    transformers = require("transformers")
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                      num_key_value_heads=2, vocab_size=100, max_position_embeddings=64)
+    model = transformers.LlamaForCausalLM(config)
+    model.save_pretrained(tmp_path / "llama")
+    out = tmp_path / "llama.mlpackage"
+    args = _parse(cli.add_export_arguments, [str(tmp_path / "llama"), "--out", str(out), "--seq-len", "4",
+                                             "--kv-cache", "--max-len", "16"])
+    assert cli.run_export(args) == 0
+    assert "states ['k_cache', 'v_cache']" in capsys.readouterr().err
+    # an adapter file: the first layer's query projection, changed
+    w = model.model.layers[0].self_attn.q_proj.weight.detach()
+    save_file({"model.layers.0.self_attn.q_proj.weight": (w + 0.1).contiguous()}, tmp_path / "a.safetensors")
+    out = tmp_path / "multi.mlpackage"
+    args = _parse(cli.add_export_arguments, [str(tmp_path / "llama"), "--out", str(out), "--seq-len", "4",
+                                             "--adapter", f"tuned={tmp_path / 'a.safetensors'}"])
+    assert cli.run_export(args) == 0
+    assert "functions ['main', 'tuned']" in capsys.readouterr().err
+    assert cli.run_verify(_parse(cli.add_verify_arguments, [str(out), "--function", "tuned", "--seq-len", "4"])) == 0

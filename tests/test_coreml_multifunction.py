@@ -37,7 +37,9 @@ def exported(tmp_path_factory):
     adapters = {"chat": _adapter(model, 1), "code": _adapter(model, 2)}
     tmp = tmp_path_factory.mktemp("mf")
     ff.coreml.export(model, (ids,), tmp / "single.mlpackage", precision="fp32")
-    ff.coreml.export(model, (ids,), tmp / "multi.mlpackage", precision="fp32", adapters=adapters)
+    multi = ff.coreml.export(model, (ids,), tmp / "multi.mlpackage", precision="fp32", adapters=adapters)
+    # the returned MLModel reads its weights from the saved package
+    assert sorted(ff.coreml.Program.load(multi).functions) == ["chat", "code", "main"]
     return model, ids, adapters, tmp
 
 

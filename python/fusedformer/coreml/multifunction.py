@@ -63,7 +63,12 @@ def export_multifunction(model, example_inputs, path, *, adapters: dict, **optio
         first = results[BASE_FUNCTION]
         result = ExportResult(attention=first.attention, target=first.target, precision=first.precision,
                               notes=first.notes + [f"functions: {', '.join(results)}"])
-        return save(mlmodel, path, result)
+        save(mlmodel, path, result)
+    # reopen from its final place: the merged model's weights lived in the temporary directory
+    mlmodel = ct.models.MLModel(os.fspath(path), skip_model_load=True)
+    mlmodel.fusedformer = result
+    mlmodel.package_path = os.fspath(path)
+    return mlmodel
 
 
 def package_size(path) -> int:
