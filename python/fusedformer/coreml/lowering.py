@@ -6,10 +6,15 @@
   in the program) and no causal flag (we build a bool mask). The result equals ``ff.sdpa``:
   bottom-right aligned causal, sliding window, bool or additive user masks, and 0 -- never NaN --
   for a query row whose keys are all masked.
+* ``fusedformer::sdpa_lse`` -> the same output plus the log-sum-exp from the scores.
 * ``fusedformer::qmatmul(x, parts, meta)`` -> the QuantizedWeight rebuilt from the traced
   constants as a compressed constant (constexpr_* ops, see weights.py), then ``linear``.
+* ``aten::diff`` and ``aten::new_ones``, which coremltools 9.0 lacks and transformers' mask
+  code emits under tracing.
 
-Which attention form is emitted is chosen by :func:`lowering_options` around ``ct.convert``.
+Importing this module registers the translations (``ct.convert`` called directly then uses them
+with the default options); ff.coreml.export chooses the attention form and the weight dtype
+with :func:`lowering_options` around ``ct.convert``.
 """
 
 from __future__ import annotations
