@@ -14,9 +14,9 @@ def sdpa_mask(lq: int, lk: int, *, causal: bool = False, window: int | None = No
 
     Causal is bottom-right aligned: query i sees keys j <= i + lk - lq (equal to torch's
     ``is_causal`` when lq == lk, and right for a KV-cache decode where the queries are the last
-    lq positions). ``window=w`` also requires j > i + lk - lq - w, i.e. each query sees at most
-    the w most recent keys up to its own position; without ``causal`` the window is symmetric
-    about that diagonal (|j - (i + lk - lq)| < w).
+    lq positions). ``window=w`` also requires j > i + lk - lq - w: with ``causal`` each query
+    sees the w most recent keys up to its own position (a sliding window); without ``causal`` it
+    bounds only how far back a query looks.
     """
     i = np.arange(lq)[:, None] + (lk - lq)
     j = np.arange(lk)[None, :]

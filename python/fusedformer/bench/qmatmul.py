@@ -91,4 +91,9 @@ def run(args) -> Report:
                     flops=flops, bytes=qw.nbytes + io, baseline=BASELINE,
                     note=f"{qw.bits_per_weight:.2f} bits/weight, SNR {qw.snr_db(w):.1f} dB",
                     bits_per_weight=float(qw.bits_per_weight))
+        if mx is not None:  # ff.mlx's path on the same weights (MLX's kernel or op composition per format)
+            from fusedformer.mlx import bench as mlx_bench
+
+            mlx_bench.add_qmatmul_rows(rep, case=case, x=x, qws={s: qws[s] for s in names}, flops=flops, io_bytes=io,
+                                       baseline=BASELINE, budget_s=budget)
     return rep

@@ -9,50 +9,18 @@ memory stays near the fp32 model plus one layer.
 
 from __future__ import annotations
 
-import fnmatch
-import warnings
-from dataclasses import dataclass, field
-
 import torch
 from torch import nn
 
+from fusedformer._optimize import OptimizeReport, check_arguments, plan_weights
 from fusedformer.torch.routing import AttentionStats
 from fusedformer.torch.sdpa_mode import use_fused_sdpa  # noqa: F401  (re-exported as ff.torch.use_fused_sdpa)
 
-ATTENTION_MODES = ("fused", None)
 
-
-@dataclass
-class OptimizeReport:
-    """What optimize() changed; ``stats`` keeps counting attention calls as the model runs."""
-
-    attention: str | None
-    attention_modules: list[str] = field(default_factory=list)
-    quantized: dict[str, str] = field(default_factory=dict)
-    skipped: list[str] = field(default_factory=list)
-    unmatched_patterns: list[str] = field(default_factory=list)
-    bytes_before: int = 0
-    bytes_after: int = 0
-    stats: AttentionStats = field(default_factory=AttentionStats)
-
-    def __str__(self) -> str:
-        lines = [f"fusedformer.optimize: attention={self.attention!r}, {len(self.attention_modules)} attention modules"]
-        if self.quantized:
-            lines.append(
-                f"  {len(self.quantized)} linear layers compressed: {self.bytes_before / 2**20:.1f} MiB -> "
-                f"{self.bytes_after / 2**20:.1f} MiB ({self.bytes_before / max(self.bytes_after, 1):.2f}x smaller)"
-            )
-        if self.skipped:
-            lines.append(f"  skipped: {', '.join(self.skipped)}")
-        for p in self.unmatched_patterns:
-            lines.append(f"  warning: pattern {p!r} matched no linear layer")
-        lines.append(f"  attention calls so far: {self.stats}")
-        return "\n".join(lines)
-
-
-def _matches(name: str, pattern: str) -> bool:
-    """A glob over the full module name, or an exact dotted component ("lm_head", "mlp")."""
-    return fnmatch.fnmatchcase(name, pattern) or pattern in name.split(".")
+def _linears(model: nn.Module):
+    for name, module in model.named_modules():
+        if type(module) is nn.Linear:
+            yield name, module, tuple(module.weight.shape)
 
 
 def _check_device(model: nn.Module) -> None:
@@ -61,37 +29,6 @@ def _check_device(model: nn.Module) -> None:
             raise ValueError(
                 f"[optimize] {name} is on {t.device}; fusedformer's kernels run on the CPU (move the model with .cpu())"
             )
-
-
-def _plan_weights(model: nn.Module, weights, skip) -> tuple[list[tuple[str, nn.Linear, object]], list[str], list[str]]:
-    """[(name, linear, scheme)] to compress, names skipped, patterns that matched nothing."""
-    from fusedformer import quant
-
-    if isinstance(weights, dict):
-        rules = list(weights.items())
-    else:
-        rules = [("*", weights)]
-    for pattern, scheme in rules:
-        if not quant.is_scheme(scheme):
-            raise TypeError(f"[optimize] weights for {pattern!r} must be a fusedformer.quant scheme, got {scheme!r}")
-    used, plan, skipped = set(), [], []
-    for name, module in model.named_modules():
-        if type(module) is not nn.Linear:
-            continue
-        if any(_matches(name, s) for s in skip):
-            skipped.append(name)
-            continue
-        for pattern, scheme in rules:
-            if _matches(name, pattern):
-                used.add(pattern)
-                plan.append((name, module, scheme))
-                break
-    unmatched = [p for p, _ in rules if p not in used]
-    for name, linear, scheme in plan:  # every check before the first change
-        quant.check_compressible(tuple(linear.weight.shape), scheme, name=name)
-        if not torch.isfinite(linear.weight).all():
-            raise ValueError(f"[optimize] {name}.weight has NaN/inf entries; it cannot be compressed")
-    return plan, skipped, unmatched
 
 
 def _plan_attention(model: nn.Module) -> list[tuple[str, nn.Module, type]]:
@@ -119,21 +56,17 @@ def optimize(model: nn.Module, attention: str | None = "fused", weights=None, sk
     """
     from fusedformer.torch import hf
 
-    if attention not in ATTENTION_MODES:
-        raise ValueError(f"[optimize] attention must be one of {ATTENTION_MODES}, got {attention!r}")
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"[optimize] model must be a torch.nn.Module, got {type(model).__name__}")
-    if isinstance(skip, str):
-        skip = (skip,)
+    skip = check_arguments(model, attention, skip, nn.Module, "torch.nn")
     _check_device(model)
-    plan, skipped, unmatched = _plan_weights(model, weights, skip) if weights is not None else ([], [], [])
+    plan, skipped, unmatched = plan_weights(_linears(model), weights, skip) if weights is not None else ([], [], [])
+    for name, linear, _ in plan:  # every check before the first change
+        if not torch.isfinite(linear.weight).all():
+            raise ValueError(f"[optimize] {name}.weight has NaN/inf entries; it cannot be compressed")
     swaps = _plan_attention(model) if attention == "fused" else []
-    for p in unmatched:
-        warnings.warn(f"[optimize] weights pattern {p!r} matched no nn.Linear", stacklevel=2)
 
-    report = getattr(model, "fusedformer_report", None)
-    stats = report.stats if isinstance(report, OptimizeReport) else AttentionStats()
-    report = OptimizeReport(attention=attention, skipped=skipped, unmatched_patterns=unmatched, stats=stats)
+    previous = getattr(model, "fusedformer_report", None)
+    stats = previous.stats if isinstance(previous, OptimizeReport) else AttentionStats()
+    report = OptimizeReport("torch", attention=attention, skipped=skipped, unmatched_patterns=unmatched, stats=stats)
     if attention == "fused":
         if hf.is_hf_model(model):
             report.attention_modules += hf.use_fused_attention(model, stats)

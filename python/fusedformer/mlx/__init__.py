@@ -1,0 +1,34 @@
+"""MLX integration: ff.sdpa on MLX arrays, compressed-weight linears and optimize() for mlx.nn models.
+
+Importing this module does not import MLX; each name below imports it on first use.
+
+    import fusedformer as ff
+    ff.sdpa(q, k, v, causal=True)                  # MLX arrays in, MLX arrays out
+    layer = ff.mlx.QuantizedLinear.from_quantized(qw, bias=None)
+    ff.mlx.optimize(model, attention="fused", weights=ff.quant.Affine(4, 64))
+"""
+
+from __future__ import annotations
+
+import importlib
+
+# public name -> module (inside fusedformer.mlx) that defines it
+_EXPORTS = {
+    "sdpa_mlx": "attention",
+    "cpu_kernel": "native",
+    "set_cpu_kernel": "native",
+    "QuantizedLinear": "linear",
+    "qmatmul_mlx": "linear",
+    "optimize": "optimize",
+    "use_fused_sdpa": "optimize",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f"fusedformer.mlx.{_EXPORTS[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'fusedformer.mlx' has no attribute {name!r}")

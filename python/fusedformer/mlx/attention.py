@@ -1,0 +1,163 @@
+"""ff.sdpa for MLX arrays, with fusedformer's semantics on top of MLX's attention.
+
+Three paths, chosen per call:
+
+* **fused** (``return_lse=False``): ``mx.fast.scaled_dot_product_attention``. On Apple GPUs this
+  is MLX's fused Metal kernel (vector kernel for decode, tiled kernel for prefill); on the CPU
+  backend (Linux, ``mlx[cpu]``) MLX itself runs an op composition that materialises the scores.
+  Causal without window or user mask goes in as MLX's ``"causal"`` string (lower-right aligned,
+  like ours); every other case goes in as one combined bool or additive mask array.
+* **composed** (``return_lse=True``): plain MLX ops with float32 scores, because
+  ``mx.fast.scaled_dot_product_attention`` does not return the log-sum-exp. Always unfused.
+* **native** (opt-in, MLX's CPU device, float32/float16; see fusedformer.mlx.native):
+  fusedformer's own flash kernel on the arrays' memory. Far faster than MLX's CPU backend, for
+  inference only.
+
+On every path rows whose keys are all masked give 0 (and lse ``-inf``): MLX alone gives the mean
+of ``v`` (bool masks) or NaN (additive ``-inf``) there, so we detect those rows from the mask and
+zero them.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+
+from fusedformer import _C
+from fusedformer._frameworks import common_framework
+from fusedformer.mlx.native import use_native
+
+FLOAT_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
+# MLX's own op, captured at import: ff.mlx.use_fused_sdpa() routes the public name to sdpa_mlx.
+MX_FAST_SDPA = mx.fast.scaled_dot_product_attention
+
+
+def sdpa_mlx(q, k, v, mask=None, causal=False, scale=None, window=None, return_lse=False):
+    """Scaled dot-product attention on MLX arrays (see ff.sdpa for the semantics).
+
+    q [B, Hq, Lq, D], k [B, Hkv, Lk, D], v [B, Hkv, Lk, Dv], Hq % Hkv == 0 (GQA is passed to MLX
+    natively, k/v are never repeated). ``mask``: an MLX bool (True = keep) or additive array
+    broadcastable to [B, Hq, Lq, Lk]. Causal is bottom-right aligned; ``window=w`` also requires
+    j > i + Lk - Lq - w. Returns out [B, Hq, Lq, Dv] in q's dtype, and with ``return_lse`` also
+    lse [B, Hq, Lq] in float32. The result is lazy, like every MLX op.
+    """
+    _check_inputs(q, k, v, mask)
+    lq, lk = q.shape[2], k.shape[2]
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if use_native(q) and v.shape[-1] == q.shape[-1] and q.shape[-1] <= _C.sdpa_max_head_dim:
+        return _sdpa_native(q, k, v, mask, causal, scale, window, return_lse)
+    if return_lse:
+        attn_mask, live = attention_mask(mask, lq, lk, causal=causal, window=window, dtype=mx.float32)
+        out, lse = sdpa_composed(q, k, v, attn_mask, scale)
+        return _zero_dead_rows(out, live), lse
+    attn_mask, live = attention_mask(mask, lq, lk, causal=causal, window=window, dtype=q.dtype)
+    out = MX_FAST_SDPA(q, k, v, scale=scale, mask=attn_mask)
+    return _zero_dead_rows(out, live)
+
+
+def _sdpa_native(q, k, v, mask, causal, scale, window, return_lse):
+    """fusedformer's native kernel on the MLX arrays' memory (evaluates them now)."""
+    from fusedformer.ops_attention import native_sdpa
+
+    arrays = [np.asarray(a) for a in (q, k, v)]  # zero-copy views (strides kept)
+    mask = None if mask is None else np.asarray(mask)
+    result = native_sdpa(*arrays, mask=mask, causal=causal, scale=scale, window=window or 0, return_lse=return_lse)
+    if return_lse:
+        return mx.array(result[0]), mx.array(result[1])
+    return mx.array(result)
+
+
+def sdpa_composed(q, k, v, mask, scale):
+    """Attention as plain MLX ops with float32 scores: (out in q's dtype, lse float32 [B,Hq,Lq]).
+
+    ``mask`` is None, ``"causal"`` or an array from :func:`attention_mask`. Fully masked rows give
+    out 0 and lse -inf here without any fix-up (the exponent is taken against a finite shift).
+    """
+    b, hq, lq, d = q.shape
+    hkv, lk, dv = k.shape[1], k.shape[2], v.shape[3]
+    group = hq // hkv
+    # Query heads of one kv head side by side: [B, Hkv, group, Lq, D] against [B, Hkv, 1, Lk, D].
+    qg = (q.astype(mx.float32) * scale).reshape(b, hkv, group, lq, d)
+    kg = k.astype(mx.float32)[:, :, None]
+    vg = v.astype(mx.float32)[:, :, None]
+    scores = (qg @ kg.swapaxes(-1, -2)).reshape(b, hq, lq, lk)
+    if isinstance(mask, str):
+        mask = position_mask(lq, lk, causal=True)
+    if mask is not None:
+        if mask.dtype == mx.bool_:
+            scores = mx.where(mask, scores, -mx.inf)
+        else:
+            scores = scores + mask.astype(mx.float32)
+    lse = mx.logsumexp(scores, axis=-1)
+    shift = mx.where(mx.isfinite(lse), lse, 0.0)[..., None]
+    probs = mx.exp(scores - shift).reshape(b, hkv, group, lq, lk)
+    out = (probs @ vg).reshape(b, hq, lq, dv)
+    return out.astype(q.dtype), lse
+
+
+def position_mask(lq: int, lk: int, *, causal: bool = False, window: int | None = None):
+    """Bool [lq, lk] of the keys each query may see under causal/window (reference.sdpa_mask)."""
+    i = mx.arange(lq)[:, None] + (lk - lq)
+    j = mx.arange(lk)[None, :]
+    allowed = mx.ones((lq, lk), dtype=mx.bool_)
+    if causal:
+        allowed = allowed & (j <= i)
+    if window is not None:
+        allowed = allowed & (j > i - window)
+    return allowed
+
+
+def attention_mask(mask, lq: int, lk: int, *, causal: bool, window: int | None, dtype):
+    """The one mask MLX gets, and which rows have any key left.
+
+    Returns ``(attn_mask, live)``: attn_mask is None, ``"causal"``, a bool array, or an additive
+    array of ``dtype`` (MLX wants additive masks in the output's type); live is None when no row
+    can be fully masked, else a bool array broadcastable to [B, Hq, Lq, 1].
+    """
+    if mask is None and window is None:
+        if not causal:
+            return None, None
+        # MLX's "causal" is lower-right aligned like ours; queries before the first key see nothing.
+        live = (mx.arange(lq) >= lq - lk)[:, None] if lq > lk else None
+        return "causal", live
+    positions = position_mask(lq, lk, causal=causal, window=window) if (causal or window is not None) else None
+    if mask is None:
+        combined = positions
+    elif mask.dtype == mx.bool_:
+        combined = mask if positions is None else mask & positions
+    else:
+        combined = _additive_as(mask, dtype)
+        if positions is not None:
+            combined = mx.where(positions, combined, -mx.inf)
+        return combined, mx.any(combined > -mx.inf, axis=-1, keepdims=True)
+    return combined, mx.any(combined, axis=-1, keepdims=True)
+
+
+def _additive_as(mask, dtype):
+    """An additive mask in ``dtype``; finite values are clamped to its range (-inf stays -inf), so
+    a large finite penalty such as -1e9 does not turn into -inf in float16."""
+    if mask.dtype == dtype:
+        return mask
+    if not mx.issubdtype(mask.dtype, mx.floating):
+        mask = mask.astype(mx.float32)
+    if dtype != mx.float32:
+        info = mx.finfo(dtype)
+        mask = mx.where(mx.isinf(mask), mask, mx.clip(mask, info.min, info.max))
+    return mask.astype(dtype)
+
+
+def _zero_dead_rows(out, live):
+    return out if live is None else mx.where(live, out, 0)
+
+
+def _check_inputs(q, k, v, mask):
+    """The MLX-specific checks (shapes are checked framework-neutrally by ops_attention)."""
+    framework = common_framework("sdpa", q=q, k=k, v=v, mask=mask)
+    if framework != "mlx":
+        raise TypeError(f"[sdpa] sdpa_mlx takes MLX arrays, got {framework} arrays")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"[sdpa] {name} has dtype {x.dtype}; MLX attention takes float32, float16 or bfloat16")
+    for name, x in (("k", k), ("v", v)):
+        if x.dtype != q.dtype:
+            raise TypeError(f"[sdpa] {name} has dtype {x.dtype} but q has {q.dtype}; pass one dtype")

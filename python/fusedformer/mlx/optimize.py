@@ -1,0 +1,137 @@
+"""ff.mlx.optimize: fused attention and compressed-weight linears in an mlx.nn model, in place.
+
+Same contract as ff.torch.optimize (modes, ``weights`` as a scheme or {glob: scheme}, ``skip``,
+every check before the first change, ``model.fusedformer_report``), for mlx.nn models.
+
+Attention. MLX models (mlx.nn.MultiHeadAttention, mlx-lm's models, most hand-written ones) call
+``mx.fast.scaled_dot_product_attention`` inside an attention module's ``__call__``. optimize()
+finds those modules (any module whose ``__call__`` calls ``scaled_dot_product_attention``) and
+gives each a subclass that runs its ``__call__`` inside :func:`use_fused_sdpa`, which routes
+``mx.fast.scaled_dot_product_attention`` to :func:`fusedformer.mlx.attention.sdpa_mlx` for the
+duration of that call only (other models in the process are untouched; the name is
+process-wide while the call builds its graph, so do not build other MLX graphs from other
+threads meanwhile). The fused MLX kernel
+still does the work; what changes is fusedformer's semantics: rows with every key masked (left
+padding, windows) give 0 instead of NaN or the mean of v.
+
+Weights. Every ``nn.Linear`` and ``nn.QuantizedLinear`` not matched by ``skip`` becomes an
+``ff.mlx.QuantizedLinear`` (see QuantizedLinear.from_linear: an affine nn.QuantizedLinear of the
+same bits and group size is adopted as it is, any other is dequantized and compressed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import threading
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+
+from fusedformer._optimize import OptimizeReport, check_arguments, plan_weights
+from fusedformer.mlx.attention import MX_FAST_SDPA, sdpa_mlx
+from fusedformer.mlx.linear import QuantizedLinear
+
+_routing = threading.local()
+
+
+def optimize(model: nn.Module, attention: str | None = "fused", weights=None, skip=("lm_head",)) -> nn.Module:
+    """Swaps attention and linears of an mlx.nn ``model`` in place and returns it;
+    ``model.fusedformer_report`` says what changed.
+
+    attention: "fused" (route the model's attention through ff.sdpa's MLX path) or None.
+    weights: None, an ff.quant scheme for every nn.Linear / nn.QuantizedLinear, or
+      {module-name glob: scheme} (the first matching pattern wins).
+    skip: module names (globs over the dotted path, or one dotted component such as "lm_head")
+      whose linears stay as they are.
+    """
+    skip = check_arguments(model, attention, skip, nn.Module, "mlx.nn")
+    plan, skipped, unmatched = plan_weights(_linears(model), weights, skip) if weights is not None else ([], [], [])
+    report = OptimizeReport("mlx", attention=attention, skipped=skipped, unmatched_patterns=unmatched)
+    if attention == "fused":
+        for path, module in model.named_modules():
+            if is_attention_module(module):
+                module.__class__ = _fused_class(type(module))
+                report.attention_modules.append(path)
+    swapped = []
+    for path, linear, scheme in plan:  # one layer at a time: peak memory ~ model + one layer
+        layer = QuantizedLinear.from_linear(linear, scheme)
+        report.bytes_before += _nbytes(linear)
+        report.bytes_after += layer.quantized_weight().nbytes
+        report.quantized[path] = repr(scheme)
+        swapped.append((path, layer))
+    if swapped:
+        model.update_modules(tree_unflatten(swapped))
+    model.fusedformer_report = report
+    return model
+
+
+def _linears(model):
+    for path, module in model.named_modules():
+        if isinstance(module, (nn.Linear, nn.QuantizedLinear)):
+            yield path, module, _linear_shape(module)
+
+
+def _linear_shape(linear) -> tuple[int, int]:
+    out_dims, cols = linear.weight.shape
+    return (out_dims, cols * 32 // linear.bits) if isinstance(linear, nn.QuantizedLinear) else (out_dims, cols)
+
+
+def _nbytes(linear) -> int:
+    return sum(v.nbytes for k, v in tree_flatten(linear.parameters()) if k != "bias")
+
+
+@contextlib.contextmanager
+def use_fused_sdpa():
+    """Within the block, ``mx.fast.scaled_dot_product_attention`` calls go to fusedformer's MLX
+    sdpa (calls with ``sinks`` still go to MLX's, which alone supports them). Re-entrant."""
+    depth = getattr(_routing, "depth", 0)
+    if depth == 0:
+        mx.fast.scaled_dot_product_attention = _fused_sdpa_like_mx_fast
+    _routing.depth = depth + 1
+    try:
+        yield
+    finally:
+        _routing.depth -= 1
+        if _routing.depth == 0:
+            mx.fast.scaled_dot_product_attention = MX_FAST_SDPA
+
+
+def _fused_sdpa_like_mx_fast(q, k, v, *, scale, mask=None, sinks=None, **kwargs):
+    """mx.fast.scaled_dot_product_attention's signature, fusedformer's semantics."""
+    if sinks is not None or kwargs:
+        return MX_FAST_SDPA(q, k, v, scale=scale, mask=mask, sinks=sinks, **kwargs)
+    if isinstance(mask, str):
+        if mask != "causal":
+            raise ValueError(f"[sdpa] mask={mask!r}; the only string mask is 'causal'")
+        return sdpa_mlx(q, k, v, causal=True, scale=scale)
+    return sdpa_mlx(q, k, v, mask=mask, scale=scale)
+
+
+@functools.lru_cache(maxsize=None)
+def _calls_sdpa(cls) -> bool:
+    try:
+        return "scaled_dot_product_attention" in inspect.getsource(cls.__call__)
+    except (OSError, TypeError):
+        return False
+
+
+def is_attention_module(module: nn.Module) -> bool:
+    """True for modules whose own ``__call__`` runs ``scaled_dot_product_attention``."""
+    return getattr(type(module), "_ff_fused_attention", False) is False and (
+        isinstance(module, nn.MultiHeadAttention) or _calls_sdpa(type(module))
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def _fused_class(cls):
+    """A subclass of ``cls`` whose ``__call__`` runs under use_fused_sdpa()."""
+
+    def __call__(self, *args, **kwargs):
+        with use_fused_sdpa():
+            return cls.__call__(self, *args, **kwargs)
+
+    return type(f"Fused{cls.__name__}", (cls,), {"__call__": __call__, "_ff_fused_attention": True,
+                                                 "__module__": cls.__module__, "__doc__": cls.__doc__})
