@@ -82,8 +82,9 @@ def test_threads_same_bits(rng, isa, threads, shape):
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 @pytest.mark.parametrize("opts", [dict(), dict(causal=True, window=40)], ids=["plain", "causal-window"])
-def test_numpy_dtypes(rng, isa, dtype, opts):
-    q, k, v = make_qkv(rng, 2, 8, 2, 65, 130, 64, dtype=dtype)
+@pytest.mark.parametrize("shape", [(2, 8, 2, 65, 130, 64), (1, 8, 4, 2, 300, 59)], ids=["packed", "streamed"])
+def test_numpy_dtypes(rng, isa, dtype, opts, shape):
+    q, k, v = make_qkv(rng, *shape, dtype=dtype)
     out, lse = ff.sdpa(q, k, v, return_lse=True, **opts)
     assert out.dtype == np.dtype(dtype)
     check(out, lse, q, k, v, tol=dtype, **opts)
@@ -181,6 +182,15 @@ def test_strided_inputs(rng, isa):
     k = kvb.transpose(0, 2, 1, 3)[:, :3]
     v = kvb.transpose(0, 2, 1, 3)[:, 3::1][:, ::1][:, :3]
     assert not q.flags.c_contiguous
+    out = ff.sdpa(q, k, v, causal=True)
+    check(out, None, q, k, v, causal=True)
+
+
+def test_negative_zero_and_step_strides(rng, isa):
+    """Reversed queries, K broadcast over heads (stride 0), every second key of V."""
+    q = rng.standard_normal((1, 4, 9, 32), dtype=np.float32)[:, :, ::-1]
+    k = np.broadcast_to(rng.standard_normal((1, 1, 20, 32), dtype=np.float32), (1, 2, 20, 32))
+    v = rng.standard_normal((1, 2, 40, 32), dtype=np.float32)[:, :, ::2]
     out = ff.sdpa(q, k, v, causal=True)
     check(out, None, q, k, v, causal=True)
 

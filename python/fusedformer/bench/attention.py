@@ -1,0 +1,200 @@
+"""`fusedformer bench attention`: fused SDPA vs torch's SDPA, unfused torch and MLX.
+
+Every case runs each implementation on the same inputs in the same process; ratios are time /
+time of "torch sdpa" in that case. FLOPs count only the unmasked score entries:
+    flops = 4 * B * Hq * D * pairs,   pairs = #(i, j) with key j visible to query i
+(Lq * Lk without a mask; Lq * Lk - Lq * (Lq - 1) / 2 for causal with Lq <= Lk, i.e. about
+half), covering QK^T and PV at 2 flops per multiply-add. Bytes are what one call must move at
+least: q, k, v in and out once (decode is bound by reading K and V).
+
+Implementations are (name, maker) entries in IMPLS; a maker returns a zero-argument callable
+for a case or None when it does not apply. Another backend adds one entry (e.g. the MLX
+helper's "fusedformer (mlx)").
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from fusedformer.bench.harness import measure
+from fusedformer.bench.report import Report, track
+
+BASELINE = "torch sdpa"
+
+
+@dataclass(frozen=True)
+class Case:
+    kind: str  # "prefill" or "decode"
+    b: int
+    hq: int
+    hkv: int
+    lq: int
+    lk: int
+    d: int
+    causal: bool
+    dtype: str  # "float32" or "bfloat16"
+    mlx: bool = False  # MLX's CPU path is slow: only where it finishes in reasonable time
+
+    @property
+    def name(self) -> str:
+        heads = f"H{self.hq}" if self.hq == self.hkv else f"GQA {self.hq}q/{self.hkv}kv"
+        mask = " causal" if self.causal else ""
+        if self.kind == "prefill":
+            shape = f"B{self.b} {heads} L{self.lq} D{self.d}"
+        else:
+            shape = f"B{self.b} {heads} Lk {self.lk} D{self.d}"
+        return f"{self.kind}{mask} {shape} {'fp32' if self.dtype == 'float32' else 'bf16'}"
+
+    @property
+    def pairs(self) -> float:
+        if not self.causal:
+            return float(self.lq * self.lk)
+        return float(self.lq * self.lk - self.lq * (self.lq - 1) / 2)
+
+    @property
+    def flops(self) -> float:
+        return 4.0 * self.b * self.hq * self.d * self.pairs
+
+    @property
+    def bytes(self) -> float:
+        item = 4 if self.dtype == "float32" else 2
+        return float(item * self.d * (2 * self.b * self.hq * self.lq + 2 * self.b * self.hkv * self.lk))
+
+
+def cases(quick: bool) -> list[Case]:
+    if quick:
+        shapes = [
+            ("prefill", 1, 8, 8, 512, 512, 128, True, False),
+            ("prefill", 1, 8, 8, 256, 256, 64, True, True),
+            ("decode", 1, 32, 8, 1, 1024, 128, False, True),
+            ("decode", 1, 32, 32, 1, 1024, 128, False, False),
+        ]
+    else:
+        shapes = [
+            ("prefill", 1, 32, 32, 2048, 2048, 128, True, False),
+            ("prefill", 4, 12, 12, 1024, 1024, 64, True, False),
+            ("prefill", 1, 8, 8, 512, 512, 64, True, True),  # DESIGN's MLX comparison
+            ("decode", 1, 32, 8, 1, 4096, 128, False, True),
+            ("decode", 1, 32, 8, 1, 16384, 128, False, True),
+            ("decode", 1, 32, 32, 1, 4096, 128, False, True),
+        ]
+    return [Case(*s[:8], dtype=dt, mlx=s[8]) for dt in ("float32", "bfloat16") for s in shapes]
+
+
+def torch_inputs(case: Case):
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    dt = getattr(torch, case.dtype)
+    q = torch.randn(case.b, case.hq, case.lq, case.d, generator=g).to(dt)
+    k = torch.randn(case.b, case.hkv, case.lk, case.d, generator=g).to(dt)
+    v = torch.randn(case.b, case.hkv, case.lk, case.d, generator=g).to(dt)
+    return q, k, v
+
+
+# ---- implementations ----------------------------------------------------------------------
+
+
+def make_fusedformer(case, q, k, v):
+    import fusedformer as ff
+
+    return lambda: ff.sdpa(q, k, v, causal=case.causal)
+
+
+def make_torch_sdpa(case, q, k, v):
+    import torch.nn.functional as F
+
+    gqa = case.hq != case.hkv
+    # torch's is_causal is top-left aligned: equal to ours only when Lq == Lk (all prefill cases)
+    return lambda: F.scaled_dot_product_attention(q, k, v, is_causal=case.causal, enable_gqa=gqa)
+
+
+def make_torch_unfused(case, q, k, v):
+    import torch
+
+    group = case.hq // case.hkv
+    scale = 1.0 / math.sqrt(case.d)
+    mask = None
+    if case.causal:
+        mask = torch.ones(case.lq, case.lk, dtype=torch.bool).tril(case.lk - case.lq).logical_not()
+
+    def run():
+        kk = k.repeat_interleave(group, 1) if group > 1 else k
+        vv = v.repeat_interleave(group, 1) if group > 1 else v
+        s = torch.matmul(q, kk.transpose(-1, -2)) * scale
+        if mask is not None:
+            s = s.masked_fill(mask, float("-inf"))
+        return torch.matmul(torch.softmax(s, dim=-1), vv)
+
+    return run
+
+
+def make_mlx_sdpa(case, q, k, v):
+    if not case.mlx:
+        return None
+    try:
+        import mlx.core as mx
+    except ImportError:
+        return None
+    import torch
+
+    mx.set_default_device(mx.cpu)
+    dt = mx.float32 if case.dtype == "float32" else mx.bfloat16
+    qm, km, vm = (mx.array(t.float().numpy()).astype(dt) for t in (q, k, v))
+    mx.eval(qm, km, vm)
+    scale = 1.0 / math.sqrt(case.d)
+    mask = "causal" if case.causal else None
+    del torch
+    return lambda: mx.fast.scaled_dot_product_attention(qm, km, vm, scale=scale, mask=mask)
+
+
+def _mlx_sync(out):
+    import mlx.core as mx
+
+    mx.eval(out)
+
+
+# name -> (maker, measure options). Makers return None where an impl does not apply.
+IMPLS = {
+    "fusedformer": (make_fusedformer, {}),
+    BASELINE: (make_torch_sdpa, {}),
+    "torch unfused": (make_torch_unfused, {"min_runs": 3}),
+    "mlx sdpa": (make_mlx_sdpa, {"min_runs": 3, "sync": _mlx_sync}),
+}
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--dtype", choices=["all", "float32", "bfloat16"], default="all", help="dtypes to run")
+    parser.add_argument("--case", default="", help="only cases whose name contains this text")
+    parser.add_argument("--impl", action="append", default=None, help="only these impls (repeatable)")
+
+
+def run(args) -> Report:
+    rep = Report(
+        "attention",
+        description="fused SDPA (flash prefill, split-KV decode) vs torch F.sdpa, unfused torch, MLX CPU",
+    )
+    selected = [
+        c
+        for c in cases(args.quick)
+        if getattr(args, "dtype", "all") in ("all", c.dtype) and getattr(args, "case", "") in c.name
+    ]
+    impls = getattr(args, "impl", None) or list(IMPLS)
+    for case in track(selected, "attention"):
+        q, k, v = torch_inputs(case)
+        for name in impls:
+            maker, opts = IMPLS[name]
+            fn = maker(case, q, k, v)
+            if fn is None:
+                continue
+            timing = measure(fn, budget_s=args.budget, **opts)
+            rep.add(
+                case=case.name,
+                impl=name,
+                timing=timing,
+                flops=case.flops,
+                bytes=case.bytes,
+                baseline=BASELINE if BASELINE in impls else None,
+            )
+    return rep
