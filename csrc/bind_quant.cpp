@@ -35,6 +35,16 @@ const void* buffer(const py::object& obj, const char* name, int itemsize, int64_
   return a.data();
 }
 
+// popcount of a byte (the portable build has no popcount instruction)
+const struct Popcount {
+  uint8_t v[256];
+  Popcount() {
+    v[0] = 0;
+    for (int i = 1; i < 256; ++i) v[i] = static_cast<uint8_t>(v[i >> 1] + (i & 1));
+  }
+  uint8_t operator[](uint8_t b) const { return v[b]; }
+} kPopcount;
+
 int64_t stream_bytes(int64_t count, int bits) { return (count * bits + 7) / 8; }
 
 py::array qmatmul(const py::array& x, int dtype, int codes_kind, int64_t n, int64_t k, int bits, int group,
@@ -64,7 +74,7 @@ py::array qmatmul(const py::array& x, int dtype, int codes_kind, int64_t n, int6
       own_offsets.assign(static_cast<size_t>(n + 1), 0);
       for (int64_t r = 0; r < n; ++r) {
         int64_t c = 0;
-        for (int64_t b = r * k / 8; b < (r + 1) * k / 8; ++b) c += __builtin_popcount(w.mask[b]);
+        for (int64_t b = r * k / 8; b < (r + 1) * k / 8; ++b) c += kPopcount[w.mask[b]];
         own_offsets[r + 1] = own_offsets[r] + c;
       }
       offsets = own_offsets.data();

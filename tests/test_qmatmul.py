@@ -68,14 +68,18 @@ def test_int8_odd_k(k, m, isa, rng):
 
 
 @pytest.mark.parametrize("m", [1, 3, 20])
-def test_thread_count_does_not_change_results(m, isa, rng):
-    qw = weight(Affine(4, 64))
-    x = rng.standard_normal((m, K)).astype(np.float32)
+@pytest.mark.parametrize("scheme", [Affine(4, 64), Int8(), Palettize(3), Prune(0.5, then=Affine(2, 32))], ids=repr)
+def test_thread_count_does_not_change_results(m, scheme, isa, rng):
+    # big enough that the pool splits the rows (small problems run on the calling thread)
+    w = (rng.standard_normal((1031, 1024)) * 0.05).astype(np.float32)
+    qw = compress(w, scheme)
+    x = rng.standard_normal((m, 1024)).astype(np.float32)
     with kernel_config(threads=1):
         y1 = ff.qmatmul(x, qw)
     with kernel_config(threads=2):
         y2 = ff.qmatmul(x, qw)
     np.testing.assert_array_equal(y1, y2)
+    check(y2, x, qw)
 
 
 @pytest.mark.parametrize("m", [1, 5, 40])

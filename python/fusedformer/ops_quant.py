@@ -53,10 +53,13 @@ def _check(x_shape, qw):
                          f"the weight's K={qw.shape[1]} (weight shape [N, K] = {list(qw.shape)})")
 
 
-def qmatmul_numpy(x: np.ndarray, qw, dtype_code: int | None = None) -> np.ndarray:
-    """Native kernel on a numpy array (float32/float16, or raw bf16 words with dtype_code=2)."""
+def qmatmul_numpy(x: np.ndarray, qw, dtype_code: int | None = None, args: dict | None = None) -> np.ndarray:
+    """Native kernel on a numpy array (float32/float16, or raw bf16 words with dtype_code=2).
+    ``args``: kernel_args(qw), when the caller caches them."""
     from . import _C
 
+    if args is None:
+        args = kernel_args(qw)
     if dtype_code is None:
         if x.dtype == np.float32:
             dtype_code = 0
@@ -68,8 +71,8 @@ def qmatmul_numpy(x: np.ndarray, qw, dtype_code: int | None = None) -> np.ndarra
     x2 = x.reshape(-1, x.shape[-1])
     if x2.shape[0] and (x2.strides[-1] != x2.itemsize or x2.strides[0] < x2.shape[1] * x2.itemsize):
         x2 = np.ascontiguousarray(x2)
-    y = _C.qmatmul(x2, dtype=dtype_code, **kernel_args(qw))
-    return y.reshape(*lead, qw.shape[0])
+    y = _C.qmatmul(x2, dtype=dtype_code, **args)
+    return y.reshape(*lead, args["n"])
 
 
 def qmatmul(x, qw):
@@ -87,7 +90,7 @@ def qmatmul(x, qw):
     return qmatmul_numpy(np.asarray(x), qw)
 
 
-def qmatmul_tensor(x, qw):
+def qmatmul_tensor(x, qw, args: dict | None = None):
     """The native kernel on a CPU torch tensor (float32, float16 or bfloat16)."""
     import torch
 
@@ -100,5 +103,5 @@ def qmatmul_tensor(x, qw):
     if xc.dim() and xc.stride(-1) != 1:
         xc = xc.contiguous()
     raw = xc.view(torch.int16) if x.dtype == torch.bfloat16 else xc
-    y = torch.from_numpy(qmatmul_numpy(raw.numpy(), qw, codes[x.dtype]))
+    y = torch.from_numpy(qmatmul_numpy(raw.numpy(), qw, codes[x.dtype], args))
     return y.view(torch.bfloat16) if x.dtype == torch.bfloat16 else y

@@ -52,12 +52,20 @@ inline uint64_t load_code_bytes(const uint8_t* stream, int64_t index) {
 struct i32x8 {
   __m256i v;
 };
+// Eight B-bit codes packed LSB-first in u (B < 8).
+template <int B>
+inline i32x8 codes_from_bits(uint64_t u);
 template <int B>
 inline i32x8 codes8(const uint8_t* stream, int64_t index) {
   if constexpr (B == 8) {
     return {_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(stream + index)))};
   } else {
-    const uint64_t u = load_code_bytes<B>(stream, index);
+    return codes_from_bits<B>(load_code_bytes<B>(stream, index));
+  }
+}
+template <int B>
+inline i32x8 codes_from_bits(uint64_t u) {
+  {
     const __m256i mask = _mm256_set1_epi32((1 << B) - 1);
     if constexpr (B <= 4) {
       const __m256i shifts = _mm256_setr_epi32(0, B, 2 * B, 3 * B, 4 * B, 5 * B, 6 * B, 7 * B);
@@ -155,24 +163,46 @@ inline float value_at(const QWeight& w, int64_t n, int64_t k, int64_t code_index
   }
 }
 
+inline int popcount8(unsigned b) {
+  static constexpr uint8_t kNibble[16] = {0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4};
+  return kNibble[b & 15] + kNibble[(b >> 4) & 15];
+}
+
+// Survivors among the mask bytes [b, e) (the baseline ISA has no popcount instruction).
+inline int64_t count_kept(const uint8_t* b, const uint8_t* e) {
+  int64_t c = 0;
+  for (; b + 8 <= e; b += 8) {
+    uint64_t v = load_le<uint64_t>(b);  // SWAR popcount of 64 bits
+    v = v - ((v >> 1) & 0x5555555555555555ull);
+    v = (v & 0x3333333333333333ull) + ((v >> 2) & 0x3333333333333333ull);
+    v = (v + (v >> 4)) & 0x0f0f0f0f0f0f0f0full;
+    c += static_cast<int64_t>((v * 0x0101010101010101ull) >> 56);
+  }
+  for (; b < e; ++b) c += popcount8(*b);
+  return c;
+}
+
 // Pruned rows: walk the mask a byte (8 columns) at a time; each kept column takes the next
-// code of the row's survivors. Invariants of the inner format are hoisted per row / group.
-inline void decode_sparse(const QWeight& w, int64_t n, int64_t k0, int64_t len, float* out) {
-  const uint8_t* mask = w.mask + (n * w.k + k0) / 8;  // rows and k0 start on a byte (K % 8 == 0)
-  int64_t p = w.row_offsets[n];
-  for (const uint8_t* b = w.mask + n * w.k / 8; b < mask; ++b) p += __builtin_popcount(*b);
-  const uint8_t* stream = static_cast<const uint8_t*>(w.codes);
-  const float* values = static_cast<const float*>(w.codes);
-  const int64_t groups = w.codes_kind == QCodes::affine ? w.k / w.group : 1;
-  const float* sc = w.scales ? w.scales + n * groups : nullptr;
-  const float* bi = w.biases ? w.biases + n * groups : nullptr;
-  const float* lut = w.lut ? w.lut + ((n / w.group) << w.bits) : nullptr;
-  for (int64_t i = 0; i < len; i += 8) {
-    const unsigned bits = mask[i / 8];
-    for (int j = 0; j < 8; ++j) out[i + j] = 0.0f;
-    if (!bits) continue;
-    const int64_t g = w.codes_kind == QCodes::affine ? (k0 + i) / w.group : 0;  // 8 | group
-    for (unsigned m = bits; m; m &= m - 1) {
+// code of the row's survivors. The scalar byte decoder is the generic build's path and the
+// AVX2 build's fallback near the end of the code stream.
+struct SparseRow {
+  const QWeight& w;
+  const uint8_t* stream;
+  const float* sc;   // affine scales of the row
+  const float* bi;   // affine biases of the row
+  const float* lut;  // LUT of the row
+  SparseRow(const QWeight& w_, int64_t n)
+      : w(w_),
+        stream(static_cast<const uint8_t*>(w_.codes)),
+        sc(w_.scales ? w_.scales + n * (w_.k / w_.group) : nullptr),
+        bi(w_.biases ? w_.biases + n * (w_.k / w_.group) : nullptr),
+        lut(w_.lut ? w_.lut + ((n / w_.group) << w_.bits) : nullptr) {}
+
+  // Columns k .. k+7 (mask byte m) from survivor p on; returns the next survivor.
+  int64_t byte_scalar(unsigned m, int64_t k, int64_t p, float* out) const {
+    for (int j = 0; j < 8; ++j) out[j] = 0.0f;
+    const int64_t g = w.codes_kind == QCodes::affine ? k / w.group : 0;  // 8 | group
+    for (; m; m &= m - 1) {
       const int j = __builtin_ctz(m);
       float v;
       if (w.codes_kind == QCodes::affine) {
@@ -181,16 +211,98 @@ inline void decode_sparse(const QWeight& w, int64_t n, int64_t k0, int64_t len, 
       } else if (w.codes_kind == QCodes::lut) {
         v = lut[code_at(stream, p, w.bits)];
       } else {
-        v = values[p];
+        v = static_cast<const float*>(w.codes)[p];
       }
       ++p;
-      out[i + j] = v;
+      out[j] = v;
     }
+    return p;
+  }
+};
+
+#if defined(__AVX2__)
+// For a mask byte m, lane j takes the survivor of rank popcount(m & ((1 << j) - 1)).
+struct ExpandTable {
+  alignas(32) int32_t idx[256][8];
+  ExpandTable() {
+    for (int m = 0; m < 256; ++m)
+      for (int j = 0; j < 8; ++j) idx[m][j] = __builtin_popcount(m & ((1 << j) - 1)) & 7;
+  }
+};
+inline const ExpandTable& expand_table() {
+  static const ExpandTable t;
+  return t;
+}
+
+// Eight consecutive codes from element p (any position) of a B-bit stream; reads 8 bytes.
+template <int B>
+inline i32x8 codes8_at(const uint8_t* stream, int64_t p) {
+  if constexpr (B == 8) {
+    return {_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(stream + p)))};
+  } else {
+    const int64_t bit = p * B;
+    return codes_from_bits<B>(load_le<uint64_t>(stream + (bit >> 3)) >> (bit & 7));
   }
 }
 
+template <int B>
+inline int64_t decode_sparse_simd(const SparseRow& row, const uint8_t* mask, int64_t k0, int64_t len, int64_t p,
+                               float* out) {
+  const QWeight& w = row.w;
+  const int64_t count = w.row_offsets[w.n];
+  const __m256i bitv = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  const ExpandTable& table = expand_table();
+  for (int64_t i = 0; i < len; i += 8) {
+    const unsigned m = mask[i / 8];
+    if (!m) {
+      simd::store(out + i, simd::zero());
+      continue;
+    }
+    const int c = popcount8(m);
+    if (w.codes_kind != QCodes::f32 && p + 64 > count) {  // an 8-byte read could leave the stream
+      p = row.byte_scalar(m, k0 + i, p, out + i);
+      continue;
+    }
+    __m256 v;
+    if (w.codes_kind == QCodes::affine) {
+      const int64_t g = (k0 + i) / w.group;
+      v = _mm256_add_ps(_mm256_mul_ps(_mm256_set1_ps(row.sc[g]), to_f32(codes8_at<B>(row.stream, p)).v),
+                        _mm256_set1_ps(row.bi[g]));
+    } else if (w.codes_kind == QCodes::lut) {
+      v = lookup<B>(row.lut, codes8_at<B>(row.stream, p)).v;
+    } else {
+      const __m256i first = _mm256_cmpgt_epi32(_mm256_set1_epi32(c), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+      v = _mm256_maskload_ps(static_cast<const float*>(w.codes) + p, first);
+    }
+    const __m256 e = _mm256_permutevar8x32_ps(v, _mm256_load_si256(reinterpret_cast<const __m256i*>(table.idx[m])));
+    const __m256i live = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(static_cast<int>(m)), bitv), bitv);
+    _mm256_storeu_ps(out + i, _mm256_and_ps(e, _mm256_castsi256_ps(live)));
+    p += c;
+  }
+  return p;
+}
+#endif
+
+// Decodes columns [k0, k0 + len) of pruned row n whose first survivor there is number p of
+// the stream (p < 0: counted from the row start). Returns the survivor after the span.
+inline int64_t decode_sparse(const QWeight& w, int64_t n, int64_t k0, int64_t len, float* out, int64_t p = -1) {
+  const uint8_t* mask = w.mask + (n * w.k + k0) / 8;  // rows and k0 start on a byte (K % 8 == 0)
+  if (p < 0) p = w.row_offsets[n] + count_kept(w.mask + n * w.k / 8, mask);
+  const SparseRow row(w, n);
+#if defined(__AVX2__)
+  bits_switch(w.codes_kind == QCodes::f32 ? 8 : w.bits,
+              [&](auto b) { p = decode_sparse_simd<decltype(b)::value>(row, mask, k0, len, p, out); });
+#else
+  for (int64_t i = 0; i < len; i += 8) p = row.byte_scalar(mask[i / 8], k0 + i, p, out + i);
+#endif
+  return p;
+}
+
 inline void decode_row(const QWeight& w, int64_t n, int64_t k0, int64_t len, float* out) {
-  if (w.mask) return decode_sparse(w, n, k0, len, out);
+  if (w.mask) {
+    decode_sparse(w, n, k0, len, out);
+    return;
+  }
   const int64_t base = n * w.k + k0;
   const uint8_t* stream = static_cast<const uint8_t*>(w.codes);
   int64_t i = 0;

@@ -27,6 +27,11 @@ constexpr int64_t kPanel = 64;
 constexpr int64_t kKc = 256;
 constexpr int kMr = 6, kNr = 16;
 constexpr int64_t kMaxGemvRows = 8;
+// Fewer multiply-adds than this per pool chunk are not worth waking a thread for.
+constexpr int64_t kMinChunkWork = int64_t{1} << 18;
+
+// Pool grain (tasks per chunk) for tasks of `work` multiply-adds each.
+int64_t grain_for(int64_t work) { return std::max<int64_t>(1, kMinChunkWork / std::max<int64_t>(work, 1)); }
 
 struct Problem {
   const float* x;  // fp32 [m, k], row stride ldx
@@ -168,9 +173,14 @@ void gemv_buffered(const Problem& p, int64_t n0, int64_t n1) {
     f32x8 acc[MR];
     float tail[MR];
     for (int r = 0; r < MR; ++r) acc[r] = simd::zero(), tail[r] = 0;
+    int64_t next = w.mask ? w.row_offsets[n] : 0;  // survivor cursor of pruned rows
     for (int64_t k0 = 0; k0 < w.k; k0 += kGemvChunk) {
       const int64_t len = std::min(kGemvChunk, w.k - k0);
-      quant::decode_row(w, n, k0, len, buf);
+      if (w.mask) {
+        next = quant::decode_sparse(w, n, k0, len, buf, next);
+      } else {
+        quant::decode_row(w, n, k0, len, buf);
+      }
       const float* x = p.x + k0;
       int64_t i = 0;
       for (; i + 8 <= len; i += 8) {
@@ -184,34 +194,57 @@ void gemv_buffered(const Problem& p, int64_t n0, int64_t n1) {
   }
 }
 
+// Runs rows_fn(n0, n1) over all rows of W in tasks of kGemvRows. (Plain templates rather than
+// generic lambdas keep the symbols demangleable for the build's ISA-leak check.)
+template <class RowsFn>
+void over_rows(const Problem& p, const RowsFn& rows_fn) {
+  const QWeight& w = *p.w;
+  parallel_for((w.n + kGemvRows - 1) / kGemvRows, grain_for(kGemvRows * w.k * p.m), [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) rows_fn(t * kGemvRows, std::min(w.n, (t + 1) * kGemvRows));
+  });
+}
+
+template <int MR, int B>
+void gemv_affine_all(const Problem& p) {
+  const QWeight& w = *p.w;
+  std::unique_ptr<float[]> xsum(new float[p.m * (w.k / w.group)]);
+  x_group_sums(p, w.group, xsum.get());
+  const float* xs = xsum.get();
+  over_rows(p, [&](int64_t a, int64_t e) { gemv_affine<MR, B>(p, xs, a, e); });
+}
+
+template <int MR, int B>
+void gemv_lut_all(const Problem& p) {
+  over_rows(p, [&](int64_t a, int64_t e) { gemv_lut<MR, B>(p, a, e); });
+}
+
+template <int MR>
+void gemv_int8_all(const Problem& p) {
+  std::unique_ptr<float[]> xsum(new float[p.m]);
+  x_group_sums(p, p.w->k, xsum.get());
+  const float* xs = xsum.get();
+  over_rows(p, [&](int64_t a, int64_t e) { gemv_int8<MR>(p, xs, a, e); });
+}
+
 template <int MR>
 void gemv_mr(const Problem& p) {
+  using Fn = void (*)(const Problem&);
+  static constexpr Fn kAffine[9] = {nullptr,
+                                    gemv_affine_all<MR, 1>, gemv_affine_all<MR, 2>, gemv_affine_all<MR, 3>,
+                                    gemv_affine_all<MR, 4>, gemv_affine_all<MR, 5>, gemv_affine_all<MR, 6>,
+                                    gemv_affine_all<MR, 7>, gemv_affine_all<MR, 8>};
+  static constexpr Fn kLut[9] = {nullptr,
+                                 gemv_lut_all<MR, 1>, gemv_lut_all<MR, 2>, gemv_lut_all<MR, 3>,
+                                 gemv_lut_all<MR, 4>, gemv_lut_all<MR, 5>, gemv_lut_all<MR, 6>,
+                                 gemv_lut_all<MR, 7>, gemv_lut_all<MR, 8>};
   const QWeight& w = *p.w;
-  const int64_t tasks = (w.n + kGemvRows - 1) / kGemvRows;
-  auto over_rows = [&](const auto& rows_fn) {
-    parallel_for(tasks, 1, [&](int64_t b, int64_t e) {
-      for (int64_t t = b; t < e; ++t) rows_fn(t * kGemvRows, std::min(w.n, (t + 1) * kGemvRows));
-    });
-  };
-  if (w.mask) return over_rows([&](int64_t a, int64_t b) { gemv_buffered<MR>(p, a, b); });
-  if (w.codes_kind == QCodes::affine) {
-    std::unique_ptr<float[]> xsum(new float[p.m * (w.k / w.group)]);
-    x_group_sums(p, w.group, xsum.get());
-    return quant::bits_switch(w.bits, [&](auto b) {
-      over_rows([&](int64_t a, int64_t e) { gemv_affine<MR, decltype(b)::value>(p, xsum.get(), a, e); });
-    });
+  if (w.mask) return over_rows(p, [&](int64_t a, int64_t e) { gemv_buffered<MR>(p, a, e); });
+  switch (w.codes_kind) {
+    case QCodes::affine: return kAffine[w.bits](p);
+    case QCodes::lut: return kLut[w.bits](p);
+    case QCodes::int8: return gemv_int8_all<MR>(p);
+    default: return over_rows(p, [&](int64_t a, int64_t e) { gemv_buffered<MR>(p, a, e); });
   }
-  if (w.codes_kind == QCodes::int8) {
-    std::unique_ptr<float[]> xsum(new float[p.m]);
-    x_group_sums(p, w.k, xsum.get());
-    return over_rows([&](int64_t a, int64_t e) { gemv_int8<MR>(p, xsum.get(), a, e); });
-  }
-  if (w.codes_kind == QCodes::lut) {
-    return quant::bits_switch(w.bits, [&](auto b) {
-      over_rows([&](int64_t a, int64_t e) { gemv_lut<MR, decltype(b)::value>(p, a, e); });
-    });
-  }
-  over_rows([&](int64_t a, int64_t b) { gemv_buffered<MR>(p, a, b); });
 }
 
 void gemv(const Problem& p) {
@@ -298,7 +331,7 @@ void gemm_panel(const Problem& p, int64_t n0) {
 }
 
 void gemm(const Problem& p) {
-  parallel_for((p.w->n + kPanel - 1) / kPanel, 1, [&](int64_t b, int64_t e) {
+  parallel_for((p.w->n + kPanel - 1) / kPanel, grain_for(kPanel * p.w->k * p.m), [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t) gemm_panel(p, t * kPanel);
   });
 }

@@ -7,8 +7,22 @@ import numpy as np
 import torch
 from torch import nn
 
+from fusedformer.ops_quant import kernel_args, qmatmul_tensor
 from fusedformer.quant import QuantizedWeight, compress
 from fusedformer.torch.qmatmul_op import parts_as_tensors
+
+
+def _plain_eager(x: torch.Tensor) -> bool:
+    """A real CPU tensor outside tracing/compilation and autograd."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return (
+        type(x) is torch.Tensor
+        and not isinstance(x, FakeTensor)
+        and not (x.requires_grad and torch.is_grad_enabled())
+        and not torch.jit.is_tracing()
+        and not torch.compiler.is_compiling()
+    )
 
 
 class QuantizedLinear(nn.Module):
@@ -39,6 +53,7 @@ class QuantizedLinear(nn.Module):
         self.register_buffer("w_meta", torch.from_numpy(qw.to_dict()["meta"]))
         self._meta = qw.to_op_args()[1]
         self.scheme = qw.scheme
+        self._kernel_cache = None
 
     def quantized_weight(self) -> QuantizedWeight:
         return QuantizedWeight.from_op_args(self._parts(), self._meta)
@@ -53,8 +68,18 @@ class QuantizedLinear(nn.Module):
     def dequantized_weight(self) -> torch.Tensor:
         return torch.from_numpy(self.quantized_weight().dequantize())
 
+    def _cached_kernel_args(self, parts) -> dict:
+        key = tuple(p.data_ptr() for p in parts)
+        if self._kernel_cache is None or self._kernel_cache[0] != key:
+            self._kernel_cache = (key, kernel_args(QuantizedWeight.from_op_args(parts, self._meta)))
+        return self._kernel_cache[1]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.fusedformer.qmatmul(x, self._parts(), self._meta)
+        parts = self._parts()
+        if _plain_eager(x):  # skip the dispatcher and re-parsing the weight on every call
+            y = qmatmul_tensor(x, None, self._cached_kernel_args(parts))
+        else:  # tracing, compiling, fake tensors or autograd: the custom op
+            y = torch.ops.fusedformer.qmatmul(x, parts, self._meta)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
