@@ -4,6 +4,14 @@ Importing this module imports coremltools (and torch when exporting).
 
     ff.coreml.export(model, example_inputs, "model.mlpackage", attention="fused")
     ff.coreml.verify("model.mlpackage", {"input_ids": ids})      # -> {"logits": ndarray}
+
+    ff.coreml.export(model, ids, "lm.mlpackage", kv_cache=True)     # K/V caches as Core ML states
+    ff.coreml.greedy_decode("lm.mlpackage", prompt_ids, steps=16)   # decode through the interpreter
+    ff.coreml.export(model, ids, "multi.mlpackage", adapters={"chat": state_dict})
+    ff.coreml.verify("multi.mlpackage", {"input_ids": ids}, function_name="chat")
+
+Modules: lowering (torch op -> MIL translations), weights (compressed constants), export,
+kv_cache (stateful decoders), multifunction (adapters), interpreter (MIL in numpy), cli.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ _EXPORTS = {
     "UnsupportedOpError": "interpreter",
     "export": "export",
     "ExportResult": "export",
+    "greedy_decode": "kv_cache",
 }
 
 
