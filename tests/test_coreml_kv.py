@@ -49,6 +49,7 @@ def test_program_has_states_and_flexible_inputs(stateful):
     ops = program.op_types()
     assert ops["slice_update"] == 4 and ops["coreml_update_state"] == 4 and ops["read_state"] == 2
     assert ops["scaled_dot_product_attention"] == 2
+    assert ops["reduce_max"] == 0  # no empty-row guard: a decoder never has more queries than keys
     state = program.make_state()
     assert all(s.dtype == np.float16 and s.shape == (2, 1, 2, 256, 8) for s in state.values())
     spec = mlmodel.get_spec()

@@ -139,14 +139,14 @@ def check_options(attention, target, precision):
     resolve_target(target)
 
 
-def convert(traced, inputs, output_names, *, attention, target, precision, states=None, progress=True):
+def convert(traced, inputs, output_names, *, attention, target, precision, states=None, **lowering_kwargs):
     """ct.convert with our lowerings registered and the options applied; -> (MLModel, notes)."""
     import coremltools as ct
 
     from fusedformer.coreml import lowering
 
     check_options(attention, target, precision)
-    with lowering.lowering_options(attention=attention, weight_dtype=precision) as options:
+    with lowering.lowering_options(attention=attention, weight_dtype=precision, **lowering_kwargs) as options:
         mlmodel = ct.convert(
             traced,
             inputs=inputs,

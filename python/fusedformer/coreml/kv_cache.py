@@ -159,7 +159,7 @@ def export_stateful(model, example_inputs, path, *, attention="fused", target="i
         ct.TensorType(name="attention_mask", shape=(batch, ct.RangeDim(1, max_len, default=length)), dtype=np.int32),
     ]
     mlmodel, notes = convert(traced, inputs, ["logits"], attention=attention, target=target,
-                                     precision=precision, states=states)
+                                     precision=precision, states=states, queries_within_keys=True)
     info = [f"stateful KV cache: {', '.join(STATE_NAMES)} fp16 {list(wrapper.k_cache.shape)}"]
     return finish(mlmodel, path, attention, target, precision, notes, info)
 

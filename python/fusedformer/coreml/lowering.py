@@ -38,6 +38,9 @@ from coremltools import target as _target
 class LoweringOptions:
     attention: str = "fused"  # "fused" | "unfused"
     weight_dtype: str = "fp32"  # dtype of decompressed constexpr weights: "fp16" | "fp32"
+    # the program never has more queries than keys (KV-cache decoders): causal/window rows are
+    # never empty, so flexible lengths need no empty-row guard
+    queries_within_keys: bool = False
     notes: list = field(default_factory=list)  # what the lowering decided, for the export result
 
 
@@ -124,7 +127,7 @@ def _rows_may_be_empty(lq, lk, user_mask) -> bool:
         return True
     if isinstance(lq, int) and isinstance(lk, int):
         return lq > lk
-    return True
+    return not _OPTIONS.queries_within_keys
 
 
 def combine_masks(keep: Var | None, user_mask: Var | None, name: str):
