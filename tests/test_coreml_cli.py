@@ -92,5 +92,6 @@ def test_export_hf_directory_with_kv_cache_and_adapter(tmp_path, capsys):
     args = _parse(cli.add_export_arguments, [str(tmp_path / "llama"), "--out", str(out), "--seq-len", "4",
                                              "--adapter", f"tuned={tmp_path / 'a.safetensors'}"])
     assert cli.run_export(args) == 0
-    assert "functions ['main', 'tuned']" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "functions ['main', 'tuned']" in err, err[-1500:]
     assert cli.run_verify(_parse(cli.add_verify_arguments, [str(out), "--function", "tuned", "--seq-len", "4"])) == 0

@@ -686,7 +686,8 @@ class Program:
 
     @property
     def functions(self) -> list[str]:
-        return list(self.mil_program.functions)
+        """The program's function names, sorted (the loaders do not keep one order)."""
+        return sorted(self.mil_program.functions)
 
     def _ops(self):
         return list(self.function.operations)
