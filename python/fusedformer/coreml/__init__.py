@@ -1,0 +1,37 @@
+"""Core ML export of fusedformer models and a MIL reference interpreter to verify them anywhere.
+
+Importing this module imports coremltools (and torch when exporting).
+
+    ff.coreml.export(model, example_inputs, "model.mlpackage", attention="fused")
+    ff.coreml.verify("model.mlpackage", {"input_ids": ids})      # -> {"logits": ndarray}
+
+    ff.coreml.export(model, ids, "lm.mlpackage", kv_cache=True)     # K/V caches as Core ML states
+    ff.coreml.greedy_decode("lm.mlpackage", prompt_ids, steps=16)   # decode through the interpreter
+    ff.coreml.export(model, ids, "multi.mlpackage", adapters={"chat": state_dict})
+    ff.coreml.verify("multi.mlpackage", {"input_ids": ids}, function_name="chat")
+
+Modules: lowering (torch op -> MIL translations), weights (compressed constants), export,
+kv_cache (stateful decoders), multifunction (adapters), interpreter (MIL in numpy), cli.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+# public name -> module (inside fusedformer.coreml) that defines it
+_EXPORTS = {
+    "verify": "interpreter",
+    "Program": "interpreter",
+    "UnsupportedOpError": "interpreter",
+    "export": "export",
+    "ExportResult": "export",
+    "greedy_decode": "kv_cache",
+}
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f"fusedformer.coreml.{_EXPORTS[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'fusedformer.coreml' has no attribute {name!r}")

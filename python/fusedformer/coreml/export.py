@@ -1,0 +1,232 @@
+"""ff.coreml.export: a torch model -> a saved .mlpackage whose attention and weights are ours.
+
+    mlmodel = ff.coreml.export(model, {"input_ids": ids}, "lm.mlpackage", attention="fused")
+    ff.coreml.verify("lm.mlpackage", {"input_ids": ids})["logits"]
+
+Inputs are named after the forward's arguments, outputs after what forward returns (the keys of
+a dict / ModelOutput; a lone tensor is ``logits`` when the model takes ``input_ids``, else
+``output``). What the export decided (attention form, fallbacks) is written to the model's
+metadata under ``fusedformer.*`` and warned about.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import shutil
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+
+PRECISIONS = ("fp16", "fp32")
+ATTENTIONS = ("fused", "unfused")
+
+
+class ExportWarning(UserWarning):
+    """The export had to deviate from what was asked (e.g. unfused attention below iOS18)."""
+
+
+@dataclass
+class ExportResult:
+    """What export() did; also stored in the package's user-defined metadata."""
+
+    attention: str
+    target: str
+    precision: str
+    notes: list
+
+    def to_metadata(self) -> dict:
+        return {
+            "fusedformer.attention": self.attention,
+            "fusedformer.target": self.target,
+            "fusedformer.precision": self.precision,
+            "fusedformer.notes": "; ".join(self.notes),
+        }
+
+
+# ----------------------------------------------------------------------------------------------
+# naming inputs and outputs
+
+
+def name_inputs(model, example_inputs) -> dict:
+    """{forward argument name: tensor} from a dict, a tuple or a single tensor."""
+    import torch
+
+    if isinstance(example_inputs, dict):
+        return dict(example_inputs)
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    params = [
+        p.name for p in inspect.signature(model.forward).parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    if len(example_inputs) > len(params):
+        raise ValueError(f"[export] {len(example_inputs)} example inputs for forward({', '.join(params)})")
+    return dict(zip(params, example_inputs))
+
+
+def _flatten_outputs(out):
+    """[(name or None, tensor)] of what forward returned."""
+    import torch
+
+    if isinstance(out, torch.Tensor):
+        return [(None, out)]
+    if isinstance(out, dict) or hasattr(out, "keys"):
+        return [(k, v) for k, v in out.items() if isinstance(v, torch.Tensor)]
+    if isinstance(out, (tuple, list)):
+        return [(None, v) for v in out if isinstance(v, torch.Tensor)]
+    raise TypeError(f"[export] cannot export a forward that returns {type(out).__name__}")
+
+
+def name_outputs(flat, input_names) -> list[str]:
+    if len(flat) == 1 and flat[0][0] is None:
+        return ["logits" if "input_ids" in input_names else "output"]
+    return [k if k is not None else f"output_{i}" for i, (k, _) in enumerate(flat)]
+
+
+def flat_module(model, input_names, static_kwargs):
+    """A module for tracing: positional tensors in (named ``input_names``), a tuple of tensors out."""
+    import torch
+
+    class Flat(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, *args):
+            out = self.model(**dict(zip(input_names, args)), **static_kwargs)
+            return tuple(t for _, t in _flatten_outputs(out))
+
+    return Flat().eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# conversion
+
+
+def _tensor_type(ct, name, tensor, flexible=None):
+    import torch
+
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"[export] example input {name!r} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.dtype == torch.bool:
+        raise TypeError(f"[export] input {name!r} is bool; Core ML inputs are int32/fp16/fp32: pass it as int")
+    dtype = np.int32 if tensor.dtype in (torch.int64, torch.int32, torch.int16, torch.uint8) else np.float32
+    shape = list(tensor.shape)
+    if flexible:
+        for axis, (lo, hi) in flexible.items():
+            shape[axis] = ct.RangeDim(lower_bound=lo, upper_bound=hi, default=int(tensor.shape[axis]))
+    return ct.TensorType(name=name, shape=ct.Shape(shape) if flexible else tuple(shape), dtype=dtype)
+
+
+def resolve_target(target):
+    import coremltools as ct
+
+    if not isinstance(target, str):
+        return target
+    try:
+        return getattr(ct.target, target)
+    except AttributeError:
+        raise ValueError(f"[export] unknown target {target!r} (e.g. 'iOS18', 'macOS15')") from None
+
+
+def check_options(attention, target, precision):
+    if attention not in ATTENTIONS:
+        raise ValueError(f"[export] attention must be one of {ATTENTIONS}, got {attention!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"[export] precision must be one of {PRECISIONS}, got {precision!r}")
+    resolve_target(target)
+
+
+def convert(traced, inputs, output_names, *, attention, target, precision, states=None, **lowering_kwargs):
+    """ct.convert with our lowerings registered and the options applied; -> (MLModel, notes)."""
+    import coremltools as ct
+
+    from fusedformer.coreml import lowering
+
+    check_options(attention, target, precision)
+    with lowering.lowering_options(attention=attention, weight_dtype=precision, **lowering_kwargs) as options:
+        mlmodel = ct.convert(
+            traced,
+            inputs=inputs,
+            outputs=[ct.TensorType(name=n) for n in output_names],
+            states=states,
+            convert_to="mlprogram",
+            minimum_deployment_target=resolve_target(target),
+            compute_precision=ct.precision.FLOAT16 if precision == "fp16" else ct.precision.FLOAT32,
+            skip_model_load=True,
+        )
+    return mlmodel, list(options.notes)
+
+
+def save(mlmodel, path, result: ExportResult):
+    for key, value in result.to_metadata().items():
+        mlmodel.user_defined_metadata[key] = value
+    path = os.fspath(path)
+    if os.path.exists(path):
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    mlmodel.save(path)
+    mlmodel.fusedformer = result
+    mlmodel.package_path = path
+    return mlmodel
+
+
+def finish(mlmodel, path, attention, target, precision, fallbacks, info=()):
+    """Records what was done (``fallbacks`` are deviations from the request and are warned)."""
+    effective = "unfused" if any("unfused" in n for n in fallbacks) else attention
+    result = ExportResult(attention=effective, target=str(target), precision=precision,
+                          notes=list(fallbacks) + list(info))
+    for note in fallbacks:
+        warnings.warn(f"[export] {note}", ExportWarning, stacklevel=3)
+    return save(mlmodel, path, result)
+
+
+def export(model, example_inputs, path, *, attention="fused", target="iOS18", precision="fp16",
+           kv_cache=False, adapters=None, flexible=None, static_kwargs=None, max_len=256):
+    """Traces ``model`` on ``example_inputs`` and converts it to a Core ML ML program at ``path``.
+
+    attention: "fused" (iOS18 scaled_dot_product_attention) or "unfused" (matmul/softmax/matmul);
+      targets below iOS18 always get "unfused" (recorded in ``mlmodel.fusedformer.notes`` and the
+      package metadata, and warned).
+    precision: "fp16" or "fp32" compute precision.
+    kv_cache: export a stateful decoder (see kv_cache.py for the protocol ``model`` follows);
+      ``max_len`` is the cache length, inputs take any length up to it.
+    adapters: {name: state_dict} -> one multifunction package (see multifunction.py).
+    flexible: {input name: {axis: (lo, hi)}} flexible input dims (RangeDim).
+    static_kwargs: extra keyword arguments passed to forward while tracing (e.g. use_cache=False).
+    Returns the MLModel (``.fusedformer`` holds the ExportResult, ``.package_path`` the path).
+    """
+    import torch
+
+    import coremltools as ct
+
+    check_options(attention, target, precision)
+    if adapters:
+        from fusedformer.coreml.multifunction import export_multifunction
+
+        return export_multifunction(model, example_inputs, path, adapters=adapters, attention=attention,
+                                    target=target, precision=precision, flexible=flexible,
+                                    static_kwargs=static_kwargs)
+    if kv_cache:
+        from fusedformer.coreml.kv_cache import export_stateful
+
+        return export_stateful(model, example_inputs, path, attention=attention, target=target,
+                               precision=precision, max_len=max_len)
+
+    named = name_inputs(model, example_inputs)
+    flexible = flexible or {}
+    inputs = [_tensor_type(ct, n, t, flexible.get(n)) for n, t in named.items()]
+    static_kwargs = dict(static_kwargs or {})
+    model = model.eval()
+    with torch.no_grad():
+        flat = _flatten_outputs(model(**named, **static_kwargs))
+    output_names = name_outputs(flat, list(named))
+    wrapper = flat_module(model, list(named), static_kwargs)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.trace: coremltools needs it
+        traced = torch.jit.trace(wrapper, tuple(named.values()), check_trace=False, strict=False)
+    mlmodel, notes = convert(traced, inputs, output_names, attention=attention, target=target,
+                             precision=precision)
+    return finish(mlmodel, path, attention, target, precision, notes)

@@ -1,0 +1,192 @@
+"""Core ML export: attention lowering, op inventory and the MIL reference interpreter."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+from tests.conftest import require
+
+pytestmark = pytest.mark.coreml
+
+ct = require("coremltools")
+torch = require("torch")
+
+from tests.coreml_models import SdpaCall, SdpaLseCall, TinyDecoder, ensure_ops, psnr  # noqa: E402
+
+import fusedformer as ff  # noqa: E402
+from fusedformer import reference  # noqa: E402
+
+ensure_ops()
+
+
+def _op_types(mlmodel):
+    return ff.coreml.Program.load(mlmodel).op_types()
+
+
+@pytest.fixture(scope="module")
+def decoder():
+    torch.manual_seed(0)
+    model = TinyDecoder(vocab=97, dim=32, heads=4, kv_heads=2, layers=2).eval()
+    ids = torch.randint(0, 97, (1, 9))
+    with torch.no_grad():
+        logits = model(ids).numpy()
+    return model, ids, logits
+
+
+@pytest.mark.parametrize("attention", ["fused", "unfused"])
+def test_decoder_matches_torch_fp32(decoder, attention, tmp_path):
+    model, ids, logits = decoder
+    path = tmp_path / "decoder.mlpackage"
+    mlmodel = ff.coreml.export(model, (ids,), path, attention=attention, precision="fp32")
+    ops = _op_types(mlmodel)
+    if attention == "fused":
+        assert ops["scaled_dot_product_attention"] == 2 and ops["softmax"] == 0
+    else:
+        assert ops["softmax"] == 2 and ops["scaled_dot_product_attention"] == 0
+    assert mlmodel.user_defined_metadata["fusedformer.attention"] == attention
+    # from disk, through the milproto loader, keyed by the forward's names
+    out = ff.coreml.verify(path, {"input_ids": ids})
+    assert list(out) == ["logits"]
+    assert psnr(logits, out["logits"]) >= 60
+    # the in-memory program gives the same bits
+    np.testing.assert_array_equal(ff.coreml.verify(mlmodel, {"input_ids": ids})["logits"], out["logits"])
+
+
+def test_decoder_fp16_emulated(decoder, tmp_path):
+    model, ids, logits = decoder
+    mlmodel = ff.coreml.export(model, (ids,), tmp_path / "d16.mlpackage", precision="fp16")
+    out16 = ff.coreml.verify(mlmodel, {"input_ids": ids})["logits"]
+    out32 = ff.coreml.verify(mlmodel, {"input_ids": ids}, emulate_fp16=False)["logits"]
+    assert out16.dtype == np.float32 or out16.dtype == np.float16
+    assert 30 <= psnr(logits, out16) < psnr(logits, out32)  # fp16 rounding is visible, and bounded
+    assert psnr(logits, out32) >= 50  # fp16 weights only
+
+
+def test_below_ios18_falls_back_to_unfused(decoder, tmp_path):
+    model, ids, logits = decoder
+    with pytest.warns(UserWarning, match="unfused"):
+        mlmodel = ff.coreml.export(model, (ids,), tmp_path / "old.mlpackage", attention="fused",
+                                   target="iOS17", precision="fp32")
+    assert mlmodel.user_defined_metadata["fusedformer.attention"] == "unfused"
+    assert "iOS18" in mlmodel.user_defined_metadata["fusedformer.notes"]
+    ops = _op_types(mlmodel)
+    assert ops["scaled_dot_product_attention"] == 0 and ops["softmax"] == 2
+    assert psnr(logits, ff.coreml.verify(mlmodel, {"input_ids": ids})["logits"]) >= 60
+
+
+def _qkv(rng, b, hq, hkv, lq, lk, d):
+    return (rng.standard_normal(s).astype(np.float32) for s in ((b, hq, lq, d), (b, hkv, lk, d), (b, hkv, lk, d)))
+
+
+def _dead_row_bool_mask(rng, lq, lk):
+    mask = rng.random((1, 1, lq, lk)) > 0.4
+    mask[..., 1, :] = False  # a query row with no key: 0 in ff.sdpa
+    return mask
+
+
+def _additive_mask(rng, lq, lk):
+    mask = rng.standard_normal((1, 1, lq, lk)).astype(np.float32)
+    mask[..., 0, 2] = -np.inf
+    return mask
+
+
+SDPA_CASES = {
+    # name: (b, hq, hkv, lq, lk, d, options)
+    "causal-gqa": (1, 4, 2, 5, 5, 8, dict(causal=True)),
+    "decode-window": (2, 4, 1, 3, 7, 8, dict(causal=True, window=2)),
+    "lq>lk-empty-rows": (1, 2, 2, 6, 4, 16, dict(causal=True)),
+    "window-noncausal": (1, 2, 2, 5, 5, 8, dict(window=2)),
+    "bool-mask-dead-row": (1, 2, 1, 4, 6, 8, dict(mask=_dead_row_bool_mask)),
+    "additive-mask-causal-scale": (1, 3, 3, 4, 4, 8, dict(mask=_additive_mask, causal=True, scale=0.3)),
+}
+
+
+@pytest.mark.parametrize("attention", ["fused", "unfused"])
+@pytest.mark.parametrize("case", list(SDPA_CASES))
+def test_sdpa_lowering_matches_reference(case, attention, rng, tmp_path):
+    b, hq, hkv, lq, lk, d, options = SDPA_CASES[case]
+    q, k, v = _qkv(rng, b, hq, hkv, lq, lk, d)
+    options = dict(options)
+    if callable(options.get("mask")):
+        options["mask"] = options["mask"](rng, lq, lk)
+    module = SdpaCall(**options).eval()
+    expected = reference.sdpa(q, k, v, **options)
+    with torch.no_grad():
+        np.testing.assert_allclose(module(*map(torch.from_numpy, (q, k, v))).numpy(), expected, atol=1e-5)
+    mlmodel = ff.coreml.export(module, {"q": torch.from_numpy(q), "k": torch.from_numpy(k), "v": torch.from_numpy(v)},
+                               tmp_path / "sdpa.mlpackage", attention=attention, precision="fp32")
+    out = ff.coreml.verify(mlmodel, {"q": q, "k": k, "v": v})["output"]
+    assert not np.isnan(out).any()
+    np.testing.assert_allclose(out, expected, atol=2e-5, rtol=1e-5)
+
+
+def test_verify_rejects_bad_inputs(decoder, tmp_path):
+    model, ids, _ = decoder
+    mlmodel = ff.coreml.export(model, (ids,), tmp_path / "d.mlpackage", precision="fp32")
+    with pytest.raises(ValueError, match="input_ids"):
+        ff.coreml.verify(mlmodel, {"tokens": ids})
+    with pytest.raises(ValueError, match="shape"):
+        ff.coreml.verify(mlmodel, {"input_ids": ids[:, :3]})
+    with pytest.raises(ValueError, match="no model"):
+        ff.coreml.verify(tmp_path / "missing.mlpackage", {"input_ids": ids})
+
+
+def test_flexible_length(decoder, tmp_path):
+    model, ids, _ = decoder
+    mlmodel = ff.coreml.export(model, (ids,), tmp_path / "flex.mlpackage", precision="fp32",
+                               flexible={"input_ids": {1: (1, 64)}})
+    for length in (1, 4, 17):
+        tokens = torch.randint(0, 97, (1, length))
+        with torch.no_grad():
+            expected = model(tokens).numpy()
+        out = ff.coreml.verify(mlmodel, {"input_ids": tokens})["logits"]
+        assert psnr(expected, out) >= 60, length
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"attention": "flash"}, "attention must be one of"),
+    ({"precision": "bf16"}, "precision must be one of"),
+    ({"target": "iOS99"}, "unknown target"),
+])
+def test_export_rejects_bad_options(decoder, tmp_path, kwargs, match):
+    model, ids, _ = decoder
+    with pytest.raises(ValueError, match=match):
+        ff.coreml.export(model, (ids,), tmp_path / "x.mlpackage", **kwargs)
+
+
+@pytest.mark.parametrize("case", ["decode-window", "lq>lk-empty-rows", "bool-mask-dead-row"])
+def test_sdpa_lse_lowering(case, rng, tmp_path):
+    b, hq, hkv, lq, lk, d, options = SDPA_CASES[case]
+    q, k, v = _qkv(rng, b, hq, hkv, lq, lk, d)
+    options = dict(options)
+    if callable(options.get("mask")):
+        options["mask"] = options["mask"](rng, lq, lk)
+    expected_out, expected_lse = reference.sdpa(q, k, v, return_lse=True, **options)
+    module = SdpaLseCall(**options).eval()
+    mlmodel = ff.coreml.export(module, {"q": torch.from_numpy(q), "k": torch.from_numpy(k), "v": torch.from_numpy(v)},
+                               tmp_path / "lse.mlpackage", precision="fp32")
+    out = ff.coreml.verify(mlmodel, {"q": q, "k": k, "v": v})
+    np.testing.assert_allclose(out["output_0"], expected_out, atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(out["output_1"], expected_lse, atol=2e-5, rtol=1e-5)
+
+
+class _DiffOnes(torch.nn.Module):
+    def forward(self, x):
+        d = torch.diff(x, prepend=x[:, :1] - 1, dim=-1)
+        return d * x.new_ones((x.shape[0], 1))
+
+
+def test_torch_ops_coremltools_lacks(rng, tmp_path):
+    x = torch.from_numpy(rng.standard_normal((2, 6)).astype(np.float32))
+    mlmodel = ff.coreml.export(_DiffOnes(), {"x": x}, tmp_path / "diff.mlpackage", precision="fp32")
+    with torch.no_grad():
+        expected = _DiffOnes()(x).numpy()
+    np.testing.assert_allclose(ff.coreml.verify(mlmodel, {"x": x})["output"], expected, rtol=1e-6, atol=1e-6)
+
+
+def test_bool_inputs_are_refused(tmp_path):
+    with pytest.raises(TypeError, match="bool"):
+        ff.coreml.export(_DiffOnes(), {"x": torch.ones(2, 3, dtype=torch.bool)}, tmp_path / "b.mlpackage")

@@ -1,0 +1,83 @@
+"""Stateful KV-cache export: fp16 cache states, flexible length, greedy decode via the interpreter."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests.conftest import require
+
+pytestmark = pytest.mark.coreml
+
+ct = require("coremltools")
+torch = require("torch")
+
+from tests.coreml_models import TinyDecoder, ensure_ops, psnr  # noqa: E402
+
+import fusedformer as ff  # noqa: E402
+from fusedformer.coreml.kv_cache import greedy_decode  # noqa: E402
+
+ensure_ops()
+
+
+def torch_greedy(model, ids, steps):
+    """Greedy tokens by recomputing the whole sequence every step (no cache): the oracle."""
+    tokens = []
+    for _ in range(steps):
+        with torch.no_grad():
+            token = model(ids)[:, -1].argmax(-1)
+        tokens.append(token)
+        ids = torch.cat([ids, token[:, None]], dim=1)
+    return torch.stack(tokens, dim=1).numpy()
+
+
+@pytest.fixture(scope="module")
+def stateful(tmp_path_factory):
+    torch.manual_seed(1)
+    model = TinyDecoder(vocab=97, dim=32, heads=4, kv_heads=2, layers=2).eval()
+    ids = torch.randint(0, 97, (1, 5))
+    path = tmp_path_factory.mktemp("kv") / "decoder.mlpackage"
+    mlmodel = ff.coreml.export(model, (ids,), path, kv_cache=True, precision="fp32")
+    return model, ids, path, mlmodel
+
+
+def test_program_has_states_and_flexible_inputs(stateful):
+    _, _, path, mlmodel = stateful
+    program = ff.coreml.Program.load(path)
+    assert program.state_names == ["k_cache", "v_cache"]
+    assert program.input_names == ["input_ids", "attention_mask"]
+    ops = program.op_types()
+    assert ops["slice_update"] == 4 and ops["coreml_update_state"] == 4 and ops["read_state"] == 2
+    assert ops["scaled_dot_product_attention"] == 2
+    assert ops["reduce_max"] == 0  # no empty-row guard: a decoder never has more queries than keys
+    state = program.make_state()
+    assert all(s.dtype == np.float16 and s.shape == (2, 1, 2, 256, 8) for s in state.values())
+    spec = mlmodel.get_spec()
+    assert [s.name for s in spec.description.state] == ["k_cache", "v_cache"]
+
+
+def test_prefill_then_decode_matches_torch(stateful):
+    model, ids, path, _ = stateful
+    program = ff.coreml.Program.load(path)
+    state = program.make_state()
+    # prefill 5 tokens, then one more token: logits of the last position equal torch's
+    prefill = program.predict({"input_ids": ids.numpy(), "attention_mask": np.ones((1, 5), np.int32)}, state)
+    with torch.no_grad():
+        expected = model(ids).numpy()
+    assert psnr(expected, prefill["logits"]) >= 60  # fp16 cache read back: still tight
+    nxt = torch.tensor([[7]])
+    step = program.predict({"input_ids": nxt.numpy(), "attention_mask": np.ones((1, 6), np.int32)}, state)
+    with torch.no_grad():
+        expected = model(torch.cat([ids, nxt], 1))[:, -1:].numpy()
+    assert psnr(expected, step["logits"]) >= 60
+    assert np.abs(state["k_cache"][:, :, :, 6:]).max() == 0  # nothing written past the 6 tokens
+
+
+def test_greedy_decode_matches_torch(stateful):
+    model, ids, path, _ = stateful
+    np.testing.assert_array_equal(greedy_decode(path, ids.numpy(), steps=8), torch_greedy(model, ids, 8))
+
+
+def test_kv_cache_needs_the_protocol(tmp_path):
+    with pytest.raises(TypeError, match="kv_cache_config"):
+        ff.coreml.export(torch.nn.Linear(4, 4), (torch.zeros(1, 4),), tmp_path / "x.mlpackage", kv_cache=True)
