@@ -8,7 +8,7 @@ DEPS   := $(VENV)/.deps-installed
 EDIT   := $(VENV)/.fusedformer-editable
 export FUSEDFORMER_BUILD_JOBS ?= 2
 
-.PHONY: all venv build test test-fast bench wheel clean
+.PHONY: all venv build test test-fast bench bench-all wheel clean
 
 all: build
 
@@ -36,8 +36,16 @@ test: build
 test-fast: build
 	$(VPY) -m pytest -q -m "not slow"
 
+# The main job: the end-to-end model benchmark (about 10 minutes on 2 cores).
 bench: build
+	$(VPY) -m fusedformer.cli bench model
+
+# Every kernel area, then the model.
+bench-all: build
 	$(VPY) -m fusedformer.cli bench limits
+	$(VPY) -m fusedformer.cli bench attention
+	$(VPY) -m fusedformer.cli bench qmatmul
+	$(VPY) -m fusedformer.cli bench model
 
 wheel: $(DEPS)
 	$(VPY) -m pip wheel --no-build-isolation --no-deps -w dist .

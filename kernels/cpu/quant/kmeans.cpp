@@ -16,6 +16,7 @@
 
 #include "kernels/cpu/quant/api.h"
 #include "kernels/cpu/isa.h"
+#include "kernels/cpu/simd/vec.h"
 
 namespace ff {
 namespace FF_ISA_NS {
@@ -133,22 +134,36 @@ int64_t dp_kmeans(const Points& p, int k, double* means) {
   return kk;
 }
 
-// Lloyd iterations on the raw data (centroids ascending, in absolute values).
+// Lloyd iterations on the raw data (centroids ascending, in absolute values). The data is cut
+// into fixed chunks summed on the thread pool and reduced in chunk order, so the result does not
+// depend on the thread count.
 void lloyd(const float* v, int64_t n, double* c, int64_t k, int iters) {
-  std::unique_ptr<double[]> mid(new double[k]), sum(new double[k]), cnt(new double[k]);
+  constexpr int64_t kChunk = int64_t{1} << 16;
+  const int64_t chunks = (n + kChunk - 1) / kChunk;
+  std::unique_ptr<double[]> mid(new double[k]), part(new double[2 * k * chunks]);
   for (int it = 0; it < iters; ++it) {
     for (int64_t j = 0; j + 1 < k; ++j) mid[j] = 0.5 * (c[j] + c[j + 1]);
-    std::fill(sum.get(), sum.get() + k, 0.0);
-    std::fill(cnt.get(), cnt.get() + k, 0.0);
-    for (int64_t i = 0; i < n; ++i) {
-      const int64_t j = std::lower_bound(mid.get(), mid.get() + k - 1, static_cast<double>(v[i])) - mid.get();
-      sum[j] += v[i];
-      cnt[j] += 1;
-    }
+    const double* mids = mid.get();
+    double* parts = part.get();
+    parallel_for(chunks, 1, [&](int64_t b, int64_t e) {
+      for (int64_t ch = b; ch < e; ++ch) {
+        double* sum = parts + 2 * k * ch;
+        double* cnt = sum + k;
+        std::fill(sum, sum + 2 * k, 0.0);
+        const int64_t hi = std::min(n, (ch + 1) * kChunk);
+        for (int64_t i = ch * kChunk; i < hi; ++i) {
+          const int64_t j = std::lower_bound(mids, mids + k - 1, static_cast<double>(v[i])) - mids;
+          sum[j] += v[i];
+          cnt[j] += 1;
+        }
+      }
+    });
     bool moved = false;
     for (int64_t j = 0; j < k; ++j) {
-      if (cnt[j] > 0) {
-        const double nc = sum[j] / cnt[j];
+      double sum = 0, cnt = 0;
+      for (int64_t ch = 0; ch < chunks; ++ch) sum += parts[2 * k * ch + j], cnt += parts[2 * k * ch + k + j];
+      if (cnt > 0) {
+        const double nc = sum / cnt;
         moved |= nc != c[j];
         c[j] = nc;
       }
@@ -165,10 +180,12 @@ void kmeans1d(const float* v, int64_t n, int k, float* centroids) {
     total += v[i];
   }
   const double centre = total / static_cast<double>(n);
-  // DP budget ~ k * m * log2(m) <= 4e8 cost evaluations.
+  // DP budget: k * m * log2(m) cost evaluations (m points: exact below it, histogram bins above;
+  // Lloyd iterations on the raw values then refine the histogram solution).
+  constexpr double kDpBudget = 3e7;
   int64_t max_points = int64_t{1} << 12;
   while (max_points < (int64_t{1} << 22) &&
-         static_cast<double>(k) * (2 * max_points) * std::log2(2.0 * max_points) <= 4e8)
+         static_cast<double>(k) * (2 * max_points) * std::log2(2.0 * max_points) <= kDpBudget)
     max_points *= 2;
 
   Points p;
@@ -184,7 +201,7 @@ void kmeans1d(const float* v, int64_t n, int k, float* centroids) {
   std::unique_ptr<double[]> means(new double[k]);
   const int64_t kk = dp_kmeans(p, k, means.get());
   for (int64_t c = 0; c < kk; ++c) means[c] += centre;
-  if (!exact) lloyd(v, n, means.get(), kk, 8);
+  if (!exact) lloyd(v, n, means.get(), kk, 3);
   for (int64_t c = 0; c < k; ++c) centroids[c] = static_cast<float>(means[std::min(c, kk - 1)]);
   std::sort(centroids, centroids + k);
 }

@@ -26,7 +26,7 @@ VARIANTS = {
     "fused": ("fused", None),
     "fused + int8": ("fused", "Int8()"),
     "fused + 4-bit affine": ("fused", "Affine(bits=4, group_size=64)"),
-    "fused + 4-bit palettized": ("fused", "Palettize(bits=4, granularity='per_grouped_channel', group_size=16)"),
+    "fused + 4-bit palettized": ("fused", "Palettize(bits=4)"),  # per-tensor LUT: k-means of 1B weights in ~1.5 min
 }
 BASELINE = "stock (HF sdpa)"
 
