@@ -16,7 +16,7 @@ kv_cache (stateful decoders), multifunction (adapters), interpreter (MIL in nump
 
 from __future__ import annotations
 
-import importlib
+from fusedformer._lazy import lazy_getattr
 
 # public name -> module (inside fusedformer.coreml) that defines it
 _EXPORTS = {
@@ -28,10 +28,4 @@ _EXPORTS = {
     "greedy_decode": "kv_cache",
 }
 
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(f"fusedformer.coreml.{_EXPORTS[name]}"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'fusedformer.coreml' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

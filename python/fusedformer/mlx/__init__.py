@@ -10,7 +10,7 @@ Importing this module does not import MLX; each name below imports it on first u
 
 from __future__ import annotations
 
-import importlib
+from fusedformer._lazy import lazy_getattr
 
 # public name -> module (inside fusedformer.mlx) that defines it
 _EXPORTS = {
@@ -25,10 +25,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(f"fusedformer.mlx.{_EXPORTS[name]}"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'fusedformer.mlx' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

@@ -5,7 +5,7 @@ Importing this module imports torch.
 
 from __future__ import annotations
 
-import importlib
+from fusedformer._lazy import lazy_getattr
 
 # public name -> module (inside fusedformer.torch) that defines it
 _EXPORTS = {
@@ -15,10 +15,4 @@ _EXPORTS = {
     "use_fused_sdpa": "optimize",
 }
 
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(f"fusedformer.torch.{_EXPORTS[name]}"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'fusedformer.torch' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _EXPORTS)
