@@ -130,23 +130,41 @@ def make_torch_unfused(case, q, k, v):
     return run
 
 
-def make_mlx_sdpa(case, q, k, v):
+def _mlx_inputs(case, q, k, v):
+    """q, k, v as MLX arrays on MLX's CPU device (None where MLX is absent or too slow)."""
     if not case.mlx:
         return None
     try:
         import mlx.core as mx
     except ImportError:
         return None
-    import torch
-
     mx.set_default_device(mx.cpu)
     dt = mx.float32 if case.dtype == "float32" else mx.bfloat16
-    qm, km, vm = (mx.array(t.float().numpy()).astype(dt) for t in (q, k, v))
-    mx.eval(qm, km, vm)
+    arrays = [mx.array(t.float().numpy()).astype(dt) for t in (q, k, v)]
+    mx.eval(*arrays)
+    return arrays
+
+
+def make_mlx_sdpa(case, q, k, v):
+    """MLX's own op, mx.fast.scaled_dot_product_attention."""
+    arrays = _mlx_inputs(case, q, k, v)
+    if arrays is None:
+        return None
+    import mlx.core as mx
+
     scale = 1.0 / math.sqrt(case.d)
     mask = "causal" if case.causal else None
-    del torch
-    return lambda: mx.fast.scaled_dot_product_attention(qm, km, vm, scale=scale, mask=mask)
+    return lambda: mx.fast.scaled_dot_product_attention(*arrays, scale=scale, mask=mask)
+
+
+def make_fusedformer_mlx(case, q, k, v):
+    """ff.sdpa on MLX arrays: our MLX path (mx.fast with fusedformer's semantics)."""
+    arrays = _mlx_inputs(case, q, k, v)
+    if arrays is None:
+        return None
+    import fusedformer as ff
+
+    return lambda: ff.sdpa(*arrays, causal=case.causal)
 
 
 def _mlx_sync(out):
@@ -155,12 +173,14 @@ def _mlx_sync(out):
     mx.eval(out)
 
 
-# name -> (maker, measure options). Makers return None where an impl does not apply.
+# name -> (maker, measure options, note). Makers return None where an impl does not apply.
+MLX_NOTE = "MLX CPU backend (Linux); Metal on Apple GPUs"
 IMPLS = {
-    "fusedformer": (make_fusedformer, {}),
-    BASELINE: (make_torch_sdpa, {}),
-    "torch unfused": (make_torch_unfused, {"min_runs": 3}),
-    "mlx sdpa": (make_mlx_sdpa, {"min_runs": 3, "sync": _mlx_sync}),
+    "fusedformer": (make_fusedformer, {}, ""),
+    BASELINE: (make_torch_sdpa, {}, ""),
+    "torch unfused": (make_torch_unfused, {"min_runs": 3}, ""),
+    "mlx sdpa": (make_mlx_sdpa, {"min_runs": 3, "sync": _mlx_sync}, MLX_NOTE),
+    "fusedformer (mlx)": (make_fusedformer_mlx, {"min_runs": 3, "sync": _mlx_sync}, MLX_NOTE),
 }
 
 
@@ -184,7 +204,7 @@ def run(args) -> Report:
     for case in track(selected, "attention"):
         q, k, v = torch_inputs(case)
         for name in impls:
-            maker, opts = IMPLS[name]
+            maker, opts, note = IMPLS[name]
             fn = maker(case, q, k, v)
             if fn is None:
                 continue
@@ -196,5 +216,6 @@ def run(args) -> Report:
                 flops=case.flops,
                 bytes=case.bytes,
                 baseline=BASELINE if BASELINE in impls else None,
+                note=note,
             )
     return rep

@@ -52,3 +52,27 @@ def embed(model, tokenizer, sentences=SENTENCES) -> torch.Tensor:
     mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
     pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
     return torch.nn.functional.normalize(pooled, dim=-1)
+
+
+def accuracy(variants=None) -> dict[str, float]:
+    """Min cosine similarity to the stock model's embeddings over SENTENCES, per variant."""
+    from fusedformer import quant
+
+    variants = variants or {
+        "fused attention": ("fused", None),
+        "fused + int8": ("fused", quant.Int8()),
+        "fused + 4-bit affine (g64)": ("fused", quant.Affine(bits=4, group_size=64)),
+        "fused + 4-bit palettized": ("fused", quant.Palettize(bits=4)),
+        "fused + 4-bit palettized (grouped 16)": (
+            "fused", quant.Palettize(bits=4, granularity="per_grouped_channel", group_size=16)),
+    }
+    stock = embed(*load_minilm())
+    return {
+        name: float((embed(*load_minilm(attention=a, weights=w)) * stock).sum(-1).min())
+        for name, (a, w) in variants.items()
+    }
+
+
+if __name__ == "__main__":  # python -m fusedformer.torch.demo
+    for name, cos in accuracy().items():
+        print(f"{name:40s} min cosine to stock {cos:.6f}")
