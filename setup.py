@@ -2,7 +2,7 @@
 
 The pure kernels under ``kernels/cpu`` are compiled once per ISA variant into separate
 namespaces (``ff::generic``, ``ff::avx2``); the bindings under ``csrc`` are compiled once,
-portable, and pick a variant by CPUID at import. No ``-march=native`` anywhere: a wheel built
+portable, and pick a variant by CPUID at import. No host-specific -march flag anywhere: a wheel built
 here must run on any x86-64 (or aarch64) CPU.
 """
 
