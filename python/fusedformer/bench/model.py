@@ -149,7 +149,7 @@ def run(args) -> Report:
         prefill, decode = Timing(**r["prefill"]), Timing(**r["decode"])
         rep.add(case=case_p, impl=name, timing=prefill, baseline=base, note=note,
                 tokens_per_s=prompt / (prefill.median_ms / 1e3), **extra)
-        rep.add(case=case_d, impl=name, timing=decode, baseline=base, bytes=r["streamed_bytes"],
+        rep.add(case=case_d, impl=name, timing=decode, baseline=base, bytes=r["streamed_bytes"], note=note,
                 tokens_per_s=1e3 / decode.median_ms, **extra)
     if args.minilm:
         r = _in_subprocess(
