@@ -78,4 +78,15 @@ void select_num_threads() {
   set_num_threads(static_cast<int>(n));
 }
 
+void select_spin() {
+  const char* env = std::getenv("FUSEDFORMER_SPIN_US");
+  if (!env || !*env) return;
+  char* end = nullptr;
+  const long us = std::strtol(env, &end, 10);
+  if (*end != '\0' || us < 0 || us > 1000000)
+    throw std::invalid_argument(std::string("[fusedformer] FUSEDFORMER_SPIN_US='") + env +
+                                "' is not an integer from 0 to 1000000 (microseconds)");
+  set_spin_us(us);
+}
+
 }  // namespace ff

@@ -23,6 +23,8 @@ void select_isa();
 void set_isa(const std::string& name);
 // Reads FUSEDFORMER_NUM_THREADS (positive integer) and sizes the pool; throws likewise.
 void select_num_threads();
+// Reads FUSEDFORMER_SPIN_US (0 to 1000000) and sets how long idle pool threads spin; throws likewise.
+void select_spin();
 
 }  // namespace ff
 

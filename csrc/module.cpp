@@ -9,6 +9,7 @@ PYBIND11_MODULE(_C, m) {
   try {
     ff::select_isa();
     ff::select_num_threads();
+    ff::select_spin();
   } catch (const std::invalid_argument& e) {
     throw pybind11::value_error(e.what());
   }

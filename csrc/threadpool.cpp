@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <memory>
 #include <mutex>
@@ -19,10 +20,45 @@ namespace {
 
 thread_local bool t_inside_pool_job = false;
 
-// Workers sleep on a condition variable between jobs. A job is a range [0, n) handed out in
-// chunks of `grain` through an atomic counter, so uneven work balances itself; the submitting
-// thread works too. Jobs from several Python threads are serialised; a parallel_for issued
-// from inside a job runs inline (no nested parallelism, no deadlock).
+// How long an idle worker (and a submitter waiting for the last worker) spins before it
+// sleeps. Decode runs one short kernel after another (tens to hundreds of microseconds each,
+// with a few small framework ops between them); waking a sleeping thread costs about as much
+// as such a kernel on a busy VM, and the submitter waits for every worker to check in.
+// FUSEDFORMER_SPIN_US overrides it (0: sleep at once).
+std::atomic<int64_t> g_spin_ns{100 * 1000};
+
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#else
+  std::this_thread::yield();
+#endif
+}
+
+inline int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+// Spins until done() or the spin budget is spent; returns done().
+template <class Pred>
+bool spin_until(const Pred& done) {
+  const int64_t budget = g_spin_ns.load(std::memory_order_relaxed);
+  if (budget <= 0) return done();
+  const int64_t until = now_ns() + budget;
+  for (int i = 1;; ++i) {
+    if (done()) return true;
+    cpu_relax();
+    if (i % 64 == 0 && now_ns() > until) return done();
+  }
+}
+
+// A job is a range [0, n) handed out in chunks of `grain` through an atomic counter, so uneven
+// work balances itself; the submitting thread works too. Between jobs workers spin for a
+// while (see g_spin_ns), then sleep on a condition variable. Jobs from several Python threads
+// are serialised; a parallel_for issued from inside a job runs inline (no nested parallelism,
+// no deadlock).
 class ThreadPool {
  public:
   explicit ThreadPool(int threads) {
@@ -31,7 +67,7 @@ class ThreadPool {
   ~ThreadPool() {
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      stop_ = true;
+      stop_.store(true);
     }
     wake_.notify_all();
     for (auto& t : workers_) t.join();
@@ -53,13 +89,15 @@ class ThreadPool {
       n_ = n;
       grain_ = grain;
       next_.store(0, std::memory_order_relaxed);
-      pending_ = static_cast<int>(workers_.size());
-      ++generation_;
+      pending_.store(static_cast<int>(workers_.size()), std::memory_order_relaxed);
+      generation_.fetch_add(1, std::memory_order_release);  // publishes the fields to spinners
+      if (sleepers_ > 0) wake_.notify_all();
     }
-    wake_.notify_all();
     work();
+    auto finished = [this] { return pending_.load(std::memory_order_acquire) == 0; };
+    if (spin_until(finished)) return;
     std::unique_lock<std::mutex> lock(mutex_);
-    done_.wait(lock, [this] { return pending_ == 0; });
+    done_.wait(lock, finished);
   }
 
  private:
@@ -75,25 +113,33 @@ class ThreadPool {
 
   void worker_loop() {
     uint64_t seen = 0;
+    auto fresh = [&] {
+      return stop_.load(std::memory_order_relaxed) || generation_.load(std::memory_order_acquire) != seen;
+    };
     for (;;) {
-      {
+      if (!spin_until(fresh)) {
         std::unique_lock<std::mutex> lock(mutex_);
-        wake_.wait(lock, [&] { return stop_ || generation_ != seen; });
-        if (stop_) return;
-        seen = generation_;
+        ++sleepers_;
+        wake_.wait(lock, fresh);
+        --sleepers_;
       }
+      if (stop_.load()) return;
+      seen = generation_.load(std::memory_order_acquire);
       work();
-      std::lock_guard<std::mutex> lock(mutex_);
-      if (--pending_ == 0) done_.notify_one();
+      if (pending_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+        std::lock_guard<std::mutex> lock(mutex_);  // the submitter may be about to sleep
+        done_.notify_one();
+      }
     }
   }
 
   std::vector<std::thread> workers_;
   std::mutex submit_mutex_, mutex_;
   std::condition_variable wake_, done_;
-  bool stop_ = false;
-  uint64_t generation_ = 0;
-  int pending_ = 0;
+  std::atomic<bool> stop_{false};
+  std::atomic<uint64_t> generation_{0};
+  std::atomic<int> pending_{0};
+  int sleepers_ = 0;  // guarded by mutex_
   RangeFn fn_ = nullptr;
   void* ctx_ = nullptr;
   int64_t n_ = 0, grain_ = 1;
@@ -120,6 +166,8 @@ int available_cpus() {
 }
 
 int num_threads() { return pool()->size(); }
+
+void set_spin_us(int64_t us) { g_spin_ns.store(us * 1000, std::memory_order_relaxed); }
 
 void set_num_threads(int n) {
   auto fresh = std::make_shared<ThreadPool>(std::max(1, n));

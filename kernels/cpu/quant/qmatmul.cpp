@@ -89,6 +89,21 @@ void x_group_sums(const Problem& p, int64_t group, float* xsum) {
     }
 }
 
+// a . b over n floats, vectorised: the bias term sum_g bias[g] * xsum[g] of an affine row (as
+// a scalar loop it is one long FMA latency chain per row, a third of the GEMV's time).
+FF_ALWAYS_INLINE float dot(const float* a, const float* b, int64_t n) {
+  f32x8 acc0 = simd::zero(), acc1 = simd::zero();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    acc0 = simd::fmadd(simd::load(a + i), simd::load(b + i), acc0);
+    acc1 = simd::fmadd(simd::load(a + i + 8), simd::load(b + i + 8), acc1);
+  }
+  if (i + 8 <= n) acc0 = simd::fmadd(simd::load(a + i), simd::load(b + i), acc0), i += 8;
+  float t = simd::reduce_add(simd::add(acc0, acc1));
+  for (; i < n; ++i) t += a[i] * b[i];
+  return t;
+}
+
 template <int MR, int B>
 void gemv_affine(const Problem& p, const float* xsum, int64_t n0, int64_t n1) {
   constexpr int U = unroll<MR>();
@@ -101,8 +116,7 @@ void gemv_affine(const Problem& p, const float* xsum, int64_t n0, int64_t n1) {
     const float* bi = w.biases + n * groups;
     const int64_t base = n * w.k;
     f32x8 acc[MR];
-    float bias_part[MR];
-    for (int r = 0; r < MR; ++r) acc[r] = simd::zero(), bias_part[r] = 0;
+    for (int r = 0; r < MR; ++r) acc[r] = simd::zero();
     for (int64_t g = 0; g < groups; ++g) {
       f32x8 gacc[MR][U];
       for (int r = 0; r < MR; ++r)
@@ -112,10 +126,9 @@ void gemv_affine(const Problem& p, const float* xsum, int64_t n0, int64_t n1) {
       const f32x8 s = simd::set1(sc[g]);
       for (int r = 0; r < MR; ++r) {
         acc[r] = simd::fmadd(sum_chains<MR>(gacc, r), s, acc[r]);
-        bias_part[r] += bi[g] * xsum[r * groups + g];
       }
     }
-    for (int r = 0; r < MR; ++r) p.y[r * w.n + n] = simd::reduce_add(acc[r]) + bias_part[r];
+    for (int r = 0; r < MR; ++r) p.y[r * w.n + n] = simd::reduce_add(acc[r]) + dot(bi, xsum + r * groups, groups);
   }
 }
 
@@ -209,19 +222,43 @@ void permute_x16(const Problem& p, float* xp) {
       }
 }
 
+// Sixteen codes per step; with one or two x rows two steps run interleaved on separate
+// accumulators (acc[r][2..3]) so that four FMA chains per row hide the FMA latency. (Decoding
+// several W rows at once instead reads as many interleaved streams, which this machine's
+// memory system serves more slowly than one.)
+template <int MR>
+constexpr int nibble_chains() {
+  return MR <= 2 ? 4 : 2;
+}
+
 template <int MR, class Values>
 FF_ALWAYS_INLINE void dot_nibbles(const float* xp, int64_t ldx, const uint8_t* bytes, int64_t k0, int64_t k1,
-                                  const Values& values, f32x8 (&acc)[MR][2]) {
+                                  const Values& values, f32x8 (&acc)[MR][nibble_chains<MR>()]) {
+  constexpr int C = nibble_chains<MR>();
   const __m256i low = _mm256_set1_epi32(15);
-  for (int64_t k = k0; k < k1; k += 16) {
-    const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes + k / 2)));
-    const f32x8 even = values(quant::i32x8{_mm256_and_si256(b, low)});
-    const f32x8 odd = values(quant::i32x8{_mm256_srli_epi32(b, 4)});
+  // Pointers advance with k (k / 2 on a signed index costs four instructions per step).
+  const uint8_t* b = bytes + k0 / 2;
+  const float* x = xp + k0;
+  auto step = [&](int64_t at, int c) __attribute__((always_inline)) {
+    const __m256i codes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(b + at / 2)));
+    const f32x8 even = values(quant::i32x8{_mm256_and_si256(codes, low)});
+    const f32x8 odd = values(quant::i32x8{_mm256_srli_epi32(codes, 4)});
     for (int r = 0; r < MR; ++r) {
-      acc[r][0] = simd::fmadd(simd::load(xp + r * ldx + k), even, acc[r][0]);
-      acc[r][1] = simd::fmadd(simd::load(xp + r * ldx + k + 8), odd, acc[r][1]);
+      acc[r][c] = simd::fmadd(simd::load(x + r * ldx + at), even, acc[r][c]);
+      acc[r][c + 1] = simd::fmadd(simd::load(x + r * ldx + at + 8), odd, acc[r][c + 1]);
     }
-  }
+  };
+  int64_t k = k0;
+  if (C == 4)
+    for (; k + 32 <= k1; k += 32, b += 16, x += 32) step(0, 0), step(16, 2);
+  for (; k < k1; k += 16, b += 8, x += 16) step(0, 0);
+}
+
+template <int MR>
+FF_ALWAYS_INLINE f32x8 sum_nibble_chains(f32x8 (&acc)[MR][nibble_chains<MR>()], int r) {
+  f32x8 s = simd::add(acc[r][0], acc[r][1]);
+  if (nibble_chains<MR>() == 4) s = simd::add(s, simd::add(acc[r][2], acc[r][3]));
+  return s;
 }
 
 template <int MR>
@@ -233,20 +270,19 @@ void gemv_affine_nibbles(const Problem& p, const float* xp, const float* xsum, i
     const float* sc = w.scales + n * groups;
     const float* bi = w.biases + n * groups;
     f32x8 acc[MR];
-    float bias_part[MR];
-    for (int r = 0; r < MR; ++r) acc[r] = simd::zero(), bias_part[r] = 0;
+    for (int r = 0; r < MR; ++r) acc[r] = simd::zero();
     for (int64_t g = 0; g < groups; ++g) {
-      f32x8 gacc[MR][2];
-      for (int r = 0; r < MR; ++r) gacc[r][0] = gacc[r][1] = simd::zero();
+      f32x8 gacc[MR][nibble_chains<MR>()];
+      for (auto& row : gacc)
+        for (auto& a : row) a = simd::zero();
       dot_nibbles<MR>(xp, w.k, bytes, g * w.group, (g + 1) * w.group,
                       [](quant::i32x8 c) __attribute__((always_inline)) { return quant::to_f32(c); }, gacc);
       const f32x8 s = simd::set1(sc[g]);
       for (int r = 0; r < MR; ++r) {
-        acc[r] = simd::fmadd(simd::add(gacc[r][0], gacc[r][1]), s, acc[r]);
-        bias_part[r] += bi[g] * xsum[r * groups + g];
+        acc[r] = simd::fmadd(sum_nibble_chains<MR>(gacc, r), s, acc[r]);
       }
     }
-    for (int r = 0; r < MR; ++r) p.y[r * w.n + n] = simd::reduce_add(acc[r]) + bias_part[r];
+    for (int r = 0; r < MR; ++r) p.y[r * w.n + n] = simd::reduce_add(acc[r]) + dot(bi, xsum + r * groups, groups);
   }
 }
 
@@ -256,11 +292,12 @@ void gemv_lut_nibbles(const Problem& p, const float* xp, int64_t n0, int64_t n1)
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* bytes = static_cast<const uint8_t*>(w.codes) + n * w.k / 2;
     const float* lut = w.lut + ((n / w.group) << 4);
-    f32x8 acc[MR][2];
-    for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = simd::zero();
+    f32x8 acc[MR][nibble_chains<MR>()];
+    for (auto& row : acc)
+      for (auto& a : row) a = simd::zero();
     dot_nibbles<MR>(xp, w.k, bytes, 0, w.k,
                     [lut](quant::i32x8 c) __attribute__((always_inline)) { return quant::lookup<4>(lut, c); }, acc);
-    for (int r = 0; r < MR; ++r) p.y[r * w.n + n] = simd::reduce_add(simd::add(acc[r][0], acc[r][1]));
+    for (int r = 0; r < MR; ++r) p.y[r * w.n + n] = simd::reduce_add(sum_nibble_chains<MR>(acc, r));
   }
 }
 #endif
