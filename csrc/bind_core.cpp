@@ -41,6 +41,14 @@ void init_core(py::module_& m) {
       py::arg("n"), "Resizes the kernel thread pool.");
   m.def("available_cpus", &available_cpus, "CPUs this process may run on.");
   m.def(
+      "_set_spin_us",
+      [](int64_t us) {
+        if (us < 0 || us > 1000000)
+          throw py::value_error("[_set_spin_us] us must be in [0, 1000000], got " + std::to_string(us));
+        set_spin_us(us);
+      },
+      py::arg("us"), "Test hook: how long idle pool threads spin before sleeping (FUSEDFORMER_SPIN_US).");
+  m.def(
       "peak_gflops",
       [](double seconds) {
         if (!(seconds > 0 && seconds <= 60))

@@ -77,3 +77,25 @@ def test_validate_rejects_broken_reports():
         mutate(bad)
         with pytest.raises(ValueError, match=r"\[bench\]"):
             validate(bad)
+
+
+def test_cold_copies_stream_twice_the_cache(monkeypatch):
+    from fusedformer.bench import harness
+
+    monkeypatch.setattr(harness, "last_level_cache_bytes", lambda: 32 << 20)
+    assert harness.cold_copies(10 << 20) == 7  # 7 x 10 MiB >= 64 MiB
+    assert harness.cold_copies(64 << 20) == 1
+    assert harness.cold_copies(1, cap=5) == 5
+
+
+def test_last_level_cache_is_positive():
+    from fusedformer.bench.harness import last_level_cache_bytes
+
+    assert last_level_cache_bytes() >= 1 << 16
+
+
+def test_in_turn_cycles():
+    from fusedformer.bench.harness import in_turn
+
+    nxt = in_turn(["a", "b", "c"])
+    assert [nxt() for _ in range(7)] == ["a", "b", "c", "a", "b", "c", "a"]

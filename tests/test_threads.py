@@ -46,6 +46,43 @@ def test_result_independent_of_thread_count(rng):
     assert results[0] == pytest.approx(float(x.astype(np.float64).sum()), rel=1e-5, abs=1e-2)
 
 
+# Back-to-back small jobs, the decode pattern, under each way a worker can be found: asleep
+# (spin 0), spinning (a long spin) and in between. In a subprocess with a timeout, so that a
+# lost wake-up fails the test instead of hanging the suite.
+_STRESS = """
+from fusedformer import _C
+_C.set_num_threads({threads})
+_C._set_spin_us({spin})
+for i in range(3000):
+    n = 1 + i % 97
+    owner = _C._pool_trace(n, 1 + i % 5)
+    assert len(owner) == n and min(owner) >= 0, (i, owner)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("spin", [0, 3, 100000])
+@pytest.mark.parametrize("threads", [2, 3])
+def test_many_short_jobs_spin_or_sleep(spin, threads):
+    out = subprocess.run([sys.executable, "-c", _STRESS.format(spin=spin, threads=threads)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
+def test_env_sets_spin(rng):
+    env = {**os.environ, "FUSEDFORMER_SPIN_US": "0"}
+    code = "from fusedformer import _C; import numpy as np; print(_C.stream_sum(np.ones(1 << 22, np.float32)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert float(out.stdout) == 1 << 22
+
+
+def test_set_spin_rejects_negative():
+    with pytest.raises(ValueError, match=r"\[_set_spin_us\] us must be in \[0, 1000000\]"):
+        _C._set_spin_us(-5)
+
+
 def test_set_num_threads_rejects_zero():
     with pytest.raises(ValueError, match=r"\[set_num_threads\]"):
         _C.set_num_threads(0)

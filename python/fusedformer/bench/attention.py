@@ -5,7 +5,8 @@ time of "torch sdpa" in that case. FLOPs count only the unmasked score entries:
     flops = 4 * B * Hq * D * pairs,   pairs = #(i, j) with key j visible to query i
 (Lq * Lk without a mask; Lq * Lk - Lq * (Lq - 1) / 2 for causal with Lq <= Lk, i.e. about
 half), covering QK^T and PV at 2 flops per multiply-add. Bytes are what one call must move at
-least: q, k, v in and out once (decode is bound by reading K and V).
+least: q, k, v in and out once (decode is bound by reading K and V). Decode cases cycle through
+copies of K and V (harness.cold_copies) so each call reads them from memory, not the cache.
 
 Implementations are (name, maker) entries in IMPLS; a maker returns a zero-argument callable
 for a case or None when it does not apply. Another backend adds one entry (e.g. the MLX
@@ -17,7 +18,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from fusedformer.bench.harness import measure
+from fusedformer.bench.harness import cold_copies, in_turn, measure
 from fusedformer.bench.report import Report, track
 
 BASELINE = "torch sdpa"
@@ -184,6 +185,14 @@ IMPLS = {
 }
 
 
+def _in_turn_calls(fns):
+    """One callable that calls fns[0], fns[1], ... in turn."""
+    if len(fns) == 1:
+        return fns[0]
+    next_fn = in_turn(fns)
+    return lambda: next_fn()()
+
+
 def add_arguments(parser) -> None:
     parser.add_argument("--dtype", choices=["all", "float32", "bfloat16"], default="all", help="dtypes to run")
     parser.add_argument("--case", default="", help="only cases whose name contains this text")
@@ -203,11 +212,16 @@ def run(args) -> Report:
     impls = getattr(args, "impl", None) or list(IMPLS)
     for case in track(selected, "attention"):
         q, k, v = torch_inputs(case)
+        # Decode reads the KV cache from memory (a model reads every layer's in turn): cycle
+        # through enough copies of it to stream twice the last-level cache per round.
+        copies = cold_copies(k.nbytes + v.nbytes) if case.kind == "decode" else 1
+        inputs = [(q, k, v)] + [(q, k.clone(), v.clone()) for _ in range(copies - 1)]
         for name in impls:
             maker, opts, note = IMPLS[name]
-            fn = maker(case, q, k, v)
-            if fn is None:
+            fns = [maker(case, *qkv) for qkv in inputs]
+            if fns[0] is None:
                 continue
+            fn = _in_turn_calls(fns)
             timing = measure(fn, budget_s=args.budget, **opts)
             rep.add(
                 case=case.name,

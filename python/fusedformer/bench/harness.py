@@ -55,3 +55,42 @@ def measure(
         spent += dt
     ms = [s * 1e3 for s in samples]
     return Timing(statistics.median(ms), min(ms), max(ms), len(ms))
+
+
+def last_level_cache_bytes() -> int:
+    """Size of the CPU's largest cache level (Linux sysfs); 32 MiB where it cannot be read."""
+    import glob
+
+    sizes = []
+    for path in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+        try:
+            with open(path) as f:
+                text = f.read().strip().upper()
+        except OSError:
+            continue
+        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+        if text and text[-1] in units and text[:-1].isdigit():
+            sizes.append(int(text[:-1]) * units[text[-1]])
+        elif text.isdigit():
+            sizes.append(int(text))
+    return max(sizes) if sizes else 32 << 20
+
+
+def cold_copies(nbytes: float, *, cap: int = 64) -> int:
+    """How many copies of an operand of ``nbytes`` to use in turn so that one round streams at
+    least twice the last-level cache: every call then reads its operand from memory, as each
+    layer's weights and KV cache are read in a model's decode step. (Timing one copy that fits
+    in the cache measures the cache, not the kernel's use of memory bandwidth.)"""
+    need = 2 * last_level_cache_bytes()
+    return int(min(cap, max(1, -(-need // max(int(nbytes), 1)))))
+
+
+def in_turn(items: list) -> Callable[[], object]:
+    """A function returning items[0], items[1], ... cyclically, one per call."""
+    state = {"i": -1}
+
+    def next_item():
+        state["i"] = (state["i"] + 1) % len(items)
+        return items[state["i"]]
+
+    return next_item
