@@ -99,3 +99,9 @@ def test_in_turn_cycles():
 
     nxt = in_turn(["a", "b", "c"])
     assert [nxt() for _ in range(7)] == ["a", "b", "c", "a", "b", "c", "a"]
+
+
+def test_model_variant_names_survive_the_comma_separated_option():
+    from fusedformer.bench.model import VARIANTS
+
+    assert [n.strip() for n in ",".join(VARIANTS).split(",")] == list(VARIANTS)

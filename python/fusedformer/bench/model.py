@@ -28,7 +28,7 @@ VARIANTS = {
     "fused + 4-bit affine": ("fused", "Affine(bits=4, group_size=64)", ("lm_head",)),
     # every linear 4-bit, lm_head included, as mlx_lm's `convert -q` quantizes a model: the fp32
     # lm_head (262 MB) is otherwise 30% of the bytes a 4-bit decode step reads
-    "fused + 4-bit affine, lm_head too": ("fused", "Affine(bits=4, group_size=64)", ()),
+    "fused + 4-bit affine (lm_head too)": ("fused", "Affine(bits=4, group_size=64)", ()),
     "fused + 4-bit palettized": ("fused", "Palettize(bits=4)", ("lm_head",)),  # per-tensor LUT: k-means of 1B weights in ~1.5 min
 }
 BASELINE = "stock (HF sdpa)"
