@@ -67,6 +67,16 @@ def test_int8_odd_k(k, m, isa, rng):
     check(ff.qmatmul(x, qw), x, qw)
 
 
+@pytest.mark.parametrize("k", [16, 48, 80])
+@pytest.mark.parametrize("m", [1, 2, 3])
+def test_4bit_lut_k_not_a_multiple_of_32(k, m, isa, rng):
+    # the 4-bit GEMV takes 32 codes per step for m <= 2 and finishes with a 16-code step
+    w = (rng.standard_normal((20, k)) * 0.05).astype(np.float32)
+    qw = compress(w, Palettize(4, "per_grouped_channel", 4))
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    check(ff.qmatmul(x, qw), x, qw)
+
+
 @pytest.mark.parametrize("m", [1, 3, 20])
 @pytest.mark.parametrize("scheme", [Affine(4, 64), Int8(), Palettize(3), Prune(0.5, then=Affine(2, 32))], ids=repr)
 def test_thread_count_does_not_change_results(m, scheme, isa, rng):
