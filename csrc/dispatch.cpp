@@ -67,26 +67,32 @@ void set_isa(const std::string& want) {
   }
 }
 
-void select_num_threads() {
-  const char* env = std::getenv("FUSEDFORMER_NUM_THREADS");
-  if (!env || !*env) return;
+namespace {
+
+// The integer value of environment variable `name` in [lo, hi]; false when it is unset or
+// empty; throws with `what` (the accepted values) when it is not such an integer.
+bool env_integer(const char* name, long lo, long hi, const char* what, long* value) {
+  const char* env = std::getenv(name);
+  if (!env || !*env) return false;
   char* end = nullptr;
-  const long n = std::strtol(env, &end, 10);
-  if (*end != '\0' || n < 1 || n > 4096)
-    throw std::invalid_argument(std::string("[fusedformer] FUSEDFORMER_NUM_THREADS='") + env +
-                                "' is not a positive integer (1 to 4096)");
-  set_num_threads(static_cast<int>(n));
+  *value = std::strtol(env, &end, 10);
+  if (*end != '\0' || *value < lo || *value > hi)
+    throw std::invalid_argument(std::string("[fusedformer] ") + name + "='" + env + "' is not " + what);
+  return true;
+}
+
+}  // namespace
+
+void select_num_threads() {
+  long n;
+  if (env_integer("FUSEDFORMER_NUM_THREADS", 1, 4096, "a positive integer (1 to 4096)", &n))
+    set_num_threads(static_cast<int>(n));
 }
 
 void select_spin() {
-  const char* env = std::getenv("FUSEDFORMER_SPIN_US");
-  if (!env || !*env) return;
-  char* end = nullptr;
-  const long us = std::strtol(env, &end, 10);
-  if (*end != '\0' || us < 0 || us > 1000000)
-    throw std::invalid_argument(std::string("[fusedformer] FUSEDFORMER_SPIN_US='") + env +
-                                "' is not an integer from 0 to 1000000 (microseconds)");
-  set_spin_us(us);
+  long us;
+  if (env_integer("FUSEDFORMER_SPIN_US", 0, 1000000, "an integer from 0 to 1000000 (microseconds)", &us))
+    set_spin_us(us);
 }
 
 }  // namespace ff
