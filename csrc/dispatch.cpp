@@ -20,6 +20,19 @@ bool cpu_has_avx2() {
 #endif
 }
 
+bool cpu_has_avx512() {
+#if defined(FF_HAVE_AVX512) && (defined(__GNUC__) || defined(__clang__))
+  return cpu_has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+         __builtin_cpu_supports("avx512vnni");
+#else
+  return false;
+#endif
+}
+
+// The best variant this CPU (and build) runs.
+Isa best_isa() { return cpu_has_avx512() ? Isa::avx512 : cpu_has_avx2() ? Isa::avx2 : Isa::generic; }
+
 std::string join(const std::vector<std::string>& v) {
   std::string s;
   for (const auto& x : v) s += (s.empty() ? "" : ", ") + x;
@@ -30,19 +43,30 @@ std::string join(const std::vector<std::string>& v) {
 
 Isa active_isa() { return g_isa; }
 
-const char* isa_name(Isa isa) { return isa == Isa::avx2 ? "avx2" : "generic"; }
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::avx512: return "avx512";
+    case Isa::avx2: return "avx2";
+    default: return "generic";
+  }
+}
 
 std::vector<std::string> compiled_isas() {
+  std::vector<std::string> names{"generic"};
 #ifdef FF_HAVE_AVX2
-  return {"generic", "avx2"};
-#else
-  return {"generic"};
+  names.push_back("avx2");
 #endif
+#ifdef FF_HAVE_AVX512
+  names.push_back("avx512");
+#endif
+  return names;
 }
 
 std::vector<std::string> supported_isas() {
-  if (cpu_has_avx2()) return {"generic", "avx2"};
-  return {"generic"};
+  std::vector<std::string> names{"generic"};
+  if (cpu_has_avx2()) names.push_back("avx2");
+  if (cpu_has_avx512()) names.push_back("avx512");
+  return names;
 }
 
 void select_isa() {
@@ -52,7 +76,7 @@ void select_isa() {
 
 void set_isa(const std::string& want) {
   if (want == "auto" || want.empty()) {
-    g_isa = cpu_has_avx2() ? Isa::avx2 : Isa::generic;
+    g_isa = best_isa();
   } else if (want == "generic") {
     g_isa = Isa::generic;
   } else if (want == "avx2") {
@@ -61,6 +85,12 @@ void set_isa(const std::string& want) {
           "[fusedformer] FUSEDFORMER_ISA=avx2, but this CPU or build lacks AVX2+FMA+F16C; "
           "supported here: " + join(supported_isas()));
     g_isa = Isa::avx2;
+  } else if (want == "avx512") {
+    if (!cpu_has_avx512())
+      throw std::invalid_argument(
+          "[fusedformer] FUSEDFORMER_ISA=avx512, but this CPU or build lacks AVX-512 F/BW/VL/DQ+VNNI; "
+          "supported here: " + join(supported_isas()));
+    g_isa = Isa::avx512;
   } else {
     throw std::invalid_argument("[fusedformer] FUSEDFORMER_ISA='" + want +
                                 "' is not one of: auto, " + join(compiled_isas()));

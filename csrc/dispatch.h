@@ -8,7 +8,7 @@
 
 namespace ff {
 
-enum class Isa { generic, avx2 };
+enum class Isa { generic, avx2, avx512 };
 
 // Chosen once at import (select_isa) and fixed afterwards.
 Isa active_isa();
@@ -16,7 +16,7 @@ const char* isa_name(Isa isa);
 // Variants compiled into this build, and those this CPU can run.
 std::vector<std::string> compiled_isas();
 std::vector<std::string> supported_isas();
-// Reads FUSEDFORMER_ISA ("auto", "generic", "avx2"); throws std::invalid_argument with a
+// Reads FUSEDFORMER_ISA ("auto", "generic", "avx2", "avx512"); throws std::invalid_argument with a
 // message naming the variable and the allowed values.
 void select_isa();
 // Test hook: switch the variant at run time (not while kernels run on other threads).
@@ -28,7 +28,12 @@ void select_spin();
 
 }  // namespace ff
 
-#ifdef FF_HAVE_AVX2
+#ifdef FF_HAVE_AVX512
+#define FF_KERNELS(getter)                                              \
+  (::ff::active_isa() == ::ff::Isa::avx512 ? ::ff::avx512::getter()    \
+   : ::ff::active_isa() == ::ff::Isa::avx2 ? ::ff::avx2::getter()      \
+                                           : ::ff::generic::getter())
+#elif defined(FF_HAVE_AVX2)
 #define FF_KERNELS(getter) \
   (::ff::active_isa() == ::ff::Isa::avx2 ? ::ff::avx2::getter() : ::ff::generic::getter())
 #else

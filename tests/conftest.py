@@ -31,7 +31,7 @@ def kernel_config(isa: str | None = None, threads: int | None = None):
 
 @pytest.fixture(params=ISAS)
 def isa(request):
-    """Parametrizes a test over the ISA variants this CPU runs (generic, avx2)."""
+    """Parametrizes a test over the ISA variants this CPU runs (generic, avx2, avx512)."""
     with kernel_config(isa=request.param):
         yield request.param
 

@@ -1,4 +1,4 @@
-"""The native build: both ISA variants compiled in and selectable, clear errors for bad env."""
+"""The native build: the ISA variants compiled in and selectable, clear errors for bad env."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def test_compiled_variants():
     compiled = _C.compiled_isas()
     assert compiled[0] == "generic"
     if os.uname().machine in ("x86_64", "AMD64"):
-        assert "avx2" in compiled
+        assert compiled == ["generic", "avx2", "avx512"]
     assert set(_C.supported_isas()) <= set(compiled)
 
 
@@ -63,28 +63,46 @@ def test_set_isa_rejects_unknown_names():
     assert _C.isa() in _C.supported_isas()
 
 
-@pytest.mark.skipif(shutil.which("objdump") is None, reason="objdump (binutils) not installed")
-@pytest.mark.skipif("avx2" not in _C.compiled_isas(), reason="no AVX2 variant in this build")
-def test_generic_code_uses_no_avx():
-    """Everything outside ff::avx2 must run on a baseline x86-64 CPU: no ymm registers there.
+# What each variant's code may use, by register names in the disassembly: ymm for AVX;
+# zmm, ymm16-31/xmm16-31 and mask registers k0-7 for AVX-512 (EVEX encodings).
+AVX = re.compile(r"%ymm")
+AVX512 = re.compile(r"%zmm|%[xy]mm(1[6-9]|2[0-9]|3[01])\b|%k[0-7]\b")
 
-    This catches the classic dual-ISA bug where an inline function compiled with -mavx2 in one
+
+def variant_of(symbol: str) -> str:
+    for isa in ("avx512", "avx2"):
+        if f"ff::{isa}::" in symbol or f"N2ff{len(isa)}{isa}" in symbol:  # demangled or not
+            return isa
+    return "generic"
+
+
+@pytest.mark.skipif(shutil.which("objdump") is None, reason="objdump (binutils) not installed")
+@pytest.mark.skipif("avx512" not in _C.compiled_isas(), reason="no AVX2/AVX-512 variants in this build")
+def test_each_variant_uses_only_its_isa():
+    """Code outside ff::avx2 and ff::avx512 must run on a baseline x86-64 CPU (no ymm), and
+    code outside ff::avx512 on an AVX2 CPU (no EVEX registers).
+
+    This catches the classic multi-ISA bug where an inline function compiled with -mavx2 in one
     translation unit replaces the baseline copy at link time (an illegal instruction on CPUs
     without AVX2).
     """
     so = fusedformer._C.__file__
     dump = subprocess.run(["objdump", "-d", "-C", "--no-show-raw-insn", so], capture_output=True, text=True).stdout
-    offenders, avx2_with_ymm, current, in_avx2 = set(), set(), None, False
+    seen = {"avx2": set(), "avx512": set()}  # functions using each extension, per variant
+    offenders, current, variant = set(), None, "generic"
     for line in dump.splitlines():
         header = re.match(r"^[0-9a-f]+ <(.*)>:$", line)
         if header:
-            current = header.group(1)
-            in_avx2 = "ff::avx2::" in current or "N2ff4avx2" in current  # demangled or not
+            current, variant = header.group(1), variant_of(header.group(1))
             continue
-        if current and "%ymm" in line:
-            (avx2_with_ymm if in_avx2 else offenders).add(current)
-    assert avx2_with_ymm, "the disassembly shows no AVX code at all: this check would see nothing"
-    assert not offenders, f"AVX code outside ff::avx2: {sorted(offenders)[:10]}"
+        if current is None:
+            continue
+        if AVX512.search(line):
+            (seen["avx512"].add if variant == "avx512" else offenders.add)(current)
+        elif AVX.search(line):
+            (offenders.add if variant == "generic" else seen[variant].add)(current)
+    assert seen["avx2"] and seen["avx512"], "the disassembly shows no AVX code: this check would see nothing"
+    assert not offenders, f"code using an ISA its variant may not: {sorted(offenders)[:10]}"
 
 
 def test_version_is_exposed():

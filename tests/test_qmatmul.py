@@ -15,7 +15,7 @@ from fusedformer.quant import Affine, Int8, Palettize, Prune, compress
 from tests.conftest import kernel_config, require
 
 SCHEMES = [
-    *(Affine(b, g) for b, g in [(2, 32), (3, 64), (4, 64), (4, 32), (5, 32), (6, 128), (8, 64)]),
+    *(Affine(b, g) for b, g in [(2, 32), (3, 64), (4, 64), (4, 32), (4, 128), (5, 32), (6, 128), (8, 64)]),
     Int8(),
     Int8(zero_point=True),
     *(Palettize(b) for b in (1, 2, 3, 4, 6, 8)),
@@ -74,6 +74,48 @@ def test_4bit_lut_k_not_a_multiple_of_32(k, m, isa, rng):
     w = (rng.standard_normal((20, k)) * 0.05).astype(np.float32)
     qw = compress(w, Palettize(4, "per_grouped_channel", 4))
     x = rng.standard_normal((m, k)).astype(np.float32)
+    check(ff.qmatmul(x, qw), x, qw)
+
+
+# The 4-bit affine GEMV on AVX-512 VNNI splits x per group into two int16 parts (hi + lo / 65536)
+# scaled by the group's max |x|; the cases below are the ones that split must get right or hand
+# to the fp32 path (non-finite x, tiny groups, K % 64 != 0).
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("m", [1, 2, 5])
+def test_4bit_affine_group_scales_are_per_group(group, m, isa, rng):
+    # huge x over all-zero weight groups, small x elsewhere: a per-row x scale would lose the
+    # small groups; the result is the small groups' sum alone
+    k = 4 * group
+    w = (rng.standard_normal((37, k)) * 0.05).astype(np.float32)
+    w[:, group : 2 * group] = 0
+    qw = compress(w, Affine(4, group))
+    assert not qw.dequantize()[:, group : 2 * group].any()
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    x[:, group : 2 * group] *= np.float32(1e12)
+    x[:, 3 * group :] = 0  # an all-zero group too
+    ref = reference.matmul_t(x.astype(np.float64), qw.dequantize().astype(np.float64))
+    x_small = x.copy()
+    x_small[:, group : 2 * group] = 0
+    scale = np.abs(x_small.astype(np.float64)).sum(-1, keepdims=True) * np.abs(qw.dequantize()).max()
+    assert (np.abs(ff.qmatmul(x, qw) - ref) / scale).max() <= TOL["float32"]
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_4bit_affine_non_finite_x_stays_in_its_row(bad, isa, rng):
+    qw = weight(Affine(4, 64))
+    x = rng.standard_normal((3, K)).astype(np.float32)
+    x[1, 100] = bad
+    y = ff.qmatmul(x, qw)
+    assert not np.isfinite(y[1]).all()
+    check(y[[0, 2]], x[[0, 2]], qw)
+
+
+@pytest.mark.parametrize("k", [96, 160])  # K % 64 == 32: the VNNI path's 64-code blocks do not fit
+@pytest.mark.parametrize("x_scale", [1.0, 1e-33, 1e30])  # tiny groups go to the fp32 path
+def test_4bit_affine_odd_blocks_and_extreme_scales(k, x_scale, isa, rng):
+    w = (rng.standard_normal((21, k)) * 0.05).astype(np.float32)
+    qw = compress(w, Affine(4, 32))
+    x = (rng.standard_normal((2, k)) * x_scale).astype(np.float32)
     check(ff.qmatmul(x, qw), x, qw)
 
 

@@ -3,7 +3,7 @@
 // Each area (attention, quant, ...) describes its kernels as a struct of function pointers in
 // its api.h, and every ISA variant defines a getter returning its table:
 //   FF_DECLARE_KERNEL_TABLE(AttentionKernels, attention_kernels)
-// declares ff::generic::attention_kernels() and ff::avx2::attention_kernels(); the bindings
+// declares ff::generic::attention_kernels(), ff::avx2::... and ff::avx512::...; the bindings
 // pick one at run time with FF_KERNELS(attention_kernels) (csrc/dispatch.h).
 #pragma once
 
@@ -15,12 +15,12 @@
 #define FF_IF_AVX2(...)
 #endif
 
-#define FF_DECLARE_KERNEL_TABLE(Type, getter)          \
-  namespace ff {                                        \
-  namespace generic {                                   \
-  const Type& getter();                                 \
-  }                                                     \
-  FF_IF_AVX2(namespace avx2 { const Type& getter(); }) \
+#define FF_DECLARE_KERNEL_TABLE(Type, getter)                                                \
+  namespace ff {                                                                              \
+  namespace generic {                                                                         \
+  const Type& getter();                                                                       \
+  }                                                                                           \
+  FF_IF_AVX2(namespace avx2 { const Type& getter(); } namespace avx512 { const Type& getter(); }) \
   }
 
 namespace ff {
