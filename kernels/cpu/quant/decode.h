@@ -91,6 +91,10 @@ inline f32x8 lookup(const float* lut, i32x8 c) {
     // masked load: the LUT row has only 2^B entries
     const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32(1 << B), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
     return {_mm256_permutevar8x32_ps(_mm256_maskload_ps(lut, live), c.v)};
+#if defined(__AVX512VL__)
+  } else if constexpr (B == 4) {  // one two-table permute: bit 3 of the index picks the table
+    return {_mm256_permutex2var_ps(_mm256_loadu_ps(lut), c.v, _mm256_loadu_ps(lut + 8))};
+#endif
   } else if constexpr (B == 4) {
     const __m256 lo = _mm256_permutevar8x32_ps(_mm256_loadu_ps(lut), c.v);
     const __m256 hi = _mm256_permutevar8x32_ps(_mm256_loadu_ps(lut + 8), c.v);

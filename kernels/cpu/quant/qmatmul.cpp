@@ -305,6 +305,17 @@ void gemv_lut_nibbles(const Problem& p, const float* xp, int64_t n0, int64_t n1)
 }
 #endif
 
+
+// Runs rows_fn(n0, n1) over all rows of W in tasks of kGemvRows. (Plain templates rather than
+// generic lambdas keep the symbols demangleable for the build's ISA-leak check.)
+template <class RowsFn>
+void over_rows(const Problem& p, const RowsFn& rows_fn) {
+  const QWeight& w = *p.w;
+  parallel_for((w.n + kGemvRows - 1) / kGemvRows, grain_for(kGemvRows * w.k * p.m), [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) rows_fn(t * kGemvRows, std::min(w.n, (t + 1) * kGemvRows));
+  });
+}
+
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 // 4-bit affine GEMV, AVX-512 VNNI. The codes are used as 16-bit integers and x as two int16
 // parts per group, x ~= sx * (hi + lo / 65536) with |hi|, |lo| <= 32767 and sx = max|x| / 32767
@@ -393,75 +404,85 @@ bool split_x(const Problem& p, int64_t group, SplitX& out) {
   return true;
 }
 
-// h[r] += hi_r . q, l[r] += lo_r . q over one 64-code block (C chains per part).
-template <int MR, int C>
+// h[r] += hi_r . q, l[r] += lo_r . q over one 64-code block. One accumulator per part: each
+// group starts fresh ones, so groups overlap in the out-of-order window.
+template <int MR>
 FF_ALWAYS_INLINE void dot_block_vnni(const uint8_t* bytes, const int16_t* hi, const int16_t* lo, int64_t ldx,
-                                     __m512i (&h)[MR][C], __m512i (&l)[MR][C]) {
+                                     __m512i (&h)[MR], __m512i (&l)[MR]) {
   const __m512i w = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes)));
   const __m512i even = _mm512_and_si512(w, _mm512_set1_epi16(15));
   const __m512i odd = _mm512_srli_epi16(w, 4);
   for (int r = 0; r < MR; ++r) {
-    h[r][0] = _mm512_dpwssd_epi32(h[r][0], even, _mm512_loadu_si512(hi + r * ldx));
-    h[r][C - 1] = _mm512_dpwssd_epi32(h[r][C - 1], odd, _mm512_loadu_si512(hi + r * ldx + 32));
-    l[r][0] = _mm512_dpwssd_epi32(l[r][0], even, _mm512_loadu_si512(lo + r * ldx));
-    l[r][C - 1] = _mm512_dpwssd_epi32(l[r][C - 1], odd, _mm512_loadu_si512(lo + r * ldx + 32));
+    h[r] = _mm512_dpwssd_epi32(h[r], even, _mm512_loadu_si512(hi + r * ldx));
+    h[r] = _mm512_dpwssd_epi32(h[r], odd, _mm512_loadu_si512(hi + r * ldx + 32));
+    l[r] = _mm512_dpwssd_epi32(l[r], even, _mm512_loadu_si512(lo + r * ldx));
+    l[r] = _mm512_dpwssd_epi32(l[r], odd, _mm512_loadu_si512(lo + r * ldx + 32));
   }
 }
 
-// hi + lo / 65536 of one row's integer sums, as floats.
-template <int C>
-FF_ALWAYS_INLINE __m512 join_parts(const __m512i (&h)[C], const __m512i (&l)[C]) {
-  __m512i hs = h[0], ls = l[0];
-  if (C == 2) hs = _mm512_add_epi32(hs, h[C - 1]), ls = _mm512_add_epi32(ls, l[C - 1]);
-  return _mm512_fmadd_ps(_mm512_cvtepi32_ps(ls), _mm512_set1_ps(1.f / 65536), _mm512_cvtepi32_ps(hs));
+// f[r * groups + g] = scales[g] * sx_r[g]: the factor of group g's integer sums, for one W row.
+template <int MR>
+FF_ALWAYS_INLINE void group_factors(const float* scales, const float* sx, int64_t groups, float* f) {
+  for (int r = 0; r < MR; ++r) {
+    int64_t g = 0;
+    for (; g + 16 <= groups; g += 16)
+      _mm512_storeu_ps(f + r * groups + g,
+                       _mm512_mul_ps(_mm512_loadu_ps(scales + g), _mm512_loadu_ps(sx + r * groups + g)));
+    for (; g < groups; ++g) f[r * groups + g] = scales[g] * sx[r * groups + g];
+  }
 }
 
-template <int MR>
-void gemv_affine4_vnni(const Problem& p, const SplitX& xs, const float* xsum, int64_t n0, int64_t n1) {
-  constexpr int C = MR <= 2 ? 2 : 1;  // two chains per part when few rows hide the latency
-  const QWeight& w = *p.w;
-  const int64_t k = w.k, groups = k / w.group, per_group = std::max<int64_t>(1, w.group / kVnniBlock);
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* bytes = static_cast<const uint8_t*>(w.codes) + n * k / 2;
-    const float* sc = w.scales + n * groups;
-    const float* bi = w.biases + n * groups;
-    __m512 acc[MR];
-    for (auto& a : acc) a = _mm512_setzero_ps();
-    // Groups of 64 and 128 are one and two blocks; a block holds two groups of 32, whose
-    // sums sit in lanes 0-7 and 8-15.
-    for (int64_t b = 0; b < k / kVnniBlock; b += per_group) {
-      __m512i h[MR][C], l[MR][C];
-      for (int r = 0; r < MR; ++r)
-        for (int c = 0; c < C; ++c) h[r][c] = l[r][c] = _mm512_setzero_si512();
-      for (int64_t j = b; j < b + per_group; ++j)
-        dot_block_vnni<MR, C>(bytes + j * kVnniBlock / 2, xs.hi.get() + j * kVnniBlock,
-                              xs.lo.get() + j * kVnniBlock, k, h, l);
-      for (int r = 0; r < MR; ++r) {
-        const float* sx = xs.scale.get() + r * groups;
-        __m512 f;
-        if (w.group == 32)
-          f = _mm512_mask_broadcastss_ps(_mm512_set1_ps(sc[2 * b] * sx[2 * b]), 0xFF00,
-                                         _mm_set_ss(sc[2 * b + 1] * sx[2 * b + 1]));
-        else
-          f = _mm512_set1_ps(sc[b / per_group] * sx[b / per_group]);
-        acc[r] = _mm512_fmadd_ps(join_parts<C>(h[r], l[r]), f, acc[r]);
-      }
+// One W row's dot with MR x rows, for groups of G codes: G = 64 and 128 are one and two
+// blocks per group; a block holds two groups of 32, whose sums sit in lanes 0-7 and 8-15.
+template <int MR, int G>
+FF_ALWAYS_INLINE void row_affine4_vnni(const uint8_t* bytes, const int16_t* hi, const int16_t* lo, int64_t k,
+                                       const float* f, int64_t groups, __m512 (&acc_h)[MR], __m512 (&acc_l)[MR]) {
+  constexpr int64_t kBlocks = G >= kVnniBlock ? G / kVnniBlock : 1, kGroups = G >= kVnniBlock ? 1 : kVnniBlock / G;
+  for (int64_t g = 0; g < groups; g += kGroups) {
+    __m512i h[MR], l[MR];
+    for (int r = 0; r < MR; ++r) h[r] = l[r] = _mm512_setzero_si512();
+    for (int64_t j = 0; j < kBlocks; ++j, bytes += kVnniBlock / 2, hi += kVnniBlock, lo += kVnniBlock)
+      dot_block_vnni<MR>(bytes, hi, lo, k, h, l);
+    for (int r = 0; r < MR; ++r) {
+      const float* fr = f + r * groups + g;
+      const __m512 fg = kGroups == 2 ? _mm512_mask_broadcastss_ps(_mm512_set1_ps(fr[0]), 0xFF00, _mm_load_ss(fr + 1))
+                                     : _mm512_set1_ps(fr[0]);
+      acc_h[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(h[r]), fg, acc_h[r]);
+      acc_l[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(l[r]), fg, acc_l[r]);
     }
-    for (int r = 0; r < MR; ++r) p.y[r * w.n + n] = _mm512_reduce_add_ps(acc[r]) + dot(bi, xsum + r * groups, groups);
+  }
+}
+
+template <int MR, int G>
+void gemv_affine4_vnni(const Problem& p, const SplitX& xs, const float* xsum, int64_t n0, int64_t n1) {
+  const QWeight& w = *p.w;
+  const int64_t k = w.k, groups = k / G;
+  std::unique_ptr<float[]> factors(new float[MR * groups]);
+  const __m512 lo_weight = _mm512_set1_ps(1.f / 65536);
+  for (int64_t n = n0; n < n1; ++n) {
+    group_factors<MR>(w.scales + n * groups, xs.scale.get(), groups, factors.get());
+    __m512 acc_h[MR], acc_l[MR];
+    for (int r = 0; r < MR; ++r) acc_h[r] = acc_l[r] = _mm512_setzero_ps();
+    row_affine4_vnni<MR, G>(static_cast<const uint8_t*>(w.codes) + n * k / 2, xs.hi.get(), xs.lo.get(), k,
+                            factors.get(), groups, acc_h, acc_l);
+    for (int r = 0; r < MR; ++r)
+      p.y[r * w.n + n] = _mm512_reduce_add_ps(_mm512_fmadd_ps(acc_l[r], lo_weight, acc_h[r])) +
+                         dot(w.biases + n * groups, xsum + r * groups, groups);
+  }
+}
+
+// False (nothing run) for group sizes other than MLX's 32, 64 and 128.
+template <int MR>
+bool gemv_affine4_vnni_all(const Problem& p, const SplitX& xs, const float* xsum) {
+  switch (p.w->group) {
+    case 32: over_rows(p, [&](int64_t a, int64_t e) { gemv_affine4_vnni<MR, 32>(p, xs, xsum, a, e); }); return true;
+    case 64: over_rows(p, [&](int64_t a, int64_t e) { gemv_affine4_vnni<MR, 64>(p, xs, xsum, a, e); }); return true;
+    case 128: over_rows(p, [&](int64_t a, int64_t e) { gemv_affine4_vnni<MR, 128>(p, xs, xsum, a, e); }); return true;
+    default: return false;
   }
 }
 #pragma GCC diagnostic pop
 #endif
-
-// Runs rows_fn(n0, n1) over all rows of W in tasks of kGemvRows. (Plain templates rather than
-// generic lambdas keep the symbols demangleable for the build's ISA-leak check.)
-template <class RowsFn>
-void over_rows(const Problem& p, const RowsFn& rows_fn) {
-  const QWeight& w = *p.w;
-  parallel_for((w.n + kGemvRows - 1) / kGemvRows, grain_for(kGemvRows * w.k * p.m), [&](int64_t b, int64_t e) {
-    for (int64_t t = b; t < e; ++t) rows_fn(t * kGemvRows, std::min(w.n, (t + 1) * kGemvRows));
-  });
-}
 
 template <int MR, int B>
 void gemv_affine_all(const Problem& p) {
@@ -471,8 +492,8 @@ void gemv_affine_all(const Problem& p) {
   const float* xs = xsum.get();
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
   SplitX split;
-  if (B == 4 && w.k % kVnniBlock == 0 && split_x(p, w.group, split))
-    return over_rows(p, [&](int64_t a, int64_t e) { gemv_affine4_vnni<MR>(p, split, xs, a, e); });
+  if (B == 4 && w.k % kVnniBlock == 0 && split_x(p, w.group, split) && gemv_affine4_vnni_all<MR>(p, split, xs))
+    return;
 #endif
 #if defined(__AVX2__)
   if (B == 4) {  // group sizes are multiples of 16
