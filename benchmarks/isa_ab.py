@@ -1,0 +1,79 @@
+"""The ISA variants of the native kernels against each other, on the same inputs in one process.
+
+    python benchmarks/isa_ab.py [--rounds N]
+
+Each case alternates between the variants this CPU runs (generic is left out: it is the
+portable fallback, not a contender), one short measurement each per round, and reports the
+median over the rounds, so that a noisy machine moves all variants alike. The quantized-matmul
+weights cycle through copies that stream 2x the last-level cache (read from memory, as in
+`fusedformer bench qmatmul`). Prints a table; writes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import numpy as np
+
+import fusedformer as ff
+from fusedformer import _C
+from fusedformer.bench.harness import measure
+from fusedformer.bench.qmatmul import _clone_weight, _copies
+from fusedformer.quant import Affine, Int8, Palettize, compress
+
+
+def qmatmul_case(scheme, n: int, k: int, rng):
+    qw = compress((rng.standard_normal((n, k)) * 0.05).astype(np.float32), scheme)
+    next_weight = _copies(qw, qw.nbytes, _clone_weight)
+    x = rng.standard_normal((1, k)).astype(np.float32)
+    return f"qmatmul 1x{k} @ {n}x{k} {scheme!r}", lambda: ff.qmatmul(x, next_weight())
+
+
+def sdpa_case(name: str, shapes, causal: bool, rng):
+    q, k, v = (rng.standard_normal(s).astype(np.float32) for s in shapes)
+    return name, lambda: ff.sdpa(q, k, v, causal=causal)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=10)
+    args = parser.parse_args(argv)
+    isas = [isa for isa in _C.supported_isas() if isa != "generic"]
+    if len(isas) < 2:
+        raise SystemExit(f"[bench isa] this CPU runs only {_C.supported_isas()}: nothing to compare")
+    rng = np.random.default_rng(0)
+    cases = [
+        qmatmul_case(Affine(4, 64), 4096, 4096, rng),
+        qmatmul_case(Affine(4, 32), 4096, 4096, rng),
+        qmatmul_case(Affine(4, 128), 4096, 4096, rng),
+        qmatmul_case(Palettize(4), 4096, 4096, rng),
+        qmatmul_case(Int8(), 4096, 4096, rng),
+        sdpa_case("sdpa prefill causal B1 H8 L1024 D128", [(1, 8, 1024, 128)] * 3, True, rng),
+        sdpa_case("sdpa decode GQA 32/8 Lk 4096 D128", [(1, 32, 1, 128), (1, 8, 4096, 128), (1, 8, 4096, 128)], False, rng),
+    ]
+    before = _C.isa()
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"ISA variants, median of {args.rounds} alternating rounds ({_C.num_threads()} threads)")
+    table.add_column("case")
+    for isa in isas:
+        table.add_column(f"{isa} ms", justify="right")
+    table.add_column(f"{isas[-1]} / {isas[0]}", justify="right")
+    try:
+        for name, fn in cases:
+            samples = {isa: [] for isa in isas}
+            for _ in range(args.rounds):
+                for isa in isas:
+                    _C._set_isa(isa)
+                    samples[isa].append(measure(fn, budget_s=0.2).median_ms)
+            medians = [statistics.median(samples[isa]) for isa in isas]
+            table.add_row(name, *(f"{m:.3f}" for m in medians), f"{medians[-1] / medians[0]:.2f}")
+    finally:
+        _C._set_isa(before)
+    Console().print(table)
+
+
+if __name__ == "__main__":
+    main()
