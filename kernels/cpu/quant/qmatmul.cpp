@@ -8,7 +8,6 @@
 // register-blocked micro-kernel sweeps all rows of x over it.
 // Work is split by fixed row counts of W, so results do not depend on the thread count.
 #include <algorithm>
-#include <cmath>
 #include <limits>
 #include <memory>
 
