@@ -74,23 +74,28 @@ void select_isa() {
   set_isa(env ? env : "auto");
 }
 
+namespace {
+
+// `isa` when the CPU (and build) runs it; else the error naming what it lacks.
+Isa require(Isa isa, bool runs, const char* needs) {
+  if (!runs)
+    throw std::invalid_argument(std::string("[fusedformer] FUSEDFORMER_ISA=") + isa_name(isa) +
+                                ", but this CPU or build lacks " + needs + "; supported here: " +
+                                join(supported_isas()));
+  return isa;
+}
+
+}  // namespace
+
 void set_isa(const std::string& want) {
   if (want == "auto" || want.empty()) {
     g_isa = best_isa();
   } else if (want == "generic") {
     g_isa = Isa::generic;
   } else if (want == "avx2") {
-    if (!cpu_has_avx2())
-      throw std::invalid_argument(
-          "[fusedformer] FUSEDFORMER_ISA=avx2, but this CPU or build lacks AVX2+FMA+F16C; "
-          "supported here: " + join(supported_isas()));
-    g_isa = Isa::avx2;
+    g_isa = require(Isa::avx2, cpu_has_avx2(), "AVX2+FMA+F16C");
   } else if (want == "avx512") {
-    if (!cpu_has_avx512())
-      throw std::invalid_argument(
-          "[fusedformer] FUSEDFORMER_ISA=avx512, but this CPU or build lacks AVX-512 F/BW/VL/DQ+VNNI; "
-          "supported here: " + join(supported_isas()));
-    g_isa = Isa::avx512;
+    g_isa = require(Isa::avx512, cpu_has_avx512(), "AVX-512 F/BW/VL/DQ+VNNI");
   } else {
     throw std::invalid_argument("[fusedformer] FUSEDFORMER_ISA='" + want +
                                 "' is not one of: auto, " + join(compiled_isas()));
