@@ -470,14 +470,15 @@ void gemv_affine4_vnni(const Problem& p, const SplitX& xs, const float* xsum, in
   }
 }
 
-// False (nothing run) for group sizes other than MLX's 32, 64 and 128.
+// The shapes the VNNI GEMV takes: MLX's group sizes, whole 64-code blocks.
+bool vnni_fits(const QWeight& w) { return (w.group == 32 || w.group == 64 || w.group == 128) && w.k % kVnniBlock == 0; }
+
 template <int MR>
-bool gemv_affine4_vnni_all(const Problem& p, const SplitX& xs, const float* xsum) {
+void gemv_affine4_vnni_all(const Problem& p, const SplitX& xs, const float* xsum) {
   switch (p.w->group) {
-    case 32: over_rows(p, [&](int64_t a, int64_t e) { gemv_affine4_vnni<MR, 32>(p, xs, xsum, a, e); }); return true;
-    case 64: over_rows(p, [&](int64_t a, int64_t e) { gemv_affine4_vnni<MR, 64>(p, xs, xsum, a, e); }); return true;
-    case 128: over_rows(p, [&](int64_t a, int64_t e) { gemv_affine4_vnni<MR, 128>(p, xs, xsum, a, e); }); return true;
-    default: return false;
+    case 32: return over_rows(p, [&](int64_t a, int64_t e) { gemv_affine4_vnni<MR, 32>(p, xs, xsum, a, e); });
+    case 64: return over_rows(p, [&](int64_t a, int64_t e) { gemv_affine4_vnni<MR, 64>(p, xs, xsum, a, e); });
+    default: return over_rows(p, [&](int64_t a, int64_t e) { gemv_affine4_vnni<MR, 128>(p, xs, xsum, a, e); });
   }
 }
 #pragma GCC diagnostic pop
@@ -491,8 +492,7 @@ void gemv_affine_all(const Problem& p) {
   const float* xs = xsum.get();
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
   SplitX split;
-  if (B == 4 && w.k % kVnniBlock == 0 && split_x(p, w.group, split) && gemv_affine4_vnni_all<MR>(p, split, xs))
-    return;
+  if (B == 4 && vnni_fits(w) && split_x(p, w.group, split)) return gemv_affine4_vnni_all<MR>(p, split, xs);
 #endif
 #if defined(__AVX2__)
   if (B == 4) {  // group sizes are multiples of 16
