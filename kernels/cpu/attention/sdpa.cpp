@@ -159,6 +159,7 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
   }
 
   const bool stream = nr <= kStreamMaxRows;
+  const bool wide = stream && wide_rows(D);
   const int64_t ks = p.k.stride_l, vs = p.v.stride_l;
   for (int64_t t = bk.j0 + (jmin - bk.j0) / kKeyTile * kKeyTile; t < jmax; t += kKeyTile) {
     const int64_t nk = bk.j1 - t < kKeyTile ? bk.j1 - t : kKeyTile;
@@ -166,8 +167,9 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
     const S* vt = v + t * vs;
     // Touch the K and V rows kPrefetchTiles tiles ahead while this one computes: V is read
     // column block by column block, which hardware prefetchers do not follow, and decode is
-    // bound by how many bytes are in flight.
-    {
+    // bound by how many bytes are in flight. (The wide path reads V row by row, in the order
+    // the hardware prefetchers follow; software prefetch measured no better there.)
+    if (!wide) {
       const int64_t ahead = t + kPrefetchTiles * kKeyTile;
       const int64_t n = jmax - ahead < kKeyTile ? jmax - ahead : kKeyTile;
       const int64_t row_bytes = D * static_cast<int64_t>(sizeof(S));
@@ -178,7 +180,9 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
     }
 
     // S = (scale q) K^T
-    if (stream) {
+    if (wide) {
+      qk_wide<T>(w.q, dp, kt, ks, nk, D, w.s, kKeyTile, nr);
+    } else if (stream) {
       for (int64_t rr = 0; rr < nr; rr += kDotRows)
         with_rows<kDotRows>(static_cast<int>(nr - rr), [&](auto R) {
           qk_dot<T, decltype(R)::value>(w.q + rr * dp, dp, kt, ks, nk, D, w.s + rr * kKeyTile,
@@ -208,7 +212,9 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
     }
 
     // O = diag(alpha) O + P V
-    if (stream) {
+    if (wide) {
+      pv_wide<T>(w.o, dp, w.alpha, w.s, kKeyTile, vt, vs, nk, D, nr);
+    } else if (stream) {
       for (int64_t rr = 0; rr < nr; rr += kDotRows)
         with_rows<kDotRows>(static_cast<int>(nr - rr), [&](auto R) {
           pv_stream<T, decltype(R)::value>(w.o + rr * dp, dp, w.alpha + rr, w.s + rr * kKeyTile,

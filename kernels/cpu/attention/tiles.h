@@ -9,7 +9,9 @@
 //    reads (8 KiB / 4 KiB at D = 128) stays in L1 across the row blocks.
 //  * few query rows (decode): K and V are streamed from their storage once, converted on the
 //    fly; S rows are dot products over D (kDotRows rows x 2 keys of accumulators).
-// Every function here is the same algorithm on both backends (generic is the AVX2 oracle).
+//    AVX-512 builds have a wide form of it (qk_wide, pv_wide): whole rows of O in zmm
+//    registers, V read key by key.
+// Every function on f32x8 is the same algorithm on all backends (generic is the AVX2 oracle).
 #pragma once
 
 #include <cstdint>
@@ -225,6 +227,7 @@ inline void pv_stream(float* o, int64_t o_stride, const float* alpha, const floa
   }
 }
 
+
 // Calls f(Rows<R>{}) with R = min(n, kMax) as a compile-time row count (1 <= n).
 template <int N>
 struct Rows {
@@ -241,6 +244,167 @@ inline void with_rows(int n, const F& f) {
     case 5: f(Rows<(kMax >= 5 ? 5 : 1)>{}); break;
     default: f(Rows<kMax>{}); break;
   }
+}
+
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+// ---- AVX-512 decode: whole rows in zmm registers ----------------------------------------
+// O = diag(alpha) O + P V keeps R rows x the whole head dim of O in registers and walks the
+// keys in order, so each V row is read once, front to back (pv_stream reads V a 16-column
+// block at a time, 512 bytes apart). Decode time goes to keeping enough cache lines in flight:
+// this order is the one the hardware prefetchers follow, and 16-wide vectors halve the
+// instructions per byte, so the out-of-order window spans more of the stream. S = Q K^T takes
+// 4 keys x R rows per register block and reduces the accumulators eight at a time.
+// (GCC 12 warns about its own intrinsics' self-initialised temporaries here; they are not.)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+template <DType T>
+inline __m512 load16(const typename Elem<T>::type* p) {
+  if constexpr (T == DType::f32) {
+    return _mm512_loadu_ps(p);
+  } else if constexpr (T == DType::f16) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  } else {
+    const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+  }
+}
+
+// Sums of eight ymm accumulators, lane i = sum of a[i].
+inline __m256 reduce8(const __m256* a) {
+  const __m256 b0 = _mm256_hadd_ps(a[0], a[1]), b1 = _mm256_hadd_ps(a[2], a[3]);
+  const __m256 b2 = _mm256_hadd_ps(a[4], a[5]), b3 = _mm256_hadd_ps(a[6], a[7]);
+  const __m256 c0 = _mm256_hadd_ps(b0, b1), c1 = _mm256_hadd_ps(b2, b3);
+  return _mm256_add_ps(_mm256_permute2f128_ps(c0, c1, 0x20), _mm256_permute2f128_ps(c0, c1, 0x31));
+}
+
+// s[r][j] = q[r] . k[j] for R rows and nk keys, D = NV*16, KB keys per register block (R*KB
+// accumulators, reduced eight at a time); the keys past the last full block go to qk_dot.
+template <DType T, int NV, int R>
+inline void qk_dot_zmm(const float* q, int64_t q_stride, const typename Elem<T>::type* k,
+                       int64_t k_stride, int64_t nk, float* s, int64_t s_stride) {
+  constexpr int KB = R == 1 ? 8 : 4;
+  constexpr int N = R * KB, N8 = (N + 7) / 8 * 8;
+  int64_t j = 0;
+  for (; j + KB <= nk; j += KB) {
+    const auto* kp = k + j * k_stride;
+    __m512 acc[R][KB];
+    for (int r = 0; r < R; ++r)
+      for (int b = 0; b < KB; ++b) acc[r][b] = _mm512_setzero_ps();
+    for (int u = 0; u < NV; ++u) {
+      __m512 kv[KB];
+      for (int b = 0; b < KB; ++b) kv[b] = load16<T>(kp + b * k_stride + 16 * u);
+      for (int r = 0; r < R; ++r) {
+        const __m512 qv = _mm512_loadu_ps(q + r * q_stride + 16 * u);
+        for (int b = 0; b < KB; ++b) acc[r][b] = _mm512_fmadd_ps(qv, kv[b], acc[r][b]);
+      }
+    }
+    __m256 half[N8];
+    for (int r = 0; r < R; ++r)
+      for (int b = 0; b < KB; ++b)
+        half[r * KB + b] = _mm256_add_ps(_mm512_castps512_ps256(acc[r][b]),
+                                         _mm512_extractf32x8_ps(acc[r][b], 1));
+    for (int i = N; i < N8; ++i) half[i] = _mm256_setzero_ps();
+    float sums[N8];
+    for (int i = 0; i < N8; i += 8) _mm256_storeu_ps(sums + i, reduce8(half + i));
+    for (int r = 0; r < R; ++r)
+      for (int b = 0; b < KB; ++b) s[r * s_stride + j + b] = sums[r * KB + b];
+  }
+  if (j < nk) qk_dot<T, R>(q, q_stride, k + j * k_stride, k_stride, nk - j, NV * 16, s + j, s_stride);
+}
+
+// R rows x NV*16 columns (the whole head dim) of O in registers over nk keys.
+template <DType T, int NV, int R>
+inline void pv_rows_zmm(float* o, int64_t o_stride, const float* alpha, const float* p,
+                        int64_t p_stride, const typename Elem<T>::type* v, int64_t v_stride,
+                        int64_t nk) {
+  __m512 acc[R][NV];
+  for (int r = 0; r < R; ++r) {
+    const __m512 a = _mm512_set1_ps(alpha[r]);
+    for (int u = 0; u < NV; ++u) acc[r][u] = _mm512_mul_ps(_mm512_loadu_ps(o + r * o_stride + 16 * u), a);
+  }
+  for (int64_t j = 0; j < nk; ++j, v += v_stride) {
+    __m512 pb[R];
+    for (int r = 0; r < R; ++r) pb[r] = _mm512_set1_ps(p[r * p_stride + j]);
+    for (int u = 0; u < NV; ++u) {
+      const __m512 vv = load16<T>(v + 16 * u);
+      for (int r = 0; r < R; ++r) acc[r][u] = _mm512_fmadd_ps(pb[r], vv, acc[r][u]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int u = 0; u < NV; ++u) _mm512_storeu_ps(o + r * o_stride + 16 * u, acc[r][u]);
+}
+
+// All nr rows of a decode block: S = Q K^T and O = diag(alpha) O + P V, in register blocks.
+template <DType T, int NV>
+inline void qk_dot_zmm_all(const float* q, int64_t q_stride, const typename Elem<T>::type* k,
+                           int64_t k_stride, int64_t nk, float* s, int64_t s_stride, int64_t nr) {
+  for (int64_t r = 0; r < nr; r += 4)
+    with_rows<4>(static_cast<int>(nr - r), [&](auto R) {
+      qk_dot_zmm<T, NV, decltype(R)::value>(q + r * q_stride, q_stride, k, k_stride, nk,
+                                            s + r * s_stride, s_stride);
+    });
+}
+template <DType T, int NV>
+inline void pv_rows_zmm_all(float* o, int64_t o_stride, const float* alpha, const float* p,
+                            int64_t p_stride, const typename Elem<T>::type* v, int64_t v_stride,
+                            int64_t nk, int64_t nr) {
+  constexpr int kRows = NV >= 16 ? 1 : 16 / NV > 6 ? 6 : 16 / NV;  // 16 accumulators
+  for (int64_t r = 0; r < nr; r += kRows)
+    with_rows<kRows>(static_cast<int>(nr - r), [&](auto R) {
+      pv_rows_zmm<T, NV, decltype(R)::value>(o + r * o_stride, o_stride, alpha + r, p + r * p_stride,
+                                             p_stride, v, v_stride, nk);
+    });
+}
+
+// Calls f(Rows<NV>{}) with NV = d / 16 when the head dim d has a zmm decode path (a multiple
+// of 16 up to 128, or 256) and returns true; false otherwise.
+template <class F>
+inline bool with_zmm_width(int64_t d, const F& f) {
+  switch (d) {
+    case 32: f(Rows<2>{}); return true;
+    case 48: f(Rows<3>{}); return true;
+    case 64: f(Rows<4>{}); return true;
+    case 80: f(Rows<5>{}); return true;
+    case 96: f(Rows<6>{}); return true;
+    case 112: f(Rows<7>{}); return true;
+    case 128: f(Rows<8>{}); return true;
+    case 256: f(Rows<16>{}); return true;
+    default: return false;
+  }
+}
+#pragma GCC diagnostic pop
+#endif  // AVX-512
+
+// The decode path on whole rows in zmm registers (AVX-512 builds, head dims with_zmm_width
+// takes); wide_rows(d) says whether it exists, the other two run it over nr rows.
+inline bool wide_rows(int64_t d) {
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+  return with_zmm_width(d, [](auto) {});
+#else
+  return d < 0;
+#endif
+}
+template <DType T>
+inline void qk_wide(const float* q, int64_t q_stride, const typename Elem<T>::type* k,
+                    int64_t k_stride, int64_t nk, int64_t d, float* s, int64_t s_stride,
+                    int64_t nr) {
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+  with_zmm_width(d, [&](auto NV) {
+    qk_dot_zmm_all<T, decltype(NV)::value>(q, q_stride, k, k_stride, nk, s, s_stride, nr);
+  });
+#endif
+}
+template <DType T>
+inline void pv_wide(float* o, int64_t o_stride, const float* alpha, const float* p,
+                    int64_t p_stride, const typename Elem<T>::type* v, int64_t v_stride,
+                    int64_t nk, int64_t d, int64_t nr) {
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+  with_zmm_width(d, [&](auto NV) {
+    pv_rows_zmm_all<T, decltype(NV)::value>(o, o_stride, alpha, p, p_stride, v, v_stride, nk, nr);
+  });
+#endif
 }
 
 }  // namespace attention
