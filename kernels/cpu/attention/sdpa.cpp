@@ -190,12 +190,14 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
         });
     } else {
       pack_k_transposed<T>(kt, ks, nk, D, w.kt);
-      for (int64_t c = 0; c < nk; c += 16)
-        for (int64_t rr = 0; rr < nr; rr += kMr)
-          with_rows<kMr>(static_cast<int>(nr - rr), [&](auto R) {
-            qk_packed<decltype(R)::value>(w.q + rr * dp, dp, w.kt + c, D,
-                                          w.s + rr * kKeyTile + c, kKeyTile);
-          });
+      if (!qk_packed_wide(w.q, dp, w.kt, D, w.s, kKeyTile, nr)) {
+        for (int64_t c = 0; c < nk; c += 16)
+          for (int64_t rr = 0; rr < nr; rr += kMr)
+            with_rows<kMr>(static_cast<int>(nr - rr), [&](auto R) {
+              qk_packed<decltype(R)::value>(w.q + rr * dp, dp, w.kt + c, D,
+                                            w.s + rr * kKeyTile + c, kKeyTile);
+            });
+      }
     }
 
     // masks, then the online softmax of every row
@@ -229,12 +231,14 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
       } else {
         pack_v<T>(vt, vs, nk, D, w.v, dp);
       }
-      for (int64_t c = 0; c < dp; c += 16)
-        for (int64_t rr = 0; rr < nr; rr += kMr)
-          with_rows<kMr>(static_cast<int>(nr - rr), [&](auto R) {
-            pv_f32<decltype(R)::value>(w.o + rr * dp + c, dp, w.alpha + rr, w.s + rr * kKeyTile,
-                                       kKeyTile, vf + c, vf_stride, nk);
-          });
+      if (!pv_f32_wide(w.o, dp, w.alpha, w.s, kKeyTile, vf, vf_stride, nk, dp, nr)) {
+        for (int64_t c = 0; c < dp; c += 16)
+          for (int64_t rr = 0; rr < nr; rr += kMr)
+            with_rows<kMr>(static_cast<int>(nr - rr), [&](auto R) {
+              pv_f32<decltype(R)::value>(w.o + rr * dp + c, dp, w.alpha + rr, w.s + rr * kKeyTile,
+                                         kKeyTile, vf + c, vf_stride, nk);
+            });
+      }
     }
   }
 }

@@ -358,6 +358,50 @@ inline void pv_rows_zmm_all(float* o, int64_t o_stride, const float* alpha, cons
     });
 }
 
+// ---- AVX-512 prefill micro-kernels ------------------------------------------------------
+// The forms of qk_packed and pv_f32 for 64 keys / 64 columns (4 zmm) per row: 24 accumulators
+// for 6 rows, a quarter of the loads and broadcasts per FMA of the 16-wide ymm tiles.
+
+// s[r][0..64) = sum_x q[r][x] * kt[x][0..64) for R rows (kt: the packed tile, pitch kKeyTile).
+template <int R>
+inline void qk_packed_zmm(const float* q, int64_t q_stride, const float* kt, int64_t d, float* s,
+                          int64_t s_stride) {
+  __m512 acc[R][4];
+  for (int r = 0; r < R; ++r)
+    for (int u = 0; u < 4; ++u) acc[r][u] = _mm512_setzero_ps();
+  for (int64_t x = 0; x < d; ++x, kt += kKeyTile) {
+    __m512 kv[4];
+    for (int u = 0; u < 4; ++u) kv[u] = _mm512_loadu_ps(kt + 16 * u);
+    for (int r = 0; r < R; ++r) {
+      const __m512 qb = _mm512_set1_ps(q[r * q_stride + x]);
+      for (int u = 0; u < 4; ++u) acc[r][u] = _mm512_fmadd_ps(qb, kv[u], acc[r][u]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int u = 0; u < 4; ++u) _mm512_storeu_ps(s + r * s_stride + 16 * u, acc[r][u]);
+}
+
+// o[r][0..16*NC) = alpha[r] * o[r] + sum_{j < nk} p[r][j] * v[j][0..16*NC) for R rows.
+template <int R, int NC>
+inline void pv_f32_zmm(float* o, int64_t o_stride, const float* alpha, const float* p,
+                       int64_t p_stride, const float* v, int64_t v_stride, int64_t nk) {
+  __m512 acc[R][NC];
+  for (int r = 0; r < R; ++r) {
+    const __m512 a = _mm512_set1_ps(alpha[r]);
+    for (int u = 0; u < NC; ++u) acc[r][u] = _mm512_mul_ps(_mm512_loadu_ps(o + r * o_stride + 16 * u), a);
+  }
+  for (int64_t j = 0; j < nk; ++j, v += v_stride) {
+    __m512 vv[NC];
+    for (int u = 0; u < NC; ++u) vv[u] = _mm512_loadu_ps(v + 16 * u);
+    for (int r = 0; r < R; ++r) {
+      const __m512 pb = _mm512_set1_ps(p[r * p_stride + j]);
+      for (int u = 0; u < NC; ++u) acc[r][u] = _mm512_fmadd_ps(pb, vv[u], acc[r][u]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int u = 0; u < NC; ++u) _mm512_storeu_ps(o + r * o_stride + 16 * u, acc[r][u]);
+}
+
 // Calls f(Rows<NV>{}) with NV = d / 16 when the head dim d has a zmm decode path (a multiple
 // of 16 up to 128, or 256) and returns true; false otherwise.
 template <class F>
@@ -377,35 +421,76 @@ inline bool with_zmm_width(int64_t d, const F& f) {
 #pragma GCC diagnostic pop
 #endif  // AVX-512
 
-// The decode path on whole rows in zmm registers (AVX-512 builds, head dims with_zmm_width
-// takes); wide_rows(d) says whether it exists, the other two run it over nr rows.
-inline bool wide_rows(int64_t d) {
+// ---- entry points of the wide (zmm) tiles ------------------------------------------------
+// AVX-512 builds run decode blocks with wide_rows(D) through qk_wide / pv_wide, and prefill
+// tiles through qk_packed_wide / pv_f32_wide (which return true); other builds have stubs that
+// return false and are never asked for the decode forms.
 #if defined(__AVX512F__) && defined(__AVX512BW__)
-  return with_zmm_width(d, [](auto) {});
-#else
-  return d < 0;
-#endif
-}
+inline bool wide_rows(int64_t d) { return with_zmm_width(d, [](auto) {}); }
+
 template <DType T>
 inline void qk_wide(const float* q, int64_t q_stride, const typename Elem<T>::type* k,
                     int64_t k_stride, int64_t nk, int64_t d, float* s, int64_t s_stride,
                     int64_t nr) {
-#if defined(__AVX512F__) && defined(__AVX512BW__)
   with_zmm_width(d, [&](auto NV) {
     qk_dot_zmm_all<T, decltype(NV)::value>(q, q_stride, k, k_stride, nk, s, s_stride, nr);
   });
-#endif
 }
+
 template <DType T>
 inline void pv_wide(float* o, int64_t o_stride, const float* alpha, const float* p,
                     int64_t p_stride, const typename Elem<T>::type* v, int64_t v_stride,
                     int64_t nk, int64_t d, int64_t nr) {
-#if defined(__AVX512F__) && defined(__AVX512BW__)
   with_zmm_width(d, [&](auto NV) {
     pv_rows_zmm_all<T, decltype(NV)::value>(o, o_stride, alpha, p, p_stride, v, v_stride, nk, nr);
   });
-#endif
 }
+
+// S = Q K^T over the packed K tile, for nr rows.
+inline bool qk_packed_wide(const float* q, int64_t q_stride, const float* kt, int64_t d, float* s,
+                           int64_t s_stride, int64_t nr) {
+  for (int64_t r = 0; r < nr; r += kMr)
+    with_rows<kMr>(static_cast<int>(nr - r), [&](auto R) {
+      qk_packed_zmm<decltype(R)::value>(q + r * q_stride, q_stride, kt, d, s + r * s_stride, s_stride);
+    });
+  return true;
+}
+
+// O = diag(alpha) O + P V over fp32 V rows of dp columns (a multiple of 16), for nr rows.
+inline bool pv_f32_wide(float* o, int64_t o_stride, const float* alpha, const float* p,
+                        int64_t p_stride, const float* v, int64_t v_stride, int64_t nk, int64_t dp,
+                        int64_t nr) {
+  for (int64_t c = 0; c < dp; c += 64)
+    for (int64_t r = 0; r < nr; r += kMr)
+      with_rows<kMr>(static_cast<int>(nr - r), [&](auto R) {
+        constexpr int kR = decltype(R)::value;
+        float* oc = o + r * o_stride + c;
+        const float* pr = p + r * p_stride;
+        switch (dp - c >= 64 ? 4 : (dp - c) / 16) {
+          case 1: return pv_f32_zmm<kR, 1>(oc, o_stride, alpha + r, pr, p_stride, v + c, v_stride, nk);
+          case 2: return pv_f32_zmm<kR, 2>(oc, o_stride, alpha + r, pr, p_stride, v + c, v_stride, nk);
+          case 3: return pv_f32_zmm<kR, 3>(oc, o_stride, alpha + r, pr, p_stride, v + c, v_stride, nk);
+          default: return pv_f32_zmm<kR, 4>(oc, o_stride, alpha + r, pr, p_stride, v + c, v_stride, nk);
+        }
+      });
+  return true;
+}
+#else
+inline bool wide_rows(int64_t) { return false; }
+template <DType T>
+inline void qk_wide(const float*, int64_t, const typename Elem<T>::type*, int64_t, int64_t, int64_t,
+                    float*, int64_t, int64_t) {}
+template <DType T>
+inline void pv_wide(float*, int64_t, const float*, const float*, int64_t,
+                    const typename Elem<T>::type*, int64_t, int64_t, int64_t, int64_t) {}
+inline bool qk_packed_wide(const float*, int64_t, const float*, int64_t, float*, int64_t, int64_t) {
+  return false;
+}
+inline bool pv_f32_wide(float*, int64_t, const float*, const float*, int64_t, const float*, int64_t,
+                        int64_t, int64_t, int64_t) {
+  return false;
+}
+#endif
 
 }  // namespace attention
 }  // namespace FF_ISA_NS
