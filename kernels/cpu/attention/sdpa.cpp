@@ -99,6 +99,22 @@ inline void apply_mask(const SdpaMask& mk, int64_t b, int64_t h, int64_t i, int6
   }
 }
 
+// s[j] = exp(s[j] - m) for j < n (a multiple of 8); returns their sum.
+inline float exp_sum(float* s, int64_t n, float m) {
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+  return exp_sum_zmm(s, n, m);
+#else
+  const f32x8 mv = simd::set1(m);
+  f32x8 sum = simd::zero();
+  for (int64_t j = 0; j < n; j += 8) {
+    const f32x8 e = simd::exp(simd::sub(simd::load(s + j), mv));
+    simd::store(s + j, e);
+    sum = simd::add(sum, e);
+  }
+  return simd::reduce_add(sum);
+#endif
+}
+
 // Online softmax over one tile row of nk scores (the row has kKeyTile writable columns):
 // updates the running max m and sum l, turns s into exp(s - m_new) and returns the factor the
 // accumulator must be rescaled by. A row with no finite score yet keeps m = -inf, l = 0, p = 0.
@@ -112,15 +128,9 @@ inline float softmax_update(float* s, int64_t nk, float* m, float* l) {
     for (int64_t j = 0; j < n8; j += 8) simd::store(s + j, simd::zero());
     return 1.0f;
   }
-  const f32x8 mn = simd::set1(m_new);
-  f32x8 sum = simd::zero();
-  for (int64_t j = 0; j < n8; j += 8) {
-    const f32x8 e = simd::exp(simd::sub(simd::load(s + j), mn));
-    simd::store(s + j, e);
-    sum = simd::add(sum, e);
-  }
+  const float sum = exp_sum(s, n8, m_new);
   const float alpha = simd::exp_scalar(*m - m_new);  // exp(-inf) == 0 on the first tile
-  *l = *l * alpha + simd::reduce_add(sum);
+  *l = *l * alpha + sum;
   *m = m_new;
   return alpha;
 }
