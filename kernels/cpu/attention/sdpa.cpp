@@ -200,7 +200,7 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
         });
     } else {
       pack_k_transposed<T>(kt, ks, nk, D, w.kt);
-      if (!qk_packed_wide(w.q, dp, w.kt, D, w.s, kKeyTile, nr)) {
+      if (!qk_packed_wide(w.q, dp, w.kt, D, w.s, kKeyTile, nk, nr)) {
         for (int64_t c = 0; c < nk; c += 16)
           for (int64_t rr = 0; rr < nr; rr += kMr)
             with_rows<kMr>(static_cast<int>(nr - rr), [&](auto R) {

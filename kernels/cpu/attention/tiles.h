@@ -395,23 +395,24 @@ inline float exp_sum_zmm(float* s, int64_t n, float m) {
 // The forms of qk_packed and pv_f32 for 64 keys / 64 columns (4 zmm) per row: 24 accumulators
 // for 6 rows, a quarter of the loads and broadcasts per FMA of the 16-wide ymm tiles.
 
-// s[r][0..64) = sum_x q[r][x] * kt[x][0..64) for R rows (kt: the packed tile, pitch kKeyTile).
-template <int R>
+// s[r][0..16*NC) = sum_x q[r][x] * kt[x][0..16*NC) for R rows (kt: the packed tile, pitch
+// kKeyTile; NC = 4 for a full tile, fewer for the last keys of a short sequence).
+template <int R, int NC>
 inline void qk_packed_zmm(const float* q, int64_t q_stride, const float* kt, int64_t d, float* s,
                           int64_t s_stride) {
-  __m512 acc[R][4];
+  __m512 acc[R][NC];
   for (int r = 0; r < R; ++r)
-    for (int u = 0; u < 4; ++u) acc[r][u] = _mm512_setzero_ps();
+    for (int u = 0; u < NC; ++u) acc[r][u] = _mm512_setzero_ps();
   for (int64_t x = 0; x < d; ++x, kt += kKeyTile) {
-    __m512 kv[4];
-    for (int u = 0; u < 4; ++u) kv[u] = _mm512_loadu_ps(kt + 16 * u);
+    __m512 kv[NC];
+    for (int u = 0; u < NC; ++u) kv[u] = _mm512_loadu_ps(kt + 16 * u);
     for (int r = 0; r < R; ++r) {
       const __m512 qb = _mm512_set1_ps(q[r * q_stride + x]);
-      for (int u = 0; u < 4; ++u) acc[r][u] = _mm512_fmadd_ps(qb, kv[u], acc[r][u]);
+      for (int u = 0; u < NC; ++u) acc[r][u] = _mm512_fmadd_ps(qb, kv[u], acc[r][u]);
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int u = 0; u < 4; ++u) _mm512_storeu_ps(s + r * s_stride + 16 * u, acc[r][u]);
+    for (int u = 0; u < NC; ++u) _mm512_storeu_ps(s + r * s_stride + 16 * u, acc[r][u]);
 }
 
 // o[r][0..16*NC) = alpha[r] * o[r] + sum_{j < nk} p[r][j] * v[j][0..16*NC) for R rows.
@@ -479,13 +480,27 @@ inline void pv_wide(float* o, int64_t o_stride, const float* alpha, const float*
   });
 }
 
-// S = Q K^T over the packed K tile, for nr rows.
+// Calls f(Rows<NC>{}) with NC = ceil(n / 16) zmm columns, 1 <= n <= 64.
+template <class F>
+inline void with_zmm_columns(int64_t n, const F& f) {
+  switch ((n + 15) / 16) {
+    case 1: return f(Rows<1>{});
+    case 2: return f(Rows<2>{});
+    case 3: return f(Rows<3>{});
+    default: return f(Rows<4>{});
+  }
+}
+
+// S = Q K^T over the first nk keys of the packed K tile (rounded up to 16), for nr rows.
 inline bool qk_packed_wide(const float* q, int64_t q_stride, const float* kt, int64_t d, float* s,
-                           int64_t s_stride, int64_t nr) {
-  for (int64_t r = 0; r < nr; r += kMr)
-    with_rows<kMr>(static_cast<int>(nr - r), [&](auto R) {
-      qk_packed_zmm<decltype(R)::value>(q + r * q_stride, q_stride, kt, d, s + r * s_stride, s_stride);
-    });
+                           int64_t s_stride, int64_t nk, int64_t nr) {
+  with_zmm_columns(nk, [&](auto NC) {
+    for (int64_t r = 0; r < nr; r += kMr)
+      with_rows<kMr>(static_cast<int>(nr - r), [&](auto R) {
+        qk_packed_zmm<decltype(R)::value, decltype(NC)::value>(q + r * q_stride, q_stride, kt, d,
+                                                               s + r * s_stride, s_stride);
+      });
+  });
   return true;
 }
 
@@ -499,12 +514,9 @@ inline bool pv_f32_wide(float* o, int64_t o_stride, const float* alpha, const fl
         constexpr int kR = decltype(R)::value;
         float* oc = o + r * o_stride + c;
         const float* pr = p + r * p_stride;
-        switch (dp - c >= 64 ? 4 : (dp - c) / 16) {
-          case 1: return pv_f32_zmm<kR, 1>(oc, o_stride, alpha + r, pr, p_stride, v + c, v_stride, nk);
-          case 2: return pv_f32_zmm<kR, 2>(oc, o_stride, alpha + r, pr, p_stride, v + c, v_stride, nk);
-          case 3: return pv_f32_zmm<kR, 3>(oc, o_stride, alpha + r, pr, p_stride, v + c, v_stride, nk);
-          default: return pv_f32_zmm<kR, 4>(oc, o_stride, alpha + r, pr, p_stride, v + c, v_stride, nk);
-        }
+        with_zmm_columns(dp - c, [&](auto NC) {
+          pv_f32_zmm<kR, decltype(NC)::value>(oc, o_stride, alpha + r, pr, p_stride, v + c, v_stride, nk);
+        });
       });
   return true;
 }
@@ -516,7 +528,8 @@ inline void qk_wide(const float*, int64_t, const typename Elem<T>::type*, int64_
 template <DType T>
 inline void pv_wide(float*, int64_t, const float*, const float*, int64_t,
                     const typename Elem<T>::type*, int64_t, int64_t, int64_t, int64_t) {}
-inline bool qk_packed_wide(const float*, int64_t, const float*, int64_t, float*, int64_t, int64_t) {
+inline bool qk_packed_wide(const float*, int64_t, const float*, int64_t, float*, int64_t, int64_t,
+                           int64_t) {
   return false;
 }
 inline bool pv_f32_wide(float*, int64_t, const float*, const float*, int64_t, const float*, int64_t,
