@@ -361,19 +361,16 @@ inline void pv_rows_zmm_all(float* o, int64_t o_stride, const float* alpha, cons
 // exp(x) on 16 lanes: simd::exp's range reduction and polynomial, with vscalefps for 2^n;
 // exactly 0 below -87.3 (so exp(-inf) == 0).
 inline __m512 exp16(__m512 x) {
-  const __m512 lo = _mm512_set1_ps(-87.33654475f);
+  namespace c = simd::exp_poly;
+  const __m512 lo = _mm512_set1_ps(c::kLo);
   const __mmask16 underflow = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
-  x = _mm512_min_ps(_mm512_max_ps(x, lo), _mm512_set1_ps(88.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+  x = _mm512_min_ps(_mm512_max_ps(x, lo), _mm512_set1_ps(c::kHi));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(c::kLog2e)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(-0.693359375f), x);
-  r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(-c::kLn2Hi), x);
+  r = _mm512_fmadd_ps(n, _mm512_set1_ps(-c::kLn2Lo), r);
+  __m512 p = _mm512_set1_ps(c::kP[0]);
+  for (int i = 1; i < 6; ++i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c::kP[i]));
   p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
   return _mm512_maskz_mov_ps(static_cast<__mmask16>(~underflow), _mm512_scalef_ps(p, n));
 }
@@ -395,6 +392,21 @@ inline float exp_sum_zmm(float* s, int64_t n, float m) {
 // The forms of qk_packed and pv_f32 for 64 keys / 64 columns (4 zmm) per row: 24 accumulators
 // for 6 rows, a quarter of the loads and broadcasts per FMA of the 16-wide ymm tiles.
 
+// acc[r][u] += sum_{i < n} a[r][i] * b[i][16u .. 16u+16): R x NC zmm accumulators, rank-1
+// updates (a broadcast, a row of b loaded once per i).
+template <int R, int NC>
+inline void rank1_tile_zmm(__m512 (&acc)[R][NC], const float* a, int64_t a_stride, const float* b,
+                           int64_t b_stride, int64_t n) {
+  for (int64_t i = 0; i < n; ++i, b += b_stride) {
+    __m512 row[NC];
+    for (int u = 0; u < NC; ++u) row[u] = _mm512_loadu_ps(b + 16 * u);
+    for (int r = 0; r < R; ++r) {
+      const __m512 ab = _mm512_set1_ps(a[r * a_stride + i]);
+      for (int u = 0; u < NC; ++u) acc[r][u] = _mm512_fmadd_ps(ab, row[u], acc[r][u]);
+    }
+  }
+}
+
 // s[r][0..16*NC) = sum_x q[r][x] * kt[x][0..16*NC) for R rows (kt: the packed tile, pitch
 // kKeyTile; NC = 4 for a full tile, fewer for the last keys of a short sequence).
 template <int R, int NC>
@@ -403,14 +415,7 @@ inline void qk_packed_zmm(const float* q, int64_t q_stride, const float* kt, int
   __m512 acc[R][NC];
   for (int r = 0; r < R; ++r)
     for (int u = 0; u < NC; ++u) acc[r][u] = _mm512_setzero_ps();
-  for (int64_t x = 0; x < d; ++x, kt += kKeyTile) {
-    __m512 kv[NC];
-    for (int u = 0; u < NC; ++u) kv[u] = _mm512_loadu_ps(kt + 16 * u);
-    for (int r = 0; r < R; ++r) {
-      const __m512 qb = _mm512_set1_ps(q[r * q_stride + x]);
-      for (int u = 0; u < NC; ++u) acc[r][u] = _mm512_fmadd_ps(qb, kv[u], acc[r][u]);
-    }
-  }
+  rank1_tile_zmm<R, NC>(acc, q, q_stride, kt, kKeyTile, d);
   for (int r = 0; r < R; ++r)
     for (int u = 0; u < NC; ++u) _mm512_storeu_ps(s + r * s_stride + 16 * u, acc[r][u]);
 }
@@ -424,14 +429,7 @@ inline void pv_f32_zmm(float* o, int64_t o_stride, const float* alpha, const flo
     const __m512 a = _mm512_set1_ps(alpha[r]);
     for (int u = 0; u < NC; ++u) acc[r][u] = _mm512_mul_ps(_mm512_loadu_ps(o + r * o_stride + 16 * u), a);
   }
-  for (int64_t j = 0; j < nk; ++j, v += v_stride) {
-    __m512 vv[NC];
-    for (int u = 0; u < NC; ++u) vv[u] = _mm512_loadu_ps(v + 16 * u);
-    for (int r = 0; r < R; ++r) {
-      const __m512 pb = _mm512_set1_ps(p[r * p_stride + j]);
-      for (int u = 0; u < NC; ++u) acc[r][u] = _mm512_fmadd_ps(pb, vv[u], acc[r][u]);
-    }
-  }
+  rank1_tile_zmm<R, NC>(acc, p, p_stride, v, v_stride, nk);
   for (int r = 0; r < R; ++r)
     for (int u = 0; u < NC; ++u) _mm512_storeu_ps(o + r * o_stride + 16 * u, acc[r][u]);
 }

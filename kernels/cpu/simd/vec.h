@@ -20,21 +20,27 @@ namespace simd {
 
 constexpr int kWidth = 8;
 
-// exp(x) for fp32, relative error ~2 ulp on [-87, 88] (Cephes' expf polynomial); exactly 0
-// below -87.3 (so exp(-inf) == 0), inputs above 88 are clamped.
+// Cephes' expf: x = n ln2 + r (ln2 in two parts, so n ln2 is exact), exp(r) by a polynomial.
+namespace exp_poly {
+constexpr float kLo = -87.33654475f, kHi = 88.0f;  // exp is 0 below kLo; inputs clamp to kHi
+constexpr float kLog2e = 1.44269504088896341f;
+constexpr float kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
+constexpr float kP[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
+                         4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
+}  // namespace exp_poly
+
+// exp(x) for fp32, relative error ~2 ulp on [-87, 88]; exactly 0 below -87.3 (so
+// exp(-inf) == 0), inputs above 88 are clamped.
 inline f32x8 exp(f32x8 x) {
-  const f32x8 lo = set1(-87.33654475f);
+  namespace c = exp_poly;
+  const f32x8 lo = set1(c::kLo);
   const m32x8 underflow = cmp_lt(x, lo);
-  x = min(max(x, lo), set1(88.0f));
-  const f32x8 n = round(mul(x, set1(1.44269504088896341f)));
-  f32x8 r = fmadd(n, set1(-0.693359375f), x);
-  r = fmadd(n, set1(2.12194440e-4f), r);
-  f32x8 p = set1(1.9875691500e-4f);
-  p = fmadd(p, r, set1(1.3981999507e-3f));
-  p = fmadd(p, r, set1(8.3334519073e-3f));
-  p = fmadd(p, r, set1(4.1665795894e-2f));
-  p = fmadd(p, r, set1(1.6666665459e-1f));
-  p = fmadd(p, r, set1(5.0000001201e-1f));
+  x = min(max(x, lo), set1(c::kHi));
+  const f32x8 n = round(mul(x, set1(c::kLog2e)));
+  f32x8 r = fmadd(n, set1(-c::kLn2Hi), x);
+  r = fmadd(n, set1(-c::kLn2Lo), r);
+  f32x8 p = set1(c::kP[0]);
+  for (int i = 1; i < 6; ++i) p = fmadd(p, r, set1(c::kP[i]));
   p = fmadd(p, mul(r, r), add(r, set1(1.0f)));
   return select(underflow, ldexp(p, n), zero());
 }
