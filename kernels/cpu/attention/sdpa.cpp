@@ -226,6 +226,8 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
     // O = diag(alpha) O + P V
     if (wide) {
       pv_wide<T>(w.o, dp, w.alpha, w.s, kKeyTile, vt, vs, nk, D, nr);
+    } else if (stream && D % 64 == 0) {
+      pv_stream_rows<T>(w.o, dp, w.alpha, w.s, kKeyTile, vt, vs, nk, D, nr);
     } else if (stream) {
       for (int64_t rr = 0; rr < nr; rr += kDotRows)
         with_rows<kDotRows>(static_cast<int>(nr - rr), [&](auto R) {

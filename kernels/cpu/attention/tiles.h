@@ -228,6 +228,31 @@ inline void pv_stream(float* o, int64_t o_stride, const float* alpha, const floa
 }
 
 
+// The same with V read key by key (decode, d a multiple of 64): for one row at a time, 64
+// columns of O in eight registers while the keys are walked in order, so each V row's bytes are
+// read front to back (pv_stream reads them a 16-column block at a time, 512 bytes apart at
+// D128). For K/V read from memory, as in a model's decode step where the weights stream
+// through the cache between layers, that order keeps more lines in flight.
+template <DType T>
+inline void pv_stream_rows(float* o, int64_t o_stride, const float* alpha, const float* p,
+                           int64_t p_stride, const typename Elem<T>::type* v, int64_t v_stride,
+                           int64_t nk, int64_t d, int64_t nr) {
+  for (int64_t r = 0; r < nr; ++r)
+    for (int64_t c = 0; c < d; c += 64) {
+      float* orow = o + r * o_stride + c;
+      const f32x8 a = simd::set1(alpha[r]);
+      f32x8 acc[8];
+      for (int u = 0; u < 8; ++u) acc[u] = simd::mul(simd::load(orow + 8 * u), a);
+      const auto* vp = v + c;
+      const float* pr = p + r * p_stride;
+      for (int64_t j = 0; j < nk; ++j, vp += v_stride) {
+        const f32x8 pb = simd::set1(pr[j]);
+        for (int u = 0; u < 8; ++u) acc[u] = simd::fmadd(pb, Elem<T>::load(vp + 8 * u), acc[u]);
+      }
+      for (int u = 0; u < 8; ++u) simd::store(orow + 8 * u, acc[u]);
+    }
+}
+
 // Calls f(Rows<R>{}) with R = min(n, kMax) as a compile-time row count (1 <= n).
 template <int N>
 struct Rows {
