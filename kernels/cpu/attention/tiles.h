@@ -8,9 +8,9 @@
 //    loop column blocks outside and row blocks inside, so the 16-wide slice of Kt or V a tile
 //    reads (8 KiB / 4 KiB at D = 128) stays in L1 across the row blocks.
 //  * few query rows (decode): K and V are streamed from their storage once, converted on the
-//    fly; S rows are dot products over D (kDotRows rows x 2 keys of accumulators).
-//    AVX-512 builds have a wide form of it (qk_wide, pv_wide): whole rows of O in zmm
-//    registers, V read key by key.
+//    fly; S rows are dot products over D (kDotRows rows x 2 keys of accumulators); O += P V
+//    walks V a row at a time when D is a multiple of 64 (pv_stream_rows). AVX-512 builds
+//    have a wide form (qk_wide, pv_wide): whole rows of O in zmm registers.
 // Every function on f32x8 is the same algorithm on all backends (generic is the AVX2 oracle).
 #pragma once
 
@@ -227,7 +227,6 @@ inline void pv_stream(float* o, int64_t o_stride, const float* alpha, const floa
   }
 }
 
-
 // The same with V read key by key (decode, d a multiple of 64): for one row at a time, 64
 // columns of O in eight registers while the keys are walked in order, so each V row's bytes are
 // read front to back (pv_stream reads them a 16-column block at a time, 512 bytes apart at
@@ -270,7 +269,6 @@ inline void with_rows(int n, const F& f) {
     default: f(Rows<kMax>{}); break;
   }
 }
-
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 // ---- AVX-512 decode: whole rows in zmm registers ----------------------------------------
