@@ -30,8 +30,23 @@ bool cpu_has_avx512() {
 #endif
 }
 
+// AVX512_BF16 (vdpbf16ps) on top of the avx512 variant's set: Zen 4, Cooper Lake, Sapphire
+// Rapids and later; Ice Lake and Skylake-X lack it.
+bool cpu_has_avx512_bf16() {
+#if defined(FF_HAVE_AVX512) && (defined(__GNUC__) || defined(__clang__))
+  return cpu_has_avx512() && __builtin_cpu_supports("avx512bf16");
+#else
+  return false;
+#endif
+}
+
 // The best variant this CPU (and build) runs.
-Isa best_isa() { return cpu_has_avx512() ? Isa::avx512 : cpu_has_avx2() ? Isa::avx2 : Isa::generic; }
+Isa best_isa() {
+  return cpu_has_avx512_bf16() ? Isa::avx512_bf16
+         : cpu_has_avx512()    ? Isa::avx512
+         : cpu_has_avx2()      ? Isa::avx2
+                               : Isa::generic;
+}
 
 std::string join(const std::vector<std::string>& v) {
   std::string s;
@@ -43,8 +58,11 @@ std::string join(const std::vector<std::string>& v) {
 
 Isa active_isa() { return g_isa; }
 
+bool bf16_dot() { return g_isa == Isa::avx512_bf16; }
+
 const char* isa_name(Isa isa) {
   switch (isa) {
+    case Isa::avx512_bf16: return "avx512_bf16";
     case Isa::avx512: return "avx512";
     case Isa::avx2: return "avx2";
     default: return "generic";
@@ -58,6 +76,7 @@ std::vector<std::string> compiled_isas() {
 #endif
 #ifdef FF_HAVE_AVX512
   names.push_back("avx512");
+  names.push_back("avx512_bf16");
 #endif
   return names;
 }
@@ -66,6 +85,7 @@ std::vector<std::string> supported_isas() {
   std::vector<std::string> names{"generic"};
   if (cpu_has_avx2()) names.push_back("avx2");
   if (cpu_has_avx512()) names.push_back("avx512");
+  if (cpu_has_avx512_bf16()) names.push_back("avx512_bf16");
   return names;
 }
 
@@ -96,6 +116,8 @@ void set_isa(const std::string& want) {
     g_isa = require(Isa::avx2, cpu_has_avx2(), "AVX2+FMA+F16C");
   } else if (want == "avx512") {
     g_isa = require(Isa::avx512, cpu_has_avx512(), "AVX-512 F/BW/VL/DQ+VNNI");
+  } else if (want == "avx512_bf16") {
+    g_isa = require(Isa::avx512_bf16, cpu_has_avx512_bf16(), "AVX-512 F/BW/VL/DQ+VNNI+BF16");
   } else {
     throw std::invalid_argument("[fusedformer] FUSEDFORMER_ISA='" + want +
                                 "' is not one of: auto, " + join(compiled_isas()));

@@ -8,7 +8,8 @@
 
 namespace ff {
 
-enum class Isa { generic, avx2, avx512 };
+// avx512_bf16 runs the avx512 kernels with AVX512_BF16 dot products allowed (bf16_dot()).
+enum class Isa { generic, avx2, avx512, avx512_bf16 };
 
 // Chosen once at import (select_isa) and fixed afterwards.
 Isa active_isa();
@@ -16,8 +17,8 @@ const char* isa_name(Isa isa);
 // Variants compiled into this build, and those this CPU can run.
 std::vector<std::string> compiled_isas();
 std::vector<std::string> supported_isas();
-// Reads FUSEDFORMER_ISA ("auto", "generic", "avx2", "avx512"); throws std::invalid_argument with a
-// message naming the variable and the allowed values.
+// Reads FUSEDFORMER_ISA ("auto", "generic", "avx2", "avx512", "avx512_bf16"); throws
+// std::invalid_argument with a message naming the variable and the allowed values.
 void select_isa();
 // Test hook: switch the variant at run time (not while kernels run on other threads).
 void set_isa(const std::string& name);
@@ -30,7 +31,7 @@ void select_spin();
 
 #ifdef FF_HAVE_AVX512
 #define FF_KERNELS(getter)                                              \
-  (::ff::active_isa() == ::ff::Isa::avx512 ? ::ff::avx512::getter()    \
+  (::ff::active_isa() >= ::ff::Isa::avx512 ? ::ff::avx512::getter()    \
    : ::ff::active_isa() == ::ff::Isa::avx2 ? ::ff::avx2::getter()      \
                                            : ::ff::generic::getter())
 #elif defined(FF_HAVE_AVX2)

@@ -69,6 +69,46 @@ def test_dtypes_vs_torch_error(torch, isa, dtype, shape, opts):
     np.testing.assert_allclose(lse.numpy()[live], ref_lse[live], atol=2e-3 if dtype != "float32" else 2e-5, rtol=1e-5)
 
 
+# bf16 prefill blocks (more than 8 query rows): odd key counts, head dims that end mid-vector,
+# a K/V row stride that is odd, masks and a negative scale (the avx512_bf16 variant pairs
+# head dims in Q K^T and keys in P V).
+BF16_PREFILL = [
+    ((1, 4, 2, 40, 3, 64), dict()),
+    ((1, 2, 1, 33, 33, 34), dict(causal=True)),
+    ((2, 3, 3, 17, 129, 58), dict(window=20)),
+    ((1, 8, 2, 9, 65, 128), dict(causal=True)),
+    ((1, 2, 2, 20, 31, 256), dict(scale=-0.2)),
+    ((1, 4, 1, 12, 70, 80), dict(mask="bool")),
+    ((1, 4, 4, 13, 97, 96), dict(mask="additive", causal=True)),
+]
+
+
+@pytest.mark.parametrize("odd_stride", [False, True], ids=["contiguous", "odd-row-stride"])
+@pytest.mark.parametrize("shape, opts", BF16_PREFILL, ids=str)
+def test_bf16_prefill_within_rounding(torch, isa, shape, opts, odd_stride):
+    """Each output is within bf16 rounding of the float64 result on the same inputs: 2^-8 of
+    its magnitude (the output's own rounding) plus 2^-8 max|v| (probabilities rounded to bf16)."""
+    b, hq, hkv, lq, lk, d = shape
+    opts = dict(opts)
+    q, k, v = qkv(torch, *shape, torch.bfloat16)
+    if odd_stride:  # rows of d + 1 elements, the last one unused
+        k = torch.cat([k, torch.randn(b, hkv, lk, 1).bfloat16()], -1)[..., :d]
+        v = torch.cat([v, torch.randn(b, hkv, lk, 1).bfloat16()], -1)[..., :d]
+        assert k.stride(2) == d + 1
+    kind = opts.pop("mask", None)
+    if kind == "bool":
+        opts["mask"] = torch.rand(b, 1, lq, lk) < 0.7
+    elif kind == "additive":
+        opts["mask"] = torch.randn(lq, lk)
+    out = ff.sdpa(q, k, v, **opts)
+    ref_opts = {n: (o.numpy() if hasattr(o, "numpy") else o) for n, o in opts.items()}
+    ref = ref_of(q, k, v, **ref_opts)
+    assert not torch.isnan(out).any()
+    bound = 2.0**-8 * (np.abs(ref) + np.abs(v.float().numpy()).max())
+    excess = np.abs(out.float().numpy() - ref) - bound
+    assert excess.max() <= 0, (excess.max(), np.unravel_index(excess.argmax(), excess.shape))
+
+
 def test_hf_layout_strided_no_contiguous_needed(torch, isa):
     """[B, L, H, D].transpose(1, 2), as Hugging Face models pass q/k/v."""
     b, l, h, d = 2, 45, 8, 64

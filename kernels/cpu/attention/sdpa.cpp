@@ -12,6 +12,7 @@
 // output directly; with several (decode: few rows, many keys) each chunk writes an
 // unnormalised partial (o, m, l) and a merge pass combines them through their logsumexp.
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <memory>
 
@@ -145,6 +146,12 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
   const S* k = static_cast<const S*>(p.k.data) + bk.b * p.k.stride_b + bk.kvh * p.k.stride_h;
   const S* v = static_cast<const S*>(p.v.data) + bk.b * p.v.stride_b + bk.kvh * p.v.stride_h;
 
+  const bool stream = nr <= kStreamMaxRows;
+  const bool wide = stream && wide_rows(D);
+  // bf16 prefill on vdpbf16ps: q rows stay bf16 words (pitch dp / 2), scores are scaled after.
+  const bool dot16 = T == DType::bf16 && !stream && bf16_tiles(D);
+  uint32_t* qw = reinterpret_cast<uint32_t*>(w.q);
+
   // Rows: packed queries, fresh state, and the keys each may see within [j0, j1).
   int64_t lo[kRowTile], hi[kRowTile], pos[kRowTile], head[kRowTile];
   int64_t jmin = bk.j1, jmax = bk.j0, lo_max = bk.j0, hi_min = bk.j1;
@@ -152,8 +159,11 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
     const int64_t r = bk.r0 + rr;
     pos[rr] = r / G;
     head[rr] = bk.kvh * G + r % G;
-    pack_row_scaled<T>(q + head[rr] * p.q.stride_h + pos[rr] * p.q.stride_l, D, p.scale,
-                       w.q + rr * dp, dp);
+    const S* qrow = q + head[rr] * p.q.stride_h + pos[rr] * p.q.stride_l;
+    if (dot16)
+      std::memcpy(qw + rr * dp / 2, qrow, D * sizeof(S));
+    else
+      pack_row_scaled<T>(qrow, D, p.scale, w.q + rr * dp, dp);
     for (int64_t x = 0; x < dp; x += 8) simd::store(w.o + rr * dp + x, simd::zero());
     w.m[rr] = kNegInf;
     w.l[rr] = 0.0f;
@@ -168,8 +178,6 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
     hi_min = hi[rr] < hi_min ? hi[rr] : hi_min;
   }
 
-  const bool stream = nr <= kStreamMaxRows;
-  const bool wide = stream && wide_rows(D);
   const int64_t ks = p.k.stride_l, vs = p.v.stride_l;
   for (int64_t t = bk.j0 + (jmin - bk.j0) / kKeyTile * kKeyTile; t < jmax; t += kKeyTile) {
     const int64_t nk = bk.j1 - t < kKeyTile ? bk.j1 - t : kKeyTile;
@@ -198,6 +206,9 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
           qk_dot<T, decltype(R)::value>(w.q + rr * dp, dp, kt, ks, nk, D, w.s + rr * kKeyTile,
                                         kKeyTile);
         });
+    } else if (dot16) {
+      qk_bf16_tile(qw, dp / 2, reinterpret_cast<const uint16_t*>(kt), ks, nk, D, p.scale,
+                   reinterpret_cast<uint32_t*>(w.kt), w.s, kKeyTile, nr);
     } else {
       pack_k_transposed<T>(kt, ks, nk, D, w.kt);
       if (!qk_packed_wide(w.q, dp, w.kt, D, w.s, kKeyTile, nk, nr)) {
@@ -234,6 +245,9 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
           pv_stream<T, decltype(R)::value>(w.o + rr * dp, dp, w.alpha + rr, w.s + rr * kKeyTile,
                                            kKeyTile, vt, vs, nk, D);
         });
+    } else if (dot16) {
+      pv_bf16_tile(w.o, dp, w.alpha, w.s, kKeyTile, reinterpret_cast<const uint16_t*>(vt), vs, nk, D,
+                   dp, reinterpret_cast<uint32_t*>(w.v), nr);
     } else {
       const float* vf = w.v;
       int64_t vf_stride = dp;

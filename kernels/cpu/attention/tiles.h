@@ -457,6 +457,109 @@ inline void pv_f32_zmm(float* o, int64_t o_stride, const float* alpha, const flo
     for (int u = 0; u < NC; ++u) _mm512_storeu_ps(o + r * o_stride + 16 * u, acc[r][u]);
 }
 
+// ---- AVX512_BF16 prefill micro-kernels (bf16 inputs) -------------------------------------
+// vdpbf16ps multiplies bf16 pairs exactly and adds both products to fp32 lanes: twice the
+// multiply-adds per instruction of an fp32 FMA. Operands are pairs along the reduction dim, one
+// 32-bit word each. Q K^T pairs head dims: q and K rows are read as words, unconverted, and the
+// scale is applied to the fp32 scores. P V pairs keys: P is rounded to bf16 (as torch's bf16
+// path does) and V rows are interleaved two by two. These functions carry the avx512bf16
+// target and run only when bf16_dot() says the CPU has it.
+#define FF_BF16_DOT __attribute__((target("avx512bf16")))
+
+// Kp[x2][j] = the word (k[j][2 x2], k[j][2 x2 + 1]) for x2 < d / 2 (d even), j < nk; key
+// columns nk..kKeyTile are 0. 8 keys x 8 words per in-register transpose.
+inline void pack_k_pairs(const uint16_t* k, int64_t k_stride, int64_t nk, int64_t d, uint32_t* kp) {
+  const int64_t d2 = d / 2;
+  for (int64_t j = 0; j < kKeyTile; j += 8) {
+    const int64_t keys = nk - j < 8 ? (nk - j > 0 ? nk - j : 0) : 8;
+    for (int64_t x = 0; x < d2; x += 8) {
+      const int64_t words = d2 - x < 8 ? d2 - x : 8;
+      const __mmask8 live = static_cast<__mmask8>((1u << words) - 1);
+      f32x8 blk[8];
+      for (int64_t i = 0; i < 8; ++i) {
+        const uint16_t* src = k + (j + i) * k_stride + 2 * x;
+        blk[i] = i >= keys ? simd::zero() : f32x8{_mm256_castsi256_ps(_mm256_maskz_loadu_epi32(live, src))};
+      }
+      simd::transpose8x8(blk);
+      for (int64_t i = 0; i < words; ++i)
+        simd::store(reinterpret_cast<float*>(kp + (x + i) * kKeyTile + j), blk[i]);
+    }
+  }
+}
+
+// vp[j2][x] = the word (v[2 j2][x], v[2 j2 + 1][x]) for j2 < ceil(nk / 2), x < dp (a multiple of
+// 16); columns d..dp and the partner of an odd last key are 0.
+inline void pack_v_pairs(const uint16_t* v, int64_t v_stride, int64_t nk, int64_t d, uint32_t* vp,
+                         int64_t dp) {
+  for (int64_t j = 0; j < nk; j += 2) {
+    const uint16_t* a = v + j * v_stride;
+    const uint16_t* b = a + v_stride;
+    const bool pair = j + 1 < nk;
+    for (int64_t x = 0; x < dp; x += 16) {
+      const int64_t n = d - x < 16 ? (d - x > 0 ? d - x : 0) : 16;
+      const __mmask16 live = static_cast<__mmask16>((1u << n) - 1);
+      const __m512i lo = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(live, a + x));
+      const __m512i hi = pair ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(live, b + x))
+                              : _mm512_setzero_si512();
+      _mm512_storeu_si512(vp + j / 2 * dp + x, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+    }
+  }
+}
+
+// The probabilities of nr rows (pitch p_stride floats, nk of them) rounded to bf16 pairs in
+// place: row r's words are at reinterpret_cast<uint32_t*>(p + r * p_stride)[0 .. ceil(nk / 2)).
+// Entries nk..round_up(nk, 8) must be 0 (softmax_update leaves them so).
+FF_BF16_DOT inline void round_p_pairs(float* p, int64_t p_stride, int64_t nk, int64_t nr) {
+  for (int64_t r = 0; r < nr; ++r) {
+    float* row = p + r * p_stride;
+    for (int64_t j = 0; j < nk; j += 32) {
+      const __m512 a = _mm512_loadu_ps(row + j), b = _mm512_loadu_ps(row + j + 16);
+      _mm512_storeu_si512(row + j / 2, (__m512i)_mm512_cvtne2ps_pbh(b, a));
+    }
+  }
+}
+
+// acc[r][u] += sum_{i < n} dot2(a[r][i], b[i][16u .. 16u+16)) over words holding bf16 pairs.
+template <int R, int NC>
+FF_BF16_DOT inline void rank2_tile_bf16(__m512 (&acc)[R][NC], const uint32_t* a, int64_t a_stride,
+                                        const uint32_t* b, int64_t b_stride, int64_t n) {
+  for (int64_t i = 0; i < n; ++i, b += b_stride) {
+    __m512i row[NC];
+    for (int u = 0; u < NC; ++u) row[u] = _mm512_loadu_si512(b + 16 * u);
+    for (int r = 0; r < R; ++r) {
+      const __m512bh ab = (__m512bh)_mm512_set1_epi32(static_cast<int>(a[r * a_stride + i]));
+      for (int u = 0; u < NC; ++u) acc[r][u] = _mm512_dpbf16_ps(acc[r][u], ab, (__m512bh)row[u]);
+    }
+  }
+}
+
+// s[r][0..16*NC) = scale * (q[r] . k[j]) from q rows of d2 words and the packed Kp tile.
+template <int R, int NC>
+FF_BF16_DOT inline void qk_bf16_zmm(const uint32_t* q, int64_t q_stride, const uint32_t* kp,
+                                    int64_t d2, float scale, float* s, int64_t s_stride) {
+  __m512 acc[R][NC];
+  for (int r = 0; r < R; ++r)
+    for (int u = 0; u < NC; ++u) acc[r][u] = _mm512_setzero_ps();
+  rank2_tile_bf16<R, NC>(acc, q, q_stride, kp, kKeyTile, d2);
+  const __m512 sc = _mm512_set1_ps(scale);
+  for (int r = 0; r < R; ++r)
+    for (int u = 0; u < NC; ++u) _mm512_storeu_ps(s + r * s_stride + 16 * u, _mm512_mul_ps(acc[r][u], sc));
+}
+
+// o[r][0..16*NC) = alpha[r] * o[r] + sum_{j2 < n2} dot2(p[r][j2], vp[j2][..]) for R rows.
+template <int R, int NC>
+FF_BF16_DOT inline void pv_bf16_zmm(float* o, int64_t o_stride, const float* alpha, const uint32_t* p,
+                                    int64_t p_stride, const uint32_t* vp, int64_t vp_stride, int64_t n2) {
+  __m512 acc[R][NC];
+  for (int r = 0; r < R; ++r) {
+    const __m512 a = _mm512_set1_ps(alpha[r]);
+    for (int u = 0; u < NC; ++u) acc[r][u] = _mm512_mul_ps(_mm512_loadu_ps(o + r * o_stride + 16 * u), a);
+  }
+  rank2_tile_bf16<R, NC>(acc, p, p_stride, vp, vp_stride, n2);
+  for (int r = 0; r < R; ++r)
+    for (int u = 0; u < NC; ++u) _mm512_storeu_ps(o + r * o_stride + 16 * u, acc[r][u]);
+}
+
 // Calls f(Rows<NV>{}) with NV = d / 16 when the head dim d has a zmm decode path (a multiple
 // of 16 up to 128, or 256) and returns true; false otherwise.
 template <class F>
@@ -541,7 +644,49 @@ inline bool pv_f32_wide(float* o, int64_t o_stride, const float* alpha, const fl
       });
   return true;
 }
+
+// Prefill tiles of bf16 inputs through vdpbf16ps: when the CPU has AVX512_BF16 and d is even.
+inline bool bf16_tiles(int64_t d) { return d % 2 == 0 && bf16_dot(); }
+
+// S = scale Q K^T for nr rows of q words (d / 2 per row, pitch q_stride) against nk keys of
+// bf16 storage; kp is the scratch for the packed tile (d / 2 x kKeyTile words).
+FF_BF16_DOT inline void qk_bf16_tile(const uint32_t* q, int64_t q_stride, const uint16_t* k,
+                                     int64_t k_stride, int64_t nk, int64_t d, float scale,
+                                     uint32_t* kp, float* s, int64_t s_stride, int64_t nr) {
+  pack_k_pairs(k, k_stride, nk, d, kp);
+  with_zmm_columns(nk, [&](auto NC) {
+    for (int64_t r = 0; r < nr; r += kMr)
+      with_rows<kMr>(static_cast<int>(nr - r), [&](auto R) {
+        qk_bf16_zmm<decltype(R)::value, decltype(NC)::value>(q + r * q_stride, q_stride, kp, d / 2,
+                                                             scale, s + r * s_stride, s_stride);
+      });
+  });
+}
+
+// O = diag(alpha) O + P V for nr rows over nk keys of bf16 V storage; P (pitch p_stride) is
+// rounded to bf16 in place; vp is the scratch for the paired tile (ceil(nk / 2) x dp words).
+FF_BF16_DOT inline void pv_bf16_tile(float* o, int64_t o_stride, const float* alpha, float* p,
+                                     int64_t p_stride, const uint16_t* v, int64_t v_stride,
+                                     int64_t nk, int64_t d, int64_t dp, uint32_t* vp, int64_t nr) {
+  pack_v_pairs(v, v_stride, nk, d, vp, dp);
+  round_p_pairs(p, p_stride, nk, nr);
+  const uint32_t* pw = reinterpret_cast<const uint32_t*>(p);
+  for (int64_t c = 0; c < dp; c += 64)
+    for (int64_t r = 0; r < nr; r += kMr)
+      with_rows<kMr>(static_cast<int>(nr - r), [&](auto R) {
+        with_zmm_columns(dp - c, [&](auto NC) {
+          pv_bf16_zmm<decltype(R)::value, decltype(NC)::value>(o + r * o_stride + c, o_stride, alpha + r,
+                                                               pw + r * p_stride, p_stride, vp + c, dp,
+                                                               (nk + 1) / 2);
+        });
+      });
+}
 #else
+inline bool bf16_tiles(int64_t) { return false; }
+inline void qk_bf16_tile(const uint32_t*, int64_t, const uint16_t*, int64_t, int64_t, int64_t, float,
+                         uint32_t*, float*, int64_t, int64_t) {}
+inline void pv_bf16_tile(float*, int64_t, const float*, float*, int64_t, const uint16_t*, int64_t,
+                         int64_t, int64_t, int64_t, uint32_t*, int64_t) {}
 inline bool wide_rows(int64_t) { return false; }
 template <DType T>
 inline void qk_wide(const float*, int64_t, const typename Elem<T>::type*, int64_t, int64_t, int64_t,
