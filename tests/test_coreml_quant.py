@@ -34,7 +34,6 @@ SCHEMES = {
     "prune-lut": quant.Prune(sparsity=0.5, then=quant.Palettize(bits=3)),
     "prune-affine": quant.Prune(sparsity=0.5, then=quant.Affine(bits=4, group_size=32)),
 }
-EXACT_EXCEPT = {"prune-affine"}  # offset = -bias/scale is rounded (documented in weights.py)
 
 
 def _weight_var(program):
@@ -59,10 +58,8 @@ def test_qmatmul_lowering(name, rng, tmp_path):
     weight = _weight_var(program)
     out = program.predict({"x": x}, intermediates=[weight])
     expected_w = qw.dequantize()
-    if name in EXACT_EXCEPT:
-        np.testing.assert_allclose(out[weight], expected_w, rtol=1e-6, atol=1e-6)
-    else:
-        np.testing.assert_array_equal(out[weight], expected_w)
+    assert out[weight].dtype == np.float32 and np.array_equal(out[weight], expected_w)
+    np.testing.assert_array_equal(out[weight].view(np.uint32), expected_w.view(np.uint32))  # bit for bit
     expected = x @ expected_w.T + bias
     np.testing.assert_allclose(out["output"], expected, rtol=1e-5, atol=1e-5)
     assert mlmodel is not None
@@ -96,3 +93,18 @@ def test_optimized_decoder_with_compressed_weights(tmp_path, precision, min_psnr
     assert ops["constexpr_blockwise_shift_scale"] == 2 * 7  # every block linear; lm_head kept
     assert ops["scaled_dot_product_attention"] == 2
     assert psnr(expected, ff.coreml.verify(mlmodel, {"input_ids": ids})["logits"]) >= min_psnr
+
+
+def test_prune_affine_package_holds_the_weight_once(rng, tmp_path):
+    """The exact Prune + Affine form stores the mask once (shared by both constexprs) and no dense
+    bias: the package is the compressed weight plus a few KiB of program, not one more mask."""
+    from fusedformer.coreml.multifunction import package_size
+
+    n, k = 256, 512
+    qw = quant.compress(rng.standard_normal((n, k)).astype(np.float32),
+                        quant.Prune(sparsity=0.5, then=quant.Affine(bits=4, group_size=32)))
+    x = rng.standard_normal((1, k)).astype(np.float32)
+    path = tmp_path / "pa.mlpackage"
+    ff.coreml.export(QuantizedLinear(qw).eval(), {"x": torch.from_numpy(x)}, path, precision="fp32")
+    mask_bytes = n * k // 8
+    assert package_size(path) - qw.nbytes < mask_bytes, (package_size(path), qw.nbytes)

@@ -190,8 +190,9 @@ def export(model, example_inputs, path, *, attention="fused", target="iOS18", pr
       targets below iOS18 always get "unfused" (recorded in ``mlmodel.fusedformer.notes`` and the
       package metadata, and warned).
     precision: "fp16" or "fp32" compute precision.
-    kv_cache: export a stateful decoder (see kv_cache.py for the protocol ``model`` follows);
-      ``max_len`` is the cache length, inputs take any length up to it.
+    kv_cache: export a stateful decoder: a Hugging Face causal LM (GPT-2, LLaMA, ... : any whose
+      attention layers use transformers' Cache and AttentionInterface) or a model following the
+      protocol in kv_cache.py; ``max_len`` is the cache length, inputs take any length up to it.
     adapters: {name: state_dict} -> one multifunction package (see multifunction.py).
     flexible: {input name: {axis: (lo, hi)}} flexible input dims (RangeDim).
     static_kwargs: extra keyword arguments passed to forward while tracing (e.g. use_cache=False).

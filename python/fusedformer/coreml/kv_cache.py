@@ -8,20 +8,36 @@ length minus L -- no position input is needed -- and causal attention over the c
 ``ff.sdpa(causal=True)``'s bottom-right alignment.
 
 The model takes part through a small protocol (fusedformer's own decoder implements it, and
-``llama_family_adapter`` adapts Hugging Face LLaMA-family causal LMs: Llama, Mistral, Qwen2, ...;
-export(kv_cache=True) wraps those automatically):
+``hf_decoder_adapter`` adapts Hugging Face causal LMs; export(kv_cache=True) wraps those
+automatically):
 
 * ``model.kv_cache_config()`` -> ``{"layers": n, "kv_heads": h, "head_dim": d}``
 * ``model(input_ids, kv_cache=cache, start=past)``: each attention layer ``i`` calls
   ``k, v = cache.update(i, k, v, start)`` with its new keys/values [B, Hkv, L, D] (after RoPE at
   positions start .. start + L - 1) and attends over the returned [B, Hkv, start + L, D].
+
+Hugging Face models (transformers 5) need no code of their own: their attention layers already
+write K/V through ``past_key_values.update(k, v, layer_idx)`` (the DynamicCache interface) and
+attend through transformers' AttentionInterface. The adapter passes a ``Cache`` whose layers write
+through the protocol's ``update`` and, for the duration of the call, an attention implementation
+that is ``fusedformer::sdpa`` (causal, bottom-right aligned, the module's own scaling and sliding
+window) with no mask of transformers' making. Any decoder-only causal LM built that way works
+(GPT-2, LLaMA, Mistral, Qwen2, ...); a one-token probe at export checks the layout (every layer
+writes K/V of one shape once, and attends through the interface) and names what does not fit.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import inspect
+
 import numpy as np
 
 STATE_NAMES = ("k_cache", "v_cache")
+# the attention implementation a kv-cache export runs HF models with; deliberately not registered
+# as a mask function, so transformers builds no mask (fusedformer::sdpa is causal over the cache)
+EXPORT_ATTENTION = "fusedformer_kv_export"
 
 
 def _torch():
@@ -30,61 +46,168 @@ def _torch():
     return torch
 
 
-def llama_family_adapter(hf_model):
-    """The KV-cache protocol over a Hugging Face LLaMA-family causal LM (same weights, no copy).
+def _unsupported(model, what: str) -> ValueError:
+    return ValueError(f"[export] kv_cache=True: {type(model).__name__} {what}")
 
-    It runs the model's own modules (embeddings, RMSNorms, projections, rotary embedding, MLP,
-    lm_head) layer by layer, with the K/V of each layer going through the cache and attention
-    through ``fusedformer::sdpa`` (causal, bottom-right aligned, the module's own scaling).
+
+# ----------------------------------------------------------------------------------------------
+# Hugging Face causal LMs
+
+
+_attention_calls = 0  # calls of _export_attention, for the probe
+
+
+def _export_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
+                      sliding_window=None, **kwargs):
+    """transformers attention function of kv-cache exports: causal fusedformer::sdpa over the cache."""
+    global _attention_calls
+    torch = _torch()
+    from fusedformer.torch.hf import _UNSUPPORTED_KWARGS
+
+    extra = [k for k in _UNSUPPORTED_KWARGS if kwargs.get(k) is not None]
+    if extra:
+        raise _unsupported(module, f"passes {extra[0]} to its attention, which fusedformer::sdpa cannot express")
+    if is_causal is False or not getattr(module, "is_causal", True):
+        raise _unsupported(module, "is not causal self-attention")
+    _attention_calls += 1
+    out = torch.ops.fusedformer.sdpa(query, key, value, None, True, scaling, sliding_window)
+    return out.transpose(1, 2).contiguous(), None
+
+
+@functools.cache
+def _protocol_cache_class():
+    """transformers.Cache subclass whose layers write K/V through the protocol's ``update``."""
+    from transformers.cache_utils import Cache, CacheLayerMixin
+
+    class ProtocolLayer(CacheLayerMixin):
+        """One layer: holds nothing itself, the protocol cache (the Core ML states) does."""
+
+        is_sliding = False  # a sliding window is applied by the attention, over the full cache
+
+        def __init__(self, owner, index):
+            super().__init__()
+            self.owner, self.index, self.is_initialized = owner, index, True
+
+        def lazy_initialization(self, key_states, value_states):
+            pass
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            return self.owner.kv_cache.update(self.index, key_states, value_states, self.owner.start)
+
+        def get_mask_sizes(self, query_length):
+            return self.owner.start + query_length, 0
+
+        def get_seq_length(self):
+            return self.owner.start
+
+        def get_max_length(self):
+            return -1
+
+    class ProtocolCache(Cache):
+        def __init__(self, kv_cache, start, layers: int):
+            self.kv_cache, self.start = kv_cache, start
+            super().__init__(layers=[ProtocolLayer(self, i) for i in range(layers)])
+
+    return ProtocolCache
+
+
+class _Recorder:
+    """The protocol's cache for the probe: returns the new K/V, records their shapes per layer."""
+
+    def __init__(self):
+        self.shapes = {}
+
+    def update(self, layer, k, v, start):
+        self.shapes.setdefault(layer, []).append((tuple(k.shape), tuple(v.shape)))
+        return k, v
+
+
+def hf_decoder_adapter(hf_model, batch: int = 1, max_len: int | None = None):
+    """The KV-cache protocol over a Hugging Face causal LM (same weights, no copy).
+
+    The model runs its own forward; its attention layers' ``past_key_values.update`` goes to the
+    protocol cache and their attention to ``fusedformer::sdpa`` (see the module docstring; the
+    model's own mask is not used: an export has no padding). Raises ValueError
+    (``[export] kv_cache=True: ...``) for a layout the states cannot hold, and for a ``max_len``
+    past the model's ``max_position_embeddings``.
     """
     torch = _torch()
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+    from transformers import AttentionInterface
 
     import fusedformer.torch.attention_op  # noqa: F401  (registers the op)
 
+    AttentionInterface.register(EXPORT_ATTENTION, _export_attention)
+    config = hf_model.config.get_text_config()
+    if getattr(hf_model.config, "is_encoder_decoder", False):
+        raise _unsupported(hf_model, "is an encoder-decoder; only decoder-only causal LMs are supported")
+    if "past_key_values" not in inspect.signature(hf_model.forward).parameters:
+        raise _unsupported(hf_model, "takes no past_key_values, so it has no K/V cache to make states of")
+    if getattr(config, "add_cross_attention", False):
+        raise _unsupported(hf_model, "has cross-attention; only decoder-only causal LMs are supported")
+    layers = getattr(config, "num_hidden_layers", None)
+    if not isinstance(layers, int) or layers < 1:
+        raise _unsupported(hf_model, "has no config.num_hidden_layers to size the cache states with")
+    positions = getattr(config, "max_position_embeddings", None)
+    if max_len is not None and isinstance(positions, int) and max_len > positions:
+        raise _unsupported(hf_model, f"has max_position_embeddings={positions}, fewer than max_len={max_len}")
+
+    @contextlib.contextmanager
+    def export_attention():
+        old = hf_model.config._attn_implementation
+        hf_model.set_attn_implementation(EXPORT_ATTENTION)
+        try:
+            if hf_model.config._attn_implementation != EXPORT_ATTENTION:
+                raise _unsupported(hf_model, "cannot switch its attention implementation (transformers' "
+                                             "AttentionInterface), so its K/V cannot become Core ML states")
+            yield
+        finally:
+            hf_model.set_attn_implementation(old)
+
     class _Adapter(torch.nn.Module):
-        def __init__(self):
+        def __init__(self, cache_config):
             super().__init__()
             self.hf = hf_model
+            self.cache_config = cache_config
 
         def kv_cache_config(self):
-            attn = self.hf.model.layers[0].self_attn
-            config = self.hf.config
-            return {"layers": len(self.hf.model.layers), "kv_heads": config.num_key_value_heads,
-                    "head_dim": attn.head_dim}
-
-        def _attention(self, attn, h, cos, sin, kv_cache, layer, start):
-            b, length, _ = h.shape
-            shape = (b, length, -1, attn.head_dim)
-            q = attn.q_proj(h).view(shape).transpose(1, 2)
-            k = attn.k_proj(h).view(shape).transpose(1, 2)
-            v = attn.v_proj(h).view(shape).transpose(1, 2)
-            q, k = apply_rotary_pos_emb(q, k, cos, sin)
-            if kv_cache is not None:
-                k, v = kv_cache.update(layer, k, v, start)
-            out = torch.ops.fusedformer.sdpa(q, k, v, None, True, attn.scaling, None)
-            return attn.o_proj(out.transpose(1, 2).reshape(b, length, -1))
+            return dict(self.cache_config)
 
         def forward(self, input_ids, kv_cache=None, start=0):
-            inner = self.hf.model
-            x = inner.embed_tokens(input_ids)
+            cache = None if kv_cache is None else _protocol_cache_class()(kv_cache, start, layers)
             positions = torch.arange(start, start + input_ids.shape[1]).unsqueeze(0)
-            cos, sin = inner.rotary_emb(x, positions)
-            for i, layer in enumerate(inner.layers):
-                x = x + self._attention(layer.self_attn, layer.input_layernorm(x), cos, sin, kv_cache, i, start)
-                x = x + layer.mlp(layer.post_attention_layernorm(x))
-            return self.hf.lm_head(inner.norm(x))
+            with export_attention():
+                out = self.hf(input_ids=input_ids, past_key_values=cache, position_ids=positions,
+                              use_cache=cache is not None)
+            logits = getattr(out, "logits", None)
+            if logits is None:
+                raise _unsupported(self.hf, "returns no logits: pass the causal LM (e.g. GPT2LMHeadModel), "
+                                            "not its base model")
+            return logits
 
-    return _Adapter().eval()
-
-
-def is_llama_family(model) -> bool:
-    """A Hugging Face causal LM with LLaMA's layout (model.layers[i].self_attn.q_proj, rotary_emb)."""
-    inner = getattr(model, "model", None)
-    layers = getattr(inner, "layers", None)
-    return (hasattr(model, "lm_head") and layers is not None and len(layers) > 0
-            and hasattr(layers[0], "self_attn") and hasattr(layers[0].self_attn, "q_proj")
-            and hasattr(inner, "rotary_emb") and hasattr(layers[0], "mlp"))
+    # probe: one token through a recording cache tells the state layout (or what does not fit)
+    global _attention_calls
+    recorder, calls = _Recorder(), _attention_calls
+    adapter = _Adapter({})
+    with torch.no_grad():
+        adapter.eval()(torch.zeros(batch, 1, dtype=torch.long), kv_cache=recorder, start=0)
+    calls = _attention_calls - calls
+    shapes = recorder.shapes
+    if sorted(shapes) != list(range(layers)) or any(len(s) != 1 for s in shapes.values()):
+        written = {i: len(s) for i, s in sorted(shapes.items())}
+        raise _unsupported(hf_model, f"wrote K/V to its past_key_values cache as {{layer: times}} = {written}; "
+                                     f"a stateful export needs each of its {layers} layers to write once")
+    if any(len(k) != 4 or len(v) != 4 for ((k, v),) in shapes.values()):
+        raise _unsupported(hf_model, f"wrote K/V of shapes {shapes[0][0]}; the states need [B, heads, L, head_dim]")
+    heads_dims = {i: ((k[1], k[3]), (v[1], v[3])) for i, ((k, v),) in shapes.items()}
+    if len({hd for pair in heads_dims.values() for hd in pair}) != 1:
+        raise _unsupported(hf_model, f"caches K/V of different (heads, head_dim) per layer {{layer: (K, V)}} = "
+                                     f"{heads_dims}; the states hold one shape for every layer, K and V alike")
+    kv_heads, head_dim = heads_dims[0][0]
+    if calls != layers:
+        raise _unsupported(hf_model, f"ran {calls} of its {layers} attention layers through transformers' "
+                                     f"AttentionInterface; every layer must (its attention becomes fusedformer::sdpa)")
+    adapter.cache_config.update(layers=layers, kv_heads=kv_heads, head_dim=head_dim)
+    return adapter
 
 
 def stateful_decoder(model, max_len: int, batch: int = 1):
@@ -132,17 +255,20 @@ def export_stateful(model, example_inputs, path, *, attention="fused", target="i
 
     from fusedformer.coreml.export import convert, finish
 
-    if not hasattr(model, "kv_cache_config") and is_llama_family(model):
-        model = llama_family_adapter(model)
-    if not hasattr(model, "kv_cache_config"):
-        raise TypeError(
-            f"[export] kv_cache=True needs a decoder with kv_cache_config() and forward(input_ids, "
-            f"kv_cache=, start=) (see fusedformer.coreml.kv_cache); {type(model).__name__} has none"
-        )
     ids = example_inputs["input_ids"] if isinstance(example_inputs, dict) else (
         example_inputs[0] if isinstance(example_inputs, (tuple, list)) else example_inputs
     )
     batch, length = ids.shape
+    if not hasattr(model, "kv_cache_config"):
+        from fusedformer.torch.hf import is_hf_model
+
+        if not is_hf_model(model):
+            raise TypeError(
+                f"[export] kv_cache=True needs a Hugging Face causal LM or a decoder with kv_cache_config() and "
+                f"forward(input_ids, kv_cache=, start=) (see fusedformer.coreml.kv_cache); "
+                f"{type(model).__name__} is neither"
+            )
+        model = hf_decoder_adapter(model.eval(), batch=batch, max_len=max_len)
     if length > max_len:
         raise ValueError(f"[export] example input_ids has {length} tokens, more than max_len={max_len}")
     wrapper = stateful_decoder(model.eval(), max_len=max_len, batch=batch)

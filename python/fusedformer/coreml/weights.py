@@ -10,13 +10,15 @@ Palettize             constexpr_lut_to_dense(uint<bits> indices, lut [G,1,2^bits
                       per group of N/G rows
 Affine (MLX)          constexpr_blockwise_shift_scale(uint4/uint8 q, scale [N,K/g]) + bias: MLX's
                       ``scale * q + bias`` cannot be written as Core ML's ``scale * (q - offset)``
-                      without a rounding change, so the bias is added by one runtime ``add`` per
-                      group (exact)
+                      without a rounding change (the offset -bias/scale is rounded), so the bias
+                      is added by one runtime ``add`` per group: (scale * q) rounded, + bias
+                      rounded, the order dequantize() uses
 Prune                 constexpr_sparse_to_dense(values, uint1 mask)
 Prune + Palettize     constexpr_lut_to_sparse -> constexpr_sparse_to_dense
-Prune + Affine        constexpr_sparse_blockwise_shift_scale(offset = -bias / scale) ->
-                      constexpr_sparse_to_dense: the one form that is not bit exact (the offset
-                      is rounded; error ~1 ulp of the weight)
+Prune + Affine        constexpr_sparse_blockwise_shift_scale(q, scale) -> constexpr_sparse_to_dense,
+                      then + bias like Affine, but on the kept entries only: the bias is multiplied
+                      by the 0/1 keep-mask, which constexpr_lut_to_dense(the same uint1 mask
+                      constant, lut [0, 1]) makes (2 table entries stored, no second mask)
 ====================  ===========================================================================
 """
 
@@ -72,13 +74,23 @@ def compressed_weight(qw, *, dtype=np.float32, name: str = "weight"):
         scaled = mb.constexpr_blockwise_shift_scale(
             data=_affine_codes(qw.codes(), s.bits), scale=a["scales"].astype(dtype), name=f"{name}_scaled"
         )
-        groups = k // s.group_size
-        grouped = mb.reshape(x=scaled, shape=[n, groups, s.group_size])
-        biased = mb.add(x=grouped, y=a["biases"].astype(dtype).reshape(n, groups, 1))
-        return mb.reshape(x=biased, shape=[n, k], name=name)
+        return _add_group_bias(scaled, a["biases"].astype(dtype), s.group_size, name)
     if isinstance(s, Prune):
         return _pruned(qw, dtype, name)
     raise TypeError(f"[coreml] cannot lower a {type(s).__name__} weight")
+
+
+def _add_group_bias(scaled, biases: np.ndarray, group_size: int, name: str, keep=None):
+    """W [N, K] = scaled + bias, one bias per group of ``group_size`` columns, as a runtime add
+    after the constexpr (so each value is (scale * q) rounded, + bias rounded: dequantize()'s
+    order). ``keep``: a 0/1 [N, K] Var; the bias then goes to the kept entries only."""
+    n, k = scaled.shape
+    groups = k // group_size
+    bias = biases.reshape(n, groups, 1)
+    if keep is not None:  # 1 * bias is bias, 0 * bias is 0: exact
+        bias = mb.mul(x=mb.reshape(x=keep, shape=[n, groups, group_size]), y=bias, name=f"{name}_kept_bias")
+    biased = mb.add(x=mb.reshape(x=scaled, shape=[n, groups, group_size]), y=bias)
+    return mb.reshape(x=biased, shape=[n, k], name=name)
 
 
 def _pruned(qw, dtype, name):
@@ -90,18 +102,21 @@ def _pruned(qw, dtype, name):
     if inner is None:
         return mb.constexpr_sparse_to_dense(nonzero_data=a["values"].astype(dtype), mask=mask, name=name)
     if isinstance(inner, Affine):
-        scales = a["scales"].astype(np.float32)
-        offset = (-a["biases"].astype(np.float32) / np.where(scales == 0, 1, scales)).astype(dtype)
+        # one mask constant for both constexprs: the sparse scale * q and the 0/1 keep-mask
+        mask = mb.const(val=mask, name=f"{name}_mask")
         mask_out, values = mb.constexpr_sparse_blockwise_shift_scale(
             data_mask=mask, nonzero_data=_affine_codes(qw.codes(), inner.bits),
-            scale=scales.astype(dtype), offset=offset, name=f"{name}_sparse",
+            scale=a["scales"].astype(dtype), name=f"{name}_sparse",
         )
-    else:
-        _check_palette_groups(qw)
-        mask_out, values = mb.constexpr_lut_to_sparse(
-            indices_mask=mask, indices_nonzero_data=_uint_codes(qw.codes(), inner.bits),
-            lut=_lut(qw, a["lut"], dtype), name=f"{name}_sparse",
-        )
+        scaled = mb.constexpr_sparse_to_dense(nonzero_data=values, mask=mask_out, name=f"{name}_scaled")
+        keep = mb.constexpr_lut_to_dense(indices=mask, lut=np.array([0, 1], dtype).reshape(1, 1, 2, 1),
+                                         name=f"{name}_keep")
+        return _add_group_bias(scaled, a["biases"].astype(dtype), inner.group_size, name, keep=keep)
+    _check_palette_groups(qw)
+    mask_out, values = mb.constexpr_lut_to_sparse(
+        indices_mask=mask, indices_nonzero_data=_uint_codes(qw.codes(), inner.bits),
+        lut=_lut(qw, a["lut"], dtype), name=f"{name}_sparse",
+    )
     return mb.constexpr_sparse_to_dense(nonzero_data=values, mask=mask_out, name=name)
 
 
@@ -117,5 +132,5 @@ def constexpr_op_types(qw) -> set[str]:
     if s.then is None:
         return {"constexpr_sparse_to_dense"}
     if isinstance(s.then, Affine):
-        return {"constexpr_sparse_blockwise_shift_scale", "constexpr_sparse_to_dense"}
+        return {"constexpr_sparse_blockwise_shift_scale", "constexpr_sparse_to_dense", "constexpr_lut_to_dense"}
     return {"constexpr_lut_to_sparse", "constexpr_sparse_to_dense"}
