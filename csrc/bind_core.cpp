@@ -3,6 +3,7 @@
 #include <pybind11/stl.h>
 
 #include <mutex>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -48,16 +49,22 @@ void init_core(py::module_& m) {
         set_spin_us(us);
       },
       py::arg("us"), "Test hook: how long idle pool threads spin before sleeping (FUSEDFORMER_SPIN_US).");
-  m.def(
-      "peak_gflops",
-      [](double seconds) {
-        if (!(seconds > 0 && seconds <= 60))
-          throw py::value_error("[peak_gflops] seconds must be in (0, 60]");
-        py::gil_scoped_release release;
-        return peak_gflops(seconds);
-      },
-      py::kw_only(), py::arg("seconds") = 0.3,
-      "Measured fp32 FMA throughput of all pool threads, GFLOP/s (best ISA of this CPU).");
+  // A throughput probe taking `seconds` (validated) and releasing the GIL while it runs.
+  auto timed_probe = [](const char* name, double (*probe)(double)) {
+    return [name, probe](double seconds) {
+      if (!(seconds > 0 && seconds <= 60))
+        throw py::value_error(std::string("[") + name + "] seconds must be in (0, 60]");
+      py::gil_scoped_release release;
+      return probe(seconds);
+    };
+  };
+  m.def("peak_gflops", timed_probe("peak_gflops", peak_gflops), py::kw_only(),
+        py::arg("seconds") = 0.3,
+        "Measured fp32 FMA throughput of all pool threads, GFLOP/s (best ISA of this CPU).");
+  m.def("peak_gflops_bf16_dot", timed_probe("peak_gflops_bf16_dot", peak_gflops_bf16_dot),
+        py::kw_only(), py::arg("seconds") = 0.3,
+        "Measured bf16-pair dot-product (AVX512_BF16 vdpbf16ps) throughput of all pool threads, "
+        "GFLOP/s; 0 when the CPU lacks it.");
   m.def(
       "memory_bandwidth",
       [](int64_t mib, int passes) {

@@ -4,6 +4,8 @@
 #include <atomic>
 #include <chrono>
 #include <memory>
+#include <string>
+#include <vector>
 
 #include "csrc/dispatch.h"
 #include "csrc/threadpool.h"
@@ -27,33 +29,51 @@ double now() {
 
 std::atomic<float> g_sink{0};  // keeps the probe results alive
 
-}  // namespace
-
-double peak_gflops(double seconds) {
-  const ProbeKernels& k = best_probe();
+// Best GFLOP/s of `chains` (flops_per_iter flops an iteration) on every pool thread at once,
+// over about `seconds`.
+double chains_gflops(float (*chains)(int64_t), int64_t flops_per_iter, double seconds) {
   // Calibrate the iteration count on one thread, then run it on every pool thread at once.
   int64_t iters = 1 << 16;
   double t0 = now();
-  g_sink = g_sink + k.fma_chains(iters);
+  g_sink = g_sink + chains(iters);
   double dt = std::max(now() - t0, 1e-6);
   iters = std::max<int64_t>(iters, static_cast<int64_t>(iters * (seconds / 3) / dt));
   const int threads = num_threads();
   struct Ctx {
-    const ProbeKernels* k;
+    float (*chains)(int64_t);
     int64_t iters;
-  } ctx{&k, iters};
+  } ctx{chains, iters};
   auto body = [](void* c, int64_t b, int64_t e) {
     const auto* p = static_cast<const Ctx*>(c);
-    for (int64_t i = b; i < e; ++i) g_sink = g_sink + p->k->fma_chains(p->iters);
+    for (int64_t i = b; i < e; ++i) g_sink = g_sink + p->chains(p->iters);
   };
   double best = 0;
   for (int rep = 0; rep < 3; ++rep) {
     t0 = now();
     parallel_for_raw(threads, 1, body, &ctx);
     dt = now() - t0;
-    best = std::max(best, static_cast<double>(threads) * iters * k.flops_per_iter() / dt / 1e9);
+    best = std::max(best, static_cast<double>(threads) * iters * flops_per_iter / dt / 1e9);
   }
   return best;
+}
+
+}  // namespace
+
+double peak_gflops(double seconds) {
+  const ProbeKernels& k = best_probe();
+  return chains_gflops(k.fma_chains, k.flops_per_iter(), seconds);
+}
+
+double peak_gflops_bf16_dot(double seconds) {
+#ifdef FF_HAVE_AVX512
+  const std::vector<std::string> isas = supported_isas();
+  if (std::find(isas.begin(), isas.end(), "avx512_bf16") != isas.end()) {
+    const ProbeKernels& k = avx512::probe_kernels();
+    return chains_gflops(k.bf16_dot_chains, k.bf16_dot_flops_per_iter(), seconds);
+  }
+#endif
+  (void)seconds;
+  return 0.0;
 }
 
 double fma_work(int64_t iters) {

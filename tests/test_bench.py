@@ -61,6 +61,17 @@ def test_report_derives_figures_and_ratios(tmp_path):
     assert paths["png"].stat().st_size > 1000
 
 
+def test_bf16_rows_use_the_bf16_dot_peak_where_measured():
+    limits = MACHINE["limits"]
+    rep = Report("unit", machine={**MACHINE, "limits": {**limits, "peak_gflops_bf16_dot": 2 * limits["peak_gflops"]}})
+    assert rep.peak_for("bf16") == 2 * rep.peak_gflops and rep.peak_for("float32") == rep.peak_gflops
+    row = rep.add(case="c", impl="ours", timing=Timing(2.0, 1.5, 3.0, 7), flops=1e9,
+                  peak_gflops=rep.peak_for("bfloat16"))
+    assert row.pct_peak == pytest.approx(250.0)
+    no_bf16 = Report("unit", machine={**MACHINE, "limits": {**limits, "peak_gflops_bf16_dot": None}})
+    assert no_bf16.peak_for("bf16") == no_bf16.peak_gflops
+
+
 def test_validate_rejects_broken_reports():
     rep = Report("unit", machine=MACHINE)
     rep.add(case="c", impl="x", timing=Timing(1.0, 1.0, 1.0, 1))

@@ -31,10 +31,19 @@ def test_stream_sum_matches_numpy(rng):
         assert _C.stream_sum(x) == pytest.approx(float(x.astype(np.float64).sum()), rel=1e-4, abs=1e-3)
 
 
+def test_bf16_dot_peak_where_the_cpu_has_it():
+    g = _C.peak_gflops_bf16_dot(seconds=0.05)
+    if "avx512_bf16" in _C.supported_isas():
+        assert 0.5 < g < 1e5
+    else:
+        assert g == 0.0
+
+
+@pytest.mark.parametrize("probe", ["peak_gflops", "peak_gflops_bf16_dot"])
 @pytest.mark.parametrize("bad", [dict(seconds=0.0), dict(seconds=-1.0), dict(seconds=1e9)])
-def test_peak_rejects_bad_duration(bad):
-    with pytest.raises(ValueError, match=r"\[peak_gflops\]"):
-        _C.peak_gflops(**bad)
+def test_peak_rejects_bad_duration(probe, bad):
+    with pytest.raises(ValueError, match=rf"\[{probe}\]"):
+        getattr(_C, probe)(**bad)
 
 
 def test_bandwidth_rejects_bad_size():

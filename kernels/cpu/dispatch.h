@@ -47,6 +47,10 @@ struct ProbeKernels {
   int64_t (*flops_per_iter)();
   // Sums n floats with wide loads (a streaming read).
   float (*sum)(const float* x, int64_t n);
+  // The same for bf16-pair dot products (vdpbf16ps) where the variant has them, else null:
+  // run only on CPUs with AVX512_BF16.
+  float (*bf16_dot_chains)(int64_t iters);
+  int64_t (*bf16_dot_flops_per_iter)();
 };
 
 }  // namespace ff

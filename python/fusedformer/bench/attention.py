@@ -231,5 +231,6 @@ def run(args) -> Report:
                 bytes=case.bytes,
                 baseline=BASELINE if BASELINE in impls else None,
                 note=note,
+                peak_gflops=rep.peak_for(case.dtype),
             )
     return rep

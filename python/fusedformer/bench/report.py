@@ -68,6 +68,12 @@ class Report:
     def peak_gflops(self) -> float:
         return self.machine["limits"]["peak_gflops"]
 
+    def peak_for(self, dtype: str) -> float:
+        """The compute ceiling of a case in ``dtype``: bf16 cases are measured against the bf16
+        dot-product peak where the CPU has one (vdpbf16ps: twice the fp32 FMA rate)."""
+        bf16 = self.machine["limits"].get("peak_gflops_bf16_dot")
+        return bf16 if dtype in ("bf16", "bfloat16") and bf16 else self.peak_gflops
+
     @property
     def bandwidth_gbs(self) -> float:
         return self.machine["limits"]["bandwidth_gbs"]
@@ -82,11 +88,14 @@ class Report:
         bytes: float | None = None,
         baseline: str | None = None,
         note: str = "",
+        peak_gflops: float | None = None,
         **extra,
     ) -> Row:
         """Adds a timed row. ``flops``/``bytes`` are the work of one call (GFLOP/s and GB/s are
         derived); ``baseline`` names the impl of the same case this row is compared with;
+        ``peak_gflops`` is the ceiling % peak refers to (default: the fp32 FMA peak);
         ``extra`` holds further figures (tokens_per_s=..., model_mb=...)."""
+        peak = peak_gflops or self.peak_gflops
         sec = timing.median_ms / 1e3
         gflops = flops / sec / 1e9 if flops else None
         gbs = bytes / sec / 1e9 if bytes else None
@@ -98,7 +107,7 @@ class Report:
             max_ms=_round(timing.max_ms, 4),
             runs=timing.runs,
             gflops=_round(gflops, 2),
-            pct_peak=_round(100 * gflops / self.peak_gflops if gflops else None, 1),
+            pct_peak=_round(100 * gflops / peak if gflops else None, 1),
             gbs=_round(gbs, 2),
             pct_bandwidth=_round(100 * gbs / self.bandwidth_gbs if gbs else None, 1),
             baseline=baseline if baseline != impl else None,
@@ -132,8 +141,9 @@ class Report:
         limits = self.machine["limits"]
         title = (
             f"fusedformer bench {self.area} — {self.machine['cpu']}, {self.machine['threads']} threads, "
-            f"ISA {self.machine['isa']}; measured peak {limits['peak_gflops']:.0f} GFLOP/s, "
-            f"bandwidth {limits['bandwidth_gbs']:.1f} GB/s"
+            f"ISA {self.machine['isa']}; measured peak {limits['peak_gflops']:.0f} GFLOP/s"
+            + (f" (bf16 dot {limits['peak_gflops_bf16_dot']:.0f})" if limits.get("peak_gflops_bf16_dot") else "")
+            + f", bandwidth {limits['bandwidth_gbs']:.1f} GB/s"
         )
         table = Table(title=title, title_justify="left")
         extra_keys = sorted({k for r in self.rows for k in r.extra})
