@@ -23,7 +23,7 @@ thread_local bool t_inside_pool_job = false;
 // How long an idle worker (and a submitter waiting for the last worker) spins before it
 // sleeps. Decode runs one short kernel after another (tens to hundreds of microseconds each,
 // with a few small framework ops between them); waking a sleeping thread costs about as much
-// as such a kernel on a busy VM, and the submitter waits for every worker to check in.
+// as such a kernel on a busy VM.
 // FUSEDFORMER_SPIN_US overrides it (0: sleep at once).
 std::atomic<int64_t> g_spin_ns{100 * 1000};
 
@@ -59,6 +59,14 @@ bool spin_until(const Pred& done) {
 // while (see g_spin_ns), then sleep on a condition variable. Jobs from several Python threads
 // are serialised; a parallel_for issued from inside a job runs inline (no nested parallelism,
 // no deadlock).
+//
+// The submitter waits only for workers that joined the job, not for every worker: once the
+// counter is exhausted it closes the job, and a worker that had not joined by then (asleep,
+// or its core taken by another process's spinning threads, as torch's OpenMP workers do
+// between ops) stays out of it. Joining is `active_ += 1` followed by a check that the job is
+// still open; closing is a store to state_ followed by reading active_. Both pairs are
+// sequentially consistent, so either the submitter sees the worker in active_ and waits for
+// it, or the worker sees the job closed and never touches its fields.
 class ThreadPool {
  public:
   explicit ThreadPool(int threads) {
@@ -82,6 +90,7 @@ class ThreadPool {
       return;
     }
     std::lock_guard<std::mutex> submit(submit_mutex_);
+    uint64_t job;
     {
       std::lock_guard<std::mutex> lock(mutex_);
       fn_ = fn;
@@ -89,12 +98,13 @@ class ThreadPool {
       n_ = n;
       grain_ = grain;
       next_.store(0, std::memory_order_relaxed);
-      pending_.store(static_cast<int>(workers_.size()), std::memory_order_relaxed);
-      generation_.fetch_add(1, std::memory_order_release);  // publishes the fields to spinners
+      job = (state_.load(std::memory_order_relaxed) >> 1) + 1;
+      state_.store(job << 1 | 1, std::memory_order_seq_cst);  // open; publishes the fields
       if (sleepers_ > 0) wake_.notify_all();
     }
     work();
-    auto finished = [this] { return pending_.load(std::memory_order_acquire) == 0; };
+    state_.store(job << 1, std::memory_order_seq_cst);  // closed to workers that have not joined
+    auto finished = [this] { return active_.load(std::memory_order_seq_cst) == 0; };
     if (spin_until(finished)) return;
     std::unique_lock<std::mutex> lock(mutex_);
     done_.wait(lock, finished);
@@ -112,9 +122,9 @@ class ThreadPool {
   }
 
   void worker_loop() {
-    uint64_t seen = 0;
+    uint64_t seen = 0;  // the last job this worker looked at
     auto fresh = [&] {
-      return stop_.load(std::memory_order_relaxed) || generation_.load(std::memory_order_acquire) != seen;
+      return stop_.load(std::memory_order_relaxed) || (state_.load(std::memory_order_acquire) >> 1) != seen;
     };
     for (;;) {
       if (!spin_until(fresh)) {
@@ -124,9 +134,10 @@ class ThreadPool {
         --sleepers_;
       }
       if (stop_.load()) return;
-      seen = generation_.load(std::memory_order_acquire);
-      work();
-      if (pending_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+      seen = state_.load(std::memory_order_acquire) >> 1;
+      active_.fetch_add(1, std::memory_order_seq_cst);
+      if (state_.load(std::memory_order_seq_cst) == (seen << 1 | 1)) work();  // still open: join
+      if (active_.fetch_sub(1, std::memory_order_seq_cst) == 1) {
         std::lock_guard<std::mutex> lock(mutex_);  // the submitter may be about to sleep
         done_.notify_one();
       }
@@ -137,9 +148,9 @@ class ThreadPool {
   std::mutex submit_mutex_, mutex_;
   std::condition_variable wake_, done_;
   std::atomic<bool> stop_{false};
-  std::atomic<uint64_t> generation_{0};
-  std::atomic<int> pending_{0};
-  int sleepers_ = 0;  // guarded by mutex_
+  std::atomic<uint64_t> state_{0};  // job number << 1 | (1 while the job is open)
+  std::atomic<int> active_{0};      // workers inside the current job
+  int sleepers_ = 0;                // guarded by mutex_
   RangeFn fn_ = nullptr;
   void* ctx_ = nullptr;
   int64_t n_ = 0, grain_ = 1;
