@@ -13,12 +13,10 @@ from fusedformer.torch.qmatmul_op import parts_as_tensors
 
 
 def _plain_eager(x: torch.Tensor) -> bool:
-    """A real CPU tensor outside tracing/compilation and autograd."""
-    from torch._subclasses.fake_tensor import FakeTensor
-
+    """A real tensor (not a subclass: fake and functional tensors are) outside tracing,
+    compilation and autograd."""
     return (
         type(x) is torch.Tensor
-        and not isinstance(x, FakeTensor)
         and not (x.requires_grad and torch.is_grad_enabled())
         and not torch.jit.is_tracing()
         and not torch.compiler.is_compiling()
@@ -59,7 +57,8 @@ class QuantizedLinear(nn.Module):
         return QuantizedWeight.from_op_args(self._parts(), self._meta)
 
     def _parts(self) -> list[torch.Tensor]:
-        return [getattr(self, "w_" + n) for n in self._names]
+        buffers = self._buffers  # (Module.__getattr__ would cost microseconds a call)
+        return [buffers["w_" + n] for n in self._names]
 
     @property
     def weight_nbytes(self) -> int:
