@@ -431,6 +431,12 @@ FF_ALWAYS_INLINE void group_factors(const float* scales, const float* sx, int64_
   }
 }
 
+// How far ahead of the codes being read the GEMV touches W (bytes). The hardware prefetchers
+// alone leave a decode-shaped 4-bit GEMV from memory at 15-16 GB/s on Zen 4 (2048 x 5632:
+// 0.48 ms cold against 0.27 ms from cache); touching the codes 2 KiB ahead measured about 15%
+// faster over the 1.1B model's shapes (/tmp diagnostic, alternating rounds).
+constexpr int64_t kPrefetchAhead = 2048;
+
 // One W row's dot with MR x rows, for groups of G codes: G = 64 and 128 are one and two
 // blocks per group; a block holds two groups of 32, whose sums sit in lanes 0-7 and 8-15.
 template <int MR, int G>
@@ -438,6 +444,7 @@ FF_ALWAYS_INLINE void row_affine4_vnni(const uint8_t* bytes, const int16_t* hi, 
                                        const float* f, int64_t groups, __m512 (&acc_h)[MR], __m512 (&acc_l)[MR]) {
   constexpr int64_t kBlocks = G >= kVnniBlock ? G / kVnniBlock : 1, kGroups = G >= kVnniBlock ? 1 : kVnniBlock / G;
   for (int64_t g = 0; g < groups; g += kGroups) {
+    _mm_prefetch(reinterpret_cast<const char*>(bytes) + kPrefetchAhead, _MM_HINT_T0);  // never faults
     __m512i h[MR], l[MR];
     for (int r = 0; r < MR; ++r) h[r] = l[r] = _mm512_setzero_si512();
     for (int64_t j = 0; j < kBlocks; ++j, bytes += kVnniBlock / 2, hi += kVnniBlock, lo += kVnniBlock)
