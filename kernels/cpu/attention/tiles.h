@@ -443,18 +443,29 @@ inline void qk_packed_zmm(const float* q, int64_t q_stride, const float* kt, int
     for (int u = 0; u < NC; ++u) _mm512_storeu_ps(s + r * s_stride + 16 * u, acc[r][u]);
 }
 
+// acc[r][u] = alpha[r] * o[r][16u .. 16u+16): the O tile a PV step starts from, rescaled.
+template <int R, int NC>
+inline void load_rescaled_zmm(__m512 (&acc)[R][NC], const float* o, int64_t o_stride, const float* alpha) {
+  for (int r = 0; r < R; ++r) {
+    const __m512 a = _mm512_set1_ps(alpha[r]);
+    for (int u = 0; u < NC; ++u) acc[r][u] = _mm512_mul_ps(_mm512_loadu_ps(o + r * o_stride + 16 * u), a);
+  }
+}
+
+template <int R, int NC>
+inline void store_zmm(float* o, int64_t o_stride, const __m512 (&acc)[R][NC]) {
+  for (int r = 0; r < R; ++r)
+    for (int u = 0; u < NC; ++u) _mm512_storeu_ps(o + r * o_stride + 16 * u, acc[r][u]);
+}
+
 // o[r][0..16*NC) = alpha[r] * o[r] + sum_{j < nk} p[r][j] * v[j][0..16*NC) for R rows.
 template <int R, int NC>
 inline void pv_f32_zmm(float* o, int64_t o_stride, const float* alpha, const float* p,
                        int64_t p_stride, const float* v, int64_t v_stride, int64_t nk) {
   __m512 acc[R][NC];
-  for (int r = 0; r < R; ++r) {
-    const __m512 a = _mm512_set1_ps(alpha[r]);
-    for (int u = 0; u < NC; ++u) acc[r][u] = _mm512_mul_ps(_mm512_loadu_ps(o + r * o_stride + 16 * u), a);
-  }
+  load_rescaled_zmm<R, NC>(acc, o, o_stride, alpha);
   rank1_tile_zmm<R, NC>(acc, p, p_stride, v, v_stride, nk);
-  for (int r = 0; r < R; ++r)
-    for (int u = 0; u < NC; ++u) _mm512_storeu_ps(o + r * o_stride + 16 * u, acc[r][u]);
+  store_zmm<R, NC>(o, o_stride, acc);
 }
 
 // ---- AVX512_BF16 prefill micro-kernels (bf16 inputs) -------------------------------------
@@ -551,13 +562,9 @@ template <int R, int NC>
 FF_BF16_DOT inline void pv_bf16_zmm(float* o, int64_t o_stride, const float* alpha, const uint32_t* p,
                                     int64_t p_stride, const uint32_t* vp, int64_t vp_stride, int64_t n2) {
   __m512 acc[R][NC];
-  for (int r = 0; r < R; ++r) {
-    const __m512 a = _mm512_set1_ps(alpha[r]);
-    for (int u = 0; u < NC; ++u) acc[r][u] = _mm512_mul_ps(_mm512_loadu_ps(o + r * o_stride + 16 * u), a);
-  }
+  load_rescaled_zmm<R, NC>(acc, o, o_stride, alpha);
   rank2_tile_bf16<R, NC>(acc, p, p_stride, vp, vp_stride, n2);
-  for (int r = 0; r < R; ++r)
-    for (int u = 0; u < NC; ++u) _mm512_storeu_ps(o + r * o_stride + 16 * u, acc[r][u]);
+  store_zmm<R, NC>(o, o_stride, acc);
 }
 
 // Calls f(Rows<NV>{}) with NV = d / 16 when the head dim d has a zmm decode path (a multiple
