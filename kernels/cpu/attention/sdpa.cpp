@@ -25,6 +25,7 @@ namespace attention {
 namespace {
 
 constexpr int64_t kRowTile = 96;       // query rows per block (positions x heads of a group)
+static_assert(kRowTile % kMr == 0, "blocks are whole kMr-row strips");
 constexpr int64_t kSplitChunk = 512;   // keys per split-KV chunk, chosen by shape
 constexpr int64_t kStreamMaxRows = 8;  // blocks this small stream K/V instead of packing them
 constexpr int64_t kPrefetchTiles = 2;  // how far ahead K/V tiles are prefetched
@@ -97,6 +98,19 @@ inline void apply_mask(const SdpaMask& mk, int64_t b, int64_t h, int64_t i, int6
   } else {
     const float* add = static_cast<const float*>(mk.data) + base;
     for (int64_t j = 0; j < nk; ++j) s[j] += add[j * sk];
+  }
+}
+
+// out[k] = the keys of the tile [t, t + nk) that rows [k kMr, (k + 1) kMr) of the block may
+// see, counted from t: up to the largest hi of the strip (a row with lo >= hi sees none). A
+// strip's register tiles stop there; its rows' scores past their own hi are masked anyway.
+inline void tile_strip_keys(const int64_t* lo, const int64_t* hi, int64_t t, int64_t nk,
+                            int64_t nr, bool clip, int64_t* out) {
+  for (int64_t r0 = 0; r0 < nr; r0 += kMr) {
+    int64_t n = clip ? 0 : nk;
+    for (int64_t r = r0; clip && r < r0 + kMr && r < nr; ++r)
+      if (lo[r] < hi[r] && hi[r] - t > n) n = hi[r] - t;
+    out[r0 / kMr] = n < nk ? n : nk;
   }
 }
 
@@ -197,6 +211,13 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
       }
     }
 
+    // Rows that reach past the tile's end or start before it; strip_keys then says how far
+    // each kMr-row strip of the prefill tiles must go (on the causal diagonal, not the whole
+    // tile: the masked triangle is skipped, not computed and masked).
+    const bool clip = t < lo_max || t + nk > hi_min;
+    int64_t strip_keys[kRowTile / kMr];
+    if (!stream) tile_strip_keys(lo, hi, t, nk, nr, clip, strip_keys);
+
     // S = (scale q) K^T
     if (wide) {
       qk_wide<T>(w.q, dp, kt, ks, nk, D, w.s, kKeyTile, nr);
@@ -208,21 +229,23 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
         });
     } else if (dot16) {
       qk_bf16_tile(qw, dp / 2, reinterpret_cast<const uint16_t*>(kt), ks, nk, D, p.scale,
-                   reinterpret_cast<uint32_t*>(w.kt), w.s, kKeyTile, nr);
+                   reinterpret_cast<uint32_t*>(w.kt), w.s, kKeyTile, strip_keys, nr);
     } else {
       pack_k_transposed<T>(kt, ks, nk, D, w.kt);
-      if (!qk_packed_wide(w.q, dp, w.kt, D, w.s, kKeyTile, nk, nr)) {
+      if (!qk_packed_wide(w.q, dp, w.kt, D, w.s, kKeyTile, strip_keys, nr)) {
         for (int64_t c = 0; c < nk; c += 16)
-          for (int64_t rr = 0; rr < nr; rr += kMr)
+          for (int64_t rr = 0; rr < nr; rr += kMr) {
+            if (c >= strip_keys[rr / kMr]) continue;
             with_rows<kMr>(static_cast<int>(nr - rr), [&](auto R) {
               qk_packed<decltype(R)::value>(w.q + rr * dp, dp, w.kt + c, D,
                                             w.s + rr * kKeyTile + c, kKeyTile);
             });
+          }
       }
     }
 
-    // masks, then the online softmax of every row
-    const bool clip = t < lo_max || t + nk > hi_min;
+    // masks, then the online softmax of every row (columns past a strip's keys, never
+    // computed, are past each of its rows' hi and set to -inf here)
     for (int64_t rr = 0; rr < nr; ++rr) {
       float* s = w.s + rr * kKeyTile;
       if (clip) {
@@ -247,7 +270,7 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
         });
     } else if (dot16) {
       pv_bf16_tile(w.o, dp, w.alpha, w.s, kKeyTile, reinterpret_cast<const uint16_t*>(vt), vs, nk, D,
-                   dp, reinterpret_cast<uint32_t*>(w.v), nr);
+                   dp, reinterpret_cast<uint32_t*>(w.v), strip_keys, nr);
     } else {
       const float* vf = w.v;
       int64_t vf_stride = dp;
@@ -257,12 +280,12 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
       } else {
         pack_v<T>(vt, vs, nk, D, w.v, dp);
       }
-      if (!pv_f32_wide(w.o, dp, w.alpha, w.s, kKeyTile, vf, vf_stride, nk, dp, nr)) {
+      if (!pv_f32_wide(w.o, dp, w.alpha, w.s, kKeyTile, vf, vf_stride, strip_keys, dp, nr)) {
         for (int64_t c = 0; c < dp; c += 16)
           for (int64_t rr = 0; rr < nr; rr += kMr)
             with_rows<kMr>(static_cast<int>(nr - rr), [&](auto R) {
               pv_f32<decltype(R)::value>(w.o + rr * dp + c, dp, w.alpha + rr, w.s + rr * kKeyTile,
-                                         kKeyTile, vf + c, vf_stride, nk);
+                                         kKeyTile, vf + c, vf_stride, strip_keys[rr / kMr]);
             });
       }
     }

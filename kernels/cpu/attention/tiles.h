@@ -622,23 +622,28 @@ inline void with_zmm_columns(int64_t n, const F& f) {
   }
 }
 
-// S = Q K^T over the first nk keys of the packed K tile (rounded up to 16), for nr rows.
+// S = Q K^T for nr rows against the packed K tile: the rows of strip r / kMr over its first
+// strip_keys[r / kMr] keys (rounded up to 16; a strip with none is skipped).
 inline bool qk_packed_wide(const float* q, int64_t q_stride, const float* kt, int64_t d, float* s,
-                           int64_t s_stride, int64_t nk, int64_t nr) {
-  with_zmm_columns(nk, [&](auto NC) {
-    for (int64_t r = 0; r < nr; r += kMr)
+                           int64_t s_stride, const int64_t* strip_keys, int64_t nr) {
+  for (int64_t r = 0; r < nr; r += kMr) {
+    const int64_t n = strip_keys[r / kMr];
+    if (n == 0) continue;
+    with_zmm_columns(n, [&](auto NC) {
       with_rows<kMr>(static_cast<int>(nr - r), [&](auto R) {
         qk_packed_zmm<decltype(R)::value, decltype(NC)::value>(q + r * q_stride, q_stride, kt, d,
                                                                s + r * s_stride, s_stride);
       });
-  });
+    });
+  }
   return true;
 }
 
-// O = diag(alpha) O + P V over fp32 V rows of dp columns (a multiple of 16), for nr rows.
+// O = diag(alpha) O + P V over fp32 V rows of dp columns (a multiple of 16), for nr rows; the
+// rows of strip r / kMr take the first strip_keys[r / kMr] keys (their other p are 0).
 inline bool pv_f32_wide(float* o, int64_t o_stride, const float* alpha, const float* p,
-                        int64_t p_stride, const float* v, int64_t v_stride, int64_t nk, int64_t dp,
-                        int64_t nr) {
+                        int64_t p_stride, const float* v, int64_t v_stride,
+                        const int64_t* strip_keys, int64_t dp, int64_t nr) {
   for (int64_t c = 0; c < dp; c += 64)
     for (int64_t r = 0; r < nr; r += kMr)
       with_rows<kMr>(static_cast<int>(nr - r), [&](auto R) {
@@ -646,7 +651,8 @@ inline bool pv_f32_wide(float* o, int64_t o_stride, const float* alpha, const fl
         float* oc = o + r * o_stride + c;
         const float* pr = p + r * p_stride;
         with_zmm_columns(dp - c, [&](auto NC) {
-          pv_f32_zmm<kR, decltype(NC)::value>(oc, o_stride, alpha + r, pr, p_stride, v + c, v_stride, nk);
+          pv_f32_zmm<kR, decltype(NC)::value>(oc, o_stride, alpha + r, pr, p_stride, v + c, v_stride,
+                                              strip_keys[r / kMr]);
         });
       });
   return true;
@@ -656,25 +662,32 @@ inline bool pv_f32_wide(float* o, int64_t o_stride, const float* alpha, const fl
 inline bool bf16_tiles(int64_t d) { return d % 2 == 0 && bf16_dot(); }
 
 // S = scale Q K^T for nr rows of q words (d / 2 per row, pitch q_stride) against nk keys of
-// bf16 storage; kp is the scratch for the packed tile (d / 2 x kKeyTile words).
+// bf16 storage, strip by strip as qk_packed_wide; kp is the scratch for the packed tile
+// (d / 2 x kKeyTile words).
 FF_BF16_DOT inline void qk_bf16_tile(const uint32_t* q, int64_t q_stride, const uint16_t* k,
                                      int64_t k_stride, int64_t nk, int64_t d, float scale,
-                                     uint32_t* kp, float* s, int64_t s_stride, int64_t nr) {
+                                     uint32_t* kp, float* s, int64_t s_stride,
+                                     const int64_t* strip_keys, int64_t nr) {
   pack_k_pairs(k, k_stride, nk, d, kp);
-  with_zmm_columns(nk, [&](auto NC) {
-    for (int64_t r = 0; r < nr; r += kMr)
+  for (int64_t r = 0; r < nr; r += kMr) {
+    const int64_t n = strip_keys[r / kMr];
+    if (n == 0) continue;
+    with_zmm_columns(n, [&](auto NC) {
       with_rows<kMr>(static_cast<int>(nr - r), [&](auto R) {
         qk_bf16_zmm<decltype(R)::value, decltype(NC)::value>(q + r * q_stride, q_stride, kp, d / 2,
                                                              scale, s + r * s_stride, s_stride);
       });
-  });
+    });
+  }
 }
 
-// O = diag(alpha) O + P V for nr rows over nk keys of bf16 V storage; P (pitch p_stride) is
-// rounded to bf16 in place; vp is the scratch for the paired tile (ceil(nk / 2) x dp words).
+// O = diag(alpha) O + P V for nr rows over nk keys of bf16 V storage (strip r / kMr over its
+// first strip_keys[r / kMr]); P (pitch p_stride) is rounded to bf16 in place; vp is the
+// scratch for the paired tile (ceil(nk / 2) x dp words).
 FF_BF16_DOT inline void pv_bf16_tile(float* o, int64_t o_stride, const float* alpha, float* p,
                                      int64_t p_stride, const uint16_t* v, int64_t v_stride,
-                                     int64_t nk, int64_t d, int64_t dp, uint32_t* vp, int64_t nr) {
+                                     int64_t nk, int64_t d, int64_t dp, uint32_t* vp,
+                                     const int64_t* strip_keys, int64_t nr) {
   pack_v_pairs(v, v_stride, nk, d, vp, dp);
   round_p_pairs(p, p_stride, nk, nr);
   const uint32_t* pw = reinterpret_cast<const uint32_t*>(p);
@@ -684,16 +697,16 @@ FF_BF16_DOT inline void pv_bf16_tile(float* o, int64_t o_stride, const float* al
         with_zmm_columns(dp - c, [&](auto NC) {
           pv_bf16_zmm<decltype(R)::value, decltype(NC)::value>(o + r * o_stride + c, o_stride, alpha + r,
                                                                pw + r * p_stride, p_stride, vp + c, dp,
-                                                               (nk + 1) / 2);
+                                                               (strip_keys[r / kMr] + 1) / 2);
         });
       });
 }
 #else
 inline bool bf16_tiles(int64_t) { return false; }
 inline void qk_bf16_tile(const uint32_t*, int64_t, const uint16_t*, int64_t, int64_t, int64_t, float,
-                         uint32_t*, float*, int64_t, int64_t) {}
+                         uint32_t*, float*, int64_t, const int64_t*, int64_t) {}
 inline void pv_bf16_tile(float*, int64_t, const float*, float*, int64_t, const uint16_t*, int64_t,
-                         int64_t, int64_t, int64_t, uint32_t*, int64_t) {}
+                         int64_t, int64_t, int64_t, uint32_t*, const int64_t*, int64_t) {}
 inline bool wide_rows(int64_t) { return false; }
 template <DType T>
 inline void qk_wide(const float*, int64_t, const typename Elem<T>::type*, int64_t, int64_t, int64_t,
@@ -701,12 +714,12 @@ inline void qk_wide(const float*, int64_t, const typename Elem<T>::type*, int64_
 template <DType T>
 inline void pv_wide(float*, int64_t, const float*, const float*, int64_t,
                     const typename Elem<T>::type*, int64_t, int64_t, int64_t, int64_t) {}
-inline bool qk_packed_wide(const float*, int64_t, const float*, int64_t, float*, int64_t, int64_t,
-                           int64_t) {
+inline bool qk_packed_wide(const float*, int64_t, const float*, int64_t, float*, int64_t,
+                           const int64_t*, int64_t) {
   return false;
 }
 inline bool pv_f32_wide(float*, int64_t, const float*, const float*, int64_t, const float*, int64_t,
-                        int64_t, int64_t, int64_t) {
+                        const int64_t*, int64_t, int64_t) {
   return false;
 }
 #endif
