@@ -217,6 +217,13 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
     const bool clip = t < lo_max || t + nk > hi_min;
     int64_t strip_keys[kRowTile / kMr];
     if (!stream) tile_strip_keys(lo, hi, t, nk, nr, clip, strip_keys);
+    // A whole tile with nothing to mask: the zmm score tiles run the online softmax on their
+    // registers (softmax_rows_zmm) instead of storing the scores for the pass below.
+    const RowState rows{w.m, w.l, w.alpha};
+    const RowState* fused = !stream && kFusedSoftmax && !clip && nk == kKeyTile &&
+                                    p.mask.kind == SdpaMaskKind::none
+                                ? &rows
+                                : nullptr;
 
     // S = (scale q) K^T
     if (wide) {
@@ -229,10 +236,10 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
         });
     } else if (dot16) {
       qk_bf16_tile(qw, dp / 2, reinterpret_cast<const uint16_t*>(kt), ks, nk, D, p.scale,
-                   reinterpret_cast<uint32_t*>(w.kt), w.s, kKeyTile, strip_keys, nr);
+                   reinterpret_cast<uint32_t*>(w.kt), w.s, kKeyTile, strip_keys, nr, fused);
     } else {
       pack_k_transposed<T>(kt, ks, nk, D, w.kt);
-      if (!qk_packed_wide(w.q, dp, w.kt, D, w.s, kKeyTile, strip_keys, nr)) {
+      if (!qk_packed_wide(w.q, dp, w.kt, D, w.s, kKeyTile, strip_keys, nr, fused)) {
         for (int64_t c = 0; c < nk; c += 16)
           for (int64_t rr = 0; rr < nr; rr += kMr) {
             if (c >= strip_keys[rr / kMr]) continue;
@@ -246,7 +253,7 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
 
     // masks, then the online softmax of every row (columns past a strip's keys, never
     // computed, are past each of its rows' hi and set to -inf here)
-    for (int64_t rr = 0; rr < nr; ++rr) {
+    for (int64_t rr = 0; rr < nr && !fused; ++rr) {
       float* s = w.s + rr * kKeyTile;
       if (clip) {
         const int64_t a = lo[rr] - t, e = hi[rr] - t;

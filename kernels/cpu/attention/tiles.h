@@ -14,7 +14,9 @@
 // Every function on f32x8 is the same algorithm on all backends (generic is the AVX2 oracle).
 #pragma once
 
+#include <cmath>
 #include <cstdint>
+#include <limits>
 
 #include "kernels/cpu/simd/vec.h"
 
@@ -30,6 +32,15 @@ constexpr int kDotRows = 4;    // query rows per register block (decode)
 constexpr int kMaxHeadDim = 256;
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// The online-softmax state of a block's rows: running max m, running sum l, and the factor
+// alpha the accumulator of each row is rescaled by for the current tile.
+struct RowState {
+  float* m = nullptr;
+  float* l = nullptr;
+  float* alpha = nullptr;
+  RowState offset(int64_t r) const { return {m + r, l + r, alpha + r}; }
+};
 
 // n (< 8) elements of storage type T as fp32 lanes, the rest 0.
 template <DType T>
@@ -411,6 +422,49 @@ inline float exp_sum_zmm(float* s, int64_t n, float m) {
   return _mm512_reduce_add_ps(sum);
 }
 
+// The online-softmax step of R rows whose scores over a whole tile (16 NC keys, none masked)
+// are in registers: m, l updated, the scores turned into p = exp(s - m_new) and stored to s,
+// alpha = exp(m_old - m_new) set. The same arithmetic, in the same order, as softmax_update
+// on the stored scores, without the round trip through memory.
+template <int R, int NC>
+inline void softmax_rows_zmm(__m512 (&acc)[R][NC], float* s, int64_t s_stride, const RowState& st) {
+  for (int r = 0; r < R; ++r) {
+    __m512 mx = acc[r][0];
+    for (int u = 1; u < NC; ++u) mx = _mm512_max_ps(mx, acc[r][u]);
+    const float m_old = st.m[r];
+    const float m_new = std::fmax(m_old, _mm512_reduce_max_ps(mx));
+    float* p = s + r * s_stride;
+    if (m_new == -std::numeric_limits<float>::infinity()) {  // no finite score yet
+      for (int u = 0; u < NC; ++u) _mm512_storeu_ps(p + 16 * u, _mm512_setzero_ps());
+      st.alpha[r] = 1.0f;
+      continue;
+    }
+    const __m512 mv = _mm512_set1_ps(m_new);
+    __m512 sum = _mm512_setzero_ps();
+    for (int u = 0; u < NC; ++u) {
+      const __m512 e = exp16(_mm512_sub_ps(acc[r][u], mv));
+      _mm512_storeu_ps(p + 16 * u, e);
+      sum = _mm512_add_ps(sum, e);
+    }
+    const float alpha = simd::exp_scalar(m_old - m_new);
+    st.l[r] = st.l[r] * alpha + _mm512_reduce_add_ps(sum);
+    st.m[r] = m_new;
+    st.alpha[r] = alpha;
+  }
+}
+
+// The scores of an R x 16 NC register tile: stored to s, or (st given) through the online
+// softmax into probabilities.
+template <int R, int NC>
+inline void finish_scores_zmm(__m512 (&acc)[R][NC], float* s, int64_t s_stride, const RowState* st) {
+  if (st) {
+    softmax_rows_zmm<R, NC>(acc, s, s_stride, *st);
+  } else {
+    for (int r = 0; r < R; ++r)
+      for (int u = 0; u < NC; ++u) _mm512_storeu_ps(s + r * s_stride + 16 * u, acc[r][u]);
+  }
+}
+
 // ---- AVX-512 prefill micro-kernels ------------------------------------------------------
 // The forms of qk_packed and pv_f32 for 64 keys / 64 columns (4 zmm) per row: 24 accumulators
 // for 6 rows, a quarter of the loads and broadcasts per FMA of the 16-wide ymm tiles.
@@ -431,16 +485,16 @@ inline void rank1_tile_zmm(__m512 (&acc)[R][NC], const float* a, int64_t a_strid
 }
 
 // s[r][0..16*NC) = sum_x q[r][x] * kt[x][0..16*NC) for R rows (kt: the packed tile, pitch
-// kKeyTile; NC = 4 for a full tile, fewer for the last keys of a short sequence).
+// kKeyTile; NC = 4 for a full tile, fewer for the last keys of a short sequence), finished by
+// finish_scores_zmm.
 template <int R, int NC>
 inline void qk_packed_zmm(const float* q, int64_t q_stride, const float* kt, int64_t d, float* s,
-                          int64_t s_stride) {
+                          int64_t s_stride, const RowState* st) {
   __m512 acc[R][NC];
   for (int r = 0; r < R; ++r)
     for (int u = 0; u < NC; ++u) acc[r][u] = _mm512_setzero_ps();
   rank1_tile_zmm<R, NC>(acc, q, q_stride, kt, kKeyTile, d);
-  for (int r = 0; r < R; ++r)
-    for (int u = 0; u < NC; ++u) _mm512_storeu_ps(s + r * s_stride + 16 * u, acc[r][u]);
+  finish_scores_zmm<R, NC>(acc, s, s_stride, st);
 }
 
 // acc[r][u] = alpha[r] * o[r][16u .. 16u+16): the O tile a PV step starts from, rescaled.
@@ -547,14 +601,16 @@ FF_BF16_DOT inline void rank2_tile_bf16(__m512 (&acc)[R][NC], const uint32_t* a,
 // s[r][0..16*NC) = scale * (q[r] . k[j]) from q rows of d2 words and the packed Kp tile.
 template <int R, int NC>
 FF_BF16_DOT inline void qk_bf16_zmm(const uint32_t* q, int64_t q_stride, const uint32_t* kp,
-                                    int64_t d2, float scale, float* s, int64_t s_stride) {
+                                    int64_t d2, float scale, float* s, int64_t s_stride,
+                                    const RowState* st) {
   __m512 acc[R][NC];
   for (int r = 0; r < R; ++r)
     for (int u = 0; u < NC; ++u) acc[r][u] = _mm512_setzero_ps();
   rank2_tile_bf16<R, NC>(acc, q, q_stride, kp, kKeyTile, d2);
   const __m512 sc = _mm512_set1_ps(scale);
   for (int r = 0; r < R; ++r)
-    for (int u = 0; u < NC; ++u) _mm512_storeu_ps(s + r * s_stride + 16 * u, _mm512_mul_ps(acc[r][u], sc));
+    for (int u = 0; u < NC; ++u) acc[r][u] = _mm512_mul_ps(acc[r][u], sc);
+  finish_scores_zmm<R, NC>(acc, s, s_stride, st);
 }
 
 // o[r][0..16*NC) = alpha[r] * o[r] + sum_{j2 < n2} dot2(p[r][j2], vp[j2][..]) for R rows.
@@ -593,6 +649,9 @@ inline bool with_zmm_width(int64_t d, const F& f) {
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 inline bool wide_rows(int64_t d) { return with_zmm_width(d, [](auto) {}); }
 
+// The prefill score tiles can finish a whole unmasked tile with the online softmax.
+constexpr bool kFusedSoftmax = true;
+
 template <DType T>
 inline void qk_wide(const float* q, int64_t q_stride, const typename Elem<T>::type* k,
                     int64_t k_stride, int64_t nk, int64_t d, float* s, int64_t s_stride,
@@ -623,16 +682,21 @@ inline void with_zmm_columns(int64_t n, const F& f) {
 }
 
 // S = Q K^T for nr rows against the packed K tile: the rows of strip r / kMr over its first
-// strip_keys[r / kMr] keys (rounded up to 16; a strip with none is skipped).
+// strip_keys[r / kMr] keys (rounded up to 16; a strip with none is skipped). With st (a whole
+// tile, no mask or clipping: every strip_keys == kKeyTile) the rows' online softmax runs on
+// the scores in registers and s receives the probabilities.
 inline bool qk_packed_wide(const float* q, int64_t q_stride, const float* kt, int64_t d, float* s,
-                           int64_t s_stride, const int64_t* strip_keys, int64_t nr) {
+                           int64_t s_stride, const int64_t* strip_keys, int64_t nr,
+                           const RowState* st) {
   for (int64_t r = 0; r < nr; r += kMr) {
     const int64_t n = strip_keys[r / kMr];
     if (n == 0) continue;
+    const RowState at = st ? st->offset(r) : RowState{};
     with_zmm_columns(n, [&](auto NC) {
       with_rows<kMr>(static_cast<int>(nr - r), [&](auto R) {
         qk_packed_zmm<decltype(R)::value, decltype(NC)::value>(q + r * q_stride, q_stride, kt, d,
-                                                               s + r * s_stride, s_stride);
+                                                               s + r * s_stride, s_stride,
+                                                               st ? &at : nullptr);
       });
     });
   }
@@ -667,15 +731,17 @@ inline bool bf16_tiles(int64_t d) { return d % 2 == 0 && bf16_dot(); }
 FF_BF16_DOT inline void qk_bf16_tile(const uint32_t* q, int64_t q_stride, const uint16_t* k,
                                      int64_t k_stride, int64_t nk, int64_t d, float scale,
                                      uint32_t* kp, float* s, int64_t s_stride,
-                                     const int64_t* strip_keys, int64_t nr) {
+                                     const int64_t* strip_keys, int64_t nr, const RowState* st) {
   pack_k_pairs(k, k_stride, nk, d, kp);
   for (int64_t r = 0; r < nr; r += kMr) {
     const int64_t n = strip_keys[r / kMr];
     if (n == 0) continue;
+    const RowState at = st ? st->offset(r) : RowState{};
     with_zmm_columns(n, [&](auto NC) {
       with_rows<kMr>(static_cast<int>(nr - r), [&](auto R) {
         qk_bf16_zmm<decltype(R)::value, decltype(NC)::value>(q + r * q_stride, q_stride, kp, d / 2,
-                                                             scale, s + r * s_stride, s_stride);
+                                                             scale, s + r * s_stride, s_stride,
+                                                             st ? &at : nullptr);
       });
     });
   }
@@ -704,10 +770,11 @@ FF_BF16_DOT inline void pv_bf16_tile(float* o, int64_t o_stride, const float* al
 #else
 inline bool bf16_tiles(int64_t) { return false; }
 inline void qk_bf16_tile(const uint32_t*, int64_t, const uint16_t*, int64_t, int64_t, int64_t, float,
-                         uint32_t*, float*, int64_t, const int64_t*, int64_t) {}
+                         uint32_t*, float*, int64_t, const int64_t*, int64_t, const RowState*) {}
 inline void pv_bf16_tile(float*, int64_t, const float*, float*, int64_t, const uint16_t*, int64_t,
                          int64_t, int64_t, int64_t, uint32_t*, const int64_t*, int64_t) {}
 inline bool wide_rows(int64_t) { return false; }
+constexpr bool kFusedSoftmax = false;
 template <DType T>
 inline void qk_wide(const float*, int64_t, const typename Elem<T>::type*, int64_t, int64_t, int64_t,
                     float*, int64_t, int64_t) {}
@@ -715,7 +782,7 @@ template <DType T>
 inline void pv_wide(float*, int64_t, const float*, const float*, int64_t,
                     const typename Elem<T>::type*, int64_t, int64_t, int64_t, int64_t) {}
 inline bool qk_packed_wide(const float*, int64_t, const float*, int64_t, float*, int64_t,
-                           const int64_t*, int64_t) {
+                           const int64_t*, int64_t, const RowState*) {
   return false;
 }
 inline bool pv_f32_wide(float*, int64_t, const float*, const float*, int64_t, const float*, int64_t,
