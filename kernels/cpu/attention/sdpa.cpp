@@ -11,6 +11,8 @@
 // row's causal/window range are skipped. With one chunk per row block the block writes its
 // output directly; with several (decode: few rows, many keys) each chunk writes an
 // unnormalised partial (o, m, l) and a merge pass combines them through their logsumexp.
+// Scores are kept in base 2: q is scaled by scale * log2(e) (additive masks by log2(e)), so
+// every exponential is a 2^x, without exp's ln2 range reduction; lse = ln2 * m + log(l).
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -97,7 +99,7 @@ inline void apply_mask(const SdpaMask& mk, int64_t b, int64_t h, int64_t i, int6
       if (!keep[j * sk]) s[j] = kNegInf;
   } else {
     const float* add = static_cast<const float*>(mk.data) + base;
-    for (int64_t j = 0; j < nk; ++j) s[j] += add[j * sk];
+    for (int64_t j = 0; j < nk; ++j) s[j] += add[j * sk] * simd::exp2_poly::kLog2e;  // base 2
   }
 }
 
@@ -114,7 +116,7 @@ inline void tile_strip_keys(const int64_t* lo, const int64_t* hi, int64_t t, int
   }
 }
 
-// s[j] = exp(s[j] - m) for j < n (a multiple of 8); returns their sum.
+// s[j] = 2^(s[j] - m) for j < n (a multiple of 8); returns their sum.
 inline float exp_sum(float* s, int64_t n, float m) {
 #if defined(__AVX512F__) && defined(__AVX512BW__)
   return exp_sum_zmm(s, n, m);
@@ -122,7 +124,7 @@ inline float exp_sum(float* s, int64_t n, float m) {
   const f32x8 mv = simd::set1(m);
   f32x8 sum = simd::zero();
   for (int64_t j = 0; j < n; j += 8) {
-    const f32x8 e = simd::exp(simd::sub(simd::load(s + j), mv));
+    const f32x8 e = simd::exp2(simd::sub(simd::load(s + j), mv));
     simd::store(s + j, e);
     sum = simd::add(sum, e);
   }
@@ -131,7 +133,7 @@ inline float exp_sum(float* s, int64_t n, float m) {
 }
 
 // Online softmax over one tile row of nk scores (the row has kKeyTile writable columns):
-// updates the running max m and sum l, turns s into exp(s - m_new) and returns the factor the
+// updates the running max m and sum l, turns s into 2^(s - m_new) and returns the factor the
 // accumulator must be rescaled by. A row with no finite score yet keeps m = -inf, l = 0, p = 0.
 inline float softmax_update(float* s, int64_t nk, float* m, float* l) {
   const int64_t n8 = round_up(nk, 8);
@@ -144,7 +146,7 @@ inline float softmax_update(float* s, int64_t nk, float* m, float* l) {
     return 1.0f;
   }
   const float sum = exp_sum(s, n8, m_new);
-  const float alpha = simd::exp_scalar(*m - m_new);  // exp(-inf) == 0 on the first tile
+  const float alpha = simd::exp2_scalar(*m - m_new);  // 2^-inf == 0 on the first tile
   *l = *l * alpha + sum;
   *m = m_new;
   return alpha;
@@ -164,6 +166,7 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
   const bool wide = stream && wide_rows(D);
   // bf16 prefill on vdpbf16ps: q rows stay bf16 words (pitch dp / 2), scores are scaled after.
   const bool dot16 = T == DType::bf16 && !stream && bf16_tiles(D);
+  const float scale2 = p.scale * simd::exp2_poly::kLog2e;  // scores in base 2
   uint32_t* qw = reinterpret_cast<uint32_t*>(w.q);
 
   // Rows: packed queries, fresh state, and the keys each may see within [j0, j1).
@@ -177,7 +180,7 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
     if (dot16)
       std::memcpy(qw + rr * dp / 2, qrow, D * sizeof(S));
     else
-      pack_row_scaled<T>(qrow, D, p.scale, w.q + rr * dp, dp);
+      pack_row_scaled<T>(qrow, D, scale2, w.q + rr * dp, dp);
     for (int64_t x = 0; x < dp; x += 8) simd::store(w.o + rr * dp + x, simd::zero());
     w.m[rr] = kNegInf;
     w.l[rr] = 0.0f;
@@ -225,7 +228,7 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
                                 ? &rows
                                 : nullptr;
 
-    // S = (scale q) K^T
+    // S = (scale log2(e) q) K^T
     if (wide) {
       qk_wide<T>(w.q, dp, kt, ks, nk, D, w.s, kKeyTile, nr);
     } else if (stream) {
@@ -235,7 +238,7 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
                                         kKeyTile);
         });
     } else if (dot16) {
-      qk_bf16_tile(qw, dp / 2, reinterpret_cast<const uint16_t*>(kt), ks, nk, D, p.scale,
+      qk_bf16_tile(qw, dp / 2, reinterpret_cast<const uint16_t*>(kt), ks, nk, D, scale2,
                    reinterpret_cast<uint32_t*>(w.kt), w.s, kKeyTile, strip_keys, nr, fused);
     } else {
       pack_k_transposed<T>(kt, ks, nk, D, w.kt);
@@ -299,7 +302,7 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
   }
 }
 
-// out[b, h, i] = o / l (0 where l == 0), lse = m + log l (-inf where l == 0).
+// out[b, h, i] = o / l (0 where l == 0), lse = ln2 m + log l (-inf where l == 0).
 template <DType T>
 void write_row(const SdpaParams& p, int64_t b, int64_t h, int64_t i, const float* o, float m,
                float l) {
@@ -309,7 +312,10 @@ void write_row(const SdpaParams& p, int64_t b, int64_t h, int64_t i, const float
   float row[kMaxHeadDim];
   for (int64_t x = 0; x < p.head_dim; x += 8) simd::store(row + x, simd::mul(simd::load(o + x), inv));
   from_f32<T>(row, dst, p.head_dim);
-  if (p.lse) p.lse[(b * p.q_heads + h) * p.q_len + i] = l > 0.0f ? m + std::log(l) : kNegInf;
+  if (p.lse) {
+    const float lse = simd::exp2_poly::kLn2 * m + std::log(l);  // m is in base 2
+    p.lse[(b * p.q_heads + h) * p.q_len + i] = l > 0.0f ? lse : kNegInf;
+  }
 }
 
 // Unit u -> block. Consecutive units share a kv head (its K/V stay in cache); within a head,
@@ -368,7 +374,7 @@ void run(const SdpaParams& p, const Problem& pr) {
   });
   if (pr.chunks == 1) return;
 
-  // Merge the chunks of each block: o = sum_c e^(m_c - M) o_c, l = sum_c e^(m_c - M) l_c.
+  // Merge the chunks of each block: o = sum_c 2^(m_c - M) o_c, l = sum_c 2^(m_c - M) l_c.
   const int64_t blocks = units / pr.chunks;
   parallel_for(blocks, 1, [&](int64_t begin, int64_t end) {
     float acc[kMaxHeadDim];
@@ -383,7 +389,7 @@ void run(const SdpaParams& p, const Problem& pr) {
         if (mx != kNegInf) {
           for (int64_t c = 0; c < pr.chunks; ++c) {
             const int64_t at = (u0 + c) * pitch + rr;
-            const float e = simd::exp_scalar(part.m[at] - mx);
+            const float e = simd::exp2_scalar(part.m[at] - mx);
             if (e == 0.0f) continue;
             l += e * part.l[at];
             const float* o = part.o.get() + at * dp;

@@ -392,30 +392,28 @@ inline void pv_rows_zmm_all(float* o, int64_t o_stride, const float* alpha, cons
     });
 }
 
-// exp(x) on 16 lanes: simd::exp's range reduction and polynomial, with vscalefps for 2^n;
-// exactly 0 below -87.3 (so exp(-inf) == 0).
-inline __m512 exp16(__m512 x) {
-  namespace c = simd::exp_poly;
+// 2^x on 16 lanes: simd::exp2's range reduction and polynomial, with vscalefps for 2^n;
+// exactly 0 below -126 (so exp2(-inf) == 0).
+inline __m512 exp2_16(__m512 x) {
+  namespace c = simd::exp2_poly;
   const __m512 lo = _mm512_set1_ps(c::kLo);
   const __mmask16 underflow = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
   x = _mm512_min_ps(_mm512_max_ps(x, lo), _mm512_set1_ps(c::kHi));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(c::kLog2e)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(-c::kLn2Hi), x);
-  r = _mm512_fmadd_ps(n, _mm512_set1_ps(-c::kLn2Lo), r);
+  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 r = _mm512_sub_ps(x, n);
   __m512 p = _mm512_set1_ps(c::kP[0]);
   for (int i = 1; i < 6; ++i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c::kP[i]));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
   return _mm512_maskz_mov_ps(static_cast<__mmask16>(~underflow), _mm512_scalef_ps(p, n));
 }
 
-// s[j] = exp(s[j] - m) for j < n (a multiple of 8); returns their sum.
+// s[j] = 2^(s[j] - m) for j < n (a multiple of 8); returns their sum.
 inline float exp_sum_zmm(float* s, int64_t n, float m) {
   const __m512 mv = _mm512_set1_ps(m);
   __m512 sum = _mm512_setzero_ps();
   for (int64_t j = 0; j < n; j += 16) {
     const __mmask16 lanes = n - j >= 16 ? 0xFFFF : 0x00FF;
-    const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, s + j), mv));
+    const __m512 e = exp2_16(_mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, s + j), mv));
     _mm512_mask_storeu_ps(s + j, lanes, e);
     sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(lanes, e));
   }
@@ -423,8 +421,8 @@ inline float exp_sum_zmm(float* s, int64_t n, float m) {
 }
 
 // The online-softmax step of R rows whose scores over a whole tile (16 NC keys, none masked)
-// are in registers: m, l updated, the scores turned into p = exp(s - m_new) and stored to s,
-// alpha = exp(m_old - m_new) set. The same arithmetic, in the same order, as softmax_update
+// are in registers: m, l updated, the scores (base 2) turned into p = 2^(s - m_new) and stored
+// to s, alpha = 2^(m_old - m_new) set. The same arithmetic, in the same order, as softmax_update
 // on the stored scores, without the round trip through memory.
 template <int R, int NC>
 inline void softmax_rows_zmm(__m512 (&acc)[R][NC], float* s, int64_t s_stride, const RowState& st) {
@@ -442,11 +440,11 @@ inline void softmax_rows_zmm(__m512 (&acc)[R][NC], float* s, int64_t s_stride, c
     const __m512 mv = _mm512_set1_ps(m_new);
     __m512 sum = _mm512_setzero_ps();
     for (int u = 0; u < NC; ++u) {
-      const __m512 e = exp16(_mm512_sub_ps(acc[r][u], mv));
+      const __m512 e = exp2_16(_mm512_sub_ps(acc[r][u], mv));
       _mm512_storeu_ps(p + 16 * u, e);
       sum = _mm512_add_ps(sum, e);
     }
-    const float alpha = simd::exp_scalar(m_old - m_new);
+    const float alpha = simd::exp2_scalar(m_old - m_new);
     st.l[r] = st.l[r] * alpha + _mm512_reduce_add_ps(sum);
     st.m[r] = m_new;
     st.alpha[r] = alpha;

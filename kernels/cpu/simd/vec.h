@@ -20,34 +20,35 @@ namespace simd {
 
 constexpr int kWidth = 8;
 
-// Cephes' expf: x = n ln2 + r (ln2 in two parts, so n ln2 is exact), exp(r) by a polynomial.
-namespace exp_poly {
-constexpr float kLo = -87.33654475f, kHi = 88.0f;  // exp is 0 below kLo; inputs clamp to kHi
-constexpr float kLog2e = 1.44269504088896341f;
-constexpr float kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
-constexpr float kP[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
-                         4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
-}  // namespace exp_poly
+// 2^x: x = n + r with n = round(x), so |r| <= 1/2 and r is exact; 2^r by a degree-6
+// polynomial fitted for relative error on [-1/2, 1/2] (under 1 ulp evaluated in fp32,
+// 1.0e-7 at worst against float64). Attention works in the base-2 domain (scores carry a
+// factor log2 e folded into the query scale), which takes exp's ln2 range reduction off the
+// inner loop.
+namespace exp2_poly {
+constexpr float kLo = -126.0f, kHi = 127.0f;  // 2^x is 0 below kLo; inputs clamp to kHi
+constexpr float kLog2e = 1.44269504088896341f, kLn2 = 0.693147180559945309f;
+constexpr float kP[6] = {1.5353360504e-4f, 1.3398875017e-3f, 9.6184369177e-3f,
+                         5.5503323674e-2f, 2.4022647738e-1f, 6.9314718246e-1f};
+}  // namespace exp2_poly
 
-// exp(x) for fp32, relative error ~2 ulp on [-87, 88]; exactly 0 below -87.3 (so
-// exp(-inf) == 0), inputs above 88 are clamped.
-inline f32x8 exp(f32x8 x) {
-  namespace c = exp_poly;
+// 2^x for fp32: exactly 0 below -126 (so exp2(-inf) == 0), inputs above 127 are clamped.
+inline f32x8 exp2(f32x8 x) {
+  namespace c = exp2_poly;
   const f32x8 lo = set1(c::kLo);
   const m32x8 underflow = cmp_lt(x, lo);
   x = min(max(x, lo), set1(c::kHi));
-  const f32x8 n = round(mul(x, set1(c::kLog2e)));
-  f32x8 r = fmadd(n, set1(-c::kLn2Hi), x);
-  r = fmadd(n, set1(-c::kLn2Lo), r);
+  const f32x8 n = round(x);
+  const f32x8 r = sub(x, n);
   f32x8 p = set1(c::kP[0]);
   for (int i = 1; i < 6; ++i) p = fmadd(p, r, set1(c::kP[i]));
-  p = fmadd(p, mul(r, r), add(r, set1(1.0f)));
+  p = fmadd(p, r, set1(1.0f));
   return select(underflow, ldexp(p, n), zero());
 }
 
-inline float exp_scalar(float x) {
+inline float exp2_scalar(float x) {
   float buf[8] = {x, x, x, x, x, x, x, x};
-  store(buf, exp(load(buf)));
+  store(buf, exp2(load(buf)));
   return buf[0];
 }
 
