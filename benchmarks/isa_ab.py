@@ -30,9 +30,28 @@ def qmatmul_case(scheme, n: int, k: int, rng):
     return f"qmatmul 1x{k} @ {n}x{k} {scheme!r}", lambda: ff.qmatmul(x, next_weight())
 
 
-def sdpa_case(name: str, shapes, causal: bool, rng):
-    q, k, v = (rng.standard_normal(s).astype(np.float32) for s in shapes)
+def sdpa_case(name: str, shapes, causal: bool, rng, dtype: str = "float32"):
+    import torch  # bf16 inputs need torch tensors (numpy has no bfloat16)
+
+    q, k, v = (torch.from_numpy(rng.standard_normal(s).astype(np.float32)).to(getattr(torch, dtype))
+               for s in shapes)
     return name, lambda: ff.sdpa(q, k, v, causal=causal)
+
+
+def default_cases(rng) -> list:
+    """(name, fn) pairs: the GEMV shapes and schemes of the model decode, and attention."""
+    gqa = [(1, 32, 1, 128), (1, 8, 4096, 128), (1, 8, 4096, 128)]
+    return [
+        qmatmul_case(Affine(4, 64), 4096, 4096, rng),
+        qmatmul_case(Affine(4, 32), 4096, 4096, rng),
+        qmatmul_case(Affine(4, 128), 4096, 4096, rng),
+        qmatmul_case(Palettize(4), 4096, 4096, rng),
+        qmatmul_case(Int8(), 4096, 4096, rng),
+        sdpa_case("sdpa prefill causal B1 H8 L1024 D128", [(1, 8, 1024, 128)] * 3, True, rng),
+        sdpa_case("sdpa prefill causal B1 H8 L1024 D128 bf16", [(1, 8, 1024, 128)] * 3, True, rng, "bfloat16"),
+        sdpa_case("sdpa prefill causal B4 H12 L1024 D64", [(4, 12, 1024, 64)] * 3, True, rng),
+        sdpa_case("sdpa decode GQA 32/8 Lk 4096 D128", gqa, False, rng),
+    ]
 
 
 def main(argv=None) -> None:
@@ -42,16 +61,7 @@ def main(argv=None) -> None:
     isas = [isa for isa in _C.supported_isas() if isa != "generic"]
     if len(isas) < 2:
         raise SystemExit(f"[bench isa] this CPU runs only {_C.supported_isas()}: nothing to compare")
-    rng = np.random.default_rng(0)
-    cases = [
-        qmatmul_case(Affine(4, 64), 4096, 4096, rng),
-        qmatmul_case(Affine(4, 32), 4096, 4096, rng),
-        qmatmul_case(Affine(4, 128), 4096, 4096, rng),
-        qmatmul_case(Palettize(4), 4096, 4096, rng),
-        qmatmul_case(Int8(), 4096, 4096, rng),
-        sdpa_case("sdpa prefill causal B1 H8 L1024 D128", [(1, 8, 1024, 128)] * 3, True, rng),
-        sdpa_case("sdpa decode GQA 32/8 Lk 4096 D128", [(1, 32, 1, 128), (1, 8, 4096, 128), (1, 8, 4096, 128)], False, rng),
-    ]
+    cases = default_cases(np.random.default_rng(0))
     before = _C.isa()
     from rich.console import Console
     from rich.table import Table
