@@ -2,6 +2,7 @@
 fusedformer._C only inside `using` (two builds loaded under one name would run one of them
 twice, and an A/B would compare a build with itself)."""
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -12,13 +13,22 @@ import fusedformer as ff
 import fusedformer.ops_attention as ops_attention
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-build_ab = pytest.importorskip("build_ab")
+import build_ab  # noqa: E402
 
 
-def test_second_build_is_its_own_module_and_is_routed_only_inside_using():
+def test_second_build_is_its_own_module_and_is_routed_only_inside_using(tmp_path):
     original = ff._C
-    other = build_ab.load_build("copy", original.__file__)
+    copy = tmp_path / Path(original.__file__).name  # another file: dlopen gives its own library
+    shutil.copyfile(original.__file__, copy)
+    other = build_ab.load_build("copy", str(copy))
     assert other is not original and other.__name__ == "ff_copy._C"
+    # its own native state: a thread count set on the copy leaves the original's alone
+    threads = original.num_threads()
+    other.set_num_threads(1)
+    try:
+        assert original.num_threads() == threads
+    finally:
+        other.set_num_threads(threads)
     rng = np.random.default_rng(3)
     q, k, v = (rng.standard_normal((1, 2, 33, 64)).astype(np.float32) for _ in range(3))
     expected = ff.sdpa(q, k, v, causal=True)

@@ -145,11 +145,7 @@ inline float softmax_update(float* s, int64_t nk, float* m, float* l) {
     for (int64_t j = 0; j < n8; j += 8) simd::store(s + j, simd::zero());
     return 1.0f;
   }
-  const float sum = exp_sum(s, n8, m_new);
-  const float alpha = simd::exp2_scalar(*m - m_new);  // 2^-inf == 0 on the first tile
-  *l = *l * alpha + sum;
-  *m = m_new;
-  return alpha;
+  return advance_row(m, l, m_new, exp_sum(s, n8, m_new));
 }
 
 // Runs one block over its keys; leaves the unnormalised output in w.o and m, l in w.m, w.l.

@@ -42,6 +42,16 @@ struct RowState {
   RowState offset(int64_t r) const { return {m + r, l + r, alpha + r}; }
 };
 
+// One row's online-softmax step once its new max m_new (finite) and the sum of 2^(s - m_new)
+// over the tile are known: l = alpha l + sum, m = m_new; returns alpha = 2^(m_old - m_new)
+// (0 on the row's first finite tile, where m_old = -inf).
+inline float advance_row(float* m, float* l, float m_new, float sum) {
+  const float alpha = simd::exp2_scalar(*m - m_new);
+  *l = *l * alpha + sum;
+  *m = m_new;
+  return alpha;
+}
+
 // n (< 8) elements of storage type T as fp32 lanes, the rest 0.
 template <DType T>
 inline f32x8 load_n(const typename Elem<T>::type* p, int64_t n) {
@@ -444,10 +454,7 @@ inline void softmax_rows_zmm(__m512 (&acc)[R][NC], float* s, int64_t s_stride, c
       _mm512_storeu_ps(p + 16 * u, e);
       sum = _mm512_add_ps(sum, e);
     }
-    const float alpha = simd::exp2_scalar(m_old - m_new);
-    st.l[r] = st.l[r] * alpha + _mm512_reduce_add_ps(sum);
-    st.m[r] = m_new;
-    st.alpha[r] = alpha;
+    st.alpha[r] = advance_row(st.m + r, st.l + r, m_new, _mm512_reduce_add_ps(sum));
   }
 }
 
@@ -679,6 +686,21 @@ inline void with_zmm_columns(int64_t n, const F& f) {
   }
 }
 
+// Calls f(Rows<R>{}, Rows<NC>{}, r, st_r) for each kMr-row strip of nr rows that has keys:
+// R rows from row r, NC = ceil(strip_keys[r / kMr] / 16) zmm columns, st_r its rows' softmax
+// state (nullptr without st).
+template <class F>
+inline void for_score_strips(const int64_t* strip_keys, int64_t nr, const RowState* st, const F& f) {
+  for (int64_t r = 0; r < nr; r += kMr) {
+    const int64_t n = strip_keys[r / kMr];
+    if (n == 0) continue;
+    const RowState at = st ? st->offset(r) : RowState{};
+    with_zmm_columns(n, [&](auto NC) {
+      with_rows<kMr>(static_cast<int>(nr - r), [&](auto R) { f(R, NC, r, st ? &at : nullptr); });
+    });
+  }
+}
+
 // S = Q K^T for nr rows against the packed K tile: the rows of strip r / kMr over its first
 // strip_keys[r / kMr] keys (rounded up to 16; a strip with none is skipped). With st (a whole
 // tile, no mask or clipping: every strip_keys == kKeyTile) the rows' online softmax runs on
@@ -686,18 +708,10 @@ inline void with_zmm_columns(int64_t n, const F& f) {
 inline bool qk_packed_wide(const float* q, int64_t q_stride, const float* kt, int64_t d, float* s,
                            int64_t s_stride, const int64_t* strip_keys, int64_t nr,
                            const RowState* st) {
-  for (int64_t r = 0; r < nr; r += kMr) {
-    const int64_t n = strip_keys[r / kMr];
-    if (n == 0) continue;
-    const RowState at = st ? st->offset(r) : RowState{};
-    with_zmm_columns(n, [&](auto NC) {
-      with_rows<kMr>(static_cast<int>(nr - r), [&](auto R) {
-        qk_packed_zmm<decltype(R)::value, decltype(NC)::value>(q + r * q_stride, q_stride, kt, d,
-                                                               s + r * s_stride, s_stride,
-                                                               st ? &at : nullptr);
-      });
-    });
-  }
+  for_score_strips(strip_keys, nr, st, [&](auto R, auto NC, int64_t r, const RowState* st_r) {
+    qk_packed_zmm<decltype(R)::value, decltype(NC)::value>(q + r * q_stride, q_stride, kt, d,
+                                                           s + r * s_stride, s_stride, st_r);
+  });
   return true;
 }
 
@@ -731,18 +745,10 @@ FF_BF16_DOT inline void qk_bf16_tile(const uint32_t* q, int64_t q_stride, const 
                                      uint32_t* kp, float* s, int64_t s_stride,
                                      const int64_t* strip_keys, int64_t nr, const RowState* st) {
   pack_k_pairs(k, k_stride, nk, d, kp);
-  for (int64_t r = 0; r < nr; r += kMr) {
-    const int64_t n = strip_keys[r / kMr];
-    if (n == 0) continue;
-    const RowState at = st ? st->offset(r) : RowState{};
-    with_zmm_columns(n, [&](auto NC) {
-      with_rows<kMr>(static_cast<int>(nr - r), [&](auto R) {
-        qk_bf16_zmm<decltype(R)::value, decltype(NC)::value>(q + r * q_stride, q_stride, kp, d / 2,
-                                                             scale, s + r * s_stride, s_stride,
-                                                             st ? &at : nullptr);
-      });
-    });
-  }
+  for_score_strips(strip_keys, nr, st, [&](auto R, auto NC, int64_t r, const RowState* st_r) {
+    qk_bf16_zmm<decltype(R)::value, decltype(NC)::value>(q + r * q_stride, q_stride, kp, d / 2,
+                                                         scale, s + r * s_stride, s_stride, st_r);
+  });
 }
 
 // O = diag(alpha) O + P V for nr rows over nk keys of bf16 V storage (strip r / kMr over its
