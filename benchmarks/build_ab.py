@@ -64,14 +64,19 @@ def main(argv=None) -> None:
                         help="the candidate's _C .so (default: the current build)")
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--case", default="", help="only cases whose name contains this text")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="kernel pool size of both builds (default: as configured)")
     args = parser.parse_args(argv)
     builds = {"base": load_build("base", args.base), "candidate": load_build("candidate", args.candidate)}
+    if args.threads is not None:
+        for build in builds.values():
+            build.set_num_threads(args.threads)
     cases = [(n, f) for n, f in default_cases(np.random.default_rng(0)) if args.case in n]
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"base {args.base} vs candidate {args.candidate}: medians of "
-                        f"{args.rounds} alternating rounds ({fusedformer._C.num_threads()} threads)")
+                        f"{args.rounds} alternating rounds ({builds['candidate'].num_threads()} threads)")
     for col in ("case", "base ms", "candidate ms", "candidate / base"):
         table.add_column(col, justify="left" if col == "case" else "right")
     for name, fn in cases:

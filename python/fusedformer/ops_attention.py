@@ -22,8 +22,17 @@ DTYPE_CODES = {"float32": 0, "float16": 1, "bfloat16": 2}
 MAX_HEAD_DIM = int(_C.sdpa_max_head_dim)
 
 
+# dtype object -> name: str() of a numpy dtype runs Python code (about 8 us), once per call
+# of each argument; dtype objects are few and hashable, so each is spelled once.
+_DTYPE_NAMES: dict = {}
+
+
 def _dtype_name(x) -> str:
-    return str(x.dtype).rsplit(".", 1)[-1]
+    dt = x.dtype
+    name = _DTYPE_NAMES.get(dt)
+    if name is None:
+        name = _DTYPE_NAMES[dt] = str(dt).rsplit(".", 1)[-1]
+    return name
 
 
 def check_args(q, k, v, mask=None, causal=False, scale=None, window=None):

@@ -54,8 +54,8 @@ struct Work {
   float* q;      // [kRowTile][dp], pre-scaled
   float* o;      // [kRowTile][dp], unnormalised output
   float* s;      // [kRowTile][kKeyTile], scores then probabilities
-  float* kt;     // [D][kKeyTile], packed transposed K tile
-  float* v;      // [kKeyTile][dp], packed V tile
+  float* kt;     // [kKeyTile / kKPanel][D][kKPanel], packed transposed K tile
+  float* v;      // [kKeyTile][dp] (zmm tiles) or [dp / kVPanel][kKeyTile][kVPanel], packed V
   float* m;      // [kRowTile] running max
   float* l;      // [kRowTile] running sum
   float* alpha;  // [kRowTile] rescale of this tile
@@ -239,14 +239,16 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
     } else {
       pack_k_transposed<T>(kt, ks, nk, D, w.kt);
       if (!qk_packed_wide(w.q, dp, w.kt, D, w.s, kKeyTile, strip_keys, nr, fused)) {
-        for (int64_t c = 0; c < nk; c += 16)
+        for (int64_t c = 0; c < nk; c += 16) {
+          const float* panel = w.kt + c / kKPanel * D * kKPanel + c % kKPanel;
           for (int64_t rr = 0; rr < nr; rr += kMr) {
             if (c >= strip_keys[rr / kMr]) continue;
             with_rows<kMr>(static_cast<int>(nr - rr), [&](auto R) {
-              qk_packed<decltype(R)::value>(w.q + rr * dp, dp, w.kt + c, D,
-                                            w.s + rr * kKeyTile + c, kKeyTile);
+              qk_packed<decltype(R)::value>(w.q + rr * dp, dp, panel, D, w.s + rr * kKeyTile + c,
+                                            kKeyTile);
             });
           }
+        }
       }
     }
 
@@ -277,7 +279,7 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
     } else if (dot16) {
       pv_bf16_tile(w.o, dp, w.alpha, w.s, kKeyTile, reinterpret_cast<const uint16_t*>(vt), vs, nk, D,
                    dp, reinterpret_cast<uint32_t*>(w.v), strip_keys, nr);
-    } else {
+    } else if (kZmmTiles) {  // rows of 64 columns: fp32 V with D % 16 == 0 is read in place
       const float* vf = w.v;
       int64_t vf_stride = dp;
       if (T == DType::f32 && D % 16 == 0) {
@@ -286,13 +288,18 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
       } else {
         pack_v<T>(vt, vs, nk, D, w.v, dp);
       }
-      if (!pv_f32_wide(w.o, dp, w.alpha, w.s, kKeyTile, vf, vf_stride, strip_keys, dp, nr)) {
-        for (int64_t c = 0; c < dp; c += 16)
-          for (int64_t rr = 0; rr < nr; rr += kMr)
-            with_rows<kMr>(static_cast<int>(nr - rr), [&](auto R) {
-              pv_f32<decltype(R)::value>(w.o + rr * dp + c, dp, w.alpha + rr, w.s + rr * kKeyTile,
-                                         kKeyTile, vf + c, vf_stride, strip_keys[rr / kMr]);
-            });
+      pv_f32_wide(w.o, dp, w.alpha, w.s, kKeyTile, vf, vf_stride, strip_keys, dp, nr);
+    } else {  // 16-column register tiles: fp32 V in place, other storage types in panels
+      const bool in_place = T == DType::f32 && D % 16 == 0;
+      if (!in_place) pack_v_panels<T>(vt, vs, nk, D, dp, w.v);
+      for (int64_t c = 0; c < dp; c += kVPanel) {
+        const float* vc = in_place ? reinterpret_cast<const float*>(vt) + c : w.v + c * kKeyTile;
+        const int64_t vc_stride = in_place ? vs : kVPanel;
+        for (int64_t rr = 0; rr < nr; rr += kMr)
+          with_rows<kMr>(static_cast<int>(nr - rr), [&](auto R) {
+            pv_f32<decltype(R)::value>(w.o + rr * dp + c, dp, w.alpha + rr, w.s + rr * kKeyTile,
+                                       kKeyTile, vc, vc_stride, strip_keys[rr / kMr]);
+          });
       }
     }
   }

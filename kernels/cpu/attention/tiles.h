@@ -31,7 +31,25 @@ constexpr int kMr = 6;         // query rows per register block (prefill)
 constexpr int kDotRows = 4;    // query rows per register block (decode)
 constexpr int kMaxHeadDim = 256;
 
+// Keys per column panel of the packed K tile, and columns per panel of the packed V tile of
+// the ymm prefill tiles. A register tile reads a 16-key (16-column) slice: stored with the
+// tile's full pitch (256 B for K, the head dim's for V) its rows fall on a quarter or an
+// eighth of L1's 64 sets and evict each other; a contiguous panel spreads them over all. The
+// zmm tiles of AVX-512 builds read whole 64-key rows, so there a panel is the whole tile.
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+constexpr int kKPanel = kKeyTile;
+#else
+constexpr int kKPanel = 16;
+#endif
+constexpr int kVPanel = 16;
+
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// A compile-time count (rows, keys, vectors) passed as a value: f(Rows<N>{}).
+template <int N>
+struct Rows {
+  static constexpr int value = N;
+};
 
 // The online-softmax state of a block's rows: running max m, running sum l, and the factor
 // alpha the accumulator of each row is rescaled by for the current tile.
@@ -85,8 +103,10 @@ inline void pack_row_scaled(const typename Elem<T>::type* src, int64_t d, float 
   for (; x < dp; x += 8) simd::store(dst + x, simd::zero());
 }
 
-// Kt[x * kKeyTile + j] = k[j][x] for j < nk, x < d; columns nk..kKeyTile are 0. Works in 8x8
-// blocks (8 keys x 8 dims loaded as rows, transposed in registers).
+// The packed K tile in column panels of kKPanel keys: Kt[j / kKPanel][x][j % kKPanel] = k[j][x]
+// for j < nk, x < d (panel p starts at kt + p * d * kKPanel, rows of kKPanel floats); keys
+// nk..kKeyTile are 0. Works in 8x8 blocks (8 keys x 8 dims loaded as rows, transposed in
+// registers).
 template <DType T>
 inline void pack_k_transposed(const typename Elem<T>::type* k, int64_t k_stride, int64_t nk,
                               int64_t d, float* kt) {
@@ -100,7 +120,8 @@ inline void pack_k_transposed(const typename Elem<T>::type* k, int64_t k_stride,
         blk[i] = i >= keys ? simd::zero() : dims == 8 ? Elem<T>::load(src) : load_n<T>(src, dims);
       }
       simd::transpose8x8(blk);
-      for (int64_t i = 0; i < dims; ++i) simd::store(kt + (x + i) * kKeyTile + j, blk[i]);
+      float* panel = kt + j / kKPanel * d * kKPanel + j % kKPanel;
+      for (int64_t i = 0; i < dims; ++i) simd::store(panel + (x + i) * kKPanel, blk[i]);
     }
   }
 }
@@ -116,16 +137,32 @@ inline void pack_v(const typename Elem<T>::type* v, int64_t v_stride, int64_t nk
   }
 }
 
+// The V tile in column panels of kVPanel: vp[x / kVPanel][j][x % kVPanel] = v[j][x] as fp32
+// for j < nk, x < dp (a multiple of kVPanel; columns d..dp are 0). Panel c starts at
+// vp + c * kKeyTile * kVPanel.
+template <DType T>
+inline void pack_v_panels(const typename Elem<T>::type* v, int64_t v_stride, int64_t nk, int64_t d,
+                          int64_t dp, float* vp) {
+  for (int64_t j = 0; j < nk; ++j) {
+    const auto* src = v + j * v_stride;
+    for (int64_t x = 0; x < dp; x += 8) {
+      const int64_t n = d - x < 8 ? (d - x > 0 ? d - x : 0) : 8;
+      const f32x8 row = n == 8 ? Elem<T>::load(src + x) : load_n<T>(src + x, n);
+      simd::store(vp + x / kVPanel * kKeyTile * kVPanel + j * kVPanel + x % kVPanel, row);
+    }
+  }
+}
+
 // ---- S = Q K^T --------------------------------------------------------------------------
 
 // One register tile of S = Q Kt: s[r][0..16) = sum_x q[r][x] * kt[x][0..16) for R rows
-// (R <= kMr); kt points at a 16-key column block of the packed tile (row pitch kKeyTile).
+// (R <= kMr); kt points at 16 keys of a panel of the packed tile (row pitch kKPanel).
 template <int R>
 inline void qk_packed(const float* q, int64_t q_stride, const float* kt, int64_t d, float* s,
                       int64_t s_stride) {
   f32x8 acc[R][2];
   for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = simd::zero();
-  for (int64_t x = 0; x < d; ++x, kt += kKeyTile) {
+  for (int64_t x = 0; x < d; ++x, kt += kKPanel) {
     const f32x8 k0 = simd::load(kt), k1 = simd::load(kt + 8);
     for (int r = 0; r < R; ++r) {
       const f32x8 qb = simd::set1(q[r * q_stride + x]);
@@ -140,42 +177,44 @@ inline void qk_packed(const float* q, int64_t q_stride, const float* kt, int64_t
 }
 
 // s[r][j] = q[r] . k[j] for R rows (R <= kDotRows), nk keys read from storage; q rows are
-// zero-padded to a multiple of 8.
+// zero-padded to a multiple of 8. Register blocks of R rows x KB keys (KB = 2, or 4 for one or
+// two rows): each K vector is loaded once per block and each q vector once per key block,
+// held in a register for its KB FMAs (6 loads per 8 FMAs at R = 4, where folding q into every
+// FMA as a memory operand would take 10).
 template <DType T, int R>
 inline void qk_dot(const float* q, int64_t q_stride, const typename Elem<T>::type* k,
                    int64_t k_stride, int64_t nk, int64_t d, float* s, int64_t s_stride) {
+  constexpr int KB = R <= 2 ? 4 : 2;
   const int64_t dv = d / 8 * 8;
-  int64_t j = 0;
-  for (; j + 2 <= nk; j += 2) {
-    const auto* k0p = k + j * k_stride;
-    const auto* k1p = k0p + k_stride;
-    f32x8 acc[R][2];
-    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = simd::zero();
-    auto step = [&](int64_t x, f32x8 k0, f32x8 k1) {
+  auto block = [&](int64_t j, auto nb) {
+    constexpr int N = decltype(nb)::value;
+    const auto* kp = k + j * k_stride;
+    f32x8 acc[R][N];
+    for (int r = 0; r < R; ++r)
+      for (int b = 0; b < N; ++b) acc[r][b] = simd::zero();
+    auto step = [&](int64_t x, const f32x8 (&kv)[N]) {
       for (int r = 0; r < R; ++r) {
-        const f32x8 qv = simd::load(q + r * q_stride + x);
-        acc[r][0] = simd::fmadd(qv, k0, acc[r][0]);
-        acc[r][1] = simd::fmadd(qv, k1, acc[r][1]);
+        f32x8 qv = simd::load(q + r * q_stride + x);
+        simd::pin(qv);
+        for (int b = 0; b < N; ++b) acc[r][b] = simd::fmadd(qv, kv[b], acc[r][b]);
       }
     };
-    for (int64_t x = 0; x < dv; x += 8) step(x, Elem<T>::load(k0p + x), Elem<T>::load(k1p + x));
-    if (dv < d) step(dv, load_n<T>(k0p + dv, d - dv), load_n<T>(k1p + dv, d - dv));
-    for (int r = 0; r < R; ++r) {
-      s[r * s_stride + j] = simd::reduce_add(acc[r][0]);
-      s[r * s_stride + j + 1] = simd::reduce_add(acc[r][1]);
+    for (int64_t x = 0; x < dv; x += 8) {
+      f32x8 kv[N];
+      for (int b = 0; b < N; ++b) kv[b] = Elem<T>::load(kp + b * k_stride + x);
+      step(x, kv);
     }
-  }
-  if (j < nk) {
-    const auto* kp = k + j * k_stride;
-    f32x8 acc[R];
-    for (int r = 0; r < R; ++r) acc[r] = simd::zero();
-    auto step = [&](int64_t x, f32x8 kv) {
-      for (int r = 0; r < R; ++r) acc[r] = simd::fmadd(simd::load(q + r * q_stride + x), kv, acc[r]);
-    };
-    for (int64_t x = 0; x < dv; x += 8) step(x, Elem<T>::load(kp + x));
-    if (dv < d) step(dv, load_n<T>(kp + dv, d - dv));
-    for (int r = 0; r < R; ++r) s[r * s_stride + j] = simd::reduce_add(acc[r]);
-  }
+    if (dv < d) {
+      f32x8 kv[N];
+      for (int b = 0; b < N; ++b) kv[b] = load_n<T>(kp + b * k_stride + dv, d - dv);
+      step(dv, kv);
+    }
+    for (int r = 0; r < R; ++r)
+      for (int b = 0; b < N; ++b) s[r * s_stride + j + b] = simd::reduce_add(acc[r][b]);
+  };
+  int64_t j = 0;
+  for (; j + KB <= nk; j += KB) block(j, Rows<KB>{});
+  for (; j < nk; ++j) block(j, Rows<1>{});
 }
 
 // ---- O = diag(alpha) O + P V ------------------------------------------------------------
@@ -274,10 +313,6 @@ inline void pv_stream_rows(float* o, int64_t o_stride, const float* alpha, const
 }
 
 // Calls f(Rows<R>{}) with R = min(n, kMax) as a compile-time row count (1 <= n).
-template <int N>
-struct Rows {
-  static constexpr int value = N;
-};
 template <int kMax, class F>
 inline void with_rows(int n, const F& f) {
   static_assert(kMax >= 1 && kMax <= 6, "row blocks of 1..6");
@@ -654,7 +689,9 @@ inline bool with_zmm_width(int64_t d, const F& f) {
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 inline bool wide_rows(int64_t d) { return with_zmm_width(d, [](auto) {}); }
 
-// The prefill score tiles can finish a whole unmasked tile with the online softmax.
+// The prefill tiles are the zmm forms (qk_packed_wide, pv_f32_wide), and the score tiles can
+// finish a whole unmasked tile with the online softmax.
+constexpr bool kZmmTiles = true;
 constexpr bool kFusedSoftmax = true;
 
 template <DType T>
@@ -778,6 +815,7 @@ inline void qk_bf16_tile(const uint32_t*, int64_t, const uint16_t*, int64_t, int
 inline void pv_bf16_tile(float*, int64_t, const float*, float*, int64_t, const uint16_t*, int64_t,
                          int64_t, int64_t, int64_t, uint32_t*, const int64_t*, int64_t) {}
 inline bool wide_rows(int64_t) { return false; }
+constexpr bool kZmmTiles = false;
 constexpr bool kFusedSoftmax = false;
 template <DType T>
 inline void qk_wide(const float*, int64_t, const typename Elem<T>::type*, int64_t, int64_t, int64_t,
