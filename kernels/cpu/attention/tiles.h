@@ -177,44 +177,42 @@ inline void qk_packed(const float* q, int64_t q_stride, const float* kt, int64_t
 }
 
 // s[r][j] = q[r] . k[j] for R rows (R <= kDotRows), nk keys read from storage; q rows are
-// zero-padded to a multiple of 8. Register blocks of R rows x KB keys (KB = 2, or 4 for one or
-// two rows): each K vector is loaded once per block and each q vector once per key block,
-// held in a register for its KB FMAs (6 loads per 8 FMAs at R = 4, where folding q into every
-// FMA as a memory operand would take 10).
+// zero-padded to a multiple of 8.
 template <DType T, int R>
 inline void qk_dot(const float* q, int64_t q_stride, const typename Elem<T>::type* k,
                    int64_t k_stride, int64_t nk, int64_t d, float* s, int64_t s_stride) {
-  constexpr int KB = R <= 2 ? 4 : 2;
   const int64_t dv = d / 8 * 8;
-  auto block = [&](int64_t j, auto nb) {
-    constexpr int N = decltype(nb)::value;
-    const auto* kp = k + j * k_stride;
-    f32x8 acc[R][N];
-    for (int r = 0; r < R; ++r)
-      for (int b = 0; b < N; ++b) acc[r][b] = simd::zero();
-    auto step = [&](int64_t x, const f32x8 (&kv)[N]) {
+  int64_t j = 0;
+  for (; j + 2 <= nk; j += 2) {
+    const auto* k0p = k + j * k_stride;
+    const auto* k1p = k0p + k_stride;
+    f32x8 acc[R][2];
+    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = simd::zero();
+    auto step = [&](int64_t x, f32x8 k0, f32x8 k1) {
       for (int r = 0; r < R; ++r) {
-        f32x8 qv = simd::load(q + r * q_stride + x);
-        simd::pin(qv);
-        for (int b = 0; b < N; ++b) acc[r][b] = simd::fmadd(qv, kv[b], acc[r][b]);
+        const f32x8 qv = simd::load(q + r * q_stride + x);
+        acc[r][0] = simd::fmadd(qv, k0, acc[r][0]);
+        acc[r][1] = simd::fmadd(qv, k1, acc[r][1]);
       }
     };
-    for (int64_t x = 0; x < dv; x += 8) {
-      f32x8 kv[N];
-      for (int b = 0; b < N; ++b) kv[b] = Elem<T>::load(kp + b * k_stride + x);
-      step(x, kv);
+    for (int64_t x = 0; x < dv; x += 8) step(x, Elem<T>::load(k0p + x), Elem<T>::load(k1p + x));
+    if (dv < d) step(dv, load_n<T>(k0p + dv, d - dv), load_n<T>(k1p + dv, d - dv));
+    for (int r = 0; r < R; ++r) {
+      s[r * s_stride + j] = simd::reduce_add(acc[r][0]);
+      s[r * s_stride + j + 1] = simd::reduce_add(acc[r][1]);
     }
-    if (dv < d) {
-      f32x8 kv[N];
-      for (int b = 0; b < N; ++b) kv[b] = load_n<T>(kp + b * k_stride + dv, d - dv);
-      step(dv, kv);
-    }
-    for (int r = 0; r < R; ++r)
-      for (int b = 0; b < N; ++b) s[r * s_stride + j + b] = simd::reduce_add(acc[r][b]);
-  };
-  int64_t j = 0;
-  for (; j + KB <= nk; j += KB) block(j, Rows<KB>{});
-  for (; j < nk; ++j) block(j, Rows<1>{});
+  }
+  if (j < nk) {
+    const auto* kp = k + j * k_stride;
+    f32x8 acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = simd::zero();
+    auto step = [&](int64_t x, f32x8 kv) {
+      for (int r = 0; r < R; ++r) acc[r] = simd::fmadd(simd::load(q + r * q_stride + x), kv, acc[r]);
+    };
+    for (int64_t x = 0; x < dv; x += 8) step(x, Elem<T>::load(kp + x));
+    if (dv < d) step(dv, load_n<T>(kp + dv, d - dv));
+    for (int r = 0; r < R; ++r) s[r * s_stride + j] = simd::reduce_add(acc[r]);
+  }
 }
 
 // ---- O = diag(alpha) O + P V ------------------------------------------------------------

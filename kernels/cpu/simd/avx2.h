@@ -36,9 +36,6 @@ inline f32x8 ldexp(f32x8 a, f32x8 n) {
   __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n.v), _mm256_set1_epi32(127)), 23);
   return {_mm256_mul_ps(a.v, _mm256_castsi256_ps(e))};
 }
-// Keeps a in a register: the compiler may not fold the load that produced it into each of its
-// uses as a memory operand (GCC does, which turns one load per vector into one per FMA).
-inline void pin(f32x8& a) { asm("" : "+x"(a.v)); }
 inline m32x8 cmp_lt(f32x8 a, f32x8 b) { return {_mm256_cmp_ps(a.v, b.v, _CMP_LT_OQ)}; }
 inline f32x8 select(m32x8 m, f32x8 a, f32x8 b) { return {_mm256_blendv_ps(a.v, b.v, m.v)}; }
 

@@ -33,7 +33,6 @@ inline f32x8 sub(f32x8 a, f32x8 b) { FF_LANES(a.v[i] - b.v[i]); }
 inline f32x8 mul(f32x8 a, f32x8 b) { FF_LANES(a.v[i] * b.v[i]); }
 // a * b + c (fused where the hardware has it; here two roundings)
 inline f32x8 fmadd(f32x8 a, f32x8 b, f32x8 c) { FF_LANES(a.v[i] * b.v[i] + c.v[i]); }
-inline void pin(f32x8&) {}  // (the AVX2 backend's register hint)
 inline f32x8 max(f32x8 a, f32x8 b) { FF_LANES(a.v[i] > b.v[i] ? a.v[i] : b.v[i]); }
 inline f32x8 min(f32x8 a, f32x8 b) { FF_LANES(a.v[i] < b.v[i] ? a.v[i] : b.v[i]); }
 // round to nearest integer (ties to even), as a float
