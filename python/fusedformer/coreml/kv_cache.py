@@ -122,6 +122,14 @@ class _Recorder:
         return k, v
 
 
+def _cache_argument(hf_model) -> str | None:
+    """The name of the forward argument that takes the K/V cache: ``cache`` from transformers
+    5.24 on (``past_key_values`` still accepted, deprecated), ``past_key_values`` before; None
+    when the model takes neither."""
+    params = inspect.signature(hf_model.forward).parameters
+    return next((name for name in ("cache", "past_key_values") if name in params), None)
+
+
 def hf_decoder_adapter(hf_model, batch: int = 1, max_len: int | None = None):
     """The KV-cache protocol over a Hugging Face causal LM (same weights, no copy).
 
@@ -140,7 +148,8 @@ def hf_decoder_adapter(hf_model, batch: int = 1, max_len: int | None = None):
     config = hf_model.config.get_text_config()
     if getattr(hf_model.config, "is_encoder_decoder", False):
         raise _unsupported(hf_model, "is an encoder-decoder; only decoder-only causal LMs are supported")
-    if "past_key_values" not in inspect.signature(hf_model.forward).parameters:
+    cache_arg = _cache_argument(hf_model)
+    if cache_arg is None:
         raise _unsupported(hf_model, "takes no past_key_values, so it has no K/V cache to make states of")
     if getattr(config, "add_cross_attention", False):
         raise _unsupported(hf_model, "has cross-attention; only decoder-only causal LMs are supported")
@@ -176,8 +185,8 @@ def hf_decoder_adapter(hf_model, batch: int = 1, max_len: int | None = None):
             cache = None if kv_cache is None else _protocol_cache_class()(kv_cache, start, layers)
             positions = torch.arange(start, start + input_ids.shape[1]).unsqueeze(0)
             with export_attention():
-                out = self.hf(input_ids=input_ids, past_key_values=cache, position_ids=positions,
-                              use_cache=cache is not None)
+                out = self.hf(input_ids=input_ids, position_ids=positions, use_cache=cache is not None,
+                              **{cache_arg: cache})
             logits = getattr(out, "logits", None)
             if logits is None:
                 raise _unsupported(self.hf, "returns no logits: pass the causal LM (e.g. GPT2LMHeadModel), "
