@@ -81,9 +81,12 @@ class VariantModel:
         embed = model.get_input_embeddings().weight
         self.streamed_bytes = self.model_bytes - embed.numel() * embed.element_size()  # decode reads one embedding row
         self.ids = torch.randint(0, 32000, (1, prompt), generator=torch.Generator().manual_seed(1))
+        from fusedformer.torch.hf import cache_argument
+
+        self.cache_arg = cache_argument(model)
         with torch.inference_mode():
             self.cache = DynamicCache(config=model.config)
-            logits = model(self.ids, past_key_values=self.cache, use_cache=True).logits
+            logits = model(self.ids, use_cache=True, **{self.cache_arg: self.cache}).logits
         self.first = logits[:, -1:].argmax(-1)
 
     def prefill(self, runs: int) -> list[float]:
@@ -104,7 +107,7 @@ class VariantModel:
         token = [self.first]
 
         def step():
-            out = self.model(token[0], past_key_values=self.cache, use_cache=True)
+            out = self.model(token[0], use_cache=True, **{self.cache_arg: self.cache})
             token[0] = out.logits[:, -1:].argmax(-1)
 
         with torch.inference_mode():

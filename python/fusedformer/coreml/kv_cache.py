@@ -122,14 +122,6 @@ class _Recorder:
         return k, v
 
 
-def _cache_argument(hf_model) -> str | None:
-    """The name of the forward argument that takes the K/V cache: ``cache`` from transformers
-    5.24 on (``past_key_values`` still accepted, deprecated), ``past_key_values`` before; None
-    when the model takes neither."""
-    params = inspect.signature(hf_model.forward).parameters
-    return next((name for name in ("cache", "past_key_values") if name in params), None)
-
-
 def hf_decoder_adapter(hf_model, batch: int = 1, max_len: int | None = None):
     """The KV-cache protocol over a Hugging Face causal LM (same weights, no copy).
 
@@ -148,7 +140,9 @@ def hf_decoder_adapter(hf_model, batch: int = 1, max_len: int | None = None):
     config = hf_model.config.get_text_config()
     if getattr(hf_model.config, "is_encoder_decoder", False):
         raise _unsupported(hf_model, "is an encoder-decoder; only decoder-only causal LMs are supported")
-    cache_arg = _cache_argument(hf_model)
+    from fusedformer.torch.hf import cache_argument
+
+    cache_arg = cache_argument(hf_model)
     if cache_arg is None:
         raise _unsupported(hf_model, "takes no past_key_values, so it has no K/V cache to make states of")
     if getattr(config, "add_cross_attention", False):

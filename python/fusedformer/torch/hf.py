@@ -16,6 +16,8 @@ Returns (output [B, Lq, Hq, D] contiguous, None), as transformers expects.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from fusedformer.torch.routing import AttentionStats, fused_sdpa, unsupported_reason
@@ -23,6 +25,14 @@ from fusedformer.torch.routing import AttentionStats, fused_sdpa, unsupported_re
 NAME = "fusedformer"
 _UNSUPPORTED_KWARGS = ("softcap", "position_bias", "s_aux", "sinks", "cache")
 _registered = False
+
+
+def cache_argument(model) -> str | None:
+    """The name of the forward argument of a Hugging Face model that takes its K/V cache:
+    ``cache`` from transformers 5.24 on (``past_key_values`` is still accepted there, deprecated),
+    ``past_key_values`` before; None when the model takes neither."""
+    params = inspect.signature(model.forward).parameters
+    return next((name for name in ("cache", "past_key_values") if name in params), None)
 
 
 def stats_of(module) -> AttentionStats:
