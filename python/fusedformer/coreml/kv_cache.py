@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import inspect
 
 import numpy as np
 
