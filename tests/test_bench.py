@@ -7,6 +7,7 @@ import json
 import pytest
 
 from fusedformer.bench import Report, Timing, measure
+from fusedformer.bench.harness import measure_in_rounds
 from fusedformer.bench.report import validate
 
 MACHINE = {
@@ -41,6 +42,23 @@ def test_measure_calls_sync_with_the_result():
 def test_measure_rejects_bad_bounds():
     with pytest.raises(ValueError, match=r"\[bench\]"):
         measure(lambda: None, min_runs=5, max_runs=2)
+
+
+def test_measure_in_rounds_alternates_and_spreads_min_runs():
+    order = []
+    fns = {"a": (lambda: order.append("a"), {"min_runs": 6}),
+           "b": (lambda: order.append("b"), {"min_runs": 1, "sync": lambda out: order.append("sync b")})}
+    timings = measure_in_rounds(fns, rounds=3, budget_s=0.0)
+    # round 1: 2 warm-up + 2 timed a, then b (2 warm-up + 1 timed, each synced); rounds 2-3 repeat
+    # without warm-up: a's 6 runs are spread over the 3 rounds, b runs once in each
+    b_round1 = ["b", "sync b"] * 3
+    assert order == ["a"] * 4 + b_round1 + (["a"] * 2 + ["b", "sync b"]) * 2
+    assert timings["a"].runs == 6 and timings["b"].runs == 3
+
+
+def test_measure_in_rounds_rejects_no_rounds():
+    with pytest.raises(ValueError, match=r"\[bench\] need rounds"):
+        measure_in_rounds({"a": (lambda: None, {})}, rounds=0)
 
 
 def test_report_derives_figures_and_ratios(tmp_path):

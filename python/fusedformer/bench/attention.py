@@ -1,7 +1,8 @@
 """`fusedformer bench attention`: fused SDPA vs torch's SDPA, unfused torch and MLX.
 
-Every case runs each implementation on the same inputs in the same process; ratios are time /
-time of "torch sdpa" in that case. FLOPs count only the unmasked score entries:
+Every case runs each implementation on the same inputs in the same process, in alternating
+rounds (harness.measure_in_rounds: a shared machine's slow minutes fall on all of them alike);
+ratios are time / time of "torch sdpa" in that case. FLOPs count only the unmasked score entries:
     flops = 4 * B * Hq * D * pairs,   pairs = #(i, j) with key j visible to query i
 (Lq * Lk without a mask; Lq * Lk - Lq * (Lq - 1) / 2 for causal with Lq <= Lk, i.e. about
 half), covering QK^T and PV at 2 flops per multiply-add. Bytes are what one call must move at
@@ -18,7 +19,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from fusedformer.bench.harness import cold_copies, in_turn, measure
+from fusedformer.bench.harness import cold_copies, in_turn, measure_in_rounds
 from fusedformer.bench.report import Report, track
 
 BASELINE = "torch sdpa"
@@ -197,6 +198,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--dtype", choices=["all", "float32", "bfloat16"], default="all", help="dtypes to run")
     parser.add_argument("--case", default="", help="only cases whose name contains this text")
     parser.add_argument("--impl", action="append", default=None, help="only these impls (repeatable)")
+    parser.add_argument("--rounds", type=int, default=4,
+                        help="alternating rounds per case: each impl gets --budget / rounds seconds in each")
 
 
 def run(args) -> Report:
@@ -216,13 +219,14 @@ def run(args) -> Report:
         # through enough copies of it to stream twice the last-level cache per round.
         copies = cold_copies(k.nbytes + v.nbytes) if case.kind == "decode" else 1
         inputs = [(q, k, v)] + [(q, k.clone(), v.clone()) for _ in range(copies - 1)]
+        contenders = {}
         for name in impls:
             maker, opts, note = IMPLS[name]
             fns = [maker(case, *qkv) for qkv in inputs]
-            if fns[0] is None:
-                continue
-            fn = _in_turn_calls(fns)
-            timing = measure(fn, budget_s=args.budget, **opts)
+            if fns[0] is not None:
+                contenders[name] = (_in_turn_calls(fns), opts)
+        timings = measure_in_rounds(contenders, rounds=getattr(args, "rounds", 4), budget_s=args.budget)
+        for name, timing in timings.items():
             rep.add(
                 case=case.name,
                 impl=name,
@@ -230,7 +234,7 @@ def run(args) -> Report:
                 flops=case.flops,
                 bytes=case.bytes,
                 baseline=BASELINE if BASELINE in impls else None,
-                note=note,
+                note=IMPLS[name][2],
                 peak_gflops=rep.peak_for(case.dtype),
             )
     return rep

@@ -34,6 +34,32 @@ def measure(
     ``sync(result)`` forces fn's result before the clock stops (``mx.eval`` for lazy MLX
     arrays).
     """
+    return _timing(_samples_ms(fn, warmup, min_runs, max_runs, budget_s, sync))
+
+
+def measure_in_rounds(
+    fns: dict[str, tuple[Callable[[], object], dict]],
+    *,
+    rounds: int = 4,
+    budget_s: float = 2.0,
+) -> dict[str, Timing]:
+    """Times several implementations of one case in alternating rounds: each round gives every
+    one ``budget_s / rounds`` seconds (at least one call, and its ``min_runs`` spread over the
+    rounds), so all of them are sampled across the same minutes and a machine that slows down
+    for a while (a shared host) moves them alike; the ratio of two medians then compares like
+    with like. ``fns`` maps a name to (fn, options of ``measure``: min_runs, sync)."""
+    if rounds < 1:
+        raise ValueError(f"[bench] need rounds >= 1, got {rounds}")
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for r in range(rounds):
+        for name, (fn, opts) in fns.items():
+            min_runs = max(1, -(-opts.get("min_runs", 5) // rounds))
+            samples[name] += _samples_ms(fn, 2 if r == 0 else 0, min_runs, 200, budget_s / rounds,
+                                         opts.get("sync"))
+    return {name: _timing(ms) for name, ms in samples.items()}
+
+
+def _samples_ms(fn, warmup, min_runs, max_runs, budget_s, sync) -> list[float]:
     if min_runs < 1 or max_runs < min_runs:
         raise ValueError(f"[bench] need 1 <= min_runs <= max_runs, got {min_runs}, {max_runs}")
 
@@ -53,7 +79,10 @@ def measure(
         dt = time.perf_counter() - t0
         samples.append(dt)
         spent += dt
-    ms = [s * 1e3 for s in samples]
+    return [s * 1e3 for s in samples]
+
+
+def _timing(ms: list[float]) -> Timing:
     return Timing(statistics.median(ms), min(ms), max(ms), len(ms))
 
 
