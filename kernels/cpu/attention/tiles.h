@@ -46,12 +46,6 @@ constexpr int kVPanel = 16;
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-// A compile-time count (rows, keys, vectors) passed as a value: f(Rows<N>{}).
-template <int N>
-struct Rows {
-  static constexpr int value = N;
-};
-
 // The online-softmax state of a block's rows: running max m, running sum l, and the factor
 // alpha the accumulator of each row is rescaled by for the current tile.
 struct RowState {
@@ -312,6 +306,10 @@ inline void pv_stream_rows(float* o, int64_t o_stride, const float* alpha, const
 }
 
 // Calls f(Rows<R>{}) with R = min(n, kMax) as a compile-time row count (1 <= n).
+template <int N>
+struct Rows {
+  static constexpr int value = N;
+};
 template <int kMax, class F>
 inline void with_rows(int n, const F& f) {
   static_assert(kMax >= 1 && kMax <= 6, "row blocks of 1..6");
