@@ -77,9 +77,10 @@ def test_4bit_lut_k_not_a_multiple_of_32(k, m, isa, rng):
     check(ff.qmatmul(x, qw), x, qw)
 
 
-# The 4-bit affine GEMV on AVX-512 VNNI splits x per group into two int16 parts (hi + lo / 65536)
-# scaled by the group's max |x|; the cases below are the ones that split must get right or hand
-# to the fp32 path (non-finite x, tiny groups, K % 64 != 0).
+# The 4-bit affine GEMV on integer dot products splits x per group into integer parts scaled by
+# the group's max |x| (AVX-512 VNNI: two int16 parts, any m <= 8; AVX2: three int8 parts, m = 1);
+# the cases below are the ones that split must get right or hand to the fp32 path (non-finite x,
+# tiny groups, K % 64 != 0).
 @pytest.mark.parametrize("group", [32, 64, 128])
 @pytest.mark.parametrize("m", [1, 2, 5])
 def test_4bit_affine_group_scales_are_per_group(group, m, isa, rng):
@@ -101,6 +102,14 @@ def test_4bit_affine_group_scales_are_per_group(group, m, isa, rng):
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_4bit_affine_non_finite_x_is_not_lost(bad, isa, rng):
+    qw = weight(Affine(4, 64))
+    x = rng.standard_normal((1, K)).astype(np.float32)
+    x[0, 100] = bad
+    assert not np.isfinite(ff.qmatmul(x, qw)).all()
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 def test_4bit_affine_non_finite_x_stays_in_its_row(bad, isa, rng):
     qw = weight(Affine(4, 64))
     x = rng.standard_normal((3, K)).astype(np.float32)
@@ -110,12 +119,28 @@ def test_4bit_affine_non_finite_x_stays_in_its_row(bad, isa, rng):
     check(y[[0, 2]], x[[0, 2]], qw)
 
 
-@pytest.mark.parametrize("k", [96, 160])  # K % 64 == 32: the VNNI path's 64-code blocks do not fit
-@pytest.mark.parametrize("x_scale", [1.0, 1e-33, 1e30])  # tiny groups go to the fp32 path
-def test_4bit_affine_odd_blocks_and_extreme_scales(k, x_scale, isa, rng):
+# K % 64 == 32 (96, 160): the split's 64-code blocks do not fit; 128 takes them. Groups with
+# max |x| below 2^-100 go to the fp32 path; 2e-30 is just above that floor.
+@pytest.mark.parametrize("k", [96, 128, 160])
+@pytest.mark.parametrize("x_scale", [1.0, 1e-33, 2e-30, 1e30])
+@pytest.mark.parametrize("m", [1, 2])
+def test_4bit_affine_odd_blocks_and_extreme_scales(k, x_scale, m, isa, rng):
     w = (rng.standard_normal((21, k)) * 0.05).astype(np.float32)
     qw = compress(w, Affine(4, 32))
-    x = (rng.standard_normal((2, k)) * x_scale).astype(np.float32)
+    x = (rng.standard_normal((m, k)) * x_scale).astype(np.float32)
+    check(ff.qmatmul(x, qw), x, qw)
+
+
+@pytest.mark.parametrize("group", [32, 64])
+def test_4bit_affine_split_rounding_ties(group, isa, rng):
+    # each group's max |x| is 127 (the split's unit is 1), the rest half-integers and values a
+    # half step of the second part off them: every rounding of the split lands on a tie
+    k = 4 * group
+    w = (rng.standard_normal((19, k)) * 0.05).astype(np.float32)
+    qw = compress(w, Affine(4, group))
+    x = rng.integers(-127, 127, size=(1, k)).astype(np.float32) + np.float32(0.5)
+    x[:, 1::3] += np.float32(0.5 / 254)
+    x[:, ::group] = 127.0
     check(ff.qmatmul(x, qw), x, qw)
 
 
