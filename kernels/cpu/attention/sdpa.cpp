@@ -228,11 +228,15 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
     if (wide) {
       qk_wide<T>(w.q, dp, kt, ks, nk, D, w.s, kKeyTile, nr);
     } else if (stream) {
-      for (int64_t rr = 0; rr < nr; rr += kDotRows)
-        with_rows<kDotRows>(static_cast<int>(nr - rr), [&](auto R) {
-          qk_dot<T, decltype(R)::value>(w.q + rr * dp, dp, kt, ks, nk, D, w.s + rr * kKeyTile,
-                                        kKeyTile);
-        });
+      if constexpr (T == DType::f32) {
+        qk_dot_f32(w.q, dp, kt, ks, nk, D, w.s, kKeyTile, nr);
+      } else {
+        for (int64_t rr = 0; rr < nr; rr += kDotRows)
+          with_rows<kDotRows>(static_cast<int>(nr - rr), [&](auto R) {
+            qk_dot<T, decltype(R)::value>(w.q + rr * dp, dp, kt, ks, nk, D, w.s + rr * kKeyTile,
+                                          kKeyTile);
+          });
+      }
     } else if (dot16) {
       qk_bf16_tile(qw, dp / 2, reinterpret_cast<const uint16_t*>(kt), ks, nk, D, scale2,
                    reinterpret_cast<uint32_t*>(w.kt), w.s, kKeyTile, strip_keys, nr, fused);

@@ -69,6 +69,10 @@ inline float reduce_add(f32x8 a) {
   float s1 = (a.v[1] + a.v[5]) + (a.v[3] + a.v[7]);
   return s0 + s1;
 }
+inline f32x8 reduce_add8(const f32x8* a) {
+  // the same order as the AVX2 backend
+  FF_LANES(((a[i].v[0] + a[i].v[1]) + (a[i].v[2] + a[i].v[3])) + ((a[i].v[4] + a[i].v[5]) + (a[i].v[6] + a[i].v[7])));
+}
 inline float reduce_max(f32x8 a) {
   float m = a.v[0];
   for (int i = 1; i < 8; ++i) m = a.v[i] > m ? a.v[i] : m;
