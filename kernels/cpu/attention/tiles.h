@@ -219,9 +219,8 @@ inline void qk_dot(const float* q, int64_t q_stride, const typename Elem<T>::typ
 // score), on a Zen 3 class AVX2 machine, D128, 4 rows: 95 against 118 cycles per key with the
 // PV step from cache, 570 against 694 from memory (/tmp microbenchmark). Decode GQA 32/8 fp32,
 // two builds in one process, 2 threads: the same best time (bound by memory), 0.91-0.94x the
-// median (Lk 4096, 16384); with the other core busy, 0.72-0.85x. For bf16 K, converting the
-// 8-key block first or every load per row measured 1.1-1.3x slower than qk_dot, which converts
-// each K vector once for all its rows.
+// median (Lk 4096, 16384). For bf16 K, converting the 8-key block first or every load per row
+// measured 1.1-1.3x slower than qk_dot, which converts each K vector once for all its rows.
 inline void qk_dot_f32(const float* q, int64_t q_stride, const float* k, int64_t k_stride, int64_t nk,
                        int64_t d, float* s, int64_t s_stride, int64_t nr) {
   const int64_t d8 = round_up(d, 8);
