@@ -3,6 +3,11 @@
 #include <cstdlib>
 #include <stdexcept>
 
+#if defined(__linux__) && (defined(__x86_64__) || defined(_M_X64))
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 #include "csrc/threadpool.h"
 
 namespace ff {
@@ -40,9 +45,32 @@ bool cpu_has_avx512_bf16() {
 #endif
 }
 
+// The OS lets this process use the AMX tile data registers. Linux enables them per process on
+// request (arch_prctl ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA = 18; kernels from 5.16 on); until
+// then the first tile instruction faults. Asked once; the answer holds for every thread.
+bool os_allows_amx() {
+#if defined(__linux__) && (defined(__x86_64__) || defined(_M_X64))
+  static const bool allowed = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18) == 0;
+  return allowed;
+#else
+  return false;
+#endif
+}
+
+// AMX-BF16 tiles (tdpbf16ps) on top of avx512_bf16: Sapphire Rapids and later Xeons.
+bool cpu_has_amx_bf16() {
+#if defined(FF_HAVE_AVX512) && (defined(__GNUC__) || defined(__clang__))
+  return cpu_has_avx512_bf16() && __builtin_cpu_supports("amx-tile") &&
+         __builtin_cpu_supports("amx-bf16") && os_allows_amx();
+#else
+  return false;
+#endif
+}
+
 // The best variant this CPU (and build) runs.
 Isa best_isa() {
-  return cpu_has_avx512_bf16() ? Isa::avx512_bf16
+  return cpu_has_amx_bf16()      ? Isa::avx512_amx
+         : cpu_has_avx512_bf16() ? Isa::avx512_bf16
          : cpu_has_avx512()    ? Isa::avx512
          : cpu_has_avx2()      ? Isa::avx2
                                : Isa::generic;
@@ -58,10 +86,13 @@ std::string join(const std::vector<std::string>& v) {
 
 Isa active_isa() { return g_isa; }
 
-bool bf16_dot() { return g_isa == Isa::avx512_bf16; }
+bool bf16_dot() { return g_isa >= Isa::avx512_bf16; }
+
+bool amx_tiles() { return g_isa == Isa::avx512_amx; }
 
 const char* isa_name(Isa isa) {
   switch (isa) {
+    case Isa::avx512_amx: return "avx512_amx";
     case Isa::avx512_bf16: return "avx512_bf16";
     case Isa::avx512: return "avx512";
     case Isa::avx2: return "avx2";
@@ -77,6 +108,7 @@ std::vector<std::string> compiled_isas() {
 #ifdef FF_HAVE_AVX512
   names.push_back("avx512");
   names.push_back("avx512_bf16");
+  names.push_back("avx512_amx");
 #endif
   return names;
 }
@@ -86,6 +118,7 @@ std::vector<std::string> supported_isas() {
   if (cpu_has_avx2()) names.push_back("avx2");
   if (cpu_has_avx512()) names.push_back("avx512");
   if (cpu_has_avx512_bf16()) names.push_back("avx512_bf16");
+  if (cpu_has_amx_bf16()) names.push_back("avx512_amx");
   return names;
 }
 
@@ -118,6 +151,9 @@ void set_isa(const std::string& want) {
     g_isa = require(Isa::avx512, cpu_has_avx512(), "AVX-512 F/BW/VL/DQ+VNNI");
   } else if (want == "avx512_bf16") {
     g_isa = require(Isa::avx512_bf16, cpu_has_avx512_bf16(), "AVX-512 F/BW/VL/DQ+VNNI+BF16");
+  } else if (want == "avx512_amx") {
+    g_isa = require(Isa::avx512_amx, cpu_has_amx_bf16(),
+                    "AVX-512 F/BW/VL/DQ+VNNI+BF16 with AMX-TILE+AMX-BF16 enabled by the OS");
   } else {
     throw std::invalid_argument("[fusedformer] FUSEDFORMER_ISA='" + want +
                                 "' is not one of: auto, " + join(compiled_isas()));

@@ -8,8 +8,10 @@
 
 namespace ff {
 
-// avx512_bf16 runs the avx512 kernels with AVX512_BF16 dot products allowed (bf16_dot()).
-enum class Isa { generic, avx2, avx512, avx512_bf16 };
+// avx512_bf16 runs the avx512 kernels with AVX512_BF16 dot products allowed (bf16_dot());
+// avx512_amx those with AMX-BF16 tiles allowed too (amx_tiles()). Ordered: each name runs
+// everything the one before it does.
+enum class Isa { generic, avx2, avx512, avx512_bf16, avx512_amx };
 
 // Chosen once at import (select_isa) and fixed afterwards.
 Isa active_isa();
@@ -17,7 +19,7 @@ const char* isa_name(Isa isa);
 // Variants compiled into this build, and those this CPU can run.
 std::vector<std::string> compiled_isas();
 std::vector<std::string> supported_isas();
-// Reads FUSEDFORMER_ISA ("auto", "generic", "avx2", "avx512", "avx512_bf16"); throws
+// Reads FUSEDFORMER_ISA ("auto", "generic", "avx2", "avx512", "avx512_bf16", "avx512_amx"); throws
 // std::invalid_argument with a message naming the variable and the allowed values.
 void select_isa();
 // Test hook: switch the variant at run time (not while kernels run on other threads).

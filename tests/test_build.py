@@ -23,7 +23,7 @@ def test_compiled_variants():
     compiled = _C.compiled_isas()
     assert compiled[0] == "generic"
     if os.uname().machine in ("x86_64", "AMD64"):
-        assert compiled == ["generic", "avx2", "avx512", "avx512_bf16"]
+        assert compiled == ["generic", "avx2", "avx512", "avx512_bf16", "avx512_amx"]
     assert set(_C.supported_isas()) <= set(compiled)
 
 

@@ -35,9 +35,12 @@ enum class DType : int { f32 = 0, f16 = 1, bf16 = 2 };
 using RangeFn = void (*)(void* ctx, int64_t begin, int64_t end);
 void parallel_for_raw(int64_t n, int64_t grain, RangeFn fn, void* ctx);
 int num_threads();
-// True when the active variant is avx512_bf16: the avx512 kernels may use AVX512_BF16
-// instructions (the variant is chosen only on CPUs that have them).
+// True when the active variant is avx512_bf16 or avx512_amx: the avx512 kernels may use
+// AVX512_BF16 instructions (the variant is chosen only on CPUs that have them).
 bool bf16_dot();
+// True when the active variant is avx512_amx: the avx512 kernels may use AMX-BF16 tiles (the
+// CPU has them and the OS has granted this process the tile registers).
+bool amx_tiles();
 
 // Machine-limit probes, per ISA variant (kernels/cpu/probe.cpp).
 struct ProbeKernels {

@@ -17,9 +17,10 @@
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <optional>
 
 #include "kernels/cpu/attention/api.h"
-#include "kernels/cpu/attention/tiles.h"
+#include "kernels/cpu/attention/amx.h"
 
 namespace ff {
 namespace FF_ISA_NS {
@@ -162,6 +163,10 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
   const bool wide = stream && wide_rows(D);
   // bf16 prefill on vdpbf16ps: q rows stay bf16 words (pitch dp / 2), scores are scaled after.
   const bool dot16 = T == DType::bf16 && !stream && bf16_tiles(D);
+  // ... and on AMX tiles where the variant has them (same q words; scores scaled after).
+  const bool amx = dot16 && amx_bf16_tiles(D);
+  std::optional<AmxTiles> tiles;
+  if (amx) tiles.emplace();
   const float scale2 = p.scale * simd::exp2_poly::kLog2e;  // scores in base 2
   uint32_t* qw = reinterpret_cast<uint32_t*>(w.q);
 
@@ -219,7 +224,7 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
     // A whole tile with nothing to mask: the zmm score tiles run the online softmax on their
     // registers (softmax_rows_zmm) instead of storing the scores for the pass below.
     const RowState rows{w.m, w.l, w.alpha};
-    const RowState* fused = !stream && kFusedSoftmax && !clip && nk == kKeyTile &&
+    const RowState* fused = !stream && !amx && kFusedSoftmax && !clip && nk == kKeyTile &&
                                     p.mask.kind == SdpaMaskKind::none
                                 ? &rows
                                 : nullptr;
@@ -237,6 +242,9 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
                                           kKeyTile);
           });
       }
+    } else if (amx) {
+      qk_amx_tile(qw, dp / 2, reinterpret_cast<const uint16_t*>(kt), ks, nk, D,
+                  reinterpret_cast<uint32_t*>(w.kt), w.s, kKeyTile, strip_keys, nr);
     } else if (dot16) {
       qk_bf16_tile(qw, dp / 2, reinterpret_cast<const uint16_t*>(kt), ks, nk, D, scale2,
                    reinterpret_cast<uint32_t*>(w.kt), w.s, kKeyTile, strip_keys, nr, fused);
@@ -260,6 +268,8 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
     // computed, are past each of its rows' hi and set to -inf here)
     for (int64_t rr = 0; rr < nr && !fused; ++rr) {
       float* s = w.s + rr * kKeyTile;
+      if (amx)
+        for (int64_t j = 0; j < nk; ++j) s[j] *= scale2;
       if (clip) {
         const int64_t a = lo[rr] - t, e = hi[rr] - t;
         for (int64_t j = 0; j < nk && j < a; ++j) s[j] = kNegInf;
@@ -280,6 +290,9 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
           pv_stream<T, decltype(R)::value>(w.o + rr * dp, dp, w.alpha + rr, w.s + rr * kKeyTile,
                                            kKeyTile, vt, vs, nk, D);
         });
+    } else if (amx) {
+      pv_amx_tile(w.o, dp, w.alpha, w.s, kKeyTile, reinterpret_cast<const uint16_t*>(vt), vs, nk, D, dp,
+                  reinterpret_cast<uint32_t*>(w.v), strip_keys, nr);
     } else if (dot16) {
       pv_bf16_tile(w.o, dp, w.alpha, w.s, kKeyTile, reinterpret_cast<const uint16_t*>(vt), vs, nk, D,
                    dp, reinterpret_cast<uint32_t*>(w.v), strip_keys, nr);

@@ -1,0 +1,187 @@
+// AMX-BF16 prefill tiles of the flash-attention forward (bf16 inputs, head dim a multiple of 32).
+//
+// tdpbf16ps multiplies a 16 x 32 bf16 tile by a 32 x 16 one (pairs along the reduction dim) into
+// a 16 x 16 fp32 tile: 8192 multiply-adds per instruction, against 32 for a zmm vdpbf16ps.
+// The operands are the layouts the vdpbf16ps tiles already pack (tiles.h):
+//   S = Q K^T:  A = q rows as bf16 words (pitch dp / 2 words), B = pack_k_pairs' Kp[x2][j];
+//   O += P V:   A = P rounded to bf16 pairs in place (round_p_pairs), B = pack_v_pairs' Vp[j2][x];
+// C is the fp32 score tile, or the O accumulator itself (loaded, accumulated, stored back:
+// rows whose running max moved are rescaled in memory first). Register blocking 2 x 2: C in
+// tmm0..3, A in tmm4..5, B in tmm6..7, all configured 16 rows x 64 bytes.
+//
+// Row tiles are 16 rows; a block's last tile may reach past its nr rows into the scratch's
+// other rows (kRowTile of them are allocated): those rows compute garbage that only lands in
+// rows of S and O nobody reads. Key steps are 32 keys: the P columns and V pair rows from a
+// tile's last key up to the next multiple of 32 are zeroed first, so stale scratch never meets
+// a live row. These functions carry the AMX target and run only when amx_tiles() says the CPU
+// has AMX-BF16 and the OS granted this process the tile registers.
+#pragma once
+
+#include "kernels/cpu/attention/tiles.h"
+
+namespace ff {
+namespace FF_ISA_NS {
+namespace attention {
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#define FF_AMX __attribute__((target("amx-tile,amx-bf16,avx512bf16")))
+
+// Tile instructions are inline asm that names only the base pointer: this barrier keeps the
+// compiler from moving plain stores into scratch past a tile load, or loads past a tile store.
+inline void amx_fence() { asm volatile("" ::: "memory"); }
+
+// The tile palette: palette 1; bytes 16..47 the bytes per row of tiles 0..15 (u16), bytes 48..63
+// their rows. Tiles 0..7 are 16 rows x 64 bytes.
+struct alignas(64) AmxConfig {
+  uint8_t bytes[64];
+};
+constexpr AmxConfig amx_config() {
+  AmxConfig c{};
+  c.bytes[0] = 1;
+  for (int t = 0; t < 8; ++t) c.bytes[16 + 2 * t] = 64, c.bytes[48 + t] = 16;
+  return c;
+}
+inline constexpr AmxConfig kAmxConfig = amx_config();
+
+// Loads the tile palette for this thread's AMX work (every tile 16 rows x 64 bytes) and
+// releases the tiles when it goes out of scope. Loaded per block: other code on this thread
+// (a framework's own AMX kernels) may have loaded another palette in between.
+class AmxTiles {
+ public:
+  FF_AMX AmxTiles() {  // (a constant in memory: GCC 12's _tile_loadconfig declares an 8-byte read)
+    _tile_loadconfig(kAmxConfig.bytes);
+  }
+  FF_AMX ~AmxTiles() { _tile_release(); }
+  AmxTiles(const AmxTiles&) = delete;
+  AmxTiles& operator=(const AmxTiles&) = delete;
+};
+
+// Applies op(c, i, j, a, b) to each C tile of an RT x CT block (1 or 2 tiles of 16 each way):
+// C tile (i, j) is tmm c = 2i + j, its A tile tmm a = 4 + i, its B tile tmm b = 6 + j. Tile
+// numbers are literals: the intrinsics paste them into the instruction text.
+#define FF_AMX_FOR_C(RT, CT, op)                  \
+  do {                                            \
+    op(0, 0, 0, 4, 6);                            \
+    if constexpr (CT > 1) op(1, 0, 1, 4, 7);      \
+    if constexpr (RT > 1) op(2, 1, 0, 5, 6);      \
+    if constexpr (RT > 1 && CT > 1) op(3, 1, 1, 5, 7); \
+  } while (0)
+
+// c (RT x CT tiles of 16 x 16 fp32, pitch c_stride floats) += the products of a's rows (pitch
+// a_stride words) and b's columns (pitch b_stride words) over n words: a's rows read 16 words
+// (32 bf16) at a time, b in steps of 16 rows; n is a multiple of 16. With zero_c, c starts at 0.
+template <int RT, int CT>
+FF_AMX inline void tile_dot_amx(float* c, int64_t c_stride, bool zero_c, const uint32_t* a,
+                                int64_t a_stride, const uint32_t* b, int64_t b_stride, int64_t n) {
+  const int64_t cs = c_stride * 4, as = a_stride * 4, bs = b_stride * 4;
+#define FF_C_AT(i, j) (c + (i) * 16 * c_stride + (j) * 16)
+#define FF_C_INIT(t, i, j, ta, tb) \
+  {                                \
+    if (zero_c)                    \
+      _tile_zero(t);               \
+    else                           \
+      _tile_loadd(t, FF_C_AT(i, j), cs); \
+  }
+#define FF_C_DOT(t, i, j, ta, tb) _tile_dpbf16ps(t, ta, tb)
+#define FF_C_STORE(t, i, j, ta, tb) _tile_stored(t, FF_C_AT(i, j), cs)
+  FF_AMX_FOR_C(RT, CT, FF_C_INIT);
+  for (int64_t k = 0; k < n; k += 16) {
+    _tile_loadd(4, a + k, as);
+    if constexpr (RT > 1) _tile_loadd(5, a + 16 * a_stride + k, as);
+    _tile_loadd(6, b + k * b_stride, bs);
+    if constexpr (CT > 1) _tile_loadd(7, b + k * b_stride + 16, bs);
+    FF_AMX_FOR_C(RT, CT, FF_C_DOT);
+  }
+  FF_AMX_FOR_C(RT, CT, FF_C_STORE);
+#undef FF_C_AT
+#undef FF_C_INIT
+#undef FF_C_DOT
+#undef FF_C_STORE
+}
+#undef FF_AMX_FOR_C
+
+// Calls tile_dot_amx with RT = min(2, ceil(rows / 16)), CT = min(2, ceil(cols / 16)).
+FF_AMX inline void tile_dot_amx_any(int64_t rows, int64_t cols, float* c, int64_t c_stride,
+                                    bool zero_c, const uint32_t* a, int64_t a_stride, const uint32_t* b,
+                                    int64_t b_stride, int64_t n) {
+  if (rows > 16) {
+    if (cols > 16) return tile_dot_amx<2, 2>(c, c_stride, zero_c, a, a_stride, b, b_stride, n);
+    return tile_dot_amx<2, 1>(c, c_stride, zero_c, a, a_stride, b, b_stride, n);
+  }
+  if (cols > 16) return tile_dot_amx<1, 2>(c, c_stride, zero_c, a, a_stride, b, b_stride, n);
+  tile_dot_amx<1, 1>(c, c_stride, zero_c, a, a_stride, b, b_stride, n);
+}
+
+// The keys the rows [r0, r1) of a block need in this tile: the most of their strips' keys.
+inline int64_t rows_keys(const int64_t* strip_keys, int64_t r0, int64_t r1) {
+  int64_t n = 0;
+  for (int64_t st = r0 / kMr; st * kMr < r1; ++st) n = strip_keys[st] > n ? strip_keys[st] : n;
+  return n;
+}
+
+// S = Q K^T (unscaled) for nr rows of q words (d / 2 per row, pitch q_stride words) against nk
+// keys of bf16 storage; each 32-row group goes as far as its strips' keys (in 16-key tiles).
+// kp is the scratch for the packed tile (d / 2 x kKeyTile words).
+FF_AMX inline void qk_amx_tile(const uint32_t* q, int64_t q_stride, const uint16_t* k,
+                               int64_t k_stride, int64_t nk, int64_t d, uint32_t* kp, float* s,
+                               int64_t s_stride, const int64_t* strip_keys, int64_t nr) {
+  pack_k_pairs(k, k_stride, nk, d, kp);
+  amx_fence();
+  for (int64_t r = 0; r < nr; r += 32) {
+    const int64_t rows = nr - r, n = rows_keys(strip_keys, r, r + (rows < 32 ? rows : 32));
+    for (int64_t c = 0; c < n; c += 32)
+      tile_dot_amx_any(rows, n - c, s + r * s_stride + c, s_stride, true, q + r * q_stride, q_stride,
+                       kp + c, kKeyTile, d / 2);
+  }
+  amx_fence();
+}
+
+// O = diag(alpha) O + P V for nr rows over nk keys of bf16 V storage, each 32-row group over its
+// strips' keys (in 32-key steps). P (pitch p_stride floats, probabilities) is rounded to bf16
+// pairs in place; vp is the scratch for the paired tile (kKeyTile / 2 x dp words).
+FF_AMX inline void pv_amx_tile(float* o, int64_t o_stride, const float* alpha, float* p,
+                               int64_t p_stride, const uint16_t* v, int64_t v_stride, int64_t nk,
+                               int64_t d, int64_t dp, uint32_t* vp, const int64_t* strip_keys,
+                               int64_t nr) {
+  const int64_t nk32 = round_up(nk, 32);
+  pack_v_pairs(v, v_stride, nk, d, vp, dp);
+  for (int64_t j2 = (nk + 1) / 2; j2 < nk32 / 2; ++j2)
+    for (int64_t x = 0; x < dp; x += 16) _mm512_storeu_si512(vp + j2 * dp + x, _mm512_setzero_si512());
+  for (int64_t r = 0; r < nr; ++r) {
+    float* row = p + r * p_stride;
+    for (int64_t j = round_up(nk, 8); j < nk32; ++j) row[j] = 0.0f;  // [nk, round_up(nk, 8)) is 0
+    if (alpha[r] != 1.0f) {
+      const __m512 a = _mm512_set1_ps(alpha[r]);
+      float* orow = o + r * o_stride;
+      for (int64_t x = 0; x < dp; x += 16) _mm512_storeu_ps(orow + x, _mm512_mul_ps(_mm512_loadu_ps(orow + x), a));
+    }
+  }
+  round_p_pairs(p, p_stride, nk, nr);
+  amx_fence();
+  const uint32_t* pw = reinterpret_cast<const uint32_t*>(p);
+  for (int64_t r = 0; r < nr; r += 32) {
+    const int64_t rows = nr - r;
+    const int64_t n2 = round_up(rows_keys(strip_keys, r, r + (rows < 32 ? rows : 32)), 32) / 2;
+    if (n2 == 0) continue;
+    for (int64_t c = 0; c < dp; c += 32)
+      tile_dot_amx_any(rows, dp - c, o + r * o_stride + c, o_stride, false, pw + r * p_stride,
+                       p_stride, vp + c, dp, n2);
+  }
+  amx_fence();
+}
+
+// Prefill tiles of bf16 inputs on AMX: when the variant allows it and d is a multiple of 32.
+inline bool amx_bf16_tiles(int64_t d) { return d % 32 == 0 && amx_tiles(); }
+#undef FF_AMX
+#else
+class AmxTiles {};
+inline bool amx_bf16_tiles(int64_t) { return false; }
+inline void qk_amx_tile(const uint32_t*, int64_t, const uint16_t*, int64_t, int64_t, int64_t, uint32_t*,
+                        float*, int64_t, const int64_t*, int64_t) {}
+inline void pv_amx_tile(float*, int64_t, const float*, float*, int64_t, const uint16_t*, int64_t, int64_t,
+                        int64_t, int64_t, uint32_t*, const int64_t*, int64_t) {}
+#endif
+
+}  // namespace attention
+}  // namespace FF_ISA_NS
+}  // namespace ff
