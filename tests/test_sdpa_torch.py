@@ -80,6 +80,10 @@ BF16_PREFILL = [
     ((1, 2, 2, 20, 31, 256), dict(scale=-0.2)),
     ((1, 4, 1, 12, 70, 80), dict(mask="bool")),
     ((1, 4, 4, 13, 97, 96), dict(mask="additive", causal=True)),
+    # several row blocks per kv head (the avx512_amx variant packs K/V once per call), the last
+    # one not a whole number of 16-row tiles, and a last key tile not a whole 32-key step
+    ((1, 8, 2, 70, 300, 64), dict(causal=True)),
+    ((1, 4, 1, 50, 520, 128), dict(mask="additive", window=200)),
 ]
 
 
@@ -107,6 +111,20 @@ def test_bf16_prefill_within_rounding(torch, isa, shape, opts, odd_stride):
     bound = 2.0**-8 * (np.abs(ref) + np.abs(v.float().numpy()).max())
     excess = np.abs(out.float().numpy() - ref) - bound
     assert excess.max() <= 0, (excess.max(), np.unravel_index(excess.argmax(), excess.shape))
+
+
+@pytest.mark.parametrize("chunk", [192, 256])
+def test_bf16_prefill_split_keys(torch, isa, chunk):
+    """Key chunks on bf16 prefill blocks: aligned to the AMX key tile (packed once per call) or
+    not (packed per block); both within bf16 rounding of the float64 result."""
+    from fusedformer.ops_attention import native_sdpa
+
+    q, k, v = qkv(torch, 1, 4, 1, 130, 600, 64, torch.bfloat16)
+    out = native_sdpa(q, k, v, causal=True, kv_chunk=chunk)
+    ref = ref_of(q, k, v, causal=True)
+    assert not torch.isnan(out).any()
+    bound = 2.0**-8 * (np.abs(ref) + np.abs(v.float().numpy()).max())
+    assert (np.abs(out.float().numpy() - ref) <= bound).all()
 
 
 def test_hf_layout_strided_no_contiguous_needed(torch, isa):

@@ -119,34 +119,40 @@ inline int64_t rows_keys(const int64_t* strip_keys, int64_t r0, int64_t r1) {
   return n;
 }
 
-// S = Q K^T (unscaled) for nr rows of q words (d / 2 per row, pitch q_stride words) against nk
-// keys of bf16 storage; each 32-row group goes as far as its strips' keys (in 16-key tiles).
-// kp is the scratch for the packed tile (d / 2 x kKeyTile words).
-FF_AMX inline void qk_amx_tile(const uint32_t* q, int64_t q_stride, const uint16_t* k,
-                               int64_t k_stride, int64_t nk, int64_t d, uint32_t* kp, float* s,
-                               int64_t s_stride, const int64_t* strip_keys, int64_t nr) {
-  pack_k_pairs(k, k_stride, nk, d, kp);
+// The K and V of one tile in the operand layouts of the AMX tiles: kp = Kp[x2][j] (pack_k_pairs,
+// rows of `pitch` words: pitch >= round_up(nk, 32), a multiple of 16), vp = Vp[j2][x] (pack_v_pairs,
+// rows of dp words) with the pair rows from ceil(nk / 2) up to round_up(nk, 32) / 2 zeroed, so a
+// 32-key step past the tile's last key multiplies zeros.
+inline void pack_amx_kv(const uint16_t* k, int64_t k_stride, const uint16_t* v, int64_t v_stride,
+                        int64_t nk, int64_t d, int64_t dp, int64_t pitch, uint32_t* kp, uint32_t* vp) {
+  pack_k_pairs(k, k_stride, nk, d, kp, pitch);
+  pack_v_pairs(v, v_stride, nk, d, vp, dp);
+  for (int64_t j2 = (nk + 1) / 2; j2 < round_up(nk, 32) / 2; ++j2)
+    for (int64_t x = 0; x < dp; x += 16) _mm512_storeu_si512(vp + j2 * dp + x, _mm512_setzero_si512());
+}
+
+// S = Q K^T (unscaled) for nr rows of q words (d / 2 per row, pitch q_stride words) against a
+// packed K tile (pack_amx_kv, rows of s_stride words); each 32-row group goes as far as its
+// strips' keys (in 16-key tiles).
+FF_AMX inline void qk_amx_tile(const uint32_t* q, int64_t q_stride, const uint32_t* kp, int64_t d,
+                               float* s, int64_t s_stride, const int64_t* strip_keys, int64_t nr) {
   amx_fence();
   for (int64_t r = 0; r < nr; r += 32) {
     const int64_t rows = nr - r, n = rows_keys(strip_keys, r, r + (rows < 32 ? rows : 32));
     for (int64_t c = 0; c < n; c += 32)
       tile_dot_amx_any(rows, n - c, s + r * s_stride + c, s_stride, true, q + r * q_stride, q_stride,
-                       kp + c, kKeyTile, d / 2);
+                       kp + c, s_stride, d / 2);
   }
   amx_fence();
 }
 
-// O = diag(alpha) O + P V for nr rows over nk keys of bf16 V storage, each 32-row group over its
-// strips' keys (in 32-key steps). P (pitch p_stride floats, probabilities) is rounded to bf16
-// pairs in place; vp is the scratch for the paired tile (kKeyTile / 2 x dp words).
+// O = diag(alpha) O + P V for nr rows over nk keys of a packed V tile (pack_amx_kv), each 32-row
+// group over its strips' keys (in 32-key steps). P (pitch p_stride floats, probabilities) is
+// rounded to bf16 pairs in place.
 FF_AMX inline void pv_amx_tile(float* o, int64_t o_stride, const float* alpha, float* p,
-                               int64_t p_stride, const uint16_t* v, int64_t v_stride, int64_t nk,
-                               int64_t d, int64_t dp, uint32_t* vp, const int64_t* strip_keys,
-                               int64_t nr) {
+                               int64_t p_stride, const uint32_t* vp, int64_t nk, int64_t dp,
+                               const int64_t* strip_keys, int64_t nr) {
   const int64_t nk32 = round_up(nk, 32);
-  pack_v_pairs(v, v_stride, nk, d, vp, dp);
-  for (int64_t j2 = (nk + 1) / 2; j2 < nk32 / 2; ++j2)
-    for (int64_t x = 0; x < dp; x += 16) _mm512_storeu_si512(vp + j2 * dp + x, _mm512_setzero_si512());
   for (int64_t r = 0; r < nr; ++r) {
     float* row = p + r * p_stride;
     for (int64_t j = round_up(nk, 8); j < nk32; ++j) row[j] = 0.0f;  // [nk, round_up(nk, 8)) is 0
@@ -176,10 +182,12 @@ inline bool amx_bf16_tiles(int64_t d) { return d % 32 == 0 && amx_tiles(); }
 #else
 class AmxTiles {};
 inline bool amx_bf16_tiles(int64_t) { return false; }
-inline void qk_amx_tile(const uint32_t*, int64_t, const uint16_t*, int64_t, int64_t, int64_t, uint32_t*,
-                        float*, int64_t, const int64_t*, int64_t) {}
-inline void pv_amx_tile(float*, int64_t, const float*, float*, int64_t, const uint16_t*, int64_t, int64_t,
-                        int64_t, int64_t, uint32_t*, const int64_t*, int64_t) {}
+inline void pack_amx_kv(const uint16_t*, int64_t, const uint16_t*, int64_t, int64_t, int64_t, int64_t,
+                        int64_t, uint32_t*, uint32_t*) {}
+inline void qk_amx_tile(const uint32_t*, int64_t, const uint32_t*, int64_t, float*, int64_t,
+                        const int64_t*, int64_t) {}
+inline void pv_amx_tile(float*, int64_t, const float*, float*, int64_t, const uint32_t*, int64_t,
+                        int64_t, const int64_t*, int64_t) {}
 #endif
 
 }  // namespace attention

@@ -28,6 +28,16 @@ namespace attention {
 namespace {
 
 constexpr int64_t kRowTile = 96;       // query rows per block (positions x heads of a group)
+// Keys per tile of the AMX tiles: a tile's P V accumulates into O in memory (tile loads and
+// stores of O), so longer tiles spend fewer of them per multiply-add.
+#ifndef FF_AMX_KEYS
+#define FF_AMX_KEYS 256
+#endif
+constexpr int64_t kAmxKeyTile = FF_AMX_KEYS;
+// Their score rows' pitch (floats; also the packed K tile's, in words): AMX moves 16 rows at a
+// time, and rows a power of two apart larger than 256 bytes share L1 sets.
+constexpr int64_t kAmxPitch = kAmxKeyTile + 16;
+constexpr int64_t kMaxKeyTile = kAmxPitch > kKeyTile ? kAmxPitch : kKeyTile;
 static_assert(kRowTile % kMr == 0, "blocks are whole kMr-row strips");
 constexpr int64_t kSplitChunk = 512;   // keys per split-KV chunk, chosen by shape
 constexpr int64_t kStreamMaxRows = 8;  // blocks this small stream K/V instead of packing them
@@ -42,6 +52,11 @@ struct Problem {
   int64_t row_blocks;  // blocks per (b, kv head)
   int64_t chunks;      // key chunks per block (1: no split)
   int64_t chunk_len;   // keys per chunk
+  // AMX prefill: every K/V tile of the call packed once up front (pack_amx_kv) when several
+  // row blocks read it, else null and each block packs its own: per (b, kv head) amx_tiles
+  // tiles, each amx_k_words of K pairs then amx_v_words of V pairs.
+  const uint32_t* amx_kv = nullptr;
+  int64_t amx_tiles = 0, amx_k_words = 0, amx_v_words = 0;
 };
 
 struct Block {
@@ -54,9 +69,10 @@ struct Block {
 struct Work {
   float* q;      // [kRowTile][dp], pre-scaled
   float* o;      // [kRowTile][dp], unnormalised output
-  float* s;      // [kRowTile][kKeyTile], scores then probabilities
-  float* kt;     // [kKeyTile / kKPanel][D][kKPanel], packed transposed K tile
+  float* s;      // [kRowTile][tile keys], scores then probabilities
+  float* kt;     // [kKeyTile / kKPanel][D][kKPanel], packed transposed K tile (AMX: K pairs)
   float* v;      // [kKeyTile][dp] (zmm tiles) or [dp / kVPanel][kKeyTile][kVPanel], packed V
+                 // (AMX: V pairs); all three sized for kMaxKeyTile keys
   float* m;      // [kRowTile] running max
   float* l;      // [kRowTile] running sum
   float* alpha;  // [kRowTile] rescale of this tile
@@ -65,8 +81,8 @@ struct Work {
 Work thread_work(int64_t dp) {
   thread_local std::unique_ptr<float[]> buf;
   thread_local int64_t capacity = 0;
-  const int64_t sizes[] = {kRowTile * dp, kRowTile * dp, kRowTile * kKeyTile, dp * kKeyTile,
-                           kKeyTile * dp, kRowTile, kRowTile, kRowTile};
+  const int64_t sizes[] = {kRowTile * dp, kRowTile * dp, kRowTile * kMaxKeyTile, dp * kMaxKeyTile,
+                           kMaxKeyTile * dp, kRowTile, kRowTile, kRowTile};
   int64_t need = 0;
   for (int64_t n : sizes) need += n;
   if (capacity < need) {
@@ -133,7 +149,7 @@ inline float exp_sum(float* s, int64_t n, float m) {
 #endif
 }
 
-// Online softmax over one tile row of nk scores (the row has kKeyTile writable columns):
+// Online softmax over one tile row of nk scores (the row has round_up(nk, 8) writable columns):
 // updates the running max m and sum l, turns s into 2^(s - m_new) and returns the factor the
 // accumulator must be rescaled by. A row with no finite score yet keeps m = -inf, l = 0, p = 0.
 inline float softmax_update(float* s, int64_t nk, float* m, float* l) {
@@ -167,6 +183,8 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
   const bool amx = dot16 && amx_bf16_tiles(D);
   std::optional<AmxTiles> tiles;
   if (amx) tiles.emplace();
+  const int64_t tile = amx ? kAmxKeyTile : kKeyTile;  // keys per tile
+  const int64_t pitch = amx ? kAmxPitch : kKeyTile;    // of the score rows
   const float scale2 = p.scale * simd::exp2_poly::kLog2e;  // scores in base 2
   uint32_t* qw = reinterpret_cast<uint32_t*>(w.q);
 
@@ -197,8 +215,10 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
   }
 
   const int64_t ks = p.k.stride_l, vs = p.v.stride_l;
-  for (int64_t t = bk.j0 + (jmin - bk.j0) / kKeyTile * kKeyTile; t < jmax; t += kKeyTile) {
-    const int64_t nk = bk.j1 - t < kKeyTile ? bk.j1 - t : kKeyTile;
+  const uint32_t* kp = reinterpret_cast<const uint32_t*>(w.kt);  // AMX: this tile's packed K, V
+  const uint32_t* vp = reinterpret_cast<const uint32_t*>(w.v);
+  for (int64_t t = bk.j0 + (jmin - bk.j0) / tile * tile; t < jmax; t += tile) {
+    const int64_t nk = bk.j1 - t < tile ? bk.j1 - t : tile;
     const S* kt = k + t * ks;
     const S* vt = v + t * vs;
     // Touch the K and V rows kPrefetchTiles tiles ahead while this one computes: V is read
@@ -206,8 +226,8 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
     // bound by how many bytes are in flight. (The wide path reads V row by row, in the order
     // the hardware prefetchers follow; software prefetch measured no better there.)
     if (!wide) {
-      const int64_t ahead = t + kPrefetchTiles * kKeyTile;
-      const int64_t n = jmax - ahead < kKeyTile ? jmax - ahead : kKeyTile;
+      const int64_t ahead = t + kPrefetchTiles * tile;
+      const int64_t n = jmax - ahead < tile ? jmax - ahead : tile;
       const int64_t row_bytes = D * static_cast<int64_t>(sizeof(S));
       if (n > 0) {
         prefetch_rows(k + ahead * ks, ks * sizeof(S), n, row_bytes);
@@ -224,40 +244,47 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
     // A whole tile with nothing to mask: the zmm score tiles run the online softmax on their
     // registers (softmax_rows_zmm) instead of storing the scores for the pass below.
     const RowState rows{w.m, w.l, w.alpha};
-    const RowState* fused = !stream && !amx && kFusedSoftmax && !clip && nk == kKeyTile &&
+    const RowState* fused = !stream && !amx && kFusedSoftmax && !clip && nk == tile &&
                                     p.mask.kind == SdpaMaskKind::none
                                 ? &rows
                                 : nullptr;
 
     // S = (scale log2(e) q) K^T
     if (wide) {
-      qk_wide<T>(w.q, dp, kt, ks, nk, D, w.s, kKeyTile, nr);
+      qk_wide<T>(w.q, dp, kt, ks, nk, D, w.s, pitch, nr);
     } else if (stream) {
       if constexpr (T == DType::f32) {
-        qk_dot_f32(w.q, dp, kt, ks, nk, D, w.s, kKeyTile, nr);
+        qk_dot_f32(w.q, dp, kt, ks, nk, D, w.s, pitch, nr);
       } else {
         for (int64_t rr = 0; rr < nr; rr += kDotRows)
           with_rows<kDotRows>(static_cast<int>(nr - rr), [&](auto R) {
-            qk_dot<T, decltype(R)::value>(w.q + rr * dp, dp, kt, ks, nk, D, w.s + rr * kKeyTile,
-                                          kKeyTile);
+            qk_dot<T, decltype(R)::value>(w.q + rr * dp, dp, kt, ks, nk, D, w.s + rr * pitch,
+                                          pitch);
           });
       }
     } else if (amx) {
-      qk_amx_tile(qw, dp / 2, reinterpret_cast<const uint16_t*>(kt), ks, nk, D,
-                  reinterpret_cast<uint32_t*>(w.kt), w.s, kKeyTile, strip_keys, nr);
+      if (pr.amx_kv) {
+        kp = pr.amx_kv + ((bk.b * p.kv_heads + bk.kvh) * pr.amx_tiles + t / tile) *
+                             (pr.amx_k_words + pr.amx_v_words);
+        vp = kp + pr.amx_k_words;
+      } else {
+        pack_amx_kv(reinterpret_cast<const uint16_t*>(kt), ks, reinterpret_cast<const uint16_t*>(vt), vs,
+                    nk, D, dp, pitch, reinterpret_cast<uint32_t*>(w.kt), reinterpret_cast<uint32_t*>(w.v));
+      }
+      qk_amx_tile(qw, dp / 2, kp, D, w.s, pitch, strip_keys, nr);
     } else if (dot16) {
       qk_bf16_tile(qw, dp / 2, reinterpret_cast<const uint16_t*>(kt), ks, nk, D, scale2,
-                   reinterpret_cast<uint32_t*>(w.kt), w.s, kKeyTile, strip_keys, nr, fused);
+                   reinterpret_cast<uint32_t*>(w.kt), w.s, pitch, strip_keys, nr, fused);
     } else {
       pack_k_transposed<T>(kt, ks, nk, D, w.kt);
-      if (!qk_packed_wide(w.q, dp, w.kt, D, w.s, kKeyTile, strip_keys, nr, fused)) {
+      if (!qk_packed_wide(w.q, dp, w.kt, D, w.s, pitch, strip_keys, nr, fused)) {
         for (int64_t c = 0; c < nk; c += 16) {
           const float* panel = w.kt + c / kKPanel * D * kKPanel + c % kKPanel;
           for (int64_t rr = 0; rr < nr; rr += kMr) {
             if (c >= strip_keys[rr / kMr]) continue;
             with_rows<kMr>(static_cast<int>(nr - rr), [&](auto R) {
-              qk_packed<decltype(R)::value>(w.q + rr * dp, dp, panel, D, w.s + rr * kKeyTile + c,
-                                            kKeyTile);
+              qk_packed<decltype(R)::value>(w.q + rr * dp, dp, panel, D, w.s + rr * pitch + c,
+                                            pitch);
             });
           }
         }
@@ -267,7 +294,7 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
     // masks, then the online softmax of every row (columns past a strip's keys, never
     // computed, are past each of its rows' hi and set to -inf here)
     for (int64_t rr = 0; rr < nr && !fused; ++rr) {
-      float* s = w.s + rr * kKeyTile;
+      float* s = w.s + rr * pitch;
       if (amx)
         for (int64_t j = 0; j < nk; ++j) s[j] *= scale2;
       if (clip) {
@@ -281,20 +308,19 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
 
     // O = diag(alpha) O + P V
     if (wide) {
-      pv_wide<T>(w.o, dp, w.alpha, w.s, kKeyTile, vt, vs, nk, D, nr);
+      pv_wide<T>(w.o, dp, w.alpha, w.s, pitch, vt, vs, nk, D, nr);
     } else if (stream && D % 64 == 0) {
-      pv_stream_rows<T>(w.o, dp, w.alpha, w.s, kKeyTile, vt, vs, nk, D, nr);
+      pv_stream_rows<T>(w.o, dp, w.alpha, w.s, pitch, vt, vs, nk, D, nr);
     } else if (stream) {
       for (int64_t rr = 0; rr < nr; rr += kDotRows)
         with_rows<kDotRows>(static_cast<int>(nr - rr), [&](auto R) {
-          pv_stream<T, decltype(R)::value>(w.o + rr * dp, dp, w.alpha + rr, w.s + rr * kKeyTile,
-                                           kKeyTile, vt, vs, nk, D);
+          pv_stream<T, decltype(R)::value>(w.o + rr * dp, dp, w.alpha + rr, w.s + rr * pitch,
+                                           pitch, vt, vs, nk, D);
         });
     } else if (amx) {
-      pv_amx_tile(w.o, dp, w.alpha, w.s, kKeyTile, reinterpret_cast<const uint16_t*>(vt), vs, nk, D, dp,
-                  reinterpret_cast<uint32_t*>(w.v), strip_keys, nr);
+      pv_amx_tile(w.o, dp, w.alpha, w.s, pitch, vp, nk, dp, strip_keys, nr);
     } else if (dot16) {
-      pv_bf16_tile(w.o, dp, w.alpha, w.s, kKeyTile, reinterpret_cast<const uint16_t*>(vt), vs, nk, D,
+      pv_bf16_tile(w.o, dp, w.alpha, w.s, pitch, reinterpret_cast<const uint16_t*>(vt), vs, nk, D,
                    dp, reinterpret_cast<uint32_t*>(w.v), strip_keys, nr);
     } else if (kZmmTiles) {  // rows of 64 columns: fp32 V with D % 16 == 0 is read in place
       const float* vf = w.v;
@@ -305,7 +331,7 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
       } else {
         pack_v<T>(vt, vs, nk, D, w.v, dp);
       }
-      pv_f32_wide(w.o, dp, w.alpha, w.s, kKeyTile, vf, vf_stride, strip_keys, dp, nr);
+      pv_f32_wide(w.o, dp, w.alpha, w.s, pitch, vf, vf_stride, strip_keys, dp, nr);
     } else {  // 16-column register tiles: fp32 V in place, other storage types in panels
       const bool in_place = T == DType::f32 && D % 16 == 0;
       if (!in_place) pack_v_panels<T>(vt, vs, nk, D, dp, w.v);
@@ -314,8 +340,8 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
         const int64_t vc_stride = in_place ? vs : kVPanel;
         for (int64_t rr = 0; rr < nr; rr += kMr)
           with_rows<kMr>(static_cast<int>(nr - rr), [&](auto R) {
-            pv_f32<decltype(R)::value>(w.o + rr * dp + c, dp, w.alpha + rr, w.s + rr * kKeyTile,
-                                       kKeyTile, vc, vc_stride, strip_keys[rr / kMr]);
+            pv_f32<decltype(R)::value>(w.o + rr * dp + c, dp, w.alpha + rr, w.s + rr * pitch,
+                                       pitch, vc, vc_stride, strip_keys[rr / kMr]);
           });
       }
     }
@@ -360,6 +386,37 @@ Block block_of(const Problem& pr, int64_t u) {
 struct Partials {
   std::unique_ptr<float[]> o, m, l;
 };
+
+// Packs every K/V tile of the call for the AMX tiles (Problem::amx_kv) into a buffer of the
+// calling thread, kept between calls (grown to the largest call's K/V size).
+void pack_amx_all(const SdpaParams& p, Problem* pr) {
+  const int64_t D = p.head_dim, dp = pr->dp;
+  pr->amx_tiles = (p.kv_len + kAmxKeyTile - 1) / kAmxKeyTile;
+  pr->amx_k_words = D / 2 * kAmxPitch;
+  pr->amx_v_words = kAmxKeyTile / 2 * dp;
+  const int64_t per_tile = pr->amx_k_words + pr->amx_v_words;
+  const int64_t n = p.batch * p.kv_heads * pr->amx_tiles;
+  thread_local std::unique_ptr<uint32_t[]> buf;
+  thread_local int64_t capacity = 0;
+  if (capacity < n * per_tile) {
+    buf.reset(new uint32_t[n * per_tile]);
+    capacity = n * per_tile;
+  }
+  uint32_t* out = buf.get();
+  parallel_for(n, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t bh = u / pr->amx_tiles, t = u % pr->amx_tiles * kAmxKeyTile;
+      const int64_t b = bh / p.kv_heads, kvh = bh % p.kv_heads;
+      const auto* k = static_cast<const uint16_t*>(p.k.data) + b * p.k.stride_b + kvh * p.k.stride_h;
+      const auto* v = static_cast<const uint16_t*>(p.v.data) + b * p.v.stride_b + kvh * p.v.stride_h;
+      const int64_t nk = p.kv_len - t < kAmxKeyTile ? p.kv_len - t : kAmxKeyTile;
+      uint32_t* kp = out + u * per_tile;
+      pack_amx_kv(k + t * p.k.stride_l, p.k.stride_l, v + t * p.v.stride_l, p.v.stride_l, nk, D, dp,
+                  kAmxPitch, kp, kp + pr->amx_k_words);
+    }
+  });
+  pr->amx_kv = out;
+}
 
 template <DType T>
 void run(const SdpaParams& p, const Problem& pr) {
@@ -435,8 +492,12 @@ void sdpa(const SdpaParams& p) {
     chunk = kSplitChunk;  // decode: few rows, many keys
   }
   if (chunk >= p.kv_len) chunk = p.kv_len;
-  const Problem pr{p, G, round_up(p.head_dim, 16), (rows + kRowTile - 1) / kRowTile,
-                   (p.kv_len + chunk - 1) / chunk, chunk};
+  Problem pr{p, G, round_up(p.head_dim, 16), (rows + kRowTile - 1) / kRowTile,
+             (p.kv_len + chunk - 1) / chunk, chunk};
+  // AMX prefill with several row blocks per kv head, tiles aligned to every chunk: pack once.
+  if (p.dtype == DType::bf16 && amx_bf16_tiles(p.head_dim) && pr.row_blocks > 1 &&
+      (pr.chunks == 1 || chunk % kAmxKeyTile == 0))
+    pack_amx_all(p, &pr);
   FF_DTYPE_SWITCH(p.dtype, T, [&] { run<T>(p, pr); });
 }
 

@@ -609,23 +609,25 @@ inline void pv_f32_zmm(float* o, int64_t o_stride, const float* alpha, const flo
 // target and run only when bf16_dot() says the CPU has it.
 #define FF_BF16_DOT __attribute__((target("avx512bf16")))
 
-// Kp[x2][j] = the word (k[j][2 x2], k[j][2 x2 + 1]) for x2 < d / 2 (d even), j < nk; key
-// columns nk..kKeyTile are 0. 8 keys x 8 words per in-register transpose.
-inline void pack_k_pairs(const uint16_t* k, int64_t k_stride, int64_t nk, int64_t d, uint32_t* kp) {
+// Kp[x2][j] = the word (k[j][2 x2], k[j][2 x2 + 1]) for x2 < d / 2 (d even), j < nk, rows of
+// `keys` words (a multiple of 8, >= nk); key columns nk..keys are 0. 8 keys x 8 words per
+// in-register transpose.
+inline void pack_k_pairs(const uint16_t* k, int64_t k_stride, int64_t nk, int64_t d, uint32_t* kp,
+                         int64_t keys = kKeyTile) {
   const int64_t d2 = d / 2;
-  for (int64_t j = 0; j < kKeyTile; j += 8) {
-    const int64_t keys = nk - j < 8 ? (nk - j > 0 ? nk - j : 0) : 8;
+  for (int64_t j = 0; j < keys; j += 8) {
+    const int64_t live_keys = nk - j < 8 ? (nk - j > 0 ? nk - j : 0) : 8;
     for (int64_t x = 0; x < d2; x += 8) {
       const int64_t words = d2 - x < 8 ? d2 - x : 8;
       const __mmask8 live = static_cast<__mmask8>((1u << words) - 1);
       f32x8 blk[8];
       for (int64_t i = 0; i < 8; ++i) {
         const uint16_t* src = k + (j + i) * k_stride + 2 * x;
-        blk[i] = i >= keys ? simd::zero() : f32x8{_mm256_castsi256_ps(_mm256_maskz_loadu_epi32(live, src))};
+        blk[i] = i >= live_keys ? simd::zero() : f32x8{_mm256_castsi256_ps(_mm256_maskz_loadu_epi32(live, src))};
       }
       simd::transpose8x8(blk);
       for (int64_t i = 0; i < words; ++i)
-        simd::store(reinterpret_cast<float*>(kp + (x + i) * kKeyTile + j), blk[i]);
+        simd::store(reinterpret_cast<float*>(kp + (x + i) * keys + j), blk[i]);
     }
   }
 }
