@@ -65,6 +65,10 @@ void init_core(py::module_& m) {
         py::kw_only(), py::arg("seconds") = 0.3,
         "Measured bf16-pair dot-product (AVX512_BF16 vdpbf16ps) throughput of all pool threads, "
         "GFLOP/s; 0 when the CPU lacks it.");
+  m.def("peak_gflops_amx_bf16", timed_probe("peak_gflops_amx_bf16", peak_gflops_amx_bf16),
+        py::kw_only(), py::arg("seconds") = 0.3,
+        "Measured AMX-BF16 tile (tdpbf16ps) throughput of all pool threads, GFLOP/s; 0 when the "
+        "CPU lacks it or the OS does not grant the tile registers.");
   m.def(
       "memory_bandwidth",
       [](int64_t mib, int passes) {

@@ -64,16 +64,32 @@ double peak_gflops(double seconds) {
   return chains_gflops(k.fma_chains, k.flops_per_iter(), seconds);
 }
 
-double peak_gflops_bf16_dot(double seconds) {
+namespace {
+
+// The peak of an avx512 probe (chains, flops per iteration) where the CPU runs variant `isa`.
+double avx512_probe_peak(const char* isa, float (*ProbeKernels::*chains)(int64_t),
+                         int64_t (*ProbeKernels::*flops)(), double seconds) {
 #ifdef FF_HAVE_AVX512
   const std::vector<std::string> isas = supported_isas();
-  if (std::find(isas.begin(), isas.end(), "avx512_bf16") != isas.end()) {
+  if (std::find(isas.begin(), isas.end(), isa) != isas.end()) {
     const ProbeKernels& k = avx512::probe_kernels();
-    return chains_gflops(k.bf16_dot_chains, k.bf16_dot_flops_per_iter(), seconds);
+    return chains_gflops(k.*chains, (k.*flops)(), seconds);
   }
 #endif
-  (void)seconds;
+  (void)isa, (void)chains, (void)flops, (void)seconds;
   return 0.0;
+}
+
+}  // namespace
+
+double peak_gflops_bf16_dot(double seconds) {
+  return avx512_probe_peak("avx512_bf16", &ProbeKernels::bf16_dot_chains,
+                           &ProbeKernels::bf16_dot_flops_per_iter, seconds);
+}
+
+double peak_gflops_amx_bf16(double seconds) {
+  return avx512_probe_peak("avx512_amx", &ProbeKernels::amx_bf16_chains,
+                           &ProbeKernels::amx_bf16_flops_per_iter, seconds);
 }
 
 double fma_work(int64_t iters) {

@@ -7,6 +7,8 @@ namespace ff {
 double peak_gflops(double seconds);
 // The same for bf16-pair dot products (AVX512_BF16 vdpbf16ps); 0 when the CPU lacks them.
 double peak_gflops_bf16_dot(double seconds);
+// AMX-BF16 tile throughput (tdpbf16ps) of all pool threads; 0 where the CPU or OS lacks it.
+double peak_gflops_amx_bf16(double seconds);
 double memory_bandwidth_gbs(int64_t bytes, int passes);
 // Fixed-work probes for timing from Python: FMA chains of `iters` iterations on every pool
 // thread (returns the flops done), and a parallel sum of n floats (a streaming read).

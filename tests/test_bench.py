@@ -90,6 +90,14 @@ def test_bf16_rows_use_the_bf16_dot_peak_where_measured():
     assert no_bf16.peak_for("bf16") == no_bf16.peak_gflops
 
 
+def test_bf16_rows_use_the_amx_peak_when_the_amx_variant_runs():
+    limits = {**MACHINE["limits"], "peak_gflops_bf16_dot": 200.0, "peak_gflops_amx_bf16": 3000.0}
+    amx = Report("unit", machine={**MACHINE, "isa": "avx512_amx", "limits": limits})
+    assert amx.peak_for("bfloat16") == 3000.0 and amx.peak_for("float32") == amx.peak_gflops
+    forced = Report("unit", machine={**MACHINE, "isa": "avx512_bf16", "limits": limits})
+    assert forced.peak_for("bf16") == 200.0  # FUSEDFORMER_ISA=avx512_bf16: the tiles do not run
+
+
 def test_validate_rejects_broken_reports():
     rep = Report("unit", machine=MACHINE)
     rep.add(case="c", impl="x", timing=Timing(1.0, 1.0, 1.0, 1))

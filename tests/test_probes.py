@@ -39,7 +39,16 @@ def test_bf16_dot_peak_where_the_cpu_has_it():
         assert g == 0.0
 
 
-@pytest.mark.parametrize("probe", ["peak_gflops", "peak_gflops_bf16_dot"])
+def test_amx_bf16_peak_where_the_cpu_has_it():
+    g = _C.peak_gflops_amx_bf16(seconds=0.05)
+    if "avx512_amx" in _C.supported_isas():
+        # the tiles do 8192 multiply-adds an instruction: well above the vdpbf16ps rate
+        assert _C.peak_gflops_bf16_dot(seconds=0.05) < g < 1e6
+    else:
+        assert g == 0.0
+
+
+@pytest.mark.parametrize("probe", ["peak_gflops", "peak_gflops_bf16_dot", "peak_gflops_amx_bf16"])
 @pytest.mark.parametrize("bad", [dict(seconds=0.0), dict(seconds=-1.0), dict(seconds=1e9)])
 def test_peak_rejects_bad_duration(probe, bad):
     with pytest.raises(ValueError, match=rf"\[{probe}\]"):

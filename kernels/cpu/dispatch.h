@@ -54,6 +54,10 @@ struct ProbeKernels {
   // run only on CPUs with AVX512_BF16.
   float (*bf16_dot_chains)(int64_t iters);
   int64_t (*bf16_dot_flops_per_iter)();
+  // The same for AMX-BF16 tiles (tdpbf16ps) where the variant has them, else null: run only on
+  // CPUs with AMX-BF16 whose OS granted the tile registers.
+  float (*amx_bf16_chains)(int64_t iters);
+  int64_t (*amx_bf16_flops_per_iter)();
 };
 
 }  // namespace ff

@@ -1,4 +1,5 @@
 // Machine-limit probes: FMA throughput and streaming-read bandwidth, per ISA variant.
+#include "kernels/cpu/simd/amx.h"
 #include "kernels/cpu/simd/vec.h"
 
 namespace ff {
@@ -58,15 +59,49 @@ __attribute__((target("avx512bf16"))) float bf16_dot_chains(int64_t iters) {
 
 int64_t bf16_dot_flops_per_iter() { return int64_t{kChains} * 16 * 4; }
 #pragma GCC diagnostic pop
+
+// Four chains of tdpbf16ps on tiles that stay in registers (tmm0..3 += tmm4/5 x tmm6/7): 16 x 16
+// outputs x 32 products x 2 flops each per instruction. Four accumulators cover the
+// instruction's latency at its issue rate (about 16 cycles each on Sapphire Rapids).
+FF_AMX float amx_bf16_chains(int64_t iters) {
+  alignas(64) uint16_t ones[16 * 32];
+  for (uint16_t& x : ones) x = 0x3f80;  // bf16 1.0: accumulators grow by 32 an instruction
+  alignas(64) float out[16 * 16];
+  amx_fence();
+  AmxTiles tiles;
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  _tile_loadd(4, ones, 64);
+  _tile_loadd(5, ones, 64);
+  _tile_loadd(6, ones, 64);
+  _tile_loadd(7, ones, 64);
+  for (int64_t i = 0; i < iters; ++i) {
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+  _tile_stored(0, out, 64);
+  amx_fence();
+  return out[0];
+}
+
+int64_t amx_bf16_flops_per_iter() { return int64_t{4} * 16 * 16 * 32 * 2; }
 #else
 constexpr float (*bf16_dot_chains)(int64_t) = nullptr;
 constexpr int64_t (*bf16_dot_flops_per_iter)() = nullptr;
+constexpr float (*amx_bf16_chains)(int64_t) = nullptr;
+constexpr int64_t (*amx_bf16_flops_per_iter)() = nullptr;
 #endif
 
 }  // namespace
 
 const ProbeKernels& probe_kernels() {
-  static const ProbeKernels k{fma_chains, flops_per_iter, sum, bf16_dot_chains, bf16_dot_flops_per_iter};
+  static const ProbeKernels k{fma_chains,      flops_per_iter,          sum,
+                              bf16_dot_chains, bf16_dot_flops_per_iter, amx_bf16_chains,
+                              amx_bf16_flops_per_iter};
   return k;
 }
 

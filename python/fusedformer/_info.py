@@ -44,14 +44,17 @@ def cpu_model() -> str:
 @functools.lru_cache(maxsize=None)
 def machine_limits() -> dict:
     """Measured fp32 FMA peak (GFLOP/s), bf16 dot-product peak (GFLOP/s; None where the CPU has
-    no AVX512_BF16) and streaming-read bandwidth (GB/s) of all pool threads.
+    no AVX512_BF16), AMX-BF16 tile peak (GFLOP/s; None where the CPU or OS has no AMX) and
+    streaming-read bandwidth (GB/s) of all pool threads.
 
     Measured once per process (about a second) and cached.
     """
     bf16 = _C.peak_gflops_bf16_dot()
+    amx = _C.peak_gflops_amx_bf16()
     return {
         "peak_gflops": round(_C.peak_gflops(), 1),
         "peak_gflops_bf16_dot": round(bf16, 1) if bf16 > 0 else None,
+        "peak_gflops_amx_bf16": round(amx, 1) if amx > 0 else None,
         "bandwidth_gbs": round(_C.memory_bandwidth(), 2),
         "threads": _C.num_threads(),
     }

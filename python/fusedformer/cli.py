@@ -27,6 +27,8 @@ def cmd_info(args) -> int:
         table.add_row("measured peak", f"{data['limits']['peak_gflops']:.1f} GFLOP/s fp32 FMA")
         if data["limits"].get("peak_gflops_bf16_dot"):
             table.add_row("", f"{data['limits']['peak_gflops_bf16_dot']:.1f} GFLOP/s bf16 dot (vdpbf16ps)")
+        if data["limits"].get("peak_gflops_amx_bf16"):
+            table.add_row("", f"{data['limits']['peak_gflops_amx_bf16']:.1f} GFLOP/s bf16 AMX tiles (tdpbf16ps)")
         table.add_row("measured bandwidth", f"{data['limits']['bandwidth_gbs']:.1f} GB/s streaming read")
     for name, st in data["backends"].items():
         table.add_row(name, st["version"] if st["available"] else f"missing: {st['reason']} — {st['install']}")

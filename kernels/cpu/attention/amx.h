@@ -18,44 +18,13 @@
 #pragma once
 
 #include "kernels/cpu/attention/tiles.h"
+#include "kernels/cpu/simd/amx.h"
 
 namespace ff {
 namespace FF_ISA_NS {
 namespace attention {
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
-#define FF_AMX __attribute__((target("amx-tile,amx-bf16,avx512bf16")))
-
-// Tile instructions are inline asm that names only the base pointer: this barrier keeps the
-// compiler from moving plain stores into scratch past a tile load, or loads past a tile store.
-inline void amx_fence() { asm volatile("" ::: "memory"); }
-
-// The tile palette: palette 1; bytes 16..47 the bytes per row of tiles 0..15 (u16), bytes 48..63
-// their rows. Tiles 0..7 are 16 rows x 64 bytes.
-struct alignas(64) AmxConfig {
-  uint8_t bytes[64];
-};
-constexpr AmxConfig amx_config() {
-  AmxConfig c{};
-  c.bytes[0] = 1;
-  for (int t = 0; t < 8; ++t) c.bytes[16 + 2 * t] = 64, c.bytes[48 + t] = 16;
-  return c;
-}
-inline constexpr AmxConfig kAmxConfig = amx_config();
-
-// Loads the tile palette for this thread's AMX work (every tile 16 rows x 64 bytes) and
-// releases the tiles when it goes out of scope. Loaded per block: other code on this thread
-// (a framework's own AMX kernels) may have loaded another palette in between.
-class AmxTiles {
- public:
-  FF_AMX AmxTiles() {  // (a constant in memory: GCC 12's _tile_loadconfig declares an 8-byte read)
-    _tile_loadconfig(kAmxConfig.bytes);
-  }
-  FF_AMX ~AmxTiles() { _tile_release(); }
-  AmxTiles(const AmxTiles&) = delete;
-  AmxTiles& operator=(const AmxTiles&) = delete;
-};
-
 // Applies op(c, i, j, a, b) to each C tile of an RT x CT block (1 or 2 tiles of 16 each way):
 // C tile (i, j) is tmm c = 2i + j, its A tile tmm a = 4 + i, its B tile tmm b = 6 + j. Tile
 // numbers are literals: the intrinsics paste them into the instruction text.
@@ -178,7 +147,6 @@ FF_AMX inline void pv_amx_tile(float* o, int64_t o_stride, const float* alpha, f
 
 // Prefill tiles of bf16 inputs on AMX: when the variant allows it and d is a multiple of 32.
 inline bool amx_bf16_tiles(int64_t d) { return d % 32 == 0 && amx_tiles(); }
-#undef FF_AMX
 #else
 class AmxTiles {};
 inline bool amx_bf16_tiles(int64_t) { return false; }

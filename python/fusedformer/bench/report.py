@@ -69,10 +69,14 @@ class Report:
         return self.machine["limits"]["peak_gflops"]
 
     def peak_for(self, dtype: str) -> float:
-        """The compute ceiling of a case in ``dtype``: bf16 cases are measured against the bf16
-        dot-product peak where the CPU has one (vdpbf16ps: twice the fp32 FMA rate)."""
-        bf16 = self.machine["limits"].get("peak_gflops_bf16_dot")
-        return bf16 if dtype in ("bf16", "bfloat16") and bf16 else self.peak_gflops
+        """The compute ceiling of a case in ``dtype``: bf16 cases are measured against the AMX-BF16
+        tile peak when the kernels run the avx512_amx variant, else the bf16 dot-product peak
+        where the CPU has one (vdpbf16ps: twice the fp32 FMA rate)."""
+        if dtype not in ("bf16", "bfloat16"):
+            return self.peak_gflops
+        limits = self.machine["limits"]
+        amx = limits.get("peak_gflops_amx_bf16") if self.machine.get("isa") == "avx512_amx" else None
+        return amx or limits.get("peak_gflops_bf16_dot") or self.peak_gflops
 
     @property
     def bandwidth_gbs(self) -> float:
@@ -143,6 +147,7 @@ class Report:
             f"fusedformer bench {self.area} — {self.machine['cpu']}, {self.machine['threads']} threads, "
             f"ISA {self.machine['isa']}; measured peak {limits['peak_gflops']:.0f} GFLOP/s"
             + (f" (bf16 dot {limits['peak_gflops_bf16_dot']:.0f})" if limits.get("peak_gflops_bf16_dot") else "")
+            + (f" (AMX bf16 {limits['peak_gflops_amx_bf16']:.0f})" if limits.get("peak_gflops_amx_bf16") else "")
             + f", bandwidth {limits['bandwidth_gbs']:.1f} GB/s"
         )
         table = Table(title=title, title_justify="left")
