@@ -16,8 +16,12 @@ namespace {
 // The probes measure the machine, so they use the best ISA the CPU has, whatever
 // FUSEDFORMER_ISA forces for the kernels.
 const ProbeKernels& best_probe() {
+  const std::vector<std::string> isas = supported_isas();
+#ifdef FF_HAVE_AVX512
+  if (std::find(isas.begin(), isas.end(), "avx512") != isas.end()) return avx512::probe_kernels();
+#endif
 #ifdef FF_HAVE_AVX2
-  if (supported_isas().size() > 1) return avx2::probe_kernels();
+  if (isas.size() > 1) return avx2::probe_kernels();
 #endif
   return generic::probe_kernels();
 }
