@@ -59,7 +59,7 @@ bool os_allows_amx() {
 
 // AMX-BF16 tiles (tdpbf16ps) on top of avx512_bf16: Sapphire Rapids and later Xeons.
 bool cpu_has_amx_bf16() {
-#if defined(FF_HAVE_AVX512) && (defined(__GNUC__) || defined(__clang__))
+#if defined(FF_HAVE_AVX512) && defined(FF_COMPILER_HAS_AMX)
   return cpu_has_avx512_bf16() && __builtin_cpu_supports("amx-tile") &&
          __builtin_cpu_supports("amx-bf16") && os_allows_amx();
 #else
@@ -108,7 +108,9 @@ std::vector<std::string> compiled_isas() {
 #ifdef FF_HAVE_AVX512
   names.push_back("avx512");
   names.push_back("avx512_bf16");
+#ifdef FF_COMPILER_HAS_AMX
   names.push_back("avx512_amx");
+#endif
 #endif
   return names;
 }

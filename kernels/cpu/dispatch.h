@@ -23,6 +23,13 @@
   FF_IF_AVX2(namespace avx2 { const Type& getter(); } namespace avx512 { const Type& getter(); }) \
   }
 
+// AMX intrinsics and __builtin_cpu_supports("amx-*") arrived in GCC 11 and clang 12; older
+// compilers (manylinux2014's GCC 10) build everything else, without the avx512_amx variant.
+#if (defined(__clang__) && __clang_major__ >= 12) || \
+    (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11)
+#define FF_COMPILER_HAS_AMX 1
+#endif
+
 namespace ff {
 
 // Storage types the kernels accept: fp32, IEEE fp16 and bfloat16 (as raw 16-bit words).

@@ -82,6 +82,9 @@ __attribute__((target("avx512bf16"))) float bf16_dot_chains(int64_t iters) {
 int64_t bf16_dot_flops_per_iter() { return int64_t{kChains} * 16 * 4; }
 #pragma GCC diagnostic pop
 
+#endif
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(FF_COMPILER_HAS_AMX)
 // Four chains of tdpbf16ps on tiles that stay in registers (tmm0..3 += tmm4/5 x tmm6/7): 16 x 16
 // outputs x 32 products x 2 flops each per instruction. Four accumulators cover the
 // instruction's latency at its issue rate (about 16 cycles each on Sapphire Rapids).
@@ -112,10 +115,12 @@ FF_AMX float amx_bf16_chains(int64_t iters) {
 
 int64_t amx_bf16_flops_per_iter() { return int64_t{4} * 16 * 16 * 32 * 2; }
 #else
-constexpr float (*bf16_dot_chains)(int64_t) = nullptr;
-constexpr int64_t (*bf16_dot_flops_per_iter)() = nullptr;
 constexpr float (*amx_bf16_chains)(int64_t) = nullptr;
 constexpr int64_t (*amx_bf16_flops_per_iter)() = nullptr;
+#endif
+#if !(defined(__AVX512F__) && defined(__AVX512BW__))
+constexpr float (*bf16_dot_chains)(int64_t) = nullptr;
+constexpr int64_t (*bf16_dot_flops_per_iter)() = nullptr;
 #endif
 
 }  // namespace

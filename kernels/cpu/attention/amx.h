@@ -24,7 +24,7 @@ namespace ff {
 namespace FF_ISA_NS {
 namespace attention {
 
-#if defined(__AVX512F__) && defined(__AVX512BW__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(FF_COMPILER_HAS_AMX)
 // Applies op(c, i, j, a, b) to each C tile of an RT x CT block (1 or 2 tiles of 16 each way):
 // C tile (i, j) is tmm c = 2i + j, its A tile tmm a = 4 + i, its B tile tmm b = 6 + j. Tile
 // numbers are literals: the intrinsics paste them into the instruction text.

@@ -11,7 +11,7 @@
 namespace ff {
 namespace FF_ISA_NS {
 
-#if defined(__AVX512F__) && defined(__AVX512BW__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(FF_COMPILER_HAS_AMX)
 #define FF_AMX __attribute__((target("amx-tile,amx-bf16,avx512bf16")))
 
 // Tile instructions are inline asm that names only the base pointer: this barrier keeps the
