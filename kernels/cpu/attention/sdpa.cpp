@@ -248,10 +248,11 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
     const bool clip = t < lo_max || t + nk > hi_min;
     int64_t strip_keys[kRowTile / kMr];
     if (!stream) tile_strip_keys(lo, hi, t, nk, nr, clip, strip_keys);
-    // A whole tile with nothing to mask: the zmm score tiles run the online softmax on their
-    // registers (softmax_rows_zmm) instead of storing the scores for the pass below.
-    const RowState rows{w.m, w.l, w.alpha};
-    const RowState* fused = !stream && !amx && kFusedSoftmax && !clip && nk == tile &&
+    // A tile with nothing to mask: the zmm score tiles run the online softmax on their registers
+    // (softmax_rows_zmm; a short last tile's padding columns become -inf there) instead of
+    // storing the scores for the pass below.
+    const RowState rows{w.m, w.l, w.alpha, nk};
+    const RowState* fused = !stream && !amx && kFusedSoftmax && !clip &&
                                     p.mask.kind == SdpaMaskKind::none
                                 ? &rows
                                 : nullptr;

@@ -53,7 +53,8 @@ struct RowState {
   float* m = nullptr;
   float* l = nullptr;
   float* alpha = nullptr;
-  RowState offset(int64_t r) const { return {m + r, l + r, alpha + r}; }
+  int64_t keys = 0;  // the tile's keys: score columns from here on are padding, not keys
+  RowState offset(int64_t r) const { return {m + r, l + r, alpha + r, keys}; }
 };
 
 // One row's online-softmax step once its new max m_new (finite) and the sum of 2^(s - m_new)
@@ -503,12 +504,17 @@ inline float exp_sum_zmm(float* s, int64_t n, float m) {
   return _mm512_reduce_add_ps(sum);
 }
 
-// The online-softmax step of R rows whose scores over a whole tile (16 NC keys, none masked)
-// are in registers: m, l updated, the scores (base 2) turned into p = 2^(s - m_new) and stored
+// The online-softmax step of R rows whose scores over a tile of st.keys keys (none masked; 16 NC
+// columns, those past st.keys padding and set to -inf first) are in registers: m, l updated, the scores (base 2) turned into p = 2^(s - m_new) and stored
 // to s, alpha = 2^(m_old - m_new) set. The same arithmetic, in the same order, as softmax_update
 // on the stored scores, without the round trip through memory.
 template <int R, int NC>
 inline void softmax_rows_zmm(__m512 (&acc)[R][NC], float* s, int64_t s_stride, const RowState& st) {
+  if (st.keys < 16 * NC) {  // a short last tile: its padding columns are no keys
+    const __mmask16 pad = static_cast<__mmask16>(~((1u << (st.keys - 16 * (NC - 1))) - 1));
+    for (int r = 0; r < R; ++r)
+      acc[r][NC - 1] = _mm512_mask_mov_ps(acc[r][NC - 1], pad, _mm512_set1_ps(-std::numeric_limits<float>::infinity()));
+  }
   for (int r = 0; r < R; ++r) {
     __m512 mx = acc[r][0];
     for (int u = 1; u < NC; ++u) mx = _mm512_max_ps(mx, acc[r][u]);
@@ -779,8 +785,8 @@ inline void for_score_strips(const int64_t* strip_keys, int64_t nr, const RowSta
 }
 
 // S = Q K^T for nr rows against the packed K tile: the rows of strip r / kMr over its first
-// strip_keys[r / kMr] keys (rounded up to 16; a strip with none is skipped). With st (a whole
-// tile, no mask or clipping: every strip_keys == kKeyTile) the rows' online softmax runs on
+// strip_keys[r / kMr] keys (rounded up to 16; a strip with none is skipped). With st (no mask
+// or clipping: every strip_keys is the tile's keys, st->keys) the rows' online softmax runs on
 // the scores in registers and s receives the probabilities.
 inline bool qk_packed_wide(const float* q, int64_t q_stride, const float* kt, int64_t d, float* s,
                            int64_t s_stride, const int64_t* strip_keys, int64_t nr,
