@@ -6,9 +6,10 @@
 // The query rows of a kv head's group are flattened as r = i * G + g (position i, query head
 // kvh * G + g), so a block holds every query head of the group that reads the same K/V tiles:
 // each K/V tile is loaded once per block and shared by all of them (GQA/MQA without repeating
-// K/V). A block walks its keys in tiles of kKeyTile with an online softmax (running max m and
-// sum l, rescaling the fp32 accumulator by alpha = exp(m_old - m_new)); tiles outside every
-// row's causal/window range are skipped. With one chunk per row block the block writes its
+// K/V). A block walks its keys in tiles of kKeyTile (kAmxKeyTile on AMX tiles) with an online
+// softmax (running max m and sum l, rescaling the fp32 accumulator by alpha = exp(m_old -
+// m_new)); tiles outside every row's causal/window range are skipped. With one chunk per row
+// block the block writes its
 // output directly; with several (decode: few rows, many keys) each chunk writes an
 // unnormalised partial (o, m, l) and a merge pass combines them through their logsumexp.
 // Scores are kept in base 2: q is scaled by scale * log2(e) (additive masks by log2(e)), so

@@ -505,8 +505,9 @@ inline float exp_sum_zmm(float* s, int64_t n, float m) {
 }
 
 // The online-softmax step of R rows whose scores over a tile of st.keys keys (none masked; 16 NC
-// columns, those past st.keys padding and set to -inf first) are in registers: m, l updated, the scores (base 2) turned into p = 2^(s - m_new) and stored
-// to s, alpha = 2^(m_old - m_new) set. The same arithmetic, in the same order, as softmax_update
+// columns, those past st.keys padding and set to -inf first) are in registers: m, l updated,
+// the scores (base 2) turned into p = 2^(s - m_new) and stored to s, alpha = 2^(m_old - m_new)
+// set. The same arithmetic, in the same order, as softmax_update
 // on the stored scores, without the round trip through memory.
 template <int R, int NC>
 inline void softmax_rows_zmm(__m512 (&acc)[R][NC], float* s, int64_t s_stride, const RowState& st) {

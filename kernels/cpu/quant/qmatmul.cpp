@@ -4,7 +4,7 @@
 // time straight into registers and FMA'd with every x row (pruned rows go through an L1
 // buffer of kGemvChunk values).
 // GEMM: each task owns a panel of kPanel rows of W; for every K chunk of kKc the panel is
-// decoded and packed k-major in sub-panels of kNr columns (64 KB, L2), then a 6 x kNr
+// decoded and packed k-major in sub-panels of kNr columns (32 KB: L1), then a 6 x kNr
 // register-blocked micro-kernel (16 columns in ymm, 64 in zmm) sweeps all rows of x over it.
 // Work is split by fixed row counts of W, so results do not depend on the thread count.
 #include <algorithm>

