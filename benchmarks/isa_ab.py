@@ -23,11 +23,11 @@ from fusedformer.bench.qmatmul import _clone_weight, _copies
 from fusedformer.quant import Affine, Int8, Palettize, compress
 
 
-def qmatmul_case(scheme, n: int, k: int, rng):
+def qmatmul_case(scheme, n: int, k: int, rng, m: int = 1):
     qw = compress((rng.standard_normal((n, k)) * 0.05).astype(np.float32), scheme)
     next_weight = _copies(qw, qw.nbytes, _clone_weight)
-    x = rng.standard_normal((1, k)).astype(np.float32)
-    return f"qmatmul 1x{k} @ {n}x{k} {scheme!r}", lambda: ff.qmatmul(x, next_weight())
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    return f"qmatmul {m}x{k} @ {n}x{k} {scheme!r}", lambda: ff.qmatmul(x, next_weight())
 
 
 def sdpa_case(name: str, shapes, causal: bool, rng, dtype: str = "float32"):
@@ -41,12 +41,14 @@ def sdpa_case(name: str, shapes, causal: bool, rng, dtype: str = "float32"):
 def default_cases(rng) -> list:
     """(name, fn) pairs: the GEMV shapes and schemes of the model decode, and attention."""
     gqa = [(1, 32, 1, 128), (1, 8, 4096, 128), (1, 8, 4096, 128)]
+    verify = [(1, 32, 16, 128), (1, 8, 4096, 128), (1, 8, 4096, 128)]
     return [
         qmatmul_case(Affine(4, 64), 4096, 4096, rng),
         qmatmul_case(Affine(4, 32), 4096, 4096, rng),
         qmatmul_case(Affine(4, 128), 4096, 4096, rng),
         qmatmul_case(Palettize(4), 4096, 4096, rng),
         qmatmul_case(Int8(), 4096, 4096, rng),
+        qmatmul_case(Affine(4, 64), 4096, 4096, rng, m=512),  # prefill: the GEMM
         sdpa_case("sdpa prefill causal B1 H8 L1024 D128", [(1, 8, 1024, 128)] * 3, True, rng),
         sdpa_case("sdpa prefill causal B1 H8 L1024 D128 bf16", [(1, 8, 1024, 128)] * 3, True, rng, "bfloat16"),
         sdpa_case("sdpa prefill causal B4 H12 L1024 D64", [(4, 12, 1024, 64)] * 3, True, rng),
@@ -54,6 +56,10 @@ def default_cases(rng) -> list:
         sdpa_case("sdpa prefill causal B1 H32 L2048 D128 bf16", [(1, 32, 2048, 128)] * 3, True, rng, "bfloat16"),
         sdpa_case("sdpa prefill causal B4 H12 L1024 D64 bf16", [(4, 12, 1024, 64)] * 3, True, rng, "bfloat16"),
         sdpa_case("sdpa decode GQA 32/8 Lk 4096 D128", gqa, False, rng),
+        # 16 new tokens against a 4096-token cache (speculative decoding's verify step, chunked
+        # prefill): 64 rows per kv head, too many to stream K/V, too few to be compute-bound
+        sdpa_case("sdpa verify GQA 32/8 Lq 16 Lk 4096 D128", verify, True, rng),
+        sdpa_case("sdpa verify GQA 32/8 Lq 16 Lk 4096 D128 bf16", verify, True, rng, "bfloat16"),
     ]
 
 

@@ -22,6 +22,7 @@
 
 #include "kernels/cpu/attention/api.h"
 #include "kernels/cpu/attention/amx.h"
+#include "kernels/cpu/scratch.h"
 
 namespace ff {
 namespace FF_ISA_NS {
@@ -50,6 +51,7 @@ static_assert(kRowTile % kMr == 0, "blocks are whole kMr-row strips");
 constexpr int64_t kSplitChunk = 512;   // keys per split-KV chunk, chosen by shape
 constexpr int64_t kStreamMaxRows = 8;  // blocks this small stream K/V instead of packing them
 constexpr int64_t kPrefetchTiles = 2;  // how far ahead K/V tiles are prefetched
+constexpr int64_t kPrefetchMaxRows = 64;  // ... by blocks of at most this many rows
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // Shape-derived constants of one call.
@@ -87,18 +89,13 @@ struct Work {
 };
 
 Work thread_work(int64_t dp) {
-  thread_local std::unique_ptr<float[]> buf;
-  thread_local int64_t capacity = 0;
+  thread_local GrowBuffer<float> buf;
   const int64_t sizes[] = {kRowTile * dp, kRowTile * dp, kRowTile * kMaxKeyTile, dp * kMaxKeyTile,
                            kMaxKeyTile * dp, kRowTile, kRowTile, kRowTile};
   int64_t need = 0;
   for (int64_t n : sizes) need += n;
-  if (capacity < need) {
-    buf.reset(new float[need]);
-    capacity = need;
-  }
-  float* ptrs[8];
-  float* at = buf.get();
+  float* ptrs[8];  // each a multiple of 16 floats: every array starts on a cache line
+  float* at = buf.get(need);
   for (int i = 0; i < 8; ++i) ptrs[i] = at, at += sizes[i];
   return {ptrs[0], ptrs[1], ptrs[2], ptrs[3], ptrs[4], ptrs[5], ptrs[6], ptrs[7]};
 }
@@ -232,8 +229,13 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
     // Touch the K and V rows kPrefetchTiles tiles ahead while this one computes: V is read
     // column block by column block, which hardware prefetchers do not follow, and decode is
     // bound by how many bytes are in flight. (The wide path reads V row by row, in the order
-    // the hardware prefetchers follow; software prefetch measured no better there.)
-    if (!wide) {
+    // the hardware prefetchers follow; software prefetch measured no better there.) Blocks of
+    // many rows compute long enough on each tile for the next to arrive unasked, and two tiles
+    // ahead no longer fit L1: with all 192 rows prefetching, B1 H32 L2048 D128 prefill took
+    // 1.02x the time in fp32 and 1.03-1.06x in bf16 (AMX, where K/V are packed up front and
+    // the raw rows are not read at all); 64 rows of a verify step (Lq 16, GQA 4) on the avx2
+    // variant took 0.96x the time with it.
+    if (!wide && nr <= kPrefetchMaxRows && !pr.amx_kv) {
       const int64_t ahead = t + kPrefetchTiles * tile;
       const int64_t n = jmax - ahead < tile ? jmax - ahead : tile;
       const int64_t row_bytes = D * static_cast<int64_t>(sizeof(S));
@@ -393,7 +395,7 @@ Block block_of(const Problem& pr, int64_t u) {
 
 // Partials of split-KV: per unit, `pitch` rows of o [dp] plus m and l.
 struct Partials {
-  std::unique_ptr<float[]> o, m, l;
+  AlignedArray<float> o, m, l;
 };
 
 // Packs every K/V tile of the call for the AMX tiles (Problem::amx_kv) into a buffer of the
@@ -405,13 +407,8 @@ void pack_amx_all(const SdpaParams& p, Problem* pr) {
   pr->amx_v_words = kAmxKeyTile / 2 * dp;
   const int64_t per_tile = pr->amx_k_words + pr->amx_v_words;
   const int64_t n = p.batch * p.kv_heads * pr->amx_tiles;
-  thread_local std::unique_ptr<uint32_t[]> buf;
-  thread_local int64_t capacity = 0;
-  if (capacity < n * per_tile) {
-    buf.reset(new uint32_t[n * per_tile]);
-    capacity = n * per_tile;
-  }
-  uint32_t* out = buf.get();
+  thread_local GrowBuffer<uint32_t> buf;
+  uint32_t* out = buf.get(n * per_tile);
   parallel_for(n, 1, [&](int64_t begin, int64_t end) {
     for (int64_t u = begin; u < end; ++u) {
       const int64_t bh = u / pr->amx_tiles, t = u % pr->amx_tiles * kAmxKeyTile;
@@ -435,9 +432,9 @@ void run(const SdpaParams& p, const Problem& pr) {
   const int64_t pitch = rows < kRowTile ? rows : kRowTile;  // partial rows per unit
   Partials part;
   if (pr.chunks > 1) {
-    part.o.reset(new float[units * pitch * dp]);
-    part.m.reset(new float[units * pitch]);
-    part.l.reset(new float[units * pitch]);
+    part.o = aligned_array<float>(units * pitch * dp);
+    part.m = aligned_array<float>(units * pitch);
+    part.l = aligned_array<float>(units * pitch);
   }
   parallel_for(units, 1, [&](int64_t begin, int64_t end) {
     const Work w = thread_work(dp);

@@ -13,6 +13,7 @@
 
 #include "kernels/cpu/quant/api.h"
 #include "kernels/cpu/quant/decode.h"
+#include "kernels/cpu/scratch.h"
 
 namespace ff {
 namespace FF_ISA_NS {
@@ -189,7 +190,7 @@ void gemv_lut(const Problem& p, int64_t n0, int64_t n1) {
 template <int MR>
 void gemv_buffered(const Problem& p, int64_t n0, int64_t n1) {
   const QWeight& w = *p.w;
-  alignas(32) float buf[kGemvChunk];
+  alignas(64) float buf[kGemvChunk];
   for (int64_t n = n0; n < n1; ++n) {
     f32x8 acc[MR];
     float tail[MR];
@@ -380,7 +381,7 @@ template <class Dot, int MR, int G>
 void gemv_affine4_int(const Problem& p, const typename Dot::Split& xs, const float* xsum, int64_t n0, int64_t n1) {
   const QWeight& w = *p.w;
   const int64_t k = w.k, groups = k / G;
-  std::unique_ptr<float[]> factors(new float[MR * groups]);
+  AlignedArray<float> factors = aligned_array<float>(MR * groups);
   for (int64_t n = n0; n < n1; ++n) {
     group_factors<MR>(w.scales + n * groups, xs.scale.get(), groups, factors.get());
     float dots[MR];
@@ -455,16 +456,16 @@ FF_ALWAYS_INLINE void dot_block_vnni(const uint8_t* bytes, const int16_t* hi, co
 
 struct VnniDot {
   struct Split {
-    std::unique_ptr<int16_t[]> hi, lo;  // [m, k], permuted per block
-    std::unique_ptr<float[]> scale;     // sx [m, k / group]
+    AlignedArray<int16_t> hi, lo;  // [m, k], permuted per block
+    AlignedArray<float> scale;     // sx [m, k / group]
   };
 
   // Splits the m rows of x; false (and the fp32 path runs) where the split would not be exact.
   static bool split(const Problem& p, int64_t group, Split& out) {
     const int64_t k = p.w->k, groups = k / group;
-    out.hi.reset(new int16_t[p.m * k]);
-    out.lo.reset(new int16_t[p.m * k]);
-    out.scale.reset(new float[p.m * groups]);
+    out.hi = aligned_array<int16_t>(p.m * k);
+    out.lo = aligned_array<int16_t>(p.m * k);
+    out.scale = aligned_array<float>(p.m * groups);
     for (int64_t r = 0; r < p.m; ++r) {
       const float* x = p.x + r * p.ldx;
       const float* sx = out.scale.get() + r * groups;
@@ -566,14 +567,14 @@ FF_ALWAYS_INLINE void store_even_odd(__m256i a, __m256i b, int8_t* out) {
 
 struct ByteDot {
   struct Split {
-    std::unique_ptr<int8_t[]> parts;  // [m][3][k], permuted per block
-    std::unique_ptr<float[]> scale;   // sx [m, k / group]
+    AlignedArray<int8_t> parts;  // [m][3][k], permuted per block
+    AlignedArray<float> scale;   // sx [m, k / group]
   };
 
   static bool split(const Problem& p, int64_t group, Split& out) {
     const int64_t k = p.w->k, groups = k / group;
-    out.parts.reset(new int8_t[p.m * 3 * k]);
-    out.scale.reset(new float[p.m * groups]);
+    out.parts = aligned_array<int8_t>(p.m * 3 * k);
+    out.scale = aligned_array<float>(p.m * groups);
     for (int64_t r = 0; r < p.m; ++r) {
       const float* x = p.x + r * p.ldx;
       const float* sx = out.scale.get() + r * groups;
@@ -628,7 +629,7 @@ constexpr int kIntDotMaxRows = 1;
 template <int MR, int B>
 void gemv_affine_all(const Problem& p) {
   const QWeight& w = *p.w;
-  std::unique_ptr<float[]> xsum(new float[p.m * (w.k / w.group)]);
+  AlignedArray<float> xsum = aligned_array<float>(p.m * (w.k / w.group));
   x_group_sums(p, w.group, xsum.get());
   const float* xs = xsum.get();
 #if defined(__AVX2__)
@@ -637,7 +638,7 @@ void gemv_affine_all(const Problem& p) {
 #endif
 #if defined(__AVX2__)
   if (B == 4) {  // group sizes are multiples of 16
-    std::unique_ptr<float[]> xperm(new float[p.m * w.k]);
+    AlignedArray<float> xperm = aligned_array<float>(p.m * w.k);
     permute_x16(p, xperm.get());
     const float* xp = xperm.get();
     return over_rows(p, [&](int64_t a, int64_t e) { gemv_affine_nibbles<MR>(p, xp, xs, a, e); });
@@ -650,7 +651,7 @@ template <int MR, int B>
 void gemv_lut_all(const Problem& p) {
 #if defined(__AVX2__)
   if (B == 4 && p.w->k % 16 == 0) {
-    std::unique_ptr<float[]> xperm(new float[p.m * p.w->k]);
+    AlignedArray<float> xperm = aligned_array<float>(p.m * p.w->k);
     permute_x16(p, xperm.get());
     const float* xp = xperm.get();
     return over_rows(p, [&](int64_t a, int64_t e) { gemv_lut_nibbles<MR>(p, xp, a, e); });
@@ -661,7 +662,7 @@ void gemv_lut_all(const Problem& p) {
 
 template <int MR>
 void gemv_int8_all(const Problem& p) {
-  std::unique_ptr<float[]> xsum(new float[p.m]);
+  AlignedArray<float> xsum = aligned_array<float>(p.m);
   x_group_sums(p, p.w->k, xsum.get());
   const float* xs = xsum.get();
   over_rows(p, [&](int64_t a, int64_t e) { gemv_int8<MR>(p, xs, a, e); });
@@ -755,7 +756,7 @@ void micro_kernel(const float* x, int64_t ldx, const float* b, int64_t kc, float
       simd::store(yr, acc[r][0]);
       simd::store(yr + 8, acc[r][1]);
     } else {
-      alignas(32) float out[kNr];
+      alignas(64) float out[kNr];
       simd::store(out, acc[r][0]);
       simd::store(out + 8, acc[r][1]);
       for (int c = 0; c < cols; ++c) yr[c] = accumulate ? yr[c] + out[c] : out[c];
@@ -772,7 +773,7 @@ constexpr MicroFn kMicro[kMr + 1] = {nullptr,          micro_kernel<1>, micro_ke
 // rows at a time into a row-major buffer, then 8 x 8 blocks transposed in registers (a scalar
 // scatter with a kNr stride cost a fifth of the GEMM's time). Rows past `rows` are 0.
 void pack_panel(const QWeight& w, int64_t n0, int64_t rows, int64_t k0, int64_t kc, float* packed) {
-  alignas(32) float buf[8 * kKc];
+  alignas(64) float buf[8 * kKc];
   const int64_t padded = (rows + kNr - 1) / kNr * kNr;
   const int64_t kc8 = kc / 8 * 8;
   for (int64_t j0 = 0; j0 < padded; j0 += 8) {
@@ -799,7 +800,7 @@ void pack_panel(const QWeight& w, int64_t n0, int64_t rows, int64_t k0, int64_t 
 void gemm_panel(const Problem& p, int64_t n0) {
   const QWeight& w = *p.w;
   const int64_t rows = std::min(kPanel, w.n - n0);
-  alignas(32) float packed[kKc * kPanel];
+  alignas(64) float packed[kKc * kPanel];
   for (int64_t k0 = 0; k0 < w.k; k0 += kKc) {
     const int64_t kc = std::min(kKc, w.k - k0);
     pack_panel(w, n0, rows, k0, kc, packed);
@@ -823,7 +824,7 @@ void gemm(const Problem& p) {
 void qmatmul(const QMatmulArgs& a) {
   const int64_t m = a.m, k = a.w.k, n = a.w.n;
   if (m == 0 || n == 0) return;
-  std::unique_ptr<float[]> xbuf, ybuf;
+  AlignedArray<float> xbuf, ybuf;
   Problem p{nullptr, m, a.ldx, &a.w, nullptr};
   FF_DTYPE_SWITCH(a.dtype, T, [&] {
     using E = typename Elem<T>::type;
@@ -831,8 +832,8 @@ void qmatmul(const QMatmulArgs& a) {
       p.x = static_cast<const float*>(a.x);
       p.y = static_cast<float*>(a.y);
     } else {
-      xbuf.reset(new float[m * k]);
-      ybuf.reset(new float[m * n]);
+      xbuf = aligned_array<float>(m * k);
+      ybuf = aligned_array<float>(m * n);
       for (int64_t r = 0; r < m; ++r) to_f32<T>(static_cast<const E*>(a.x) + r * a.ldx, xbuf.get() + r * k, k);
       p.x = xbuf.get();
       p.ldx = k;
