@@ -1,5 +1,9 @@
 from __future__ import annotations
 
+import importlib
+
+import pytest
+
 import fusedformer as ff
 from fusedformer import _C
 
@@ -49,3 +53,23 @@ def test_lazy_submodules():
 
     with pytest.raises(AttributeError):
         ff.not_a_thing  # noqa: B018
+
+
+@pytest.mark.parametrize("package, name, needs", [
+    ("fusedformer.torch", "optimize", "torch"),
+    ("fusedformer.mlx", "optimize", "mlx.core"),
+    ("fusedformer.coreml", "export", "coremltools"),
+])
+def test_public_name_survives_its_submodules_import(package, name, needs):
+    # ff.torch.optimize is defined in fusedformer/torch/optimize.py: the import system binds that
+    # submodule on the package under the same name when anything imports it first (here as it
+    # does, by setattr), and the public function must stay what the name gives
+    pytest.importorskip(needs)
+    pkg = importlib.import_module(package)
+    submodule = importlib.import_module(f"{package}.{name}")
+    setattr(pkg, name, submodule)
+    assert getattr(pkg, name) is getattr(submodule, name)
+    assert callable(getattr(pkg, name))
+    pkg.some_other_attribute = submodule  # only the public names are resolved
+    assert pkg.some_other_attribute is submodule
+    del pkg.some_other_attribute
