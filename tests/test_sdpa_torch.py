@@ -70,7 +70,7 @@ def test_dtypes_vs_torch_error(torch, isa, dtype, shape, opts):
 
 
 # bf16 prefill blocks (more than 8 query rows): odd key counts, head dims that end mid-vector,
-# a K/V row stride that is odd, masks and a negative scale (the avx512_bf16 variant pairs
+# a K/V row stride that is odd, masks and negative scales (the avx512_bf16 variant pairs
 # head dims in Q K^T and keys in P V).
 BF16_PREFILL = [
     ((1, 4, 2, 40, 3, 64), dict()),
@@ -84,6 +84,9 @@ BF16_PREFILL = [
     # one not a whole number of 16-row tiles, and a last key tile not a whole 32-key step
     ((1, 8, 2, 70, 300, 64), dict(causal=True)),
     ((1, 4, 1, 50, 520, 128), dict(mask="additive", window=200)),
+    # scores of a few hundred (base 2) under a negative scale: a max taken on the wrong side
+    # overflows 2^x
+    ((1, 2, 2, 40, 70, 64), dict(scale=-40.0)),
 ]
 
 

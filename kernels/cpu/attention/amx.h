@@ -17,6 +17,8 @@
 // has AMX-BF16 and the OS granted this process the tile registers.
 #pragma once
 
+#include <limits>
+
 #include "kernels/cpu/attention/tiles.h"
 #include "kernels/cpu/simd/amx.h"
 
@@ -111,6 +113,49 @@ inline void pack_amx_kv(const uint16_t* k, int64_t k_stride, const uint16_t* v, 
     for (int64_t x = 0; x < dp; x += 16) _mm512_storeu_si512(vp + j2 * dp + x, _mm512_setzero_si512());
 }
 
+// Lanes [a, e) of the 16 from j, as a mask.
+inline __mmask16 lanes_in(int64_t j, int64_t a, int64_t e) {
+  const int64_t lo = a - j < 0 ? 0 : a - j, hi = e - j > 16 ? 16 : e - j;
+  return lo >= hi ? 0 : static_cast<__mmask16>(((1u << hi) - 1) & ~((1u << lo) - 1));
+}
+
+// The online-softmax step of one row of an AMX tile's raw scores s (Q K^T, not yet scaled),
+// only keys [a, e) seen: the running max m and sum l updated, the returned alpha = 2^(m_old -
+// m_new), and p = 2^(scale s - m_new) written over the row as the P operand of pv_amx_tile,
+// bf16 pairs in its first nk32 / 2 words (0 outside [a, e), up to nk32, a multiple of 32). One
+// pass for the max, one for 2^x, the sum and the rounding: the scale rides on the exponent's
+// multiply-add (the max of the scaled scores is the scaled max of the raw ones, or of their
+// minimum if scale < 0: rounding keeps order). A row with no finite score yet keeps m = -inf,
+// l = 0 and gets p = 0, alpha = 1, as softmax_update.
+FF_BF16_DOT inline float softmax_amx_row(float* s, int64_t a, int64_t e, int64_t nk32, float scale,
+                                         float* m, float* l) {
+  constexpr float kInf = std::numeric_limits<float>::infinity();
+  __m512 hi = _mm512_set1_ps(-kInf), lo = _mm512_set1_ps(kInf);
+  for (int64_t j = a / 16 * 16; j < e; j += 16) {
+    const __mmask16 in = lanes_in(j, a, e);
+    const __m512 x = _mm512_maskz_loadu_ps(in, s + j);
+    hi = _mm512_mask_max_ps(hi, in, hi, x);
+    lo = _mm512_mask_min_ps(lo, in, lo, x);
+  }
+  const float top = scale >= 0.0f ? _mm512_reduce_max_ps(hi) : _mm512_reduce_min_ps(lo);
+  const float m_new = a < e ? std::fmax(*m, top * scale) : *m;
+  __m512i* out = reinterpret_cast<__m512i*>(s);
+  if (m_new == -kInf) {
+    for (int64_t j = 0; j < nk32; j += 32) _mm512_storeu_si512(out + j / 32, _mm512_setzero_si512());
+    return 1.0f;
+  }
+  const __m512 sv = _mm512_set1_ps(scale), mv = _mm512_set1_ps(-m_new);
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t j = 0; j < nk32; j += 32) {  // reads floats [j, j + 32), writes words [j/2, j/2 + 16)
+    const __mmask16 in0 = lanes_in(j, a, e), in1 = lanes_in(j + 16, a, e);
+    const __m512 p0 = _mm512_maskz_mov_ps(in0, exp2_16(_mm512_fmadd_ps(_mm512_maskz_loadu_ps(in0, s + j), sv, mv)));
+    const __m512 p1 = _mm512_maskz_mov_ps(in1, exp2_16(_mm512_fmadd_ps(_mm512_maskz_loadu_ps(in1, s + j + 16), sv, mv)));
+    sum = _mm512_add_ps(sum, _mm512_add_ps(p0, p1));
+    _mm512_storeu_si512(out + j / 32, (__m512i)_mm512_cvtne2ps_pbh(p1, p0));
+  }
+  return advance_row(m, l, m_new, _mm512_reduce_add_ps(sum));
+}
+
 // S = Q K^T (unscaled) for nr rows of q words (d / 2 per row, pitch q_stride words) against a
 // packed K tile (pack_amx_kv, rows of s_stride words); each 32-row group goes as far as its
 // strips' keys (in 16-key tiles).
@@ -127,22 +172,17 @@ FF_AMX inline void qk_amx_tile(const uint32_t* q, int64_t q_stride, const uint32
 }
 
 // O = diag(alpha) O + P V for nr rows over nk keys of a packed V tile (pack_amx_kv), each 32-row
-// group over its strips' keys (in 32-key steps). P (pitch p_stride floats, probabilities) is
-// rounded to bf16 pairs in place.
-FF_AMX inline void pv_amx_tile(float* o, int64_t o_stride, const float* alpha, float* p,
-                               int64_t p_stride, const uint32_t* vp, int64_t nk, int64_t dp,
+// group over its strips' keys (in 32-key steps). P (pitch p_stride floats) holds each row's
+// probabilities as bf16 pairs (softmax_amx_row), 0 up to round_up(nk, 32).
+FF_AMX inline void pv_amx_tile(float* o, int64_t o_stride, const float* alpha, const float* p,
+                               int64_t p_stride, const uint32_t* vp, int64_t dp,
                                const int64_t* strip_keys, int64_t nr) {
-  const int64_t nk32 = round_up(nk, 32);
   for (int64_t r = 0; r < nr; ++r) {
-    float* row = p + r * p_stride;
-    for (int64_t j = round_up(nk, 8); j < nk32; ++j) row[j] = 0.0f;  // [nk, round_up(nk, 8)) is 0
-    if (alpha[r] != 1.0f) {
-      const __m512 a = _mm512_set1_ps(alpha[r]);
-      float* orow = o + r * o_stride;
-      for (int64_t x = 0; x < dp; x += 16) _mm512_storeu_ps(orow + x, _mm512_mul_ps(_mm512_loadu_ps(orow + x), a));
-    }
+    if (alpha[r] == 1.0f) continue;
+    const __m512 a = _mm512_set1_ps(alpha[r]);
+    float* orow = o + r * o_stride;
+    for (int64_t x = 0; x < dp; x += 16) _mm512_storeu_ps(orow + x, _mm512_mul_ps(_mm512_loadu_ps(orow + x), a));
   }
-  round_p_pairs(p, p_stride, nk, nr);
   amx_fence();
   const uint32_t* pw = reinterpret_cast<const uint32_t*>(p);
   for (int64_t r = 0; r < nr; r += 32) {
@@ -165,8 +205,9 @@ inline void pack_amx_kv(const uint16_t*, int64_t, const uint16_t*, int64_t, int6
                         int64_t, uint32_t*, uint32_t*) {}
 inline void qk_amx_tile(const uint32_t*, int64_t, const uint32_t*, int64_t, float*, int64_t,
                         const int64_t*, int64_t) {}
-inline void pv_amx_tile(float*, int64_t, const float*, float*, int64_t, const uint32_t*, int64_t,
+inline void pv_amx_tile(float*, int64_t, const float*, const float*, int64_t, const uint32_t*,
                         int64_t, const int64_t*, int64_t) {}
+inline float softmax_amx_row(float*, int64_t, int64_t, int64_t, float, float*, float*) { return 1.0f; }
 #endif
 
 }  // namespace attention

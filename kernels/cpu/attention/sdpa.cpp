@@ -304,8 +304,15 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
 
     // masks, then the online softmax of every row (columns past a strip's keys, never
     // computed, are past each of its rows' hi and set to -inf here)
+    const bool masked = p.mask.kind != SdpaMaskKind::none;
     for (int64_t rr = 0; rr < nr && !fused; ++rr) {
       float* s = w.s + rr * pitch;
+      if (amx && !masked) {  // the scale, the causal/window clip and the bf16 rounding fused in
+        const int64_t a = clip && lo[rr] > t ? lo[rr] - t : 0;
+        const int64_t e = clip && hi[rr] - t < nk ? hi[rr] - t : nk;
+        w.alpha[rr] = softmax_amx_row(s, a, e, round_up(nk, 32), scale2, &w.m[rr], &w.l[rr]);
+        continue;
+      }
       if (amx)
         for (int64_t j = 0; j < nk; ++j) s[j] *= scale2;
       if (clip) {
@@ -313,8 +320,11 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
         for (int64_t j = 0; j < nk && j < a; ++j) s[j] = kNegInf;
         for (int64_t j = e < 0 ? 0 : e; j < nk; ++j) s[j] = kNegInf;
       }
-      if (p.mask.kind != SdpaMaskKind::none) apply_mask(p.mask, bk.b, head[rr], pos[rr], t, nk, s);
-      w.alpha[rr] = softmax_update(s, nk, &w.m[rr], &w.l[rr]);
+      if (masked) apply_mask(p.mask, bk.b, head[rr], pos[rr], t, nk, s);
+      if (amx)  // scaled and masked scores (-inf where masked): the same step with scale 1
+        w.alpha[rr] = softmax_amx_row(s, 0, nk, round_up(nk, 32), 1.0f, &w.m[rr], &w.l[rr]);
+      else
+        w.alpha[rr] = softmax_update(s, nk, &w.m[rr], &w.l[rr]);
     }
 
     // O = diag(alpha) O + P V
@@ -329,7 +339,7 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
                                            pitch, vt, vs, nk, D);
         });
     } else if (amx) {
-      pv_amx_tile(w.o, dp, w.alpha, w.s, pitch, vp, nk, dp, strip_keys, nr);
+      pv_amx_tile(w.o, dp, w.alpha, w.s, pitch, vp, dp, strip_keys, nr);
     } else if (dot16) {
       pv_bf16_tile(w.o, dp, w.alpha, w.s, pitch, reinterpret_cast<const uint16_t*>(vt), vs, nk, D,
                    dp, reinterpret_cast<uint32_t*>(w.v), strip_keys, nr);
