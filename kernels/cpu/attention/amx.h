@@ -113,10 +113,9 @@ inline void pack_amx_kv(const uint16_t* k, int64_t k_stride, const uint16_t* v, 
     for (int64_t x = 0; x < dp; x += 16) _mm512_storeu_si512(vp + j2 * dp + x, _mm512_setzero_si512());
 }
 
-// Lanes [a, e) of the 16 from j, as a mask.
-inline __mmask16 lanes_in(int64_t j, int64_t a, int64_t e) {
-  const int64_t lo = a - j < 0 ? 0 : a - j, hi = e - j > 16 ? 16 : e - j;
-  return lo >= hi ? 0 : static_cast<__mmask16>(((1u << hi) - 1) & ~((1u << lo) - 1));
+// Which of the 16 keys at lane indices idx lie in [a, e) (two compares, no scalar mask math).
+inline __mmask16 lanes_in(__m512i idx, __m512i a, __m512i e) {
+  return _mm512_mask_cmplt_epi32_mask(_mm512_cmpge_epi32_mask(idx, a), idx, e);
 }
 
 // 2^x on the lanes of `keep` where x >= -126, 0 on the others, for x <= 0: the probabilities of
@@ -148,33 +147,40 @@ inline __m512 exp2_p16(__m512 x, __mmask16 keep) {
 FF_BF16_DOT inline float softmax_amx_row(float* s, int64_t a, int64_t e, int64_t nk32, float scale,
                                          float* m, float* l) {
   constexpr float kInf = std::numeric_limits<float>::infinity();
+  const __m512i av = _mm512_set1_epi32(static_cast<int>(a)), ev = _mm512_set1_epi32(static_cast<int>(e));
+  const __m512i sixteen = _mm512_set1_epi32(16), lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   __m512 hi = _mm512_set1_ps(-kInf), lo = _mm512_set1_ps(kInf);
-  for (int64_t j = a / 16 * 16; j < e; j += 16) {
-    const __mmask16 in = lanes_in(j, a, e);
+  __m512i idx = _mm512_add_epi32(lanes, _mm512_set1_epi32(static_cast<int>(a / 16 * 16)));
+  for (int64_t j = a / 16 * 16; j < e; j += 16, idx = _mm512_add_epi32(idx, sixteen)) {
+    const __mmask16 in = lanes_in(idx, av, ev);
     const __m512 x = _mm512_maskz_loadu_ps(in, s + j);
     hi = _mm512_mask_max_ps(hi, in, hi, x);
     lo = _mm512_mask_min_ps(lo, in, lo, x);
   }
-  const float top = scale >= 0.0f ? _mm512_reduce_max_ps(hi) : _mm512_reduce_min_ps(lo);
-  const float m_new = a < e ? std::fmax(*m, top * scale) : *m;
+  const float top = (scale >= 0.0f ? _mm512_reduce_max_ps(hi) : _mm512_reduce_min_ps(lo)) * scale;
+  const float m_new = a < e && top > *m ? top : *m;
   __m512i* out = reinterpret_cast<__m512i*>(s);
-  if (m_new == -kInf) {
-    for (int64_t j = 0; j < nk32; j += 32) _mm512_storeu_si512(out + j / 32, _mm512_setzero_si512());
-    return 1.0f;
-  }
+  // 32-key steps wholly outside [a, e) (the causal diagonal's far side) are zeros, not computed
+  const int64_t j_lo = m_new == -kInf ? nk32 : a / 32 * 32;
+  const int64_t j_hi = m_new == -kInf ? nk32 : round_up(e, 32);
+  // (words j / 2 overwrite floats that are read only before them in this order: the leading
+  // zeros now, the trailing ones last)
+  for (int64_t j = 0; j < j_lo; j += 32) _mm512_storeu_si512(out + j / 32, _mm512_setzero_si512());
+  if (m_new == -kInf) return 1.0f;
   const __m512 sv = _mm512_set1_ps(scale), mv = _mm512_set1_ps(-m_new);
   __m512 sum = _mm512_setzero_ps();
-  for (int64_t j = 0; j < nk32; j += 32) {  // reads floats [j, j + 32), writes words [j/2, j/2 + 16)
-    const __mmask16 in0 = lanes_in(j, a, e), in1 = lanes_in(j + 16, a, e);
-    if ((in0 | in1) == 0) {  // outside the row's range (the causal diagonal's far side)
-      _mm512_storeu_si512(out + j / 32, _mm512_setzero_si512());
-      continue;
-    }
+  idx = _mm512_add_epi32(lanes, _mm512_set1_epi32(static_cast<int>(j_lo)));
+  for (int64_t j = j_lo; j < j_hi; j += 32) {  // reads floats [j, j + 32), writes words [j/2, j/2 + 16)
+    const __mmask16 in0 = lanes_in(idx, av, ev);
+    idx = _mm512_add_epi32(idx, sixteen);
+    const __mmask16 in1 = lanes_in(idx, av, ev);
+    idx = _mm512_add_epi32(idx, sixteen);
     const __m512 p0 = exp2_p16(_mm512_fmadd_ps(_mm512_maskz_loadu_ps(in0, s + j), sv, mv), in0);
     const __m512 p1 = exp2_p16(_mm512_fmadd_ps(_mm512_maskz_loadu_ps(in1, s + j + 16), sv, mv), in1);
     sum = _mm512_add_ps(sum, _mm512_add_ps(p0, p1));
     _mm512_storeu_si512(out + j / 32, (__m512i)_mm512_cvtne2ps_pbh(p1, p0));
   }
+  for (int64_t j = j_hi; j < nk32; j += 32) _mm512_storeu_si512(out + j / 32, _mm512_setzero_si512());
   return advance_row(m, l, m_new, _mm512_reduce_add_ps(sum));
 }
 
