@@ -4,7 +4,7 @@
 // a 16 x 16 fp32 tile: 8192 multiply-adds per instruction, against 32 for a zmm vdpbf16ps.
 // The operands are the layouts the vdpbf16ps tiles already pack (tiles.h):
 //   S = Q K^T:  A = q rows as bf16 words (pitch dp / 2 words), B = pack_k_pairs' Kp[x2][j];
-//   O += P V:   A = P rounded to bf16 pairs in place (round_p_pairs), B = pack_v_pairs' Vp[j2][x];
+//   O += P V:   A = P as bf16 pairs, written over the scores by softmax_amx_row, B = pack_v_pairs' Vp[j2][x];
 // C is the fp32 score tile, or the O accumulator itself (loaded, accumulated, stored back:
 // rows whose running max moved are rescaled in memory first). Register blocking 2 x 2: C in
 // tmm0..3, A in tmm4..5, B in tmm6..7, all configured 16 rows x 64 bytes.
