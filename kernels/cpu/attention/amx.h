@@ -4,7 +4,7 @@
 // a 16 x 16 fp32 tile: 8192 multiply-adds per instruction, against 32 for a zmm vdpbf16ps.
 // The operands are the layouts the vdpbf16ps tiles already pack (tiles.h):
 //   S = Q K^T:  A = q rows as bf16 words (pitch dp / 2 words), B = pack_k_pairs' Kp[x2][j];
-//   O += P V:   A = P as bf16 pairs, written over the scores by softmax_amx_row, B = pack_v_pairs' Vp[j2][x];
+//   O += P V:   A = P as bf16 pairs, written by softmax_amx_row, B = pack_v_pairs' Vp[j2][x];
 // C is the fp32 score tile, or the O accumulator itself (loaded, accumulated, stored back:
 // rows whose running max moved are rescaled in memory first). Register blocking 2 x 2: C in
 // tmm0..3, A in tmm4..5, B in tmm6..7, all configured 16 rows x 64 bytes.
@@ -113,6 +113,9 @@ inline void pack_amx_kv(const uint16_t* k, int64_t k_stride, const uint16_t* v, 
     for (int64_t x = 0; x < dp; x += 16) _mm512_storeu_si512(vp + j2 * dp + x, _mm512_setzero_si512());
 }
 
+// Lane indices 0..15.
+inline __m512i kLanes16() { return _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15); }
+
 // Which of the 16 keys at lane indices idx lie in [a, e) (two compares, no scalar mask math).
 inline __mmask16 lanes_in(__m512i idx, __m512i a, __m512i e) {
   return _mm512_mask_cmplt_epi32_mask(_mm512_cmpge_epi32_mask(idx, a), idx, e);
@@ -136,52 +139,94 @@ inline __m512 exp2_p16(__m512 x, __mmask16 keep) {
   return _mm512_maskz_scalef_ps(keep, p, n);
 }
 
-// The online-softmax step of one row of an AMX tile's raw scores s (Q K^T, not yet scaled),
-// only keys [a, e) seen: the running max m and sum l updated, the returned alpha = 2^(m_old -
-// m_new), and p = 2^(scale s - m_new) written over the row as the P operand of pv_amx_tile,
-// bf16 pairs in its first nk32 / 2 words (0 outside [a, e), up to nk32, a multiple of 32). One
-// pass for the max, one for 2^x, the sum and the rounding: the scale rides on the exponent's
-// multiply-add (the max of the scaled scores is the scaled max of the raw ones, or of their
-// minimum if scale < 0: rounding keeps order). A row with no finite score yet keeps m = -inf,
-// l = 0 and gets p = 0, alpha = 1, as softmax_update.
-FF_BF16_DOT inline float softmax_amx_row(float* s, int64_t a, int64_t e, int64_t nk32, float scale,
-                                         float* m, float* l) {
+// How far (base 2) a tile's scores may rise above the running max m before m moves: up to
+// then the tile's probabilities are taken against the old m (values up to 2^8, exact in fp32
+// and in P's bf16, whose relative rounding does not depend on size), so the row keeps alpha =
+// 1 and its accumulator is not rescaled. With the max pass gone, m is known before the
+// scores are read: one pass computes P and checks how far the scores rose. (The threshold of
+// FlashAttention-4's conditional rescaling; the rows' O grow at most 2^8 x past the exact
+// algorithm's, which cannot overflow short of |V| near the fp32 limit.)
+constexpr float kMaxSlack = 8.0f;
+
+// The largest scale s over the lanes of s in [a, e) among the 16-key steps [from, to) (-inf if
+// none); the smallest raw score makes the largest scaled one when scale < 0.
+FF_BF16_DOT inline float scaled_max(const float* s, int64_t a, int64_t e, int64_t from, int64_t to,
+                                    float scale) {
   constexpr float kInf = std::numeric_limits<float>::infinity();
   const __m512i av = _mm512_set1_epi32(static_cast<int>(a)), ev = _mm512_set1_epi32(static_cast<int>(e));
-  const __m512i sixteen = _mm512_set1_epi32(16), lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i sixteen = _mm512_set1_epi32(16);
+  __m512i idx = _mm512_add_epi32(kLanes16(), _mm512_set1_epi32(static_cast<int>(from)));
   __m512 hi = _mm512_set1_ps(-kInf), lo = _mm512_set1_ps(kInf);
-  __m512i idx = _mm512_add_epi32(lanes, _mm512_set1_epi32(static_cast<int>(a / 16 * 16)));
-  for (int64_t j = a / 16 * 16; j < e; j += 16, idx = _mm512_add_epi32(idx, sixteen)) {
+  for (int64_t j = from; j < to; j += 16, idx = _mm512_add_epi32(idx, sixteen)) {
     const __mmask16 in = lanes_in(idx, av, ev);
     const __m512 x = _mm512_maskz_loadu_ps(in, s + j);
     hi = _mm512_mask_max_ps(hi, in, hi, x);
     lo = _mm512_mask_min_ps(lo, in, lo, x);
   }
-  const float top = (scale >= 0.0f ? _mm512_reduce_max_ps(hi) : _mm512_reduce_min_ps(lo)) * scale;
-  const float m_new = a < e && top > *m ? top : *m;
-  __m512i* out = reinterpret_cast<__m512i*>(s);
-  // 32-key steps wholly outside [a, e) (the causal diagonal's far side) are zeros, not computed
-  const int64_t j_lo = m_new == -kInf ? nk32 : a / 32 * 32;
-  const int64_t j_hi = m_new == -kInf ? nk32 : round_up(e, 32);
-  // (words j / 2 overwrite floats that are read only before them in this order: the leading
-  // zeros now, the trailing ones last)
-  for (int64_t j = 0; j < j_lo; j += 32) _mm512_storeu_si512(out + j / 32, _mm512_setzero_si512());
-  if (m_new == -kInf) return 1.0f;
-  const __m512 sv = _mm512_set1_ps(scale), mv = _mm512_set1_ps(-m_new);
-  __m512 sum = _mm512_setzero_ps();
-  idx = _mm512_add_epi32(lanes, _mm512_set1_epi32(static_cast<int>(j_lo)));
-  for (int64_t j = j_lo; j < j_hi; j += 32) {  // reads floats [j, j + 32), writes words [j/2, j/2 + 16)
+  return (scale >= 0.0f ? _mm512_reduce_max_ps(hi) : _mm512_reduce_min_ps(lo)) * scale;
+}
+
+// p = 2^(scale s - m) over the 32-key steps [j_lo, j_hi) of one score row, 0 outside [a, e),
+// written to pw as bf16 pairs (words [j / 2, j / 2 + 16) per step); returns their sum. With
+// rise, also the largest scale s - m among the lanes in [a, e).
+FF_BF16_DOT inline float exp_pairs(const float* s, int64_t a, int64_t e, int64_t j_lo, int64_t j_hi,
+                                   float scale, float m, uint32_t* pw, float* rise) {
+  const __m512i av = _mm512_set1_epi32(static_cast<int>(a)), ev = _mm512_set1_epi32(static_cast<int>(e));
+  const __m512i sixteen = _mm512_set1_epi32(16);
+  const __m512 sv = _mm512_set1_ps(scale), mv = _mm512_set1_ps(-m);
+  __m512 sum = _mm512_setzero_ps(), top = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  __m512i idx = _mm512_add_epi32(kLanes16(), _mm512_set1_epi32(static_cast<int>(j_lo)));
+  for (int64_t j = j_lo; j < j_hi; j += 32) {
     const __mmask16 in0 = lanes_in(idx, av, ev);
     idx = _mm512_add_epi32(idx, sixteen);
     const __mmask16 in1 = lanes_in(idx, av, ev);
     idx = _mm512_add_epi32(idx, sixteen);
-    const __m512 p0 = exp2_p16(_mm512_fmadd_ps(_mm512_maskz_loadu_ps(in0, s + j), sv, mv), in0);
-    const __m512 p1 = exp2_p16(_mm512_fmadd_ps(_mm512_maskz_loadu_ps(in1, s + j + 16), sv, mv), in1);
+    const __m512 x0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(in0, s + j), sv, mv);
+    const __m512 x1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(in1, s + j + 16), sv, mv);
+    if (rise) {
+      top = _mm512_mask_max_ps(top, in0, top, x0);
+      top = _mm512_mask_max_ps(top, in1, top, x1);
+    }
+    const __m512 p0 = exp2_p16(x0, in0), p1 = exp2_p16(x1, in1);
     sum = _mm512_add_ps(sum, _mm512_add_ps(p0, p1));
-    _mm512_storeu_si512(out + j / 32, (__m512i)_mm512_cvtne2ps_pbh(p1, p0));
+    _mm512_storeu_si512(pw + j / 2, (__m512i)_mm512_cvtne2ps_pbh(p1, p0));
   }
-  for (int64_t j = j_hi; j < nk32; j += 32) _mm512_storeu_si512(out + j / 32, _mm512_setzero_si512());
-  return advance_row(m, l, m_new, _mm512_reduce_add_ps(sum));
+  if (rise) *rise = _mm512_reduce_max_ps(top);
+  return _mm512_reduce_add_ps(sum);
+}
+
+// The online-softmax step of one row of an AMX tile's raw scores s (Q K^T, not yet scaled),
+// only keys [a, e) seen: the running max m and sum l updated, the returned alpha = 2^(m_old -
+// m_new), and p = 2^(scale s - m_new) written to pw as the P operand of pv_amx_tile, bf16 pairs
+// in its first nk32 / 2 words (0 outside [a, e), up to nk32, a multiple of 32). m moves only
+// when the scores rise more than kMaxSlack above it: one pass, against the old m, computes P
+// and how far they rose, and only a rise past the slack takes a second pass against the new
+// max. A row's first tile (m = -inf) takes m from its first 16 keys in range (all of them
+// when those are -inf: masked). The scale rides on the exponent's multiply-add. A row with no
+// finite score yet keeps m = -inf, l = 0 and gets p = 0, alpha = 1, as softmax_update.
+FF_BF16_DOT inline float softmax_amx_row(const float* s, int64_t a, int64_t e, int64_t nk32, float scale,
+                                         float* m, float* l, uint32_t* pw) {
+  constexpr float kInf = std::numeric_limits<float>::infinity();
+  float m_new = *m;
+  if (m_new == -kInf && a < e) m_new = scaled_max(s, a, e, a / 16 * 16, a / 16 * 16 + 16, scale);
+  if (m_new == -kInf && a < e) m_new = scaled_max(s, a, e, a / 16 * 16, e, scale);
+  // 32-key steps wholly outside [a, e) (the causal diagonal's far side) are zeros, not computed
+  const int64_t j_lo = m_new == -kInf ? nk32 : a / 32 * 32;
+  const int64_t j_hi = m_new == -kInf ? nk32 : round_up(e, 32);
+  for (int64_t j = 0; j < j_lo; j += 32) _mm512_storeu_si512(pw + j / 2, _mm512_setzero_si512());
+  for (int64_t j = j_hi; j < nk32; j += 32) _mm512_storeu_si512(pw + j / 2, _mm512_setzero_si512());
+  if (m_new == -kInf) return 1.0f;
+  float rise = 0.0f;
+  float sum = exp_pairs(s, a, e, j_lo, j_hi, scale, m_new, pw, &rise);
+  if (rise > kMaxSlack) {  // (NaN scores compare false: they stay NaN, as in torch)
+    m_new += rise;
+    sum = exp_pairs(s, a, e, j_lo, j_hi, scale, m_new, pw, nullptr);
+  }
+  if (m_new == *m) {
+    *l += sum;
+    return 1.0f;
+  }
+  return advance_row(m, l, m_new, sum);
 }
 
 // S = Q K^T (unscaled) for nr rows of q words (d / 2 per row, pitch q_stride words) against a
@@ -200,9 +245,9 @@ FF_AMX inline void qk_amx_tile(const uint32_t* q, int64_t q_stride, const uint32
 }
 
 // O = diag(alpha) O + P V for nr rows over nk keys of a packed V tile (pack_amx_kv), each 32-row
-// group over its strips' keys (in 32-key steps). P (pitch p_stride floats) holds each row's
+// group over its strips' keys (in 32-key steps). P (pitch p_stride words) holds each row's
 // probabilities as bf16 pairs (softmax_amx_row), 0 up to round_up(nk, 32).
-FF_AMX inline void pv_amx_tile(float* o, int64_t o_stride, const float* alpha, const float* p,
+FF_AMX inline void pv_amx_tile(float* o, int64_t o_stride, const float* alpha, const uint32_t* pw,
                                int64_t p_stride, const uint32_t* vp, int64_t dp,
                                const int64_t* strip_keys, int64_t nr) {
   for (int64_t r = 0; r < nr; ++r) {
@@ -212,7 +257,6 @@ FF_AMX inline void pv_amx_tile(float* o, int64_t o_stride, const float* alpha, c
     for (int64_t x = 0; x < dp; x += 16) _mm512_storeu_ps(orow + x, _mm512_mul_ps(_mm512_loadu_ps(orow + x), a));
   }
   amx_fence();
-  const uint32_t* pw = reinterpret_cast<const uint32_t*>(p);
   for (int64_t r = 0; r < nr; r += 32) {
     const int64_t rows = nr - r;
     const int64_t n2 = round_up(rows_keys(strip_keys, r, r + (rows < 32 ? rows : 32)), 32) / 2;
@@ -233,9 +277,11 @@ inline void pack_amx_kv(const uint16_t*, int64_t, const uint16_t*, int64_t, int6
                         int64_t, uint32_t*, uint32_t*) {}
 inline void qk_amx_tile(const uint32_t*, int64_t, const uint32_t*, int64_t, float*, int64_t,
                         const int64_t*, int64_t) {}
-inline void pv_amx_tile(float*, int64_t, const float*, const float*, int64_t, const uint32_t*,
+inline void pv_amx_tile(float*, int64_t, const float*, const uint32_t*, int64_t, const uint32_t*,
                         int64_t, const int64_t*, int64_t) {}
-inline float softmax_amx_row(float*, int64_t, int64_t, int64_t, float, float*, float*) { return 1.0f; }
+inline float softmax_amx_row(const float*, int64_t, int64_t, int64_t, float, float*, float*, uint32_t*) {
+  return 1.0f;
+}
 #endif
 
 }  // namespace attention

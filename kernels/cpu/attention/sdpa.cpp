@@ -47,6 +47,8 @@ constexpr int64_t kAmxKeyTile = 256;
 // time, and rows a power of two apart larger than 256 bytes share L1 sets.
 constexpr int64_t kAmxPitch = kAmxKeyTile + 16;
 constexpr int64_t kMaxKeyTile = kAmxPitch > kKeyTile ? kAmxPitch : kKeyTile;
+// ... and of their P rows (words: bf16 pairs), off a power of two for the same reason.
+constexpr int64_t kAmxPPitch = kAmxKeyTile / 2 + 16;
 static_assert(kRowTile % kMr == 0, "blocks are whole kMr-row strips");
 constexpr int64_t kSplitChunk = 512;   // keys per split-KV chunk, chosen by shape
 constexpr int64_t kStreamMaxRows = 8;  // blocks this small stream K/V instead of packing them
@@ -83,6 +85,7 @@ struct Work {
   float* kt;     // [kKeyTile / kKPanel][D][kKPanel], packed transposed K tile (AMX: K pairs)
   float* v;      // [kKeyTile][dp] (zmm tiles) or [dp / kVPanel][kKeyTile][kVPanel], packed V
                  // (AMX: V pairs); all three sized for kMaxKeyTile keys
+  uint32_t* p;   // [kRowTile][kAmxPPitch] AMX: probabilities as bf16 pairs
   float* m;      // [kRowTile] running max
   float* l;      // [kRowTile] running sum
   float* alpha;  // [kRowTile] rescale of this tile
@@ -91,13 +94,15 @@ struct Work {
 Work thread_work(int64_t dp) {
   thread_local GrowBuffer<float> buf;
   const int64_t sizes[] = {kRowTile * dp, kRowTile * dp, kRowTile * kMaxKeyTile, dp * kMaxKeyTile,
-                           kMaxKeyTile * dp, kRowTile, kRowTile, kRowTile};
+                           kMaxKeyTile * dp, kRowTile * kAmxPPitch, kRowTile, kRowTile, kRowTile};
+  constexpr int kArrays = sizeof(sizes) / sizeof(sizes[0]);
   int64_t need = 0;
   for (int64_t n : sizes) need += n;
-  float* ptrs[8];  // each a multiple of 16 floats: every array starts on a cache line
+  float* ptrs[kArrays];  // each a multiple of 16 floats: every array starts on a cache line
   float* at = buf.get(need);
-  for (int i = 0; i < 8; ++i) ptrs[i] = at, at += sizes[i];
-  return {ptrs[0], ptrs[1], ptrs[2], ptrs[3], ptrs[4], ptrs[5], ptrs[6], ptrs[7]};
+  for (int i = 0; i < kArrays; ++i) ptrs[i] = at, at += sizes[i];
+  return {ptrs[0], ptrs[1], ptrs[2], ptrs[3], ptrs[4], reinterpret_cast<uint32_t*>(ptrs[5]),
+          ptrs[6], ptrs[7], ptrs[8]};
 }
 
 // Keys [lo, hi) query position i may see under causal/window (before any mask).
@@ -310,7 +315,8 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
       if (amx && !masked) {  // the scale, the causal/window clip and the bf16 rounding fused in
         const int64_t a = clip && lo[rr] > t ? lo[rr] - t : 0;
         const int64_t e = clip && hi[rr] - t < nk ? hi[rr] - t : nk;
-        w.alpha[rr] = softmax_amx_row(s, a, e, round_up(nk, 32), scale2, &w.m[rr], &w.l[rr]);
+        w.alpha[rr] = softmax_amx_row(s, a, e, round_up(nk, 32), scale2, &w.m[rr], &w.l[rr],
+                                      w.p + rr * kAmxPPitch);
         continue;
       }
       if (amx)
@@ -322,7 +328,8 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
       }
       if (masked) apply_mask(p.mask, bk.b, head[rr], pos[rr], t, nk, s);
       if (amx)  // scaled and masked scores (-inf where masked): the same step with scale 1
-        w.alpha[rr] = softmax_amx_row(s, 0, nk, round_up(nk, 32), 1.0f, &w.m[rr], &w.l[rr]);
+        w.alpha[rr] = softmax_amx_row(s, 0, nk, round_up(nk, 32), 1.0f, &w.m[rr], &w.l[rr],
+                                      w.p + rr * kAmxPPitch);
       else
         w.alpha[rr] = softmax_update(s, nk, &w.m[rr], &w.l[rr]);
     }
@@ -339,7 +346,7 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
                                            pitch, vt, vs, nk, D);
         });
     } else if (amx) {
-      pv_amx_tile(w.o, dp, w.alpha, w.s, pitch, vp, dp, strip_keys, nr);
+      pv_amx_tile(w.o, dp, w.alpha, w.p, kAmxPPitch, vp, dp, strip_keys, nr);
     } else if (dot16) {
       pv_bf16_tile(w.o, dp, w.alpha, w.s, pitch, reinterpret_cast<const uint16_t*>(vt), vs, nk, D,
                    dp, reinterpret_cast<uint32_t*>(w.v), strip_keys, nr);
