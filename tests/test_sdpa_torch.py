@@ -130,27 +130,38 @@ def test_bf16_prefill_split_keys(torch, isa, chunk):
     assert (np.abs(out.float().numpy() - ref) <= bound).all()
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("slope", [0.02, -0.02, 0.15, 3.0], ids=lambda s: f"slope{s}")
 @pytest.mark.parametrize("masked", [False, True], ids=["clip-only", "additive-mask"])
-def test_bf16_prefill_scores_rising_along_keys(torch, isa, slope, masked):
-    """Scores that climb (or fall) steadily along the keys: the AMX softmax takes a row's
+def test_prefill_scores_rising_along_keys(torch, isa, slope, masked, dtype, seed=1):
+    """Scores that climb (or fall) steadily along the keys. The prefill softmax takes a row's
     probabilities against a max that moves only when a tile's scores rise more than 2^8 above it
-    (a first tile's from its first 16 keys), so rises below and past that, within one 256-key
-    tile and across three, and falls, must all land within bf16 rounding (output and lse)."""
+    (the AMX tiles: a first tile's max from its first 16 keys), so rises below and past that,
+    within one key tile and across several, and falls, must all stay within rounding of the
+    float64 result (output and lse): fp32 within the suite's tolerance, bf16 within its
+    rounding."""
     b, hq, hkv, lq, lk, d = 1, 4, 2, 70, 600, 64
-    q, k, v = qkv(torch, b, hq, hkv, lq, lk, d, torch.float32)
-    u = torch.randn(d)
+    q, k, v = qkv(torch, b, hq, hkv, lq, lk, d, torch.float32, seed)
+    gen = torch.Generator().manual_seed(seed)
+    u = torch.randn(d, generator=gen)
     u = u / u.norm()
-    q = (q + 4.0 * u).bfloat16()  # every query leans along u, and key j by slope * j along it
-    k = (k + slope * torch.arange(lk).view(lk, 1) * u).bfloat16()
-    v = v.bfloat16()
+    q = q + 4.0 * u  # every query leans along u, and key j by slope * j along it
+    k = k + slope * torch.arange(lk).view(lk, 1) * u
+    q, k, v = (t.to(getattr(torch, dtype)) for t in (q, k, v))
     opts = dict(causal=True)
     if masked:
-        opts["mask"] = torch.randn(lq, lk)
+        opts["mask"] = torch.randn(lq, lk, generator=gen)
     out, lse = ff.sdpa(q, k, v, return_lse=True, **opts)
     ref_opts = {n: (o.numpy() if hasattr(o, "numpy") else o) for n, o in opts.items()}
     ref, ref_lse = reference.sdpa(*(t.float().numpy() for t in (q, k, v)), return_lse=True, **ref_opts)
     assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    if dtype == "float32":  # scores of hundreds: fp32 rounding of the scores, 2^-24 |s| each
+        g = hq // hkv
+        scores = np.abs(q.numpy() @ np.repeat(k.numpy(), g, 1).swapaxes(-1, -2)).max() / np.sqrt(d)
+        slack = 2.0**-20 * scores
+        np.testing.assert_allclose(out.numpy(), ref, atol=2e-5 + slack * np.abs(v.numpy()).max(), rtol=0)
+        np.testing.assert_allclose(lse.numpy(), ref_lse, atol=2e-5 + slack, rtol=0)
+        return
     bound = 2.0**-8 * (np.abs(ref) + np.abs(v.float().numpy()).max())
     excess = np.abs(out.float().numpy() - ref) - bound
     assert excess.max() <= 0, (excess.max(), np.unravel_index(excess.argmax(), excess.shape))

@@ -139,15 +139,6 @@ inline __m512 exp2_p16(__m512 x, __mmask16 keep) {
   return _mm512_maskz_scalef_ps(keep, p, n);
 }
 
-// How far (base 2) a tile's scores may rise above the running max m before m moves: up to
-// then the tile's probabilities are taken against the old m (values up to 2^8, exact in fp32
-// and in P's bf16, whose relative rounding does not depend on size), so the row keeps alpha =
-// 1 and its accumulator is not rescaled. With the max pass gone, m is known before the
-// scores are read: one pass computes P and checks how far the scores rose. (The threshold of
-// FlashAttention-4's conditional rescaling; the rows' O grow at most 2^8 x past the exact
-// algorithm's, which cannot overflow short of |V| near the fp32 limit.)
-constexpr float kMaxSlack = 8.0f;
-
 // The largest scale s over the lanes of s in [a, e) among the 16-key steps [from, to) (-inf if
 // none); the smallest raw score makes the largest scaled one when scale < 0.
 FF_BF16_DOT inline float scaled_max(const float* s, int64_t a, int64_t e, int64_t from, int64_t to,
@@ -218,7 +209,7 @@ FF_BF16_DOT inline float softmax_amx_row(const float* s, int64_t a, int64_t e, i
   if (m_new == -kInf) return 1.0f;
   float rise = 0.0f;
   float sum = exp_pairs(s, a, e, j_lo, j_hi, scale, m_new, pw, &rise);
-  if (rise > kMaxSlack) {  // (NaN scores compare false: they stay NaN, as in torch)
+  if (rise > kMaxSlack) {
     m_new += rise;
     sum = exp_pairs(s, a, e, j_lo, j_hi, scale, m_new, pw, nullptr);
   }

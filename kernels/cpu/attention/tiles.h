@@ -57,6 +57,14 @@ struct RowState {
   RowState offset(int64_t r) const { return {m + r, l + r, alpha + r, keys}; }
 };
 
+// How far (base 2) a tile's scores may rise above a row's running max m before m moves: up to
+// then the tile's probabilities are taken against the old m (values up to 2^8, exact in fp32
+// and in a bf16 P, whose relative rounding does not depend on size), so the row keeps alpha = 1
+// and its accumulator is not rescaled, and m is known before the scores are reduced (the
+// threshold of FlashAttention-4's conditional rescaling). The rows' O grow at most 2^8 x past
+// the exact algorithm's, which cannot overflow short of |V| near the fp32 limit.
+constexpr float kMaxSlack = 8.0f;
+
 // One row's online-softmax step once its new max m_new (finite) and the sum of 2^(s - m_new)
 // over the tile are known: l = alpha l + sum, m = m_new; returns alpha = 2^(m_old - m_new)
 // (0 on the row's first finite tile, where m_old = -inf).
@@ -504,25 +512,48 @@ inline float exp_sum_zmm(float* s, int64_t n, float m) {
   return _mm512_reduce_add_ps(sum);
 }
 
+// 2^x on 16 lanes for x <= 127: exp2_16 without its clamps (softmax exponents are at most
+// kMaxSlack), 0 below -126 (and for -inf) through the mask of the final scale.
+inline __m512 exp2_16_low(__m512 x) {
+  namespace c = simd::exp2_poly;
+  const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(c::kLo), _CMP_GE_OQ);
+  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 r = _mm512_sub_ps(x, n);
+  __m512 p = _mm512_set1_ps(c::kP[0]);
+  for (int i = 1; i < 6; ++i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c::kP[i]));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_maskz_scalef_ps(keep, p, n);
+}
+
 // The online-softmax step of R rows whose scores over a tile of st.keys keys (none masked; 16 NC
 // columns, those past st.keys padding and set to -inf first) are in registers: m, l updated,
 // the scores (base 2) turned into p = 2^(s - m_new) and stored to s, alpha = 2^(m_old - m_new)
-// set. The same arithmetic, in the same order, as softmax_update
-// on the stored scores, without the round trip through memory.
+// set. A row with a running max whose scores rise at most kMaxSlack above it keeps it (alpha =
+// 1, no reduction for the max); otherwise m_new is the max of m_old and the tile's.
 template <int R, int NC>
 inline void softmax_rows_zmm(__m512 (&acc)[R][NC], float* s, int64_t s_stride, const RowState& st) {
+  constexpr float kInf = std::numeric_limits<float>::infinity();
   if (st.keys < 16 * NC) {  // a short last tile: its padding columns are no keys
     const __mmask16 pad = static_cast<__mmask16>(~((1u << (st.keys - 16 * (NC - 1))) - 1));
     for (int r = 0; r < R; ++r)
-      acc[r][NC - 1] = _mm512_mask_mov_ps(acc[r][NC - 1], pad, _mm512_set1_ps(-std::numeric_limits<float>::infinity()));
+      acc[r][NC - 1] = _mm512_mask_mov_ps(acc[r][NC - 1], pad, _mm512_set1_ps(-kInf));
   }
   for (int r = 0; r < R; ++r) {
-    __m512 mx = acc[r][0];
-    for (int u = 1; u < NC; ++u) mx = _mm512_max_ps(mx, acc[r][u]);
     const float m_old = st.m[r];
-    const float m_new = std::fmax(m_old, _mm512_reduce_max_ps(mx));
+    float m_new = m_old;
+    if (m_old != -kInf) {
+      const __m512 limit = _mm512_set1_ps(m_old + kMaxSlack);
+      __mmask16 rise = 0;
+      for (int u = 0; u < NC; ++u) rise |= _mm512_cmp_ps_mask(acc[r][u], limit, _CMP_GT_OQ);
+      if (rise) m_new = -kInf;
+    }
+    if (m_new == -kInf) {
+      __m512 mx = acc[r][0];
+      for (int u = 1; u < NC; ++u) mx = _mm512_max_ps(mx, acc[r][u]);
+      m_new = std::fmax(m_old, _mm512_reduce_max_ps(mx));
+    }
     float* p = s + r * s_stride;
-    if (m_new == -std::numeric_limits<float>::infinity()) {  // no finite score yet
+    if (m_new == -kInf) {  // no finite score yet
       for (int u = 0; u < NC; ++u) _mm512_storeu_ps(p + 16 * u, _mm512_setzero_ps());
       st.alpha[r] = 1.0f;
       continue;
@@ -530,11 +561,16 @@ inline void softmax_rows_zmm(__m512 (&acc)[R][NC], float* s, int64_t s_stride, c
     const __m512 mv = _mm512_set1_ps(m_new);
     __m512 sum = _mm512_setzero_ps();
     for (int u = 0; u < NC; ++u) {
-      const __m512 e = exp2_16(_mm512_sub_ps(acc[r][u], mv));
+      const __m512 e = exp2_16_low(_mm512_sub_ps(acc[r][u], mv));
       _mm512_storeu_ps(p + 16 * u, e);
       sum = _mm512_add_ps(sum, e);
     }
-    st.alpha[r] = advance_row(st.m + r, st.l + r, m_new, _mm512_reduce_add_ps(sum));
+    if (m_new == m_old) {
+      st.l[r] += _mm512_reduce_add_ps(sum);
+      st.alpha[r] = 1.0f;
+    } else {
+      st.alpha[r] = advance_row(st.m + r, st.l + r, m_new, _mm512_reduce_add_ps(sum));
+    }
   }
 }
 
