@@ -113,14 +113,6 @@ inline void pack_amx_kv(const uint16_t* k, int64_t k_stride, const uint16_t* v, 
     for (int64_t x = 0; x < dp; x += 16) _mm512_storeu_si512(vp + j2 * dp + x, _mm512_setzero_si512());
 }
 
-// Lane indices 0..15.
-inline __m512i kLanes16() { return _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15); }
-
-// Which of the 16 keys at lane indices idx lie in [a, e) (two compares, no scalar mask math).
-inline __mmask16 lanes_in(__m512i idx, __m512i a, __m512i e) {
-  return _mm512_mask_cmplt_epi32_mask(_mm512_cmpge_epi32_mask(idx, a), idx, e);
-}
-
 // 2^x on the lanes of `keep` where x >= -126, 0 on the others, for x <= 0: the probabilities of
 // the P operand, which are rounded to bf16 (2^-9 relative) right after. A degree-4 polynomial
 // for 2^r on [-1/2, 1/2] (2.9e-6 relative error in fp32, fitted for it), and no clamping:

@@ -256,14 +256,20 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
     const bool clip = t < lo_max || t + nk > hi_min;
     int64_t strip_keys[kRowTile / kMr];
     if (!stream) tile_strip_keys(lo, hi, t, nk, nr, clip, strip_keys);
-    // A tile with nothing to mask: the zmm score tiles run the online softmax on their registers
-    // (softmax_rows_zmm; a short last tile's padding columns become -inf there) instead of
-    // storing the scores for the pass below.
-    const RowState rows{w.m, w.l, w.alpha, nk};
-    const RowState* fused = !stream && !amx && kFusedSoftmax && !clip &&
-                                    p.mask.kind == SdpaMaskKind::none
-                                ? &rows
-                                : nullptr;
+    // Without a mask the zmm score tiles run the online softmax on their registers
+    // (softmax_rows_zmm: a short last tile's padding columns, and on a clipped tile each row's
+    // keys outside [lo, hi), become -inf there) instead of storing the scores for the pass below.
+    const bool fuse = !stream && !amx && kFusedSoftmax && p.mask.kind == SdpaMaskKind::none;
+    int32_t tile_lo[kRowTile], tile_hi[kRowTile];
+    if (fuse && clip) {
+      for (int64_t rr = 0; rr < nr; ++rr) {
+        const int64_t a = lo[rr] - t, e = hi[rr] - t;
+        tile_lo[rr] = static_cast<int32_t>(a < 0 ? 0 : a > nk ? nk : a);
+        tile_hi[rr] = static_cast<int32_t>(e < tile_lo[rr] ? tile_lo[rr] : e > nk ? nk : e);
+      }
+    }
+    const RowState rows{w.m, w.l, w.alpha, nk, clip ? tile_lo : nullptr, clip ? tile_hi : nullptr};
+    const RowState* fused = fuse ? &rows : nullptr;
 
     // S = (scale log2(e) q) K^T
     if (wide) {

@@ -54,7 +54,13 @@ struct RowState {
   float* l = nullptr;
   float* alpha = nullptr;
   int64_t keys = 0;  // the tile's keys: score columns from here on are padding, not keys
-  RowState offset(int64_t r) const { return {m + r, l + r, alpha + r, keys}; }
+  // On tiles the causal diagonal or the window's edge crosses: each row's keys [lo, hi) of the
+  // tile (counted from its start, within [0, keys]); the others are -inf. Null elsewhere.
+  const int32_t* lo = nullptr;
+  const int32_t* hi = nullptr;
+  RowState offset(int64_t r) const {
+    return {m + r, l + r, alpha + r, keys, lo ? lo + r : nullptr, hi ? hi + r : nullptr};
+  }
 };
 
 // How far (base 2) a tile's scores may rise above a row's running max m before m moves: up to
@@ -383,6 +389,14 @@ inline void with_rows(int n, const F& f) {
 }
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
+// Lane indices 0..15.
+inline __m512i kLanes16() { return _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15); }
+
+// Which of the 16 keys at lane indices idx lie in [a, e) (two compares, no scalar mask math).
+inline __mmask16 lanes_in(__m512i idx, __m512i a, __m512i e) {
+  return _mm512_mask_cmplt_epi32_mask(_mm512_cmpge_epi32_mask(idx, a), idx, e);
+}
+
 // ---- AVX-512 decode: whole rows in zmm registers ----------------------------------------
 // O = diag(alpha) O + P V keeps R rows x the whole head dim of O in registers and walks the
 // keys in order, so each V row is read once, front to back (pv_stream reads V a 16-column
@@ -533,7 +547,15 @@ inline __m512 exp2_16_low(__m512 x) {
 template <int R, int NC>
 inline void softmax_rows_zmm(__m512 (&acc)[R][NC], float* s, int64_t s_stride, const RowState& st) {
   constexpr float kInf = std::numeric_limits<float>::infinity();
-  if (st.keys < 16 * NC) {  // a short last tile: its padding columns are no keys
+  if (st.lo) {  // each row's own keys (vector compares of the lane indices)
+    for (int r = 0; r < R; ++r) {
+      const __m512i a = _mm512_set1_epi32(st.lo[r]), e = _mm512_set1_epi32(st.hi[r]);
+      for (int u = 0; u < NC; ++u) {
+        const __m512i idx = _mm512_add_epi32(kLanes16(), _mm512_set1_epi32(16 * u));
+        acc[r][u] = _mm512_mask_mov_ps(_mm512_set1_ps(-kInf), lanes_in(idx, a, e), acc[r][u]);
+      }
+    }
+  } else if (st.keys < 16 * NC) {  // a short last tile: its padding columns are no keys
     const __mmask16 pad = static_cast<__mmask16>(~((1u << (st.keys - 16 * (NC - 1))) - 1));
     for (int r = 0; r < R; ++r)
       acc[r][NC - 1] = _mm512_mask_mov_ps(acc[r][NC - 1], pad, _mm512_set1_ps(-kInf));
@@ -808,12 +830,15 @@ inline void with_zmm_columns(int64_t n, const F& f) {
 
 // Calls f(Rows<R>{}, Rows<NC>{}, r, st_r) for each kMr-row strip of nr rows that has keys:
 // R rows from row r, NC = ceil(strip_keys[r / kMr] / 16) zmm columns, st_r its rows' softmax
-// state (nullptr without st).
+// state (nullptr without st; with it, the rows of strips without keys get alpha = 1).
 template <class F>
 inline void for_score_strips(const int64_t* strip_keys, int64_t nr, const RowState* st, const F& f) {
   for (int64_t r = 0; r < nr; r += kMr) {
     const int64_t n = strip_keys[r / kMr];
-    if (n == 0) continue;
+    if (n == 0) {  // no keys for these rows: nothing to add, nothing to rescale
+      for (int64_t i = r; st && i < r + kMr && i < nr; ++i) st->alpha[i] = 1.0f;
+      continue;
+    }
     const RowState at = st ? st->offset(r) : RowState{};
     with_zmm_columns(n, [&](auto NC) {
       with_rows<kMr>(static_cast<int>(nr - r), [&](auto R) { f(R, NC, r, st ? &at : nullptr); });
@@ -822,9 +847,9 @@ inline void for_score_strips(const int64_t* strip_keys, int64_t nr, const RowSta
 }
 
 // S = Q K^T for nr rows against the packed K tile: the rows of strip r / kMr over its first
-// strip_keys[r / kMr] keys (rounded up to 16; a strip with none is skipped). With st (no mask
-// or clipping: every strip_keys is the tile's keys, st->keys) the rows' online softmax runs on
-// the scores in registers and s receives the probabilities.
+// strip_keys[r / kMr] keys (rounded up to 16; a strip with none is skipped). With st (no mask;
+// on a clipped tile, st->lo / hi give each row's keys) the rows' online softmax runs on the
+// scores in registers and s receives the probabilities.
 inline bool qk_packed_wide(const float* q, int64_t q_stride, const float* kt, int64_t d, float* s,
                            int64_t s_stride, const int64_t* strip_keys, int64_t nr,
                            const RowState* st) {
