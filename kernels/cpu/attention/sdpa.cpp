@@ -14,11 +14,13 @@
 // logsumexp.
 // Scores are kept in base 2: q is scaled by scale * log2(e) (additive masks by log2(e)), so
 // every exponential is a 2^x, without exp's ln2 range reduction; lse = ln2 * m + log(l).
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <limits>
 #include <memory>
 #include <optional>
+#include <thread>
 
 #include "kernels/cpu/attention/api.h"
 #include "kernels/cpu/attention/amx.h"
@@ -56,6 +58,37 @@ constexpr int64_t kPrefetchTiles = 2;  // how far ahead K/V tiles are prefetched
 constexpr int64_t kPrefetchMaxRows = 64;  // ... by blocks of at most this many rows
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
+// Every K/V tile of a call packed for the AMX tiles: per (b, kv head) `tiles` tiles, each
+// k_words of K pairs then v_words of V pairs. A tile is packed by the first block that asks
+// for it (while the other threads compute, instead of in a pass of its own before them, which
+// is bound by memory bandwidth); a block that asks while another packs it waits for it.
+struct AmxKvCache {
+  uint32_t* words = nullptr;
+  std::atomic<uint8_t>* state = nullptr;  // per tile: 0 not packed, 1 being packed, 2 ready
+  int64_t tiles = 0, k_words = 0, v_words = 0;
+
+  // The packed tile of keys [ti kAmxKeyTile, ...) of (b, kv head).
+  const uint32_t* get(const SdpaParams& p, int64_t dp, int64_t b, int64_t kvh, int64_t ti) const {
+    const int64_t u = (b * p.kv_heads + kvh) * tiles + ti;
+    uint32_t* kp = words + u * (k_words + v_words);
+    std::atomic<uint8_t>& st = state[u];
+    if (st.load(std::memory_order_acquire) == 2) return kp;
+    uint8_t expected = 0;
+    if (st.compare_exchange_strong(expected, 1, std::memory_order_acq_rel)) {
+      const auto* k = static_cast<const uint16_t*>(p.k.data) + b * p.k.stride_b + kvh * p.k.stride_h;
+      const auto* v = static_cast<const uint16_t*>(p.v.data) + b * p.v.stride_b + kvh * p.v.stride_h;
+      const int64_t t = ti * kAmxKeyTile, nk = p.kv_len - t < kAmxKeyTile ? p.kv_len - t : kAmxKeyTile;
+      pack_amx_kv(k + t * p.k.stride_l, p.k.stride_l, v + t * p.v.stride_l, p.v.stride_l, nk,
+                  p.head_dim, dp, kAmxPitch, kp, kp + k_words);
+      st.store(2, std::memory_order_release);
+      return kp;
+    }
+    for (int spins = 0; st.load(std::memory_order_acquire) != 2; ++spins)
+      if (spins > 64) std::this_thread::yield();  // (a tile packs in microseconds)
+    return kp;
+  }
+};
+
 // Shape-derived constants of one call.
 struct Problem {
   const SdpaParams& p;
@@ -64,11 +97,10 @@ struct Problem {
   int64_t row_blocks;  // blocks per (b, kv head)
   int64_t chunks;      // key chunks per block (1: no split)
   int64_t chunk_len;   // keys per chunk
-  // AMX prefill: every K/V tile of the call packed once up front (pack_amx_kv) when several
-  // row blocks read it, else null and each block packs its own: per (b, kv head) amx_tiles
-  // tiles, each amx_k_words of K pairs then amx_v_words of V pairs.
-  const uint32_t* amx_kv = nullptr;
-  int64_t amx_tiles = 0, amx_k_words = 0, amx_v_words = 0;
+  // AMX prefill: when several row blocks read each K/V tile, the tiles of the call in the
+  // operand layouts (pack_amx_kv), each packed once, by the first block that reads it; else
+  // null and each block packs its own.
+  const AmxKvCache* amx_kv = nullptr;
 };
 
 struct Block {
@@ -286,9 +318,8 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
       }
     } else if (amx) {
       if (pr.amx_kv) {
-        kp = pr.amx_kv + ((bk.b * p.kv_heads + bk.kvh) * pr.amx_tiles + t / tile) *
-                             (pr.amx_k_words + pr.amx_v_words);
-        vp = kp + pr.amx_k_words;
+        kp = pr.amx_kv->get(p, dp, bk.b, bk.kvh, t / tile);
+        vp = kp + pr.amx_kv->k_words;
       } else {
         pack_amx_kv(reinterpret_cast<const uint16_t*>(kt), ks, reinterpret_cast<const uint16_t*>(vt), vs,
                     nk, D, dp, pitch, reinterpret_cast<uint32_t*>(w.kt), reinterpret_cast<uint32_t*>(w.v));
@@ -421,30 +452,20 @@ struct Partials {
   AlignedArray<float> o, m, l;
 };
 
-// Packs every K/V tile of the call for the AMX tiles (Problem::amx_kv) into a buffer of the
-// calling thread, kept between calls (grown to the largest call's K/V size).
-void pack_amx_all(const SdpaParams& p, Problem* pr) {
-  const int64_t D = p.head_dim, dp = pr->dp;
-  pr->amx_tiles = (p.kv_len + kAmxKeyTile - 1) / kAmxKeyTile;
-  pr->amx_k_words = D / 2 * kAmxPitch;
-  pr->amx_v_words = kAmxKeyTile / 2 * dp;
-  const int64_t per_tile = pr->amx_k_words + pr->amx_v_words;
-  const int64_t n = p.batch * p.kv_heads * pr->amx_tiles;
+// The AMX K/V cache of a call (Problem::amx_kv), nothing packed yet: its words in a buffer of
+// the calling thread, kept between calls (grown to the largest call's K/V size).
+AmxKvCache amx_kv_cache(const SdpaParams& p, int64_t dp, std::unique_ptr<std::atomic<uint8_t>[]>* state) {
+  AmxKvCache c;
+  c.tiles = (p.kv_len + kAmxKeyTile - 1) / kAmxKeyTile;
+  c.k_words = p.head_dim / 2 * kAmxPitch;
+  c.v_words = kAmxKeyTile / 2 * dp;
+  const int64_t n = p.batch * p.kv_heads * c.tiles;
   thread_local GrowBuffer<uint32_t> buf;
-  uint32_t* out = buf.get(n * per_tile);
-  parallel_for(n, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t u = begin; u < end; ++u) {
-      const int64_t bh = u / pr->amx_tiles, t = u % pr->amx_tiles * kAmxKeyTile;
-      const int64_t b = bh / p.kv_heads, kvh = bh % p.kv_heads;
-      const auto* k = static_cast<const uint16_t*>(p.k.data) + b * p.k.stride_b + kvh * p.k.stride_h;
-      const auto* v = static_cast<const uint16_t*>(p.v.data) + b * p.v.stride_b + kvh * p.v.stride_h;
-      const int64_t nk = p.kv_len - t < kAmxKeyTile ? p.kv_len - t : kAmxKeyTile;
-      uint32_t* kp = out + u * per_tile;
-      pack_amx_kv(k + t * p.k.stride_l, p.k.stride_l, v + t * p.v.stride_l, p.v.stride_l, nk, D, dp,
-                  kAmxPitch, kp, kp + pr->amx_k_words);
-    }
-  });
-  pr->amx_kv = out;
+  c.words = buf.get(n * (c.k_words + c.v_words));
+  state->reset(new std::atomic<uint8_t>[n]);
+  for (int64_t i = 0; i < n; ++i) (*state)[i].store(0, std::memory_order_relaxed);
+  c.state = state->get();
+  return c;
 }
 
 template <DType T>
@@ -524,9 +545,13 @@ void sdpa(const SdpaParams& p) {
   Problem pr{p, G, round_up(p.head_dim, 16), (rows + kRowTile - 1) / kRowTile,
              (p.kv_len + chunk - 1) / chunk, chunk};
   // AMX prefill with several row blocks per kv head, tiles aligned to every chunk: pack once.
+  std::unique_ptr<std::atomic<uint8_t>[]> amx_state;
+  AmxKvCache amx_kv;
   if (p.dtype == DType::bf16 && amx_bf16_tiles(p.head_dim) && pr.row_blocks > 1 &&
-      (pr.chunks == 1 || chunk % kAmxKeyTile == 0))
-    pack_amx_all(p, &pr);
+      (pr.chunks == 1 || chunk % kAmxKeyTile == 0)) {
+    amx_kv = amx_kv_cache(p, pr.dp, &amx_state);
+    pr.amx_kv = &amx_kv;
+  }
   FF_DTYPE_SWITCH(p.dtype, T, [&] { run<T>(p, pr); });
 }
 
