@@ -82,8 +82,8 @@ BF16_PREFILL = [
     ((1, 4, 4, 13, 97, 96), dict(mask="additive", causal=True)),
     # several row blocks per kv head (the avx512_amx variant packs K/V once per call), the last
     # one not a whole number of 16-row tiles, and a last key tile not a whole 32-key step
-    ((1, 8, 2, 70, 300, 64), dict(causal=True)),
-    ((1, 4, 1, 50, 520, 128), dict(mask="additive", window=200)),
+    ((1, 8, 2, 101, 300, 64), dict(causal=True)),
+    ((1, 4, 1, 110, 520, 128), dict(mask="additive", window=200)),
     # scores of a few hundred (base 2) under a negative scale: a max taken on the wrong side
     # overflows 2^x
     ((1, 2, 2, 40, 70, 64), dict(scale=-40.0)),

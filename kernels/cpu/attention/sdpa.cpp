@@ -2,7 +2,7 @@
 //
 // Work is cut into units of fixed size, never by thread count, so results are bitwise the
 // same for any number of threads:
-//   unit = (batch b, kv head, block of up to kRowTile query rows, chunk of keys).
+//   unit = (batch b, kv head, block of up to kRowTile (kAmxRowTile) query rows, chunk of keys).
 // The query rows of a kv head's group are flattened as r = i * G + g (position i, query head
 // kvh * G + g), so a block holds every query head of the group that reads the same K/V tiles:
 // each K/V tile is loaded once per block and shared by all of them (GQA/MQA without repeating
@@ -35,12 +35,17 @@ namespace {
 // all its rows: AVX-512 builds take twice the rows (their CPUs have 1-2 MiB of L2 per core),
 // 0.96x the time of 96 on causal B1 H32 L2048 D128 fp32 prefill and 0.91x on bf16 (AMX) in
 // alternating runs of two builds on a Sapphire Rapids class VM; on a Zen 3 class AVX2 machine
-// (512 KiB L2) 192 measured no better than 96.
+// (512 KiB L2) 192 measured no better than 96. Blocks on the AMX tiles take twice that again
+// (0.94x the time of 192 on B1 H32 L2048 D128 bf16 prefill, 0.96x on B4 H12 L1024 D64; 576 no
+// better), where fp32 measured no better than 192.
 #if defined(__AVX512F__)
 constexpr int64_t kRowTile = 192;
+constexpr int64_t kAmxRowTile = 384;
 #else
 constexpr int64_t kRowTile = 96;
+constexpr int64_t kAmxRowTile = kRowTile;
 #endif
+constexpr int64_t kMaxRowTile = kAmxRowTile > kRowTile ? kAmxRowTile : kRowTile;  // scratch rows
 // Keys per tile of the AMX tiles: a tile's P V accumulates into O in memory (tile loads and
 // stores of O), so longer tiles spend fewer of them per multiply-add (with the K/V packed once
 // per call, 256 measured 0.78-0.92x the time of 64 on D128 bf16 prefill; 128 and 512 no better).
@@ -51,7 +56,7 @@ constexpr int64_t kAmxPitch = kAmxKeyTile + 16;
 constexpr int64_t kMaxKeyTile = kAmxPitch > kKeyTile ? kAmxPitch : kKeyTile;
 // ... and of their P rows (words: bf16 pairs), off a power of two for the same reason.
 constexpr int64_t kAmxPPitch = kAmxKeyTile / 2 + 16;
-static_assert(kRowTile % kMr == 0, "blocks are whole kMr-row strips");
+static_assert(kRowTile % kMr == 0 && kAmxRowTile % kMr == 0, "blocks are whole kMr-row strips");
 constexpr int64_t kSplitChunk = 512;   // keys per split-KV chunk, chosen by shape
 constexpr int64_t kStreamMaxRows = 8;  // blocks this small stream K/V instead of packing them
 constexpr int64_t kPrefetchTiles = 2;  // how far ahead K/V tiles are prefetched
@@ -94,6 +99,7 @@ struct Problem {
   const SdpaParams& p;
   int64_t group;       // Hq / Hkv
   int64_t dp;          // head dim rounded up to 16: row pitch of the fp32 scratch
+  int64_t row_tile;    // rows per block: kRowTile, or kAmxRowTile for bf16 on the AMX tiles
   int64_t row_blocks;  // blocks per (b, kv head)
   int64_t chunks;      // key chunks per block (1: no split)
   int64_t chunk_len;   // keys per chunk
@@ -111,22 +117,23 @@ struct Block {
 
 // The fp32 working set of one block (per thread, kept between calls).
 struct Work {
-  float* q;      // [kRowTile][dp], pre-scaled
-  float* o;      // [kRowTile][dp], unnormalised output
-  float* s;      // [kRowTile][tile keys], scores then probabilities
+  float* q;      // [kMaxRowTile][dp], pre-scaled
+  float* o;      // [kMaxRowTile][dp], unnormalised output
+  float* s;      // [kMaxRowTile][tile keys], scores then probabilities
   float* kt;     // [kKeyTile / kKPanel][D][kKPanel], packed transposed K tile (AMX: K pairs)
   float* v;      // [kKeyTile][dp] (zmm tiles) or [dp / kVPanel][kKeyTile][kVPanel], packed V
                  // (AMX: V pairs); all three sized for kMaxKeyTile keys
-  uint32_t* p;   // [kRowTile][kAmxPPitch] AMX: probabilities as bf16 pairs
-  float* m;      // [kRowTile] running max
-  float* l;      // [kRowTile] running sum
-  float* alpha;  // [kRowTile] rescale of this tile
+  uint32_t* p;   // [kMaxRowTile][kAmxPPitch] AMX: probabilities as bf16 pairs
+  float* m;      // [kMaxRowTile] running max
+  float* l;      // [kMaxRowTile] running sum
+  float* alpha;  // [kMaxRowTile] rescale of this tile
 };
 
 Work thread_work(int64_t dp) {
   thread_local GrowBuffer<float> buf;
-  const int64_t sizes[] = {kRowTile * dp, kRowTile * dp, kRowTile * kMaxKeyTile, dp * kMaxKeyTile,
-                           kMaxKeyTile * dp, kRowTile * kAmxPPitch, kRowTile, kRowTile, kRowTile};
+  const int64_t sizes[] = {kMaxRowTile * dp, kMaxRowTile * dp, kMaxRowTile * kMaxKeyTile,
+                           dp * kMaxKeyTile, kMaxKeyTile * dp, kMaxRowTile * kAmxPPitch,
+                           kMaxRowTile, kMaxRowTile, kMaxRowTile};
   constexpr int kArrays = sizeof(sizes) / sizeof(sizes[0]);
   int64_t need = 0;
   for (int64_t n : sizes) need += n;
@@ -231,7 +238,7 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
   uint32_t* qw = reinterpret_cast<uint32_t*>(w.q);
 
   // Rows: packed queries, fresh state, and the keys each may see within [j0, j1).
-  int64_t lo[kRowTile], hi[kRowTile], pos[kRowTile], head[kRowTile];
+  int64_t lo[kMaxRowTile], hi[kMaxRowTile], pos[kMaxRowTile], head[kMaxRowTile];
   int64_t jmin = bk.j1, jmax = bk.j0, lo_max = bk.j0, hi_min = bk.j1;
   for (int64_t rr = 0; rr < nr; ++rr) {
     const int64_t r = bk.r0 + rr;
@@ -286,13 +293,13 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
     // each kMr-row strip of the prefill tiles must go (on the causal diagonal, not the whole
     // tile: the masked triangle is skipped, not computed and masked).
     const bool clip = t < lo_max || t + nk > hi_min;
-    int64_t strip_keys[kRowTile / kMr];
+    int64_t strip_keys[kMaxRowTile / kMr];
     if (!stream) tile_strip_keys(lo, hi, t, nk, nr, clip, strip_keys);
     // Without a mask the zmm score tiles run the online softmax on their registers
     // (softmax_rows_zmm: a short last tile's padding columns, and on a clipped tile each row's
     // keys outside [lo, hi), become -inf there) instead of storing the scores for the pass below.
     const bool fuse = !stream && !amx && kFusedSoftmax && p.mask.kind == SdpaMaskKind::none;
-    int32_t tile_lo[kRowTile], tile_hi[kRowTile];
+    int32_t tile_lo[kMaxRowTile], tile_hi[kMaxRowTile];
     if (fuse && clip) {
       for (int64_t rr = 0; rr < nr; ++rr) {
         const int64_t a = lo[rr] - t, e = hi[rr] - t;
@@ -439,9 +446,9 @@ Block block_of(const Problem& pr, int64_t u) {
   Block bk;
   bk.b = bh / p.kv_heads;
   bk.kvh = bh % p.kv_heads;
-  bk.r0 = blk * kRowTile;
+  bk.r0 = blk * pr.row_tile;
   const int64_t rows = p.q_len * pr.group;
-  bk.nr = rows - bk.r0 < kRowTile ? rows - bk.r0 : kRowTile;
+  bk.nr = rows - bk.r0 < pr.row_tile ? rows - bk.r0 : pr.row_tile;
   bk.j0 = c * pr.chunk_len;
   bk.j1 = bk.j0 + pr.chunk_len < p.kv_len ? bk.j0 + pr.chunk_len : p.kv_len;
   return bk;
@@ -473,7 +480,7 @@ void run(const SdpaParams& p, const Problem& pr) {
   const int64_t units = p.batch * p.kv_heads * pr.row_blocks * pr.chunks;
   const int64_t dp = pr.dp, G = pr.group;
   const int64_t rows = p.q_len * G;
-  const int64_t pitch = rows < kRowTile ? rows : kRowTile;  // partial rows per unit
+  const int64_t pitch = rows < pr.row_tile ? rows : pr.row_tile;  // partial rows per unit
   Partials part;
   if (pr.chunks > 1) {
     part.o = aligned_array<float>(units * pitch * dp);
@@ -542,13 +549,14 @@ void sdpa(const SdpaParams& p) {
     chunk = kSplitChunk;  // decode: few rows, many keys
   }
   if (chunk >= p.kv_len) chunk = p.kv_len;
-  Problem pr{p, G, round_up(p.head_dim, 16), (rows + kRowTile - 1) / kRowTile,
+  const bool amx = p.dtype == DType::bf16 && bf16_tiles(p.head_dim) && amx_bf16_tiles(p.head_dim);
+  const int64_t row_tile = amx ? kAmxRowTile : kRowTile;
+  Problem pr{p, G, round_up(p.head_dim, 16), row_tile, (rows + row_tile - 1) / row_tile,
              (p.kv_len + chunk - 1) / chunk, chunk};
   // AMX prefill with several row blocks per kv head, tiles aligned to every chunk: pack once.
   std::unique_ptr<std::atomic<uint8_t>[]> amx_state;
   AmxKvCache amx_kv;
-  if (p.dtype == DType::bf16 && amx_bf16_tiles(p.head_dim) && pr.row_blocks > 1 &&
-      (pr.chunks == 1 || chunk % kAmxKeyTile == 0)) {
+  if (amx && pr.row_blocks > 1 && (pr.chunks == 1 || chunk % kAmxKeyTile == 0)) {
     amx_kv = amx_kv_cache(p, pr.dp, &amx_state);
     pr.amx_kv = &amx_kv;
   }
