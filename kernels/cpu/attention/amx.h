@@ -113,11 +113,11 @@ inline void pack_amx_kv(const uint16_t* k, int64_t k_stride, const uint16_t* v, 
     for (int64_t x = 0; x < dp; x += 16) _mm512_storeu_si512(vp + j2 * dp + x, _mm512_setzero_si512());
 }
 
-// 2^x on the lanes of `keep` where x >= -126, 0 on the others, for x <= 0: the probabilities of
-// the P operand, which are rounded to bf16 (2^-9 relative) right after. A degree-4 polynomial
-// for 2^r on [-1/2, 1/2] (2.9e-6 relative error in fp32, fitted for it), and no clamping:
-// lanes outside [-126, 0] are either masked or do not occur. 9 instructions where exp2_16
-// takes 13 and a masked move.
+// 2^x on the lanes of `keep` where x >= -126, 0 on the others: the probabilities of the P
+// operand (x <= kMaxSlack), which are rounded to bf16 (2^-9 relative) right after. A degree-4
+// polynomial for 2^r on [-1/2, 1/2] (2.9e-6 relative error in fp32, fitted for it), and no
+// clamping: lanes below -126 are masked, and a pass whose x rise past the slack (to inf
+// above 127) is redone. 9 instructions where exp2_16 takes 13 and a masked move.
 inline __m512 exp2_p16(__m512 x, __mmask16 keep) {
   constexpr float kC[4] = {9.582682512700558e-3f, 5.5905912071466446e-2f, 2.4024097621440887e-1f,
                            6.931242346763611e-1f};
