@@ -9,10 +9,10 @@
 // K/V). A block walks its keys in tiles of kKeyTile (kAmxKeyTile on AMX tiles) with an online
 // softmax (running max m and sum l, rescaling the fp32 accumulator by alpha = exp(m_old -
 // m_new); prefill tiles move m only when a row's scores rise more than kMaxSlack above it, so
-// alpha is mostly 1); tiles outside every row's causal/window range are skipped. With one chunk per row
-// block the block writes its output directly; with several (decode: few rows, many keys) each
-// chunk writes an unnormalised partial (o, m, l) and a merge pass combines them through their
-// logsumexp.
+// alpha is mostly 1); tiles outside every row's causal/window range are skipped. With one
+// chunk per row block the block writes its output directly; with several (decode: few rows,
+// many keys) each chunk writes an unnormalised partial (o, m, l) and a merge pass combines
+// them through their logsumexp.
 // Scores are kept in base 2: q is scaled by scale * log2(e) (additive masks by log2(e)), so
 // every exponential is a 2^x, without exp's ln2 range reduction; lse = ln2 * m + log(l).
 #include <atomic>
