@@ -251,6 +251,32 @@ def test_torch_export_sees_one_op(torch):
     torch.testing.assert_close(ep.module()(q, k, v), _module(torch)(q, k, v))
 
 
+@pytest.mark.parametrize("mode", ["eager", "op", "compiled"])
+def test_output_takes_q_layout(torch, mode):
+    """out is empty_like(q), as torch's own SDPA: from the [B, L, H, D] storage of a model's
+    projection, transpose(1, 2) back to it is free (Hugging Face's attention functions call
+    .contiguous() there); from contiguous q, out is contiguous. The custom op's fake agrees, so
+    compiled graphs see the real strides."""
+    from fusedformer.torch import attention_op
+
+    x = torch.randn(2, 9, 4, 16)  # [B, L, H, D]
+    kv = torch.randn(2, 9, 2, 2, 16)
+    q, k, v = x.transpose(1, 2), kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
+    run = {
+        "eager": lambda *a: ff.sdpa(*a, causal=True),
+        "op": lambda *a: attention_op.sdpa(*a, None, True),
+        "compiled": torch.compile(lambda *a: attention_op.sdpa(*a, None, True), backend="aot_eager", fullgraph=True),
+    }[mode]
+    torch._dynamo.reset()
+    out = run(q, k, v)
+    assert out.shape == q.shape and out.stride() == q.stride()
+    assert out.transpose(1, 2).is_contiguous()
+    np.testing.assert_allclose(out.numpy(), ref_of(q, k, v, causal=True), atol=2e-5)
+    plain = run(q.contiguous(), k, v)
+    assert plain.is_contiguous()
+    torch.testing.assert_close(plain, out)
+
+
 def test_jit_trace_records_the_op(torch):
     """jit.trace must see fusedformer::sdpa (the Core ML path lowers it), not a baked constant."""
     q, k, v = qkv(torch, 1, 4, 2, 5, 9, 16, torch.float32)

@@ -108,7 +108,8 @@ def sdpa(q, k, v, *, mask=None, causal=False, scale=None, window=None, return_ls
     q [B, Hq, Lq, D], k/v [B, Hkv, Lk, D] with Hq % Hkv == 0 (GQA/MQA without repeating K/V).
     causal is bottom-right aligned (query i sees keys j <= i + Lk - Lq); window=w also needs
     j > i + Lk - Lq - w; mask is bool (True = keep) or additive float, broadcastable to
-    [B, Hq, Lq, Lk]. Fully masked rows give 0 (lse -inf), never NaN. Returns out (like q), or
+    [B, Hq, Lq, Lk]. Fully masked rows give 0 (lse -inf), never NaN. Returns out (like q: its
+    shape, dtype and, where q's storage is dense, its memory layout, as torch's SDPA does), or
     (out, lse) with lse fp32 [B, Hq, Lq] when return_lse.
     """
     framework = common_framework("sdpa", q=q, k=k, v=v, mask=mask)
@@ -193,15 +194,17 @@ def native_sdpa(q, k, v, *, mask=None, causal=False, scale=None, window=0, retur
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     b, hq, lq, _ = q.shape
+    # out takes q's memory layout (as torch's own SDPA does): for the [B, Lq, Hq, D] storage
+    # that models' projections produce, the transpose back to [B, Lq, Hq * D] is then free
     if framework == "numpy":
         if out is None:
-            out = np.empty(q.shape, dtype=q.dtype)
+            out = np.empty_like(q)
         lse = np.empty((b, hq, lq), dtype=np.float32) if return_lse else None
     else:
         import torch
 
         if out is None:
-            out = torch.empty(tuple(q.shape), dtype=q.dtype)
+            out = torch.empty_like(q, requires_grad=False)
         lse = torch.empty((b, hq, lq), dtype=torch.float32) if return_lse else None
     m, mask_kind = _kernel_mask(mask, framework)
     _C.sdpa(

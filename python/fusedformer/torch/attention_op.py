@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from fusedformer.ops_attention import check_args, native_sdpa
+from fusedformer.ops_attention import _last_dim_contiguous, check_args, native_sdpa
 
 __all__ = ["sdpa", "sdpa_lse"]
 
@@ -32,7 +32,8 @@ def sdpa(
     scale: Optional[float] = None,
     window: Optional[int] = None,
 ) -> torch.Tensor:
-    """Fused attention (fusedformer.sdpa semantics); out [B, Hq, Lq, D] like q, contiguous."""
+    """Fused attention (fusedformer.sdpa semantics); out [B, Hq, Lq, D] like q (empty_like q:
+    its memory layout where q's storage is dense, e.g. [B, Lq, Hq, D] from a model's projection)."""
     return _run(q, k, v, mask, causal, scale, window, return_lse=False)
 
 
@@ -52,12 +53,12 @@ def sdpa_lse(
 
 @sdpa.register_fake
 def _sdpa_fake(q, k, v, mask=None, causal=False, scale=None, window=None):
-    return q.new_empty(q.shape)
+    return torch.empty_like(_last_dim_contiguous(q))
 
 
 @sdpa_lse.register_fake
 def _sdpa_lse_fake(q, k, v, mask=None, causal=False, scale=None, window=None):
-    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+    return torch.empty_like(_last_dim_contiguous(q)), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 def _no_backward(op_name):
