@@ -49,6 +49,9 @@ void init_core(py::module_& m) {
         set_spin_us(us);
       },
       py::arg("us"), "Test hook: how long idle pool threads spin before sleeping (FUSEDFORMER_SPIN_US).");
+  m.def("pool_backend", &pool_backend,
+        "Where kernels' parallel work runs: 'openmp' (FUSEDFORMER_POOL=openmp and an OpenMP runtime "
+        "is loaded: its team) or 'own' (fusedformer's thread pool).");
   // A throughput probe taking `seconds` (validated) and releasing the GIL while it runs.
   auto timed_probe = [](const char* name, double (*probe)(double)) {
     return [name, probe](double seconds) {

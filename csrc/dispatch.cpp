@@ -184,6 +184,15 @@ void select_num_threads() {
     set_num_threads(static_cast<int>(n));
 }
 
+void select_pool() {
+  const char* env = std::getenv("FUSEDFORMER_POOL");
+  const std::string want = env ? env : "";
+  if (want.empty() || want == "own") return;
+  if (want != "openmp")
+    throw std::invalid_argument("[fusedformer] FUSEDFORMER_POOL='" + want + "' is not one of: own, openmp");
+  set_use_openmp(true);
+}
+
 void select_spin() {
   long us;
   if (env_integer("FUSEDFORMER_SPIN_US", 0, 1000000, "an integer from 0 to 1000000 (microseconds)", &us))

@@ -10,6 +10,7 @@ PYBIND11_MODULE(_C, m) {
     ff::select_isa();
     ff::select_num_threads();
     ff::select_spin();
+    ff::select_pool();
   } catch (const std::invalid_argument& e) {
     throw pybind11::value_error(e.what());
   }

@@ -6,11 +6,16 @@
 #include <condition_variable>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <thread>
 #include <vector>
 
 #ifdef __linux__
+#include <dlfcn.h>
+#include <link.h>
 #include <sched.h>
+
+#include <cstring>
 #endif
 
 #include "kernels/cpu/dispatch.h"
@@ -157,6 +162,72 @@ class ThreadPool {
   std::atomic<int64_t> next_{0};
 };
 
+// ---- running jobs on the process's OpenMP team (FUSEDFORMER_POOL=openmp) -----------------
+// torch's matmuls run on an OpenMP team whose threads spin for a while after each op (GNU
+// OpenMP's default wait policy). On few cores our own workers then share cores with those
+// spinning threads and lose their time slices in the middle of a unit of work, which the job
+// waits for. With FUSEDFORMER_POOL=openmp a job runs as a parallel region of that team (found
+// in the OpenMP runtime the process has loaded: torch's bundled libgomp, or an LLVM/Intel
+// runtime, which exports the same GOMP_parallel entry point), whose threads are the ones
+// spinning; without such a runtime loaded, jobs stay on our pool.
+using GompParallel = void (*)(void (*)(void*), void*, unsigned, unsigned);
+
+std::atomic<bool> g_use_openmp{false};
+
+// GOMP_parallel of a loaded OpenMP runtime, or null; searched again only after the process
+// loads more shared objects.
+GompParallel openmp_parallel() {
+#ifdef __linux__
+  static std::atomic<GompParallel> found{nullptr};
+  static std::atomic<unsigned long long> seen_loads{0};
+  if (GompParallel f = found.load(std::memory_order_acquire)) return f;
+  unsigned long long loads = 0;
+  dl_iterate_phdr([](dl_phdr_info* info, size_t, void* out) -> int {
+    *static_cast<unsigned long long*>(out) = info->dlpi_adds;
+    return 1;  // the load counter is the same in every entry
+  }, &loads);
+  if (loads == seen_loads.load(std::memory_order_relaxed)) return nullptr;
+  seen_loads.store(loads, std::memory_order_relaxed);
+  std::string path;
+  dl_iterate_phdr([](dl_phdr_info* info, size_t, void* out) -> int {
+    const char* name = info->dlpi_name;
+    if (name && (std::strstr(name, "libgomp") || std::strstr(name, "libiomp") || std::strstr(name, "libomp"))) {
+      *static_cast<std::string*>(out) = name;
+      return 1;
+    }
+    return 0;
+  }, &path);
+  if (path.empty()) return nullptr;
+  void* lib = dlopen(path.c_str(), RTLD_NOW | RTLD_NOLOAD);
+  if (!lib) return nullptr;
+  auto f = reinterpret_cast<GompParallel>(dlsym(lib, "GOMP_parallel"));
+  found.store(f, std::memory_order_release);
+  return f;
+#else
+  return nullptr;
+#endif
+}
+
+struct OpenMPJob {
+  RangeFn fn;
+  void* ctx;
+  int64_t n, grain;
+  std::atomic<int64_t> next{0};
+};
+
+// The body of the parallel region: every team thread takes chunks from the shared counter.
+void openmp_body(void* data) {
+  auto* job = static_cast<OpenMPJob*>(data);
+  const bool outer = t_inside_pool_job;
+  t_inside_pool_job = true;
+  for (;;) {
+    const int64_t b = job->next.fetch_add(job->grain, std::memory_order_relaxed);
+    if (b >= job->n) break;
+    job->fn(job->ctx, b, std::min(b + job->grain, job->n));
+  }
+  t_inside_pool_job = outer;
+}
+
 std::mutex g_pool_mutex;
 std::shared_ptr<ThreadPool> g_pool;
 
@@ -191,8 +262,23 @@ void set_num_threads(int n) {
   // `old` joins its workers here, after any job still running on it has finished.
 }
 
+void set_use_openmp(bool on) { g_use_openmp.store(on, std::memory_order_relaxed); }
+
+const char* pool_backend() {
+  return g_use_openmp.load(std::memory_order_relaxed) && openmp_parallel() ? "openmp" : "own";
+}
+
 void parallel_for_raw(int64_t n, int64_t grain, RangeFn fn, void* ctx) {
-  pool()->run(n, grain, fn, ctx);
+  std::shared_ptr<ThreadPool> p = pool();
+  grain = std::max<int64_t>(grain, 1);
+  if (g_use_openmp.load(std::memory_order_relaxed) && p->size() > 1 && n > grain && !t_inside_pool_job) {
+    if (GompParallel omp = openmp_parallel()) {
+      OpenMPJob job{fn, ctx, n, grain};
+      omp(openmp_body, &job, static_cast<unsigned>(p->size()), 0);
+      return;
+    }
+  }
+  p->run(n, grain, fn, ctx);
 }
 
 }  // namespace ff

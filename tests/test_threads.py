@@ -106,3 +106,38 @@ def test_default_pool_matches_available_cpus():
     )
     threads, cpus = out.stdout.split()
     assert threads == cpus and int(cpus) >= 1
+
+
+_OPENMP = """
+import numpy as np, torch
+import fusedformer as ff
+from fusedformer import _C, reference
+from fusedformer.quant import Affine, compress
+rng = np.random.default_rng(0)
+torch.ones(1 << 16).sum()  # torch's OpenMP team exists
+assert _C.pool_backend() == "openmp", _C.pool_backend()
+q, k, v = (rng.standard_normal(s).astype(np.float32) for s in ((2, 8, 77, 64), (2, 2, 300, 64), (2, 2, 300, 64)))
+for threads in (1, 2, 3):
+    _C.set_num_threads(threads)
+    np.testing.assert_allclose(ff.sdpa(q, k, v, causal=True), reference.sdpa(q, k, v, causal=True), atol=2e-5)
+    qw = compress((rng.standard_normal((96, 256)) * 0.05).astype(np.float32), Affine(4, 64))
+    x = rng.standard_normal((5, 256)).astype(np.float32)
+    np.testing.assert_allclose(ff.qmatmul(x, qw), reference.matmul_t(x, qw.dequantize()), rtol=1e-4, atol=1e-4)
+    a = ff.sdpa(torch.from_numpy(q), torch.from_numpy(k), torch.from_numpy(v), causal=True)
+    np.testing.assert_array_equal(a.numpy(), ff.sdpa(q, k, v, causal=True))  # the same bits, any team
+print("ok")
+"""
+
+
+def test_env_runs_kernels_on_the_openmp_team():
+    """FUSEDFORMER_POOL=openmp with torch's OpenMP runtime loaded: kernels run as its parallel
+    regions, with any pool size, to the same results."""
+    pytest.importorskip("torch")
+    env = {**os.environ, "FUSEDFORMER_POOL": "openmp"}
+    out = subprocess.run([sys.executable, "-c", _OPENMP], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
+def test_pool_backend_is_our_own_by_default():
+    assert _C.pool_backend() == "own"
