@@ -428,9 +428,16 @@ void write_row(const SdpaParams& p, int64_t b, int64_t h, int64_t i, const float
   using S = typename Elem<T>::type;
   S* dst = static_cast<S*>(p.out) + b * p.out_stride_b + h * p.out_stride_h + i * p.out_stride_l;
   const f32x8 inv = simd::set1(l > 0.0f ? 1.0f / l : 0.0f);
-  float row[kMaxHeadDim];
-  for (int64_t x = 0; x < p.head_dim; x += 8) simd::store(row + x, simd::mul(simd::load(o + x), inv));
-  from_f32<T>(row, dst, p.head_dim);
+  if constexpr (T == DType::f32) {  // straight into the output (a memcpy per row cost more)
+    int64_t x = 0;
+    for (; x + 8 <= p.head_dim; x += 8) simd::store(dst + x, simd::mul(simd::load(o + x), inv));
+    if (x < p.head_dim)
+      simd::store_partial(dst + x, simd::mul(simd::load(o + x), inv), static_cast<int>(p.head_dim - x));
+  } else {
+    float row[kMaxHeadDim];
+    for (int64_t x = 0; x < p.head_dim; x += 8) simd::store(row + x, simd::mul(simd::load(o + x), inv));
+    from_f32<T>(row, dst, p.head_dim);
+  }
   if (p.lse) {
     const float lse = simd::exp2_poly::kLn2 * m + std::log(l);  // m is in base 2
     p.lse[(b * p.q_heads + h) * p.q_len + i] = l > 0.0f ? lse : kNegInf;
