@@ -294,12 +294,13 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
     // each kMr-row strip of the prefill tiles must go (on the causal diagonal, not the whole
     // tile: the masked triangle is skipped, not computed and masked).
     const bool clip = t < lo_max || t + nk > hi_min;
+    const bool masked = p.mask.kind != SdpaMaskKind::none;
     int64_t strip_keys[kMaxRowTile / kMr];
     if (!stream) tile_strip_keys(lo, hi, t, nk, nr, clip, strip_keys);
     // Without a mask the zmm score tiles run the online softmax on their registers
     // (softmax_rows_zmm: a short last tile's padding columns, and on a clipped tile each row's
     // keys outside [lo, hi), become -inf there) instead of storing the scores for the pass below.
-    const bool fuse = !stream && !amx && kFusedSoftmax && p.mask.kind == SdpaMaskKind::none;
+    const bool fuse = !stream && !amx && kFusedSoftmax && (!masked || p.mask.stride_k == 1);
     int32_t tile_lo[kMaxRowTile], tile_hi[kMaxRowTile];
     if (fuse && clip) {
       for (int64_t rr = 0; rr < nr; ++rr) {
@@ -308,7 +309,19 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
         tile_hi[rr] = static_cast<int32_t>(e < tile_lo[rr] ? tile_lo[rr] : e > nk ? nk : e);
       }
     }
-    const RowState rows{w.m, w.l, w.alpha, nk, clip ? tile_lo : nullptr, clip ? tile_hi : nullptr};
+    const void* mask_rows[kMaxRowTile];  // each row's mask at key t
+    if (fuse && masked) {
+      const int64_t bytes = p.mask.kind == SdpaMaskKind::keep ? 1 : static_cast<int64_t>(sizeof(float));
+      for (int64_t rr = 0; rr < nr; ++rr)
+        mask_rows[rr] = static_cast<const char*>(p.mask.data) +
+                        bytes * (bk.b * p.mask.stride_b + head[rr] * p.mask.stride_h +
+                                 pos[rr] * p.mask.stride_q + t);
+    }
+    const bool keep_mask = fuse && p.mask.kind == SdpaMaskKind::keep;
+    const bool add_mask = fuse && p.mask.kind == SdpaMaskKind::add;
+    const RowState rows{w.m, w.l, w.alpha, nk, clip ? tile_lo : nullptr, clip ? tile_hi : nullptr,
+                        keep_mask ? reinterpret_cast<const uint8_t* const*>(mask_rows) : nullptr,
+                        add_mask ? reinterpret_cast<const float* const*>(mask_rows) : nullptr};
     const RowState* fused = fuse ? &rows : nullptr;
 
     // S = (scale log2(e) q) K^T
@@ -354,7 +367,6 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
 
     // masks, then the online softmax of every row (columns past a strip's keys, never
     // computed, are past each of its rows' hi and set to -inf here)
-    const bool masked = p.mask.kind != SdpaMaskKind::none;
     for (int64_t rr = 0; rr < nr && !fused; ++rr) {
       float* s = w.s + rr * pitch;
       if (amx && !masked) {  // the scale, the causal/window clip and the bf16 rounding fused in

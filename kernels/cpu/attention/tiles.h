@@ -58,8 +58,13 @@ struct RowState {
   // tile (counted from its start, within [0, keys]); the others are -inf. Null elsewhere.
   const int32_t* lo = nullptr;
   const int32_t* hi = nullptr;
+  // With a mask contiguous along the keys: each row's mask at the tile's first key, bool keep
+  // (nonzero = attend) or additive (added in base 2). Null without one.
+  const uint8_t* const* keep = nullptr;
+  const float* const* add = nullptr;
   RowState offset(int64_t r) const {
-    return {m + r, l + r, alpha + r, keys, lo ? lo + r : nullptr, hi ? hi + r : nullptr};
+    return {m + r, l + r, alpha + r, keys, lo ? lo + r : nullptr, hi ? hi + r : nullptr,
+            keep ? keep + r : nullptr, add ? add + r : nullptr};
   }
 };
 
@@ -559,6 +564,21 @@ inline void softmax_rows_zmm(__m512 (&acc)[R][NC], float* s, int64_t s_stride, c
     const __mmask16 pad = static_cast<__mmask16>(~((1u << (st.keys - 16 * (NC - 1))) - 1));
     for (int r = 0; r < R; ++r)
       acc[r][NC - 1] = _mm512_mask_mov_ps(acc[r][NC - 1], pad, _mm512_set1_ps(-kInf));
+  }
+  if (st.keep || st.add) {  // the mask, read only over the tile's keys
+    for (int u = 0; u < NC; ++u) {
+      const int64_t n = st.keys - 16 * u;
+      const __mmask16 live = n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1);
+      for (int r = 0; r < R; ++r) {
+        if (st.keep) {
+          const __m128i b = _mm_maskz_loadu_epi8(live, st.keep[r] + 16 * u);
+          acc[r][u] = _mm512_mask_mov_ps(_mm512_set1_ps(-kInf), _mm_mask_test_epi8_mask(live, b, b), acc[r][u]);
+        } else {
+          const __m512 a = _mm512_maskz_loadu_ps(live, st.add[r] + 16 * u);
+          acc[r][u] = _mm512_fmadd_ps(a, _mm512_set1_ps(simd::exp2_poly::kLog2e), acc[r][u]);
+        }
+      }
+    }
   }
   for (int r = 0; r < R; ++r) {
     const float m_old = st.m[r];
