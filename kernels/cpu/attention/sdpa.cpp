@@ -297,9 +297,10 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
     const bool masked = p.mask.kind != SdpaMaskKind::none;
     int64_t strip_keys[kMaxRowTile / kMr];
     if (!stream) tile_strip_keys(lo, hi, t, nk, nr, clip, strip_keys);
-    // Without a mask the zmm score tiles run the online softmax on their registers
-    // (softmax_rows_zmm: a short last tile's padding columns, and on a clipped tile each row's
-    // keys outside [lo, hi), become -inf there) instead of storing the scores for the pass below.
+    // Without a mask, or with one contiguous along the keys, the zmm score tiles run the online
+    // softmax on their registers (softmax_rows_zmm: a short last tile's padding columns, on a
+    // clipped tile each row's keys outside [lo, hi), and masked keys become -inf there, and an
+    // additive mask is added) instead of storing the scores for the pass below.
     const bool fuse = !stream && !amx && kFusedSoftmax && (!masked || p.mask.stride_k == 1);
     int32_t tile_lo[kMaxRowTile], tile_hi[kMaxRowTile];
     if (fuse && clip) {
