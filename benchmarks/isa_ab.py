@@ -30,12 +30,25 @@ def qmatmul_case(scheme, n: int, k: int, rng, m: int = 1):
     return f"qmatmul {m}x{k} @ {n}x{k} {scheme!r}", lambda: ff.qmatmul(x, next_weight())
 
 
-def sdpa_case(name: str, shapes, causal: bool, rng, dtype: str = "float32"):
+def sdpa_case(name: str, shapes, causal: bool, rng, dtype: str = "float32", mask=None):
     import torch  # bf16 inputs need torch tensors (numpy has no bfloat16)
 
     q, k, v = (torch.from_numpy(rng.standard_normal(s).astype(np.float32)).to(getattr(torch, dtype))
                for s in shapes)
-    return name, lambda: ff.sdpa(q, k, v, causal=causal)
+    return name, lambda: ff.sdpa(q, k, v, causal=causal, mask=mask)
+
+
+def padded_mask(b: int, lq: int, lk: int, pad: int, causal: bool = True, additive: bool = False):
+    """A 4-D mask as transformers builds for a left-padded batch: the last batch row's first
+    `pad` keys masked (each padded query keeps itself), causal or not; bool, or additive."""
+    import torch
+
+    keep = torch.ones(b, 1, lq, lk, dtype=torch.bool)
+    if causal:
+        keep = keep.tril(lk - lq)
+    keep[-1, :, :, :pad] = False
+    keep[-1, :, :pad, :pad] |= torch.eye(pad, dtype=torch.bool)
+    return torch.zeros(keep.shape).masked_fill(~keep, float("-inf")) if additive else keep
 
 
 def default_cases(rng) -> list:
@@ -60,6 +73,14 @@ def default_cases(rng) -> list:
         # prefill): 64 rows per kv head, too many to stream K/V, too few to be compute-bound
         sdpa_case("sdpa verify GQA 32/8 Lq 16 Lk 4096 D128", verify, True, rng),
         sdpa_case("sdpa verify GQA 32/8 Lq 16 Lk 4096 D128 bf16", verify, True, rng, "bfloat16"),
+        # prefill of a left-padded batch (a 4-D mask, as transformers passes), and MiniLM's
+        # attention (16 sentences of 23 tokens, 12 heads of 32, a padding mask)
+        sdpa_case("sdpa padded prefill GQA 32/8 B2 L512 D64 bool mask", [(2, 32, 512, 64), (2, 8, 512, 64), (2, 8, 512, 64)],
+                  False, rng, mask=padded_mask(2, 512, 512, 100)),
+        sdpa_case("sdpa padded prefill GQA 32/8 B2 L512 D64 additive mask", [(2, 32, 512, 64), (2, 8, 512, 64), (2, 8, 512, 64)],
+                  False, rng, mask=padded_mask(2, 512, 512, 100, additive=True)),
+        sdpa_case("sdpa MiniLM B16 H12 L23 D32 bool mask", [(16, 12, 23, 32)] * 3, False, rng,
+                  mask=padded_mask(16, 23, 23, 5, causal=False)),
     ]
 
 

@@ -124,14 +124,14 @@ for threads in (1, 2, 3):
     x = rng.standard_normal((5, 256)).astype(np.float32)
     np.testing.assert_allclose(ff.qmatmul(x, qw), reference.matmul_t(x, qw.dequantize()), rtol=1e-4, atol=1e-4)
     a = ff.sdpa(torch.from_numpy(q), torch.from_numpy(k), torch.from_numpy(v), causal=True)
-    np.testing.assert_array_equal(a.numpy(), ff.sdpa(q, k, v, causal=True))  # the same bits, any team
+    np.testing.assert_array_equal(a.numpy(), ff.sdpa(q, k, v, causal=True))  # torch in, numpy in: same bits
 print("ok")
 """
 
 
 def test_env_runs_kernels_on_the_openmp_team():
     """FUSEDFORMER_POOL=openmp with torch's OpenMP runtime loaded: kernels run as its parallel
-    regions, with any pool size, to the same results."""
+    regions, with any pool size, and match the float64 reference."""
     pytest.importorskip("torch")
     env = {**os.environ, "FUSEDFORMER_POOL": "openmp"}
     out = subprocess.run([sys.executable, "-c", _OPENMP], capture_output=True, text=True, env=env, timeout=120)
@@ -139,5 +139,6 @@ def test_env_runs_kernels_on_the_openmp_team():
     assert out.stdout.strip() == "ok"
 
 
+@pytest.mark.skipif(os.environ.get("FUSEDFORMER_POOL", "own") != "own", reason="FUSEDFORMER_POOL is set")
 def test_pool_backend_is_our_own_by_default():
     assert _C.pool_backend() == "own"

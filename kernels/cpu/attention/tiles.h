@@ -503,19 +503,23 @@ inline void pv_rows_zmm_all(float* o, int64_t o_stride, const float* alpha, cons
     });
 }
 
-// 2^x on 16 lanes: simd::exp2's range reduction and polynomial, with vscalefps for 2^n;
-// exactly 0 below -126 (so exp2(-inf) == 0).
-inline __m512 exp2_16(__m512 x) {
+// 2^x on 16 lanes for x <= 127 (softmax exponents are at most kMaxSlack): simd::exp2's range
+// reduction and polynomial, with vscalefps for 2^n; exactly 0 below -126 (so 2^-inf == 0)
+// through the mask of the final scale.
+inline __m512 exp2_16_low(__m512 x) {
   namespace c = simd::exp2_poly;
-  const __m512 lo = _mm512_set1_ps(c::kLo);
-  const __mmask16 underflow = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
-  x = _mm512_min_ps(_mm512_max_ps(x, lo), _mm512_set1_ps(c::kHi));
+  const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(c::kLo), _CMP_GE_OQ);
   const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 r = _mm512_sub_ps(x, n);
   __m512 p = _mm512_set1_ps(c::kP[0]);
   for (int i = 1; i < 6; ++i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c::kP[i]));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  return _mm512_maskz_mov_ps(static_cast<__mmask16>(~underflow), _mm512_scalef_ps(p, n));
+  return _mm512_maskz_scalef_ps(keep, p, n);
+}
+
+// 2^x on 16 lanes for any x: exp2_16_low with inputs above 127 clamped there (NaN gives 0).
+inline __m512 exp2_16(__m512 x) {
+  return exp2_16_low(_mm512_min_ps(_mm512_set1_ps(simd::exp2_poly::kHi), x));
 }
 
 // s[j] = 2^(s[j] - m) for j < n (a multiple of 8); returns their sum.
@@ -531,21 +535,9 @@ inline float exp_sum_zmm(float* s, int64_t n, float m) {
   return _mm512_reduce_add_ps(sum);
 }
 
-// 2^x on 16 lanes for x <= 127: exp2_16 without its clamps (softmax exponents are at most
-// kMaxSlack), 0 below -126 (and for -inf) through the mask of the final scale.
-inline __m512 exp2_16_low(__m512 x) {
-  namespace c = simd::exp2_poly;
-  const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(c::kLo), _CMP_GE_OQ);
-  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 r = _mm512_sub_ps(x, n);
-  __m512 p = _mm512_set1_ps(c::kP[0]);
-  for (int i = 1; i < 6; ++i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c::kP[i]));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  return _mm512_maskz_scalef_ps(keep, p, n);
-}
-
-// The online-softmax step of R rows whose scores over a tile of st.keys keys (none masked; 16 NC
-// columns, those past st.keys padding and set to -inf first) are in registers: m, l updated,
+// The online-softmax step of R rows whose scores over a tile of st.keys keys are in registers
+// (16 NC columns; those past st.keys, and on a clipped or masked tile each row's keys outside
+// [lo, hi) or masked out, set to -inf first, an additive mask added): m, l updated,
 // the scores (base 2) turned into p = 2^(s - m_new) and stored to s, alpha = 2^(m_old - m_new)
 // set. A row with a running max whose scores rise at most kMaxSlack above it keeps it (alpha =
 // 1, no reduction for the max); otherwise m_new is the max of m_old and the tile's.
@@ -867,9 +859,9 @@ inline void for_score_strips(const int64_t* strip_keys, int64_t nr, const RowSta
 }
 
 // S = Q K^T for nr rows against the packed K tile: the rows of strip r / kMr over its first
-// strip_keys[r / kMr] keys (rounded up to 16; a strip with none is skipped). With st (no mask;
-// on a clipped tile, st->lo / hi give each row's keys) the rows' online softmax runs on the
-// scores in registers and s receives the probabilities.
+// strip_keys[r / kMr] keys (rounded up to 16; a strip with none is skipped). With st (on a
+// clipped tile st->lo / hi give each row's keys, and st->keep / add a mask) the rows' online
+// softmax runs on the scores in registers and s receives the probabilities.
 inline bool qk_packed_wide(const float* q, int64_t q_stride, const float* kt, int64_t d, float* s,
                            int64_t s_stride, const int64_t* strip_keys, int64_t nr,
                            const RowState* st) {
