@@ -28,16 +28,17 @@ struct View {
 
 template <size_t N>
 View<N> parse_view(const py::handle& h, const char* name) {
+  auto fail = [&] {
+    return py::type_error(std::string("[sdpa] ") + name + " must be a (ptr, shape[" + std::to_string(N) +
+                          "], strides[" + std::to_string(N) + "]) tuple");
+  };
+  if (!py::isinstance<py::tuple>(h)) throw fail();
   py::tuple t = py::reinterpret_borrow<py::tuple>(h);
-  if (t.size() != 3)
-    throw py::type_error(std::string("[sdpa] ") + name + " must be a (ptr, shape, strides) tuple");
+  if (t.size() != 3 || !py::isinstance<py::tuple>(t[1]) || !py::isinstance<py::tuple>(t[2])) throw fail();
+  py::tuple shape = py::reinterpret_borrow<py::tuple>(t[1]), strides = py::reinterpret_borrow<py::tuple>(t[2]);
+  if (shape.size() != N || strides.size() != N) throw fail();
   View<N> v{t[0].cast<uintptr_t>(), {}, {}};
-  auto shape = t[1].cast<std::vector<int64_t>>();
-  auto strides = t[2].cast<std::vector<int64_t>>();
-  if (shape.size() != N || strides.size() != N)
-    throw py::value_error(std::string("[sdpa] ") + name + " must have " + std::to_string(N) +
-                          " dimensions");
-  for (size_t i = 0; i < N; ++i) v.shape[i] = shape[i], v.strides[i] = strides[i];
+  for (size_t i = 0; i < N; ++i) v.shape[i] = shape[i].cast<int64_t>(), v.strides[i] = strides[i].cast<int64_t>();
   if (v.ptr == 0) throw py::value_error(std::string("[sdpa] ") + name + " has a null data pointer");
   return v;
 }
@@ -111,12 +112,13 @@ void sdpa_binding(py::handle q_, py::handle k_, py::handle v_, py::handle out_, 
 
 void init_attention(py::module_& m) {
   m.def("sdpa", &sdpa_binding, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"),
-        py::kw_only(), py::arg("dtype"), py::arg("lse") = py::none(), py::arg("mask") = py::none(),
+        py::arg("dtype"), py::arg("lse") = py::none(), py::arg("mask") = py::none(),
         py::arg("mask_kind") = 0, py::arg("causal") = false, py::arg("scale"),
         py::arg("window") = 0, py::arg("kv_chunk") = -1,
         R"doc(Fused attention forward on raw tensor descriptors (use fusedformer.sdpa instead).
 
-q, k, v, out: (data pointer, shape[4], element strides[4]) with a contiguous last dimension;
+Positional or keyword (the front passes them positionally: about 1 us less a call).
+q, k, v, out: (data pointer, shape[4] tuple, element strides[4] tuple) with a contiguous last dimension;
 q/out [B, Hq, Lq, D], k/v [B, Hkv, Lk, D]. dtype: 0 f32, 1 f16, 2 bf16 (all four tensors).
 lse: None or a contiguous fp32 [B, Hq, Lq] descriptor. mask: None or a [.., .., .., ..]
 descriptor broadcastable to [B, Hq, Lq, Lk]; mask_kind 1 reads uint8 (non-zero keeps),

@@ -285,6 +285,32 @@ def test_bad_options(rng, kwargs, exc, words):
         ff.sdpa(q, k, v, **kwargs)
 
 
+def test_numpy_scalar_options_match_python_ones(rng):
+    """scale, window and causal given as numpy scalars (as computed from arrays) act as the
+    Python values they equal: the argument checks take plain types first, numbers after."""
+    q, k, v = _bad(rng)
+    want = ff.sdpa(q, k, v, scale=0.25, window=2, causal=True)
+    got = ff.sdpa(q, k, v, scale=np.float32(0.25), window=np.int64(2), causal=np.bool_(True))
+    np.testing.assert_array_equal(got, want)
+    assert not np.array_equal(want, ff.sdpa(q, k, v, scale=0.5, window=2, causal=True))
+
+
+@pytest.mark.parametrize(
+    "descriptor",
+    [[0, (1, 1, 1, 1), (1, 1, 1, 1)], (8, [1, 1, 1, 1], (1, 1, 1, 1)), (8, (1, 1, 1), (1, 1, 1, 1)), (8,)],
+    ids=["list", "shape list", "3-d shape", "short"],
+)
+def test_raw_binding_rejects_malformed_descriptors(rng, descriptor):
+    """_C.sdpa's raw-pointer contract: a malformed descriptor is a TypeError, never a crash."""
+    from fusedformer import _C
+    from fusedformer.ops_attention import _descriptor
+
+    q, k, v = _bad(rng)
+    dk, dv = _descriptor(k, "k"), _descriptor(v, "v")
+    with pytest.raises(TypeError, match=r"^\[sdpa\] q must be a \(ptr, shape\[4\], strides\[4\]\) tuple"):
+        _C.sdpa(descriptor, dk, dv, _descriptor(q, "out"), 0, None, None, 0, False, 0.5, 0, -1)
+
+
 def test_head_dim_limit(rng):
     q, k, v = make_qkv(rng, 1, 1, 1, 2, 2, 264)
     with pytest.raises(ValueError, match=r"^\[sdpa\] head dim 264"):

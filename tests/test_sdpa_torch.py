@@ -200,6 +200,14 @@ def test_framework_mix_rejected(torch):
         ff.sdpa(q, k.numpy(), v)
 
 
+def test_tensor_off_cpu_rejected(torch):
+    """Tensors the native kernel cannot read (here on the meta device) get an error naming
+    the argument and the device, not a read through a meaningless pointer."""
+    q, k, v = (t.to("meta") for t in qkv(torch, 1, 2, 2, 3, 4, 8, torch.float32))
+    with pytest.raises(ValueError, match=r"^\[sdpa\] q is on meta; the native kernel takes CPU tensors"):
+        ff.sdpa(q, k, v)
+
+
 # ---- custom op ------------------------------------------------------------------------------
 
 

@@ -39,30 +39,37 @@ def _dtype_name(x) -> str:
     return str(dt).rsplit(".", 1)[-1]
 
 
+def _shape4(name, t) -> tuple:
+    """t's shape as 4 ints; TypeError/ValueError naming the argument otherwise."""
+    if not hasattr(t, "shape") or not hasattr(t, "dtype"):
+        raise TypeError(f"[sdpa] {name} must be an array or tensor, got {type(t).__name__}")
+    shape = tuple(map(int, t.shape))
+    if len(shape) != 4:
+        kind = "[B, Hq, Lq, D]" if name == "q" else "[B, Hkv, Lk, D]"
+        raise ValueError(f"[sdpa] {name} must be 4-d {kind}, got shape {shape}")
+    if 0 in shape:
+        raise ValueError(f"[sdpa] {name} has a zero-sized dimension: shape {shape}")
+    return shape
+
+
 def check_args(q, k, v, mask=None, causal=False, scale=None, window=None):
     """Validates ff.sdpa's arguments on shapes and dtype names only (any framework).
 
     Returns (scale, window) normalised: scale a float (1/sqrt(D) by default), window an int
     (0 for none). Raises ValueError/TypeError starting with ``[sdpa]`` and naming the argument.
+    Written for the common call to cost a few microseconds (it runs on every attention call
+    of a model): each shape and dtype is read once, plain Python types are checked by type.
     """
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not hasattr(t, "shape") or not hasattr(t, "dtype"):
-            raise TypeError(f"[sdpa] {name} must be an array or tensor, got {type(t).__name__}")
-        if len(t.shape) != 4:
-            kind = "[B, Hq, Lq, D]" if name == "q" else "[B, Hkv, Lk, D]"
-            raise ValueError(f"[sdpa] {name} must be 4-d {kind}, got shape {tuple(t.shape)}")
-        if 0 in tuple(t.shape):
-            raise ValueError(f"[sdpa] {name} has a zero-sized dimension: shape {tuple(t.shape)}")
-    names = {n: _dtype_name(t) for n, t in (("q", q), ("k", k), ("v", v))}
-    if len(set(names.values())) > 1:
-        detail = ", ".join(f"{n} is {d}" for n, d in names.items())
+    (b, hq, lq, d), k_shape, v_shape = _shape4("q", q), _shape4("k", k), _shape4("v", v)
+    dtype = _dtype_name(q)
+    if _dtype_name(k) != dtype or _dtype_name(v) != dtype:
+        detail = ", ".join(f"{n} is {_dtype_name(t)}" for n, t in (("q", q), ("k", k), ("v", v)))
         raise TypeError(f"[sdpa] q, k and v must share one dtype: {detail}")
-    if names["q"] not in DTYPE_CODES:
-        raise TypeError(f"[sdpa] q has dtype {names['q']}; supported: float32, float16, bfloat16")
-    b, hq, lq, d = (int(n) for n in q.shape)
-    bk, hkv, lk, dk = (int(n) for n in k.shape)
-    if tuple(v.shape) != tuple(k.shape):
-        raise ValueError(f"[sdpa] v's shape {tuple(v.shape)} must equal k's {tuple(k.shape)}")
+    if dtype not in DTYPE_CODES:
+        raise TypeError(f"[sdpa] q has dtype {dtype}; supported: float32, float16, bfloat16")
+    bk, hkv, lk, dk = k_shape
+    if v_shape != k_shape:
+        raise ValueError(f"[sdpa] v's shape {v_shape} must equal k's {k_shape}")
     if bk != b:
         raise ValueError(f"[sdpa] k has batch {bk}, q has batch {b}")
     if dk != d:
@@ -71,35 +78,46 @@ def check_args(q, k, v, mask=None, causal=False, scale=None, window=None):
         raise ValueError(f"[sdpa] k has {hkv} heads, which does not divide q's {hq} heads")
     if d > MAX_HEAD_DIM:
         raise ValueError(f"[sdpa] head dim {d} is above the supported {MAX_HEAD_DIM}")
-    if not isinstance(causal, (bool, np.bool_)):
+    if causal is not False and causal is not True and not isinstance(causal, np.bool_):
         raise TypeError(f"[sdpa] causal must be a bool, got {type(causal).__name__}")
     if mask is not None:
-        if not hasattr(mask, "shape") or not hasattr(mask, "dtype"):
-            raise TypeError(f"[sdpa] mask must be an array or tensor, got {type(mask).__name__}")
-        mname = _dtype_name(mask)
-        if mname != "bool" and not mname.startswith(("float", "bfloat")):
-            raise TypeError(f"[sdpa] mask must be bool (True = keep) or floating (additive), got {mname}")
-        target = (b, hq, lq, lk)
-        shape = tuple(int(n) for n in mask.shape)
-        if len(shape) > 4 or any(m not in (1, t) for m, t in zip(shape[::-1], target[::-1])):
-            raise ValueError(f"[sdpa] mask of shape {shape} is not broadcastable to [B, Hq, Lq, Lk] = {target}")
+        _check_mask(mask, (b, hq, lq, lk))
+    return _checked_scale(scale, d), _checked_window(window)
+
+
+def _check_mask(mask, target):
+    if not hasattr(mask, "shape") or not hasattr(mask, "dtype"):
+        raise TypeError(f"[sdpa] mask must be an array or tensor, got {type(mask).__name__}")
+    mname = _dtype_name(mask)
+    if mname != "bool" and not mname.startswith(("float", "bfloat")):
+        raise TypeError(f"[sdpa] mask must be bool (True = keep) or floating (additive), got {mname}")
+    shape = tuple(map(int, mask.shape))
+    if len(shape) > 4 or any(m not in (1, t) for m, t in zip(shape[::-1], target[::-1])):
+        raise ValueError(f"[sdpa] mask of shape {shape} is not broadcastable to [B, Hq, Lq, Lk] = {target}")
+
+
+def _checked_scale(scale, head_dim) -> float:
     if scale is None:
-        scale = 1.0 / math.sqrt(d)
-    else:
+        return 1.0 / math.sqrt(head_dim)
+    if type(scale) is not float:
         if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
             raise TypeError(f"[sdpa] scale must be a real number or None, got {type(scale).__name__}")
         scale = float(scale)
-        if not math.isfinite(scale):
-            raise ValueError(f"[sdpa] scale must be finite, got {scale}")
+    if not math.isfinite(scale):
+        raise ValueError(f"[sdpa] scale must be finite, got {scale}")
+    return scale
+
+
+def _checked_window(window) -> int:
     if window is None:
-        window = 0
-    else:
+        return 0
+    if type(window) is not int:
         if isinstance(window, bool) or not isinstance(window, numbers.Integral):
             raise TypeError(f"[sdpa] window must be a positive int or None, got {type(window).__name__}")
         window = int(window)
-        if window < 1:
-            raise ValueError(f"[sdpa] window must be a positive int or None, got {window}")
-    return scale, window
+    if window < 1:
+        raise ValueError(f"[sdpa] window must be a positive int or None, got {window}")
+    return window
 
 
 def sdpa(q, k, v, *, mask=None, causal=False, scale=None, window=None, return_lse=False):
@@ -128,19 +146,23 @@ def sdpa(q, k, v, *, mask=None, causal=False, scale=None, window=None, return_ls
     return native_sdpa(q, k, v, mask=mask, causal=causal, scale=scale_f, window=window_i, return_lse=return_lse)
 
 
-def _torch_plain_eager(*tensors) -> bool:
+def _torch_plain_eager(q, k, v, mask) -> bool:
     """True when torch tensors can skip the custom op (about 30 us of dispatch per call): plain
     tensors (no fake/functional/subclass), nothing tracing (torch.compile, export, jit.trace:
     the Core ML export path needs the op in the graph), and no autograd to record. Otherwise
     the op runs, so graphs see it and backward raises."""
     import torch
 
-    present = [t for t in tensors if t is not None]
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return False
-    if any(type(t) is not torch.Tensor for t in present):
+    plain = torch.Tensor
+    if type(q) is not plain or type(k) is not plain or type(v) is not plain:
         return False
-    return not (torch.is_grad_enabled() and any(t.requires_grad for t in present))
+    if mask is not None and type(mask) is not plain:
+        return False
+    if not torch.is_grad_enabled():
+        return True
+    return not (q.requires_grad or k.requires_grad or v.requires_grad or (mask is not None and mask.requires_grad))
 
 
 # ---- native path (numpy and torch CPU tensors) ----------------------------------------------
@@ -150,10 +172,10 @@ def _descriptor(x, name):
     """(data pointer, shape, element strides) of a numpy array or CPU torch tensor."""
     if isinstance(x, np.ndarray):
         ptr = x.__array_interface__["data"][0]
-        return ptr, tuple(x.shape), tuple(s // x.itemsize for s in x.strides)
-    if x.device.type != "cpu":
+        return ptr, x.shape, tuple(s // x.itemsize for s in x.strides)
+    if not x.is_cpu:
         raise ValueError(f"[sdpa] {name} is on {x.device}; the native kernel takes CPU tensors")
-    return x.data_ptr(), tuple(x.shape), tuple(x.stride())
+    return x.data_ptr(), tuple(x.shape), x.stride()
 
 
 def _last_dim_contiguous(x):
@@ -190,28 +212,30 @@ def native_sdpa(q, k, v, *, mask=None, causal=False, scale=None, window=0, retur
     ``out`` (test hook): a preallocated output like q to write into. ``kv_chunk``: -1 picks
     split-KV by shape, 0 never splits, n > 0 forces chunks of n keys (tests).
     """
-    framework = framework_of(q)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
     b, hq, lq, _ = q.shape
     # out takes q's memory layout (as torch's own SDPA does): for the [B, Lq, Hq, D] storage
     # that models' projections produce, the transpose back to [B, Lq, Hq * D] is then free
-    if framework == "numpy":
+    if isinstance(q, np.ndarray):
+        framework = "numpy"
         if out is None:
             out = np.empty_like(q)
         lse = np.empty((b, hq, lq), dtype=np.float32) if return_lse else None
     else:
         import torch
 
+        framework = "torch"
         if out is None:
             out = torch.empty_like(q, requires_grad=False)
         lse = torch.empty((b, hq, lq), dtype=torch.float32) if return_lse else None
     m, mask_kind = _kernel_mask(mask, framework)
+    # positional: pybind11 matches keyword arguments by name, about 1 us a call
     _C.sdpa(
         _descriptor(q, "q"), _descriptor(k, "k"), _descriptor(v, "v"), _descriptor(out, "out"),
-        dtype=DTYPE_CODES[_dtype_name(q)],
-        lse=None if lse is None else _descriptor(lse, "lse"),
-        mask=None if m is None else _descriptor(m, "mask"), mask_kind=mask_kind,
-        causal=bool(causal), scale=scale, window=int(window or 0), kv_chunk=int(kv_chunk),
+        DTYPE_CODES[_dtype_name(q)],
+        None if lse is None else _descriptor(lse, "lse"),
+        None if m is None else _descriptor(m, "mask"), mask_kind,
+        bool(causal), scale, int(window or 0), int(kv_chunk),
     )
     return (out, lse) if return_lse else out
