@@ -49,9 +49,29 @@ void init_core(py::module_& m) {
         set_spin_us(us);
       },
       py::arg("us"), "Test hook: how long idle pool threads spin before sleeping (FUSEDFORMER_SPIN_US).");
+  m.def(
+      "_set_pool",
+      [](const std::string& name) {
+        if (name == "auto") return set_pool_mode(PoolMode::automatic);
+        if (name == "own") return set_pool_mode(PoolMode::own);
+        if (name == "openmp") return set_pool_mode(PoolMode::openmp);
+        throw py::value_error("[_set_pool] name must be 'auto', 'own' or 'openmp', got '" + name + "'");
+      },
+      py::arg("name"), "Test hook: where kernels' parallel work runs (FUSEDFORMER_POOL).");
+  m.def(
+      "_pool_mode",
+      [] {
+        switch (pool_mode()) {
+          case PoolMode::own: return "own";
+          case PoolMode::openmp: return "openmp";
+          default: return "auto";
+        }
+      },
+      "FUSEDFORMER_POOL's setting ('auto', 'own' or 'openmp'; pool_backend() says what it resolves to).");
   m.def("pool_backend", &pool_backend,
-        "Where kernels' parallel work runs: 'openmp' (FUSEDFORMER_POOL=openmp and an OpenMP runtime "
-        "is loaded: its team) or 'own' (fusedformer's thread pool).");
+        "Where kernels' parallel work runs now: 'openmp' (the team of the OpenMP runtime the process "
+        "has loaded, torch's: by default where its threads spin between regions, or always with "
+        "FUSEDFORMER_POOL=openmp) or 'own' (fusedformer's thread pool).");
   // A throughput probe taking `seconds` (validated) and releasing the GIL while it runs.
   auto timed_probe = [](const char* name, double (*probe)(double)) {
     return [name, probe](double seconds) {

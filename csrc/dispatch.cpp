@@ -187,10 +187,10 @@ void select_num_threads() {
 void select_pool() {
   const char* env = std::getenv("FUSEDFORMER_POOL");
   const std::string want = env ? env : "";
-  if (want.empty() || want == "own") return;
-  if (want != "openmp")
-    throw std::invalid_argument("[fusedformer] FUSEDFORMER_POOL='" + want + "' is not one of: own, openmp");
-  set_use_openmp(true);
+  if (want.empty() || want == "auto") return set_pool_mode(PoolMode::automatic);
+  if (want == "own") return set_pool_mode(PoolMode::own);
+  if (want == "openmp") return set_pool_mode(PoolMode::openmp);
+  throw std::invalid_argument("[fusedformer] FUSEDFORMER_POOL='" + want + "' is not one of: auto, own, openmp");
 }
 
 void select_spin() {

@@ -28,8 +28,9 @@ void set_isa(const std::string& name);
 void select_num_threads();
 // Reads FUSEDFORMER_SPIN_US (0 to 1000000) and sets how long idle pool threads spin; throws likewise.
 void select_spin();
-// Reads FUSEDFORMER_POOL ("own": the pool's threads, the default; "openmp": the process's
-// OpenMP team where one is loaded); throws likewise.
+// Reads FUSEDFORMER_POOL ("auto", the default: the process's OpenMP team where one is loaded
+// and spins between regions, else the pool's threads; "own": the pool's threads; "openmp": the
+// team where one is loaded); throws likewise.
 void select_pool();
 
 }  // namespace ff

@@ -11,10 +11,13 @@ int num_threads();
 void set_num_threads(int n);
 // How long idle pool threads spin before they sleep, microseconds (0: sleep at once).
 void set_spin_us(int64_t us);
-// Run jobs as parallel regions of the process's OpenMP team when one is loaded (torch's),
-// instead of on the pool's own threads (FUSEDFORMER_POOL=openmp).
-void set_use_openmp(bool on);
-// "openmp" when jobs run on the OpenMP team (asked for, and a runtime is loaded), else "own".
+// Where jobs run (FUSEDFORMER_POOL): on the pool's own threads; as parallel regions of the
+// process's OpenMP team where a runtime is loaded (torch's); or, the default, on that team where
+// one is loaded and its threads spin between regions (OMP_WAIT_POLICY not passive), else on ours.
+enum class PoolMode { own, openmp, automatic };
+void set_pool_mode(PoolMode mode);
+PoolMode pool_mode();
+// "openmp" when jobs run on the OpenMP team now, else "own".
 const char* pool_backend();
 // CPUs this process may run on (affinity mask), at least 1.
 int available_cpus();

@@ -142,12 +142,3 @@ def test_model_variant_names_survive_the_comma_separated_option():
     from fusedformer.bench.model import VARIANTS
 
     assert [n.strip() for n in ",".join(VARIANTS).split(",")] == list(VARIANTS)
-
-
-def test_model_bench_waits_passively_only_where_our_kernels_run_the_matmuls():
-    from fusedformer.bench.model import FUSED_ENV, VARIANTS, variant_env
-
-    assert variant_env("stock (HF sdpa)") == {} and variant_env("fused") == {}
-    for name, (_, scheme, _) in VARIANTS.items():
-        assert variant_env(name) == (FUSED_ENV if scheme else {})
-    assert variant_env("fused + 4-bit affine") == {"OMP_WAIT_POLICY": "PASSIVE"}

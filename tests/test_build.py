@@ -49,7 +49,7 @@ def test_env_forces_variant(isa):
         ("FUSEDFORMER_NUM_THREADS", "-3", r"FUSEDFORMER_NUM_THREADS='-3' is not a positive integer"),
         ("FUSEDFORMER_SPIN_US", "-1", r"FUSEDFORMER_SPIN_US='-1' is not an integer from 0 to 1000000"),
         ("FUSEDFORMER_SPIN_US", "fast", r"FUSEDFORMER_SPIN_US='fast' is not an integer from 0 to 1000000"),
-        ("FUSEDFORMER_POOL", "tbb", r"FUSEDFORMER_POOL='tbb' is not one of: own, openmp"),
+        ("FUSEDFORMER_POOL", "tbb", r"FUSEDFORMER_POOL='tbb' is not one of: auto, own, openmp"),
     ],
 )
 def test_bad_env_is_a_clear_import_error(var, value, expected):

