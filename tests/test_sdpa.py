@@ -133,6 +133,73 @@ def test_fully_masked_rows_give_zero_and_neg_inf(rng, isa, threads):
             check(out, lse, q, k, v, mask=m)
 
 
+# ---- masks that exclude whole key tiles ------------------------------------------------------
+# Each row's keys are narrowed to its mask row's kept range [first, last + 1) before the tiles
+# run, so tiles a mask excludes entirely are skipped. Shapes span several row blocks (192 rows)
+# and key tiles (64; the AMX tiles' 384 rows and 256 keys: tests/test_sdpa_torch.py); ranges
+# start and end off the 8-key words the range scan skips by.
+
+
+def ranged_mask(rng, lq, lk, holes=0.1):
+    """Bool [lq, lk]: row i keeps a random range of keys (some rows none, some all), with random
+    holes inside."""
+    a = rng.integers(-lk // 4, lk, lq).clip(0, lk)
+    e = (a + rng.integers(-lk // 8, lk, lq)).clip(a, lk)
+    a[:3], e[:3] = (0, 0, 0), (lk, 0, 5)  # all keys, none, the first five
+    j = np.arange(lk)
+    return (j >= a[:, None]) & (j < e[:, None]) & (rng.random((lq, lk)) >= holes)
+
+
+def additive(rng, keep):
+    """fp32 additive form of a bool mask: N(0, 1) where kept, -inf elsewhere."""
+    return np.where(keep, rng.standard_normal(keep.shape), -np.inf).astype(np.float32)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("kind", ["bool", "additive"])
+def test_masks_excluding_whole_tiles(rng, isa, threads, dtype, kind):
+    q, k, v = make_qkv(rng, 2, 4, 2, 200, 330, 32, dtype)  # 400 rows per kv head
+    keep = ranged_mask(rng, 200, 330)
+    pad = np.ones((2, 1, 1, 330), dtype=bool)
+    pad[1, ..., :201] = False  # left padding of a batch row: whole tiles masked
+    for m in (keep, pad, keep & pad):
+        mask = m if kind == "bool" else additive(rng, m)
+        out, lse = ff.sdpa(q, k, v, mask=mask, return_lse=True)
+        check(out, lse, q, k, v, tol=dtype, mask=mask)
+    mask = keep if kind == "bool" else additive(rng, keep)
+    out, lse = ff.sdpa(q, k, v, mask=mask, causal=True, window=200, return_lse=True)
+    check(out, lse, q, k, v, tol=dtype, mask=mask, causal=True, window=200)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_causal_or_window_as_a_mask_equals_the_option(rng, isa, threads, dtype):
+    """A mask holding what causal/window select gives the same bits as the options (the same
+    tiles run; the mask's -inf enters where the options' clip does)."""
+    lq, lk = 200, 330
+    q, k, v = make_qkv(rng, 1, 4, 2, lq, lk, 32, dtype)
+    diag = np.arange(lq)[:, None] + lk - lq
+    j = np.arange(lk)[None]
+    for opts, keep in [(dict(causal=True), j <= diag), (dict(causal=True, window=70), (j <= diag) & (j > diag - 70))]:
+        want = ff.sdpa(q, k, v, **opts)
+        np.testing.assert_array_equal(ff.sdpa(q, k, v, mask=keep), want)
+        np.testing.assert_array_equal(ff.sdpa(q, k, v, mask=np.where(keep, 0, -np.inf).astype(np.float32)), want)
+
+
+def test_mask_strided_or_broadcast_along_keys(rng, isa, threads):
+    """The range scan on masks that are not contiguous along the keys: a transposed view (stride
+    Lq) and a mask broadcast along the keys (stride 0: a row keeps all keys or none)."""
+    q, k, v = make_qkv(rng, 1, 4, 2, 300, 300, 32)
+    keep = ranged_mask(rng, 300, 300)
+    transposed = np.ascontiguousarray(keep.T).T
+    assert transposed.strides[1] != 1
+    out, lse = ff.sdpa(q, k, v, mask=transposed, return_lse=True)
+    check(out, lse, q, k, v, mask=keep)
+    rows = rng.random((300, 1)) < 0.5
+    out, lse = ff.sdpa(q, k, v, mask=rows, return_lse=True)
+    assert (out[:, :, ~rows[:, 0]] == 0).all() and np.isneginf(lse[:, :, ~rows[:, 0]]).all()
+    check(out, lse, q, k, v, mask=rows)
+
+
 def test_causal_more_queries_than_keys(rng, isa):
     """Bottom-right causal: the first Lq - Lk queries see no key at all."""
     q, k, v = make_qkv(rng, 1, 2, 2, 40, 10, 32)

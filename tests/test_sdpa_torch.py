@@ -87,6 +87,10 @@ BF16_PREFILL = [
     # scores of a few hundred (base 2) under a negative scale: a max taken on the wrong side
     # overflows 2^x
     ((1, 2, 2, 40, 70, 64), dict(scale=-40.0)),
+    # a causal mask with the second batch row's first 300 keys padded: whole key tiles (AMX:
+    # 256 keys) outside every row's kept range, skipped; two AMX row blocks per kv head
+    ((2, 4, 1, 110, 520, 128), dict(mask="causal-padded")),
+    ((2, 4, 1, 110, 520, 64), dict(mask="causal-padded-additive")),
 ]
 
 
@@ -107,6 +111,10 @@ def test_bf16_prefill_within_rounding(torch, isa, shape, opts, odd_stride):
         opts["mask"] = torch.rand(b, 1, lq, lk) < 0.7
     elif kind == "additive":
         opts["mask"] = torch.randn(lq, lk)
+    elif kind and kind.startswith("causal-padded"):
+        keep = torch.ones(b, 1, lq, lk, dtype=torch.bool).tril(lk - lq)
+        keep[-1, ..., :300] = False
+        opts["mask"] = keep if kind == "causal-padded" else torch.randn(lq, lk).masked_fill(~keep, float("-inf"))
     out = ff.sdpa(q, k, v, **opts)
     ref_opts = {n: (o.numpy() if hasattr(o, "numpy") else o) for n, o in opts.items()}
     ref = ref_of(q, k, v, **ref_opts)

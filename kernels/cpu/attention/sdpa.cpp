@@ -95,6 +95,23 @@ struct AmxKvCache {
   }
 };
 
+// The keys each stored row of the mask keeps: pairs [lo, hi) from its first to one past its
+// last kept key (bool: non-zero; additive: not -inf), (0, 0) for a row that keeps none. Rows
+// are indexed over the mask's own extent: a dimension it broadcasts (stride 0) counts once.
+// Blocks narrow each row's keys to its mask row's range, so that key tiles a mask wholly
+// excludes (above the diagonal of a causal mask, left padding) are skipped, not computed and
+// masked; inside the range the mask still applies key by key.
+struct MaskRanges {
+  const int64_t* pairs = nullptr;
+  int64_t stride_b = 0, stride_h = 0, stride_q = 0;  // in pairs
+
+  void narrow(int64_t b, int64_t h, int64_t i, int64_t* lo, int64_t* hi) const {
+    const int64_t* r = pairs + 2 * (b * stride_b + h * stride_h + i * stride_q);
+    if (r[0] > *lo) *lo = r[0];
+    if (r[1] < *hi) *hi = r[1];
+  }
+};
+
 // Shape-derived constants of one call.
 struct Problem {
   const SdpaParams& p;
@@ -108,6 +125,8 @@ struct Problem {
   // operand layouts (pack_amx_kv), each packed once, by the first block that reads it; else
   // null and each block packs its own.
   const AmxKvCache* amx_kv = nullptr;
+  // With a mask: its rows' key ranges (null without a mask).
+  const MaskRanges* mask_ranges = nullptr;
 };
 
 struct Block {
@@ -168,6 +187,63 @@ inline void apply_mask(const SdpaMask& mk, int64_t b, int64_t h, int64_t i, int6
     const float* add = static_cast<const float*>(mk.data) + base;
     for (int64_t j = 0; j < nk; ++j) s[j] += add[j * sk] * simd::exp2_poly::kLog2e;  // base 2
   }
+}
+
+// [lo, hi) of the kept keys among n mask entries at `row` (element stride sk): bool entries
+// are kept when non-zero, additive ones when not -inf. Contiguous rows are skipped a 64-bit
+// word at a time from both ends (8 bools or 2 floats: a causal mask's row i ends in Lk - 1 - i
+// masked keys).
+inline void kept_keys(SdpaMaskKind kind, const void* row, int64_t n, int64_t sk, int64_t* lo, int64_t* hi) {
+  const bool keep = kind == SdpaMaskKind::keep;
+  const int64_t size = keep ? 1 : static_cast<int64_t>(sizeof(float));
+  const char* base = static_cast<const char*>(row);
+  constexpr uint32_t kNegInfBits = 0xFF800000u;
+  auto kept = [&](int64_t j) {
+    if (keep) return base[j * sk] != 0;
+    uint32_t bits;
+    std::memcpy(&bits, base + j * sk * size, sizeof(bits));
+    return bits != kNegInfBits;
+  };
+  const uint64_t none = keep ? 0 : (uint64_t{kNegInfBits} << 32 | kNegInfBits);  // a word keeping nothing
+  const int64_t per_word = 8 / size;
+  auto word_keeps_none = [&](int64_t j) {
+    uint64_t w;
+    std::memcpy(&w, base + j * size, sizeof(w));
+    return w == none;
+  };
+  int64_t a = 0, e = n;
+  if (sk == 1) {
+    while (a + per_word <= n && word_keeps_none(a)) a += per_word;
+  }
+  while (a < n && !kept(a)) ++a;
+  if (sk == 1) {
+    while (e - per_word >= a && word_keeps_none(e - per_word)) e -= per_word;
+  }
+  while (e > a && !kept(e - 1)) --e;
+  *lo = a < e ? a : 0;
+  *hi = a < e ? e : 0;
+}
+
+// The MaskRanges of a call's mask, written to `pairs` (2 per stored row; see mask_rows).
+MaskRanges mask_ranges(const SdpaParams& p, int64_t* pairs) {
+  const SdpaMask& mk = p.mask;
+  const int64_t nh = mk.stride_h ? p.q_heads : 1, nq = mk.stride_q ? p.q_len : 1;
+  const int64_t nb = mk.stride_b ? p.batch : 1;
+  const int64_t size = mk.kind == SdpaMaskKind::keep ? 1 : static_cast<int64_t>(sizeof(float));
+  parallel_for(nb * nh * nq, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t b = r / (nh * nq), h = r / nq % nh, i = r % nq;
+      const char* row = static_cast<const char*>(mk.data) +
+                        size * (b * mk.stride_b + h * mk.stride_h + i * mk.stride_q);
+      kept_keys(mk.kind, row, p.kv_len, mk.stride_k, pairs + 2 * r, pairs + 2 * r + 1);
+    }
+  });
+  return {pairs, mk.stride_b ? nh * nq : 0, mk.stride_h ? nq : 0, mk.stride_q ? 1 : 0};
+}
+
+// Stored rows of a call's mask (dimensions it broadcasts count once).
+inline int64_t mask_rows(const SdpaParams& p) {
+  return (p.mask.stride_b ? p.batch : 1) * (p.mask.stride_h ? p.q_heads : 1) * (p.mask.stride_q ? p.q_len : 1);
 }
 
 // out[k] = the keys of the tile [t, t + nk) that rows [k kMr, (k + 1) kMr) of the block may
@@ -254,6 +330,7 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
     w.m[rr] = kNegInf;
     w.l[rr] = 0.0f;
     key_range(p, pos[rr], &lo[rr], &hi[rr]);
+    if (pr.mask_ranges) pr.mask_ranges->narrow(bk.b, head[rr], pos[rr], &lo[rr], &hi[rr]);
     lo[rr] = lo[rr] > bk.j0 ? lo[rr] : bk.j0;
     hi[rr] = hi[rr] < bk.j1 ? hi[rr] : bk.j1;
     if (lo[rr] < hi[rr]) {
@@ -580,6 +657,12 @@ void sdpa(const SdpaParams& p) {
   if (amx && pr.row_blocks > 1 && (pr.chunks == 1 || chunk % kAmxKeyTile == 0)) {
     amx_kv = amx_kv_cache(p, pr.dp, &amx_state);
     pr.amx_kv = &amx_kv;
+  }
+  MaskRanges ranges;
+  if (p.mask.kind != SdpaMaskKind::none) {
+    thread_local GrowBuffer<int64_t> pairs;
+    ranges = mask_ranges(p, pairs.get(2 * mask_rows(p)));
+    pr.mask_ranges = &ranges;
   }
   FF_DTYPE_SWITCH(p.dtype, T, [&] { run<T>(p, pr); });
 }
