@@ -79,6 +79,8 @@ def default_cases(rng) -> list:
                   False, rng, mask=padded_mask(2, 512, 512, 100)),
         sdpa_case("sdpa padded prefill GQA 32/8 B2 L512 D64 additive mask", [(2, 32, 512, 64), (2, 8, 512, 64), (2, 8, 512, 64)],
                   False, rng, mask=padded_mask(2, 512, 512, 100, additive=True)),
+        sdpa_case("sdpa padded prefill GQA 32/8 B2 L512 D64 bf16 bool mask", [(2, 32, 512, 64), (2, 8, 512, 64), (2, 8, 512, 64)],
+                  False, rng, "bfloat16", mask=padded_mask(2, 512, 512, 100)),
         sdpa_case("sdpa MiniLM B16 H12 L23 D32 bool mask", [(16, 12, 23, 32)] * 3, False, rng,
                   mask=padded_mask(16, 23, 23, 5, causal=False)),
     ]

@@ -162,7 +162,8 @@ def test_masks_excluding_whole_tiles(rng, isa, threads, dtype, kind):
     keep = ranged_mask(rng, 200, 330)
     pad = np.ones((2, 1, 1, 330), dtype=bool)
     pad[1, ..., :201] = False  # left padding of a batch row: whole tiles masked
-    for m in (keep, pad, keep & pad):
+    per_head = ranged_mask(rng, 2 * 4 * 200, 330).reshape(2, 4, 200, 330)  # scan chunks cross heads
+    for m in (keep, pad, keep & pad, per_head):
         mask = m if kind == "bool" else additive(rng, m)
         out, lse = ff.sdpa(q, k, v, mask=mask, return_lse=True)
         check(out, lse, q, k, v, tol=dtype, mask=mask)

@@ -15,6 +15,7 @@
 // them through their logsumexp.
 // Scores are kept in base 2: q is scaled by scale * log2(e) (additive masks by log2(e)), so
 // every exponential is a 2^x, without exp's ln2 range reduction; lse = ln2 * m + log(l).
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstring>
@@ -230,12 +231,18 @@ MaskRanges mask_ranges(const SdpaParams& p, int64_t* pairs) {
   const int64_t nh = mk.stride_h ? p.q_heads : 1, nq = mk.stride_q ? p.q_len : 1;
   const int64_t nb = mk.stride_b ? p.batch : 1;
   const int64_t size = mk.kind == SdpaMaskKind::keep ? 1 : static_cast<int64_t>(sizeof(float));
-  parallel_for(nb * nh * nq, 16, [&](int64_t begin, int64_t end) {
+  // chunks of at least 32K entries: a small mask (an encoder's padding) is scanned inline
+  const int64_t grain = std::max<int64_t>(16, (int64_t{1} << 15) / std::max<int64_t>(p.kv_len, 1));
+  parallel_for(nb * nh * nq, grain, [&](int64_t begin, int64_t end) {
+    int64_t b = begin / (nh * nq), h = begin / nq % nh, i = begin % nq;
     for (int64_t r = begin; r < end; ++r) {
-      const int64_t b = r / (nh * nq), h = r / nq % nh, i = r % nq;
       const char* row = static_cast<const char*>(mk.data) +
                         size * (b * mk.stride_b + h * mk.stride_h + i * mk.stride_q);
       kept_keys(mk.kind, row, p.kv_len, mk.stride_k, pairs + 2 * r, pairs + 2 * r + 1);
+      if (++i == nq) {  // the next row, without divisions
+        i = 0;
+        if (++h == nh) h = 0, ++b;
+      }
     }
   });
   return {pairs, mk.stride_b ? nh * nq : 0, mk.stride_h ? nq : 0, mk.stride_q ? 1 : 0};
