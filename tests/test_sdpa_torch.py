@@ -91,6 +91,8 @@ BF16_PREFILL = [
     # 256 keys) outside every row's kept range, skipped; two AMX row blocks per kv head
     ((2, 4, 1, 110, 520, 128), dict(mask="causal-padded")),
     ((2, 4, 1, 110, 520, 64), dict(mask="causal-padded-additive")),
+    # a mask not contiguous along the keys (a transposed view): scores stored, then masked
+    ((1, 4, 1, 110, 300, 64), dict(mask="bool-transposed")),
 ]
 
 
@@ -111,6 +113,8 @@ def test_bf16_prefill_within_rounding(torch, isa, shape, opts, odd_stride):
         opts["mask"] = torch.rand(b, 1, lq, lk) < 0.7
     elif kind == "additive":
         opts["mask"] = torch.randn(lq, lk)
+    elif kind == "bool-transposed":
+        opts["mask"] = (torch.rand(lk, lq) < 0.7).t()
     elif kind and kind.startswith("causal-padded"):
         keep = torch.ones(b, 1, lq, lk, dtype=torch.bool).tril(lk - lq)
         keep[-1, ..., :300] = False

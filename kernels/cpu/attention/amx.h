@@ -131,41 +131,56 @@ inline __m512 exp2_p16(__m512 x, __mmask16 keep) {
   return _mm512_maskz_scalef_ps(keep, p, n);
 }
 
-// The largest scale s over the lanes of s in [a, e) among the 16-key steps [from, to) (-inf if
-// none); the smallest raw score makes the largest scaled one when scale < 0.
+// x = scale s[j..j+16) - m (in base 2, plus the additive mask) on the lanes of `in` the mask
+// keeps; `in` loses the lanes the bool mask drops. Lanes outside `in` are left unread.
+FF_BF16_DOT inline __m512 scaled_scores(const float* s, int64_t j, __mmask16* in, __m512 scale,
+                                        __m512 neg_m, const MaskRow& mr) {
+  if (mr.keep) {
+    const __m128i b = _mm_maskz_loadu_epi8(*in, mr.keep + j);
+    *in = _mm_mask_test_epi8_mask(*in, b, b);
+  }
+  __m512 x = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(*in, s + j), scale, neg_m);
+  if (mr.add)
+    x = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(*in, mr.add + j), _mm512_set1_ps(simd::exp2_poly::kLog2e), x);
+  return x;
+}
+
+// The largest scale s (plus the mask) over the lanes of s in [a, e) the mask keeps, among the
+// 16-key steps [from, to) (-inf if none).
 FF_BF16_DOT inline float scaled_max(const float* s, int64_t a, int64_t e, int64_t from, int64_t to,
-                                    float scale) {
+                                    float scale, const MaskRow& mr) {
   constexpr float kInf = std::numeric_limits<float>::infinity();
   const __m512i av = _mm512_set1_epi32(static_cast<int>(a)), ev = _mm512_set1_epi32(static_cast<int>(e));
   const __m512i sixteen = _mm512_set1_epi32(16);
+  const __m512 sv = _mm512_set1_ps(scale), zero = _mm512_setzero_ps();
   __m512i idx = _mm512_add_epi32(kLanes16(), _mm512_set1_epi32(static_cast<int>(from)));
-  __m512 hi = _mm512_set1_ps(-kInf), lo = _mm512_set1_ps(kInf);
+  __m512 hi = _mm512_set1_ps(-kInf);
   for (int64_t j = from; j < to; j += 16, idx = _mm512_add_epi32(idx, sixteen)) {
-    const __mmask16 in = lanes_in(idx, av, ev);
-    const __m512 x = _mm512_maskz_loadu_ps(in, s + j);
+    __mmask16 in = lanes_in(idx, av, ev);
+    const __m512 x = scaled_scores(s, j, &in, sv, zero, mr);
     hi = _mm512_mask_max_ps(hi, in, hi, x);
-    lo = _mm512_mask_min_ps(lo, in, lo, x);
   }
-  return (scale >= 0.0f ? _mm512_reduce_max_ps(hi) : _mm512_reduce_min_ps(lo)) * scale;
+  return _mm512_reduce_max_ps(hi);
 }
 
-// p = 2^(scale s - m) over the 32-key steps [j_lo, j_hi) of one score row, 0 outside [a, e),
-// written to pw as bf16 pairs (words [j / 2, j / 2 + 16) per step); returns their sum. With
-// rise, also the largest scale s - m among the lanes in [a, e).
+// p = 2^(scale s - m) (plus the mask) over the 32-key steps [j_lo, j_hi) of one score row, 0
+// outside [a, e) and where the mask drops a key, written to pw as bf16 pairs (words [j / 2,
+// j / 2 + 16) per step); returns their sum. With rise, also the largest scale s - m among the
+// lanes kept.
 FF_BF16_DOT inline float exp_pairs(const float* s, int64_t a, int64_t e, int64_t j_lo, int64_t j_hi,
-                                   float scale, float m, uint32_t* pw, float* rise) {
+                                   float scale, float m, const MaskRow& mr, uint32_t* pw, float* rise) {
   const __m512i av = _mm512_set1_epi32(static_cast<int>(a)), ev = _mm512_set1_epi32(static_cast<int>(e));
   const __m512i sixteen = _mm512_set1_epi32(16);
   const __m512 sv = _mm512_set1_ps(scale), mv = _mm512_set1_ps(-m);
   __m512 sum = _mm512_setzero_ps(), top = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   __m512i idx = _mm512_add_epi32(kLanes16(), _mm512_set1_epi32(static_cast<int>(j_lo)));
   for (int64_t j = j_lo; j < j_hi; j += 32) {
-    const __mmask16 in0 = lanes_in(idx, av, ev);
+    __mmask16 in0 = lanes_in(idx, av, ev);
     idx = _mm512_add_epi32(idx, sixteen);
-    const __mmask16 in1 = lanes_in(idx, av, ev);
+    __mmask16 in1 = lanes_in(idx, av, ev);
     idx = _mm512_add_epi32(idx, sixteen);
-    const __m512 x0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(in0, s + j), sv, mv);
-    const __m512 x1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(in1, s + j + 16), sv, mv);
+    const __m512 x0 = scaled_scores(s, j, &in0, sv, mv, mr);
+    const __m512 x1 = scaled_scores(s, j + 16, &in1, sv, mv, mr);
     if (rise) {
       top = _mm512_mask_max_ps(top, in0, top, x0);
       top = _mm512_mask_max_ps(top, in1, top, x1);
@@ -188,11 +203,11 @@ FF_BF16_DOT inline float exp_pairs(const float* s, int64_t a, int64_t e, int64_t
 // when those are -inf: masked). The scale rides on the exponent's multiply-add. A row with no
 // finite score yet keeps m = -inf, l = 0 and gets p = 0, alpha = 1, as softmax_update.
 FF_BF16_DOT inline float softmax_amx_row(const float* s, int64_t a, int64_t e, int64_t nk32, float scale,
-                                         float* m, float* l, uint32_t* pw) {
+                                         const MaskRow& mr, float* m, float* l, uint32_t* pw) {
   constexpr float kInf = std::numeric_limits<float>::infinity();
   float m_new = *m;
-  if (m_new == -kInf && a < e) m_new = scaled_max(s, a, e, a / 16 * 16, a / 16 * 16 + 16, scale);
-  if (m_new == -kInf && a < e) m_new = scaled_max(s, a, e, a / 16 * 16, e, scale);
+  if (m_new == -kInf && a < e) m_new = scaled_max(s, a, e, a / 16 * 16, a / 16 * 16 + 16, scale, mr);
+  if (m_new == -kInf && a < e) m_new = scaled_max(s, a, e, a / 16 * 16, e, scale, mr);
   // 32-key steps wholly outside [a, e) (the causal diagonal's far side) are zeros, not computed
   const int64_t j_lo = m_new == -kInf ? nk32 : a / 32 * 32;
   const int64_t j_hi = m_new == -kInf ? nk32 : round_up(e, 32);
@@ -200,10 +215,10 @@ FF_BF16_DOT inline float softmax_amx_row(const float* s, int64_t a, int64_t e, i
   for (int64_t j = j_hi; j < nk32; j += 32) _mm512_storeu_si512(pw + j / 2, _mm512_setzero_si512());
   if (m_new == -kInf) return 1.0f;
   float rise = 0.0f;
-  float sum = exp_pairs(s, a, e, j_lo, j_hi, scale, m_new, pw, &rise);
+  float sum = exp_pairs(s, a, e, j_lo, j_hi, scale, m_new, mr, pw, &rise);
   if (rise > kMaxSlack) {
     m_new += rise;
-    sum = exp_pairs(s, a, e, j_lo, j_hi, scale, m_new, pw, nullptr);
+    sum = exp_pairs(s, a, e, j_lo, j_hi, scale, m_new, mr, pw, nullptr);
   }
   if (m_new == *m) {
     *l += sum;
@@ -262,7 +277,8 @@ inline void qk_amx_tile(const uint32_t*, int64_t, const uint32_t*, int64_t, floa
                         const int64_t*, int64_t) {}
 inline void pv_amx_tile(float*, int64_t, const float*, const uint32_t*, int64_t, const uint32_t*,
                         int64_t, const int64_t*, int64_t) {}
-inline float softmax_amx_row(const float*, int64_t, int64_t, int64_t, float, float*, float*, uint32_t*) {
+inline float softmax_amx_row(const float*, int64_t, int64_t, int64_t, float, const MaskRow&, float*, float*,
+                             uint32_t*) {
   return 1.0f;
 }
 #endif

@@ -394,8 +394,10 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
         tile_hi[rr] = static_cast<int32_t>(e < tile_lo[rr] ? tile_lo[rr] : e > nk ? nk : e);
       }
     }
-    const void* mask_rows[kMaxRowTile];  // each row's mask at key t
-    if (fuse && masked) {
+    // each row's mask at key t, where the softmax reads it on registers (zmm tiles, AMX rows)
+    const bool mask_in_place = masked && p.mask.stride_k == 1 && (fuse || amx);
+    const void* mask_rows[kMaxRowTile];
+    if (mask_in_place) {
       const int64_t bytes = p.mask.kind == SdpaMaskKind::keep ? 1 : static_cast<int64_t>(sizeof(float));
       for (int64_t rr = 0; rr < nr; ++rr)
         mask_rows[rr] = static_cast<const char*>(p.mask.data) +
@@ -454,10 +456,13 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
     // computed, are past each of its rows' hi and set to -inf here)
     for (int64_t rr = 0; rr < nr && !fused; ++rr) {
       float* s = w.s + rr * pitch;
-      if (amx && !masked) {  // the scale, the causal/window clip and the bf16 rounding fused in
+      if (amx && (!masked || mask_in_place)) {  // the scale, clip, mask and bf16 rounding fused in
         const int64_t a = clip && lo[rr] > t ? lo[rr] - t : 0;
         const int64_t e = clip && hi[rr] - t < nk ? hi[rr] - t : nk;
-        w.alpha[rr] = softmax_amx_row(s, a, e, round_up(nk, 32), scale2, &w.m[rr], &w.l[rr],
+        MaskRow mr;
+        if (masked && p.mask.kind == SdpaMaskKind::keep) mr.keep = static_cast<const uint8_t*>(mask_rows[rr]);
+        if (masked && p.mask.kind == SdpaMaskKind::add) mr.add = static_cast<const float*>(mask_rows[rr]);
+        w.alpha[rr] = softmax_amx_row(s, a, e, round_up(nk, 32), scale2, mr, &w.m[rr], &w.l[rr],
                                       w.p + rr * kAmxPPitch);
         continue;
       }
@@ -470,7 +475,7 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
       }
       if (masked) apply_mask(p.mask, bk.b, head[rr], pos[rr], t, nk, s);
       if (amx)  // scaled and masked scores (-inf where masked): the same step with scale 1
-        w.alpha[rr] = softmax_amx_row(s, 0, nk, round_up(nk, 32), 1.0f, &w.m[rr], &w.l[rr],
+        w.alpha[rr] = softmax_amx_row(s, 0, nk, round_up(nk, 32), 1.0f, MaskRow{}, &w.m[rr], &w.l[rr],
                                       w.p + rr * kAmxPPitch);
       else
         w.alpha[rr] = softmax_update(s, nk, &w.m[rr], &w.l[rr]);

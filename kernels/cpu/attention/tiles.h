@@ -74,6 +74,14 @@ struct RowState {
 // and its accumulator is not rescaled, and m is known before the scores are reduced (the
 // threshold of FlashAttention-4's conditional rescaling). The rows' O grow at most 2^8 x past
 // the exact algorithm's, which cannot overflow short of |V| near the fp32 limit.
+// One row's mask over a tile's keys, read where it is contiguous along the keys: keep bytes
+// (non-zero keeps) or fp32 values added to the scaled scores (natural-log units); both null
+// without a mask (the AMX tiles' softmax_amx_row).
+struct MaskRow {
+  const uint8_t* keep = nullptr;
+  const float* add = nullptr;
+};
+
 constexpr float kMaxSlack = 8.0f;
 
 // One row's online-softmax step once its new max m_new (finite) and the sum of 2^(s - m_new)
