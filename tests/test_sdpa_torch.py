@@ -91,6 +91,9 @@ BF16_PREFILL = [
     # 256 keys) outside every row's kept range, skipped; two AMX row blocks per kv head
     ((2, 4, 1, 110, 520, 128), dict(mask="causal-padded")),
     ((2, 4, 1, 110, 520, 64), dict(mask="causal-padded-additive")),
+    # random bool masks on the AMX tiles (head dims multiple of 32), read on registers
+    ((1, 4, 1, 110, 300, 64), dict(mask="bool")),
+    ((1, 8, 2, 50, 200, 128), dict(mask="bool", causal=True)),
     # a mask not contiguous along the keys (a transposed view): scores stored, then masked
     ((1, 4, 1, 110, 300, 64), dict(mask="bool-transposed")),
 ]
