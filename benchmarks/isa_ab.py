@@ -72,6 +72,9 @@ def default_cases(rng) -> list:
         sdpa_case("sdpa prefill non-causal B4 H12 L1024 D64", [(4, 12, 1024, 64)] * 3, False, rng),
         sdpa_case("sdpa prefill non-causal B1 H8 L2048 D128", [(1, 8, 2048, 128)] * 3, False, rng),
         sdpa_case("sdpa decode GQA 32/8 Lk 4096 D128", gqa, False, rng),
+        sdpa_case("sdpa decode GQA 32/8 Lk 4096 D128 bf16", gqa, False, rng, "bfloat16"),
+        sdpa_case("sdpa decode MHA 32/32 Lk 4096 D128 bf16", [(1, 32, 1, 128), (1, 32, 4096, 128), (1, 32, 4096, 128)],
+                  False, rng, "bfloat16"),
         # 16 new tokens against a 4096-token cache (speculative decoding's verify step, chunked
         # prefill): 64 rows per kv head, too many to stream K/V, too few to be compute-bound
         sdpa_case("sdpa verify GQA 32/8 Lq 16 Lk 4096 D128", verify, True, rng),

@@ -131,6 +131,30 @@ def test_bf16_prefill_within_rounding(torch, isa, shape, opts, odd_stride):
     assert excess.max() <= 0, (excess.max(), np.unravel_index(excess.argmax(), excess.shape))
 
 
+# bf16 decode blocks (at most 8 query rows per kv head): head dims 64, 96, 128 and 256 run
+# Q K^T on vdpbf16ps where the variant has it (K rows read in place as bf16 pairs), in register
+# blocks of 1-4 rows x 4 or 8 keys with the last keys one by one; split-KV on the long one.
+BF16_DECODE = [
+    ((1, 8, 2, 1, 333, 64), dict()),
+    ((1, 6, 2, 1, 130, 96), dict(causal=True)),
+    ((2, 4, 4, 2, 77, 256), dict(window=30)),
+    ((1, 16, 2, 1, 1500, 128), dict()),
+    ((1, 2, 2, 1, 9, 128), dict(scale=-3.0)),
+]
+
+
+@pytest.mark.parametrize("shape, opts", BF16_DECODE, ids=str)
+def test_bf16_decode_within_rounding(torch, isa, threads, shape, opts):
+    """As test_bf16_prefill_within_rounding, for decode blocks."""
+    q, k, v = qkv(torch, *shape, torch.bfloat16)
+    out = ff.sdpa(q, k, v, **opts)
+    ref = ref_of(q, k, v, **opts)
+    assert not torch.isnan(out).any()
+    bound = 2.0**-8 * (np.abs(ref) + np.abs(v.float().numpy()).max())
+    excess = np.abs(out.float().numpy() - ref) - bound
+    assert excess.max() <= 0, (excess.max(), np.unravel_index(excess.argmax(), excess.shape))
+
+
 @pytest.mark.parametrize("chunk", [192, 256])
 def test_bf16_prefill_split_keys(torch, isa, chunk):
     """Key chunks on bf16 prefill blocks: aligned to the AMX key tile (packed once per call) or

@@ -314,6 +314,8 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
   const bool dot16 = T == DType::bf16 && !stream && bf16_tiles(D);
   // ... and on AMX tiles where the variant has them (same q words; scores scaled after).
   const bool amx = dot16 && amx_bf16_tiles(D);
+  // ... and bf16 decode rows: q rows stay bf16 words, K rows are read in place as words.
+  const bool wide16 = T == DType::bf16 && wide && bf16_wide_dot(D);
   std::optional<AmxTiles> tiles;
   if (amx) tiles.emplace();
   const int64_t tile = amx ? kAmxKeyTile : kKeyTile;  // keys per tile
@@ -329,7 +331,7 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
     pos[rr] = r / G;
     head[rr] = bk.kvh * G + r % G;
     const S* qrow = q + head[rr] * p.q.stride_h + pos[rr] * p.q.stride_l;
-    if (dot16)
+    if (dot16 || wide16)
       std::memcpy(qw + rr * dp / 2, qrow, D * sizeof(S));
     else
       pack_row_scaled<T>(qrow, D, scale2, w.q + rr * dp, dp);
@@ -412,7 +414,9 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
     const RowState* fused = fuse ? &rows : nullptr;
 
     // S = (scale log2(e) q) K^T
-    if (wide) {
+    if (wide16) {
+      qk_wide_bf16(qw, dp / 2, reinterpret_cast<const uint16_t*>(kt), ks, nk, D, scale2, w.s, pitch, nr);
+    } else if (wide) {
       qk_wide<T>(w.q, dp, kt, ks, nk, D, w.s, pitch, nr);
     } else if (stream) {
       if constexpr (T == DType::f32) {

@@ -435,11 +435,26 @@ inline __m512 load16(const typename Elem<T>::type* p) {
 
 // s[r][j] = q[r] . k[j] for R rows and nk keys, D = NV*16, KB keys per register block (R*KB
 // accumulators, reduced eight at a time); the keys past the last full block go to qk_dot.
+// s[r][j + b] = scale * (the sum of acc[r][b]'s lanes) for R rows x KB keys, the accumulators
+// reduced eight at a time.
+template <int R, int KB>
+inline void store_lane_sums(const __m512 (&acc)[R][KB], float scale, float* s, int64_t s_stride, int64_t j) {
+  constexpr int N = R * KB, N8 = (N + 7) / 8 * 8;
+  f32x8 half[N8];
+  for (int r = 0; r < R; ++r)
+    for (int b = 0; b < KB; ++b)
+      half[r * KB + b] = {_mm256_add_ps(_mm512_castps512_ps256(acc[r][b]), _mm512_extractf32x8_ps(acc[r][b], 1))};
+  for (int i = N; i < N8; ++i) half[i] = simd::zero();
+  float sums[N8];
+  for (int i = 0; i < N8; i += 8) simd::store(sums + i, simd::reduce_add8(half + i));
+  for (int r = 0; r < R; ++r)
+    for (int b = 0; b < KB; ++b) s[r * s_stride + j + b] = scale * sums[r * KB + b];
+}
+
 template <DType T, int NV, int R>
 inline void qk_dot_zmm(const float* q, int64_t q_stride, const typename Elem<T>::type* k,
                        int64_t k_stride, int64_t nk, float* s, int64_t s_stride) {
   constexpr int KB = R == 1 ? 8 : 4;
-  constexpr int N = R * KB, N8 = (N + 7) / 8 * 8;
   int64_t j = 0;
   for (; j + KB <= nk; j += KB) {
     const auto* kp = k + j * k_stride;
@@ -454,15 +469,7 @@ inline void qk_dot_zmm(const float* q, int64_t q_stride, const typename Elem<T>:
         for (int b = 0; b < KB; ++b) acc[r][b] = _mm512_fmadd_ps(qv, kv[b], acc[r][b]);
       }
     }
-    f32x8 half[N8];
-    for (int r = 0; r < R; ++r)
-      for (int b = 0; b < KB; ++b)
-        half[r * KB + b] = {_mm256_add_ps(_mm512_castps512_ps256(acc[r][b]), _mm512_extractf32x8_ps(acc[r][b], 1))};
-    for (int i = N; i < N8; ++i) half[i] = simd::zero();
-    float sums[N8];
-    for (int i = 0; i < N8; i += 8) simd::store(sums + i, simd::reduce_add8(half + i));
-    for (int r = 0; r < R; ++r)
-      for (int b = 0; b < KB; ++b) s[r * s_stride + j + b] = sums[r * KB + b];
+    store_lane_sums<R, KB>(acc, 1.0f, s, s_stride, j);
   }
   if (j < nk) qk_dot<T, R>(q, q_stride, k + j * k_stride, k_stride, nk - j, NV * 16, s + j, s_stride);
 }
@@ -788,6 +795,62 @@ FF_BF16_DOT inline void pv_bf16_zmm(float* o, int64_t o_stride, const float* alp
   store_zmm<R, NC>(o, o_stride, acc);
 }
 
+// bf16 decode on vdpbf16ps: s[r][j + b] = scale (q[r] . k[j + b]) for R rows of q words
+// (bf16 pairs, pitch q_stride words) and KB keys whose bf16 rows are read in place as words;
+// the head dim is 32 NW.
+template <int NW, int R, int KB>
+FF_BF16_DOT inline void qk_dot_bf16_block(const uint32_t* q, int64_t q_stride, const uint16_t* k,
+                                          int64_t k_stride, float scale, float* s, int64_t s_stride,
+                                          int64_t j) {
+  __m512 acc[R][KB];
+  for (int r = 0; r < R; ++r)
+    for (int b = 0; b < KB; ++b) acc[r][b] = _mm512_setzero_ps();
+  for (int u = 0; u < NW; ++u) {
+    __m512i kv[KB];
+    for (int b = 0; b < KB; ++b) kv[b] = _mm512_loadu_si512(k + (j + b) * k_stride + 32 * u);
+    for (int r = 0; r < R; ++r) {
+      const __m512bh qv = (__m512bh)_mm512_loadu_si512(q + r * q_stride + 16 * u);
+      for (int b = 0; b < KB; ++b) acc[r][b] = _mm512_dpbf16_ps(acc[r][b], qv, (__m512bh)kv[b]);
+    }
+  }
+  store_lane_sums<R, KB>(acc, scale, s, s_stride, j);
+}
+
+// The nk keys of R rows: blocks of KB keys (R x KB accumulators, as qk_dot_zmm), then one by one.
+template <int NW, int R>
+FF_BF16_DOT inline void qk_dot_bf16_rows(const uint32_t* q, int64_t q_stride, const uint16_t* k,
+                                         int64_t k_stride, int64_t nk, float scale, float* s,
+                                         int64_t s_stride) {
+  constexpr int KB = R == 1 ? 8 : 4;
+  int64_t j = 0;
+  for (; j + KB <= nk; j += KB) qk_dot_bf16_block<NW, R, KB>(q, q_stride, k, k_stride, scale, s, s_stride, j);
+  for (; j < nk; ++j) qk_dot_bf16_block<NW, R, 1>(q, q_stride, k, k_stride, scale, s, s_stride, j);
+}
+
+// Decode rows of bf16 inputs through vdpbf16ps: the CPU has AVX512_BF16 and d is one of the
+// head dims below (whole zmm of bf16 pairs).
+inline bool bf16_wide_dot(int64_t d) { return (d == 64 || d == 96 || d == 128 || d == 256) && bf16_dot(); }
+
+// S = scale Q K^T for the nr rows of a decode block (q words, d / 2 per row) against nk keys of
+// bf16 storage read in place (d: bf16_wide_dot).
+FF_BF16_DOT inline void qk_wide_bf16(const uint32_t* q, int64_t q_stride, const uint16_t* k,
+                                     int64_t k_stride, int64_t nk, int64_t d, float scale, float* s,
+                                     int64_t s_stride, int64_t nr) {
+  auto rows = [&](auto NW) {
+    for (int64_t r = 0; r < nr; r += 4)
+      with_rows<4>(static_cast<int>(nr - r), [&](auto R) {
+        qk_dot_bf16_rows<decltype(NW)::value, decltype(R)::value>(q + r * q_stride, q_stride, k, k_stride, nk,
+                                                                  scale, s + r * s_stride, s_stride);
+      });
+  };
+  switch (d) {
+    case 64: return rows(Rows<2>{});
+    case 96: return rows(Rows<3>{});
+    case 128: return rows(Rows<4>{});
+    default: return rows(Rows<8>{});
+  }
+}
+
 // Calls f(Rows<NV>{}) with NV = d / 16 when the head dim d has a zmm decode path (a multiple
 // of 16 up to 128, or 256) and returns true; false otherwise.
 template <class F>
@@ -938,6 +1001,9 @@ FF_BF16_DOT inline void pv_bf16_tile(float* o, int64_t o_stride, const float* al
 }
 #else
 inline bool bf16_tiles(int64_t) { return false; }
+inline bool bf16_wide_dot(int64_t) { return false; }
+inline void qk_wide_bf16(const uint32_t*, int64_t, const uint16_t*, int64_t, int64_t, int64_t, float, float*,
+                         int64_t, int64_t) {}
 inline void qk_bf16_tile(const uint32_t*, int64_t, const uint16_t*, int64_t, int64_t, int64_t, float,
                          uint32_t*, float*, int64_t, const int64_t*, int64_t, const RowState*) {}
 inline void pv_bf16_tile(float*, int64_t, const float*, float*, int64_t, const uint16_t*, int64_t,
