@@ -140,7 +140,7 @@ py::array_t<float> kmeans1d(const py::array_t<float, py::array::c_style | py::ar
 }  // namespace
 
 void init_quant(py::module_& m) {
-  m.def("qmatmul", &qmatmul, py::arg("x"), py::kw_only(), py::arg("dtype"), py::arg("codes_kind"), py::arg("n"),
+  m.def("qmatmul", &qmatmul, py::arg("x"), py::arg("dtype"), py::arg("codes_kind"), py::arg("n"),
         py::arg("k"), py::arg("bits"), py::arg("group"), py::arg("codes"), py::arg("scales") = py::none(),
         py::arg("biases") = py::none(), py::arg("zero_points") = py::none(), py::arg("lut") = py::none(),
         py::arg("mask") = py::none(), py::arg("row_offsets") = py::none(),

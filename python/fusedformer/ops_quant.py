@@ -7,6 +7,8 @@ the result has x's dtype and shape [..., N].
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 from ._frameworks import framework_of
@@ -14,8 +16,26 @@ from ._frameworks import framework_of
 _CODES = {"affine": 0, "int8": 1, "lut": 2, "f32": 3}
 
 
-def kernel_args(qw) -> dict:
-    """Keyword arguments of fusedformer._C.qmatmul describing qw (cached on it)."""
+class KernelArgs(NamedTuple):
+    """fusedformer._C.qmatmul's arguments after x and dtype, in its order: a call passes them
+    positionally (pybind11 matches keywords by name, about 1.5 us of a decode step's call)."""
+
+    codes_kind: int
+    n: int
+    k: int
+    bits: int
+    group: int
+    codes: np.ndarray
+    scales: np.ndarray | None = None
+    biases: np.ndarray | None = None
+    zero_points: np.ndarray | None = None
+    lut: np.ndarray | None = None
+    mask: np.ndarray | None = None
+    row_offsets: np.ndarray | None = None
+
+
+def kernel_args(qw) -> KernelArgs:
+    """The arguments of fusedformer._C.qmatmul describing qw (cached on it)."""
     cached = getattr(qw, "_kernel_args", None)
     if cached is not None:
         return cached
@@ -39,8 +59,8 @@ def kernel_args(qw) -> dict:
         rows_per_lut = n if a["lut"].shape[0] == 1 else inner.group_size
         args.update(codes_kind=_CODES["lut"], bits=inner.bits, group=rows_per_lut, codes=a["indices"],
                     lut=a["lut"])
-    qw._kernel_args = args
-    return args
+    qw._kernel_args = KernelArgs(**args)
+    return qw._kernel_args
 
 
 def _check(x_shape, qw):
@@ -53,7 +73,7 @@ def _check(x_shape, qw):
                          f"the weight's K={qw.shape[1]} (weight shape [N, K] = {list(qw.shape)})")
 
 
-def qmatmul_numpy(x: np.ndarray, qw, dtype_code: int | None = None, args: dict | None = None) -> np.ndarray:
+def qmatmul_numpy(x: np.ndarray, qw, dtype_code: int | None = None, args: KernelArgs | None = None) -> np.ndarray:
     """Native kernel on a numpy array (float32/float16, or raw bf16 words with dtype_code=2).
     ``args``: kernel_args(qw), when the caller caches them."""
     from . import _C
@@ -71,8 +91,8 @@ def qmatmul_numpy(x: np.ndarray, qw, dtype_code: int | None = None, args: dict |
     x2 = x.reshape(-1, x.shape[-1])
     if x2.shape[0] and (x2.strides[-1] != x2.itemsize or x2.strides[0] < x2.shape[1] * x2.itemsize):
         x2 = np.ascontiguousarray(x2)
-    y = _C.qmatmul(x2, dtype=dtype_code, **args)
-    return y.reshape(*lead, args["n"])
+    y = _C.qmatmul(x2, dtype_code, *args)
+    return y.reshape(*lead, args.n)
 
 
 def qmatmul(x, qw):
@@ -90,18 +110,28 @@ def qmatmul(x, qw):
     return qmatmul_numpy(np.asarray(x), qw)
 
 
-def qmatmul_tensor(x, qw, args: dict | None = None):
+def qmatmul_tensor(x, qw, args: KernelArgs | None = None):
     """The native kernel on a CPU torch tensor (float32, float16 or bfloat16)."""
     import torch
 
-    codes = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-    if x.dtype not in codes:
+    code = _torch_dtype_codes(torch).get(x.dtype)
+    if code is None:
         raise TypeError(f"[qmatmul] x must be float32, float16 or bfloat16, got {x.dtype}")
-    if x.device.type != "cpu":
+    if not x.is_cpu:
         raise ValueError(f"[qmatmul] x must be on the CPU, got {x.device}")
     xc = x.detach()
     if xc.dim() and xc.stride(-1) != 1:
         xc = xc.contiguous()
     raw = xc.view(torch.int16) if x.dtype == torch.bfloat16 else xc
-    y = torch.from_numpy(qmatmul_numpy(raw.numpy(), qw, codes[x.dtype], args))
+    y = torch.from_numpy(qmatmul_numpy(raw.numpy(), qw, code, args))
     return y.view(torch.bfloat16) if x.dtype == torch.bfloat16 else y
+
+
+_TORCH_DTYPE_CODES: dict = {}
+
+
+def _torch_dtype_codes(torch) -> dict:
+    """torch dtype -> the kernel's dtype code (built once: a dict per call costs a microsecond)."""
+    if not _TORCH_DTYPE_CODES:
+        _TORCH_DTYPE_CODES.update({torch.float32: 0, torch.float16: 1, torch.bfloat16: 2})
+    return _TORCH_DTYPE_CODES

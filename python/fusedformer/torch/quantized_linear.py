@@ -67,7 +67,7 @@ class QuantizedLinear(nn.Module):
     def dequantized_weight(self) -> torch.Tensor:
         return torch.from_numpy(self.quantized_weight().dequantize())
 
-    def _cached_kernel_args(self, parts) -> dict:
+    def _cached_kernel_args(self, parts):
         key = tuple(p.data_ptr() for p in parts)
         if self._kernel_cache is None or self._kernel_cache[0] != key:
             self._kernel_cache = (key, kernel_args(QuantizedWeight.from_op_args(parts, self._meta)))
