@@ -64,6 +64,10 @@ def default_cases(rng) -> list:
         qmatmul_case(Affine(4, 64), 4096, 4096, rng, m=512),  # prefill: the GEMM
         sdpa_case("sdpa prefill causal B1 H8 L1024 D128", [(1, 8, 1024, 128)] * 3, True, rng),
         sdpa_case("sdpa prefill causal B1 H8 L1024 D128 bf16", [(1, 8, 1024, 128)] * 3, True, rng, "bfloat16"),
+        # the same causality as a bool mask (transformers' form with padding): the key tiles it
+        # excludes are skipped as causal=True's are
+        sdpa_case("sdpa prefill B1 H8 L1024 D128 bf16 causal as a bool mask", [(1, 8, 1024, 128)] * 3, False, rng,
+                  "bfloat16", mask=padded_mask(1, 1024, 1024, 0)),
         sdpa_case("sdpa prefill causal B4 H12 L1024 D64", [(4, 12, 1024, 64)] * 3, True, rng),
         sdpa_case("sdpa prefill causal B1 H32 L2048 D128 fp32", [(1, 32, 2048, 128)] * 3, True, rng),
         sdpa_case("sdpa prefill causal B1 H32 L2048 D128 bf16", [(1, 32, 2048, 128)] * 3, True, rng, "bfloat16"),

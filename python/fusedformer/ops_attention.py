@@ -13,7 +13,7 @@ import numbers
 import numpy as np
 
 from fusedformer import _C
-from fusedformer._frameworks import common_framework, framework_of
+from fusedformer._frameworks import common_framework
 
 __all__ = ["sdpa", "check_args", "native_sdpa"]
 

@@ -225,11 +225,12 @@ inline void kept_keys(SdpaMaskKind kind, const void* row, int64_t n, int64_t sk,
   *hi = a < e ? e : 0;
 }
 
-// The MaskRanges of a call's mask, written to `pairs` (2 per stored row; see mask_rows).
-MaskRanges mask_ranges(const SdpaParams& p, int64_t* pairs) {
+// The MaskRanges of a call's mask, in `buf` (2 per stored row).
+MaskRanges mask_ranges(const SdpaParams& p, GrowBuffer<int64_t>* buf) {
   const SdpaMask& mk = p.mask;
   const int64_t nh = mk.stride_h ? p.q_heads : 1, nq = mk.stride_q ? p.q_len : 1;
   const int64_t nb = mk.stride_b ? p.batch : 1;
+  int64_t* pairs = buf->get(2 * nb * nh * nq);
   const int64_t size = mk.kind == SdpaMaskKind::keep ? 1 : static_cast<int64_t>(sizeof(float));
   // chunks of at least 32K entries: a small mask (an encoder's padding) is scanned inline
   const int64_t grain = std::max<int64_t>(16, (int64_t{1} << 15) / std::max<int64_t>(p.kv_len, 1));
@@ -246,11 +247,6 @@ MaskRanges mask_ranges(const SdpaParams& p, int64_t* pairs) {
     }
   });
   return {pairs, mk.stride_b ? nh * nq : 0, mk.stride_h ? nq : 0, mk.stride_q ? 1 : 0};
-}
-
-// Stored rows of a call's mask (dimensions it broadcasts count once).
-inline int64_t mask_rows(const SdpaParams& p) {
-  return (p.mask.stride_b ? p.batch : 1) * (p.mask.stride_h ? p.q_heads : 1) * (p.mask.stride_q ? p.q_len : 1);
 }
 
 // out[k] = the keys of the tile [t, t + nk) that rows [k kMr, (k + 1) kMr) of the block may
@@ -677,7 +673,7 @@ void sdpa(const SdpaParams& p) {
   MaskRanges ranges;
   if (p.mask.kind != SdpaMaskKind::none) {
     thread_local GrowBuffer<int64_t> pairs;
-    ranges = mask_ranges(p, pairs.get(2 * mask_rows(p)));
+    ranges = mask_ranges(p, &pairs);
     pr.mask_ranges = &ranges;
   }
   FF_DTYPE_SWITCH(p.dtype, T, [&] { run<T>(p, pr); });

@@ -68,12 +68,6 @@ struct RowState {
   }
 };
 
-// How far (base 2) a tile's scores may rise above a row's running max m before m moves: up to
-// then the tile's probabilities are taken against the old m (values up to 2^8, exact in fp32
-// and in a bf16 P, whose relative rounding does not depend on size), so the row keeps alpha = 1
-// and its accumulator is not rescaled, and m is known before the scores are reduced (the
-// threshold of FlashAttention-4's conditional rescaling). The rows' O grow at most 2^8 x past
-// the exact algorithm's, which cannot overflow short of |V| near the fp32 limit.
 // One row's mask over a tile's keys, read where it is contiguous along the keys: keep bytes
 // (non-zero keeps) or fp32 values added to the scaled scores (natural-log units); both null
 // without a mask (the AMX tiles' softmax_amx_row).
@@ -82,6 +76,12 @@ struct MaskRow {
   const float* add = nullptr;
 };
 
+// How far (base 2) a tile's scores may rise above a row's running max m before m moves: up to
+// then the tile's probabilities are taken against the old m (values up to 2^8, exact in fp32
+// and in a bf16 P, whose relative rounding does not depend on size), so the row keeps alpha = 1
+// and its accumulator is not rescaled, and m is known before the scores are reduced (the
+// threshold of FlashAttention-4's conditional rescaling). The rows' O grow at most 2^8 x past
+// the exact algorithm's, which cannot overflow short of |V| near the fp32 limit.
 constexpr float kMaxSlack = 8.0f;
 
 // One row's online-softmax step once its new max m_new (finite) and the sum of 2^(s - m_new)
@@ -433,8 +433,6 @@ inline __m512 load16(const typename Elem<T>::type* p) {
   }
 }
 
-// s[r][j] = q[r] . k[j] for R rows and nk keys, D = NV*16, KB keys per register block (R*KB
-// accumulators, reduced eight at a time); the keys past the last full block go to qk_dot.
 // s[r][j + b] = scale * (the sum of acc[r][b]'s lanes) for R rows x KB keys, the accumulators
 // reduced eight at a time.
 template <int R, int KB>
@@ -451,6 +449,8 @@ inline void store_lane_sums(const __m512 (&acc)[R][KB], float scale, float* s, i
     for (int b = 0; b < KB; ++b) s[r * s_stride + j + b] = scale * sums[r * KB + b];
 }
 
+// s[r][j] = q[r] . k[j] for R rows and nk keys, D = NV*16, KB keys per register block (R*KB
+// accumulators, reduced eight at a time); the keys past the last full block go to qk_dot.
 template <DType T, int NV, int R>
 inline void qk_dot_zmm(const float* q, int64_t q_stride, const typename Elem<T>::type* k,
                        int64_t k_stride, int64_t nk, float* s, int64_t s_stride) {
