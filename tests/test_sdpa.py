@@ -48,6 +48,9 @@ SHAPES = [
     (1, 8, 2, 129, 33, 96),
     (1, 1, 1, 127, 3, 111),
     (1, 8, 8, 1, 129, 256),
+    # several row blocks where blocks take more rows below D128 (384 at D59, 306 at D80)
+    (1, 8, 1, 97, 130, 59),
+    (1, 4, 1, 80, 67, 80),
 ]
 OPTIONS = [
     dict(),
