@@ -39,7 +39,8 @@ namespace {
 // alternating runs of two builds on a Sapphire Rapids class VM; on a Zen 3 class AVX2 machine
 // (512 KiB L2) 192 measured no better than 96. Blocks on the AMX tiles take twice that again
 // (0.94x the time of 192 on B1 H32 L2048 D128 bf16 prefill, 0.96x on B4 H12 L1024 D64; 576 no
-// better), where fp32 measured no better than 192.
+// better), where fp32 measured no better than 192 at D128 (register_tile_rows scales the
+// rows below it).
 #if defined(__AVX512F__)
 constexpr int64_t kRowTile = 192;
 constexpr int64_t kAmxRowTile = 384;
@@ -65,11 +66,12 @@ constexpr int64_t kPrefetchTiles = 2;  // how far ahead K/V tiles are prefetched
 constexpr int64_t kPrefetchMaxRows = 64;  // ... by blocks of at most this many rows
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-// Rows per block of the fp32 register tiles for head dims padded to dp: kRowTile at 128 and
-// more below it, so that a block's Q and O (rows x dp floats each) keep their size, up to
-// kMaxRowTile; each K tile is then packed, and each K/V row read, once for more rows. 384 rows
-// at D64 took 0.957-0.965x the time of 192 on non-causal B4 H12 L1024 (build_ab, 15 rounds;
-// one 9-round run 1.003), 0.994x with causal; D128 keeps 192 (384 there: 0.99-1.0x).
+// Rows per block of the register tiles (fp32 and fp16 inputs, bf16 without AMX) for head dims
+// padded to dp: kRowTile at 128 and more below it, so that a block's Q and O (rows x dp floats
+// each) keep their size, up to kMaxRowTile; each K tile is then packed, and each K/V row read,
+// once for more rows. 384 rows at D64 took 0.957-0.965x the time of 192 on non-causal B4 H12
+// L1024 (build_ab, 15 rounds; one 9-round run 1.003), 0.994x with causal; D128 keeps 192 (384
+// there: 0.99-1.0x).
 inline int64_t register_tile_rows(int64_t dp) {
   const int64_t rows = kRowTile * 128 / dp / kMr * kMr;
   return rows < kRowTile ? kRowTile : rows > kMaxRowTile ? kMaxRowTile : rows;
@@ -128,7 +130,7 @@ struct Problem {
   const SdpaParams& p;
   int64_t group;       // Hq / Hkv
   int64_t dp;          // head dim rounded up to 16: row pitch of the fp32 scratch
-  int64_t row_tile;    // rows per block: kRowTile, or kAmxRowTile for bf16 on the AMX tiles
+  int64_t row_tile;    // rows per block: register_tile_rows(dp), or kAmxRowTile on the AMX tiles
   int64_t row_blocks;  // blocks per (b, kv head)
   int64_t chunks;      // key chunks per block (1: no split)
   int64_t chunk_len;   // keys per chunk
