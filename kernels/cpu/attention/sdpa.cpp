@@ -77,36 +77,65 @@ inline int64_t register_tile_rows(int64_t dp) {
   return rows < kRowTile ? kRowTile : rows > kMaxRowTile ? kMaxRowTile : rows;
 }
 
-// Every K/V tile of a call packed for the AMX tiles: per (b, kv head) `tiles` tiles, each
-// k_words of K pairs then v_words of V pairs. A tile is packed by the first block that asks
-// for it (while the other threads compute, instead of in a pass of its own before them, which
-// is bound by memory bandwidth); a block that asks while another packs it waits for it.
-struct AmxKvCache {
+// Every K/V tile of a call in the operand layouts of the AMX tiles, for calls where several
+// row blocks read each tile: per (b, kv head) `tiles` tiles of `tile` keys, each k_words of
+// packed K then v_words of packed V (32-bit words), as `pack` writes them. A tile is packed by
+// the first block that asks for it (while the other threads compute, instead of in a pass of
+// its own before them, which is bound by memory bandwidth); a block that asks while another
+// packs it packs its own copy instead of waiting (two threads that start on blocks of the same
+// kv head would otherwise take turns at each tile).
+// The fp32 register tiles pack per block instead: with this cache (pack_wide_tile) B1 H32
+// L2048 D128 causal took 0.98-1.02x the time and B4 H12 L1024 D64 causal 1.05-1.09x; writing
+// the cache and reading it back from beyond L2 costs about what packing once saves there.
+struct KvCache {
+  using Pack = void (*)(const SdpaParams& p, int64_t dp, int64_t b, int64_t kvh, int64_t t, int64_t nk,
+                        uint32_t* kp, uint32_t* vp);
   uint32_t* words = nullptr;
   std::atomic<uint8_t>* state = nullptr;  // per tile: 0 not packed, 1 being packed, 2 ready
-  int64_t tiles = 0, k_words = 0, v_words = 0;
+  int64_t tile = 0, tiles = 0, k_words = 0, v_words = 0;
+  Pack pack = nullptr;
 
-  // The packed tile of keys [ti kAmxKeyTile, ...) of (b, kv head).
+  // The packed tile of keys [ti tile, ...) of (b, kv head), packed now if no block has begun
+  // to: its K; its V follows at k_words. Null while another block packs it.
   const uint32_t* get(const SdpaParams& p, int64_t dp, int64_t b, int64_t kvh, int64_t ti) const {
     const int64_t u = (b * p.kv_heads + kvh) * tiles + ti;
     uint32_t* kp = words + u * (k_words + v_words);
     std::atomic<uint8_t>& st = state[u];
-    if (st.load(std::memory_order_acquire) == 2) return kp;
+    const uint8_t now = st.load(std::memory_order_acquire);
+    if (now == 2) return kp;
     uint8_t expected = 0;
-    if (st.compare_exchange_strong(expected, 1, std::memory_order_acq_rel)) {
-      const auto* k = static_cast<const uint16_t*>(p.k.data) + b * p.k.stride_b + kvh * p.k.stride_h;
-      const auto* v = static_cast<const uint16_t*>(p.v.data) + b * p.v.stride_b + kvh * p.v.stride_h;
-      const int64_t t = ti * kAmxKeyTile, nk = p.kv_len - t < kAmxKeyTile ? p.kv_len - t : kAmxKeyTile;
-      pack_amx_kv(k + t * p.k.stride_l, p.k.stride_l, v + t * p.v.stride_l, p.v.stride_l, nk,
-                  p.head_dim, dp, kAmxPitch, kp, kp + k_words);
-      st.store(2, std::memory_order_release);
-      return kp;
-    }
-    for (int spins = 0; st.load(std::memory_order_acquire) != 2; ++spins)
-      if (spins > 64) std::this_thread::yield();  // (a tile packs in microseconds)
+    if (now == 1 || !st.compare_exchange_strong(expected, 1, std::memory_order_acq_rel)) return nullptr;
+    const int64_t t = ti * tile, nk = p.kv_len - t < tile ? p.kv_len - t : tile;
+    pack(p, dp, b, kvh, t, nk, kp, kp + k_words);
+    st.store(2, std::memory_order_release);
     return kp;
   }
 };
+
+// The rows of K and V from key t of (b, kv head).
+template <class S>
+const S* key_rows(const SdpaTensor& x, int64_t b, int64_t kvh, int64_t t) {
+  return static_cast<const S*>(x.data) + b * x.stride_b + kvh * x.stride_h + t * x.stride_l;
+}
+
+// KvCache::Pack of the AMX tiles: K pairs, then V pairs (pack_amx_kv).
+void pack_amx_tile(const SdpaParams& p, int64_t dp, int64_t b, int64_t kvh, int64_t t, int64_t nk,
+                   uint32_t* kp, uint32_t* vp) {
+  pack_amx_kv(key_rows<uint16_t>(p.k, b, kvh, t), p.k.stride_l, key_rows<uint16_t>(p.v, b, kvh, t),
+              p.v.stride_l, nk, p.head_dim, dp, kAmxPitch, kp, vp);
+}
+
+// The same for the fp32 register tiles (packed per block): K transposed (pack_k_transposed),
+// then V in the panels of pack_v_wide.
+template <DType T>
+void pack_wide_tile(const SdpaParams& p, int64_t dp, int64_t b, int64_t kvh, int64_t t, int64_t nk,
+                    uint32_t* kp, uint32_t* vp) {
+  using S = typename Elem<T>::type;
+  pack_k_transposed<T>(key_rows<S>(p.k, b, kvh, t), p.k.stride_l, nk, p.head_dim,
+                       reinterpret_cast<float*>(kp));
+  pack_v_wide<T>(key_rows<S>(p.v, b, kvh, t), p.v.stride_l, nk, p.head_dim, dp,
+                 reinterpret_cast<float*>(vp));
+}
 
 // The keys each stored row of the mask keeps: pairs [lo, hi) from its first to one past its
 // last kept key (bool: non-zero; additive: not -inf), (0, 0) for a row that keeps none. Rows
@@ -134,10 +163,13 @@ struct Problem {
   int64_t row_blocks;  // blocks per (b, kv head)
   int64_t chunks;      // key chunks per block (1: no split)
   int64_t chunk_len;   // keys per chunk
-  // AMX prefill: when several row blocks read each K/V tile, the tiles of the call in the
-  // operand layouts (pack_amx_kv), each packed once, by the first block that reads it; else
-  // null and each block packs its own.
-  const AmxKvCache* amx_kv = nullptr;
+  // AMX prefill, when several row blocks read each K/V tile: the tiles of the call in the
+  // operand layouts, each packed once, by the first block that reads it; else null and each
+  // block packs its own.
+  const KvCache* kv_cache = nullptr;
+  // How the AMX and fp32 register (zmm) tiles pack a K/V tile (pack_amx_tile, pack_wide_tile);
+  // null where the call runs neither.
+  KvCache::Pack pack_kv = nullptr;
   // With a mask: its rows' key ranges (null without a mask).
   const MaskRanges* mask_ranges = nullptr;
 };
@@ -154,7 +186,7 @@ struct Work {
   float* o;      // [kMaxRowTile][dp], unnormalised output
   float* s;      // [kMaxRowTile][tile keys], scores then probabilities
   float* kt;     // [kKeyTile / kKPanel][D][kKPanel], packed transposed K tile (AMX: K pairs)
-  float* v;      // [kKeyTile][dp] (zmm tiles) or [dp / kVPanel][kKeyTile][kVPanel], packed V
+  float* v;      // packed V: the panels of pack_v_wide (zmm tiles) or [dp / kVPanel][kKeyTile][kVPanel]
                  // (AMX: V pairs); all three sized for kMaxKeyTile keys
   uint32_t* p;   // [kMaxRowTile][kAmxPPitch] AMX: probabilities as bf16 pairs
   float* m;      // [kMaxRowTile] running max
@@ -322,6 +354,8 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
   const bool dot16 = T == DType::bf16 && !stream && bf16_tiles(D);
   // ... and on AMX tiles where the variant has them (same q words; scores scaled after).
   const bool amx = dot16 && amx_bf16_tiles(D);
+  // ... and the tiles whose K/V come packed (pr.pack_kv): AMX, and the fp32 register tiles.
+  const bool packed_tiles = !stream && (amx || (kZmmTiles && !dot16));
   // ... and bf16 decode rows: q rows stay bf16 words, K rows are read in place as words.
   const bool wide16 = T == DType::bf16 && wide && bf16_wide_dot(D);
   std::optional<AmxTiles> tiles;
@@ -359,7 +393,7 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
   }
 
   const int64_t ks = p.k.stride_l, vs = p.v.stride_l;
-  const uint32_t* kp = reinterpret_cast<const uint32_t*>(w.kt);  // AMX: this tile's packed K, V
+  const uint32_t* kp = reinterpret_cast<const uint32_t*>(w.kt);  // this tile's packed K, V
   const uint32_t* vp = reinterpret_cast<const uint32_t*>(w.v);
   for (int64_t t = bk.j0 + (jmin - bk.j0) / tile * tile; t < jmax; t += tile) {
     const int64_t nk = bk.j1 - t < tile ? bk.j1 - t : tile;
@@ -374,7 +408,7 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
     // 1.02x the time in fp32 and 1.03-1.06x in bf16 (AMX, where K/V are packed up front and
     // the raw rows are not read at all); 64 rows of a verify step (Lq 16, GQA 4) on the avx2
     // variant took 0.96x the time with it.
-    if (!wide && nr <= kPrefetchMaxRows && !pr.amx_kv) {
+    if (!wide && nr <= kPrefetchMaxRows && !pr.kv_cache) {
       const int64_t ahead = t + kPrefetchTiles * tile;
       const int64_t n = jmax - ahead < tile ? jmax - ahead : tile;
       const int64_t row_bytes = D * static_cast<int64_t>(sizeof(S));
@@ -421,6 +455,20 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
                         add_mask ? reinterpret_cast<const float* const*>(mask_rows) : nullptr};
     const RowState* fused = fuse ? &rows : nullptr;
 
+    // This tile's K and V in the AMX or fp32 register tiles' layouts: from the call's cache, or
+    // packed here (no cache, or another block is packing the cached tile).
+    if (packed_tiles) {
+      kp = pr.kv_cache ? pr.kv_cache->get(p, dp, bk.b, bk.kvh, t / tile) : nullptr;
+      if (kp) {
+        vp = kp + pr.kv_cache->k_words;
+      } else {
+        pr.pack_kv(p, dp, bk.b, bk.kvh, t, nk, reinterpret_cast<uint32_t*>(w.kt),
+                   reinterpret_cast<uint32_t*>(w.v));
+        kp = reinterpret_cast<const uint32_t*>(w.kt);
+        vp = reinterpret_cast<const uint32_t*>(w.v);
+      }
+    }
+
     // S = (scale log2(e) q) K^T
     if (wide16) {
       qk_wide_bf16(qw, dp / 2, reinterpret_cast<const uint16_t*>(kt), ks, nk, D, scale2, w.s, pitch, nr);
@@ -437,29 +485,21 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
           });
       }
     } else if (amx) {
-      if (pr.amx_kv) {
-        kp = pr.amx_kv->get(p, dp, bk.b, bk.kvh, t / tile);
-        vp = kp + pr.amx_kv->k_words;
-      } else {
-        pack_amx_kv(reinterpret_cast<const uint16_t*>(kt), ks, reinterpret_cast<const uint16_t*>(vt), vs,
-                    nk, D, dp, pitch, reinterpret_cast<uint32_t*>(w.kt), reinterpret_cast<uint32_t*>(w.v));
-      }
       qk_amx_tile(qw, dp / 2, kp, D, w.s, pitch, strip_keys, nr);
     } else if (dot16) {
       qk_bf16_tile(qw, dp / 2, reinterpret_cast<const uint16_t*>(kt), ks, nk, D, scale2,
                    reinterpret_cast<uint32_t*>(w.kt), w.s, pitch, strip_keys, nr, fused);
+    } else if (kZmmTiles) {
+      qk_packed_wide(w.q, dp, reinterpret_cast<const float*>(kp), D, w.s, pitch, strip_keys, nr, fused);
     } else {
       pack_k_transposed<T>(kt, ks, nk, D, w.kt);
-      if (!qk_packed_wide(w.q, dp, w.kt, D, w.s, pitch, strip_keys, nr, fused)) {
-        for (int64_t c = 0; c < nk; c += 16) {
-          const float* panel = w.kt + c / kKPanel * D * kKPanel + c % kKPanel;
-          for (int64_t rr = 0; rr < nr; rr += kMr) {
-            if (c >= strip_keys[rr / kMr]) continue;
-            with_rows<kMr>(static_cast<int>(nr - rr), [&](auto R) {
-              qk_packed<decltype(R)::value>(w.q + rr * dp, dp, panel, D, w.s + rr * pitch + c,
-                                            pitch);
-            });
-          }
+      for (int64_t c = 0; c < nk; c += 16) {
+        const float* panel = w.kt + c / kKPanel * D * kKPanel + c % kKPanel;
+        for (int64_t rr = 0; rr < nr; rr += kMr) {
+          if (c >= strip_keys[rr / kMr]) continue;
+          with_rows<kMr>(static_cast<int>(nr - rr), [&](auto R) {
+            qk_packed<decltype(R)::value>(w.q + rr * dp, dp, panel, D, w.s + rr * pitch + c, pitch);
+          });
         }
       }
     }
@@ -509,16 +549,16 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
     } else if (dot16) {
       pv_bf16_tile(w.o, dp, w.alpha, w.s, pitch, reinterpret_cast<const uint16_t*>(vt), vs, nk, D,
                    dp, reinterpret_cast<uint32_t*>(w.v), strip_keys, nr);
-    } else if (kZmmTiles) {  // rows of 64 columns: fp32 V with D % 16 == 0 is read in place
-      const float* vf = w.v;
-      int64_t vf_stride = dp;
-      if (T == DType::f32 && D % 16 == 0) {
-        vf = reinterpret_cast<const float*>(vt);
-        vf_stride = vs;
-      } else {
-        pack_v<T>(vt, vs, nk, D, w.v, dp);
+    } else if (kZmmTiles) {  // V in the panels of pack_v_wide
+      NextTile next;
+      if (t + tile < jmax) {
+        const int64_t n = jmax - (t + tile);
+        next = {reinterpret_cast<const char*>(kt + tile * ks), reinterpret_cast<const char*>(vt + tile * vs),
+                ks * static_cast<int64_t>(sizeof(S)), vs * static_cast<int64_t>(sizeof(S)),
+                n < tile ? n : tile, D * static_cast<int64_t>(sizeof(S))};
       }
-      pv_f32_wide(w.o, dp, w.alpha, w.s, pitch, vf, vf_stride, strip_keys, dp, nr);
+      pv_f32_wide(w.o, dp, w.alpha, w.s, pitch, reinterpret_cast<const float*>(vp), strip_keys, dp, nr,
+                  next.rows ? &next : nullptr);
     } else {  // 16-column register tiles: fp32 V in place, other storage types in panels
       const bool in_place = T == DType::f32 && D % 16 == 0;
       if (!in_place) pack_v_panels<T>(vt, vs, nk, D, dp, w.v);
@@ -581,16 +621,20 @@ struct Partials {
   AlignedArray<float> o, m, l;
 };
 
-// The AMX K/V cache of a call (Problem::amx_kv), nothing packed yet: its words in a buffer of
-// the calling thread, kept between calls (grown to the largest call's K/V size).
-AmxKvCache amx_kv_cache(const SdpaParams& p, int64_t dp, std::unique_ptr<std::atomic<uint8_t>[]>* state) {
-  AmxKvCache c;
-  c.tiles = (p.kv_len + kAmxKeyTile - 1) / kAmxKeyTile;
-  c.k_words = p.head_dim / 2 * kAmxPitch;
-  c.v_words = kAmxKeyTile / 2 * dp;
+// The K/V cache of a call (Problem::kv_cache) for tiles of `tile` keys, k_words + v_words
+// words each, nothing packed yet: its words in a buffer of the calling thread, kept between
+// calls (grown to the largest call's packed K/V size).
+KvCache kv_cache(const SdpaParams& p, int64_t tile, int64_t k_words, int64_t v_words, KvCache::Pack pack,
+                 std::unique_ptr<std::atomic<uint8_t>[]>* state) {
+  KvCache c;
+  c.tile = tile;
+  c.tiles = (p.kv_len + tile - 1) / tile;
+  c.k_words = k_words;
+  c.v_words = v_words;
+  c.pack = pack;
   const int64_t n = p.batch * p.kv_heads * c.tiles;
   thread_local GrowBuffer<uint32_t> buf;
-  c.words = buf.get(n * (c.k_words + c.v_words));
+  c.words = buf.get(n * (k_words + v_words));
   state->reset(new std::atomic<uint8_t>[n]);
   for (int64_t i = 0; i < n; ++i) (*state)[i].store(0, std::memory_order_relaxed);
   c.state = state->get();
@@ -671,17 +715,23 @@ void sdpa(const SdpaParams& p) {
     chunk = kSplitChunk;  // decode: few rows, many keys
   }
   if (chunk >= p.kv_len) chunk = p.kv_len;
-  const bool amx = p.dtype == DType::bf16 && bf16_tiles(p.head_dim) && amx_bf16_tiles(p.head_dim);
-  const int64_t dp = round_up(p.head_dim, 16);
+  const bool dot16 = p.dtype == DType::bf16 && bf16_tiles(p.head_dim);  // bf16 on vdpbf16ps
+  const bool amx = dot16 && amx_bf16_tiles(p.head_dim);
+  const int64_t D = p.head_dim, dp = round_up(D, 16);
   const int64_t row_tile = amx ? kAmxRowTile : register_tile_rows(dp);
   Problem pr{p, G, dp, row_tile, (rows + row_tile - 1) / row_tile,
              (p.kv_len + chunk - 1) / chunk, chunk};
+  if (amx) {
+    pr.pack_kv = pack_amx_tile;
+  } else if (kZmmTiles && !dot16) {
+    FF_DTYPE_SWITCH(p.dtype, T, [&] { pr.pack_kv = pack_wide_tile<T>; });
+  }
   // AMX prefill with several row blocks per kv head, tiles aligned to every chunk: pack once.
-  std::unique_ptr<std::atomic<uint8_t>[]> amx_state;
-  AmxKvCache amx_kv;
+  std::unique_ptr<std::atomic<uint8_t>[]> kv_state;
+  KvCache cache;
   if (amx && pr.row_blocks > 1 && (pr.chunks == 1 || chunk % kAmxKeyTile == 0)) {
-    amx_kv = amx_kv_cache(p, pr.dp, &amx_state);
-    pr.amx_kv = &amx_kv;
+    cache = kv_cache(p, kAmxKeyTile, D / 2 * kAmxPitch, kAmxKeyTile / 2 * dp, pack_amx_tile, &kv_state);
+    pr.kv_cache = &cache;
   }
   MaskRanges ranges;
   if (p.mask.kind != SdpaMaskKind::none) {

@@ -37,7 +37,10 @@ constexpr int kMaxHeadDim = 256;
 // contiguous panel its rows are one stream of lines instead of lines 256 B apart (measured
 // 3-5% faster on D128 prefill on a Zen 3 class AVX2 machine). V is packed in panels where it
 // is packed anyway (fp16/bf16); fp32 V is read in place (packing it measured no faster). The
-// zmm tiles of AVX-512 builds read whole 64-key rows, so there a panel is the whole tile.
+// zmm tiles of AVX-512 builds read whole 64-key rows, so there a K panel is the whole tile,
+// and V is packed in panels of 64 columns (pack_v_wide) whatever its storage type: at D128
+// the 64-column halves of fp32 V rows in place (256 B of every 512) made B1 H8 L2048 D128
+// prefill 1.02x slower than packing them.
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 constexpr int kKPanel = kKeyTile;
 #else
@@ -111,6 +114,25 @@ inline void prefetch_rows(const void* base, int64_t stride_bytes, int64_t n, int
     for (int64_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(p + b, 0, 3);
 }
 
+// The rows of the next K/V tile, touched into L2 a part at a time while a block of many rows
+// computes this one (tens of microseconds: long enough to hide the next tile's latency, spread
+// out so as not to crowd the miss queues, and not into L1, which the block's own rows fill).
+struct NextTile {
+  const char* k = nullptr;
+  const char* v = nullptr;
+  int64_t k_stride = 0, v_stride = 0;  // bytes
+  int64_t rows = 0, row_bytes = 0;
+
+  // Part i of n: rows [i rows / n, (i + 1) rows / n) of K and V.
+  void touch(int64_t i, int64_t n) const {
+    for (int64_t j = i * rows / n; j < (i + 1) * rows / n; ++j)
+      for (int64_t b = 0; b < row_bytes; b += 64) {
+        __builtin_prefetch(k + j * k_stride + b, 0, 2);
+        __builtin_prefetch(v + j * v_stride + b, 0, 2);
+      }
+  }
+};
+
 // ---- packing ----------------------------------------------------------------------------
 
 // dst[x] = scale * src[x] for x < d, 0 up to dp (a multiple of 8).
@@ -150,14 +172,20 @@ inline void pack_k_transposed(const typename Elem<T>::type* k, int64_t k_stride,
   }
 }
 
-// vp[j][x] = v[j][x] as fp32 for j < nk, x < d; columns d..dp are 0 (dp a multiple of 16).
+// The V tile in the column panels pv_f32_wide reads: 64 columns each (the last dp % 64), panel
+// c (a multiple of 64) at vp + c * kKeyTile with rows of min(64, dp - c) floats; vp's row j of
+// a panel holds v[j][c..] as fp32 for j < nk (rows past nk are not read), columns d..dp are 0.
 template <DType T>
-inline void pack_v(const typename Elem<T>::type* v, int64_t v_stride, int64_t nk, int64_t d,
-                   float* vp, int64_t dp) {
-  for (int64_t j = 0; j < nk; ++j) {
-    float* dst = vp + j * dp;
-    to_f32<T>(v + j * v_stride, dst, d);
-    for (int64_t x = d; x < dp; ++x) dst[x] = 0.0f;
+inline void pack_v_wide(const typename Elem<T>::type* v, int64_t v_stride, int64_t nk, int64_t d,
+                        int64_t dp, float* vp) {
+  for (int64_t c = 0; c < dp; c += 64) {
+    const int64_t w = dp - c < 64 ? dp - c : 64;
+    const int64_t n = d - c < w ? (d - c > 0 ? d - c : 0) : w;  // of v's columns
+    for (int64_t j = 0; j < nk; ++j) {
+      float* dst = vp + c * kKeyTile + j * w;
+      to_f32<T>(v + j * v_stride + c, dst, n);
+      for (int64_t x = n; x < w; ++x) dst[x] = 0.0f;
+    }
   }
 }
 
@@ -872,8 +900,8 @@ inline bool with_zmm_width(int64_t d, const F& f) {
 
 // ---- entry points of the wide (zmm) tiles ------------------------------------------------
 // AVX-512 builds run decode blocks with wide_rows(D) through qk_wide / pv_wide, and prefill
-// tiles through qk_packed_wide / pv_f32_wide (which return true); other builds have stubs that
-// return false and are never asked for the decode forms.
+// tiles through qk_packed_wide / pv_f32_wide; other builds have stubs that are never called
+// (kZmmTiles and wide_rows say false there).
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 inline bool wide_rows(int64_t d) { return with_zmm_width(d, [](auto) {}); }
 
@@ -933,33 +961,37 @@ inline void for_score_strips(const int64_t* strip_keys, int64_t nr, const RowSta
 // strip_keys[r / kMr] keys (rounded up to 16; a strip with none is skipped). With st (on a
 // clipped tile st->lo / hi give each row's keys, and st->keep / add a mask) the rows' online
 // softmax runs on the scores in registers and s receives the probabilities.
-inline bool qk_packed_wide(const float* q, int64_t q_stride, const float* kt, int64_t d, float* s,
+inline void qk_packed_wide(const float* q, int64_t q_stride, const float* kt, int64_t d, float* s,
                            int64_t s_stride, const int64_t* strip_keys, int64_t nr,
                            const RowState* st) {
   for_score_strips(strip_keys, nr, st, [&](auto R, auto NC, int64_t r, const RowState* st_r) {
     qk_packed_zmm<decltype(R)::value, decltype(NC)::value>(q + r * q_stride, q_stride, kt, d,
                                                            s + r * s_stride, s_stride, st_r);
   });
-  return true;
 }
 
-// O = diag(alpha) O + P V over fp32 V rows of dp columns (a multiple of 16), for nr rows; the
-// rows of strip r / kMr take the first strip_keys[r / kMr] keys (their other p are 0).
-inline bool pv_f32_wide(float* o, int64_t o_stride, const float* alpha, const float* p,
-                        int64_t p_stride, const float* v, int64_t v_stride,
-                        const int64_t* strip_keys, int64_t dp, int64_t nr) {
-  for (int64_t c = 0; c < dp; c += 64)
+// O = diag(alpha) O + P V for nr rows, V in the column panels of pack_v_wide (dp columns, a
+// multiple of 16); the rows of strip r / kMr take the first strip_keys[r / kMr] keys (their
+// other p are 0). With next, the next tile's rows are touched a part after each strip.
+inline void pv_f32_wide(float* o, int64_t o_stride, const float* alpha, const float* p,
+                        int64_t p_stride, const float* vp, const int64_t* strip_keys, int64_t dp,
+                        int64_t nr, const NextTile* next = nullptr) {
+  const int64_t strips = (nr + kMr - 1) / kMr, parts = (dp + 63) / 64 * strips;
+  for (int64_t c = 0; c < dp; c += 64) {
+    const float* vc = vp + c * kKeyTile;
+    const int64_t vc_stride = dp - c < 64 ? dp - c : 64;
     for (int64_t r = 0; r < nr; r += kMr)
       with_rows<kMr>(static_cast<int>(nr - r), [&](auto R) {
         constexpr int kR = decltype(R)::value;
         float* oc = o + r * o_stride + c;
         const float* pr = p + r * p_stride;
         with_zmm_columns(dp - c, [&](auto NC) {
-          pv_f32_zmm<kR, decltype(NC)::value>(oc, o_stride, alpha + r, pr, p_stride, v + c, v_stride,
+          pv_f32_zmm<kR, decltype(NC)::value>(oc, o_stride, alpha + r, pr, p_stride, vc, vc_stride,
                                               strip_keys[r / kMr]);
         });
+        if (next) next->touch(c / 64 * strips + r / kMr, parts);
       });
-  return true;
+  }
 }
 
 // Prefill tiles of bf16 inputs through vdpbf16ps: when the CPU has AVX512_BF16 and d is even.
@@ -1017,14 +1049,10 @@ inline void qk_wide(const float*, int64_t, const typename Elem<T>::type*, int64_
 template <DType T>
 inline void pv_wide(float*, int64_t, const float*, const float*, int64_t,
                     const typename Elem<T>::type*, int64_t, int64_t, int64_t, int64_t) {}
-inline bool qk_packed_wide(const float*, int64_t, const float*, int64_t, float*, int64_t,
-                           const int64_t*, int64_t, const RowState*) {
-  return false;
-}
-inline bool pv_f32_wide(float*, int64_t, const float*, const float*, int64_t, const float*, int64_t,
-                        const int64_t*, int64_t, int64_t) {
-  return false;
-}
+inline void qk_packed_wide(const float*, int64_t, const float*, int64_t, float*, int64_t,
+                           const int64_t*, int64_t, const RowState*) {}
+inline void pv_f32_wide(float*, int64_t, const float*, const float*, int64_t, const float*,
+                        const int64_t*, int64_t, int64_t, const NextTile* = nullptr) {}
 #endif
 
 }  // namespace attention
