@@ -48,9 +48,11 @@ SHAPES = [
     (1, 8, 2, 129, 33, 96),
     (1, 1, 1, 127, 3, 111),
     (1, 8, 8, 1, 129, 256),
-    # several row blocks where blocks take more rows below D128 (384 at D59, 306 at D80)
+    # several row blocks of 384 rows (AVX-512 register tiles up to D128): 776 rows at D59;
+    # 400 at D80 (a last block of 16); 388 at D128 (a last block of 4, streamed)
     (1, 8, 1, 97, 130, 59),
-    (1, 4, 1, 80, 67, 80),
+    (1, 4, 1, 100, 67, 80),
+    (1, 4, 1, 97, 65, 128),
 ]
 OPTIONS = [
     dict(),

@@ -39,8 +39,7 @@ namespace {
 // alternating runs of two builds on a Sapphire Rapids class VM; on a Zen 3 class AVX2 machine
 // (512 KiB L2) 192 measured no better than 96. Blocks on the AMX tiles take twice that again
 // (0.94x the time of 192 on B1 H32 L2048 D128 bf16 prefill, 0.96x on B4 H12 L1024 D64; 576 no
-// better), where fp32 measured no better than 192 at D128 (register_tile_rows scales the
-// rows below it).
+// better); register_tile_rows gives the fp32 tiles 384 too, up to D128.
 #if defined(__AVX512F__)
 constexpr int64_t kRowTile = 192;
 constexpr int64_t kAmxRowTile = 384;
@@ -67,13 +66,15 @@ constexpr int64_t kPrefetchMaxRows = 64;  // ... by blocks of at most this many 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // Rows per block of the register tiles (fp32 and fp16 inputs, bf16 without AMX) for head dims
-// padded to dp: kRowTile at 128 and more below it, so that a block's Q and O (rows x dp floats
-// each) keep their size, up to kMaxRowTile; each K tile is then packed, and each K/V row read,
-// once for more rows. 384 rows at D64 took 0.957-0.965x the time of 192 on non-causal B4 H12
-// L1024 (build_ab, 15 rounds; one 9-round run 1.003), 0.994x with causal; D128 keeps 192 (384
-// there: 0.99-1.0x).
+// padded to dp: 2 kRowTile at 128 and more below it, so that a block's Q and O (rows x dp
+// floats each) keep their size, up to kMaxRowTile (AVX-512 builds: 384 rows up to D128, 192 at
+// D256); each K/V tile is then packed, and each K/V row read, once for more rows. 384 rows at
+// D64 took 0.957-0.965x the time of 192 on non-causal B4 H12 L1024 (build_ab, 15 rounds; one
+// 9-round run 1.003), 0.994x with causal. At D128 384 rows measured 0.99-1.0x while V was read
+// in place; since the tiles pack V too (pack_wide_tile), 0.978-0.979x on causal B1 H32 L2048
+// D128 and 0.961-0.966x on non-causal B1 H8 L2048 D128 (11-21 rounds).
 inline int64_t register_tile_rows(int64_t dp) {
-  const int64_t rows = kRowTile * 128 / dp / kMr * kMr;
+  const int64_t rows = kRowTile * 256 / dp / kMr * kMr;
   return rows < kRowTile ? kRowTile : rows > kMaxRowTile ? kMaxRowTile : rows;
 }
 
