@@ -48,11 +48,15 @@ SHAPES = [
     (1, 8, 2, 129, 33, 96),
     (1, 1, 1, 127, 3, 111),
     (1, 8, 8, 1, 129, 256),
-    # several row blocks of 384 rows (AVX-512 register tiles up to D128): 776 rows at D59;
-    # 400 at D80 (a last block of 16); 388 at D128 (a last block of 4, streamed)
+    # several row blocks (AVX-512 register tiles: 192 rows in calls of few blocks, 5 at D59, 3
+    # at D80 with a last of 16, 3 at D128 with a last of 4, streamed) ...
     (1, 8, 1, 97, 130, 59),
     (1, 4, 1, 100, 67, 80),
     (1, 4, 1, 97, 65, 128),
+    # ... and the larger blocks of calls with more: 576 rows (32 pairs x 3 blocks, the last of
+    # 48 rows), 288 (12 pairs x 3 at D128, the last of 124)
+    (1, 32, 32, 1200, 65, 32),
+    (1, 12, 12, 700, 70, 128),
 ]
 OPTIONS = [
     dict(),

@@ -39,15 +39,21 @@ namespace {
 // alternating runs of two builds on a Sapphire Rapids class VM; on a Zen 3 class AVX2 machine
 // (512 KiB L2) 192 measured no better than 96. Blocks on the AMX tiles take twice that again
 // (0.94x the time of 192 on B1 H32 L2048 D128 bf16 prefill, 0.96x on B4 H12 L1024 D64; 576 no
-// better); register_tile_rows gives the fp32 tiles 384 too, up to D128.
+// better). The register tiles of AVX-512 builds take up to three times kRowTile
+// (register_tile_rows).
 #if defined(__AVX512F__)
 constexpr int64_t kRowTile = 192;
 constexpr int64_t kAmxRowTile = 384;
+constexpr int64_t kMaxRowTile = 3 * kRowTile;  // the largest blocks (scratch rows)
 #else
 constexpr int64_t kRowTile = 96;
 constexpr int64_t kAmxRowTile = kRowTile;
+constexpr int64_t kMaxRowTile = kRowTile;
 #endif
-constexpr int64_t kMaxRowTile = kAmxRowTile > kRowTile ? kAmxRowTile : kRowTile;  // scratch rows
+static_assert(kMaxRowTile >= kAmxRowTile, "the scratch holds the AMX blocks");
+// Blocks below which register_tile_rows stops growing them: enough for a pool of 16 threads
+// to take two each.
+constexpr int64_t kMinBlocks = 32;
 // Keys per tile of the AMX tiles: a tile's P V accumulates into O in memory (tile loads and
 // stores of O), so longer tiles spend fewer of them per multiply-add (with the K/V packed once
 // per call, 256 measured 0.78-0.92x the time of 64 on D128 bf16 prefill; 128 and 512 no better).
@@ -66,16 +72,24 @@ constexpr int64_t kPrefetchMaxRows = 64;  // ... by blocks of at most this many 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // Rows per block of the register tiles (fp32 and fp16 inputs, bf16 without AMX) for head dims
-// padded to dp: 2 kRowTile at 128 and more below it, so that a block's Q and O (rows x dp
-// floats each) keep their size, up to kMaxRowTile (AVX-512 builds: 384 rows up to D128, 192 at
-// D256); each K/V tile is then packed, and each K/V row read, once for more rows. 384 rows at
-// D64 took 0.957-0.965x the time of 192 on non-causal B4 H12 L1024 (build_ab, 15 rounds; one
-// 9-round run 1.003), 0.994x with causal. At D128 384 rows measured 0.99-1.0x while V was read
-// in place; since the tiles pack V too (pack_wide_tile), 0.978-0.979x on causal B1 H32 L2048
-// D128 and 0.961-0.966x on non-causal B1 H8 L2048 D128 (11-21 rounds).
-inline int64_t register_tile_rows(int64_t dp) {
-  const int64_t rows = kRowTile * 256 / dp / kMr * kMr;
-  return rows < kRowTile ? kRowTile : rows > kMaxRowTile ? kMaxRowTile : rows;
+// padded to dp, in a call of `pairs` (batch, kv head) pairs of `rows` rows each: as many as
+// keep a block's Q and O (rows x dp floats each) within 576 x 128 floats, up to kMaxRowTile
+// (AVX-512 builds: 576 up to D128, 384 at D192, 288 at D256), halved (not below kRowTile)
+// while the call would have fewer than kMinBlocks blocks. Each K/V tile is packed, and each
+// K/V row read, once per block: on causal B1 H32 L2048 D128 fp32, 384 rows took 0.978-0.979x
+// the time of 192 and 576 0.961-0.983x that of 384 (768: 0.998x of 576); on non-causal B1 H8
+// L2048 D128 0.961-0.966x and 0.986-0.989x (build_ab, 11-21 rounds). Fewer, larger blocks
+// balance worse: causal B1 H8 L512 D64 took 0.96x the time in 24 blocks of 192 as in 8 of 384
+// on 2 threads. Depends on the shape alone: the work decomposition, and so every bit of the
+// result, is the same for any thread count.
+inline int64_t register_tile_rows(int64_t dp, int64_t pairs, int64_t rows) {
+  const int64_t fit = 3 * kRowTile * 128 / dp / kMr * kMr;
+  int64_t tile = fit < kRowTile ? kRowTile : fit > kMaxRowTile ? kMaxRowTile : fit;
+  while (tile > kRowTile && pairs * ((rows + tile - 1) / tile) < kMinBlocks) {
+    const int64_t half = tile / 2 / kMr * kMr;
+    tile = half < kRowTile ? kRowTile : half;
+  }
+  return tile;
 }
 
 // Every K/V tile of a call in the operand layouts of the AMX tiles, for calls where several
@@ -160,7 +174,7 @@ struct Problem {
   const SdpaParams& p;
   int64_t group;       // Hq / Hkv
   int64_t dp;          // head dim rounded up to 16: row pitch of the fp32 scratch
-  int64_t row_tile;    // rows per block: register_tile_rows(dp), or kAmxRowTile on the AMX tiles
+  int64_t row_tile;    // rows per block: register_tile_rows, or kAmxRowTile on the AMX tiles
   int64_t row_blocks;  // blocks per (b, kv head)
   int64_t chunks;      // key chunks per block (1: no split)
   int64_t chunk_len;   // keys per chunk
@@ -719,7 +733,7 @@ void sdpa(const SdpaParams& p) {
   const bool dot16 = p.dtype == DType::bf16 && bf16_tiles(p.head_dim);  // bf16 on vdpbf16ps
   const bool amx = dot16 && amx_bf16_tiles(p.head_dim);
   const int64_t D = p.head_dim, dp = round_up(D, 16);
-  const int64_t row_tile = amx ? kAmxRowTile : register_tile_rows(dp);
+  const int64_t row_tile = amx ? kAmxRowTile : register_tile_rows(dp, p.batch * p.kv_heads, rows);
   Problem pr{p, G, dp, row_tile, (rows + row_tile - 1) / row_tile,
              (p.kv_len + chunk - 1) / chunk, chunk};
   if (amx) {
