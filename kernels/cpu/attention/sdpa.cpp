@@ -422,7 +422,8 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
     // ahead no longer fit L1: with all 192 rows prefetching, B1 H32 L2048 D128 prefill took
     // 1.02x the time in fp32 and 1.03-1.06x in bf16 (AMX, where K/V are packed up front and
     // the raw rows are not read at all); 64 rows of a verify step (Lq 16, GQA 4) on the avx2
-    // variant took 0.96x the time with it.
+    // variant took 0.96x the time with it. (Touching the next tile into L2 a part per P V
+    // strip measured 0.97-0.99x with 192-row fp32 blocks, and 0.998-1.03x, no gain, with 576.)
     if (!wide && nr <= kPrefetchMaxRows && !pr.kv_cache) {
       const int64_t ahead = t + kPrefetchTiles * tile;
       const int64_t n = jmax - ahead < tile ? jmax - ahead : tile;
@@ -565,15 +566,7 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
       pv_bf16_tile(w.o, dp, w.alpha, w.s, pitch, reinterpret_cast<const uint16_t*>(vt), vs, nk, D,
                    dp, reinterpret_cast<uint32_t*>(w.v), strip_keys, nr);
     } else if (kZmmTiles) {  // V in the panels of pack_v_wide
-      NextTile next;
-      if (t + tile < jmax) {
-        const int64_t n = jmax - (t + tile);
-        next = {reinterpret_cast<const char*>(kt + tile * ks), reinterpret_cast<const char*>(vt + tile * vs),
-                ks * static_cast<int64_t>(sizeof(S)), vs * static_cast<int64_t>(sizeof(S)),
-                n < tile ? n : tile, D * static_cast<int64_t>(sizeof(S))};
-      }
-      pv_f32_wide(w.o, dp, w.alpha, w.s, pitch, reinterpret_cast<const float*>(vp), strip_keys, dp, nr,
-                  next.rows ? &next : nullptr);
+      pv_f32_wide(w.o, dp, w.alpha, w.s, pitch, reinterpret_cast<const float*>(vp), strip_keys, dp, nr);
     } else {  // 16-column register tiles: fp32 V in place, other storage types in panels
       const bool in_place = T == DType::f32 && D % 16 == 0;
       if (!in_place) pack_v_panels<T>(vt, vs, nk, D, dp, w.v);

@@ -114,25 +114,6 @@ inline void prefetch_rows(const void* base, int64_t stride_bytes, int64_t n, int
     for (int64_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(p + b, 0, 3);
 }
 
-// The rows of the next K/V tile, touched into L2 a part at a time while a block of many rows
-// computes this one (tens of microseconds: long enough to hide the next tile's latency, spread
-// out so as not to crowd the miss queues, and not into L1, which the block's own rows fill).
-struct NextTile {
-  const char* k = nullptr;
-  const char* v = nullptr;
-  int64_t k_stride = 0, v_stride = 0;  // bytes
-  int64_t rows = 0, row_bytes = 0;
-
-  // Part i of n: rows [i rows / n, (i + 1) rows / n) of K and V.
-  void touch(int64_t i, int64_t n) const {
-    for (int64_t j = i * rows / n; j < (i + 1) * rows / n; ++j)
-      for (int64_t b = 0; b < row_bytes; b += 64) {
-        __builtin_prefetch(k + j * k_stride + b, 0, 2);
-        __builtin_prefetch(v + j * v_stride + b, 0, 2);
-      }
-  }
-};
-
 // ---- packing ----------------------------------------------------------------------------
 
 // dst[x] = scale * src[x] for x < d, 0 up to dp (a multiple of 8).
@@ -972,11 +953,10 @@ inline void qk_packed_wide(const float* q, int64_t q_stride, const float* kt, in
 
 // O = diag(alpha) O + P V for nr rows, V in the column panels of pack_v_wide (dp columns, a
 // multiple of 16); the rows of strip r / kMr take the first strip_keys[r / kMr] keys (their
-// other p are 0). With next, the next tile's rows are touched a part after each strip.
+// other p are 0).
 inline void pv_f32_wide(float* o, int64_t o_stride, const float* alpha, const float* p,
                         int64_t p_stride, const float* vp, const int64_t* strip_keys, int64_t dp,
-                        int64_t nr, const NextTile* next = nullptr) {
-  const int64_t strips = (nr + kMr - 1) / kMr, parts = (dp + 63) / 64 * strips;
+                        int64_t nr) {
   for (int64_t c = 0; c < dp; c += 64) {
     const float* vc = vp + c * kKeyTile;
     const int64_t vc_stride = dp - c < 64 ? dp - c : 64;
@@ -989,7 +969,6 @@ inline void pv_f32_wide(float* o, int64_t o_stride, const float* alpha, const fl
           pv_f32_zmm<kR, decltype(NC)::value>(oc, o_stride, alpha + r, pr, p_stride, vc, vc_stride,
                                               strip_keys[r / kMr]);
         });
-        if (next) next->touch(c / 64 * strips + r / kMr, parts);
       });
   }
 }
@@ -1052,7 +1031,7 @@ inline void pv_wide(float*, int64_t, const float*, const float*, int64_t,
 inline void qk_packed_wide(const float*, int64_t, const float*, int64_t, float*, int64_t,
                            const int64_t*, int64_t, const RowState*) {}
 inline void pv_f32_wide(float*, int64_t, const float*, const float*, int64_t, const float*,
-                        const int64_t*, int64_t, int64_t, const NextTile* = nullptr) {}
+                        const int64_t*, int64_t, int64_t) {}
 #endif
 
 }  // namespace attention
