@@ -423,7 +423,7 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
     // 1.02x the time in fp32 and 1.03-1.06x in bf16 (AMX, where K/V are packed up front and
     // the raw rows are not read at all); 64 rows of a verify step (Lq 16, GQA 4) on the avx2
     // variant took 0.96x the time with it. (Touching the next tile into L2 a part per P V
-    // strip measured 0.97-0.99x with 192-row fp32 blocks, and 0.998-1.03x, no gain, with 576.)
+    // strip measured 0.97-1.0x with 192-row fp32 blocks, and 0.998-1.03x, no gain, with 576.)
     if (!wide && nr <= kPrefetchMaxRows && !pr.kv_cache) {
       const int64_t ahead = t + kPrefetchTiles * tile;
       const int64_t n = jmax - ahead < tile ? jmax - ahead : tile;
