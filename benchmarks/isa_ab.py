@@ -78,6 +78,7 @@ def default_cases(rng) -> list:
         # a short prefill (few blocks for the pool) and the largest head dim
         sdpa_case("sdpa prefill causal B1 H8 L512 D64 fp32", [(1, 8, 512, 64)] * 3, True, rng),
         sdpa_case("sdpa prefill causal B1 H16 L1024 D256 fp32", [(1, 16, 1024, 256)] * 3, True, rng),
+        sdpa_case("sdpa prefill causal B1 H8 L1024 D128 fp16", [(1, 8, 1024, 128)] * 3, True, rng, "float16"),
         sdpa_case("sdpa decode GQA 32/8 Lk 4096 D128", gqa, False, rng),
         sdpa_case("sdpa decode GQA 32/8 Lk 4096 D128 bf16", gqa, False, rng, "bfloat16"),
         sdpa_case("sdpa decode MHA 32/32 Lk 4096 D128 bf16", [(1, 32, 1, 128), (1, 32, 4096, 128), (1, 32, 4096, 128)],

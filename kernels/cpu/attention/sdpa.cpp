@@ -371,6 +371,10 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
   const bool amx = dot16 && amx_bf16_tiles(D);
   // ... and the tiles whose K/V come packed (pr.pack_kv): AMX, and the fp32 register tiles.
   const bool packed_tiles = !stream && (amx || (kZmmTiles && !dot16));
+  // ... but blocks of fewer rows than kRowTile (a verify step's, a call's last) read fp32 V in
+  // place and pack only K: packing V in panels for 64 rows made verify GQA 32/8 Lq 16 Lk 4096
+  // D128 1.06x slower.
+  const bool v_in_place = packed_tiles && !amx && T == DType::f32 && D % 16 == 0 && nr < kRowTile;
   // ... and bf16 decode rows: q rows stay bf16 words, K rows are read in place as words.
   const bool wide16 = T == DType::bf16 && wide && bf16_wide_dot(D);
   std::optional<AmxTiles> tiles;
@@ -477,6 +481,9 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
       kp = pr.kv_cache ? pr.kv_cache->get(p, dp, bk.b, bk.kvh, t / tile) : nullptr;
       if (kp) {
         vp = kp + pr.kv_cache->k_words;
+      } else if (v_in_place) {
+        pack_k_transposed<T>(kt, ks, nk, D, w.kt);
+        kp = reinterpret_cast<const uint32_t*>(w.kt);
       } else {
         pr.pack_kv(p, dp, bk.b, bk.kvh, t, nk, reinterpret_cast<uint32_t*>(w.kt),
                    reinterpret_cast<uint32_t*>(w.v));
@@ -566,7 +573,10 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
       pv_bf16_tile(w.o, dp, w.alpha, w.s, pitch, reinterpret_cast<const uint16_t*>(vt), vs, nk, D,
                    dp, reinterpret_cast<uint32_t*>(w.v), strip_keys, nr);
     } else if (kZmmTiles) {  // V in the panels of pack_v_wide
-      pv_f32_wide(w.o, dp, w.alpha, w.s, pitch, reinterpret_cast<const float*>(vp), strip_keys, dp, nr);
+      if (v_in_place)
+        pv_f32_wide(w.o, dp, w.alpha, w.s, pitch, reinterpret_cast<const float*>(vt), vs, strip_keys, dp, nr);
+      else
+        pv_f32_wide(w.o, dp, w.alpha, w.s, pitch, reinterpret_cast<const float*>(vp), 0, strip_keys, dp, nr);
     } else {  // 16-column register tiles: fp32 V in place, other storage types in panels
       const bool in_place = T == DType::f32 && D % 16 == 0;
       if (!in_place) pack_v_panels<T>(vt, vs, nk, D, dp, w.v);

@@ -951,15 +951,15 @@ inline void qk_packed_wide(const float* q, int64_t q_stride, const float* kt, in
   });
 }
 
-// O = diag(alpha) O + P V for nr rows, V in the column panels of pack_v_wide (dp columns, a
-// multiple of 16); the rows of strip r / kMr take the first strip_keys[r / kMr] keys (their
-// other p are 0).
+// O = diag(alpha) O + P V for nr rows over V of dp columns (a multiple of 16): fp32 rows in
+// place at v_stride, or (v_stride 0) the column panels of pack_v_wide; the rows of strip
+// r / kMr take the first strip_keys[r / kMr] keys (their other p are 0).
 inline void pv_f32_wide(float* o, int64_t o_stride, const float* alpha, const float* p,
-                        int64_t p_stride, const float* vp, const int64_t* strip_keys, int64_t dp,
-                        int64_t nr) {
+                        int64_t p_stride, const float* v, int64_t v_stride,
+                        const int64_t* strip_keys, int64_t dp, int64_t nr) {
   for (int64_t c = 0; c < dp; c += 64) {
-    const float* vc = vp + c * kKeyTile;
-    const int64_t vc_stride = dp - c < 64 ? dp - c : 64;
+    const float* vc = v_stride ? v + c : v + c * kKeyTile;
+    const int64_t vc_stride = v_stride ? v_stride : dp - c < 64 ? dp - c : 64;
     for (int64_t r = 0; r < nr; r += kMr)
       with_rows<kMr>(static_cast<int>(nr - r), [&](auto R) {
         constexpr int kR = decltype(R)::value;
@@ -1030,7 +1030,7 @@ inline void pv_wide(float*, int64_t, const float*, const float*, int64_t,
                     const typename Elem<T>::type*, int64_t, int64_t, int64_t, int64_t) {}
 inline void qk_packed_wide(const float*, int64_t, const float*, int64_t, float*, int64_t,
                            const int64_t*, int64_t, const RowState*) {}
-inline void pv_f32_wide(float*, int64_t, const float*, const float*, int64_t, const float*,
+inline void pv_f32_wide(float*, int64_t, const float*, const float*, int64_t, const float*, int64_t,
                         const int64_t*, int64_t, int64_t) {}
 #endif
 
