@@ -2,7 +2,8 @@
 //
 // Work is cut into units of fixed size, never by thread count, so results are bitwise the
 // same for any number of threads:
-//   unit = (batch b, kv head, block of up to kRowTile (kAmxRowTile) query rows, chunk of keys).
+//   unit = (batch b, kv head, block of query rows (register_tile_rows, kAmxRowTile: chosen by
+//   shape), chunk of keys).
 // The query rows of a kv head's group are flattened as r = i * G + g (position i, query head
 // kvh * G + g), so a block holds every query head of the group that reads the same K/V tiles:
 // each K/V tile is loaded once per block and shared by all of them (GQA/MQA without repeating
@@ -22,7 +23,6 @@
 #include <limits>
 #include <memory>
 #include <optional>
-#include <thread>
 
 #include "kernels/cpu/attention/api.h"
 #include "kernels/cpu/attention/amx.h"
