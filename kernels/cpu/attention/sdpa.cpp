@@ -61,9 +61,9 @@ constexpr int64_t kAmxKeyTile = 256;
 // Their score rows' pitch (floats; also the packed K tile's, in words): AMX moves 16 rows at a
 // time, and rows a power of two apart larger than 256 bytes share L1 sets.
 constexpr int64_t kAmxPitch = kAmxKeyTile + 16;
-// The score rows' pitch of the zmm tiles (floats): the probabilities of a pair of key tiles.
-constexpr int64_t kPairPitch = kPairKeys;
-constexpr int64_t kMaxKeyTile = kAmxPitch > kPairPitch ? kAmxPitch : kPairPitch;
+// The score rows' pitch of the zmm tiles (floats): the probabilities of a group of key tiles.
+constexpr int64_t kGroupPitch = kGroupKeys;
+constexpr int64_t kMaxKeyTile = kAmxPitch > kGroupPitch ? kAmxPitch : kGroupPitch;
 // ... and of their P rows (words: bf16 pairs), off a power of two for the same reason.
 constexpr int64_t kAmxPPitch = kAmxKeyTile / 2 + 16;
 static_assert(kRowTile % kMr == 0 && kAmxRowTile % kMr == 0, "blocks are whole kMr-row strips");
@@ -203,19 +203,19 @@ struct Work {
   float* o;      // [kMaxRowTile][dp], unnormalised output
   float* s;      // [kMaxRowTile][tile keys], scores then probabilities
   float* kt;     // [kKeyTile / kKPanel][D][kKPanel], packed transposed K tile (AMX: K pairs)
-  float* v;      // packed V: the panels of pack_v_wide (zmm tiles: a pair of tiles) or
+  float* v;      // packed V: the panels of pack_v_wide (zmm tiles: a group of tiles) or
                  // [dp / kVPanel][kKeyTile][kVPanel] (AMX: V pairs); all three sized for
                  // kMaxKeyTile keys
   uint32_t* p;   // [kMaxRowTile][kAmxPPitch] AMX: probabilities as bf16 pairs
   float* m;      // [kMaxRowTile] running max
   float* l;      // [kMaxRowTile] running sum
   float* alpha;  // [kMaxRowTile] rescale of this tile
-  float* alpha2; // [kMaxRowTile] ... of the second tile of a pair (zmm tiles), from the first's
+  float* alpha2; // [kMaxRowTile] ... of a later tile of a group (zmm tiles), from the one before
 };
 
 Work thread_work(int64_t dp) {
   thread_local GrowBuffer<float> buf;
-  const int64_t v_size = std::max(kMaxKeyTile * dp, kPairKeys * round_up(dp, 64));
+  const int64_t v_size = std::max(kMaxKeyTile * dp, kGroupKeys * round_up(dp, 64));
   const int64_t sizes[] = {kMaxRowTile * dp, kMaxRowTile * dp, kMaxRowTile * kMaxKeyTile,
                            dp * kMaxKeyTile, v_size, kMaxRowTile * kAmxPPitch,
                            kMaxRowTile, kMaxRowTile, kMaxRowTile, kMaxRowTile};
@@ -358,21 +358,22 @@ inline float softmax_update(float* s, int64_t nk, float* m, float* l) {
   return advance_row(m, l, m_new, exp_sum(s, n8, m_new));
 }
 
-// The second tile of a pair (kPairKeys) joined to the first for their P V step: rows whose max
-// rose in the second tile (alpha2 != 1) take its rescale on the first tile's probabilities (the
-// left kKeyTile of their score rows) and on their accumulator, and each strip's keys run from
-// the first tile's start (first_keys: the first tile's strip_keys; a strip with keys in the
-// second tile had all of the first's).
-inline void join_pair(const int64_t* first_keys, const Work& w, int64_t pitch, int64_t nr, int64_t* strip_keys) {
+// Tile h > 0 of a group (kGroupTiles tiles, one P V step) joined to those before it: rows whose
+// max rose in tile h (alpha2 != 1) take its rescale on the earlier tiles' probabilities (the
+// left h kKeyTile of their score rows) and on their accumulator; each strip's keys (group_keys)
+// then run from the group's start into tile h where it has any there (a strip with keys in tile
+// h had all of the earlier tiles').
+inline void join_tile(int64_t h, const int64_t* strip_keys, const Work& w, int64_t pitch, int64_t nr,
+                      int64_t* group_keys) {
   for (int64_t rr = 0; rr < nr; ++rr) {
     const float a2 = w.alpha2[rr];
     if (a2 == 1.0f) continue;
     float* s = w.s + rr * pitch;
-    for (int64_t j = 0; j < kKeyTile; j += 8) simd::store(s + j, simd::mul(simd::load(s + j), simd::set1(a2)));
+    for (int64_t j = 0; j < h * kKeyTile; j += 8) simd::store(s + j, simd::mul(simd::load(s + j), simd::set1(a2)));
     w.alpha[rr] *= a2;
   }
   for (int64_t i = 0; i < (nr + kMr - 1) / kMr; ++i)
-    strip_keys[i] = strip_keys[i] > 0 ? kKeyTile + strip_keys[i] : first_keys[i];
+    if (strip_keys[i] > 0) group_keys[i] = h * kKeyTile + strip_keys[i];
 }
 
 // Runs one block over its keys; leaves the unnormalised output in w.o and m, l in w.m, w.l.
@@ -401,13 +402,14 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
   const bool wide16 = T == DType::bf16 && wide && bf16_wide_dot(D);
   std::optional<AmxTiles> tiles;
   if (amx) tiles.emplace();
-  // The zmm register tiles run P V once per pair of key tiles (kPairKeys): the first tile's
-  // probabilities wait in the left half of the score rows, its V in the first rows of the panels
-  // (B1 H32 L2048 D128 causal fp32 prefill 0.972x the time of a P V step per tile, D256 0.962x).
-  // Blocks with V in place stay on single tiles: verify GQA 32/8 Lq 16 took 1.04x the time paired.
-  const bool paired = packed_tiles && !amx && !v_in_place;
+  // The zmm register tiles run P V once per group of kGroupTiles key tiles: tile h's
+  // probabilities wait at column h kKeyTile of the score rows, its V in rows h kKeyTile of the
+  // panels (B1 H32 L2048 D128 causal fp32 prefill: pairs took 0.972x the time of a P V step per
+  // tile, D256 0.962x). Blocks with V in place take one tile per step: verify GQA 32/8 Lq 16
+  // took 1.04x the time in pairs.
+  const bool grouped = packed_tiles && !amx && !v_in_place;
   const int64_t tile = amx ? kAmxKeyTile : kKeyTile;  // keys per tile
-  const int64_t pitch = amx ? kAmxPitch : paired ? kPairPitch : kKeyTile;  // of the score rows
+  const int64_t pitch = amx ? kAmxPitch : grouped ? kGroupPitch : kKeyTile;  // of the score rows
   const float scale2 = p.scale * simd::exp2_poly::kLog2e;  // scores in base 2
   uint32_t* qw = reinterpret_cast<uint32_t*>(w.q);
 
@@ -441,8 +443,8 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
   const int64_t ks = p.k.stride_l, vs = p.v.stride_l;
   const uint32_t* kp = reinterpret_cast<const uint32_t*>(w.kt);  // this tile's packed K, V
   const uint32_t* vp = reinterpret_cast<const uint32_t*>(w.v);
-  bool second = false;  // (paired) this tile is the second of its pair
-  int64_t first_keys[kMaxRowTile / kMr];  // ... and the first's strip_keys
+  int64_t h = 0;  // (grouped) this tile's place in its group
+  int64_t group_keys[kMaxRowTile / kMr];  // ... and each strip's keys from the group's start
   for (int64_t t = bk.j0 + (jmin - bk.j0) / tile * tile; t < jmax; t += tile) {
     const int64_t nk = bk.j1 - t < tile ? bk.j1 - t : tile;
     const S* kt = k + t * ks;
@@ -499,8 +501,8 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
     }
     const bool keep_mask = fuse && p.mask.kind == SdpaMaskKind::keep;
     const bool add_mask = fuse && p.mask.kind == SdpaMaskKind::add;
-    float* const s_t = w.s + (second ? kKeyTile : 0);   // this tile's scores
-    float* const alpha_t = second ? w.alpha2 : w.alpha;  // and rescale
+    float* const s_t = w.s + h * kKeyTile;           // this tile's scores
+    float* const alpha_t = h ? w.alpha2 : w.alpha;  // and rescale
     const RowState rows{w.m, w.l, alpha_t, nk, clip ? tile_lo : nullptr, clip ? tile_hi : nullptr,
                         keep_mask ? reinterpret_cast<const uint8_t* const*>(mask_rows) : nullptr,
                         add_mask ? reinterpret_cast<const float* const*>(mask_rows) : nullptr};
@@ -517,7 +519,7 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
         kp = reinterpret_cast<const uint32_t*>(w.kt);
       } else {
         pr.pack_kv(p, dp, bk.b, bk.kvh, t, nk, reinterpret_cast<uint32_t*>(w.kt),
-                   reinterpret_cast<uint32_t*>(w.v + (second ? kKeyTile * 64 : 0)));
+                   reinterpret_cast<uint32_t*>(w.v + h * kKeyTile * 64));
         kp = reinterpret_cast<const uint32_t*>(w.kt);
         vp = reinterpret_cast<const uint32_t*>(w.v);
       }
@@ -603,18 +605,18 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
     } else if (dot16) {
       pv_bf16_tile(w.o, dp, w.alpha, w.s, pitch, reinterpret_cast<const uint16_t*>(vt), vs, nk, D,
                    dp, reinterpret_cast<uint32_t*>(w.v), strip_keys, nr);
-    } else if (kZmmTiles) {  // V in the panels of pack_v_wide, over a pair of tiles
-      if (paired && !second && t + tile < jmax) {  // the pair's first tile: P V waits for the second
-        std::copy(strip_keys, strip_keys + (nr + kMr - 1) / kMr, first_keys);
-        second = true;
+    } else if (kZmmTiles) {  // V in place, or in the panels of pack_v_wide over a group of tiles
+      if (v_in_place) {
+        pv_f32_wide(w.o, dp, w.alpha, w.s, pitch, reinterpret_cast<const float*>(vt), vs, strip_keys, dp, nr);
         continue;
       }
-      if (second) join_pair(first_keys, w, pitch, nr, strip_keys);
-      second = false;
-      if (v_in_place)
-        pv_f32_wide(w.o, dp, w.alpha, w.s, pitch, reinterpret_cast<const float*>(vt), vs, strip_keys, dp, nr);
+      if (h == 0)
+        std::copy(strip_keys, strip_keys + (nr + kMr - 1) / kMr, group_keys);
       else
-        pv_f32_wide(w.o, dp, w.alpha, w.s, pitch, reinterpret_cast<const float*>(vp), 0, strip_keys, dp, nr);
+        join_tile(h, strip_keys, w, pitch, nr, group_keys);
+      if (++h < kGroupTiles && t + tile < jmax) continue;  // P V waits for the group's next tile
+      h = 0;
+      pv_f32_wide(w.o, dp, w.alpha, w.s, pitch, reinterpret_cast<const float*>(vp), 0, group_keys, dp, nr);
     } else {  // 16-column register tiles: fp32 V in place, other storage types in panels
       const bool in_place = T == DType::f32 && D % 16 == 0;
       if (!in_place) pack_v_panels<T>(vt, vs, nk, D, dp, w.v);
