@@ -398,8 +398,12 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
   // place and pack only K: packing V in panels for 64 rows made verify GQA 32/8 Lq 16 Lk 4096
   // D128 1.06x slower.
   const bool v_in_place = packed_tiles && !amx && T == DType::f32 && D % 16 == 0 && nr < kRowTile;
-  // ... and bf16 decode rows: q rows stay bf16 words, K rows are read in place as words.
-  const bool wide16 = T == DType::bf16 && wide && bf16_wide_dot(D);
+  // ... and bf16 decode rows of whole 32-column blocks: O in registers, and q, in the split
+  // order; a block of one row (MHA decode) takes S = q K^T on vdpbf16ps where the CPU has it,
+  // q as bf16 words (MHA 32/32 Lk 4096 D128: 0.92x the time of the split order's FMAs; with the
+  // four rows of GQA 32/8 vdpbf16ps took 1.06x).
+  const bool split = wide && split_cols(T, D);
+  const bool wide16 = split && nr == 1 && bf16_wide_dot(D);
   std::optional<AmxTiles> tiles;
   if (amx) tiles.emplace();
   // The zmm register tiles run P V once per group of kGroupTiles key tiles: tile h's
@@ -423,6 +427,8 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
     const S* qrow = q + head[rr] * p.q.stride_h + pos[rr] * p.q.stride_l;
     if (dot16 || wide16)
       std::memcpy(qw + rr * dp / 2, qrow, D * sizeof(S));
+    else if (split)
+      pack_row_split(reinterpret_cast<const uint16_t*>(qrow), D, scale2, w.q + rr * dp);
     else
       pack_row_scaled<T>(qrow, D, scale2, w.q + rr * dp, dp);
     for (int64_t x = 0; x < dp; x += 8) simd::store(w.o + rr * dp + x, simd::zero());
@@ -451,8 +457,8 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
     const S* vt = v + t * vs;
     // Touch the K and V rows kPrefetchTiles tiles ahead while this one computes: V is read
     // column block by column block, which hardware prefetchers do not follow, and decode is
-    // bound by how many bytes are in flight. (The wide path reads V row by row, in the order
-    // the hardware prefetchers follow; software prefetch measured no better there.) Blocks of
+    // bound by how many bytes are in flight. (The wide path reads V row by row and prefetches
+    // inside its kernels, a line ahead per line read: kDecodePrefetchKeys.) Blocks of
     // many rows compute long enough on each tile for the next to arrive unasked, and two tiles
     // ahead no longer fit L1: with all 192 rows prefetching, B1 H32 L2048 D128 prefill took
     // 1.02x the time in fp32 and 1.03-1.06x in bf16 (AMX, where K/V are packed up front and
@@ -527,9 +533,9 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
 
     // S = (scale log2(e) q) K^T
     if (wide16) {
-      qk_wide_bf16(qw, dp / 2, reinterpret_cast<const uint16_t*>(kt), ks, nk, D, scale2, w.s, pitch, nr);
+      qk_wide_bf16(qw, reinterpret_cast<const uint16_t*>(kt), ks, nk, D, scale2, w.s, jmax - t);
     } else if (wide) {
-      qk_wide<T>(w.q, dp, kt, ks, nk, D, w.s, pitch, nr);
+      qk_wide<T>(w.q, dp, kt, ks, nk, D, w.s, pitch, nr, jmax - t);
     } else if (stream) {
       if constexpr (T == DType::f32) {
         qk_dot_f32(w.q, dp, kt, ks, nk, D, w.s, pitch, nr);
@@ -591,7 +597,7 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
 
     // O = diag(alpha) O + P V
     if (wide) {
-      pv_wide<T>(w.o, dp, w.alpha, w.s, pitch, vt, vs, nk, D, nr);
+      pv_wide<T>(w.o, dp, w.alpha, w.s, pitch, vt, vs, nk, D, nr, jmax - t);
     } else if (stream && D % 64 == 0) {
       pv_stream_rows<T>(w.o, dp, w.alpha, w.s, pitch, vt, vs, nk, D, nr);
     } else if (stream) {
