@@ -131,15 +131,24 @@ def test_bf16_prefill_within_rounding(torch, isa, shape, opts, odd_stride):
     assert excess.max() <= 0, (excess.max(), np.unravel_index(excess.argmax(), excess.shape))
 
 
-# bf16 decode blocks (at most 8 query rows per kv head): head dims 64, 96, 128 and 256 run
-# Q K^T on vdpbf16ps where the variant has it (K rows read in place as bf16 pairs), in register
-# blocks of 1-4 rows x 4 or 8 keys with the last keys one by one; split-KV on the long one.
+# bf16 decode blocks (at most 8 query rows per kv head): head dims that are whole 32-column
+# blocks run on FMAs in the split column order (even columns, then odd), except that blocks of
+# one row (group 1, one query) take Q K^T on vdpbf16ps where the variant has it (64, 96, 128,
+# 256); register blocks of 1-4 rows x 4 or 8 keys with the last keys one by one; rows past the
+# first 128 keys of a block are prefetched; split-KV on the long ones. 80 is not split.
 BF16_DECODE = [
     ((1, 8, 2, 1, 333, 64), dict()),
     ((1, 6, 2, 1, 130, 96), dict(causal=True)),
     ((2, 4, 4, 2, 77, 256), dict(window=30)),
     ((1, 16, 2, 1, 1500, 128), dict()),
     ((1, 2, 2, 1, 9, 128), dict(scale=-3.0)),
+    ((1, 4, 4, 1, 1500, 128), dict()),
+    ((2, 3, 3, 1, 701, 64), dict(window=500)),
+    ((1, 2, 2, 1, 259, 96), dict()),
+    ((1, 2, 2, 1, 300, 256), dict(causal=True)),
+    ((1, 3, 3, 1, 1100, 32), dict()),
+    ((1, 6, 2, 1, 333, 32), dict()),
+    ((1, 2, 2, 1, 200, 80), dict()),
 ]
 
 
