@@ -83,6 +83,9 @@ def default_cases(rng) -> list:
         sdpa_case("sdpa decode GQA 32/8 Lk 4096 D128 bf16", gqa, False, rng, "bfloat16"),
         sdpa_case("sdpa decode MHA 32/32 Lk 4096 D128 bf16", [(1, 32, 1, 128), (1, 32, 4096, 128), (1, 32, 4096, 128)],
                   False, rng, "bfloat16"),
+        # the model benchmark's decode step (TinyLlama's heads, a 257-token cache: K/V in L2)
+        sdpa_case("sdpa decode GQA 32/4 Lk 257 D64", [(1, 32, 1, 64), (1, 4, 257, 64), (1, 4, 257, 64)], False, rng),
+        sdpa_case("sdpa decode MHA 32/32 Lk 257 D64", [(1, 32, 1, 64), (1, 32, 257, 64), (1, 32, 257, 64)], False, rng),
         # 16 new tokens against a 4096-token cache (speculative decoding's verify step, chunked
         # prefill): 64 rows per kv head, too many to stream K/V, too few to be compute-bound
         sdpa_case("sdpa verify GQA 32/8 Lq 16 Lk 4096 D128", verify, True, rng),
