@@ -30,12 +30,20 @@ def qmatmul_case(scheme, n: int, k: int, rng, m: int = 1):
     return f"qmatmul {m}x{k} @ {n}x{k} {scheme!r}", lambda: ff.qmatmul(x, next_weight())
 
 
-def sdpa_case(name: str, shapes, causal: bool, rng, dtype: str = "float32", mask=None):
+def sdpa_case(name: str, shapes, causal: bool, rng, dtype: str = "float32", mask=None, cold: bool = False):
+    """cold: K and V cycle through copies that stream 2x the last-level cache (read from memory,
+    as in `fusedformer bench attention`'s decode rows); else the same K/V every call."""
     import torch  # bf16 inputs need torch tensors (numpy has no bfloat16)
 
     q, k, v = (torch.from_numpy(rng.standard_normal(s).astype(np.float32)).to(getattr(torch, dtype))
                for s in shapes)
-    return name, lambda: ff.sdpa(q, k, v, causal=causal, mask=mask)
+    next_kv = _copies((k, v), k.nbytes + v.nbytes, lambda kv: (kv[0].clone(), kv[1].clone())) if cold else lambda: (k, v)
+
+    def call():
+        kc, vc = next_kv()
+        return ff.sdpa(q, kc, vc, causal=causal, mask=mask)
+
+    return name, call
 
 
 def padded_mask(b: int, lq: int, lk: int, pad: int, causal: bool = True, additive: bool = False):
@@ -55,6 +63,7 @@ def default_cases(rng) -> list:
     """(name, fn) pairs: the GEMV shapes and schemes of the model decode, and attention."""
     gqa = [(1, 32, 1, 128), (1, 8, 4096, 128), (1, 8, 4096, 128)]
     verify = [(1, 32, 16, 128), (1, 8, 4096, 128), (1, 8, 4096, 128)]
+    gqa_long = [(1, 32, 1, 128), (1, 8, 16384, 128), (1, 8, 16384, 128)]
     return [
         qmatmul_case(Affine(4, 64), 4096, 4096, rng),
         qmatmul_case(Affine(4, 32), 4096, 4096, rng),
@@ -83,6 +92,12 @@ def default_cases(rng) -> list:
         sdpa_case("sdpa decode GQA 32/8 Lk 4096 D128 bf16", gqa, False, rng, "bfloat16"),
         sdpa_case("sdpa decode MHA 32/32 Lk 4096 D128 bf16", [(1, 32, 1, 128), (1, 32, 4096, 128), (1, 32, 4096, 128)],
                   False, rng, "bfloat16"),
+        # decode with K/V read from memory (as a model's layers read theirs)
+        sdpa_case("sdpa cold decode GQA 32/8 Lk 16384 D128", gqa_long, False, rng, cold=True),
+        sdpa_case("sdpa cold decode GQA 32/8 Lk 16384 D128 bf16", gqa_long, False, rng, "bfloat16", cold=True),
+        sdpa_case("sdpa cold decode GQA 32/8 Lk 16384 D128 fp16", gqa_long, False, rng, "float16", cold=True),
+        sdpa_case("sdpa cold decode MHA 32/32 Lk 4096 D128 bf16", [(1, 32, 1, 128), (1, 32, 4096, 128), (1, 32, 4096, 128)],
+                  False, rng, "bfloat16", cold=True),
         # the model benchmark's decode step (TinyLlama's heads, a 257-token cache: K/V in L2)
         sdpa_case("sdpa decode GQA 32/4 Lk 257 D64", [(1, 32, 1, 64), (1, 4, 257, 64), (1, 4, 257, 64)], False, rng),
         sdpa_case("sdpa decode MHA 32/32 Lk 257 D64", [(1, 32, 1, 64), (1, 32, 257, 64), (1, 32, 257, 64)], False, rng),

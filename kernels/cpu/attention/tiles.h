@@ -515,15 +515,14 @@ inline void store_lane_sums(const __m512 (&acc)[R][KB], float scale, float* s, i
 }
 
 // Decode blocks stream K and V from memory, and their time goes to keeping enough lines in
-// flight, and the hardware prefetchers alone left compute and memory waits nearly in series
-// (one thread: about the cache-resident time plus the streaming time), so each line read also
-// touches its line kDecodePrefetchKeys keys ahead into L2 (rows below pf_keys only). Decode
-// from memory, K/V cycled over 200 MB: GQA 32/8 Lk 16384 D128 took 0.80x the time in bf16 (with
-// the split order), 0.79x in fp16, 0.94x in fp32; MHA 32/32 Lk 4096 bf16 0.83x. 64 or 256 keys
-// ahead measured 1.0-1.05x the time of 128, and prefetching into L1 1.1x. The cost: K/V that
-// are still in L2 from the call before (a benchmark's loop; a model's layers read theirs from
-// memory) take the prefetches as extra loads, MHA 32/32 Lk 257 D64 fp32 1.055x the time; GQA
-// 32/4 (TinyLlama's heads) 1.004x, GQA 32/8 Lk 4096 (in L3) 0.99x.
+// flight: each line read also touches its line kDecodePrefetchKeys keys ahead into L2 (rows
+// below pf_keys only). Decode from memory (isa_ab's cold decode cases, build_ab 9 rounds, 2
+// threads): GQA 32/8 Lk 16384 D128 took 0.84x the time in bf16 (with the split order), 0.82x in
+// fp16, 0.95x in fp32; MHA 32/32 Lk 4096 bf16 0.90x. 64 or 256 keys ahead measured 1.0-1.05x the
+// time of 128, and prefetching into L1 1.1x. The cost: K/V still in L2 from the call before (a
+// benchmark's loop; a model's layers read theirs from memory) take the prefetches as extra
+// loads, MHA 32/32 Lk 257 D64 fp32 1.055x the time; GQA 32/4 (TinyLlama's heads) 1.004x, GQA
+// 32/8 Lk 4096 (in L3) 0.99x.
 constexpr int64_t kDecodePrefetchKeys = 128;
 
 // Whether zmm u of a row of storage type S starts a cache line (and so is the one to prefetch).
