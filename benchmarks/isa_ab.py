@@ -37,10 +37,12 @@ def sdpa_case(name: str, shapes, causal: bool, rng, dtype: str = "float32", mask
 
     q, k, v = (torch.from_numpy(rng.standard_normal(s).astype(np.float32)).to(getattr(torch, dtype))
                for s in shapes)
-    next_kv = _copies((k, v), k.nbytes + v.nbytes, lambda kv: (kv[0].clone(), kv[1].clone())) if cold else lambda: (k, v)
+    copies = []  # (cold) made at the first call, so that only the cases that run hold them
 
     def call():
-        kc, vc = next_kv()
+        if cold and not copies:
+            copies.append(_copies((k, v), k.nbytes + v.nbytes, lambda kv: (kv[0].clone(), kv[1].clone())))
+        kc, vc = copies[0]() if cold else (k, v)
         return ff.sdpa(q, kc, vc, causal=causal, mask=mask)
 
     return name, call
