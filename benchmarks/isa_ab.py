@@ -95,6 +95,8 @@ def default_cases(rng) -> list:
         sdpa_case("sdpa decode MHA 32/32 Lk 4096 D128 bf16", [(1, 32, 1, 128), (1, 32, 4096, 128), (1, 32, 4096, 128)],
                   False, rng, "bfloat16"),
         # decode with K/V read from memory (as a model's layers read theirs)
+        sdpa_case("sdpa cold decode GQA 32/8 Lk 4096 D128", gqa, False, rng, cold=True),
+        sdpa_case("sdpa cold decode GQA 32/8 Lk 4096 D128 bf16", gqa, False, rng, "bfloat16", cold=True),
         sdpa_case("sdpa cold decode GQA 32/8 Lk 16384 D128", gqa_long, False, rng, cold=True),
         sdpa_case("sdpa cold decode GQA 32/8 Lk 16384 D128 bf16", gqa_long, False, rng, "bfloat16", cold=True),
         sdpa_case("sdpa cold decode GQA 32/8 Lk 16384 D128 fp16", gqa_long, False, rng, "float16", cold=True),

@@ -229,9 +229,13 @@ def test_split_kv(rng, isa, threads, chunk, opts):
     check(out, lse, q, k, v, **opts)
 
 
-def test_split_kv_auto_decode(rng, isa, threads):
-    """Lq = 1 with many keys takes the split path by shape; results equal for any thread count."""
-    q, k, v = make_qkv(rng, 1, 32, 8, 1, 1500, 128)
+@pytest.mark.parametrize("heads", [(32, 8, 1500), (8, 1, 3001), (4, 1, 1100), (16, 8, 4100), (32, 32, 1100)], ids=str)
+def test_split_kv_auto_decode(rng, isa, threads, heads):
+    """Lq = 1 with many keys takes the split path by shape, chunks by the kv heads (split_chunk:
+    3, 6 and 3 chunks of 512 keys, the last short; 4 of 1088; none for 32 kv heads); results
+    equal for any thread count."""
+    hq, hkv, lk = heads
+    q, k, v = make_qkv(rng, 1, hq, hkv, 1, lk, 128)
     out, lse = ff.sdpa(q, k, v, causal=True, return_lse=True)
     check(out, lse, q, k, v, causal=True)
     from tests.conftest import kernel_config
