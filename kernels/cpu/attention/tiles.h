@@ -625,6 +625,22 @@ inline void pv_rows_zmm_all(float* o, int64_t o_stride, const float* alpha, cons
                             int64_t p_stride, const typename Elem<T>::type* v, int64_t v_stride,
                             int64_t nk, int64_t nr, int64_t pf_keys) {
   constexpr int kRows = NV >= 16 ? 1 : 16 / NV > 6 ? 6 : 16 / NV;  // 16 accumulators
+  // fp16/bf16 blocks of more rows take the columns in halves, twice the rows per pass, so that
+  // each V element is converted once per 2 kRows rows (GQA 32/8 Lk 16384 D128 from memory: bf16
+  // 0.966x, fp16 0.963x the time; fp32, with nothing to convert, 1.01x).
+  if constexpr (T != DType::f32 && NV >= 8 && NV % 4 == 0) {
+    if (nr > kRows) {
+      constexpr int kHalf = NV / 2, kRows2 = 16 / kHalf;
+      for (int c = 0; c < NV; c += kHalf)
+        for (int64_t r = 0; r < nr; r += kRows2)
+          with_rows<kRows2>(static_cast<int>(nr - r), [&](auto R) {
+            pv_rows_zmm<T, kHalf, decltype(R)::value>(o + r * o_stride + 16 * c, o_stride, alpha + r,
+                                                      p + r * p_stride, p_stride, v + 16 * c, v_stride, nk,
+                                                      r == 0 ? pf_keys : 0);
+          });
+      return;
+    }
+  }
   for (int64_t r = 0; r < nr; r += kRows)
     with_rows<kRows>(static_cast<int>(nr - r), [&](auto R) {
       pv_rows_zmm<T, NV, decltype(R)::value>(o + r * o_stride, o_stride, alpha + r, p + r * p_stride,
