@@ -97,9 +97,10 @@ inline int64_t register_tile_rows(int64_t dp, int64_t pairs, int64_t rows) {
 // Keys per chunk of a decode call's split-KV (few rows, many keys: calls of at least
 // 2 kSplitChunk keys): as few chunks as give kMinBlocks units over the pairs (batch x kv heads),
 // at least kSplitChunk keys each. Longer chunks stream longer runs of K/V and merge fewer
-// partials: cold GQA 32/8 D128 decode took 0.94-0.96x the time in chunks of 1024 keys as in
-// 512 at Lk 4096, and in chunks of 4096 0.93-0.97x that of 1024 at Lk 16384 (build_ab, fp32,
-// bf16, fp16). Depends on the shape alone, as register_tile_rows.
+// partials: against chunks of 512 always (isa_ab's cold decode cases, build_ab 7 rounds), GQA
+// 32/8 D128 Lk 16384 (4 chunks of 4096) took 0.885x the time in fp32, 0.906x in bf16, 0.919x
+// in fp16; Lk 4096 (4 of 1024) 0.938x / bf16 0.961x; MHA 32/32 Lk 4096 bf16 (no split) 0.873x.
+// Depends on the shape alone, as register_tile_rows.
 inline int64_t split_chunk(int64_t pairs, int64_t kv_len) {
   const int64_t chunks = (kMinBlocks + pairs - 1) / pairs;
   const int64_t even = round_up((kv_len + chunks - 1) / chunks, kKeyTile);
@@ -412,8 +413,9 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
   const bool v_in_place = packed_tiles && !amx && T == DType::f32 && D % 16 == 0 && nr < kRowTile;
   // ... and bf16 decode rows of whole 32-column blocks: O in registers, and q, in the split
   // order; a block of one row (MHA decode) takes S = q K^T on vdpbf16ps where the CPU has it,
-  // q as bf16 words (MHA 32/32 Lk 4096 D128: 0.92x the time of the split order's FMAs; with the
-  // four rows of GQA 32/8 vdpbf16ps took 1.06x).
+  // q as bf16 words (measured on a temporary build with both paths, K/V from memory: MHA 32/32
+  // Lk 4096 D128 took 0.92x the time of the split order's FMAs; with the four rows of GQA 32/8
+  // vdpbf16ps took 1.06x).
   const bool split = wide && split_cols(T, D);
   const bool wide16 = split && nr == 1 && bf16_wide_dot(D);
   std::optional<AmxTiles> tiles;

@@ -626,8 +626,9 @@ inline void pv_rows_zmm_all(float* o, int64_t o_stride, const float* alpha, cons
                             int64_t nk, int64_t nr, int64_t pf_keys) {
   constexpr int kRows = NV >= 16 ? 1 : 16 / NV > 6 ? 6 : 16 / NV;  // 16 accumulators
   // fp16/bf16 blocks of more rows take the columns in halves, twice the rows per pass, so that
-  // each V element is converted once per 2 kRows rows (GQA 32/8 Lk 16384 D128 from memory: bf16
-  // 0.966x, fp16 0.963x the time; fp32, with nothing to convert, 1.01x).
+  // each V element is converted once per 2 kRows rows (isa_ab's cold decode cases, build_ab 9
+  // rounds: GQA 32/8 Lk 16384 D128 bf16 0.938x, fp16 0.973x the time, Lk 4096 bf16 0.974x; fp32,
+  // with nothing to convert, 1.01x).
   if constexpr (T != DType::f32 && NV >= 8 && NV % 4 == 0) {
     if (nr > kRows) {
       constexpr int kHalf = NV / 2, kRows2 = 16 / kHalf;
