@@ -813,14 +813,28 @@ inline void store_zmm(float* o, int64_t o_stride, const __m512 (&acc)[R][NC]) {
     for (int u = 0; u < NC; ++u) _mm512_storeu_ps(o + r * o_stride + 16 * u, acc[r][u]);
 }
 
+// o[r][16u .. 16u+16) = alpha[r] * o[r] + acc[r][u]: a P V step's sums added to the rescaled O
+// tile at its end, so that the loads of O (from L2) are off the path of the step's FMAs.
+template <int R, int NC>
+inline void store_rescaled_zmm(float* o, int64_t o_stride, const float* alpha, const __m512 (&acc)[R][NC]) {
+  for (int r = 0; r < R; ++r) {
+    const __m512 a = _mm512_set1_ps(alpha[r]);
+    for (int u = 0; u < NC; ++u) {
+      float* x = o + r * o_stride + 16 * u;
+      _mm512_storeu_ps(x, _mm512_fmadd_ps(_mm512_loadu_ps(x), a, acc[r][u]));
+    }
+  }
+}
+
 // o[r][0..16*NC) = alpha[r] * o[r] + sum_{j < nk} p[r][j] * v[j][0..16*NC) for R rows.
 template <int R, int NC>
 inline void pv_f32_zmm(float* o, int64_t o_stride, const float* alpha, const float* p,
                        int64_t p_stride, const float* v, int64_t v_stride, int64_t nk) {
   __m512 acc[R][NC];
-  load_rescaled_zmm<R, NC>(acc, o, o_stride, alpha);
+  for (int r = 0; r < R; ++r)
+    for (int u = 0; u < NC; ++u) acc[r][u] = _mm512_setzero_ps();
   rank1_tile_zmm<R, NC>(acc, p, p_stride, v, v_stride, nk);
-  store_zmm<R, NC>(o, o_stride, acc);
+  store_rescaled_zmm<R, NC>(o, o_stride, alpha, acc);
 }
 
 // ---- AVX512_BF16 prefill micro-kernels (bf16 inputs) -------------------------------------
