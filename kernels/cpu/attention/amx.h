@@ -175,10 +175,12 @@ FF_BF16_DOT inline float exp_pairs(const float* s, int64_t a, int64_t e, int64_t
   __m512 sum = _mm512_setzero_ps(), top = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   __m512i idx = _mm512_add_epi32(kLanes16(), _mm512_set1_epi32(static_cast<int>(j_lo)));
   for (int64_t j = j_lo; j < j_hi; j += 32) {
-    __mmask16 in0 = lanes_in(idx, av, ev);
-    idx = _mm512_add_epi32(idx, sixteen);
-    __mmask16 in1 = lanes_in(idx, av, ev);
-    idx = _mm512_add_epi32(idx, sixteen);
+    __mmask16 in0 = 0xFFFF, in1 = 0xFFFF;  // steps wholly inside [a, e) keep every lane
+    if (j < a || j + 32 > e) {
+      in0 = lanes_in(idx, av, ev);
+      in1 = lanes_in(_mm512_add_epi32(idx, sixteen), av, ev);
+    }
+    idx = _mm512_add_epi32(idx, _mm512_add_epi32(sixteen, sixteen));
     const __m512 x0 = scaled_scores(s, j, &in0, sv, mv, mr);
     const __m512 x1 = scaled_scores(s, j + 16, &in1, sv, mv, mr);
     if (rise) {
