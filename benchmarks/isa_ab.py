@@ -105,6 +105,12 @@ def default_cases(rng) -> list:
         # the model benchmark's decode step (TinyLlama's heads, a 257-token cache: K/V in L2)
         sdpa_case("sdpa decode GQA 32/4 Lk 257 D64", [(1, 32, 1, 64), (1, 4, 257, 64), (1, 4, 257, 64)], False, rng),
         sdpa_case("sdpa decode MHA 32/32 Lk 257 D64", [(1, 32, 1, 64), (1, 32, 257, 64), (1, 32, 257, 64)], False, rng),
+        # ... and with K/V from memory, as in the model, where a layer's K/V are evicted by the
+        # other layers' weights between its calls
+        sdpa_case("sdpa cold decode GQA 32/4 Lk 257 D64", [(1, 32, 1, 64), (1, 4, 257, 64), (1, 4, 257, 64)], False, rng,
+                  cold=True),
+        sdpa_case("sdpa cold decode MHA 32/32 Lk 257 D64", [(1, 32, 1, 64), (1, 32, 257, 64), (1, 32, 257, 64)], False,
+                  rng, cold=True),
         # 16 new tokens against a 4096-token cache (speculative decoding's verify step, chunked
         # prefill): 64 rows per kv head, too many to stream K/V, too few to be compute-bound
         sdpa_case("sdpa verify GQA 32/8 Lq 16 Lk 4096 D128", verify, True, rng),

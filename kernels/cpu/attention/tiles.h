@@ -105,13 +105,14 @@ inline f32x8 load_n(const typename Elem<T>::type* p, int64_t n) {
   return simd::load(buf);
 }
 
-// Prefetches rows [0, n) of a strided tile (row_bytes each) towards L2/L1. Tiles are walked
-// column block by column block, a pattern hardware prefetchers do not follow; touching the
-// next tile's lines while this one computes keeps decode at memory speed.
+// Prefetches rows [0, n) of a strided tile (row_bytes each) towards L1 (kLocality 3) or L2
+// (2). Tiles are walked column block by column block, a pattern hardware prefetchers do not
+// follow; touching the next tile's lines while this one computes keeps decode at memory speed.
+template <int kLocality = 3>
 inline void prefetch_rows(const void* base, int64_t stride_bytes, int64_t n, int64_t row_bytes) {
   const char* p = static_cast<const char*>(base);
   for (int64_t j = 0; j < n; ++j, p += stride_bytes)
-    for (int64_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(p + b, 0, 3);
+    for (int64_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(p + b, 0, kLocality);
 }
 
 // ---- packing ----------------------------------------------------------------------------
