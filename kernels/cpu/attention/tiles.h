@@ -815,7 +815,9 @@ inline void store_zmm(float* o, int64_t o_stride, const __m512 (&acc)[R][NC]) {
 }
 
 // o[r][16u .. 16u+16) = alpha[r] * o[r] + acc[r][u]: a P V step's sums added to the rescaled O
-// tile at its end, so that the loads of O (from L2) are off the path of the step's FMAs.
+// tile at its end, so that the loads of O (from L2) are off the path of the step's FMAs (fp32
+// causal B1 H32 L2048 D128 prefill took 0.977-0.978x the time of starting from the rescaled O,
+// D256 0.981x, B4 H12 L1024 D64 0.987x; build_ab 5-7 rounds).
 template <int R, int NC>
 inline void store_rescaled_zmm(float* o, int64_t o_stride, const float* alpha, const __m512 (&acc)[R][NC]) {
   for (int r = 0; r < R; ++r) {
