@@ -229,15 +229,30 @@ def test_split_kv(rng, isa, threads, chunk, opts):
     check(out, lse, q, k, v, **opts)
 
 
-@pytest.mark.parametrize("heads", [(32, 8, 1500), (8, 1, 3001), (4, 1, 1100), (16, 8, 4100), (32, 32, 1100)], ids=str)
-def test_split_kv_auto_decode(rng, isa, threads, heads):
-    """Lq = 1 with many keys takes the split path by shape, chunks by the kv heads (split_chunk:
-    3, 6 and 3 chunks of 512 keys, the last short; 4 of 1088; none for 32 kv heads); results
-    equal for any thread count."""
+# (hq, hkv, lk) -> the keys per split-KV chunk split_chunk picks for fp32 and for 2-byte
+# storage (half as many units, twice the keys each); lk itself: not split
+AUTO_SPLIT = {
+    (32, 8, 1500): (512, 768),
+    (8, 1, 3001): (512, 512),
+    (4, 1, 1100): (512, 512),
+    (16, 8, 4100): (1088, 2112),
+    (32, 32, 1100): (1100, 1100),
+}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("heads", list(AUTO_SPLIT), ids=str)
+def test_split_kv_auto_decode(rng, isa, threads, heads, dtype):
+    """Lq = 1 with many keys takes the split path by shape, chunks by the kv heads and the storage
+    size (split_chunk: kMinBlocks units over the kv heads, half as many for 2-byte storage, at
+    least 512 keys each; none for 32 kv heads): the same bits as those chunks forced, and for
+    any thread count."""
     hq, hkv, lk = heads
-    q, k, v = make_qkv(rng, 1, hq, hkv, 1, lk, 128)
+    q, k, v = make_qkv(rng, 1, hq, hkv, 1, lk, 128, dtype)
     out, lse = ff.sdpa(q, k, v, causal=True, return_lse=True)
-    check(out, lse, q, k, v, causal=True)
+    check(out, lse, q, k, v, causal=True, tol=np.dtype(dtype).name)
+    chunk = AUTO_SPLIT[heads][0 if dtype == np.float32 else 1]
+    np.testing.assert_array_equal(native_sdpa(q, k, v, causal=True, kv_chunk=chunk), out)
     from tests.conftest import kernel_config
 
     with kernel_config(threads=1):

@@ -52,7 +52,8 @@ constexpr int64_t kMaxRowTile = kRowTile;
 #endif
 static_assert(kMaxRowTile >= kAmxRowTile, "the scratch holds the AMX blocks");
 // Blocks below which register_tile_rows stops growing them (and split_chunk lengthening its
-// chunks): enough for a pool of 16 threads to take two each.
+// chunks; half as many for fp16/bf16 storage there): enough for a pool of 16 threads to take
+// two each.
 constexpr int64_t kMinBlocks = 32;
 // Keys per tile of the AMX tiles: a tile's P V accumulates into O in memory (tile loads and
 // stores of O), so longer tiles spend fewer of them per multiply-add (with the K/V packed once
@@ -101,9 +102,14 @@ inline int64_t register_tile_rows(int64_t dp, int64_t pairs, int64_t rows) {
 // partials: against chunks of 512 always (isa_ab's cold decode cases, build_ab 7 rounds), GQA
 // 32/8 D128 Lk 16384 (4 chunks of 4096) took 0.885x the time in fp32, 0.906x in bf16, 0.919x
 // in fp16; Lk 4096 (4 of 1024) 0.938x / bf16 0.961x; MHA 32/32 Lk 4096 bf16 (no split) 0.873x.
-// Depends on the shape alone, as register_tile_rows.
-inline int64_t split_chunk(int64_t pairs, int64_t kv_len) {
-  const int64_t chunks = (kMinBlocks + pairs - 1) / pairs;
+// fp16/bf16 storage (elem_bytes 2) takes half as many units, so that a unit streams as many
+// bytes as an fp32 one of the same shape does: cold GQA 32/8 Lk 4096 D128 bf16 in 2 chunks of
+// 2048 keys took 0.957-0.964x the time of 4 of 1024 (build_ab 11-21 rounds; with K/V in cache
+// 0.975-1.05x, Lk 16384 bf16/fp16 0.989-0.992x, fp32 unchanged); 16 units are still one per
+// thread of a 16-thread pool. Depends on the shape and storage alone, as register_tile_rows.
+inline int64_t split_chunk(int64_t pairs, int64_t kv_len, int64_t elem_bytes) {
+  const int64_t units = elem_bytes == 4 ? kMinBlocks : kMinBlocks / 2;
+  const int64_t chunks = (units + pairs - 1) / pairs;
   const int64_t even = round_up((kv_len + chunks - 1) / chunks, kKeyTile);
   return even > kSplitChunk ? even : kSplitChunk;
 }
@@ -806,7 +812,7 @@ void sdpa(const SdpaParams& p) {
   if (p.kv_chunk > 0) {
     chunk = p.kv_chunk;
   } else if (p.kv_chunk < 0 && rows <= kRowTile && p.kv_len >= 2 * kSplitChunk) {
-    chunk = split_chunk(p.batch * p.kv_heads, p.kv_len);  // decode: few rows, many keys
+    chunk = split_chunk(p.batch * p.kv_heads, p.kv_len, p.dtype == DType::f32 ? 4 : 2);  // decode: few rows, many keys
   }
   if (chunk >= p.kv_len) chunk = p.kv_len;
   const bool dot16 = p.dtype == DType::bf16 && bf16_tiles(p.head_dim);  // bf16 on vdpbf16ps
