@@ -79,6 +79,12 @@ def test_report_derives_figures_and_ratios(tmp_path):
     assert paths["png"].stat().st_size > 1000
 
 
+def test_rows_take_the_bandwidth_they_are_given():
+    rep = Report("unit", machine=MACHINE)
+    row = rep.add(case="c", impl="ours", timing=Timing(2.0, 1.5, 3.0, 7), bytes=1e8, bandwidth_gbs=40.0)
+    assert row.pct_bandwidth == pytest.approx(125.0)  # 50 GB/s of the 40 given, not of the machine's 20
+
+
 def test_bf16_rows_use_the_bf16_dot_peak_where_measured():
     limits = MACHINE["limits"]
     rep = Report("unit", machine={**MACHINE, "limits": {**limits, "peak_gflops_bf16_dot": 2 * limits["peak_gflops"]}})

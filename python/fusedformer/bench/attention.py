@@ -7,7 +7,10 @@ ratios are time / time of "torch sdpa" in that case. FLOPs count only the unmask
 (Lq * Lk without a mask; Lq * Lk - Lq * (Lq - 1) / 2 for causal with Lq <= Lk, i.e. about
 half), covering QK^T and PV at 2 flops per multiply-add. Bytes are what one call must move at
 least: q, k, v in and out once (decode is bound by reading K and V). Decode cases cycle through
-copies of K and V (harness.cold_copies) so each call reads them from memory, not the cache.
+copies of K and V (harness.cold_copies) so each call reads them from memory, not the cache, and
+their % BW refers to the streaming-read probe timed in the same rounds (the "read probe" row):
+this VM's read bandwidth swings 16-25 GB/s within seconds, so a probe measured once at the start
+of the run would move every decode row's share by as much.
 
 Implementations are (name, maker) entries in IMPLS; a maker returns a zero-argument callable
 for a case or None when it does not apply. Another backend adds one entry (e.g. the MLX
@@ -213,6 +216,8 @@ def run(args) -> Report:
         if getattr(args, "dtype", "all") in ("all", c.dtype) and getattr(args, "case", "") in c.name
     ]
     impls = getattr(args, "impl", None) or list(IMPLS)
+    probe = ReadProbe(64 if args.quick else 512)
+    rep.references.add(READ_PROBE)
     for case in track(selected, "attention"):
         q, k, v = torch_inputs(case)
         # Decode reads the KV cache from memory (a model reads every layer's in turn): cycle
@@ -225,7 +230,11 @@ def run(args) -> Report:
             fns = [maker(case, *qkv) for qkv in inputs]
             if fns[0] is not None:
                 contenders[name] = (_in_turn_calls(fns), opts)
+        if case.kind == "decode":
+            contenders[READ_PROBE] = (probe.run, {})
         timings = measure_in_rounds(contenders, rounds=getattr(args, "rounds", 4), budget_s=args.budget)
+        read = timings.pop(READ_PROBE, None)
+        bandwidth = probe.gbs(read) if read else None
         for name, timing in timings.items():
             rep.add(
                 case=case.name,
@@ -236,5 +245,39 @@ def run(args) -> Report:
                 baseline=BASELINE if BASELINE in impls else None,
                 note=IMPLS[name][2],
                 peak_gflops=rep.peak_for(case.dtype),
+                bandwidth_gbs=bandwidth,
             )
+        if read:
+            rep.add(case=case.name, impl=READ_PROBE, timing=read, bytes=probe.nbytes, bandwidth_gbs=bandwidth,
+                    note="streaming read timed in the same rounds: the GB/s this case's % BW refers to")
     return rep
+
+
+READ_PROBE = "read probe"
+
+
+class ReadProbe:
+    """The streaming-read probe of `bench limits` (all pool threads summing a buffer of `mib`
+    MiB), as a contender of a case's rounds; its buffer is made (and first touched) on first use,
+    by torch as the cases' K and V are: numpy asks the kernel for huge pages for large arrays,
+    which read ~10% faster here (25.1-25.9 against 22.8-23.3 GB/s) than the K/V cache does."""
+
+    def __init__(self, mib: int):
+        self.mib = mib
+        self._buf = None
+
+    @property
+    def nbytes(self) -> int:
+        return self.mib << 20
+
+    def run(self):
+        import torch
+
+        from fusedformer import _C
+
+        if self._buf is None:
+            self._buf = torch.ones(self.nbytes // 4, dtype=torch.float32).numpy()
+        return _C.stream_sum(self._buf)
+
+    def gbs(self, timing) -> float:
+        return self.nbytes / (timing.median_ms / 1e3) / 1e9

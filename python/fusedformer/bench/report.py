@@ -63,6 +63,9 @@ class Report:
         self.description = description
         self.machine = machine if machine is not None else describe_machine()
         self.rows: list[Row] = []
+        # impls that are measuring sticks of a case, not contenders (attention's read probe):
+        # in the table and JSON, not in the plot
+        self.references: set[str] = set()
 
     @property
     def peak_gflops(self) -> float:
@@ -93,13 +96,16 @@ class Report:
         baseline: str | None = None,
         note: str = "",
         peak_gflops: float | None = None,
+        bandwidth_gbs: float | None = None,
         **extra,
     ) -> Row:
         """Adds a timed row. ``flops``/``bytes`` are the work of one call (GFLOP/s and GB/s are
         derived); ``baseline`` names the impl of the same case this row is compared with;
-        ``peak_gflops`` is the ceiling % peak refers to (default: the fp32 FMA peak);
-        ``extra`` holds further figures (tokens_per_s=..., model_mb=...)."""
+        ``peak_gflops`` is the ceiling % peak refers to (default: the fp32 FMA peak), and
+        ``bandwidth_gbs`` the one % BW refers to (default: the read bandwidth measured at the
+        start of the run); ``extra`` holds further figures (tokens_per_s=..., model_mb=...)."""
         peak = peak_gflops or self.peak_gflops
+        bandwidth = bandwidth_gbs or self.bandwidth_gbs
         sec = timing.median_ms / 1e3
         gflops = flops / sec / 1e9 if flops else None
         gbs = bytes / sec / 1e9 if bytes else None
@@ -113,7 +119,7 @@ class Report:
             gflops=_round(gflops, 2),
             pct_peak=_round(100 * gflops / peak if gflops else None, 1),
             gbs=_round(gbs, 2),
-            pct_bandwidth=_round(100 * gbs / self.bandwidth_gbs if gbs else None, 1),
+            pct_bandwidth=_round(100 * gbs / bandwidth if gbs else None, 1),
             baseline=baseline if baseline != impl else None,
             note=note,
             extra={k: (_round(v, 4) if isinstance(v, float) else v) for k, v in extra.items()},
@@ -205,7 +211,7 @@ class Report:
         nrows = math.ceil(len(cases) / ncols) or 1
         fig, axes = plt.subplots(nrows, ncols, figsize=(5.5 * ncols, 0.5 + 2.6 * nrows), squeeze=False)
         for ax, case in zip(axes.flat, cases):
-            rows = [r for r in self.rows if r.case == case]
+            rows = [r for r in self.rows if r.case == case and r.impl not in self.references]
             y = range(len(rows))
             ax.barh(
                 list(y),
