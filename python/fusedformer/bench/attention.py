@@ -8,9 +8,11 @@ ratios are time / time of "torch sdpa" in that case. FLOPs count only the unmask
 half), covering QK^T and PV at 2 flops per multiply-add. Bytes are what one call must move at
 least: q, k, v in and out once (decode is bound by reading K and V). Decode cases cycle through
 copies of K and V (harness.cold_copies) so each call reads them from memory, not the cache, and
-their % BW refers to the streaming-read probe timed in the same rounds (the "read probe" row):
-this VM's read bandwidth swings 16-25 GB/s within seconds, so a probe measured once at the start
-of the run would move every decode row's share by as much.
+their % BW refers to the streaming-read probe timed in the same rounds (the "read probe" row);
+likewise prefill cases' % peak refers to the peak probe of their dtype run in their rounds (the
+"peak probe" row: fp32 FMAs, or the bf16 dot / AMX tiles as Report.peak_for picks). This VM's
+read bandwidth swings 16-25 GB/s within seconds and its FMA rate by 5%, so limits measured once
+at the start of the run would move every row's share by as much.
 
 Implementations are (name, maker) entries in IMPLS; a maker returns a zero-argument callable
 for a case or None when it does not apply. Another backend adds one entry (e.g. the MLX
@@ -217,7 +219,7 @@ def run(args) -> Report:
     ]
     impls = getattr(args, "impl", None) or list(IMPLS)
     probe = ReadProbe(64 if args.quick else 512)
-    rep.references.add(READ_PROBE)
+    rep.references.update((READ_PROBE, PEAK_PROBE))
     for case in track(selected, "attention"):
         q, k, v = torch_inputs(case)
         # Decode reads the KV cache from memory (a model reads every layer's in turn): cycle
@@ -230,11 +232,16 @@ def run(args) -> Report:
             fns = [maker(case, *qkv) for qkv in inputs]
             if fns[0] is not None:
                 contenders[name] = (_in_turn_calls(fns), opts)
+        peak = PeakProbe(rep, case.dtype) if case.kind == "prefill" else None
         if case.kind == "decode":
             contenders[READ_PROBE] = (probe.run, {})
+        else:
+            contenders[PEAK_PROBE] = (peak.run, {})
         timings = measure_in_rounds(contenders, rounds=getattr(args, "rounds", 4), budget_s=args.budget)
         read = timings.pop(READ_PROBE, None)
         bandwidth = probe.gbs(read) if read else None
+        peak_timing = timings.pop(PEAK_PROBE, None)
+        peak_gflops = peak.gflops() if peak_timing else rep.peak_for(case.dtype)
         for name, timing in timings.items():
             rep.add(
                 case=case.name,
@@ -244,16 +251,49 @@ def run(args) -> Report:
                 bytes=case.bytes,
                 baseline=BASELINE if BASELINE in impls else None,
                 note=IMPLS[name][2],
-                peak_gflops=rep.peak_for(case.dtype),
+                peak_gflops=peak_gflops,
                 bandwidth_gbs=bandwidth,
             )
         if read:
             rep.add(case=case.name, impl=READ_PROBE, timing=read, bytes=probe.nbytes, bandwidth_gbs=bandwidth,
                     note="streaming read timed in the same rounds: the GB/s this case's % BW refers to")
+        if peak_timing:
+            rep.add(case=case.name, impl=PEAK_PROBE, timing=peak_timing,
+                    flops=peak_gflops * 1e9 * peak_timing.median_ms / 1e3, peak_gflops=peak_gflops,
+                    note=f"{peak.name} run in the same rounds: the GFLOP/s this case's % peak refers to")
     return rep
 
 
 READ_PROBE = "read probe"
+PEAK_PROBE = "peak probe"
+
+
+class PeakProbe:
+    """The compute-peak probe Report.peak_for refers to for `dtype` (fp32 FMAs; bf16: the AMX
+    tiles when the avx512_amx variant runs, else the bf16 dot product where the CPU has it), as a
+    contender of a case's rounds: each call runs it for `seconds` and keeps the GFLOP/s it
+    measured; gflops() is their median."""
+
+    def __init__(self, rep: Report, dtype: str, seconds: float = 0.02):
+        from fusedformer import _C
+
+        limits = rep.machine["limits"]
+        self.name, self._fn = "fp32 FMA probe", _C.peak_gflops
+        if dtype in ("bf16", "bfloat16"):
+            if rep.machine.get("isa") == "avx512_amx" and limits.get("peak_gflops_amx_bf16"):
+                self.name, self._fn = "AMX bf16 probe", _C.peak_gflops_amx_bf16
+            elif limits.get("peak_gflops_bf16_dot"):
+                self.name, self._fn = "bf16 dot probe", _C.peak_gflops_bf16_dot
+        self.seconds = seconds
+        self.samples: list[float] = []
+
+    def run(self):
+        self.samples.append(self._fn(seconds=self.seconds))
+
+    def gflops(self) -> float:
+        import statistics
+
+        return statistics.median(self.samples)
 
 
 class ReadProbe:
