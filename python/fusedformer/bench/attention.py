@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from fusedformer.bench.harness import cold_copies, in_turn, measure_in_rounds
+from fusedformer.bench.harness import cold_copies, in_turn, last_level_cache_bytes, measure_in_rounds
 from fusedformer.bench.report import Report, track
 
 BASELINE = "torch sdpa"
@@ -218,7 +218,9 @@ def run(args) -> Report:
         if getattr(args, "dtype", "all") in ("all", c.dtype) and getattr(args, "case", "") in c.name
     ]
     impls = getattr(args, "impl", None) or list(IMPLS)
-    probe = ReadProbe(64 if args.quick else 512)
+    # the read probe streams at least twice the last-level cache, as the decode cases' K/V
+    # copies do (a 64 MiB probe read 47 GB/s here, out of cache)
+    probe = ReadProbe(max(64 << 20 if args.quick else 512 << 20, 2 * last_level_cache_bytes()))
     rep.references.update((READ_PROBE, PEAK_PROBE))
     for case in track(selected, "attention"):
         q, k, v = torch_inputs(case)
@@ -269,21 +271,23 @@ PEAK_PROBE = "peak probe"
 
 
 class PeakProbe:
-    """The compute-peak probe Report.peak_for refers to for `dtype` (fp32 FMAs; bf16: the AMX
-    tiles when the avx512_amx variant runs, else the bf16 dot product where the CPU has it), as a
-    contender of a case's rounds: each call runs it for `seconds` and keeps the GFLOP/s it
-    measured; gflops() is their median."""
+    """The compute-peak probe of the limit Report.peak_key picks for `dtype` (fp32 FMAs; bf16:
+    the AMX tiles when the avx512_amx variant runs, else the bf16 dot product where the CPU has
+    it), as a contender of a case's rounds: each call runs it for `seconds` and keeps the
+    GFLOP/s it measured; gflops() is their median."""
+
+    # limit key -> (name, the _C probe that measures it)
+    PROBES = {
+        "peak_gflops": ("fp32 FMA probe", "peak_gflops"),
+        "peak_gflops_bf16_dot": ("bf16 dot probe", "peak_gflops_bf16_dot"),
+        "peak_gflops_amx_bf16": ("AMX bf16 probe", "peak_gflops_amx_bf16"),
+    }
 
     def __init__(self, rep: Report, dtype: str, seconds: float = 0.02):
         from fusedformer import _C
 
-        limits = rep.machine["limits"]
-        self.name, self._fn = "fp32 FMA probe", _C.peak_gflops
-        if dtype in ("bf16", "bfloat16"):
-            if rep.machine.get("isa") == "avx512_amx" and limits.get("peak_gflops_amx_bf16"):
-                self.name, self._fn = "AMX bf16 probe", _C.peak_gflops_amx_bf16
-            elif limits.get("peak_gflops_bf16_dot"):
-                self.name, self._fn = "bf16 dot probe", _C.peak_gflops_bf16_dot
+        self.name, fn = self.PROBES[rep.peak_key(dtype)]
+        self._fn = getattr(_C, fn)
         self.seconds = seconds
         self.samples: list[float] = []
 
@@ -297,18 +301,14 @@ class PeakProbe:
 
 
 class ReadProbe:
-    """The streaming-read probe of `bench limits` (all pool threads summing a buffer of `mib`
-    MiB), as a contender of a case's rounds; its buffer is made (and first touched) on first use,
+    """The streaming-read probe of `bench limits` (all pool threads summing a buffer of `nbytes`),
+    as a contender of a case's rounds; its buffer is made (and first touched) on first use,
     by torch as the cases' K and V are: numpy asks the kernel for huge pages for large arrays,
-    which read ~10% faster here (25.1-25.9 against 22.8-23.3 GB/s) than the K/V cache does."""
+    which read ~10% faster here than torch's (25.1-25.9 against 22.8-23.3 GB/s side by side)."""
 
-    def __init__(self, mib: int):
-        self.mib = mib
+    def __init__(self, nbytes: int):
+        self.nbytes = nbytes // 64 * 64
         self._buf = None
-
-    @property
-    def nbytes(self) -> int:
-        return self.mib << 20
 
     def run(self):
         import torch

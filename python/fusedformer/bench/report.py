@@ -63,23 +63,30 @@ class Report:
         self.description = description
         self.machine = machine if machine is not None else describe_machine()
         self.rows: list[Row] = []
-        # impls that are measuring sticks of a case, not contenders (attention's read probe):
-        # in the table and JSON, not in the plot
+        # impls that are measuring sticks of a case, not contenders (attention's read and peak
+        # probes): in the table and JSON, not in the plot
         self.references: set[str] = set()
 
     @property
     def peak_gflops(self) -> float:
         return self.machine["limits"]["peak_gflops"]
 
-    def peak_for(self, dtype: str) -> float:
-        """The compute ceiling of a case in ``dtype``: bf16 cases are measured against the AMX-BF16
-        tile peak when the kernels run the avx512_amx variant, else the bf16 dot-product peak
-        where the CPU has one (vdpbf16ps: twice the fp32 FMA rate)."""
-        if dtype not in ("bf16", "bfloat16"):
-            return self.peak_gflops
+    def peak_key(self, dtype: str) -> str:
+        """Which measured limit is the compute ceiling of a case in ``dtype``: bf16 cases are
+        measured against the AMX-BF16 tile peak when the kernels run the avx512_amx variant, else
+        the bf16 dot-product peak where the CPU has one (vdpbf16ps: twice the fp32 FMA rate);
+        everything else against the fp32 FMA peak."""
         limits = self.machine["limits"]
-        amx = limits.get("peak_gflops_amx_bf16") if self.machine.get("isa") == "avx512_amx" else None
-        return amx or limits.get("peak_gflops_bf16_dot") or self.peak_gflops
+        if dtype in ("bf16", "bfloat16"):
+            if self.machine.get("isa") == "avx512_amx" and limits.get("peak_gflops_amx_bf16"):
+                return "peak_gflops_amx_bf16"
+            if limits.get("peak_gflops_bf16_dot"):
+                return "peak_gflops_bf16_dot"
+        return "peak_gflops"
+
+    def peak_for(self, dtype: str) -> float:
+        """The compute ceiling of a case in ``dtype`` (peak_key), GFLOP/s."""
+        return self.machine["limits"][self.peak_key(dtype)]
 
     @property
     def bandwidth_gbs(self) -> float:
