@@ -85,6 +85,27 @@ def test_rows_take_the_bandwidth_they_are_given():
     assert row.pct_bandwidth == pytest.approx(125.0)  # 50 GB/s of the 40 given, not of the machine's 20
 
 
+def test_reference_rows_are_tabled_not_plotted(monkeypatch, tmp_path):
+    import matplotlib.axes
+
+    labels = []
+    original = matplotlib.axes.Axes.set_yticks
+
+    def spy(self, ticks, tick_labels=None, **kw):
+        labels.extend(tick_labels or [])
+        return original(self, ticks, tick_labels, **kw)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_yticks", spy)
+    rep = Report("unit", machine=MACHINE)
+    for impl in ("ours", "probe"):
+        rep.add(case="c", impl=impl, timing=Timing(2.0, 1.5, 3.0, 7), bytes=1e8)
+    rep.references.add("probe")
+    rep.write_plot(tmp_path / "unit.png")
+    assert labels == ["ours"]
+    assert [r.impl for r in rep.rows] == ["ours", "probe"]
+    assert "probe" in str(rep.to_dict()["rows"])
+
+
 def test_bf16_rows_use_the_bf16_dot_peak_where_measured():
     limits = MACHINE["limits"]
     rep = Report("unit", machine={**MACHINE, "limits": {**limits, "peak_gflops_bf16_dot": 2 * limits["peak_gflops"]}})

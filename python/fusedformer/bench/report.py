@@ -74,7 +74,8 @@ class Report:
     def peak_key(self, dtype: str) -> str:
         """Which measured limit is the compute ceiling of a case in ``dtype``: bf16 cases are
         measured against the AMX-BF16 tile peak when the kernels run the avx512_amx variant, else
-        the bf16 dot-product peak where the CPU has one (vdpbf16ps: twice the fp32 FMA rate);
+        the bf16 dot-product peak where the CPU has one (vdpbf16ps, two products per lane; each peak
+        as its probe measured it);
         everything else against the fp32 FMA peak."""
         limits = self.machine["limits"]
         if dtype in ("bf16", "bfloat16"):
