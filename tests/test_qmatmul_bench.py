@@ -10,16 +10,27 @@ from tests.conftest import require
 
 
 @pytest.mark.torch
-def test_bench_qmatmul_runs(monkeypatch, tmp_path):
+def test_bench_qmatmul_shares_refer_to_the_read_probe_of_their_rounds(monkeypatch, tmp_path):
+    """Every row's % BW is of the read probe timed in the same rounds as the case; the probe is
+    tabled, not plotted, and has no ratio; the slow reference loops at large M run once."""
     require("torch")
-    from fusedformer.bench import qmatmul
+    from fusedformer.bench import harness, qmatmul
 
+    monkeypatch.setattr(harness, "last_level_cache_bytes", lambda: 8 << 20)  # a 64 MiB probe
     monkeypatch.setattr(qmatmul, "QUICK_SHAPES", [(1, 24, 128), (65, 24, 128)])
-    args = argparse.Namespace(quick=True, budget=0.01, out=str(tmp_path), plot=False,
+    args = argparse.Namespace(quick=True, budget=0.01, out=str(tmp_path), plot=False, rounds=2,
                               schemes="affine4,int8,palettize2,prune50-affine4")
     rep = qmatmul.run(args)
-    impls = {r.impl for r in rep.rows}
-    assert {"torch fp32", "torch bf16", "fusedformer affine4", "fusedformer prune50-affine4"} <= impls
-    assert all(r.ratio is not None for r in rep.rows if r.impl != "torch fp32")
+    for case in ("1x128 @ 24x128.T", "65x128 @ 24x128.T"):
+        rows = {r.impl: r for r in rep.rows if r.case == case}
+        assert {"torch fp32", "torch bf16", "torch _weight_int8pack_mm", "fusedformer affine4",
+                "fusedformer prune50-affine4", harness.READ_PROBE} <= set(rows)
+        read = rows.pop(harness.READ_PROBE)
+        assert read.gbs > 0 and read.pct_bandwidth == pytest.approx(100.0, abs=0.1) and read.ratio is None
+        for r in rows.values():  # (each figure is rounded: hence the tolerances)
+            assert r.pct_bandwidth == pytest.approx(100 * r.gbs / read.gbs, rel=2e-2, abs=0.06), r.impl
+            assert r.ratio is not None or r.impl == "torch fp32"
+        assert (rows["torch _weight_int8pack_mm"].runs == 1) == case.startswith("65x")
+    assert rep.references == {harness.READ_PROBE}
     rep.finish(tmp_path, plot=False)
     assert (tmp_path / "qmatmul.json").exists()

@@ -24,7 +24,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from fusedformer.bench.harness import cold_copies, in_turn, last_level_cache_bytes, measure_in_rounds
+from fusedformer.bench.harness import (
+    READ_PROBE,
+    ReadProbe,
+    add_rounds_argument,
+    cold_copies,
+    in_turn,
+    measure_in_rounds,
+)
 from fusedformer.bench.report import Report, track
 
 BASELINE = "torch sdpa"
@@ -203,8 +210,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--dtype", choices=["all", "float32", "bfloat16"], default="all", help="dtypes to run")
     parser.add_argument("--case", default="", help="only cases whose name contains this text")
     parser.add_argument("--impl", action="append", default=None, help="only these impls (repeatable)")
-    parser.add_argument("--rounds", type=int, default=4,
-                        help="alternating rounds per case: each impl gets --budget / rounds seconds in each")
+    add_rounds_argument(parser)
 
 
 def run(args) -> Report:
@@ -220,7 +226,7 @@ def run(args) -> Report:
     impls = getattr(args, "impl", None) or list(IMPLS)
     # the read probe streams at least twice the last-level cache, as the decode cases' K/V
     # copies do (a 64 MiB probe read 47 GB/s here, out of cache)
-    probe = ReadProbe(max(64 << 20 if args.quick else 512 << 20, 2 * last_level_cache_bytes()))
+    probe = ReadProbe.for_run(args.quick)
     rep.references.update((READ_PROBE, PEAK_PROBE))
     for case in track(selected, "attention"):
         q, k, v = torch_inputs(case)
@@ -266,7 +272,6 @@ def run(args) -> Report:
     return rep
 
 
-READ_PROBE = "read probe"
 PEAK_PROBE = "peak probe"
 
 
@@ -298,26 +303,3 @@ class PeakProbe:
         import statistics
 
         return statistics.median(self.samples)
-
-
-class ReadProbe:
-    """The streaming-read probe of `bench limits` (all pool threads summing a buffer of `nbytes`),
-    as a contender of a case's rounds; its buffer is made (and first touched) on first use,
-    by torch as the cases' K and V are: numpy asks the kernel for huge pages for large arrays,
-    which read ~10% faster here than torch's (25.1-25.9 against 22.8-23.3 GB/s side by side)."""
-
-    def __init__(self, nbytes: int):
-        self.nbytes = nbytes // 64 * 64
-        self._buf = None
-
-    def run(self):
-        import torch
-
-        from fusedformer import _C
-
-        if self._buf is None:
-            self._buf = torch.ones(self.nbytes // 4, dtype=torch.float32).numpy()
-        return _C.stream_sum(self._buf)
-
-    def gbs(self, timing) -> float:
-        return self.nbytes / (timing.median_ms / 1e3) / 1e9

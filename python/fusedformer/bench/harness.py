@@ -123,3 +123,42 @@ def in_turn(items: list) -> Callable[[], object]:
         return items[state["i"]]
 
     return next_item
+
+
+def add_rounds_argument(parser) -> None:
+    """The --rounds option of the areas timed with measure_in_rounds."""
+    parser.add_argument("--rounds", type=int, default=4,
+                        help="alternating rounds per case: each impl gets --budget / rounds seconds in each")
+
+
+READ_PROBE = "read probe"
+
+
+class ReadProbe:
+    """The streaming-read probe of `bench limits` (all pool threads summing a buffer of `nbytes`),
+    as a contender of a case's rounds; its buffer is made (and first touched) on first use,
+    by torch as the cases' K and V are: numpy asks the kernel for huge pages for large arrays,
+    which read ~10% faster here than torch's (25.1-25.9 against 22.8-23.3 GB/s side by side)."""
+
+    def __init__(self, nbytes: int):
+        self.nbytes = nbytes // 64 * 64
+        self._buf = None
+
+    def run(self):
+        import torch
+
+        from fusedformer import _C
+
+        if self._buf is None:
+            self._buf = torch.ones(self.nbytes // 4, dtype=torch.float32).numpy()
+        return _C.stream_sum(self._buf)
+
+    def gbs(self, timing) -> float:
+        return self.nbytes / (timing.median_ms / 1e3) / 1e9
+
+    @classmethod
+    def for_run(cls, quick: bool) -> "ReadProbe":
+        """The probe of a benchmark run: at least twice the last-level cache, as the cold
+        operands' copies (cold_copies) stream, so it reads from memory (a 64 MiB probe read
+        47 GB/s here, from the cache)."""
+        return cls(max(64 << 20 if quick else 512 << 20, 2 * last_level_cache_bytes()))

@@ -10,16 +10,34 @@ as many copies of its weight as it takes to stream twice the last-level cache pe
 (harness.cold_copies; a 4-bit 4096x4096 weight is 10 MiB and would otherwise be timed from
 the cache while torch's 64 MiB fp32 one is not). The ff.mlx rows use one copy.
 
+Every case times its implementations in alternating rounds (harness.measure_in_rounds), with
+the streaming-read probe as one more contender (the "read probe" row): % BW is of what that
+probe read in the same rounds, since this VM's read bandwidth swings 16-25 GB/s within seconds.
+torch's _weight_int8pack_mm and MLX's quantized_matmul are reference loops at large M (seconds
+per call): there they are timed once, after the rounds.
+
 Our GEMV rows (M <= 8) whose weight fits in the last-level cache also time the same call on one
 copy, cache-resident (`cached_gbs`): the kernel's own ceiling with no DRAM traffic. Where it is
-not above the measured DRAM bandwidth, the kernel is bound by its compute, not by memory.
+not above the DRAM bandwidth, the kernel is bound by its compute, not by memory.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Callable
+
 import numpy as np
 
-from fusedformer.bench.harness import cold_copies, in_turn, last_level_cache_bytes, measure
+from fusedformer.bench.harness import (
+    READ_PROBE,
+    ReadProbe,
+    add_rounds_argument,
+    cold_copies,
+    in_turn,
+    last_level_cache_bytes,
+    measure,
+    measure_in_rounds,
+)
 from fusedformer.bench.report import Report, track
 
 FULL_SHAPES = [(1, 4096, 4096), (1, 11008, 4096), (8, 4096, 4096), (512, 4096, 4096)]  # (M, N, K)
@@ -30,6 +48,7 @@ BASELINE = "torch fp32"
 def add_arguments(parser) -> None:
     parser.add_argument("--schemes", default="affine4,affine8,int8,palettize4,prune50-affine4",
                         help="comma-separated: affineB (group 64), int8, palettizeB, prune50-affine4")
+    add_rounds_argument(parser)
 
 
 def _scheme(name: str):
@@ -57,10 +76,74 @@ def _clone_weight(qw):
     return QuantizedWeight.from_dict({name: a.copy() for name, a in qw.to_dict().items()})
 
 
-def run(args) -> Report:
+@dataclass
+class Contender:
+    """One implementation of a case: its call, the bytes one call must move, and its row's note
+    and extra figures. ``once``: a slow reference loop, timed by a single call after the rounds."""
+
+    fn: Callable[[], object]
+    nbytes: float
+    note: str = ""
+    once: bool = False
+    figures: dict = field(default_factory=dict)
+
+
+SLOW_NOTE = "single run after the rounds (slow reference path)"
+
+
+def _torch_contenders(m: int, x, w, io: float) -> dict[str, Contender]:
+    """torch fp32 (the baseline), torch bf16 and torch._weight_int8pack_mm, each weight in copies."""
     import torch
 
+    n, k = w.shape
+    xt, wt = torch.from_numpy(x), torch.from_numpy(w)
+    w32 = _copies(wt, 4.0 * n * k, torch.clone)
+    xb = xt.bfloat16()
+    w16 = _copies(wt.bfloat16(), 2.0 * n * k, torch.clone)
+    scale = (wt.abs().amax(1) / 127).clamp_min(1e-12)
+    w8 = _copies(torch.round(wt / scale[:, None]).to(torch.int8), 1.0 * n * k, torch.clone)
+    slow = m >= 64  # torch's int8pack_mm is a reference loop there (seconds per call)
+    return {
+        BASELINE: Contender(lambda: torch.nn.functional.linear(xt, w32()), 4.0 * n * k + io),
+        "torch bf16": Contender(lambda: torch.nn.functional.linear(xb, w16()), 2.0 * n * k + io / 2),
+        "torch _weight_int8pack_mm": Contender(lambda: torch._weight_int8pack_mm(xt, w8(), scale),
+                                               1.0 * n * k + 4 * n + io, SLOW_NOTE if slow else "", once=slow),
+    }
+
+
+def _mlx_contender(mx, m: int, x, w, io: float) -> Contender:
+    """MLX's own quantized_matmul (4-bit, group 64) on MLX's CPU device, the weight in copies."""
+    with mx.stream(mx.cpu):
+        wq, sc, bi = mx.quantize(mx.array(w), group_size=64, bits=4)
+        xm = mx.array(x)
+        mx.eval(wq, sc, bi, xm)
+    nbytes = wq.nbytes + sc.nbytes + bi.nbytes
+    mw = _copies((wq, sc, bi), nbytes, lambda t: tuple(mx.array(np.array(a)) for a in t))
+
+    def fn():
+        with mx.stream(mx.cpu):
+            wq_, sc_, bi_ = mw()
+            mx.eval(mx.quantized_matmul(xm, wq_, sc_, bi_, transpose=True, group_size=64, bits=4))
+
+    slow = m >= 64
+    return Contender(fn, nbytes + io, SLOW_NOTE if slow else "", once=slow)
+
+
+def _ours(m: int, x, w, qw, io: float, budget: float) -> Contender:
+    """The native kernel on scheme `qw`, in copies; GEMV rows whose weight fits in the cache also
+    carry the cache-resident rate of one copy (cached_gbs)."""
     from fusedformer.ops_quant import qmatmul_numpy
+
+    figures = {"bits_per_weight": float(qw.bits_per_weight)}
+    if m <= 8 and qw.nbytes + io <= 0.6 * last_level_cache_bytes():
+        cached = measure(lambda: qmatmul_numpy(x, qw), budget_s=budget / 2)
+        figures["cached_gbs"] = (qw.nbytes + io) / cached.median_ms / 1e6
+    in_turn_qw = _copies(qw, qw.nbytes, _clone_weight)
+    return Contender(lambda: qmatmul_numpy(x, in_turn_qw()), qw.nbytes + io,
+                     f"{qw.bits_per_weight:.2f} bits/weight, SNR {qw.snr_db(w):.1f} dB", figures=figures)
+
+
+def run(args) -> Report:
     from fusedformer.quant import compress
 
     rep = Report("qmatmul", description="y = x @ W.T with compressed W; ratios vs torch fp32 (same run)")
@@ -73,12 +156,10 @@ def run(args) -> Report:
         import mlx.core as mx
     except ImportError:
         mx = None
+    probe = ReadProbe.for_run(args.quick)
+    rep.references.add(READ_PROBE)
     for m, n, k in track(shapes, "qmatmul"):
         case = f"{m}x{k} @ {n}x{k}.T"
-        # torch's int8pack_mm and MLX's CPU quantized_matmul are reference loops (seconds per
-        # call at large M): time them once there.
-        slow = dict(warmup=0, min_runs=1, max_runs=1) if m >= 64 else dict(budget_s=budget)
-        slow_note = "single run (slow reference path)" if m >= 64 else ""
         flops = 2.0 * m * n * k
         io = 4.0 * m * (n + k)
         if (n, k) not in weights:
@@ -86,49 +167,34 @@ def run(args) -> Report:
             weights[(n, k)] = (w, {s: compress(w, _scheme(s)) for s in names})
         w, qws = weights[(n, k)]
         x = rng.standard_normal((m, k)).astype(np.float32)
-        xt, wt = torch.from_numpy(x), torch.from_numpy(w)
-        with torch.inference_mode():
-            w32 = _copies(wt, 4.0 * n * k, torch.clone)
-            rep.add(case=case, impl=BASELINE, timing=measure(lambda: torch.nn.functional.linear(xt, w32()), budget_s=budget),
-                    flops=flops, bytes=4.0 * n * k + io, baseline=BASELINE)
-            del w32
-            xb = xt.bfloat16()
-            w16 = _copies(wt.bfloat16(), 2.0 * n * k, torch.clone)
-            rep.add(case=case, impl="torch bf16", timing=measure(lambda: torch.nn.functional.linear(xb, w16()), budget_s=budget),
-                    flops=flops, bytes=2.0 * n * k + io / 2, baseline=BASELINE)
-            del w16
-            scale = (wt.abs().amax(1) / 127).clamp_min(1e-12)
-            w8 = _copies(torch.round(wt / scale[:, None]).to(torch.int8), 1.0 * n * k, torch.clone)
-            rep.add(case=case, impl="torch _weight_int8pack_mm", baseline=BASELINE, flops=flops, bytes=1.0 * n * k + 4 * n + io,
-                    timing=measure(lambda: torch._weight_int8pack_mm(xt, w8(), scale), **slow), note=slow_note)
-            del w8
+        contenders = _torch_contenders(m, x, w, io)
         if mx is not None:
-            with mx.stream(mx.cpu):
-                wq, sc, bi = mx.quantize(mx.array(w), group_size=64, bits=4)
-                xm = mx.array(x)
-                mx.eval(wq, sc, bi, xm)
-                mw = _copies((wq, sc, bi), wq.nbytes + sc.nbytes + bi.nbytes,
-                             lambda t: tuple(mx.array(np.array(a)) for a in t))
-
-                def fn():
-                    wq_, sc_, bi_ = mw()
-                    mx.eval(mx.quantized_matmul(xm, wq_, sc_, bi_, transpose=True, group_size=64, bits=4))
-
-                rep.add(case=case, impl="mlx quantized_matmul q4 g64 (cpu)", timing=measure(fn, **slow),
-                        flops=flops, bytes=wq.nbytes + sc.nbytes + bi.nbytes + io, baseline=BASELINE, note=slow_note)
-        for s in names:
-            qw = qws[s]
-            qw_in_turn = _copies(qw, qw.nbytes, _clone_weight)
-            figures = {"bits_per_weight": float(qw.bits_per_weight)}
-            if m <= 8 and qw.nbytes + io <= 0.6 * last_level_cache_bytes():
-                cached = measure(lambda: qmatmul_numpy(x, qw), budget_s=budget / 2)
-                figures["cached_gbs"] = (qw.nbytes + io) / cached.median_ms / 1e6
-            rep.add(case=case, impl=f"fusedformer {s}", timing=measure(lambda: qmatmul_numpy(x, qw_in_turn()), budget_s=budget),
-                    flops=flops, bytes=qw.nbytes + io, baseline=BASELINE,
-                    note=f"{qw.bits_per_weight:.2f} bits/weight, SNR {qw.snr_db(w):.1f} dB", **figures)
+            contenders["mlx quantized_matmul q4 g64 (cpu)"] = _mlx_contender(mx, m, x, w, io)
+        contenders.update({f"fusedformer {s}": _ours(m, x, w, qws[s], io, budget) for s in names})
+        timings = _time(contenders, probe, rounds=getattr(args, "rounds", 4), budget=budget)
+        read = timings.pop(READ_PROBE)
+        bandwidth = probe.gbs(read)
+        for impl, timing in timings.items():
+            c = contenders[impl]
+            rep.add(case=case, impl=impl, timing=timing, flops=flops, bytes=c.nbytes, baseline=BASELINE,
+                    note=c.note, bandwidth_gbs=bandwidth, **c.figures)
+        rep.add(case=case, impl=READ_PROBE, timing=read, bytes=probe.nbytes, bandwidth_gbs=bandwidth,
+                note="streaming read timed in the same rounds: the GB/s this case's % BW refers to")
+        del contenders, timings
         if mx is not None:  # ff.mlx's path on the same weights (MLX's kernel or op composition per format)
             from fusedformer.mlx import bench as mlx_bench
 
             mlx_bench.add_qmatmul_rows(rep, case=case, x=x, qws={s: qws[s] for s in names}, flops=flops, io_bytes=io,
-                                       baseline=BASELINE, budget_s=budget)
+                                       baseline=BASELINE, budget_s=budget, bandwidth_gbs=bandwidth)
     return rep
+
+
+def _time(contenders: dict[str, Contender], probe: ReadProbe, *, rounds: int, budget: float):
+    """Timings of every contender and of the read probe: those not `once` in alternating rounds,
+    the others by one call each after them."""
+    in_rounds = {name: (c.fn, {}) for name, c in contenders.items() if not c.once}
+    timings = measure_in_rounds({**in_rounds, READ_PROBE: (probe.run, {})}, rounds=rounds, budget_s=budget)
+    for name, c in contenders.items():
+        if c.once:
+            timings[name] = measure(c.fn, warmup=0, min_runs=1, max_runs=1)
+    return timings

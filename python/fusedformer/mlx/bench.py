@@ -106,10 +106,12 @@ def add_attention_rows(rep, *, case, q, k, v, causal=False, window=None, mask=No
 
 
 def add_qmatmul_rows(rep, *, case, x, qws: dict, flops=None, io_bytes=0.0, baseline=None, budget_s=1.0,
-                     native=False) -> None:
+                     native=False, bandwidth_gbs=None) -> None:
     """One row per {name: QuantizedWeight} for ff.mlx's MLX path ("fusedformer mlx <name>"), plus
-    the opt-in native kernel on MLX arrays with ``native=True``; bytes = compressed weight + io."""
+    the opt-in native kernel on MLX arrays with ``native=True``; bytes = compressed weight + io;
+    % BW of ``bandwidth_gbs`` (default: the run's start-of-run bandwidth)."""
     for name, qw in qws.items():
         rows = qmatmul_rows(x, qw, budget_s=budget_s)
         for row, impl in zip(rows if native else rows[:1], (f"fusedformer mlx {name}", f"fusedformer mlx {name}, native")):
-            rep.add(case=case, flops=flops, bytes=qw.nbytes + io_bytes, baseline=baseline, **{**row, "impl": impl})
+            rep.add(case=case, flops=flops, bytes=qw.nbytes + io_bytes, baseline=baseline, bandwidth_gbs=bandwidth_gbs,
+                    **{**row, "impl": impl})
