@@ -58,17 +58,19 @@ struct Problem {
 
 #define FF_ALWAYS_INLINE inline __attribute__((always_inline))
 
-// How far ahead of the codes being read the GEMV touches W (bytes). The hardware prefetchers
-// alone leave a decode-shaped 4-bit GEMV from memory at 15-16 GB/s on Zen 4 (2048 x 5632:
-// 0.48 ms cold against 0.27 ms from cache); touching the codes 2 KiB ahead measured about 15%
-// faster over the 1.1B model's shapes (/tmp diagnostic, alternating rounds). Every dense GEMV
-// path does it: on a Sapphire Rapids class VM the 1 x 4096 . 4096^2 GEMV from memory took, without
-// it / with it (alternating rounds, scratch), int8 1.38 / 0.94 ms, 8-bit affine 2.06 / 1.09 ms,
-// 4-bit LUT 1.88 / 0.76 ms (1 KiB ahead was 10-20% slower than 2 KiB; 4 KiB the same or slower).
-constexpr int64_t kPrefetchAhead = 2048;
+// How far ahead of the codes being read the GEMV touches W (bytes), into L2. The hardware
+// prefetchers alone leave a decode-shaped 4-bit GEMV from memory at 15-16 GB/s on Zen 4 (2048 x
+// 5632: 0.48 ms cold against 0.27 ms from cache); touching the codes 2 KiB ahead measured about
+// 15% faster over the 1.1B model's shapes (/tmp diagnostic, alternating rounds). Every GEMV path
+// does it. On a Sapphire Rapids class VM the 1 x 4096 . 4096^2 GEMV from memory took, without it /
+// 2 KiB ahead into L1 (scratch, alternating rounds): int8 1.38 / 0.94 ms, 8-bit affine 2.06 /
+// 1.09 ms, 4-bit LUT 1.88 / 0.76 ms; then 4 KiB ahead into L2 against 2 KiB into L1
+// (benchmarks/build_ab.py, 7 rounds): int8 0.80x, 4-bit LUT 0.90x, integer 4-bit affine 0.98-1.01x.
+// (8 KiB into L2 and 4 KiB into L3 were slower; 6 KiB the same.)
+constexpr int64_t kPrefetchAhead = 4096;
 
-// Touches the code stream kPrefetchAhead bytes past `at` (a hint: it never faults).
-FF_ALWAYS_INLINE void prefetch_codes(const uint8_t* at) { __builtin_prefetch(at + kPrefetchAhead, 0, 3); }
+// Touches the code stream kPrefetchAhead bytes past `at` into L2 (a hint: it never faults).
+FF_ALWAYS_INLINE void prefetch_codes(const uint8_t* at) { __builtin_prefetch(at + kPrefetchAhead, 0, 2); }
 
 template <int MR>
 constexpr int unroll() {
@@ -155,27 +157,69 @@ void gemv_affine(const Problem& p, const float* xsum, int64_t n0, int64_t n1) {
   }
 }
 
-// Int8 and LUT: v(k) decodes eight values of row n; `post` maps the dot to y.
+#if defined(__AVX512F__)
+// Byte codes (int8 when Signed, else uint8) in 16 lanes: acc[r][u] += x_r[k + 16u] * code(k + 16u)
+// over [k0, k1), steps of 16 * U: a third of the instructions per code of the 8-lane form.
+template <int MR, int U, bool Signed>
+FF_ALWAYS_INLINE void dot_bytes_wide(const Problem& p, const uint8_t* codes, int64_t k0, int64_t k1,
+                                     __m512 (&acc)[MR][U]) {
+  for (int64_t k = k0; k < k1; k += 16 * U) {
+    prefetch_codes(codes + k);
+    for (int u = 0; u < U; ++u) {
+      const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + k + 16 * u));
+      const __m512 wv = _mm512_cvtepi32_ps(Signed ? _mm512_cvtepi8_epi32(b) : _mm512_cvtepu8_epi32(b));
+      for (int r = 0; r < MR; ++r)
+        acc[r][u] = _mm512_fmadd_ps(_mm512_loadu_ps(p.x + r * p.ldx + k + 16 * u), wv, acc[r][u]);
+    }
+  }
+}
+#endif
+
+// d[r] = x_r . q[0, body) for one int8 row q; returns body, a multiple of the vector step (the
+// caller adds the tail).
+template <int MR>
+FF_ALWAYS_INLINE int64_t int8_dots(const Problem& p, const int8_t* q, float (&d)[MR]) {
+  constexpr int U = unroll<MR>();
+#if defined(__AVX512F__)
+  const int64_t body = p.w->k / (16 * U) * (16 * U);
+  __m512 acc[MR][U];
+  for (auto& row : acc)
+    for (auto& a : row) a = _mm512_setzero_ps();
+  dot_bytes_wide<MR, U, true>(p, reinterpret_cast<const uint8_t*>(q), 0, body, acc);
+  for (int r = 0; r < MR; ++r) {
+    __m512 s = acc[r][0];
+    for (int u = 1; u < U; ++u) s = _mm512_add_ps(s, acc[r][u]);
+    d[r] = _mm512_reduce_add_ps(s);
+  }
+#else
+  const int64_t body = p.w->k / (8 * U) * (8 * U);
+  f32x8 acc[MR][U];
+  for (int r = 0; r < MR; ++r)
+    for (int u = 0; u < U; ++u) acc[r][u] = simd::zero();
+  dot_span<MR, 8>(p, reinterpret_cast<const uint8_t*>(q), 0, body, [&](int64_t k) __attribute__((always_inline)) { return simd::load_i8(q + k); }, acc);
+  for (int r = 0; r < MR; ++r) d[r] = simd::reduce_add(sum_chains<MR>(acc, r));
+#endif
+  return body;
+}
+
+// Int8: y = scale * (x . q - zero_point * sum x).
 template <int MR>
 void gemv_int8(const Problem& p, const float* xsum, int64_t n0, int64_t n1) {
-  constexpr int U = unroll<MR>();
   const QWeight& w = *p.w;
-  const int64_t body = w.k / (8 * U) * (8 * U);
   for (int64_t n = n0; n < n1; ++n) {
     const int8_t* q = static_cast<const int8_t*>(w.codes) + n * w.k;
-    f32x8 acc[MR][U];
-    for (int r = 0; r < MR; ++r)
-      for (int u = 0; u < U; ++u) acc[r][u] = simd::zero();
-    dot_span<MR, 8>(p, reinterpret_cast<const uint8_t*>(q), 0, body, [&](int64_t k) __attribute__((always_inline)) { return simd::load_i8(q + k); }, acc);
+    float dots[MR];
+    const int64_t body = int8_dots<MR>(p, q, dots);
     const float zp = w.zero_points ? static_cast<float>(w.zero_points[n]) : 0.0f;
     for (int r = 0; r < MR; ++r) {
-      float d = simd::reduce_add(sum_chains<MR>(acc, r));
+      float d = dots[r];
       for (int64_t k = body; k < w.k; ++k) d += p.x[r * p.ldx + k] * static_cast<float>(q[k]);
       p.y[r * w.n + n] = w.scales[n] * (d - zp * xsum[r]);
     }
   }
 }
 
+// LUT: v(k) decodes eight values of row n.
 template <int MR, int B>
 void gemv_lut(const Problem& p, int64_t n0, int64_t n1) {
   constexpr int U = unroll<MR>();
@@ -501,7 +545,7 @@ struct VnniDot {
     __m512 acc_h[MR], acc_l[MR];
     for (int r = 0; r < MR; ++r) acc_h[r] = acc_l[r] = _mm512_setzero_ps();
     for (int64_t g = 0; g < groups; g += kGroups) {
-      _mm_prefetch(reinterpret_cast<const char*>(bytes) + kPrefetchAhead, _MM_HINT_T0);  // never faults
+      prefetch_codes(bytes);
       __m512i h[MR], l[MR];
       for (int r = 0; r < MR; ++r) h[r] = l[r] = _mm512_setzero_si512();
       for (int64_t j = 0; j < kBlocks; ++j, bytes += kSplitBlock / 2, hi += kSplitBlock, lo += kSplitBlock)
@@ -612,7 +656,7 @@ struct ByteDot {
     __m256 acc[3];
     for (auto& a : acc) a = _mm256_setzero_ps();
     for (int64_t g = 0; g < groups; g += kGroups) {
-      _mm_prefetch(reinterpret_cast<const char*>(bytes) + kPrefetchAhead, _MM_HINT_T0);  // never faults
+      prefetch_codes(bytes);
       __m256i s[3];
       for (auto& v : s) v = _mm256_setzero_si256();
       for (int64_t j = 0; j < kBlocks; ++j, bytes += kSplitBlock / 2, x += kSplitBlock) {
