@@ -159,6 +159,17 @@ def test_thread_count_does_not_change_results(m, scheme, isa, rng):
     check(y2, x, qw)
 
 
+@pytest.mark.parametrize("m", [9, 13])
+@pytest.mark.parametrize(("scheme", "k"), [(Affine(4, 64), 1088), (Int8(), 1099), (Palettize(3), 1088),
+                                           (Prune(0.5, then=Affine(4, 32)), 1056)], ids=repr)
+def test_gemm_over_several_k_chunks(scheme, k, m, isa, rng):
+    """The GEMM accumulates K chunks (two full ones and a partial one here) into y, over a
+    partial block of x rows and a partial W panel."""
+    qw = compress((rng.standard_normal((67, k)) * 0.05).astype(np.float32), scheme)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    check(ff.qmatmul(x, qw), x, qw)
+
+
 @pytest.mark.parametrize("m", [1, 5, 40])
 def test_float16_and_batched_input(m, isa, rng):
     qw = weight(Affine(4, 32))

@@ -3,10 +3,12 @@
 // GEMV (m <= 8): each task owns kGemvRows rows of W; dense rows are decoded eight codes at a
 // time straight into registers and FMA'd with every x row (pruned rows go through an L1
 // buffer of kGemvChunk values).
-// GEMM: each task owns a panel of kPanel rows of W; for every K chunk of kKc the panel is
-// decoded and packed k-major in sub-panels of kNr columns (32 KB: L1), then a 6 x kNr
-// register-blocked micro-kernel (16 columns in ymm, 64 in zmm) sweeps all rows of x over it.
-// Work is split by fixed row counts of W, so results do not depend on the thread count.
+// GEMM: x is packed once into blocks of kMr rows, k-major per K chunk (pack_x). Each task owns a
+// panel of kPanel rows of W; for every K chunk of kKc the panel is decoded and packed k-major in
+// sub-panels of kNr columns (128 KB: L2), then a 6 x kNr register-blocked micro-kernel (16
+// columns in ymm, 64 in zmm) sweeps all rows of x over it, accumulating into a contiguous panel
+// of y copied out at the end. Work is split by fixed row counts of W, so results do not depend
+// on the thread count.
 #include <algorithm>
 #include <limits>
 #include <memory>
@@ -27,7 +29,11 @@ using simd::f32x8;
 constexpr int64_t kGemvRows = 16;
 constexpr int64_t kGemvChunk = 512;
 constexpr int64_t kPanel = 64;  // a whole number of kNr-column sub-panels
-constexpr int64_t kKc = 128;
+// K chunk of the GEMM. Each chunk ends in a load, add and store of the y tile, so longer chunks
+// pay that less often: 512x4096 . 4096^2 4-bit (benchmarks/build_ab.py, 5 rounds) took 0.90x
+// the time with 256 as with 128 (y written in place), and with y in a contiguous panel 512 took
+// 0.97x the time of 256.
+constexpr int64_t kKc = 512;
 // GEMM register tile: kMr rows of x by kNr columns of W (6 x 16 in ymm registers; AVX-512
 // builds 6 x 64 in zmm, 24 accumulators: a quarter of the loads and broadcasts per FMA).
 #if defined(__AVX512F__)
@@ -757,11 +763,10 @@ void gemv(const Problem& p) {
 }
 
 // ---- GEMM --------------------------------------------------------------------------------
-// y[0:MR, 0:cols] (+)= x[0:MR, 0:kc] @ B, B packed k-major [kc][kNr].
+// y[0:MR, 0:cols] (+)= A @ B over kc: A packed k-major [kc][MR] (pack_x), B [kc][kNr] (pack_panel).
 #if defined(__AVX512F__)
 template <int MR>
-void micro_kernel(const float* x, int64_t ldx, const float* b, int64_t kc, float* y, int64_t ldy,
-                  int cols, bool accumulate) {
+void micro_kernel(const float* a, const float* b, int64_t kc, float* y, int64_t ldy, int cols, bool accumulate) {
   constexpr int NV = kNr / 16;
   __m512 acc[MR][NV];
   for (int r = 0; r < MR; ++r)
@@ -770,8 +775,8 @@ void micro_kernel(const float* x, int64_t ldx, const float* b, int64_t kc, float
     __m512 bv[NV];
     for (int u = 0; u < NV; ++u) bv[u] = _mm512_loadu_ps(b + k * kNr + 16 * u);
     for (int r = 0; r < MR; ++r) {
-      const __m512 a = _mm512_set1_ps(x[r * ldx + k]);
-      for (int u = 0; u < NV; ++u) acc[r][u] = _mm512_fmadd_ps(a, bv[u], acc[r][u]);
+      const __m512 ar = _mm512_set1_ps(a[k * MR + r]);
+      for (int u = 0; u < NV; ++u) acc[r][u] = _mm512_fmadd_ps(ar, bv[u], acc[r][u]);
     }
   }
   for (int r = 0; r < MR; ++r) {
@@ -788,16 +793,15 @@ void micro_kernel(const float* x, int64_t ldx, const float* b, int64_t kc, float
 }
 #else
 template <int MR>
-void micro_kernel(const float* x, int64_t ldx, const float* b, int64_t kc, float* y, int64_t ldy,
-                  int cols, bool accumulate) {
+void micro_kernel(const float* a, const float* b, int64_t kc, float* y, int64_t ldy, int cols, bool accumulate) {
   f32x8 acc[MR][2];
   for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = simd::zero();
   for (int64_t k = 0; k < kc; ++k) {
     const f32x8 b0 = simd::load(b + k * kNr), b1 = simd::load(b + k * kNr + 8);
     for (int r = 0; r < MR; ++r) {
-      const f32x8 a = simd::set1(x[r * ldx + k]);
-      acc[r][0] = simd::fmadd(a, b0, acc[r][0]);
-      acc[r][1] = simd::fmadd(a, b1, acc[r][1]);
+      const f32x8 ar = simd::set1(a[k * MR + r]);
+      acc[r][0] = simd::fmadd(ar, b0, acc[r][0]);
+      acc[r][1] = simd::fmadd(ar, b1, acc[r][1]);
     }
   }
   for (int r = 0; r < MR; ++r) {
@@ -819,7 +823,7 @@ void micro_kernel(const float* x, int64_t ldx, const float* b, int64_t kc, float
 }
 #endif
 
-using MicroFn = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t, int, bool);
+using MicroFn = void (*)(const float*, const float*, int64_t, float*, int64_t, int, bool);
 constexpr MicroFn kMicro[kMr + 1] = {nullptr,          micro_kernel<1>, micro_kernel<2>, micro_kernel<3>,
                                      micro_kernel<4>, micro_kernel<5>, micro_kernel<6>};
 
@@ -851,10 +855,32 @@ void pack_panel(const QWeight& w, int64_t n0, int64_t rows, int64_t k0, int64_t 
   }
 }
 
-void gemm_panel(const Problem& p, int64_t n0) {
+// x packed for the micro-kernel: per K chunk of kKc (at offset m * k0), per block of kMr rows (at
+// m0 * kc within it; the last block has the rows left), element (k, r) at k * rows + r. The
+// micro-kernel then broadcasts from one contiguous stream instead of kMr rows K floats apart
+// (every W panel sweeps all of x: from L2/L3, not L1).
+void pack_x(const Problem& p, float* xp) {
+  const int64_t k = p.w->k;
+  parallel_for((k + kKc - 1) / kKc, 1, [&](int64_t b, int64_t e) {
+    for (int64_t c = b; c < e; ++c) {
+      const int64_t k0 = c * kKc, kc = std::min(kKc, k - k0);
+      for (int64_t m0 = 0; m0 < p.m; m0 += kMr) {
+        const int64_t mr = std::min<int64_t>(kMr, p.m - m0);
+        float* dst = xp + p.m * k0 + m0 * kc;
+        for (int64_t r = 0; r < mr; ++r) {
+          const float* src = p.x + (m0 + r) * p.ldx + k0;
+          for (int64_t i = 0; i < kc; ++i) dst[i * mr + r] = src[i];
+        }
+      }
+    }
+  });
+}
+
+// The panel's y columns accumulate in a contiguous [m][kPanel] buffer, copied to y at the end:
+// y's rows are N floats apart, so the tiles of one panel fall in the same few cache sets.
+void gemm_panel(const Problem& p, const float* xp, int64_t n0, float* packed, float* ypanel) {
   const QWeight& w = *p.w;
   const int64_t rows = std::min(kPanel, w.n - n0);
-  alignas(64) float packed[kKc * kPanel];
   for (int64_t k0 = 0; k0 < w.k; k0 += kKc) {
     const int64_t kc = std::min(kKc, w.k - k0);
     pack_panel(w, n0, rows, k0, kc, packed);
@@ -862,16 +888,21 @@ void gemm_panel(const Problem& p, int64_t n0) {
       const int cols = static_cast<int>(std::min<int64_t>(kNr, rows - s * kNr));
       for (int64_t m0 = 0; m0 < p.m; m0 += kMr) {
         const int mr = static_cast<int>(std::min<int64_t>(kMr, p.m - m0));
-        kMicro[mr](p.x + m0 * p.ldx + k0, p.ldx, packed + s * kc * kNr, kc, p.y + m0 * w.n + n0 + s * kNr, w.n,
-                   cols, k0 > 0);
+        kMicro[mr](xp + p.m * k0 + m0 * kc, packed + s * kc * kNr, kc, ypanel + m0 * kPanel + s * kNr, kPanel, cols,
+                   k0 > 0);
       }
     }
   }
+  for (int64_t r = 0; r < p.m; ++r)
+    std::copy(ypanel + r * kPanel, ypanel + r * kPanel + rows, p.y + r * w.n + n0);
 }
 
 void gemm(const Problem& p) {
+  AlignedArray<float> xp = aligned_array<float>(p.m * p.w->k);
+  pack_x(p, xp.get());
   parallel_for((p.w->n + kPanel - 1) / kPanel, grain_for(kPanel * p.w->k * p.m), [&](int64_t b, int64_t e) {
-    for (int64_t t = b; t < e; ++t) gemm_panel(p, t * kPanel);
+    AlignedArray<float> packed = aligned_array<float>(kKc * kPanel), ypanel = aligned_array<float>(p.m * kPanel);
+    for (int64_t t = b; t < e; ++t) gemm_panel(p, xp.get(), t * kPanel, packed.get(), ypanel.get());
   });
 }
 
