@@ -249,39 +249,78 @@ inline i32x8 codes8_at(const uint8_t* stream, int64_t p) {
   }
 }
 
+// Mask byte m of the 8 columns at k, whose first survivor is number p of the stream: the kept
+// values land in the lanes of m's set bits, the others are 0. (The caller keeps every 8-byte
+// code read inside the stream.)
+template <int B>
+inline void expand_byte(const SparseRow& row, unsigned m, int64_t k, int64_t p, float* out) {
+  const QWeight& w = row.w;
+  if (!m) {
+    simd::store(out, simd::zero());
+    return;
+  }
+  __m256 v;
+  if (w.codes_kind == QCodes::affine) {
+    const int64_t g = k / w.group;
+    v = _mm256_add_ps(_mm256_mul_ps(_mm256_set1_ps(row.sc[g]), to_f32(codes8_at<B>(row.stream, p)).v),
+                      _mm256_set1_ps(row.bi[g]));
+  } else if (w.codes_kind == QCodes::lut) {
+    v = lookup<B>(row.lut, codes8_at<B>(row.stream, p)).v;
+  } else {
+#if defined(__AVX512VL__)
+    _mm256_storeu_ps(out, _mm256_maskz_expandloadu_ps(static_cast<__mmask8>(m), static_cast<const float*>(w.codes) + p));
+    return;
+#else
+    const __m256i first = _mm256_cmpgt_epi32(_mm256_set1_epi32(popcount8(m)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    v = _mm256_maskload_ps(static_cast<const float*>(w.codes) + p, first);
+#endif
+  }
+#if defined(__AVX512VL__)
+  _mm256_storeu_ps(out, _mm256_maskz_expand_ps(static_cast<__mmask8>(m), v));
+#else
+  const __m256i bitv = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  const __m256 e = _mm256_permutevar8x32_ps(v, _mm256_load_si256(reinterpret_cast<const __m256i*>(expand_table().idx[m])));
+  const __m256i live = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(static_cast<int>(m)), bitv), bitv);
+  _mm256_storeu_ps(out, _mm256_and_ps(e, _mm256_castsi256_ps(live)));
+#endif
+}
+
+// Per-byte survivor counts of 8 mask bytes, summed from byte 0 up: byte j of the result is the
+// number of survivors in bytes 0..j (at most 64: no byte overflows).
+inline uint64_t inclusive_counts(uint64_t m) {
+  m = m - ((m >> 1) & 0x5555555555555555ull);
+  m = (m & 0x3333333333333333ull) + ((m >> 2) & 0x3333333333333333ull);
+  m = (m + (m >> 4)) & 0x0f0f0f0f0f0f0f0full;
+  return m * 0x0101010101010101ull;
+}
+
+// 64 columns at a time, each byte's first survivor from the prefix counts of the word, so the
+// eight decodes do not wait on one another (a survivor cursor advanced byte by byte made every
+// decode wait for the one before); bytes whose 8-byte code read could leave the stream go
+// through the scalar decoder.
 template <int B>
 inline int64_t decode_sparse_simd(const SparseRow& row, const uint8_t* mask, int64_t k0, int64_t len, int64_t p,
                                float* out) {
   const QWeight& w = row.w;
   const int64_t count = w.row_offsets[w.n];
-  const __m256i bitv = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
-  const ExpandTable& table = expand_table();
-  for (int64_t i = 0; i < len; i += 8) {
+  const bool codes = w.codes_kind != QCodes::f32;
+  int64_t i = 0;
+  for (; i + 64 <= len && (!codes || p + 64 + 64 <= count); i += 64) {
+    const uint64_t m = load_le<uint64_t>(mask + i / 8);
+    const uint64_t incl = inclusive_counts(m), before = incl << 8;
+    for (int j = 0; j < 8; ++j)
+      expand_byte<B>(row, static_cast<unsigned>(m >> (8 * j)) & 0xff, k0 + i + 8 * j,
+                     p + static_cast<int64_t>((before >> (8 * j)) & 0xff), out + i + 8 * j);
+    p += static_cast<int64_t>(incl >> 56);
+  }
+  for (; i < len; i += 8) {
     const unsigned m = mask[i / 8];
-    if (!m) {
-      simd::store(out + i, simd::zero());
-      continue;
-    }
-    const int c = popcount8(m);
-    if (w.codes_kind != QCodes::f32 && p + 64 > count) {  // an 8-byte read could leave the stream
+    if (codes && m && p + 64 > count) {  // an 8-byte read could leave the stream
       p = row.byte_scalar(m, k0 + i, p, out + i);
       continue;
     }
-    __m256 v;
-    if (w.codes_kind == QCodes::affine) {
-      const int64_t g = (k0 + i) / w.group;
-      v = _mm256_add_ps(_mm256_mul_ps(_mm256_set1_ps(row.sc[g]), to_f32(codes8_at<B>(row.stream, p)).v),
-                        _mm256_set1_ps(row.bi[g]));
-    } else if (w.codes_kind == QCodes::lut) {
-      v = lookup<B>(row.lut, codes8_at<B>(row.stream, p)).v;
-    } else {
-      const __m256i first = _mm256_cmpgt_epi32(_mm256_set1_epi32(c), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-      v = _mm256_maskload_ps(static_cast<const float*>(w.codes) + p, first);
-    }
-    const __m256 e = _mm256_permutevar8x32_ps(v, _mm256_load_si256(reinterpret_cast<const __m256i*>(table.idx[m])));
-    const __m256i live = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(static_cast<int>(m)), bitv), bitv);
-    _mm256_storeu_ps(out + i, _mm256_and_ps(e, _mm256_castsi256_ps(live)));
-    p += c;
+    expand_byte<B>(row, m, k0 + i, p, out + i);
+    p += popcount8(m);
   }
   return p;
 }
