@@ -308,6 +308,118 @@ void gemv_buffered(const Problem& p, int64_t n0, int64_t n1) {
   }
 }
 
+#if defined(__AVX512F__)
+// Pruned rows against one or two x rows, without expanding W: each x row is first compacted to
+// the row's kept columns (vcompressps, 16 columns per step), so the survivors' codes, which
+// sit contiguous in the stream, are decoded eight at a time and dotted with it directly: no
+// permutes, no zeros multiplied, no buffer pass. Affine sums are split at the group boundaries
+// (kept-column counts at every 32 columns), each scaled by its group's scale, with the bias
+// times the group's kept x sum. Rows within 64 codes of the stream's end take gemv_buffered
+// (the 8-byte code reads stay inside the stream).
+constexpr int64_t kCompactSpan = 32;  // columns per boundary: affine groups are multiples of it
+
+// True when gemv_compact takes this weight (else gemv_buffered does).
+bool compact_fits(const QWeight& w, int64_t m) {
+  return m <= 2 && w.k % 64 == 0 && (w.codes_kind != QCodes::affine || w.group % kCompactSpan == 0);
+}
+
+// x_r's kept columns of one W row (its mask bits), for r < MR, into xc + r * ldxc (each store
+// writes 16 lanes: ldxc leaves 16 floats of room past k); at[t] = kept columns before column 32 t
+// (t = 0 .. k / 32).
+template <int MR>
+FF_ALWAYS_INLINE void compact_x(const Problem& p, const uint8_t* mask, float* xc, int64_t ldxc, int64_t* at) {
+  const int64_t k = p.w->k;
+  int64_t kept = 0;
+  for (int64_t c = 0; c < k; c += 64) {
+    const uint64_t m = quant::load_le<uint64_t>(mask + c / 8);
+    const uint64_t incl = quant::inclusive_counts(m), before = incl << 8;
+    at[c / 32] = kept;
+    at[c / 32 + 1] = kept + static_cast<int64_t>((before >> 32) & 0xff);
+    for (int j = 0; j < 4; ++j) {
+      const __mmask16 m16 = static_cast<__mmask16>(m >> (16 * j));
+      const int64_t to = kept + static_cast<int64_t>((before >> (16 * j)) & 0xff);
+      for (int r = 0; r < MR; ++r)
+        _mm512_storeu_ps(xc + r * ldxc + to, _mm512_maskz_compress_ps(m16, _mm512_loadu_ps(p.x + r * p.ldx + c + 16 * j)));
+    }
+    kept += static_cast<int64_t>(incl >> 56);
+  }
+  at[k / 32] = kept;
+}
+
+// acc[r] += xc_r[i] * v(i), sx[r] += xc_r[i] over survivors [i0, i1) (i relative to the row's
+// first survivor), eight at a time; the last step masked.
+template <int MR, class Values>
+FF_ALWAYS_INLINE void compact_dot(const float* xc, int64_t ldxc, int64_t i0, int64_t i1, const Values& v,
+                                  __m256 (&acc)[MR], __m256 (&sx)[MR]) {
+  auto step = [&](int64_t i, __mmask8 live) __attribute__((always_inline)) {
+    const __m256 wv = v(i);
+    for (int r = 0; r < MR; ++r) {
+      const __m256 xv = _mm256_maskz_loadu_ps(live, xc + r * ldxc + i);
+      acc[r] = _mm256_fmadd_ps(xv, wv, acc[r]);
+      sx[r] = _mm256_add_ps(sx[r], xv);
+    }
+  };
+  int64_t i = i0;
+  for (; i + 8 <= i1; i += 8) step(i, 0xFF);
+  if (i < i1) step(i, static_cast<__mmask8>((1u << (i1 - i)) - 1));
+}
+
+template <int MR, int B>
+void gemv_compact(const Problem& p, int64_t n0, int64_t n1) {
+  const QWeight& w = *p.w;
+  const int64_t k = w.k, count = w.row_offsets[w.n];
+  const int64_t ldxc = k + 16;
+  AlignedArray<float> xc = aligned_array<float>(MR * ldxc);
+  AlignedArray<int64_t> at = aligned_array<int64_t>(k / kCompactSpan + 1);
+  const uint8_t* stream = static_cast<const uint8_t*>(w.codes);
+  for (int64_t n = n0; n < n1; ++n) {
+    const int64_t first = w.row_offsets[n];
+    if (w.codes_kind != QCodes::f32 && w.row_offsets[n + 1] + 64 > count) {
+      gemv_buffered<MR>(p, n, n + 1);
+      continue;
+    }
+    prefetch_codes(stream + (first * B) / 8);
+    compact_x<MR>(p, w.mask + n * k / 8, xc.get(), ldxc, at.get());
+    float out[MR] = {};
+    __m256 acc[MR], sx[MR];
+    for (int r = 0; r < MR; ++r) acc[r] = sx[r] = _mm256_setzero_ps();
+    if (w.codes_kind == QCodes::affine) {
+      const int64_t groups = k / w.group, per = w.group / kCompactSpan;
+      const float* sc = w.scales + n * groups;
+      const float* bi = w.biases + n * groups;
+      __m256 ys[MR], yb[MR];
+      for (int r = 0; r < MR; ++r) ys[r] = yb[r] = _mm256_setzero_ps();
+      for (int64_t g = 0; g < groups; ++g) {
+        for (int r = 0; r < MR; ++r) acc[r] = sx[r] = _mm256_setzero_ps();
+        compact_dot<MR>(xc.get(), ldxc, at[g * per], at[(g + 1) * per], [stream, first](int64_t i) __attribute__((always_inline)) {
+          return quant::to_f32(quant::codes8_at<B>(stream, first + i)).v;
+        }, acc, sx);
+        for (int r = 0; r < MR; ++r) {
+          ys[r] = _mm256_fmadd_ps(acc[r], _mm256_set1_ps(sc[g]), ys[r]);
+          yb[r] = _mm256_fmadd_ps(sx[r], _mm256_set1_ps(bi[g]), yb[r]);
+        }
+      }
+      for (int r = 0; r < MR; ++r) out[r] = simd::reduce_add({_mm256_add_ps(ys[r], yb[r])});
+    } else if (w.codes_kind == QCodes::lut) {
+      const float* lut = w.lut + ((n / w.group) << B);
+      compact_dot<MR>(xc.get(), ldxc, 0, at[k / kCompactSpan], [lut, stream, first](int64_t i) __attribute__((always_inline)) {
+        return quant::lookup<B>(lut, quant::codes8_at<B>(stream, first + i)).v;
+      }, acc, sx);
+      for (int r = 0; r < MR; ++r) out[r] = simd::reduce_add({acc[r]});
+    } else {
+      const float* values = static_cast<const float*>(w.codes) + first;
+      const int64_t kept = at[k / kCompactSpan];
+      compact_dot<MR>(xc.get(), ldxc, 0, kept, [values, kept](int64_t i) __attribute__((always_inline)) {
+        const __mmask8 live = i + 8 <= kept ? 0xFF : static_cast<__mmask8>((1u << (kept - i)) - 1);
+        return _mm256_maskz_loadu_ps(live, values + i);
+      }, acc, sx);
+      for (int r = 0; r < MR; ++r) out[r] = simd::reduce_add({acc[r]});
+    }
+    for (int r = 0; r < MR; ++r) p.y[r * w.n + n] = out[r];
+  }
+}
+#endif
+
 #if defined(__AVX2__)
 // 4-bit GEMV, AVX2: eight bytes hold sixteen codes; zero-extended to lanes, (b & 15) are the
 // even elements and (b >> 4) the odd ones, so x is read in a per-16 permuted copy
@@ -771,6 +883,15 @@ void gemv_mr(const Problem& p) {
                                  gemv_lut_all<MR, 4>, gemv_lut_all<MR, 5>, gemv_lut_all<MR, 6>,
                                  gemv_lut_all<MR, 7>, gemv_lut_all<MR, 8>};
   const QWeight& w = *p.w;
+#if defined(__AVX512F__)
+  if constexpr (MR <= 2) {
+    if (w.mask && compact_fits(w, p.m)) {
+      return quant::bits_switch(w.codes_kind == QCodes::f32 ? 8 : w.bits, [&](auto b) {
+        over_rows(p, [&](int64_t a, int64_t e) { gemv_compact<MR, decltype(b)::value>(p, a, e); });
+      });
+    }
+  }
+#endif
   if (w.mask) return over_rows(p, [&](int64_t a, int64_t e) { gemv_buffered<MR>(p, a, e); });
   switch (w.codes_kind) {
     case QCodes::affine: return kAffine[w.bits](p);
