@@ -61,6 +61,14 @@ def test_prune_structure(rng):
     assert (compress(w, Prune(0.0)).dequantize() == w).all()
 
 
+@pytest.mark.parametrize("k", [64, 72])  # whole mask words per row, or not
+def test_row_offsets_count_each_rows_survivors(k, rng):
+    qw = compress(gaussian(rng, (9, k)), Prune(0.6))
+    expected = np.concatenate([[0], np.cumsum((qw.dequantize() != 0).sum(1))])
+    np.testing.assert_array_equal(qw.row_offsets(), expected)
+    assert qw.row_offsets().dtype == np.int64
+
+
 def test_palettize_luts(rng):
     w = gaussian(rng, (32, 64))
     qw = compress(w, Palettize(3, "per_grouped_channel", 8))

@@ -71,9 +71,14 @@ def _copies(obj, nbytes: float, clone):
 
 
 def _clone_weight(qw):
+    """A copy of qw with its kernel arguments made, as a model's layer has them after its first
+    call (a pruned weight's row offsets are counted then: not a cost of every call)."""
+    from fusedformer.ops_quant import kernel_args
     from fusedformer.quant import QuantizedWeight
 
-    return QuantizedWeight.from_dict({name: a.copy() for name, a in qw.to_dict().items()})
+    clone = QuantizedWeight.from_dict({name: a.copy() for name, a in qw.to_dict().items()})
+    kernel_args(clone)
+    return clone
 
 
 @dataclass

@@ -69,6 +69,9 @@ def _as_dtype(name: str, a: np.ndarray, dtype) -> np.ndarray:
     _fail(f"array {name!r} has dtype {a.dtype}, expected {np.dtype(dtype).name}")
 
 
+_POPCOUNT8 = np.array([bin(b).count("1") for b in range(256)], np.uint8)  # set bits per byte value
+
+
 class QuantizedWeight:
     """A compressed weight W [N, K]; see fusedformer.quant for the layout of each format."""
 
@@ -111,7 +114,12 @@ class QuantizedWeight:
     def row_offsets(self) -> np.ndarray:
         """int64 [N + 1]: where each row's survivors start in the packed stream (Prune)."""
         if self._row_offsets is None:
-            counts = self.mask().sum(1) if isinstance(self.scheme, Prune) else np.full(self.shape[0], self.shape[1])
+            n, k = self.shape
+            if not isinstance(self.scheme, Prune):
+                counts = np.full(n, k)
+            else:  # K % 8 == 0: rows start on a mask byte; set bits per byte (unpacking the mask
+                # took ~40 ms for a 4096^2 weight, on the first call of every pruned layer)
+                counts = _POPCOUNT8[np.asarray(self.arrays["mask"]).view(np.uint8).reshape(n, k // 8)].sum(1, dtype=np.int64)
             self._row_offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         return self._row_offsets
 
