@@ -1,8 +1,10 @@
 // Quantized matmul y = x @ W.T with W decoded inside the kernel, tile by tile.
 //
 // GEMV (m <= 8): each task owns kGemvRows rows of W; dense rows are decoded eight codes at a
-// time straight into registers and FMA'd with every x row (pruned rows go through an L1
-// buffer of kGemvChunk values).
+// time (sixteen for byte codes in zmm) straight into registers and FMA'd with every x row.
+// Pruned rows: with one or two x rows, x is compacted to each row's kept columns and dotted with
+// the survivors' codes (gemv_compact, AVX-512); otherwise rows are expanded into an L1 buffer of
+// kGemvChunk values first.
 // GEMM: x is packed once into blocks of kMr rows, k-major per K chunk (pack_x). Each task owns a
 // panel of kPanel rows of W; for every K chunk of kKc the panel is decoded and packed k-major in
 // sub-panels of kNr columns (128 KB: L2), then a 6 x kNr register-blocked micro-kernel (16
@@ -179,9 +181,7 @@ FF_ALWAYS_INLINE void dot_bytes_wide(const Problem& p, const uint8_t* codes, int
     }
   }
 }
-#endif
 
-#if defined(__AVX512F__)
 // 8-bit affine rows on 16 lanes: per group, the codes' dots with x (dot_bytes_wide, two chains
 // of 16: groups are multiples of 32), scaled by the group's scale; plus the bias term.
 template <int MR>
