@@ -159,6 +159,18 @@ def test_thread_count_does_not_change_results(m, scheme, isa, rng):
     check(y2, x, qw)
 
 
+@pytest.mark.parametrize("m", [1, 2])
+@pytest.mark.parametrize("sparsity", [0.0, 0.9, 0.99])
+@pytest.mark.parametrize(("then", "k"), [(None, 64), (Affine(4, 32), 192), (Affine(3, 128), 256),
+                                         (Palettize(2), 1024)], ids=repr)
+def test_pruned_gemv_at_sparsity_extremes(then, k, sparsity, m, isa, rng):
+    """The compacted pruned GEMV (1-2 x rows) with every column kept, groups left empty, and
+    rows with a handful of survivors."""
+    qw = compress((rng.standard_normal((40, k)) * 0.05).astype(np.float32), Prune(sparsity, then=then))
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    check(ff.qmatmul(x, qw), x, qw)
+
+
 @pytest.mark.parametrize("m", [9, 13])
 @pytest.mark.parametrize(("scheme", "k"), [(Affine(4, 64), 1088), (Int8(), 1099), (Palettize(3), 1088),
                                            (Prune(0.5, then=Affine(4, 32)), 1056)], ids=repr)
