@@ -166,18 +166,25 @@ void gemv_affine(const Problem& p, const float* xsum, int64_t n0, int64_t n1) {
 }
 
 #if defined(__AVX512F__)
-// Byte codes (int8 when Signed, else uint8) in 16 lanes: acc[r][u] += x_r[k + 16u] * code(k + 16u)
-// over [k0, k1), steps of 16 * U: a third of the instructions per code of the 8-lane form.
-template <int MR, int U, bool Signed>
-FF_ALWAYS_INLINE void dot_bytes_wide(const Problem& p, const uint8_t* codes, int64_t k0, int64_t k1,
-                                     __m512 (&acc)[MR][U]) {
+// Byte codes (int8 when Signed, else uint8) of R W rows in 16 lanes: acc[j][r][u] += x_r[k + 16u]
+// * code_j(k + 16u) over [k0, k1), steps of 16 * U: a third of the instructions per code of the
+// 8-lane form. With R = 2 each x load feeds two W rows (with 4-8 x rows the loads of x, one per
+// FMA, bound the one-row form).
+template <int MR, int U, bool Signed, int R = 1>
+FF_ALWAYS_INLINE void dot_bytes_wide(const Problem& p, const uint8_t* const (&codes)[R], int64_t k0, int64_t k1,
+                                     __m512 (&acc)[R][MR][U]) {
   for (int64_t k = k0; k < k1; k += 16 * U) {
-    prefetch_codes(codes + k);
+    for (int j = 0; j < R; ++j) prefetch_codes(codes[j] + k);
     for (int u = 0; u < U; ++u) {
-      const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + k + 16 * u));
-      const __m512 wv = _mm512_cvtepi32_ps(Signed ? _mm512_cvtepi8_epi32(b) : _mm512_cvtepu8_epi32(b));
-      for (int r = 0; r < MR; ++r)
-        acc[r][u] = _mm512_fmadd_ps(_mm512_loadu_ps(p.x + r * p.ldx + k + 16 * u), wv, acc[r][u]);
+      __m512 wv[R];
+      for (int j = 0; j < R; ++j) {
+        const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes[j] + k + 16 * u));
+        wv[j] = _mm512_cvtepi32_ps(Signed ? _mm512_cvtepi8_epi32(b) : _mm512_cvtepu8_epi32(b));
+      }
+      for (int r = 0; r < MR; ++r) {
+        const __m512 xv = _mm512_loadu_ps(p.x + r * p.ldx + k + 16 * u);
+        for (int j = 0; j < R; ++j) acc[j][r][u] = _mm512_fmadd_ps(xv, wv[j], acc[j][r][u]);
+      }
     }
   }
 }
@@ -195,12 +202,12 @@ void gemv_affine8_wide(const Problem& p, const float* xsum, int64_t n0, int64_t 
     __m512 acc[MR];
     for (auto& a : acc) a = _mm512_setzero_ps();
     for (int64_t g = 0; g < groups; ++g) {
-      __m512 gacc[MR][U];
-      for (auto& row : gacc)
+      __m512 gacc[1][MR][U];
+      for (auto& row : gacc[0])
         for (auto& a : row) a = _mm512_setzero_ps();
-      dot_bytes_wide<MR, U, false>(p, codes, g * w.group, (g + 1) * w.group, gacc);
+      dot_bytes_wide<MR, U, false>(p, {codes}, g * w.group, (g + 1) * w.group, gacc);
       const __m512 s = _mm512_set1_ps(sc[g]);
-      for (int r = 0; r < MR; ++r) acc[r] = _mm512_fmadd_ps(_mm512_add_ps(gacc[r][0], gacc[r][1]), s, acc[r]);
+      for (int r = 0; r < MR; ++r) acc[r] = _mm512_fmadd_ps(_mm512_add_ps(gacc[0][r][0], gacc[0][r][1]), s, acc[r]);
     }
     for (int r = 0; r < MR; ++r)
       p.y[r * w.n + n] = _mm512_reduce_add_ps(acc[r]) + dot(w.biases + n * groups, xsum + r * groups, groups);
@@ -208,48 +215,68 @@ void gemv_affine8_wide(const Problem& p, const float* xsum, int64_t n0, int64_t 
 }
 #endif
 
-// d[r] = x_r . q[0, body) for one int8 row q; returns body, a multiple of the vector step (the
-// caller adds the tail).
-template <int MR>
-FF_ALWAYS_INLINE int64_t int8_dots(const Problem& p, const int8_t* q, float (&d)[MR]) {
+// d[j][r] = x_r . q_j[0, body) for R int8 rows q_j (R = 2 only in the avx512 builds); returns
+// body, a multiple of the vector step (the caller adds the tail).
+template <int MR, int R>
+FF_ALWAYS_INLINE int64_t int8_dots(const Problem& p, const int8_t* const (&q)[R], float (&d)[R][MR]) {
   constexpr int U = unroll<MR>();
 #if defined(__AVX512F__)
   const int64_t body = p.w->k / (16 * U) * (16 * U);
-  __m512 acc[MR][U];
-  for (auto& row : acc)
-    for (auto& a : row) a = _mm512_setzero_ps();
-  dot_bytes_wide<MR, U, true>(p, reinterpret_cast<const uint8_t*>(q), 0, body, acc);
-  for (int r = 0; r < MR; ++r) {
-    __m512 s = acc[r][0];
-    for (int u = 1; u < U; ++u) s = _mm512_add_ps(s, acc[r][u]);
-    d[r] = _mm512_reduce_add_ps(s);
-  }
+  __m512 acc[R][MR][U];
+  for (auto& rows : acc)
+    for (auto& row : rows)
+      for (auto& a : row) a = _mm512_setzero_ps();
+  const uint8_t* codes[R];
+  for (int j = 0; j < R; ++j) codes[j] = reinterpret_cast<const uint8_t*>(q[j]);
+  dot_bytes_wide<MR, U, true, R>(p, codes, 0, body, acc);
+  for (int j = 0; j < R; ++j)
+    for (int r = 0; r < MR; ++r) {
+      __m512 s = acc[j][r][0];
+      for (int u = 1; u < U; ++u) s = _mm512_add_ps(s, acc[j][r][u]);
+      d[j][r] = _mm512_reduce_add_ps(s);
+    }
 #else
+  static_assert(R == 1, "two-row int8 dots are the avx512 builds'");
   const int64_t body = p.w->k / (8 * U) * (8 * U);
   f32x8 acc[MR][U];
   for (int r = 0; r < MR; ++r)
     for (int u = 0; u < U; ++u) acc[r][u] = simd::zero();
-  dot_span<MR, 8>(p, reinterpret_cast<const uint8_t*>(q), 0, body, [&](int64_t k) __attribute__((always_inline)) { return simd::load_i8(q + k); }, acc);
-  for (int r = 0; r < MR; ++r) d[r] = simd::reduce_add(sum_chains<MR>(acc, r));
+  const int8_t* q0 = q[0];
+  dot_span<MR, 8>(p, reinterpret_cast<const uint8_t*>(q0), 0, body, [&](int64_t k) __attribute__((always_inline)) { return simd::load_i8(q0 + k); }, acc);
+  for (int r = 0; r < MR; ++r) d[0][r] = simd::reduce_add(sum_chains<MR>(acc, r));
 #endif
   return body;
 }
 
-// Int8: y = scale * (x . q - zero_point * sum x).
-template <int MR>
-void gemv_int8(const Problem& p, const float* xsum, int64_t n0, int64_t n1) {
+// Int8 rows [n, n + R): y = scale * (x . q - zero_point * sum x).
+template <int MR, int R>
+FF_ALWAYS_INLINE void int8_rows(const Problem& p, const float* xsum, int64_t n) {
   const QWeight& w = *p.w;
-  for (int64_t n = n0; n < n1; ++n) {
-    const int8_t* q = static_cast<const int8_t*>(w.codes) + n * w.k;
-    float dots[MR];
-    const int64_t body = int8_dots<MR>(p, q, dots);
-    const float zp = w.zero_points ? static_cast<float>(w.zero_points[n]) : 0.0f;
+  const int8_t* q[R];
+  for (int j = 0; j < R; ++j) q[j] = static_cast<const int8_t*>(w.codes) + (n + j) * w.k;
+  float dots[R][MR];
+  const int64_t body = int8_dots<MR, R>(p, q, dots);
+  for (int j = 0; j < R; ++j) {
+    const float zp = w.zero_points ? static_cast<float>(w.zero_points[n + j]) : 0.0f;
     for (int r = 0; r < MR; ++r) {
-      float d = dots[r];
-      for (int64_t k = body; k < w.k; ++k) d += p.x[r * p.ldx + k] * static_cast<float>(q[k]);
-      p.y[r * w.n + n] = w.scales[n] * (d - zp * xsum[r]);
+      float d = dots[j][r];
+      for (int64_t k = body; k < w.k; ++k) d += p.x[r * p.ldx + k] * static_cast<float>(q[j][k]);
+      p.y[r * w.n + n + j] = w.scales[n + j] * (d - zp * xsum[r]);
     }
   }
+}
+
+// Two W rows at a time with four or more x rows in the avx512 builds (each x load feeds both).
+template <int MR>
+void gemv_int8(const Problem& p, const float* xsum, int64_t n0, int64_t n1) {
+#if defined(__AVX512F__)
+  constexpr int R = MR >= 4 ? 2 : 1;
+#else
+  constexpr int R = 1;
+#endif
+  int64_t n = n0;
+  for (; n + R <= n1; n += R) int8_rows<MR, R>(p, xsum, n);
+  for (; n < n1; ++n) int8_rows<MR, 1>(p, xsum, n);
 }
 
 // LUT: v(k) decodes eight values of row n.
