@@ -69,12 +69,13 @@ struct Problem {
 // How far ahead of the codes being read the GEMV touches W (bytes), into L2. The hardware
 // prefetchers alone leave a decode-shaped 4-bit GEMV from memory at 15-16 GB/s on Zen 4 (2048 x
 // 5632: 0.48 ms cold against 0.27 ms from cache); touching the codes 2 KiB ahead measured about
-// 15% faster over the 1.1B model's shapes (/tmp diagnostic, alternating rounds). Every GEMV path
-// does it. On a Sapphire Rapids class VM the 1 x 4096 . 4096^2 GEMV from memory took, without it /
-// 2 KiB ahead into L1 (scratch, alternating rounds): int8 1.38 / 0.94 ms, 8-bit affine 2.06 /
-// 1.09 ms, 4-bit LUT 1.88 / 0.76 ms; then 4 KiB ahead into L2 against 2 KiB into L1
-// (benchmarks/build_ab.py, 7 rounds): int8 0.80x, 4-bit LUT 0.90x, integer 4-bit affine 0.98-1.01x.
-// (8 KiB into L2 and 4 KiB into L3 were slower; 6 KiB the same.)
+// 15% faster over the 1.1B model's shapes (/tmp diagnostic, alternating rounds). Every dense GEMV
+// path does it (the pruned paths are bound by their compute). On a Sapphire Rapids class VM the
+// 1 x 4096 . 4096^2 GEMV from memory took, without it / 2 KiB ahead into L1 (scratch, alternating
+// rounds): int8 1.38 / 0.94 ms, 8-bit affine 2.06 / 1.09 ms, 4-bit LUT 1.88 / 0.76 ms; then 4 KiB
+// ahead into L2 against 2 KiB into L1 (benchmarks/build_ab.py, 7 rounds): int8 0.80x, 4-bit LUT
+// 0.90x, integer 4-bit affine 0.98-1.01x. (8 KiB into L2 and 4 KiB into L3 were slower; 6 KiB the
+// same.)
 constexpr int64_t kPrefetchAhead = 4096;
 
 // Touches the code stream kPrefetchAhead bytes past `at` into L2 (a hint: it never faults).
@@ -373,9 +374,9 @@ FF_ALWAYS_INLINE void compact_x(const Problem& p, const uint8_t* mask, float* xc
   at[k / 32] = kept;
 }
 
-// acc[r] += xc_r[i] * v(i), sx[r] += xc_r[i] over survivors [i0, i1) (i relative to the row's
-// first survivor), eight at a time; the last step masked.
-template <int MR, class Values>
+// acc[r] += xc_r[i] * v(i) over survivors [i0, i1) (i relative to the row's first survivor),
+// eight at a time, the last step masked; with XSums also sx[r] += xc_r[i] (affine bias terms).
+template <bool XSums, int MR, class Values>
 FF_ALWAYS_INLINE void compact_dot(const float* xc, int64_t ldxc, int64_t i0, int64_t i1, const Values& v,
                                   __m256 (&acc)[MR], __m256 (&sx)[MR]) {
   auto step = [&](int64_t i, __mmask8 live) __attribute__((always_inline)) {
@@ -383,7 +384,7 @@ FF_ALWAYS_INLINE void compact_dot(const float* xc, int64_t ldxc, int64_t i0, int
     for (int r = 0; r < MR; ++r) {
       const __m256 xv = _mm256_maskz_loadu_ps(live, xc + r * ldxc + i);
       acc[r] = _mm256_fmadd_ps(xv, wv, acc[r]);
-      sx[r] = _mm256_add_ps(sx[r], xv);
+      if constexpr (XSums) sx[r] = _mm256_add_ps(sx[r], xv);
     }
   };
   int64_t i = i0;
@@ -418,7 +419,7 @@ void gemv_compact(const Problem& p, int64_t n0, int64_t n1) {
       for (int r = 0; r < MR; ++r) ys[r] = yb[r] = _mm256_setzero_ps();
       for (int64_t g = 0; g < groups; ++g) {
         for (int r = 0; r < MR; ++r) acc[r] = sx[r] = _mm256_setzero_ps();
-        compact_dot<MR>(xc.get(), ldxc, at[g * per], at[(g + 1) * per], [stream, first](int64_t i) __attribute__((always_inline)) {
+        compact_dot<true, MR>(xc.get(), ldxc, at[g * per], at[(g + 1) * per], [stream, first](int64_t i) __attribute__((always_inline)) {
           return quant::to_f32(quant::codes8_at<B>(stream, first + i)).v;
         }, acc, sx);
         for (int r = 0; r < MR; ++r) {
@@ -429,14 +430,14 @@ void gemv_compact(const Problem& p, int64_t n0, int64_t n1) {
       for (int r = 0; r < MR; ++r) out[r] = simd::reduce_add({_mm256_add_ps(ys[r], yb[r])});
     } else if (w.codes_kind == QCodes::lut) {
       const float* lut = w.lut + ((n / w.group) << B);
-      compact_dot<MR>(xc.get(), ldxc, 0, at[k / kCompactSpan], [lut, stream, first](int64_t i) __attribute__((always_inline)) {
+      compact_dot<false, MR>(xc.get(), ldxc, 0, at[k / kCompactSpan], [lut, stream, first](int64_t i) __attribute__((always_inline)) {
         return quant::lookup<B>(lut, quant::codes8_at<B>(stream, first + i)).v;
       }, acc, sx);
       for (int r = 0; r < MR; ++r) out[r] = simd::reduce_add({acc[r]});
     } else {
       const float* values = static_cast<const float*>(w.codes) + first;
       const int64_t kept = at[k / kCompactSpan];
-      compact_dot<MR>(xc.get(), ldxc, 0, kept, [values, kept](int64_t i) __attribute__((always_inline)) {
+      compact_dot<false, MR>(xc.get(), ldxc, 0, kept, [values, kept](int64_t i) __attribute__((always_inline)) {
         const __mmask8 live = i + 8 <= kept ? 0xFF : static_cast<__mmask8>((1u << (kept - i)) - 1);
         return _mm256_maskz_loadu_ps(live, values + i);
       }, acc, sx);
