@@ -94,6 +94,7 @@ class Contender:
 
 
 SLOW_NOTE = "single run after the rounds (slow reference path)"
+SLOW_ROWS = 64  # from this many x rows torch's int8pack_mm and MLX's CPU quantized_matmul are loops
 
 
 def _torch_contenders(m: int, x, w, io: float) -> dict[str, Contender]:
@@ -107,11 +108,12 @@ def _torch_contenders(m: int, x, w, io: float) -> dict[str, Contender]:
     w16 = _copies(wt.bfloat16(), 2.0 * n * k, torch.clone)
     scale = (wt.abs().amax(1) / 127).clamp_min(1e-12)
     w8 = _copies(torch.round(wt / scale[:, None]).to(torch.int8), 1.0 * n * k, torch.clone)
-    slow = m >= 64  # torch's int8pack_mm is a reference loop there (seconds per call)
+    slow = m >= SLOW_ROWS
+    no_grad = torch.inference_mode()  # (as a decorator: each call runs without autograd records)
     return {
-        BASELINE: Contender(lambda: torch.nn.functional.linear(xt, w32()), 4.0 * n * k + io),
-        "torch bf16": Contender(lambda: torch.nn.functional.linear(xb, w16()), 2.0 * n * k + io / 2),
-        "torch _weight_int8pack_mm": Contender(lambda: torch._weight_int8pack_mm(xt, w8(), scale),
+        BASELINE: Contender(no_grad(lambda: torch.nn.functional.linear(xt, w32())), 4.0 * n * k + io),
+        "torch bf16": Contender(no_grad(lambda: torch.nn.functional.linear(xb, w16())), 2.0 * n * k + io / 2),
+        "torch _weight_int8pack_mm": Contender(no_grad(lambda: torch._weight_int8pack_mm(xt, w8(), scale)),
                                                1.0 * n * k + 4 * n + io, SLOW_NOTE if slow else "", once=slow),
     }
 
@@ -130,7 +132,7 @@ def _mlx_contender(mx, m: int, x, w, io: float) -> Contender:
             wq_, sc_, bi_ = mw()
             mx.eval(mx.quantized_matmul(xm, wq_, sc_, bi_, transpose=True, group_size=64, bits=4))
 
-    slow = m >= 64
+    slow = m >= SLOW_ROWS
     return Contender(fn, nbytes + io, SLOW_NOTE if slow else "", once=slow)
 
 
