@@ -2,6 +2,7 @@
 #include <pybind11/numpy.h>
 #include <pybind11/stl.h>
 
+#include <cstdint>
 #include <mutex>
 #include <string>
 #include <thread>
@@ -12,9 +13,35 @@
 #include "csrc/limits.h"
 #include "csrc/threadpool.h"
 
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
+
 namespace py = pybind11;
 
 namespace ff {
+namespace {
+
+// Asks the kernel to back the whole 2 MiB pages inside [ptr, ptr + nbytes) with transparent
+// huge pages when they are first touched (MADV_HUGEPAGE, as numpy does for its large arrays);
+// true where it took the hint. A fresh 32 MiB torch output costs 8192 page faults of 4 KiB
+// (glibc maps allocations above 32 MiB anew each time): causal B1 H32 L2048 D128 fp32 SDPA took
+// 0.94x the time writing into a reused output, 0.97x into one of huge pages.
+bool advise_hugepages(uintptr_t ptr, int64_t nbytes) {
+#ifdef __linux__
+  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
+  if (nbytes <= 0) return false;
+  const uintptr_t begin = (ptr + kHuge - 1) / kHuge * kHuge;
+  const uintptr_t end = (ptr + static_cast<uintptr_t>(nbytes)) / kHuge * kHuge;
+  return end > begin && madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE) == 0;
+#else
+  (void)ptr;
+  (void)nbytes;
+  return false;
+#endif
+}
+
+}  // namespace
 
 void init_core(py::module_& m) {
   m.def("isa", [] { return std::string(isa_name(active_isa())); },
@@ -111,6 +138,9 @@ void init_core(py::module_& m) {
       },
       py::arg("iters"),
       "Runs `iters` iterations of independent FMA chains on every pool thread; returns the flops.");
+  m.def("advise_hugepages", &advise_hugepages, py::arg("ptr"), py::arg("nbytes"),
+        "Hint (Linux MADV_HUGEPAGE) that the whole 2 MiB pages in [ptr, ptr + nbytes), not yet "
+        "touched, be transparent huge pages; true where the kernel took it.");
   m.def(
       "stream_sum",
       [](py::array_t<float, py::array::c_style> x) {

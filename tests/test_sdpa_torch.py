@@ -3,6 +3,9 @@ under torch.compile / torch.export, and the refused backward."""
 
 from __future__ import annotations
 
+import os
+import sys
+
 import numpy as np
 import pytest
 
@@ -350,3 +353,68 @@ def test_torch_compile_inductor(torch):
     mod = _module(torch)
     compiled = torch.compile(mod, fullgraph=True)
     torch.testing.assert_close(compiled(q, k, v), mod(q, k, v))
+
+
+def _vm_flags(addr: int) -> list[str] | None:
+    """The VmFlags of the mapping in /proc/self/smaps that holds addr (None: no such mapping)."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= addr < hi
+            elif inside and head == "VmFlags:":
+                return line.split()[1:]
+    return None
+
+
+HUGE = 2 << 20
+needs_thp = pytest.mark.skipif(
+    not (sys.platform.startswith("linux") and os.path.exists("/sys/kernel/mm/transparent_hugepage/enabled")),
+    reason="transparent huge pages are a Linux kernel feature (this kernel has none)",
+)
+
+
+@needs_thp
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_large_output_hinted_to_huge_pages(torch, layout):
+    """An output of HUGEPAGE_MIN_BYTES or more (8 heads x 1024 x 128 fp32: 4 MiB) is allocated
+    with its whole 2 MiB pages marked MADV_HUGEPAGE ('hg' in VmFlags) before the kernel writes
+    it, in q's layout, and the result is still the reference's."""
+    from fusedformer.ops_attention import HUGEPAGE_MIN_BYTES
+
+    q, k, v = qkv(torch, 1, 8, 2, 1024, 1024, 128, torch.float32, seed=3)
+    if layout == "transposed":
+        q = q.transpose(1, 2).contiguous().transpose(1, 2)
+    out = ff.sdpa(q, k, v, causal=True)
+    storage = out.untyped_storage()
+    assert storage.nbytes() >= HUGEPAGE_MIN_BYTES and out.stride() == q.stride()
+    first_whole_page = -(-storage.data_ptr() // HUGE) * HUGE
+    assert "hg" in _vm_flags(first_whole_page)
+    np.testing.assert_allclose(out.numpy(), ref_of(q, k, v, causal=True), atol=2e-5)
+
+
+def test_only_large_outputs_hinted(torch, monkeypatch):
+    """The hint is asked for outputs of HUGEPAGE_MIN_BYTES or more only (smaller ones may share
+    pages with other allocations of the heap), and only for the whole 2 MiB pages inside."""
+    from fusedformer import _C
+    from fusedformer import ops_attention
+    from fusedformer.ops_attention import HUGEPAGE_MIN_BYTES
+
+    class Spy:
+        calls: list = []
+
+        def __getattr__(self, name):
+            return getattr(_C, name)
+
+        def advise_hugepages(self, ptr, nbytes):
+            self.calls.append(nbytes)
+            return _C.advise_hugepages(ptr, nbytes)
+
+    monkeypatch.setattr(ops_attention, "_C", Spy())
+    ff.sdpa(*qkv(torch, 1, 4, 4, 64, 64, 64, torch.float32))
+    assert Spy.calls == []
+    ff.sdpa(*qkv(torch, 1, 8, 8, 1024, 16, 128, torch.float32))
+    assert Spy.calls == [HUGEPAGE_MIN_BYTES]
+    assert not _C.advise_hugepages(0, 0) and not _C.advise_hugepages(HUGE + 64, HUGE - 128)

@@ -205,6 +205,22 @@ def _kernel_mask(mask, framework):
     return m, 1 if _dtype_name(m) == "uint8" else 2
 
 
+# Outputs from this size up are hinted to transparent huge pages (numpy's own threshold for
+# its arrays; torch's allocator gives no hint).
+HUGEPAGE_MIN_BYTES = 4 << 20
+
+
+def _empty_output(torch, q):
+    """A fresh tensor like q (its memory layout) for the kernel to write, its storage hinted to
+    huge pages from HUGEPAGE_MIN_BYTES (_C.advise_hugepages) before anything touches it: a
+    32 MiB output otherwise takes 8192 page faults in the call."""
+    out = torch.empty_like(q, requires_grad=False)
+    storage = out.untyped_storage()
+    if storage.nbytes() >= HUGEPAGE_MIN_BYTES:
+        _C.advise_hugepages(storage.data_ptr(), storage.nbytes())
+    return out
+
+
 def native_sdpa(q, k, v, *, mask=None, causal=False, scale=None, window=0, return_lse=False,
                 out=None, kv_chunk=-1):
     """The native kernel on numpy arrays or CPU torch tensors (arguments already checked).
@@ -227,7 +243,7 @@ def native_sdpa(q, k, v, *, mask=None, causal=False, scale=None, window=0, retur
 
         framework = "torch"
         if out is None:
-            out = torch.empty_like(q, requires_grad=False)
+            out = _empty_output(torch, q)
         lse = torch.empty((b, hq, lq), dtype=torch.float32) if return_lse else None
     m, mask_kind = _kernel_mask(mask, framework)
     # positional: pybind11 matches keyword arguments by name, about 1 us a call
