@@ -77,10 +77,10 @@ def test_4bit_lut_k_not_a_multiple_of_32(k, m, isa, rng):
     check(ff.qmatmul(x, qw), x, qw)
 
 
-# The 4-bit affine GEMV on integer dot products splits x per group into integer parts scaled by
-# the group's max |x| (AVX-512 VNNI: two int16 parts, any m <= 8; AVX2: three int8 parts, m = 1);
-# the cases below are the ones that split must get right or hand to the fp32 path (non-finite x,
-# tiny groups, K % 64 != 0).
+# The 4-bit affine GEMV on integer dot products splits x per group into three int8 parts scaled
+# by the group's max |x| (AVX-512 VNNI: vpdpbusd over 128-code superblocks, m <= 3; AVX2:
+# vpmaddubsw over 64-code blocks, m = 1); the cases below are the ones that split must get right
+# or hand to the fp32 path (non-finite x, tiny groups, K % 64 != 0).
 @pytest.mark.parametrize("group", [32, 64, 128])
 @pytest.mark.parametrize("m", [1, 2, 5])
 def test_4bit_affine_group_scales_are_per_group(group, m, isa, rng):
@@ -128,6 +128,18 @@ def test_4bit_affine_odd_blocks_and_extreme_scales(k, x_scale, m, isa, rng):
     w = (rng.standard_normal((21, k)) * 0.05).astype(np.float32)
     qw = compress(w, Affine(4, 32))
     x = (rng.standard_normal((m, k)) * x_scale).astype(np.float32)
+    check(ff.qmatmul(x, qw), x, qw)
+
+
+# K % 128 == 64: the last 128-code superblock of the VNNI form holds one 64-code block, its
+# other half zero codes against zero parts; its one or two groups' factors come from a masked
+# load that stops at the row's last group.
+@pytest.mark.parametrize("k, group", [(64, 32), (64, 64), (192, 32), (192, 64), (320, 32), (448, 64)])
+@pytest.mark.parametrize("m", [1, 2, 3])
+def test_4bit_affine_half_superblock_at_the_end(k, group, m, isa, rng):
+    w = (rng.standard_normal((23, k)) * 0.05).astype(np.float32)
+    qw = compress(w, Affine(4, group))
+    x = rng.standard_normal((m, k)).astype(np.float32)
     check(ff.qmatmul(x, qw), x, qw)
 
 
