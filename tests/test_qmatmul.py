@@ -82,7 +82,7 @@ def test_4bit_lut_k_not_a_multiple_of_32(k, m, isa, rng):
 # vpmaddubsw over 64-code blocks, m = 1); the cases below are the ones that split must get right
 # or hand to the fp32 path (non-finite x, tiny groups, K % 64 != 0).
 @pytest.mark.parametrize("group", [32, 64, 128])
-@pytest.mark.parametrize("m", [1, 2, 5])
+@pytest.mark.parametrize("m", [1, 2, 5, 8])  # 8: two passes of 4 rows over each W row's codes
 def test_4bit_affine_group_scales_are_per_group(group, m, isa, rng):
     # huge x over all-zero weight groups, small x elsewhere: a per-row x scale would lose the
     # small groups; the result is the small groups' sum alone
@@ -135,7 +135,7 @@ def test_4bit_affine_odd_blocks_and_extreme_scales(k, x_scale, m, isa, rng):
 # other half zero codes against zero parts; its one or two groups' factors come from a masked
 # load that stops at the row's last group.
 @pytest.mark.parametrize("k, group", [(64, 32), (64, 64), (192, 32), (192, 64), (320, 32), (448, 64)])
-@pytest.mark.parametrize("m", [1, 2, 3])
+@pytest.mark.parametrize("m", [1, 2, 3, 8])
 def test_4bit_affine_half_superblock_at_the_end(k, group, m, isa, rng):
     w = (rng.standard_normal((23, k)) * 0.05).astype(np.float32)
     qw = compress(w, Affine(4, group))
