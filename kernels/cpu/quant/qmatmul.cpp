@@ -674,18 +674,18 @@ FF_ALWAYS_INLINE void store_even_odd(__m256i a, __m256i b, int8_t* even, int8_t*
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(even), _mm256_permute2x128_si256(ea, eb, 0x20));
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(odd), _mm256_permute2x128_si256(ea, eb, 0x31));
 }
-
-
 #endif
+
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 // AVX-512 VNNI: vpdpbusd multiplies 64 unsigned codes by 64 signed parts of x and adds each four
 // neighbouring products into a 32-bit lane, exact over any group. x is laid out per 128-code
 // superblock as its 64 even elements, then its 64 odd ones (per part), matching (byte & 15,
 // byte >> 4) of 64 code bytes; a last superblock of 64 codes is zero-padded. Per 128 codes: 3 ops
 // to decode, 2 per part, and 3 converts and FMAs per row, against 14 and 8 for two int16 parts on
-// vpdpwssd (x ~= sx (hi + lo / 65536), exact to 2^-32), which the Sapphire Rapids class VM's
-// port 0 bound: 1 x 4096 . 4096^2 group 64 from memory 0.79x the time (/tmp microbenchmark, 2
-// threads). A superblock holds 128 / G groups, their sums in lanes of 16 G / 128.
+// vpdpwssd (x ~= sx (hi + lo / 65536), exact to 2^-32), all on the port 0 that bounds this loop
+// on the Sapphire Rapids class VM: from memory, 4096^2 group 64 took 0.94x the time with one x
+// row and 0.85x with three (scratch A/B, 5 rounds). A superblock holds 128 / G groups, their
+// sums in lanes of 16 G / 128.
 constexpr int64_t kSuperBlock = 2 * kSplitBlock;
 // GCC 12 flags _mm512_undefined_ps() inside its own intrinsics as maybe-uninitialized.
 #pragma GCC diagnostic push
