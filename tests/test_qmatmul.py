@@ -77,6 +77,16 @@ def test_4bit_lut_k_not_a_multiple_of_32(k, m, isa, rng):
     check(ff.qmatmul(x, qw), x, qw)
 
 
+@pytest.mark.parametrize("k", [32, 96, 160])
+@pytest.mark.parametrize("m", [1, 2, 3, 8])
+def test_4bit_lut_k_an_odd_multiple_of_32(k, m, isa, rng):
+    # AVX-512 builds take 64 codes per step for m <= 2 and finish with a 32-code step
+    w = (rng.standard_normal((21, k)) * 0.05).astype(np.float32)
+    qw = compress(w, Palettize(4, "per_grouped_channel", 7))
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    check(ff.qmatmul(x, qw), x, qw)
+
+
 # The 4-bit affine GEMV on integer dot products splits x per group into three int8 parts scaled
 # by the group's max |x| (AVX-512 VNNI: vpdpbusd over 128-code superblocks, m <= 3; AVX2:
 # vpmaddubsw over 64-code blocks, m = 1); the cases below are the ones that split must get right
