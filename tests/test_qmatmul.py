@@ -87,6 +87,16 @@ def test_4bit_lut_k_an_odd_multiple_of_32(k, m, isa, rng):
     check(ff.qmatmul(x, qw), x, qw)
 
 
+@pytest.mark.parametrize("k, m", [(2080, 8), (4096, 4), (3104, 5)])
+def test_4bit_lut_in_passes_over_k(k, m, isa, rng):
+    # x rows over 48 KiB go through AVX-512's LUT GEMV in passes over parts of K (704 + 704 + 672,
+    # 2 x 2048, 3 x 1056 codes here), each adding its partial dots to y
+    w = (rng.standard_normal((37, k)) * 0.05).astype(np.float32)
+    qw = compress(w, Palettize(4))
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    check(ff.qmatmul(x, qw), x, qw)
+
+
 # The 4-bit affine GEMV on integer dot products splits x per group into three int8 parts scaled
 # by the group's max |x| (AVX-512 VNNI: vpdpbusd over 128-code superblocks, m <= 3; AVX2:
 # vpmaddubsw over 64-code blocks, m = 1); the cases below are the ones that split must get right
