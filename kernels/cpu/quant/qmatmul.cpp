@@ -83,6 +83,17 @@ FF_ALWAYS_INLINE void prefetch_codes(const uint8_t* at) { __builtin_prefetch(at 
 // ... or `ahead` bytes past it.
 FF_ALWAYS_INLINE void prefetch_codes(const uint8_t* at, int64_t ahead) { __builtin_prefetch(at + ahead, 0, 2); }
 
+// Codes per pass over a task's W rows (avx512 int8 and 4-bit LUT GEMVs). x rows that do not fit
+// L1 (MR K floats over 48 KiB) are taken in passes of equal parts (multiples of 64) of at most
+// 32 KiB, each adding its partial dots to y: with x streaming from L2, 8 rows of K 4096 took
+// 1.44x (4-bit LUT) and 1.63x (int8) the time per code of K 1024.
+template <int MR>
+int64_t l1_codes(int64_t k) {
+  if (MR * k <= 12288) return k;
+  const int64_t passes = (MR * k + 8191) / 8192;
+  return ((k + passes - 1) / passes + 63) / 64 * 64;
+}
+
 template <int MR>
 constexpr int unroll() {
   return MR == 1 ? 4 : MR == 2 ? 2 : 1;
@@ -175,9 +186,9 @@ void gemv_affine(const Problem& p, const float* xsum, int64_t n0, int64_t n1) {
 // FMA, bound the one-row form).
 template <int MR, int U, bool Signed, int R = 1>
 FF_ALWAYS_INLINE void dot_bytes_wide(const Problem& p, const uint8_t* const (&codes)[R], int64_t k0, int64_t k1,
-                                     __m512 (&acc)[R][MR][U]) {
+                                     __m512 (&acc)[R][MR][U], int64_t ahead = kPrefetchAhead) {
   for (int64_t k = k0; k < k1; k += 16 * U) {
-    for (int j = 0; j < R; ++j) prefetch_codes(codes[j] + k);
+    for (int j = 0; j < R; ++j) prefetch_codes(codes[j] + k, ahead);
     for (int u = 0; u < U; ++u) {
       __m512 wv[R];
       for (int j = 0; j < R; ++j) {
@@ -218,20 +229,22 @@ void gemv_affine8_wide(const Problem& p, const float* xsum, int64_t n0, int64_t 
 }
 #endif
 
-// d[j][r] = x_r . q_j[0, body) for R int8 rows q_j (R = 2 only in the avx512 builds); returns
-// body, a multiple of the vector step (the caller adds the tail).
+// d[j][r] = x_r . q_j[k0, end) for R int8 rows q_j (R = 2 only in the avx512 builds) over the
+// whole vector steps of [k0, k1) (codes prefetched `ahead` bytes on); returns end (the caller
+// adds the tail). The generic and avx2 builds take k0 = 0, k1 = K.
 template <int MR, int R>
-FF_ALWAYS_INLINE int64_t int8_dots(const Problem& p, const int8_t* const (&q)[R], float (&d)[R][MR]) {
+FF_ALWAYS_INLINE int64_t int8_dots(const Problem& p, const int8_t* const (&q)[R], int64_t k0, int64_t k1,
+                                   int64_t ahead, float (&d)[R][MR]) {
   constexpr int U = unroll<MR>();
 #if defined(__AVX512F__)
-  const int64_t body = p.w->k / (16 * U) * (16 * U);
+  const int64_t body = k0 + (k1 - k0) / (16 * U) * (16 * U);
   __m512 acc[R][MR][U];
   for (auto& rows : acc)
     for (auto& row : rows)
       for (auto& a : row) a = _mm512_setzero_ps();
   const uint8_t* codes[R];
   for (int j = 0; j < R; ++j) codes[j] = reinterpret_cast<const uint8_t*>(q[j]);
-  dot_bytes_wide<MR, U, true, R>(p, codes, 0, body, acc);
+  dot_bytes_wide<MR, U, true, R>(p, codes, k0, body, acc, ahead);
   for (int j = 0; j < R; ++j)
     for (int r = 0; r < MR; ++r) {
       __m512 s = acc[j][r][0];
@@ -240,7 +253,9 @@ FF_ALWAYS_INLINE int64_t int8_dots(const Problem& p, const int8_t* const (&q)[R]
     }
 #else
   static_assert(R == 1, "two-row int8 dots are the avx512 builds'");
-  const int64_t body = p.w->k / (8 * U) * (8 * U);
+  (void)k0;
+  (void)ahead;
+  const int64_t body = k1 / (8 * U) * (8 * U);
   f32x8 acc[MR][U];
   for (int r = 0; r < MR; ++r)
     for (int u = 0; u < U; ++u) acc[r][u] = simd::zero();
@@ -251,35 +266,49 @@ FF_ALWAYS_INLINE int64_t int8_dots(const Problem& p, const int8_t* const (&q)[R]
   return body;
 }
 
-// Int8 rows [n, n + R): y = scale * (x . q - zero_point * sum x).
+// Int8 rows [n, n + R) over codes [k0, k1) of a pass (see l1_codes): y = scale * (x . q -
+// zero_point * sum x) once the last pass (k1 = K) adds its part to those before, kept in y.
 template <int MR, int R>
-FF_ALWAYS_INLINE void int8_rows(const Problem& p, const float* xsum, int64_t n) {
+FF_ALWAYS_INLINE void int8_rows(const Problem& p, const float* xsum, int64_t n, int64_t k0, int64_t k1, int64_t ahead) {
   const QWeight& w = *p.w;
   const int8_t* q[R];
   for (int j = 0; j < R; ++j) q[j] = static_cast<const int8_t*>(w.codes) + (n + j) * w.k;
   float dots[R][MR];
-  const int64_t body = int8_dots<MR, R>(p, q, dots);
+  const int64_t body = int8_dots<MR, R>(p, q, k0, k1, ahead, dots);
   for (int j = 0; j < R; ++j) {
     const float zp = w.zero_points ? static_cast<float>(w.zero_points[n + j]) : 0.0f;
     for (int r = 0; r < MR; ++r) {
-      float d = dots[j][r];
+      float& y = p.y[r * w.n + n + j];
+      float d = k0 == 0 ? dots[j][r] : y + dots[j][r];
+      if (k1 < w.k) {
+        y = d;
+        continue;
+      }
       for (int64_t k = body; k < w.k; ++k) d += p.x[r * p.ldx + k] * static_cast<float>(q[j][k]);
-      p.y[r * w.n + n + j] = w.scales[n + j] * (d - zp * xsum[r]);
+      y = w.scales[n + j] * (d - zp * xsum[r]);
     }
   }
 }
 
-// Two W rows at a time with four or more x rows in the avx512 builds (each x load feeds both).
+// Two W rows at a time with four or more x rows in the avx512 builds (each x load feeds both),
+// in passes over K there (l1_codes) with the codes prefetched from the same part two rows on.
 template <int MR>
 void gemv_int8(const Problem& p, const float* xsum, int64_t n0, int64_t n1) {
+  const int64_t k = p.w->k;
 #if defined(__AVX512F__)
   constexpr int R = MR >= 4 ? 2 : 1;
+  const int64_t part = l1_codes<MR>(k);
 #else
   constexpr int R = 1;
+  const int64_t part = k;
 #endif
-  int64_t n = n0;
-  for (; n + R <= n1; n += R) int8_rows<MR, R>(p, xsum, n);
-  for (; n < n1; ++n) int8_rows<MR, 1>(p, xsum, n);
+  const int64_t ahead = part == k ? kPrefetchAhead : 2 * k;
+  for (int64_t k0 = 0; k0 < k; k0 += part) {
+    const int64_t k1 = std::min(k, k0 + part);
+    int64_t n = n0;
+    for (; n + R <= n1; n += R) int8_rows<MR, R>(p, xsum, n, k0, k1, ahead);
+    for (; n < n1; ++n) int8_rows<MR, 1>(p, xsum, n, k0, k1, ahead);
+  }
 }
 
 // LUT: v(k) decodes eight values of row n.
@@ -571,21 +600,12 @@ FF_ALWAYS_INLINE void dot_nibbles_wide(const float* xp, int64_t ldx, const uint8
   }
 }
 
-// Codes per pass over a task's W rows. x rows that do not fit L1 (MR K floats over 48 KiB) are
-// taken in passes of equal parts (multiples of 32) of at most 32 KiB, each adding its partial
-// dots to y: with x streaming from L2, 8 rows of K 4096 took 1.44x the time per code of K 1024.
-template <int MR>
-int64_t l1_codes(int64_t k) {
-  if (MR * k <= 12288) return k;
-  const int64_t passes = (MR * k + 8191) / 8192;
-  return ((k + passes - 1) / passes + 31) / 32 * 32;
-}
 
 template <int MR>
 void gemv_lut_nibbles_wide(const Problem& p, const float* xp, int64_t n0, int64_t n1) {
   const QWeight& w = *p.w;
   const int64_t part = l1_codes<MR>(w.k);
-  // the codes read next: further along the row, or (in passes) the same part of later rows
+  // the codes read next: further along the row, or (in passes) the same part two rows on
   const int64_t ahead = part == w.k ? kPrefetchAhead : w.k;
   for (int64_t k0 = 0; k0 < w.k; k0 += part) {
     const int64_t kc = std::min(part, w.k - k0);
