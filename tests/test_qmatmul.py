@@ -87,14 +87,17 @@ def test_4bit_lut_k_an_odd_multiple_of_32(k, m, isa, rng):
     check(ff.qmatmul(x, qw), x, qw)
 
 
-@pytest.mark.parametrize("scheme", [Palettize(4), Int8(), Int8(zero_point=True)], ids=repr)
+@pytest.mark.parametrize("scheme", [Palettize(4), Int8(), Int8(zero_point=True), Affine(8, 32), Affine(8, 64)], ids=repr)
 @pytest.mark.parametrize("k, m", [(2080, 8), (4096, 4), (3104, 5), (2085, 8)])
 def test_gemv_in_passes_over_k(scheme, k, m, isa, rng):
-    # x rows over 48 KiB go through AVX-512's 4-bit LUT and int8 GEMVs in passes over parts of K
-    # (704 + 704 + 672, 2 x 2048, 1600 + 1504 codes here; int8's 2085 is 704 + 704 + 677, its
-    # last 5 codes a tail after the vector steps), each adding its partial dots to y
+    # x rows over 48 KiB go through AVX-512's 4-bit LUT, int8 and 8-bit affine GEMVs in passes
+    # over parts of K (704 + 704 + 672, 2 x 2048, 1600 + 1504 codes here; int8's 2085 is 704 +
+    # 704 + 677, its last 5 codes a tail after the vector steps; 8-bit affine passes are whole
+    # groups), each adding its partial dots to y (the bias term after the last)
     if isinstance(scheme, Palettize) and k % 32:
         pytest.skip("the zmm LUT GEMV takes K % 32 == 0")
+    if isinstance(scheme, Affine) and k % scheme.group_size:
+        pytest.skip("K is whole groups")
     w = (rng.standard_normal((37, k)) * 0.05).astype(np.float32)
     qw = compress(w, scheme)
     x = rng.standard_normal((m, k)).astype(np.float32)

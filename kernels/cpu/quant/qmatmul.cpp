@@ -205,26 +205,35 @@ FF_ALWAYS_INLINE void dot_bytes_wide(const Problem& p, const uint8_t* const (&co
 
 // 8-bit affine rows on 16 lanes: per group, the codes' dots with x (dot_bytes_wide, two chains
 // of 16: groups are multiples of 32), scaled by the group's scale; plus the bias term.
+// In passes over whole groups of K for x rows over 48 KiB (l1_codes), as the int8 GEMV.
 template <int MR>
 void gemv_affine8_wide(const Problem& p, const float* xsum, int64_t n0, int64_t n1) {
   constexpr int U = 2;
   const QWeight& w = *p.w;
   const int64_t groups = w.k / w.group;
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* codes = static_cast<const uint8_t*>(w.codes) + n * w.k;
-    const float* sc = w.scales + n * groups;
-    __m512 acc[MR];
-    for (auto& a : acc) a = _mm512_setzero_ps();
-    for (int64_t g = 0; g < groups; ++g) {
-      __m512 gacc[1][MR][U];
-      for (auto& row : gacc[0])
-        for (auto& a : row) a = _mm512_setzero_ps();
-      dot_bytes_wide<MR, U, false>(p, {codes}, g * w.group, (g + 1) * w.group, gacc);
-      const __m512 s = _mm512_set1_ps(sc[g]);
-      for (int r = 0; r < MR; ++r) acc[r] = _mm512_fmadd_ps(_mm512_add_ps(gacc[0][r][0], gacc[0][r][1]), s, acc[r]);
+  const int64_t part = std::max<int64_t>(1, l1_codes<MR>(w.k) / w.group);  // groups per pass
+  const int64_t ahead = part == groups ? kPrefetchAhead : 2 * w.k;
+  for (int64_t g0 = 0; g0 < groups; g0 += part) {
+    const int64_t g1 = std::min(groups, g0 + part);
+    for (int64_t n = n0; n < n1; ++n) {
+      const uint8_t* codes = static_cast<const uint8_t*>(w.codes) + n * w.k;
+      const float* sc = w.scales + n * groups;
+      __m512 acc[MR];
+      for (auto& a : acc) a = _mm512_setzero_ps();
+      for (int64_t g = g0; g < g1; ++g) {
+        __m512 gacc[1][MR][U];
+        for (auto& row : gacc[0])
+          for (auto& a : row) a = _mm512_setzero_ps();
+        dot_bytes_wide<MR, U, false>(p, {codes}, g * w.group, (g + 1) * w.group, gacc, ahead);
+        const __m512 s = _mm512_set1_ps(sc[g]);
+        for (int r = 0; r < MR; ++r) acc[r] = _mm512_fmadd_ps(_mm512_add_ps(gacc[0][r][0], gacc[0][r][1]), s, acc[r]);
+      }
+      for (int r = 0; r < MR; ++r) {
+        float& y = p.y[r * w.n + n];
+        const float d = g0 == 0 ? _mm512_reduce_add_ps(acc[r]) : y + _mm512_reduce_add_ps(acc[r]);
+        y = g1 < groups ? d : d + dot(w.biases + n * groups, xsum + r * groups, groups);
+      }
     }
-    for (int r = 0; r < MR; ++r)
-      p.y[r * w.n + n] = _mm512_reduce_add_ps(acc[r]) + dot(w.biases + n * groups, xsum + r * groups, groups);
   }
 }
 #endif
