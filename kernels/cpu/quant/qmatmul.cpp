@@ -488,19 +488,27 @@ void gemv_compact(const Problem& p, int64_t n0, int64_t n1) {
 }
 #endif
 
+// x in blocks of 2 Half elements, each as its Half even elements then its Half odd ones (the
+// order of (b & 15, b >> 4) over Half code bytes): the 4-bit GEMVs' x, contiguous rows of K.
+template <int Half>
+AlignedArray<float> permuted_x(const Problem& p) {
+  AlignedArray<float> out = aligned_array<float>(p.m * p.w->k);
+  float* xp = out.get();
+  for (int64_t r = 0; r < p.m; ++r)
+    for (int64_t k = 0; k < p.w->k; k += 2 * Half)
+      for (int i = 0; i < Half; ++i) {
+        xp[r * p.w->k + k + i] = p.x[r * p.ldx + k + 2 * i];
+        xp[r * p.w->k + k + Half + i] = p.x[r * p.ldx + k + 2 * i + 1];
+      }
+  return out;
+}
+
 #if defined(__AVX2__)
 // 4-bit GEMV, AVX2: eight bytes hold sixteen codes; zero-extended to lanes, (b & 15) are the
 // even elements and (b >> 4) the odd ones, so x is read in a per-16 permuted copy
-// [x0 x2 .. x14 x1 x3 .. x15] and each code costs neither a broadcast nor a variable shift.
-// `values(c)` maps eight codes (i32x8) to the fp32 factors (raw q for affine, LUT entries).
-void permute_x16(const Problem& p, float* xp) {
-  for (int64_t r = 0; r < p.m; ++r)
-    for (int64_t k = 0; k < p.w->k; k += 16)
-      for (int i = 0; i < 8; ++i) {
-        xp[r * p.w->k + k + i] = p.x[r * p.ldx + k + 2 * i];
-        xp[r * p.w->k + k + 8 + i] = p.x[r * p.ldx + k + 2 * i + 1];
-      }
-}
+// [x0 x2 .. x14 x1 x3 .. x15] (permuted_x<8>) and each code costs neither a broadcast nor a
+// variable shift. `values(c)` maps eight codes (i32x8) to the fp32 factors (raw q for affine,
+// LUT entries).
 
 // Sixteen codes per step; with one or two x rows two steps run interleaved on separate
 // accumulators (acc[r][2..3]), four FMA chains per row. On Zen 4 this measured the same as two
@@ -570,17 +578,9 @@ void gemv_affine_nibbles(const Problem& p, const float* xp, const float* xsum, i
 
 #if defined(__AVX512F__)
 // The same on zmm (AVX-512 builds, K % 32 == 0): sixteen bytes hold 32 codes, x is read in a
-// per-32 permuted copy [x0 x2 .. x30 x1 x3 .. x31], and a 4-bit LUT row is one register, so each
-// 16 codes cost one vpermps: half the instructions per code of the ymm form, whose 8-row GEMV
-// ran at a fifth of the FMA peak.
-void permute_x32(const Problem& p, float* xp) {
-  for (int64_t r = 0; r < p.m; ++r)
-    for (int64_t k = 0; k < p.w->k; k += 32)
-      for (int i = 0; i < 16; ++i) {
-        xp[r * p.w->k + k + i] = p.x[r * p.ldx + k + 2 * i];
-        xp[r * p.w->k + k + 16 + i] = p.x[r * p.ldx + k + 2 * i + 1];
-      }
-}
+// per-32 permuted copy [x0 x2 .. x30 x1 x3 .. x31] (permuted_x<16>), and a 4-bit LUT row is one
+// register, so each 16 codes cost one vpermps: half the instructions per code of the ymm form,
+// whose 8-row GEMV ran at a fifth of the FMA peak.
 
 // acc[r][c..c+1] += x_r . W over [0, k) for one W row of 4-bit codes mapped by the 16 entries of
 // lut; with one or two x rows two steps interleave on separate accumulators (four chains per row).
@@ -780,6 +780,38 @@ FF_ALWAYS_INLINE void store_even_odd(__m256i a, __m256i b, int8_t* even, int8_t*
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(even), _mm256_permute2x128_si256(ea, eb, 0x20));
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(odd), _mm256_permute2x128_si256(ea, eb, 0x31));
 }
+
+// x split for the integer GEMVs: per row, three parts of kp bytes each, then sx per group.
+struct Int8Split {
+  AlignedArray<int8_t> parts;  // [m][3][kp], permuted per block or superblock
+  AlignedArray<float> scale;   // sx [m, k / group]
+};
+
+// Splits the m rows of x (split32); 64-element block b's 32 even elements go to byte even_at(b)
+// of each part and its 32 odd ones odd_gap bytes after them, each part's last `zero_tail` bytes
+// zeroed first. False (and the fp32 path runs) where the split would not be exact.
+template <class EvenAt>
+bool split_x(const Problem& p, int64_t group, int64_t kp, int64_t odd_gap, int64_t zero_tail, const EvenAt& even_at,
+             Int8Split& out) {
+  const int64_t k = p.w->k, groups = k / group;
+  out.parts = aligned_array<int8_t>(p.m * 3 * kp);
+  out.scale = aligned_array<float>(p.m * groups);
+  for (int64_t r = 0; r < p.m; ++r) {
+    const float* x = p.x + r * p.ldx;
+    const float* sx = out.scale.get() + r * groups;
+    if (!group_scales(x, k, group, 127.f, out.scale.get() + r * groups)) return false;
+    int8_t* dst = out.parts.get() + r * 3 * kp;
+    for (int j = 0; zero_tail > 0 && j < 3; ++j) std::memset(dst + j * kp + kp - zero_tail, 0, zero_tail);
+    for (int64_t b = 0; b < k; b += kSplitBlock) {
+      __m256i lo[3], hi[3];  // elements [b, b + 32) and [b + 32, b + 64)
+      split32(x + b, sx[b / group], lo);
+      split32(x + b + 32, sx[(b + 32) / group], hi);
+      int8_t* even = dst + even_at(b);
+      for (int j = 0; j < 3; ++j) store_even_odd(lo[j], hi[j], even + j * kp, even + j * kp + odd_gap);
+    }
+  }
+  return true;
+}
 #endif
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
@@ -798,35 +830,15 @@ constexpr int64_t kSuperBlock = 2 * kSplitBlock;
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
 struct BusdDot {
-  struct Split {
-    AlignedArray<int8_t> parts;  // [m][3][round_up(k, kSuperBlock)], permuted per superblock
-    AlignedArray<float> scale;   // sx [m, k / group]
-  };
+  using Split = Int8Split;
 
   static int64_t padded(int64_t k) { return (k + kSuperBlock - 1) / kSuperBlock * kSuperBlock; }
 
-  // Splits the m rows of x; false (and the fp32 path runs) where the split would not be exact.
+  // The split in superblocks; a last half one's missing half meets zero codes: zero parts.
   static bool split(const Problem& p, int64_t group, Split& out) {
-    const int64_t k = p.w->k, kp = padded(k), groups = k / group;
-    out.parts = aligned_array<int8_t>(p.m * 3 * kp);
-    out.scale = aligned_array<float>(p.m * groups);
-    for (int64_t r = 0; r < p.m; ++r) {
-      const float* x = p.x + r * p.ldx;
-      const float* sx = out.scale.get() + r * groups;
-      if (!group_scales(x, k, group, 127.f, out.scale.get() + r * groups)) return false;
-      int8_t* dst = out.parts.get() + r * 3 * kp;
-      if (kp > k)  // the last superblock's missing half meets zero codes: zero parts
-        for (int j = 0; j < 3; ++j)
-          for (int64_t h = 0; h < 2; ++h) std::memset(dst + j * kp + k - kSplitBlock + 64 * h + 32, 0, 32);
-      for (int64_t b = 0; b < k; b += kSplitBlock) {
-        __m256i lo[3], hi[3];  // elements [b, b + 32) and [b + 32, b + 64)
-        split32(x + b, sx[b / group], lo);
-        split32(x + b + 32, sx[(b + 32) / group], hi);
-        int8_t* even = dst + b / kSuperBlock * kSuperBlock + b % kSuperBlock / 2;
-        for (int j = 0; j < 3; ++j) store_even_odd(lo[j], hi[j], even + j * kp, even + j * kp + kSplitBlock);
-      }
-    }
-    return true;
+    const int64_t k = p.w->k, kp = padded(k);
+    return split_x(p, group, kp, kSplitBlock, kp > k ? kSuperBlock : 0,
+                   [](int64_t b) { return b / kSuperBlock * kSuperBlock + b % kSuperBlock / 2; }, out);
   }
 
   // The factors of a superblock's groups from fr (fr[0] for its first) in their lanes; `half`:
@@ -910,28 +922,10 @@ constexpr int kIntDotMaxRows = kMaxGemvRows;
 // One x row per pass: the fp32 nibble path shares its decode over several rows.
 
 struct ByteDot {
-  struct Split {
-    AlignedArray<int8_t> parts;  // [m][3][k], permuted per block
-    AlignedArray<float> scale;   // sx [m, k / group]
-  };
+  using Split = Int8Split;
 
   static bool split(const Problem& p, int64_t group, Split& out) {
-    const int64_t k = p.w->k, groups = k / group;
-    out.parts = aligned_array<int8_t>(p.m * 3 * k);
-    out.scale = aligned_array<float>(p.m * groups);
-    for (int64_t r = 0; r < p.m; ++r) {
-      const float* x = p.x + r * p.ldx;
-      const float* sx = out.scale.get() + r * groups;
-      if (!group_scales(x, k, group, 127.f, out.scale.get() + r * groups)) return false;
-      int8_t* dst = out.parts.get() + r * 3 * k;
-      for (int64_t b = 0; b < k; b += kSplitBlock) {
-        __m256i lo[3], hi[3];  // elements [b, b + 32) and [b + 32, b + 64): one group each
-        split32(x + b, sx[b / group], lo);
-        split32(x + b + 32, sx[(b + 32) / group], hi);
-        for (int j = 0; j < 3; ++j) store_even_odd(lo[j], hi[j], dst + j * k + b, dst + j * k + b + 32);
-      }
-    }
-    return true;
+    return split_x(p, group, p.w->k, 32, 0, [](int64_t b) { return b; }, out);
   }
 
   // One W row's dot with one x row (MR = 1), groups of G codes as in VnniDot::row; a block's
@@ -982,8 +976,7 @@ void gemv_affine_all(const Problem& p) {
 #endif
 #if defined(__AVX2__)
   if (B == 4) {  // group sizes are multiples of 16
-    AlignedArray<float> xperm = aligned_array<float>(p.m * w.k);
-    permute_x16(p, xperm.get());
+    const AlignedArray<float> xperm = permuted_x<8>(p);
     const float* xp = xperm.get();
     return over_rows(p, [&](int64_t a, int64_t e) { gemv_affine_nibbles<MR>(p, xp, xs, a, e); });
   }
@@ -999,16 +992,14 @@ template <int MR, int B>
 void gemv_lut_all(const Problem& p) {
 #if defined(__AVX512F__)
   if (B == 4 && p.w->k % 32 == 0) {
-    AlignedArray<float> xperm = aligned_array<float>(p.m * p.w->k);
-    permute_x32(p, xperm.get());
+    const AlignedArray<float> xperm = permuted_x<16>(p);
     const float* xp = xperm.get();
     return over_rows(p, [&](int64_t a, int64_t e) { gemv_lut_nibbles_wide<MR>(p, xp, a, e); });
   }
 #endif
 #if defined(__AVX2__)
   if (B == 4 && p.w->k % 16 == 0) {
-    AlignedArray<float> xperm = aligned_array<float>(p.m * p.w->k);
-    permute_x16(p, xperm.get());
+    const AlignedArray<float> xperm = permuted_x<8>(p);
     const float* xp = xperm.get();
     return over_rows(p, [&](int64_t a, int64_t e) { gemv_lut_nibbles<MR>(p, xp, a, e); });
   }
