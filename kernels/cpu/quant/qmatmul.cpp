@@ -83,10 +83,10 @@ FF_ALWAYS_INLINE void prefetch_codes(const uint8_t* at) { __builtin_prefetch(at 
 // ... or `ahead` bytes past it.
 FF_ALWAYS_INLINE void prefetch_codes(const uint8_t* at, int64_t ahead) { __builtin_prefetch(at + ahead, 0, 2); }
 
-// Codes per pass over a task's W rows (avx512 int8 and 4-bit LUT GEMVs). x rows that do not fit
-// L1 (MR K floats over 48 KiB) are taken in passes of equal parts (multiples of 64) of at most
-// 32 KiB, each adding its partial dots to y: with x streaming from L2, 8 rows of K 4096 took
-// 1.44x (4-bit LUT) and 1.63x (int8) the time per code of K 1024.
+// Codes per pass over a task's W rows (avx512 int8, 8-bit affine and 4-bit LUT GEMVs). x rows
+// that do not fit L1 (MR K floats over 48 KiB) are taken in passes of equal parts (multiples of
+// 64) of at most 32 KiB, each adding its partial dots to y: with x streaming from L2, 8 rows of
+// K 4096 took 1.44x (4-bit LUT) and 1.63x (int8) the time per code of K 1024.
 template <int MR>
 int64_t l1_codes(int64_t k) {
   if (MR * k <= 12288) return k;
