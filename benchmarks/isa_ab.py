@@ -24,10 +24,20 @@ from fusedformer.quant import Affine, Int8, Palettize, compress
 
 
 def qmatmul_case(scheme, n: int, k: int, rng, m: int = 1):
-    qw = compress((rng.standard_normal((n, k)) * 0.05).astype(np.float32), scheme)
-    next_weight = _copies(qw, qw.nbytes, _clone_weight)
-    x = rng.standard_normal((m, k)).astype(np.float32)
-    return f"qmatmul {m}x{k} @ {n}x{k} {scheme!r}", lambda: ff.qmatmul(x, next_weight())
+    """The weight and its copies are made at the first call, so that only the cases that run
+    hold them (each streams 2x the last-level cache)."""
+    seed = int(rng.integers(2**31))
+    state = {}
+
+    def call():
+        if not state:
+            r = np.random.default_rng(seed)
+            qw = compress((r.standard_normal((n, k)) * 0.05).astype(np.float32), scheme)
+            state["next_weight"] = _copies(qw, qw.nbytes, _clone_weight)
+            state["x"] = r.standard_normal((m, k)).astype(np.float32)
+        return ff.qmatmul(state["x"], state["next_weight"]())
+
+    return f"qmatmul {m}x{k} @ {n}x{k} {scheme!r}", call
 
 
 def sdpa_case(name: str, shapes, causal: bool, rng, dtype: str = "float32", mask=None, cold: bool = False):
@@ -73,6 +83,9 @@ def default_cases(rng) -> list:
         qmatmul_case(Palettize(4), 4096, 4096, rng),
         qmatmul_case(Int8(), 4096, 4096, rng),
         qmatmul_case(Affine(4, 64), 4096, 4096, rng, m=512),  # prefill: the GEMM
+        # a few rows (speculative decoding, small batches): one pass, then x beyond L1 (passes)
+        *(qmatmul_case(s, n, k, rng, m=m) for s in (Affine(4, 64), Palettize(4), Int8(), Affine(8, 64))
+          for n, k, m in ((4096, 4096, 3), (4096, 4096, 8), (2048, 5632, 8))),
         sdpa_case("sdpa prefill causal B1 H8 L1024 D128", [(1, 8, 1024, 128)] * 3, True, rng),
         sdpa_case("sdpa prefill causal B1 H8 L1024 D128 bf16", [(1, 8, 1024, 128)] * 3, True, rng, "bfloat16"),
         # the same causality as a bool mask (transformers' form with padding): the key tiles it

@@ -581,7 +581,7 @@ void gemv_affine_nibbles(const Problem& p, const float* xp, const float* xsum, i
 // per-32 permuted copy [x0 x2 .. x30 x1 x3 .. x31] (permuted_x<16>), and a 4-bit LUT row is one
 // register, so each 16 codes cost one vpermps: half the instructions per code of the ymm form,
 // whose 8-row GEMV ran at a fifth of the FMA peak.
-
+//
 // acc[r][c..c+1] += x_r . W over [0, k) for one W row of 4-bit codes mapped by the 16 entries of
 // lut; with one or two x rows two steps interleave on separate accumulators (four chains per row).
 template <int MR>
@@ -609,7 +609,6 @@ FF_ALWAYS_INLINE void dot_nibbles_wide(const float* xp, int64_t ldx, const uint8
   }
 }
 
-
 template <int MR>
 void gemv_lut_nibbles_wide(const Problem& p, const float* xp, int64_t n0, int64_t n1) {
   const QWeight& w = *p.w;
@@ -626,8 +625,8 @@ void gemv_lut_nibbles_wide(const Problem& p, const float* xp, int64_t n0, int64_
         for (auto& a : row) a = _mm512_setzero_ps();
       dot_nibbles_wide<MR>(xp + k0, w.k, bytes, kc, lut, ahead, acc);
       for (int r = 0; r < MR; ++r) {
-        const float part = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]), _mm512_add_ps(acc[r][2], acc[r][3])));
-        p.y[r * w.n + n] = k0 == 0 ? part : p.y[r * w.n + n] + part;
+        const float d = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]), _mm512_add_ps(acc[r][2], acc[r][3])));
+        p.y[r * w.n + n] = k0 == 0 ? d : p.y[r * w.n + n] + d;
       }
     }
   }
@@ -649,7 +648,6 @@ void gemv_lut_nibbles(const Problem& p, const float* xp, int64_t n0, int64_t n1)
   }
 }
 #endif
-
 
 // Runs rows_fn(n0, n1) over all rows of W in tasks of kGemvRows. (Plain templates rather than
 // generic lambdas keep the symbols demangleable for the build's ISA-leak check.)
@@ -928,8 +926,8 @@ struct ByteDot {
     return split_x(p, group, p.w->k, 32, 0, [](int64_t b) { return b; }, out);
   }
 
-  // One W row's dot with one x row (MR = 1), groups of G codes as in VnniDot::row; a block's
-  // two groups of 32 sit in 32-bit lanes 0-3 and 4-7.
+  // One W row's dot with one x row (MR = 1), groups of G codes: G = 64 and 128 are one and two
+  // blocks per group; a block's two groups of 32 sit in 32-bit lanes 0-3 and 4-7.
   template <int MR, int G>
   static FF_ALWAYS_INLINE void row(const uint8_t* bytes, const Split& xs, int64_t k, const float* f, int64_t groups,
                                    float* dots) {
