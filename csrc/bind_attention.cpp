@@ -4,6 +4,7 @@
 // and hands numpy arrays and torch tensors over as (data pointer, shape, element strides)
 // tuples, so the extension needs neither libtorch nor a numpy bf16 dtype. The checks here are
 // the last line of defence of the raw-pointer contract (any failure is a bug in the caller).
+#include <pybind11/numpy.h>
 #include <pybind11/stl.h>
 
 #include <array>
@@ -125,6 +126,14 @@ descriptor broadcastable to [B, Hq, Lq, Lk]; mask_kind 1 reads uint8 (non-zero k
 2 reads fp32 added to the scaled scores. window: 0 for none. kv_chunk: -1 picks split-KV by
 shape, 0 never splits, n > 0 splits the keys into chunks of n.)doc");
   m.attr("sdpa_max_head_dim") = FF_KERNELS(attention_kernels).max_head_dim;
+  m.def(
+      "_softmax_exp2",
+      [](py::array_t<float, py::array::c_style | py::array::forcecast> x) {
+        py::array_t<float> y(x.size());
+        FF_KERNELS(attention_kernels).softmax_exp2(x.data(), y.mutable_data(), x.size());
+        return y;
+      },
+      py::arg("x"), "2^x (flat float32) as the active ISA's online softmax computes it (tests).");
 }
 
 }  // namespace ff

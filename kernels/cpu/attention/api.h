@@ -49,6 +49,8 @@ struct AttentionKernels {
   // Largest supported head dim, and the key-tile size kv_chunk must be a multiple of.
   int64_t max_head_dim;
   int64_t key_tile;
+  // y[i] = 2^x[i] for i < n as the online softmax computes it (tests check its error).
+  void (*softmax_exp2)(const float* x, float* y, int64_t n);
 };
 
 }  // namespace ff

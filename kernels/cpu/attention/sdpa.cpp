@@ -805,6 +805,17 @@ void run(const SdpaParams& p, const Problem& pr) {
   });
 }
 
+// AttentionKernels::softmax_exp2: the exp2 of exp_sum (exp2_16 on AVX-512, simd::exp2 else).
+void softmax_exp2(const float* x, float* y, int64_t n) {
+  for (int64_t i = 0; i < n; i += 16) {
+    float buf[16] = {};
+    const int64_t lanes = n - i < 16 ? n - i : 16;
+    std::copy(x + i, x + i + lanes, buf);
+    exp_sum(buf, 16, 0.0f);
+    std::copy(buf, buf + lanes, y + i);
+  }
+}
+
 void sdpa(const SdpaParams& p) {
   const int64_t G = p.q_heads / p.kv_heads;
   const int64_t rows = p.q_len * G;
@@ -846,7 +857,8 @@ void sdpa(const SdpaParams& p) {
 }  // namespace attention
 
 const AttentionKernels& attention_kernels() {
-  static const AttentionKernels k{attention::sdpa, attention::kMaxHeadDim, attention::kKeyTile};
+  static const AttentionKernels k{attention::sdpa, attention::kMaxHeadDim, attention::kKeyTile,
+                                  attention::softmax_exp2};
   return k;
 }
 
