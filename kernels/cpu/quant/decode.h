@@ -353,12 +353,17 @@ inline void decode_row(const QWeight& w, int64_t n, int64_t k0, int64_t len, flo
     case QCodes::affine: {
       const float* sc = w.scales + n * (w.k / w.group);
       const float* bi = w.biases + n * (w.k / w.group);
-      bits_switch(w.bits, [&](auto b) {
+      // Group by group, on locals: captured by reference, i and the weight's fields were
+      // reloaded (and i stored) around every 8 codes, as the stores to out may alias them, and
+      // the group was divided out each time.
+      const int64_t group = w.group;
+      i = len / 8 * 8;
+      bits_switch(w.bits, [=](auto b) {
         constexpr int B = decltype(b)::value;
-        for (; i + 8 <= len; i += 8) {
-          const int64_t g = (k0 + i) / w.group;
-          const f32x8 q = to_f32(codes8<B>(stream, base + i));
-          simd::store(out + i, simd::add(simd::mul(simd::set1(sc[g]), q), simd::set1(bi[g])));
+        for (int64_t j = 0; j + 8 <= len;) {
+          const int64_t g = (k0 + j) / group, end = std::min(len, (g + 1) * group - k0);
+          const f32x8 s = simd::set1(sc[g]), o = simd::set1(bi[g]);
+          for (; j + 8 <= end; j += 8) simd::store(out + j, simd::add(simd::mul(s, to_f32(codes8<B>(stream, base + j))), o));
         }
       });
       break;
