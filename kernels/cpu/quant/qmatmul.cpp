@@ -1149,6 +1149,28 @@ void pack_panel(const QWeight& w, int64_t n0, int64_t rows, int64_t k0, int64_t 
   }
 }
 
+// dst[i * mr + r] = x[r * ldx + i] for r < mr (<= 8), i < kc: eight columns at a time through
+// an in-register transpose, each column stored as 8 floats whose last 8 - mr the next columns
+// overwrite (the columns whose 8 would pass the block's end store only their mr).
+void pack_x_block(const float* x, int64_t ldx, int64_t mr, int64_t kc, float* dst) {
+  static_assert(kMr <= 8, "a block's rows are one column vector");
+  int64_t i = 0;
+  for (; i + 8 <= kc; i += 8) {
+    f32x8 col[8];
+    for (int64_t r = 0; r < 8; ++r) col[r] = r < mr ? simd::load(x + r * ldx + i) : simd::zero();
+    simd::transpose8x8(col);
+    for (int64_t j = 0; j < 8; ++j) {
+      if ((i + j) * mr + 8 <= kc * mr) {
+        simd::store(dst + (i + j) * mr, col[j]);
+      } else {
+        simd::store_partial(dst + (i + j) * mr, col[j], static_cast<int>(mr));
+      }
+    }
+  }
+  for (; i < kc; ++i)
+    for (int64_t r = 0; r < mr; ++r) dst[i * mr + r] = x[r * ldx + i];
+}
+
 // x packed for the micro-kernel: per K chunk of kKc (at offset m * k0), per block of kMr rows (at
 // m0 * kc within it; the last block has the rows left), element (k, r) at k * rows + r. The
 // micro-kernel then broadcasts from one contiguous stream instead of kMr rows K floats apart
@@ -1160,11 +1182,7 @@ void pack_x(const Problem& p, float* xp) {
       const int64_t k0 = c * kKc, kc = std::min(kKc, k - k0);
       for (int64_t m0 = 0; m0 < p.m; m0 += kMr) {
         const int64_t mr = std::min<int64_t>(kMr, p.m - m0);
-        float* dst = xp + p.m * k0 + m0 * kc;
-        for (int64_t r = 0; r < mr; ++r) {
-          const float* src = p.x + (m0 + r) * p.ldx + k0;
-          for (int64_t i = 0; i < kc; ++i) dst[i * mr + r] = src[i];
-        }
+        pack_x_block(p.x + m0 * p.ldx + k0, p.ldx, mr, kc, xp + p.m * k0 + m0 * kc);
       }
     }
   });
