@@ -341,6 +341,17 @@ inline int64_t decode_sparse(const QWeight& w, int64_t n, int64_t k0, int64_t le
   return p;
 }
 
+#if defined(__AVX512F__)
+// Sixteen codes from element `index` (a multiple of 8) of a 4-bit stream, as int32 lanes: the
+// eight bytes' two dwords spread over the lanes and each lane's nibble shifted down.
+inline __m512i codes16_nibbles(const uint8_t* stream, int64_t index) {
+  const __m512i dwords = _mm512_castsi128_si512(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(stream + index / 2)));
+  const __m512i pick = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+  const __m512i shifts = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20, 24, 28);
+  return _mm512_and_si512(_mm512_srlv_epi32(_mm512_permutexvar_epi32(pick, dwords), shifts), _mm512_set1_epi32(15));
+}
+#endif
+
 inline void decode_row(const QWeight& w, int64_t n, int64_t k0, int64_t len, float* out) {
   if (w.mask) {
     decode_sparse(w, n, k0, len, out);
@@ -363,6 +374,13 @@ inline void decode_row(const QWeight& w, int64_t n, int64_t k0, int64_t len, flo
         for (int64_t j = 0; j + 8 <= len;) {
           const int64_t g = (k0 + j) / group, end = std::min(len, (g + 1) * group - k0);
           const f32x8 s = simd::set1(sc[g]), o = simd::set1(bi[g]);
+#if defined(__AVX512F__)
+          if constexpr (B == 4) {  // 16 codes a step (half the instructions of two 8-code steps)
+            const __m512 s16 = _mm512_set1_ps(sc[g]), o16 = _mm512_set1_ps(bi[g]);
+            for (; j + 16 <= end; j += 16)
+              _mm512_storeu_ps(out + j, _mm512_add_ps(_mm512_mul_ps(s16, _mm512_cvtepi32_ps(codes16_nibbles(stream, base + j))), o16));
+          }
+#endif
           for (; j + 8 <= end; j += 8) simd::store(out + j, simd::add(simd::mul(s, to_f32(codes8<B>(stream, base + j))), o));
         }
       });
@@ -372,6 +390,13 @@ inline void decode_row(const QWeight& w, int64_t n, int64_t k0, int64_t len, flo
       const int8_t* q = static_cast<const int8_t*>(w.codes) + base;
       const float zp = w.zero_points ? static_cast<float>(w.zero_points[n]) : 0.0f;
       const f32x8 s = simd::set1(w.scales[n]), z = simd::set1(zp);
+#if defined(__AVX512F__)
+      const __m512 s16 = _mm512_set1_ps(w.scales[n]), z16 = _mm512_set1_ps(zp);
+      for (; i + 16 <= len; i += 16) {
+        const __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + i))));
+        _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_sub_ps(v, z16), s16));
+      }
+#endif
       for (; i + 8 <= len; i += 8) simd::store(out + i, simd::mul(simd::sub(simd::load_i8(q + i), z), s));
       break;
     }
@@ -379,6 +404,12 @@ inline void decode_row(const QWeight& w, int64_t n, int64_t k0, int64_t len, flo
       const float* lut = w.lut + ((n / w.group) << w.bits);
       bits_switch(w.bits, [&](auto b) {
         constexpr int B = decltype(b)::value;
+#if defined(__AVX512F__)
+        if constexpr (B == 4) {  // the 16 entries in one register: one vpermps per 16 codes
+          const __m512 table = _mm512_loadu_ps(lut);
+          for (; i + 16 <= len; i += 16) _mm512_storeu_ps(out + i, _mm512_permutexvar_ps(codes16_nibbles(stream, base + i), table));
+        }
+#endif
         for (; i + 8 <= len; i += 8) simd::store(out + i, lookup<B>(lut, codes8<B>(stream, base + i)));
       });
       break;
