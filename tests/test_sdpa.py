@@ -83,7 +83,6 @@ def test_softmax_exp2_within_two_ulp(rng, isa):
     np.testing.assert_array_equal(_C._softmax_exp2(edges), [0, 0, 0, 2.0**127, 2.0**127])
 
 
-
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: "-".join(f"{k}{v}" for k, v in o.items()) or "plain")
 def test_matches_reference(rng, isa, shape, opts):

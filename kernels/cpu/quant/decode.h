@@ -1,8 +1,10 @@
 // Decoding of compressed weight rows into fp32, eight values at a time. The generic build
 // extracts codes with scalar shifts; the AVX2 build uses variable shifts, byte shuffles and
-// register LUTs for the same result (the generic one is its oracle).
+// register LUTs for the same result (the generic one is its oracle); AVX-512 builds decode
+// dense 4-bit affine, 4-bit LUT and int8 rows sixteen values at a time (decode_row).
 #pragma once
 
+#include <algorithm>
 #include <cstring>
 #include <type_traits>
 
