@@ -327,6 +327,24 @@ def test_poisoned_output_fully_written(rng, isa, chunk):
     check(out16, None, q16, k16, v16, tol="float16", window=3)
 
 
+# Outputs of at least 8 MiB leave through streaming stores (kStreamOutputBytes in sdpa.cpp),
+# where the rows are whole 32-byte blocks on 16-byte boundaries: 8 MiB in fp32 and fp16 at a
+# 64-byte and a 16-byte boundary; D59 (rows of 236 bytes) and an output one element off a
+# 16-byte boundary take the plain stores.
+@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("d, at", [(128, 0), (128, 16), (128, 2), (59, 0)], ids=["at64", "at16", "off", "d59"])
+def test_streamed_output_fully_written(rng, isa, dtype, d, at):
+    heads = (8 << 20) // (1024 * d * np.dtype(dtype).itemsize) + 1
+    q, k, v = make_qkv(rng, 1, heads, 1, 1024, 33, d, dtype)
+    raw = np.full(q.nbytes + 128, 0xFF, dtype=np.uint8)  # NaN in fp32 and fp16
+    start = -raw.ctypes.data % 64 + at
+    out = raw[start:start + q.nbytes].view(dtype).reshape(q.shape)
+    assert out.ctypes.data % 64 == at and np.isnan(out).all()
+    native_sdpa(q, k, v, causal=True, out=out)  # bottom-right causal: 991 rows see no key
+    check(out, None, q, k, v, tol=np.dtype(dtype).name, causal=True)
+    assert (out[:, :, :1024 - 33] == 0).all()
+
+
 def test_inputs_unmodified(rng, isa):
     q, k, v = make_qkv(rng, 1, 4, 2, 9, 70, 40)
     mask = rng.standard_normal((9, 70)).astype(np.float32)

@@ -28,6 +28,10 @@ inline f32x8 load(const float* p) { FF_LANES(p[i]); }
 inline void store(float* p, f32x8 a) {
   for (int i = 0; i < 8; ++i) p[i] = a.v[i];
 }
+// (the AVX2 backend's streaming stores; here plain stores and nothing to order)
+inline void stream(float* p, f32x8 a) { store(p, a); }
+inline void stream_copy(void* dst, const void* src, int64_t bytes) { std::memcpy(dst, src, bytes); }
+inline void stream_fence() {}
 inline f32x8 add(f32x8 a, f32x8 b) { FF_LANES(a.v[i] + b.v[i]); }
 inline f32x8 sub(f32x8 a, f32x8 b) { FF_LANES(a.v[i] - b.v[i]); }
 inline f32x8 mul(f32x8 a, f32x8 b) { FF_LANES(a.v[i] * b.v[i]); }
