@@ -413,8 +413,60 @@ def test_only_large_outputs_hinted(torch, monkeypatch):
             return _C.advise_hugepages(ptr, nbytes)
 
     monkeypatch.setattr(ops_attention, "_C", Spy())
+    monkeypatch.setattr(ops_attention, "_OUTPUT_CACHE", ops_attention._OutputCache(64 << 20))  # nothing kept yet
     ff.sdpa(*qkv(torch, 1, 4, 4, 64, 64, 64, torch.float32))
     assert Spy.calls == []
     ff.sdpa(*qkv(torch, 1, 8, 8, 1024, 16, 128, torch.float32))
     assert Spy.calls == [HUGEPAGE_MIN_BYTES]
     assert not _C.advise_hugepages(0, 0) and not _C.advise_hugepages(HUGE + 64, HUGE - 128)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_large_outputs_reuse_memory_only_once_released(torch, monkeypatch, dtype):
+    """Outputs of HUGEPAGE_MIN_BYTES or more come from _OutputCache: a second output while the
+    first lives gets other memory; once the first is released the next output of that size takes
+    its memory (in its own q's layout), every element rewritten, and the live one is untouched."""
+    import gc
+
+    from fusedformer import ops_attention
+
+    monkeypatch.setattr(ops_attention, "_OUTPUT_CACHE", ops_attention._OutputCache(64 << 20))
+    dt = getattr(torch, dtype)
+    rows = (4 << 20) // (8 * 128 * (4 if dtype == "float32" else 2))
+    tol = 2e-5 if dtype == "float32" else 2.5e-2
+    first = qkv(torch, 1, 8, 2, rows, 33, 128, dt, seed=4)
+    second = qkv(torch, 1, 8, 2, rows, 33, 128, dt, seed=5)
+    a = ff.sdpa(*first, causal=True)
+    b = ff.sdpa(*second, causal=True)
+    assert a.data_ptr() != b.data_ptr()
+    kept = a.data_ptr()
+    del a
+    gc.collect()
+    q, k, v = qkv(torch, 1, 8, 2, rows, 33, 128, dt, seed=6)
+    q = q.transpose(1, 2).contiguous().transpose(1, 2)
+    c = ff.sdpa(q, k, v, causal=True)
+    assert c.data_ptr() == kept and c.stride() == q.stride() and c.dtype == dt
+    np.testing.assert_allclose(c.float().numpy(), ref_of(q, k, v, causal=True), atol=tol)
+    np.testing.assert_allclose(b.float().numpy(), ref_of(*second, causal=True), atol=tol)
+
+
+def test_output_cache_limit(torch, monkeypatch):
+    """_OutputCache keeps released memory up to its limit and no more; FUSEDFORMER_OUTPUT_CACHE_MB
+    sets the limit (0: outputs are plain torch tensors), and a bad value is refused naming it."""
+    from fusedformer import ops_attention
+
+    cache = ops_attention._OutputCache(6 << 20)
+    x, y = cache.take(4 << 20), cache.take(4 << 20)
+    assert x.ctypes.data % 64 == 0 and x.nbytes == 4 << 20
+    cache.give_back(x)
+    cache.give_back(y)
+    assert cache.bytes == 4 << 20 and cache.take(4 << 20) is x and cache.bytes == 0
+    monkeypatch.setenv("FUSEDFORMER_OUTPUT_CACHE_MB", "0")
+    assert ops_attention._cache_limit() == 0
+    monkeypatch.setattr(ops_attention, "_OUTPUT_CACHE", ops_attention._OutputCache(0))
+    out = ff.sdpa(*qkv(torch, 1, 8, 2, 1024, 33, 128, torch.float32), causal=True)
+    assert out.untyped_storage().resizable()
+    for bad in ("lots", "-1"):
+        monkeypatch.setenv("FUSEDFORMER_OUTPUT_CACHE_MB", bad)
+        with pytest.raises(ValueError, match="FUSEDFORMER_OUTPUT_CACHE_MB"):
+            ops_attention._cache_limit()

@@ -100,7 +100,8 @@ def info(*, measure: bool = True) -> dict:
         "cpu": cpu_model(),
         "platform": f"{platform.system()} {platform.machine()}",
         "python": platform.python_version(),
-        "env": {k: os.environ[k] for k in ("FUSEDFORMER_ISA", "FUSEDFORMER_NUM_THREADS", "FUSEDFORMER_SPIN_US") if k in os.environ},
+        "env": {k: os.environ[k] for k in ("FUSEDFORMER_ISA", "FUSEDFORMER_NUM_THREADS", "FUSEDFORMER_SPIN_US",
+                                                 "FUSEDFORMER_POOL", "FUSEDFORMER_OUTPUT_CACHE_MB", "THP_MEM_ALLOC_ENABLE") if k in os.environ},
         "limits": machine_limits() if measure else None,
         "backends": {name: backend_status(name) for name in BACKENDS},
     }
