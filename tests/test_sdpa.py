@@ -345,6 +345,32 @@ def test_streamed_output_fully_written(rng, isa, dtype, d, at):
     assert (out[:, :, :1024 - 33] == 0).all()
 
 
+def test_large_numpy_outputs_reuse_memory_only_once_released(rng, monkeypatch):
+    """numpy outputs of 4 MiB and more come from the output cache (ops_attention._OutputCache):
+    laid out as np.empty_like(q), other memory while the first output (or a view of it) lives,
+    its memory once released, every element rewritten."""
+    import gc
+
+    from fusedformer import ops_attention
+
+    monkeypatch.setattr(ops_attention, "_OUTPUT_CACHE", ops_attention._OutputCache(64 << 20))
+    q, k, v = make_qkv(rng, 1, 8, 2, 1024, 33, 128)  # 4 MiB out
+    a = ff.sdpa(q, k, v, causal=True)
+    row = a[0, 3]  # a view keeps the memory lent
+    kept = a.ctypes.data
+    del a
+    gc.collect()
+    b = ff.sdpa(q, k, v, causal=True)
+    assert b.ctypes.data != kept
+    del row
+    gc.collect()
+    qt = np.ascontiguousarray(q.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)  # [B, L, H, D] storage
+    c = ff.sdpa(qt, k * 0.5, v, causal=True)
+    assert c.ctypes.data == kept and c.strides == np.empty_like(qt).strides
+    check(c, None, qt, k * 0.5, v, causal=True)
+    check(b, None, q, k, v, causal=True)
+
+
 def test_inputs_unmodified(rng, isa):
     q, k, v = make_qkv(rng, 1, 4, 2, 9, 70, 40)
     mask = rng.standard_normal((9, 70)).astype(np.float32)
