@@ -371,6 +371,18 @@ def test_large_numpy_outputs_reuse_memory_only_once_released(rng, monkeypatch):
     check(b, None, q, k, v, causal=True)
 
 
+@pytest.mark.parametrize("rows", [4, 1024], ids=["small", "cached"])
+def test_broadcast_q_gets_a_contiguous_output(rng, rows):
+    """A q broadcast over heads (stride 0) gets a C-contiguous output: np.empty_like would lay
+    that axis out innermost, after the head dim, where the kernel needs the head dim contiguous.
+    At 1024 rows the output (4 MiB) would come from the output cache."""
+    q1, k, v = make_qkv(rng, 1, 1, 2, rows, 40, 128)
+    q = np.broadcast_to(q1, (1, 8, rows, 128))
+    out = ff.sdpa(q, k, v, causal=True)
+    assert out.flags.c_contiguous
+    check(out, None, q, k, v, causal=True)
+
+
 def test_inputs_unmodified(rng, isa):
     q, k, v = make_qkv(rng, 1, 4, 2, 9, 70, 40)
     mask = rng.standard_normal((9, 70)).astype(np.float32)

@@ -268,7 +268,7 @@ class _OutputCache:
 
     def empty_like_numpy(self, q):
         """An array like np.empty_like(q) (its axes laid out in q's stride order) on cached memory."""
-        order = sorted(range(q.ndim), key=lambda i: -abs(q.strides[i]))  # outermost first
+        order = sorted(range(q.ndim), key=lambda i: (-abs(q.strides[i]), i))  # outermost first
         flat = self.lend(q.nbytes).view(q.dtype)
         return flat.reshape([q.shape[i] for i in order]).transpose(np.argsort(order))
 
@@ -290,8 +290,12 @@ _OUTPUT_CACHE = _OutputCache(_cache_limit())
 
 
 def _empty_output_numpy(q):
-    """np.empty_like(q), from HUGEPAGE_MIN_BYTES up on _OUTPUT_CACHE's memory (numpy hints its own
-    large arrays to huge pages)."""
+    """An array laid out as np.empty_like(q) (q's stride order), C-contiguous where q has a
+    broadcast axis (np.empty_like would put that axis innermost, after the head dim); from
+    HUGEPAGE_MIN_BYTES up on _OUTPUT_CACHE's memory (numpy hints its own large arrays to huge
+    pages)."""
+    if any(s == 0 and n > 1 for s, n in zip(q.strides, q.shape)):
+        return np.empty(q.shape, dtype=q.dtype)
     if q.nbytes >= HUGEPAGE_MIN_BYTES and _OUTPUT_CACHE.limit > 0:
         return _OUTPUT_CACHE.empty_like_numpy(q)
     return np.empty_like(q)
