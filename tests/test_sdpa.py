@@ -329,8 +329,8 @@ def test_poisoned_output_fully_written(rng, isa, chunk):
 
 # Outputs of at least 8 MiB leave through streaming stores (kStreamOutputBytes in sdpa.cpp),
 # where the rows are whole 32-byte blocks on 16-byte boundaries: 8 MiB in fp32 and fp16 at a
-# 64-byte and a 16-byte boundary; D59 (rows of 236 bytes) and an output one element off a
-# 16-byte boundary take the plain stores.
+# 64-byte and a 16-byte boundary; D59 (rows of 236 bytes) and an output 2 bytes off a 16-byte
+# boundary take the plain stores.
 @pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("d, at", [(128, 0), (128, 16), (128, 2), (59, 0)], ids=["at64", "at16", "off", "d59"])
 def test_streamed_output_fully_written(rng, isa, dtype, d, at):
