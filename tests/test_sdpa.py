@@ -115,6 +115,22 @@ def test_numpy_dtypes(rng, isa, dtype, opts, shape):
     check(out, lse, q, k, v, tol=dtype, **opts)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("opts", ["causal-window", "window", "mask"])
+def test_blocks_whose_rows_start_at_different_keys(rng, isa, dtype, opts):
+    """Several blocks of 192 rows (where the zmm tiles pack each strip's queries during the
+    first tile and request the next tile's K/V during each) whose rows see their first keys in
+    different tiles: a sliding window, and a mask hiding a different number of each row's first
+    keys."""
+    q, k, v = make_qkv(rng, 1, 8, 2, 700, 700, 64, dtype=dtype)
+    kw = {"causal-window": dict(causal=True, window=40), "window": dict(window=150)}.get(opts, {})
+    if opts == "mask":
+        first = (np.arange(700) * 37) % 650  # each row's first kept key
+        kw = dict(mask=np.arange(700)[None, :] >= first[:, None])
+    out, lse = ff.sdpa(q, k, v, return_lse=True, **kw)
+    check(out, lse, q, k, v, tol=dtype, **kw)
+
+
 # ---- masks ----------------------------------------------------------------------------------
 
 MASK_SHAPES = [(5, 70), (1, 1, 5, 70), (2, 1, 1, 70), (2, 4, 5, 70), (70,), (2, 4, 5, 1), (4, 1, 70)]

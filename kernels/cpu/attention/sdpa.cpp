@@ -163,6 +163,31 @@ const S* key_rows(const SdpaTensor& x, int64_t b, int64_t kvh, int64_t t) {
   return static_cast<const S*>(x.data) + b * x.stride_b + kvh * x.stride_h + t * x.stride_l;
 }
 
+// The K and V rows of a block's next key tile, requested into L2 a slice per strip of this
+// tile's S = Q K^T (qk_packed_wide's per-strip hook), so that packing them (pack_wide_tile)
+// finds them there. Each block packs its tiles from the raw rows, which come from memory: in
+// one burst at each tile's start the loads stall (pack_k_transposed held 4.5% of causal B4 H12
+// L1024 D64 fp32's samples), and so do requests for the whole tile at once (the fill buffers
+// run out: build_ab 0.995x). Spread over the strips they run under the FMAs.
+// always_inline: GCC takes a function whose only effects are prefetches for one without side
+// effects and drops calls to it that it has not inlined (a build without it had no prefetch).
+struct NextTileRows {
+  const char* k = nullptr;
+  const char* v = nullptr;
+  int64_t k_stride = 0, v_stride = 0;  // bytes between rows
+  int64_t rows = 0;                    // 0: nothing to request
+  int64_t row_bytes = 0;
+
+  // Rows [i rows / strips, (i + 1) rows / strips) of K and of V, for strip i of `strips`.
+  __attribute__((always_inline)) void request(int64_t i, int64_t strips) const {
+    for (int64_t row = i * rows / strips, e = (i + 1) * rows / strips; row < e; ++row)
+      for (int64_t at = 0; at < row_bytes; at += 64) {
+        __builtin_prefetch(k + row * k_stride + at, 0, 2);
+        __builtin_prefetch(v + row * v_stride + at, 0, 2);
+      }
+  }
+};
+
 // KvCache::Pack of the AMX tiles: K pairs, then V pairs (pack_amx_kv).
 void pack_amx_tile(const SdpaParams& p, int64_t dp, int64_t b, int64_t kvh, int64_t t, int64_t nk,
                    uint32_t* kp, uint32_t* vp) {
@@ -447,20 +472,29 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
   const int64_t pitch = amx ? kAmxPitch : grouped ? kGroupPitch : kKeyTile;  // of the score rows
   const float scale2 = p.scale * simd::exp2_poly::kLog2e;  // scores in base 2
   uint32_t* qw = reinterpret_cast<uint32_t*>(w.q);
+  // The zmm register tiles pack each strip's q rows just before its S = Q K^T on the block's
+  // first tile (the strip hook below), while the rows kQAheadStrips strips on are requested into
+  // L1: packed up front, a block's rows came from memory in one burst and their loads stalled
+  // (the packing held 2.6% of causal B4 H12 L1024 D64 fp32's samples). Every strip with keys
+  // has keys in the first tile (it starts at the smallest lo, and tile_strip_keys counts a
+  // strip's keys from the tile's start up to its largest hi); strips without are never read.
+  const bool lazy_q = packed_tiles && !amx;
+  constexpr int64_t kQAheadStrips = 2;
 
-  // Rows: packed queries, fresh state, and the keys each may see within [j0, j1).
+  // Rows: packed queries (but lazy_q), fresh state, and the keys each may see within [j0, j1).
   int64_t lo[kMaxRowTile], hi[kMaxRowTile], pos[kMaxRowTile], head[kMaxRowTile];
   int64_t jmin = bk.j1, jmax = bk.j0, lo_max = bk.j0, hi_min = bk.j1;
+  auto q_row = [&](int64_t rr) { return q + head[rr] * p.q.stride_h + pos[rr] * p.q.stride_l; };
   for (int64_t rr = 0; rr < nr; ++rr) {
     const int64_t r = bk.r0 + rr;
     pos[rr] = r / G;
     head[rr] = bk.kvh * G + r % G;
-    const S* qrow = q + head[rr] * p.q.stride_h + pos[rr] * p.q.stride_l;
+    const S* qrow = q_row(rr);
     if (dot16 || wide16)
       std::memcpy(qw + rr * dp / 2, qrow, D * sizeof(S));
     else if (split)
       pack_row_split(reinterpret_cast<const uint16_t*>(qrow), D, scale2, w.q + rr * dp);
-    else
+    else if (!lazy_q)
       pack_row_scaled<T>(qrow, D, scale2, w.q + rr * dp, dp);
     for (int64_t x = 0; x < dp; x += 8) simd::store(w.o + rr * dp + x, simd::zero());
     w.m[rr] = kNegInf;
@@ -497,7 +531,8 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
     prefetch_rows<2>(k + t0 * ks, ks * static_cast<int64_t>(sizeof(S)), n, row_bytes);
     prefetch_rows<2>(v + t0 * vs, vs * static_cast<int64_t>(sizeof(S)), n, row_bytes);
   }
-  for (int64_t t = bk.j0 + (jmin - bk.j0) / tile * tile; t < jmax; t += tile) {
+  const int64_t t_first = bk.j0 + (jmin - bk.j0) / tile * tile;
+  for (int64_t t = t_first; t < jmax; t += tile) {
     const int64_t nk = bk.j1 - t < tile ? bk.j1 - t : tile;
     const S* kt = k + t * ks;
     const S* vt = v + t * vs;
@@ -598,7 +633,27 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
       qk_bf16_tile(qw, dp / 2, reinterpret_cast<const uint16_t*>(kt), ks, nk, D, scale2,
                    reinterpret_cast<uint32_t*>(w.kt), w.s, pitch, strip_keys, nr, fused);
     } else if (kZmmTiles) {
-      qk_packed_wide(w.q, dp, reinterpret_cast<const float*>(kp), D, s_t, pitch, strip_keys, nr, fused);
+      const int64_t strips = (nr + kMr - 1) / kMr, row_bytes = D * static_cast<int64_t>(sizeof(S));
+      NextTileRows next;  // (blocks of at most kPrefetchMaxRows rows prefetch above)
+      if (nr > kPrefetchMaxRows && t + tile < jmax) {
+        const int64_t ahead = t + tile;
+        next = {reinterpret_cast<const char*>(k + ahead * ks), reinterpret_cast<const char*>(v + ahead * vs),
+                ks * static_cast<int64_t>(sizeof(S)), vs * static_cast<int64_t>(sizeof(S)),
+                jmax - ahead < tile ? jmax - ahead : tile, row_bytes};
+      }
+      // (always_inline: see NextTileRows)
+      auto before_strip = [&](int64_t i) __attribute__((always_inline)) {
+        next.request(i, strips);
+        if (!lazy_q || t != t_first) return;
+        if (strip_keys[i] > 0)
+          for (int64_t rr = i * kMr; rr < (i + 1) * kMr && rr < nr; ++rr)
+            pack_row_scaled<T>(q_row(rr), D, scale2, w.q + rr * dp, dp);
+        const int64_t a = i + kQAheadStrips;
+        if (a < strips && strip_keys[a] > 0)
+          for (int64_t rr = a * kMr; rr < (a + 1) * kMr && rr < nr; ++rr) prefetch_rows(q_row(rr), 0, 1, row_bytes);
+      };
+      qk_packed_wide(w.q, dp, reinterpret_cast<const float*>(kp), D, s_t, pitch, strip_keys, nr, fused,
+                     before_strip);
     } else {
       pack_k_transposed<T>(kt, ks, nk, D, w.kt);
       for (int64_t c = 0; c < nk; c += 16) {

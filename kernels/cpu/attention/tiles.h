@@ -109,11 +109,16 @@ inline f32x8 load_n(const typename Elem<T>::type* p, int64_t n) {
 // (2). Tiles are walked column block by column block, a pattern hardware prefetchers do not
 // follow; touching the next tile's lines while this one computes keeps decode at memory speed.
 template <int kLocality = 3>
-inline void prefetch_rows(const void* base, int64_t stride_bytes, int64_t n, int64_t row_bytes) {
+__attribute__((always_inline)) inline void prefetch_rows(const void* base, int64_t stride_bytes, int64_t n, int64_t row_bytes) {
   const char* p = static_cast<const char*>(base);
   for (int64_t j = 0; j < n; ++j, p += stride_bytes)
     for (int64_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(p + b, 0, kLocality);
 }
+
+// A strip loop's per-strip work when the caller has none (for_score_strips).
+struct NoStripWork {
+  void operator()(int64_t) const {}
+};
 
 // ---- packing ----------------------------------------------------------------------------
 
@@ -1080,10 +1085,13 @@ inline void with_zmm_columns(int64_t n, const F& f) {
 
 // Calls f(Rows<R>{}, Rows<NC>{}, r, st_r) for each kMr-row strip of nr rows that has keys:
 // R rows from row r, NC = ceil(strip_keys[r / kMr] / 16) zmm columns, st_r its rows' softmax
-// state (nullptr without st; with it, the rows of strips without keys get alpha = 1).
-template <class F>
-inline void for_score_strips(const int64_t* strip_keys, int64_t nr, const RowState* st, const F& f) {
+// state (nullptr without st; with it, the rows of strips without keys get alpha = 1). Before
+// each strip, keys or not, calls before(r / kMr): work the caller spreads over the strips.
+template <class F, class Before = NoStripWork>
+inline void for_score_strips(const int64_t* strip_keys, int64_t nr, const RowState* st, const F& f,
+                             const Before& before = Before{}) {
   for (int64_t r = 0; r < nr; r += kMr) {
+    before(r / kMr);
     const int64_t n = strip_keys[r / kMr];
     if (n == 0) {  // no keys for these rows: nothing to add, nothing to rescale
       for (int64_t i = r; st && i < r + kMr && i < nr; ++i) st->alpha[i] = 1.0f;
@@ -1099,14 +1107,19 @@ inline void for_score_strips(const int64_t* strip_keys, int64_t nr, const RowSta
 // S = Q K^T for nr rows against the packed K tile: the rows of strip r / kMr over its first
 // strip_keys[r / kMr] keys (rounded up to 16; a strip with none is skipped). With st (on a
 // clipped tile st->lo / hi give each row's keys, and st->keep / add a mask) the rows' online
-// softmax runs on the scores in registers and s receives the probabilities.
+// softmax runs on the scores in registers and s receives the probabilities. before(i) runs
+// ahead of strip i (for_score_strips).
+template <class Before = NoStripWork>
 inline void qk_packed_wide(const float* q, int64_t q_stride, const float* kt, int64_t d, float* s,
                            int64_t s_stride, const int64_t* strip_keys, int64_t nr,
-                           const RowState* st) {
-  for_score_strips(strip_keys, nr, st, [&](auto R, auto NC, int64_t r, const RowState* st_r) {
-    qk_packed_zmm<decltype(R)::value, decltype(NC)::value>(q + r * q_stride, q_stride, kt, d,
-                                                           s + r * s_stride, s_stride, st_r);
-  });
+                           const RowState* st, const Before& before = Before{}) {
+  for_score_strips(
+      strip_keys, nr, st,
+      [&](auto R, auto NC, int64_t r, const RowState* st_r) {
+        qk_packed_zmm<decltype(R)::value, decltype(NC)::value>(q + r * q_stride, q_stride, kt, d,
+                                                               s + r * s_stride, s_stride, st_r);
+      },
+      before);
 }
 
 // O = diag(alpha) O + P V for nr rows over V of dp columns (a multiple of 16): fp32 rows in
@@ -1185,8 +1198,9 @@ inline void qk_wide(const float*, int64_t, const typename Elem<T>::type*, int64_
 template <DType T>
 inline void pv_wide(float*, int64_t, const float*, const float*, int64_t,
                     const typename Elem<T>::type*, int64_t, int64_t, int64_t, int64_t, int64_t) {}
+template <class Before = NoStripWork>
 inline void qk_packed_wide(const float*, int64_t, const float*, int64_t, float*, int64_t,
-                           const int64_t*, int64_t, const RowState*) {}
+                           const int64_t*, int64_t, const RowState*, const Before& = Before{}) {}
 inline void pv_f32_wide(float*, int64_t, const float*, const float*, int64_t, const float*, int64_t,
                         const int64_t*, int64_t, int64_t) {}
 #endif
