@@ -108,6 +108,8 @@ inline f32x8 load_n(const typename Elem<T>::type* p, int64_t n) {
 // Prefetches rows [0, n) of a strided tile (row_bytes each) towards L1 (kLocality 3) or L2
 // (2). Tiles are walked column block by column block, a pattern hardware prefetchers do not
 // follow; touching the next tile's lines while this one computes keeps decode at memory speed.
+// (always_inline here and on prefetch_rows_ahead: GCC takes a function whose only effects are
+// prefetches for one without side effects and drops calls to it that it has not inlined.)
 template <int kLocality = 3>
 __attribute__((always_inline)) inline void prefetch_rows(const void* base, int64_t stride_bytes, int64_t n, int64_t row_bytes) {
   const char* p = static_cast<const char*>(base);
@@ -549,7 +551,7 @@ constexpr bool starts_line(int u) { return 16 * u * sizeof(S) % 64 == 0; }
 
 // Prefetches into L2 the line at p of each of the KB rows kDecodePrefetchKeys rows past p's.
 template <int KB, class S>
-inline void prefetch_rows_ahead(const S* p, int64_t stride) {
+__attribute__((always_inline)) inline void prefetch_rows_ahead(const S* p, int64_t stride) {
   for (int b = 0; b < KB; ++b)
     _mm_prefetch(reinterpret_cast<const char*>(p + (b + kDecodePrefetchKeys) * stride), _MM_HINT_T1);
 }
