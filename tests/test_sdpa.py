@@ -131,6 +131,35 @@ def test_blocks_whose_rows_start_at_different_keys(rng, isa, dtype, opts):
     check(out, lse, q, k, v, tol=dtype, **kw)
 
 
+def test_cache_controls(rng, monkeypatch):
+    """ff.get_cache_memory, ff.clear_cache and ff.set_cache_limit (MLX's names) on the memory of
+    released outputs: counted once released, freed past a lowered limit and by clear_cache, none
+    kept at limit 0; a bad limit is refused naming the call."""
+    from fusedformer import ops_attention
+
+    monkeypatch.setattr(ops_attention, "_OUTPUT_CACHE", ops_attention._OutputCache(64 << 20))
+    q, k, v = make_qkv(rng, 1, 8, 2, 1024, 33, 128)  # 4 MiB fp32 outputs
+    a, b = ff.sdpa(q, k, v), ff.sdpa(q, k, v)
+    assert ff.get_cache_memory() == 0
+    del a
+    assert ff.get_cache_memory() == 4 << 20
+    del b
+    assert ff.get_cache_memory() == 8 << 20
+    assert ff.set_cache_limit(5 << 20) == 64 << 20
+    assert ff.get_cache_memory() == 4 << 20
+    ff.clear_cache()
+    assert ff.get_cache_memory() == 0
+    assert ff.set_cache_limit(0) == 5 << 20
+    out = ff.sdpa(q, k, v)
+    check(out, None, q, k, v)
+    del out
+    assert ff.get_cache_memory() == 0
+    with pytest.raises(ValueError, match=r"\[set_cache_limit\] limit"):
+        ff.set_cache_limit(-1)
+    with pytest.raises(TypeError, match=r"\[set_cache_limit\] limit"):
+        ff.set_cache_limit(1.5)
+
+
 # ---- masks ----------------------------------------------------------------------------------
 
 MASK_SHAPES = [(5, 70), (1, 1, 5, 70), (2, 1, 1, 70), (2, 4, 5, 70), (70,), (2, 4, 5, 1), (4, 1, 70)]

@@ -16,9 +16,10 @@ import importlib
 from fusedformer import _C
 from fusedformer._info import info
 from fusedformer.ops import qmatmul, sdpa
+from fusedformer.ops_attention import clear_cache, get_cache_memory, set_cache_limit
 
 __version__ = "0.1.0"
-__all__ = ["__version__", "info", "sdpa", "qmatmul", "quant", "torch", "mlx", "coreml", "reference"]
+__all__ = ["__version__", "info", "sdpa", "qmatmul", "clear_cache", "get_cache_memory", "set_cache_limit", "quant", "torch", "mlx", "coreml", "reference"]
 
 _LAZY_SUBMODULES = {"quant", "torch", "mlx", "coreml", "reference", "bench"}
 

@@ -248,6 +248,25 @@ class _OutputCache:
                 self.kept.setdefault(buf.nbytes, []).append(buf)
                 self.bytes += buf.nbytes
 
+    def clear(self) -> None:
+        """Frees the kept memory (memory lent to live outputs stays theirs)."""
+        with self.lock:
+            self.kept.clear()
+            self.bytes = 0
+
+    def set_limit(self, limit: int) -> int:
+        """Keeps at most ``limit`` bytes from now on, freeing kept memory past it (largest
+        buffers first); returns the limit before."""
+        with self.lock:
+            before, self.limit = self.limit, limit
+            for nbytes in sorted(self.kept, reverse=True):
+                free = self.kept[nbytes]
+                while free and self.bytes > limit:
+                    free.pop()
+                    self.bytes -= nbytes
+            self.kept = {n: free for n, free in self.kept.items() if free}
+        return before
+
     def lend(self, nbytes: int):
         """A uint8 array of nbytes on cached memory, its own: once it and every array or tensor
         made from it are gone, the memory goes back to the cache."""
@@ -288,6 +307,28 @@ def _cache_limit() -> int:
 
 
 _OUTPUT_CACHE = _OutputCache(_cache_limit())
+
+
+def get_cache_memory() -> int:
+    """Bytes of released ``ff.sdpa`` output memory kept for the next outputs (as
+    ``mx.get_cache_memory``)."""
+    return _OUTPUT_CACHE.bytes
+
+
+def clear_cache() -> None:
+    """Frees the kept output memory (as ``mx.clear_cache``); outputs still alive keep theirs."""
+    _OUTPUT_CACHE.clear()
+
+
+def set_cache_limit(limit: int) -> int:
+    """Keeps at most ``limit`` bytes of released output memory from now on (0: none; the
+    default comes from FUSEDFORMER_OUTPUT_CACHE_MB), freeing what is kept past it; returns the
+    limit before (as ``mx.set_cache_limit``)."""
+    if isinstance(limit, bool) or not isinstance(limit, (int, np.integer)):
+        raise TypeError(f"[set_cache_limit] limit must be an int number of bytes, got {type(limit).__name__}")
+    if limit < 0:
+        raise ValueError(f"[set_cache_limit] limit must be >= 0 bytes, got {limit}")
+    return _OUTPUT_CACHE.set_limit(int(limit))
 
 
 def _empty_output_numpy(q):
