@@ -92,9 +92,13 @@ def test_matches_reference(rng, isa, shape, opts):
     check(out, lse, q, k, v, **opts)
 
 
-@pytest.mark.parametrize("shape", [(1, 8, 2, 33, 200, 64), (2, 7, 1, 129, 127, 59)], ids=str)
+@pytest.mark.parametrize(
+    "shape", [(1, 8, 2, 33, 200, 64), (2, 7, 1, 129, 127, 59), (2, 8, 4, 200, 300, 64)], ids=str
+)
 def test_threads_same_bits(rng, isa, threads, shape):
-    """Results are bitwise identical for 1 and 2 threads (fixed work decomposition)."""
+    """Results are bitwise identical for 1 and 2 threads (fixed work decomposition); the last
+    shape has 8 (batch, kv head) pairs of several row blocks, which 2 threads take a pair at a
+    time."""
     q, k, v = make_qkv(rng, *shape)
     from tests.conftest import kernel_config
 

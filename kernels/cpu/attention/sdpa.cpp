@@ -831,7 +831,14 @@ void run(const SdpaParams& p, const Problem& pr) {
     part.m = aligned_array<float>(units * pitch);
     part.l = aligned_array<float>(units * pitch);
   }
-  parallel_for(units, 1, [&](int64_t begin, int64_t end) {
+  // Where the call has (batch, kv head) pairs enough to go round (4 per thread), a thread takes
+  // all row blocks of a pair at once: the blocks after the first find the pair's K/V (on the
+  // AMX tiles its packed tiles) in the same core's L2. build_ab 9 rounds against one block at a
+  // time: bf16 (AMX) prefill 0.935-0.977x the time, fp32 0.970-1.006x. It changes only which
+  // thread runs a unit, not any unit's result.
+  const int64_t pairs = p.batch * p.kv_heads;
+  const int64_t grain = pr.chunks == 1 && pr.row_blocks > 1 && pairs >= 4 * num_threads() ? pr.row_blocks : 1;
+  parallel_for(units, grain, [&](int64_t begin, int64_t end) {
     const Work w = thread_work(dp);
     for (int64_t u = begin; u < end; ++u) {
       const Block bk = block_of(pr, u);
