@@ -178,7 +178,9 @@ struct NextTileRows {
   int64_t rows = 0;                    // 0: nothing to request
   int64_t row_bytes = 0;
 
-  // Rows [i rows / strips, (i + 1) rows / strips) of K and of V, for strip i of `strips`.
+  // Rows [i rows / strips, (i + 1) rows / strips) of K and of V, for strip i of `strips`, a line
+  // of K then the same line of V (prefetch_rows on K's slice, then on V's, measured 1.007-1.012x
+  // the time of this on fp32 causal prefill: build_ab 9 rounds).
   __attribute__((always_inline)) void request(int64_t i, int64_t strips) const {
     for (int64_t row = i * rows / strips, e = (i + 1) * rows / strips; row < e; ++row)
       for (int64_t at = 0; at < row_bytes; at += 64) {
