@@ -49,7 +49,9 @@ void check(bool ok, const std::string& msg) {
 }
 
 SdpaTensor tensor_of(const View<4>& v, const char* name) {
-  check(v.strides[3] == 1, std::string(name) + "'s last dimension must be contiguous");
+  // (a head dim of 1 has one element per row: any stride is contiguous, as numpy's empty_like
+  // of such a q can give its output)
+  check(v.shape[3] == 1 || v.strides[3] == 1, std::string(name) + "'s last dimension must be contiguous");
   return {reinterpret_cast<const void*>(v.ptr), v.strides[0], v.strides[1], v.strides[2]};
 }
 

@@ -355,6 +355,16 @@ def test_negative_zero_and_step_strides(rng, isa):
     out = ff.sdpa(q, k, v, causal=True)
     check(out, None, q, k, v, causal=True)
 
+def test_head_dim_one_in_hugging_face_layout(rng, isa):
+    """D = 1 viewed from [B, L, H, 1]: numpy's empty_like of such a q gives an output whose last
+    axis (one element per row) has a stride other than 1, which the kernel must take."""
+    q = rng.standard_normal((1, 5, 8, 1), dtype=np.float32).transpose(0, 2, 1, 3)
+    k, v = (rng.standard_normal((1, 2, 7, 1), dtype=np.float32) for _ in range(2))
+    assert np.empty_like(q).strides[-1] != q.itemsize
+    out = ff.sdpa(q, k, v, causal=True)
+    check(out, None, q, k, v, causal=True)
+
+
 
 def test_noncontiguous_last_dim_is_copied(rng, isa):
     q, k, v = make_qkv(rng, 1, 2, 2, 7, 9, 64)
