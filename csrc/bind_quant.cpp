@@ -47,10 +47,22 @@ const struct Popcount {
 
 int64_t stream_bytes(int64_t count, int bits) { return (count * bits + 7) / 8; }
 
+// `out` given to _C.qmatmul: a C-contiguous, writeable [m, n] array of x's dtype (every element
+// is written).
+py::array output_array(const py::object& out, const py::array& x, int64_t m, int64_t n) {
+  if (!py::isinstance<py::array>(out)) fail("out must be a numpy array");
+  py::array y = py::reinterpret_borrow<py::array>(out);
+  if (!y.dtype().is(x.dtype())) fail("out's dtype does not match x's");
+  if (y.ndim() != 2 || y.shape(0) != m || y.shape(1) != n)
+    fail("out must be [" + std::to_string(m) + ", " + std::to_string(n) + "]");
+  if (!(y.flags() & py::array::c_style) || !y.writeable()) fail("out must be C-contiguous and writeable");
+  return y;
+}
+
 py::array qmatmul(const py::array& x, int dtype, int codes_kind, int64_t n, int64_t k, int bits, int group,
                   const py::object& codes, const py::object& scales, const py::object& biases,
                   const py::object& zero_points, const py::object& lut, const py::object& mask,
-                  const py::object& row_offsets) {
+                  const py::object& row_offsets, const py::object& out) {
   if (dtype < 0 || dtype > 2) fail("dtype must be 0 (f32), 1 (f16) or 2 (bf16)");
   const int xsize = dtype == 0 ? 4 : 2;
   if (x.ndim() != 2 || x.shape(1) != k) fail("x must be 2-D [m, " + std::to_string(k) + "]");
@@ -114,7 +126,7 @@ py::array qmatmul(const py::array& x, int dtype, int codes_kind, int64_t n, int6
   }
   if (!sparse && w.codes_kind == QCodes::affine && k % 8) fail("affine needs K % 8 == 0");
   const int64_t m = x.shape(0);
-  py::array y(x.dtype(), {m, n});
+  py::array y = out.is_none() ? py::array(x.dtype(), {m, n}) : output_array(out, x, m, n);
   QMatmulArgs args{x.data(), m, x.strides(0) / xsize, static_cast<DType>(dtype), w, y.mutable_data()};
   {
     py::gil_scoped_release release;
@@ -143,9 +155,10 @@ void init_quant(py::module_& m) {
   m.def("qmatmul", &qmatmul, py::arg("x"), py::arg("dtype"), py::arg("codes_kind"), py::arg("n"),
         py::arg("k"), py::arg("bits"), py::arg("group"), py::arg("codes"), py::arg("scales") = py::none(),
         py::arg("biases") = py::none(), py::arg("zero_points") = py::none(), py::arg("lut") = py::none(),
-        py::arg("mask") = py::none(), py::arg("row_offsets") = py::none(),
+        py::arg("mask") = py::none(), py::arg("row_offsets") = py::none(), py::arg("out") = py::none(),
         "y = x @ W.T for a compressed W [n, k] (codes_kind: 0 affine, 1 int8, 2 lut, 3 raw f32;\n"
-        "mask/row_offsets for pruned weights). x [m, k] raw f32/f16/bf16 (dtype 0/1/2); y like x.");
+        "mask/row_offsets for pruned weights). x [m, k] raw f32/f16/bf16 (dtype 0/1/2); y like x,\n"
+        "written to `out` when given (C-contiguous [m, n], x's dtype) and returned.");
   m.def("quant_kmeans1d", &kmeans1d, py::arg("values"), py::arg("k"),
         "Optimal 1-D k-means of float32 values into k ascending centroids (float32 [k]).");
 }

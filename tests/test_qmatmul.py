@@ -248,6 +248,63 @@ def test_torch_dtypes(dtype, m, isa, rng):
     check(y.float().numpy(), x.float().numpy(), qw, dtype)
 
 
+@pytest.mark.parametrize("scheme", [Affine(4, 64), Int8(), Palettize(3), Prune(0.5, then=Affine(4, 32))], ids=repr)
+def test_every_output_element_written(scheme, isa, rng):
+    """_C.qmatmul into a given out (as the output cache lends it): poisoned first, all written."""
+    from fusedformer import _C
+    from fusedformer.ops_quant import kernel_args
+
+    qw = weight(scheme)
+    for m in (1, 5, 33):
+        x = rng.standard_normal((m, K)).astype(np.float32)
+        out = np.full((m, N), np.nan, np.float32)
+        assert _C.qmatmul(x, 0, *kernel_args(qw), out) is out
+        check(out, x, qw)
+
+
+def test_large_outputs_reuse_cached_memory(rng, monkeypatch):
+    """Outputs of HUGEPAGE_MIN_BYTES and more (a prefill's logits) come from sdpa's output cache:
+    a released one is taken again by the next of its size, in numpy and torch."""
+    from fusedformer import ops_attention
+
+    monkeypatch.setattr(ops_attention, "_OUTPUT_CACHE", ops_attention._OutputCache(64 << 20))
+    n = ops_attention.HUGEPAGE_MIN_BYTES // (4 * 4)  # 4 rows of fp32: exactly the threshold
+    qw = compress((rng.standard_normal((n, 64)) * 0.05).astype(np.float32), Int8())
+    x = rng.standard_normal((4, 64)).astype(np.float32)
+    y = ff.qmatmul(x, qw)
+    check(y, x, qw)
+    assert ff.get_cache_memory() == 0
+    address = y.ctypes.data
+    del y
+    assert ff.get_cache_memory() == ops_attention.HUGEPAGE_MIN_BYTES
+    y = ff.qmatmul(x, qw)
+    assert y.ctypes.data == address and ff.get_cache_memory() == 0
+    check(y, x, qw)
+    del y
+    torch = pytest.importorskip("torch")
+    t = ff.qmatmul(torch.from_numpy(x), qw)
+    assert t.data_ptr() == address
+    check(t.numpy(), x, qw)
+    small = ff.qmatmul(x[:3], qw)  # under the threshold: not from the cache
+    assert small.ctypes.data != address and ff.get_cache_memory() == 0
+
+
+def test_bad_out(rng):
+    from fusedformer import _C
+    from fusedformer.ops_quant import kernel_args
+
+    args = kernel_args(weight(Int8()))
+    x = rng.standard_normal((2, K)).astype(np.float32)
+    for out, msg in [(np.zeros((2, N), np.float16), "dtype"), (np.zeros((3, N), np.float32), r"\[2, 77\]"),
+                     (np.zeros((N, 2), np.float32).T, "C-contiguous"), ([0.0], "numpy array")]:
+        with pytest.raises(ValueError, match=r"^\[qmatmul\] out.*" + msg):
+            _C.qmatmul(x, 0, *args, out)
+    frozen = np.zeros((2, N), np.float32)
+    frozen.flags.writeable = False
+    with pytest.raises(ValueError, match="writeable"):
+        _C.qmatmul(x, 0, *args, frozen)
+
+
 def test_bad_input(rng):
     qw = weight(Affine(4, 64))
     with pytest.raises(ValueError, match=r"\[qmatmul\].*K=256"):

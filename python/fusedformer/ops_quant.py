@@ -93,8 +93,21 @@ def qmatmul_numpy(x: np.ndarray, qw, dtype_code: int | None = None, args: Kernel
     x2 = x.reshape(-1, x.shape[-1])
     if x2.shape[0] and (x2.strides[-1] != x2.itemsize or x2.strides[0] < x2.shape[1] * x2.itemsize):
         x2 = np.ascontiguousarray(x2)
-    y = _C.qmatmul(x2, dtype_code, *args)
+    y = _C.qmatmul(x2, dtype_code, *args, _output(x2.shape[0], args.n, x2.dtype))
     return y.reshape(*lead, args.n)
+
+
+def _output(m: int, n: int, dtype) -> np.ndarray | None:
+    """The [m, n] output from sdpa's cache of released outputs (ops_attention._OUTPUT_CACHE)
+    where it is HUGEPAGE_MIN_BYTES or more (a prefill's logits: 256 tokens x 32000 fp32 is 31
+    MiB), else None (the binding allocates it). Fresh memory of that size comes zeroed page by
+    page from the OS inside every call (glibc maps requests of 32 MiB and more anew each time)."""
+    from . import ops_attention
+
+    nbytes = m * n * np.dtype(dtype).itemsize
+    if nbytes < ops_attention.HUGEPAGE_MIN_BYTES or ops_attention._OUTPUT_CACHE.limit == 0:
+        return None
+    return ops_attention._OUTPUT_CACHE.lend(nbytes).view(dtype).reshape(m, n)
 
 
 def qmatmul(x, qw):
