@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 import fusedformer as ff
 from fusedformer import reference
 from fusedformer.ops_attention import native_sdpa
+from tests.conftest import ISAS, kernel_config, require
 
 # Max abs error vs the float64 oracle (outputs are O(1): convex combinations of N(0,1) rows).
 # fp16/bf16 are bounded by twice torch's own SDPA error in tests/test_sdpa_torch.py; these
@@ -565,6 +566,59 @@ def test_random_shapes(b, hkv, group, lq, lk, d, causal, window, chunk, seed):
     q, k, v = make_qkv(rng, b, hkv * group, hkv, lq, lk, d)
     out, lse = native_sdpa(q, k, v, causal=causal, window=window or 0, return_lse=True, kv_chunk=chunk)
     check(out, lse, q, k, v, causal=causal, window=window)
+
+
+@pytest.mark.torch
+@settings(max_examples=100, deadline=None)
+@given(
+    hkv=st.integers(1, 2),
+    group=st.sampled_from([1, 3, 4]),
+    lq=st.sampled_from([1, 2, 6, 7, 63, 65, 193, 290]),
+    lk=st.sampled_from([1, 3, 64, 65, 129, 257, 600]),
+    d=st.sampled_from([1, 16, 48, 59, 64, 80, 96, 128, 192, 256]),
+    dtype=st.sampled_from(["float32", "float16", "bfloat16"]),
+    causal=st.booleans(),
+    window=st.one_of(st.none(), st.integers(1, 300)),
+    mask=st.sampled_from([None, "bool", "bool over keys", "additive"]),
+    layout=st.sampled_from(["dense", "BLHD", "numpy BLHD"]),
+    config=st.sampled_from([(isa, n) for isa in ISAS for n in (1, 2)]),
+    seed=st.integers(0, 2**31),
+)
+def test_random_configurations(hkv, group, lq, lk, d, dtype, causal, window, mask, layout, config, seed):
+    """Every option together on random shapes (up to several row blocks and key tiles): dtypes,
+    bool / additive / broadcast masks with fully masked rows, [B, L, H, D] layouts (torch and
+    numpy), each ISA on 1 and 2 threads; inputs never modified."""
+    torch = require("torch")
+    if lq * lk * d * hkv * group > 2e7:
+        return  # (the float64 oracle's time)
+    rng = np.random.default_rng(seed)
+    hq = hkv * group
+
+    def make(h, length):
+        x = rng.standard_normal((1, length, h, d)).astype(np.float32).transpose(0, 2, 1, 3)
+        if layout == "dense":
+            x = np.ascontiguousarray(x)
+        t = torch.from_numpy(x).to(getattr(torch, dtype))
+        return t.numpy() if layout == "numpy BLHD" and dtype != "bfloat16" else t
+
+    q, k, v = make(hq, lq), make(hkv, lk), make(hkv, lk)
+    m = None
+    if mask == "additive":
+        m = rng.standard_normal((1, hq, lq, lk)).astype(np.float32)
+    elif mask is not None:
+        m = rng.random((1, hq, lq, lk) if mask == "bool" else (1, 1, 1, lk)) < 0.7
+        if mask == "bool" and lq > 1:
+            m[:, :, 1] = False  # a fully masked row: 0 out, lse -inf, no NaN
+    if m is not None and isinstance(q, torch.Tensor):
+        m = torch.from_numpy(m)
+    copies = [x.clone() if isinstance(x, torch.Tensor) else x.copy() for x in (q, k, v)]
+    with kernel_config(isa=config[0], threads=config[1]):
+        out, lse = ff.sdpa(q, k, v, mask=m, causal=causal, window=window, return_lse=True)
+    as64 = [np.asarray(x.float() if isinstance(x, torch.Tensor) else x, np.float64) for x in (out, lse, q, k, v)]
+    check(as64[0], as64[1], *as64[2:], tol=dtype, mask=None if m is None else np.asarray(m),
+          causal=causal, window=window)
+    for x, c in zip((q, k, v), copies):
+        assert (x == c).all()
 
 
 @pytest.mark.slow
