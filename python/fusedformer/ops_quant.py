@@ -11,7 +11,9 @@ from typing import NamedTuple
 
 import numpy as np
 
+from . import ops_attention
 from ._frameworks import framework_of
+from .ops_attention import HUGEPAGE_MIN_BYTES
 
 _CODES = {"affine": 0, "int8": 1, "lut": 2, "f32": 3}
 
@@ -93,21 +95,22 @@ def qmatmul_numpy(x: np.ndarray, qw, dtype_code: int | None = None, args: Kernel
     x2 = x.reshape(-1, x.shape[-1])
     if x2.shape[0] and (x2.strides[-1] != x2.itemsize or x2.strides[0] < x2.shape[1] * x2.itemsize):
         x2 = np.ascontiguousarray(x2)
-    y = _C.qmatmul(x2, dtype_code, *args, _output(x2.shape[0], args.n, x2.dtype))
+    if x2.shape[0] * args.n * x2.itemsize < HUGEPAGE_MIN_BYTES:  # (decode's GEMVs: the binding allocates)
+        y = _C.qmatmul(x2, dtype_code, *args)
+    else:
+        y = _C.qmatmul(x2, dtype_code, *args, _cached_output(x2.shape[0], args.n, x2.dtype))
     return y.reshape(*lead, args.n)
 
 
-def _output(m: int, n: int, dtype) -> np.ndarray | None:
-    """The [m, n] output from sdpa's cache of released outputs (ops_attention._OUTPUT_CACHE)
-    where it is HUGEPAGE_MIN_BYTES or more (a prefill's logits: 256 tokens x 32000 fp32 is 31
-    MiB), else None (the binding allocates it). Fresh memory of that size comes zeroed page by
-    page from the OS inside every call (glibc maps requests of 32 MiB and more anew each time)."""
-    from . import ops_attention
-
-    nbytes = m * n * np.dtype(dtype).itemsize
-    if nbytes < ops_attention.HUGEPAGE_MIN_BYTES or ops_attention._OUTPUT_CACHE.limit == 0:
+def _cached_output(m: int, n: int, dtype: np.dtype) -> np.ndarray | None:
+    """An [m, n] output of HUGEPAGE_MIN_BYTES or more from sdpa's cache of released outputs
+    (ops_attention._OUTPUT_CACHE; None where its limit is 0, and the binding allocates). Fresh
+    memory of 32 MiB and more (a prefill's logits: 512 tokens x 32000 fp32 is 62.5 MiB) comes
+    zeroed page by page from the OS inside every call: glibc maps such requests anew each time."""
+    cache = ops_attention._OUTPUT_CACHE
+    if cache.limit == 0:
         return None
-    return ops_attention._OUTPUT_CACHE.lend(nbytes).view(dtype).reshape(m, n)
+    return cache.lend(m * n * dtype.itemsize).view(dtype).reshape(m, n)
 
 
 def qmatmul(x, qw):
