@@ -42,3 +42,37 @@ def test_bench_attention_shares_refer_to_the_probes_of_their_rounds(monkeypatch,
     assert rep.references == {attention.READ_PROBE, attention.PEAK_PROBE}
     rep.finish(tmp_path)
     assert (tmp_path / "attention.json").exists() and (tmp_path / "attention.png").exists()
+
+
+@pytest.mark.torch
+def test_bench_attention_on_given_shapes(tmp_path):
+    """--shape runs the given shapes instead of the built-in cases (few query rows as decode,
+    more as prefill; Lq and Lk both named where they differ) into attention_shapes.json, so the
+    committed attention.json of the built-in cases is not overwritten."""
+    require("torch")
+    from fusedformer.bench import attention
+
+    args = argparse.Namespace(quick=False, budget=0.01, out=str(tmp_path), plot=False, rounds=1,
+                              impl=["fusedformer", "torch sdpa"], dtype="float32", case="",
+                              shape=["1,4,2,3,130,32", "1,2,2,40,40,64"], causal=True)
+    with pytest.raises(ValueError, match=r"^\[bench attention\] --causal .*'1,4,2,3,130,32' needs LQ == LK"):
+        attention.run(args)
+    args.causal = False
+    rep = attention.run(args)
+    assert rep.area == "attention_shapes"
+    names = {r.case for r in rep.rows}
+    assert names == {"decode B1 GQA 4q/2kv Lq 3 Lk 130 D32 fp32", "prefill B1 H2 L40 D64 fp32"}
+    impls = {r.case: {x.impl for x in rep.rows if x.case == r.case} for r in rep.rows}
+    assert impls["decode B1 GQA 4q/2kv Lq 3 Lk 130 D32 fp32"] == {"fusedformer", "torch sdpa", attention.READ_PROBE}
+    assert impls["prefill B1 H2 L40 D64 fp32"] == {"fusedformer", "torch sdpa", attention.PEAK_PROBE}
+    rep.finish(tmp_path)
+    assert (tmp_path / "attention_shapes.json").exists() and not (tmp_path / "attention.json").exists()
+
+
+@pytest.mark.parametrize("spec, msg", [("1,2,3", "six integers"), ("1,8,3,1,64,64", "HKV must divide HQ"),
+                                       ("1,8,8,0,64,64", "must be >= 1"), ("a,b,c,d,e,f", "six integers")])
+def test_bench_attention_rejects_bad_shapes(spec, msg):
+    from fusedformer.bench import attention
+
+    with pytest.raises(ValueError, match=r"^\[bench attention\] --shape .*" + msg):
+        attention.shape_cases([spec], causal=False)

@@ -54,10 +54,12 @@ class Case:
     def name(self) -> str:
         heads = f"H{self.hq}" if self.hq == self.hkv else f"GQA {self.hq}q/{self.hkv}kv"
         mask = " causal" if self.causal else ""
-        if self.kind == "prefill":
+        if self.kind == "prefill" and self.lq == self.lk:
             shape = f"B{self.b} {heads} L{self.lq} D{self.d}"
-        else:
+        elif self.kind == "decode" and self.lq == 1:
             shape = f"B{self.b} {heads} Lk {self.lk} D{self.d}"
+        else:  # (--shape cases)
+            shape = f"B{self.b} {heads} Lq {self.lq} Lk {self.lk} D{self.d}"
         return f"{self.kind}{mask} {shape} {'fp32' if self.dtype == 'float32' else 'bf16'}"
 
     @property
@@ -94,6 +96,33 @@ def cases(quick: bool) -> list[Case]:
             ("decode", 1, 32, 32, 1, 4096, 128, False, True),
         ]
     return [Case(*s[:8], dtype=dt, mlx=s[8]) for dt in ("float32", "bfloat16") for s in shapes]
+
+
+# --shape cases: decode rows (K/V read from memory, % of bandwidth) up to this many query rows,
+# prefill rows (% of peak) above; MLX's CPU path only up to MLX_MAX_FLOPS (its prefill runs at
+# about 1% of ours: B1 H8 L512 D64 causal took 151 ms).
+SHAPE_DECODE_ROWS = 16
+MLX_MAX_FLOPS = 1e10
+
+
+def shape_cases(specs: list[str], causal: bool) -> list[Case]:
+    """Cases of `--shape B,HQ,HKV,LQ,LK,D` (each in fp32 and bf16)."""
+    out = []
+    for spec in specs:
+        try:
+            b, hq, hkv, lq, lk, d = (int(x) for x in spec.split(","))
+        except ValueError:
+            raise ValueError(f"[bench attention] --shape takes B,HQ,HKV,LQ,LK,D (six integers), got {spec!r}") from None
+        if min(b, hq, hkv, lq, lk, d) < 1 or hq % hkv:
+            raise ValueError(f"[bench attention] --shape {spec!r}: every size must be >= 1 and HKV must divide HQ")
+        if causal and lq != lk:
+            raise ValueError(f"[bench attention] --causal with --shape {spec!r} needs LQ == LK: torch's is_causal "
+                             "is top-left aligned, ours bottom-right, so they would compute different masks")
+        kind = "decode" if lq <= SHAPE_DECODE_ROWS else "prefill"
+        for dt in ("float32", "bfloat16"):
+            case = Case(kind, b, hq, hkv, lq, lk, d, causal, dt)
+            out.append(Case(kind, b, hq, hkv, lq, lk, d, causal, dt, mlx=case.flops <= MLX_MAX_FLOPS))
+    return out
 
 
 def torch_inputs(case: Case):
@@ -210,17 +239,25 @@ def add_arguments(parser) -> None:
     parser.add_argument("--dtype", choices=["all", "float32", "bfloat16"], default="all", help="dtypes to run")
     parser.add_argument("--case", default="", help="only cases whose name contains this text")
     parser.add_argument("--impl", action="append", default=None, help="only these impls (repeatable)")
+    parser.add_argument("--shape", action="append", default=None, metavar="B,HQ,HKV,LQ,LK,D",
+                        help="time these shapes instead of the built-in cases (repeatable; the files are "
+                        f"attention_shapes.json/.png): decode rows (K/V from memory, %% of bandwidth) up to LQ "
+                        f"{SHAPE_DECODE_ROWS}, prefill rows (%% of peak) above; MLX where a call is at most "
+                        f"{MLX_MAX_FLOPS:.0e} FLOPs")
+    parser.add_argument("--causal", action="store_true", help="the --shape cases causal (they need LQ == LK)")
     add_rounds_argument(parser)
 
 
 def run(args) -> Report:
+    shapes = getattr(args, "shape", None)
     rep = Report(
-        "attention",
+        "attention_shapes" if shapes else "attention",
         description="fused SDPA (flash prefill, split-KV decode) vs torch F.sdpa, unfused torch, MLX CPU",
     )
+    built = shape_cases(shapes, getattr(args, "causal", False)) if shapes else cases(args.quick)
     selected = [
         c
-        for c in cases(args.quick)
+        for c in built
         if getattr(args, "dtype", "all") in ("all", c.dtype) and getattr(args, "case", "") in c.name
     ]
     impls = getattr(args, "impl", None) or list(IMPLS)
