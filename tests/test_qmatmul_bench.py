@@ -36,3 +36,24 @@ def test_bench_qmatmul_shares_refer_to_the_read_probe_of_their_rounds(monkeypatc
     assert rep.references == {harness.READ_PROBE}
     rep.finish(tmp_path, plot=False)
     assert (tmp_path / "qmatmul.json").exists()
+
+
+@pytest.mark.torch
+def test_bench_qmatmul_on_given_shapes(monkeypatch, tmp_path):
+    """--shape runs the given (M, N, K) instead of the built-in shapes, into qmatmul_shapes.json
+    (the committed qmatmul.json stays); bad shapes are refused by name."""
+    require("torch")
+    from fusedformer.bench import harness, qmatmul
+
+    monkeypatch.setattr(harness, "last_level_cache_bytes", lambda: 8 << 20)
+    args = argparse.Namespace(quick=False, budget=0.01, out=str(tmp_path), plot=False, rounds=1,
+                              schemes="affine4", shape=["3,40,128"])
+    rep = qmatmul.run(args)
+    assert rep.area == "qmatmul_shapes"
+    assert {r.case for r in rep.rows} == {"3x128 @ 40x128.T"}
+    assert {"torch fp32", "fusedformer affine4", harness.READ_PROBE} <= {r.impl for r in rep.rows}
+    rep.finish(tmp_path, plot=False)
+    assert (tmp_path / "qmatmul_shapes.json").exists() and not (tmp_path / "qmatmul.json").exists()
+    for spec, msg in [("1,2", r"M,N,K \(3 integers\)"), ("0,8,8", ">= 1"), ("1,x,8", r"\(3 integers\)")]:
+        with pytest.raises(ValueError, match=r"^\[bench qmatmul\] --shape .*" + msg):
+            qmatmul.parse_shapes([spec])

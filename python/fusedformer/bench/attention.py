@@ -31,6 +31,7 @@ from fusedformer.bench.harness import (
     cold_copies,
     in_turn,
     measure_in_rounds,
+    parse_shape,
 )
 from fusedformer.bench.report import Report, track
 
@@ -109,12 +110,9 @@ def shape_cases(specs: list[str], causal: bool) -> list[Case]:
     """Cases of `--shape B,HQ,HKV,LQ,LK,D` (each in fp32 and bf16)."""
     out = []
     for spec in specs:
-        try:
-            b, hq, hkv, lq, lk, d = (int(x) for x in spec.split(","))
-        except ValueError:
-            raise ValueError(f"[bench attention] --shape takes B,HQ,HKV,LQ,LK,D (six integers), got {spec!r}") from None
-        if min(b, hq, hkv, lq, lk, d) < 1 or hq % hkv:
-            raise ValueError(f"[bench attention] --shape {spec!r}: every size must be >= 1 and HKV must divide HQ")
+        b, hq, hkv, lq, lk, d = parse_shape(spec, "B,HQ,HKV,LQ,LK,D", "attention")
+        if hq % hkv:
+            raise ValueError(f"[bench attention] --shape {spec!r}: HKV must divide HQ")
         if causal and lq != lk:
             raise ValueError(f"[bench attention] --causal with --shape {spec!r} needs LQ == LK: torch's is_causal "
                              "is top-left aligned, ours bottom-right, so they would compute different masks")

@@ -125,6 +125,20 @@ def in_turn(items: list) -> Callable[[], object]:
     return next_item
 
 
+def parse_shape(spec: str, names: str, area: str) -> tuple[int, ...]:
+    """The sizes of a `--shape` argument: as many integers >= 1 as `names` (e.g. "M,N,K") has."""
+    count = len(names.split(","))
+    try:
+        sizes = tuple(int(x) for x in spec.split(","))
+    except ValueError:
+        sizes = ()
+    if len(sizes) != count:
+        raise ValueError(f"[bench {area}] --shape takes {names} ({count} integers), got {spec!r}")
+    if min(sizes) < 1:
+        raise ValueError(f"[bench {area}] --shape {spec!r}: every size must be >= 1")
+    return sizes
+
+
 def add_rounds_argument(parser) -> None:
     """The --rounds option of the areas timed with measure_in_rounds."""
     parser.add_argument("--rounds", type=int, default=4,

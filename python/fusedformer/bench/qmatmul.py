@@ -37,6 +37,7 @@ from fusedformer.bench.harness import (
     last_level_cache_bytes,
     measure,
     measure_in_rounds,
+    parse_shape,
 )
 from fusedformer.bench.report import Report, track
 
@@ -48,7 +49,15 @@ BASELINE = "torch fp32"
 def add_arguments(parser) -> None:
     parser.add_argument("--schemes", default="affine4,affine8,int8,palettize4,prune50-affine4",
                         help="comma-separated: affineB (group 64), int8, palettizeB, prune50-affine4")
+    parser.add_argument("--shape", action="append", default=None, metavar="M,N,K",
+                        help="time these shapes (x [M, K] @ W [N, K].T) instead of the built-in ones "
+                        "(repeatable; the files are qmatmul_shapes.json/.png)")
     add_rounds_argument(parser)
+
+
+def parse_shapes(specs: list[str]) -> list[tuple[int, int, int]]:
+    """The (M, N, K) of `--shape M,N,K` arguments."""
+    return [parse_shape(spec, "M,N,K", "qmatmul") for spec in specs]
 
 
 def _scheme(name: str):
@@ -153,8 +162,10 @@ def _ours(m: int, x, w, qw, io: float, budget: float) -> Contender:
 def run(args) -> Report:
     from fusedformer.quant import compress
 
-    rep = Report("qmatmul", description="y = x @ W.T with compressed W; ratios vs torch fp32 (same run)")
-    shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
+    given = getattr(args, "shape", None)
+    rep = Report("qmatmul_shapes" if given else "qmatmul",
+                 description="y = x @ W.T with compressed W; ratios vs torch fp32 (same run)")
+    shapes = parse_shapes(given) if given else QUICK_SHAPES if args.quick else FULL_SHAPES
     names = [s for s in getattr(args, "schemes", "affine4,int8,palettize4").split(",") if s]
     budget = args.budget
     rng = np.random.default_rng(0)
