@@ -22,7 +22,7 @@ helper's "fusedformer (mlx)").
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from fusedformer.bench.harness import (
     READ_PROBE,
@@ -119,7 +119,7 @@ def shape_cases(specs: list[str], causal: bool) -> list[Case]:
         kind = "decode" if lq <= SHAPE_DECODE_ROWS else "prefill"
         for dt in ("float32", "bfloat16"):
             case = Case(kind, b, hq, hkv, lq, lk, d, causal, dt)
-            out.append(Case(kind, b, hq, hkv, lq, lk, d, causal, dt, mlx=case.flops <= MLX_MAX_FLOPS))
+            out.append(replace(case, mlx=case.flops <= MLX_MAX_FLOPS))
     return out
 
 
