@@ -211,14 +211,13 @@ HUGEPAGE_MIN_BYTES = 4 << 20
 
 
 class _OutputCache:
-    """Memory of outputs (torch and numpy; sdpa's, and qmatmul's: ops_quant._output) from
-    HUGEPAGE_MIN_BYTES up, kept when the last tensor or array on it dies and handed to the next
-    output of the same size (a model's layers, a benchmark's calls), as MLX's allocator keeps
-    its buffers. Fresh memory is zeroed page by page
-    by the OS inside the call: on causal B1 H32 L2048 D128 fp32 prefill (a 32 MiB output)
-    clear_page_erms held 4.2% of the samples (perf), and `fusedformer bench attention` measured
-    119.9-120.3 ms with the cache against 134.0-136.4 ms without (README,
-    FUSEDFORMER_OUTPUT_CACHE_MB). Keeps at most ``limit`` bytes (FUSEDFORMER_OUTPUT_CACHE_MB,
+    """Memory of outputs (torch and numpy; sdpa's, and qmatmul's: ops_quant._cached_output)
+    from HUGEPAGE_MIN_BYTES up, kept when the last tensor or array on it dies and handed to the
+    next output of the same size (a model's layers, a benchmark's calls), as MLX's allocator
+    keeps its buffers. Fresh memory is zeroed page by page by the OS inside the call: on causal
+    B1 H32 L2048 D128 fp32 prefill (a 32 MiB output) clear_page_erms held 4.2% of the samples
+    (perf), and `fusedformer bench attention` measured 119.9-120.3 ms with the cache against
+    134.0-136.4 ms without (README, FUSEDFORMER_OUTPUT_CACHE_MB). Keeps at most ``limit`` bytes (FUSEDFORMER_OUTPUT_CACHE_MB,
     default 256; 0 keeps none). The tensors are ordinary CPU tensors whose storage is not
     resizable (as torch.from_numpy's)."""
 
