@@ -217,9 +217,9 @@ class _OutputCache:
     keeps its buffers. Fresh memory is zeroed page by page by the OS inside the call: on causal
     B1 H32 L2048 D128 fp32 prefill (a 32 MiB output) clear_page_erms held 4.2% of the samples
     (perf), and `fusedformer bench attention` measured 119.9-120.3 ms with the cache against
-    134.0-136.4 ms without (README, FUSEDFORMER_OUTPUT_CACHE_MB). Keeps at most ``limit`` bytes (FUSEDFORMER_OUTPUT_CACHE_MB,
-    default 256; 0 keeps none). The tensors are ordinary CPU tensors whose storage is not
-    resizable (as torch.from_numpy's)."""
+    134.0-136.4 ms without (README, FUSEDFORMER_OUTPUT_CACHE_MB). Keeps at most ``limit`` bytes
+    (FUSEDFORMER_OUTPUT_CACHE_MB, default 256; 0 keeps none). The tensors are ordinary CPU
+    tensors whose storage is not resizable (as torch.from_numpy's)."""
 
     def __init__(self, limit: int):
         import threading
