@@ -72,6 +72,7 @@ constexpr int64_t kSplitChunk = 512;   // the fewest keys per split-KV chunk (sp
 constexpr int64_t kStreamMaxRows = 8;  // blocks this small stream K/V instead of packing them
 constexpr int64_t kPrefetchTiles = 2;  // how far ahead K/V tiles are prefetched
 constexpr int64_t kPrefetchMaxRows = 64;  // ... by blocks of at most this many rows
+constexpr int64_t kStreamAheadMinKeys = 1024;  // decode blocks this long request rows in-kernel
 constexpr int64_t kDecodeBurstKeys = 2 * kKeyTile;  // fp32 decode rows requested up front
 // Outputs of at least this many bytes are written with streaming stores (write_row), around the
 // caches: an output larger than the L2s leaves them for memory anyway, and a normal store first
@@ -534,21 +535,25 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
     prefetch_rows<2>(v + t0 * vs, vs * static_cast<int64_t>(sizeof(S)), n, row_bytes);
   }
   const int64_t t_first = bk.j0 + (jmin - bk.j0) / tile * tile;
+  const bool stream_ahead = stream && !wide && jmax - t_first >= kStreamAheadMinKeys;
   for (int64_t t = t_first; t < jmax; t += tile) {
     const int64_t nk = bk.j1 - t < tile ? bk.j1 - t : tile;
     const S* kt = k + t * ks;
     const S* vt = v + t * vs;
     // Touch the K and V rows kPrefetchTiles tiles ahead while this one computes: V is read
-    // column block by column block, which hardware prefetchers do not follow, and decode is
-    // bound by how many bytes are in flight. (The wide path reads V row by row and prefetches
-    // inside its kernels, a line ahead per line read: kDecodePrefetchKeys.) Blocks of
-    // many rows compute long enough on each tile for the next to arrive unasked, and two tiles
-    // ahead no longer fit L1: with all 192 rows prefetching, B1 H32 L2048 D128 prefill took
-    // 1.02x the time in fp32 and 1.03-1.06x in bf16 (AMX, where K/V are packed up front and
-    // the raw rows are not read at all); 64 rows of a verify step (Lq 16, GQA 4) on the avx2
-    // variant took 0.96x the time with it. (Touching the next tile into L2 a part per P V
-    // strip measured 0.97-1.0x with 192-row fp32 blocks, and 0.998-1.03x, no gain, with 576.)
-    if (!wide && nr <= kPrefetchMaxRows && !pr.kv_cache) {
+    // column block by column block, which hardware prefetchers do not follow. Blocks of many
+    // rows compute long enough on each tile for the next to arrive unasked, and two tiles ahead
+    // no longer fit L1: with all 192 rows prefetching, B1 H32 L2048 D128 prefill took 1.02x the
+    // time in fp32 and 1.03-1.06x in bf16 (AMX, where K/V are packed up front and the raw rows
+    // are not read at all); 64 rows of a verify step (Lq 16, GQA 4) on the avx2 variant took
+    // 0.96x the time with it. (Touching the next tile into L2 a part per P V strip measured
+    // 0.97-1.0x with 192-row fp32 blocks, and 0.998-1.03x, no gain, with 576.) Decode rows
+    // request theirs inside their kernels instead, a few rows at a time (the wide path:
+    // kDecodePrefetchKeys; the stream path, blocks of kStreamAheadMinKeys keys or more:
+    // StreamAhead): on a Zen 3 class AVX2 VM this burst of a whole tile's requests made cold
+    // GQA 32/8 D128 decode 1.04-1.2x slower than none at all. Shorter stream blocks keep it
+    // (there MHA 32/32 and GQA 32/4 Lk 257 D64 took 1.15-1.25x the time without it).
+    if (!wide && !stream_ahead && nr <= kPrefetchMaxRows && !pr.kv_cache) {
       const int64_t ahead = t + kPrefetchTiles * tile;
       const int64_t n = jmax - ahead < tile ? jmax - ahead : tile;
       const int64_t row_bytes = D * static_cast<int64_t>(sizeof(S));
@@ -620,13 +625,16 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
     } else if (wide) {
       qk_wide<T>(w.q, dp, kt, ks, nk, D, w.s, pitch, nr, jmax - t);
     } else if (stream) {
+      const StreamAhead ahead{reinterpret_cast<const char*>(kt), reinterpret_cast<const char*>(vt),
+                              ks * static_cast<int64_t>(sizeof(S)), vs * static_cast<int64_t>(sizeof(S)),
+                              D * static_cast<int64_t>(sizeof(S)), stream_ahead ? jmax - t : 0};
       if constexpr (T == DType::f32) {
-        qk_dot_f32(w.q, dp, kt, ks, nk, D, w.s, pitch, nr);
+        qk_dot_f32(w.q, dp, kt, ks, nk, D, w.s, pitch, nr, ahead);
       } else {
         for (int64_t rr = 0; rr < nr; rr += kDotRows)
           with_rows<kDotRows>(static_cast<int>(nr - rr), [&](auto R) {
             qk_dot<T, decltype(R)::value>(w.q + rr * dp, dp, kt, ks, nk, D, w.s + rr * pitch,
-                                          pitch);
+                                          pitch, rr == 0 ? ahead : StreamAhead{});
           });
       }
     } else if (amx) {
@@ -701,7 +709,10 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
     // O = diag(alpha) O + P V
     if (wide) {
       pv_wide<T>(w.o, dp, w.alpha, w.s, pitch, vt, vs, nk, D, nr, jmax - t);
-    } else if (stream && D % 64 == 0) {
+    } else if (stream && D % 64 == 0 && (T == DType::f32 || nr == 1)) {
+      // (fp16/bf16 blocks of several rows take pv_stream below, which converts each V vector
+      // once for kDotRows rows where pv_stream_rows converts it once per row: cold GQA 32/8
+      // D128 decode bf16 took 0.91-0.93x the time on a Zen 3 class AVX2 VM, build_ab 7 rounds)
       pv_stream_rows<T>(w.o, dp, w.alpha, w.s, pitch, vt, vs, nk, D, nr);
     } else if (stream) {
       for (int64_t rr = 0; rr < nr; rr += kDotRows)

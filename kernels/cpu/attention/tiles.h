@@ -117,6 +117,38 @@ __attribute__((always_inline)) inline void prefetch_rows(const void* base, int64
     for (int64_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(p + b, 0, kLocality);
 }
 
+// Keys ahead of the rows being read that the decode kernels request into L2.
+constexpr int64_t kStreamPrefetchKeys = 128;
+
+// The K and V rows of a decode tile (the stream path: few rows, K/V read from storage), for
+// requests into L2 kStreamPrefetchKeys keys ahead of the keys S = Q K^T reads (default: none).
+// Both streams are requested there, so that V's lines are on their way while K is read: on a
+// Zen 3 class AVX2 VM, two threads reading a tile of K, then its tile of V, streamed 18-22 GB/s
+// where the two read in lockstep streamed 25-27 (scratch read loop). Cold GQA 32/8 D128 decode
+// (build_ab 7-15 rounds) against requesting each stream's own rows in its own kernel: bf16 and
+// fp16 0.80x the time, MHA 32/32 bf16 0.85x; fp32, with the requests spread over the rows of
+// qk_dot_f32's 8-key blocks, 0.96-0.98x. Against no requests at all (hardware prefetchers
+// alone), requesting each stream's own took 0.84-0.95x; 64 keys ahead measured as 128, 256
+// 1.03-1.14x slower.
+struct StreamAhead {
+  const char* k = nullptr;
+  const char* v = nullptr;
+  int64_t k_stride = 0, v_stride = 0, row_bytes = 0;  // bytes
+  int64_t keys = 0;  // rows that exist from the tile's first
+
+  // Requests rows [j, j + n) + kStreamPrefetchKeys of K and V (always_inline: prefetch_rows).
+  __attribute__((always_inline)) void rows(int64_t j, int64_t n) const {
+    if (j + n + kStreamPrefetchKeys > keys) return;
+    const char* kp = k + (j + kStreamPrefetchKeys) * k_stride;
+    const char* vp = v + (j + kStreamPrefetchKeys) * v_stride;
+    for (int64_t i = 0; i < n; ++i, kp += k_stride, vp += v_stride)
+      for (int64_t b = 0; b < row_bytes; b += 64) {
+        __builtin_prefetch(kp + b, 0, 2);
+        __builtin_prefetch(vp + b, 0, 2);
+      }
+  }
+};
+
 // A strip loop's per-strip work when the caller has none (for_score_strips).
 struct NoStripWork {
   void operator()(int64_t) const {}
@@ -242,15 +274,17 @@ inline void qk_packed(const float* q, int64_t q_stride, const float* kt, int64_t
 }
 
 // s[r][j] = q[r] . k[j] for R rows (R <= kDotRows), nk keys read from storage; q rows are
-// zero-padded to a multiple of 8.
+// zero-padded to a multiple of 8. Each pair of keys requests the K/V rows `ahead` of it.
 template <DType T, int R>
 inline void qk_dot(const float* q, int64_t q_stride, const typename Elem<T>::type* k,
-                   int64_t k_stride, int64_t nk, int64_t d, float* s, int64_t s_stride) {
+                   int64_t k_stride, int64_t nk, int64_t d, float* s, int64_t s_stride,
+                   const StreamAhead& ahead = {}) {
   const int64_t dv = d / 8 * 8;
   int64_t j = 0;
   for (; j + 2 <= nk; j += 2) {
     const auto* k0p = k + j * k_stride;
     const auto* k1p = k0p + k_stride;
+    ahead.rows(j, 2);
     f32x8 acc[R][2];
     for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = simd::zero();
     auto step = [&](int64_t x, f32x8 k0, f32x8 k1) {
@@ -290,14 +324,18 @@ inline void qk_dot(const float* q, int64_t q_stride, const typename Elem<T>::typ
 // two builds in one process, 2 threads: the same best time (bound by memory), 0.91-0.94x the
 // median (Lk 4096, 16384). For bf16 K, converting the 8-key block first or every load per row
 // measured 1.1-1.3x slower than qk_dot, which converts each K vector once for all its rows.
+// Each 8-key block requests the K/V rows `ahead` of it (spread over the rows of the block, the
+// requests took 0.96-0.98x the time from memory, but 1.3x on short calls: register spills).
 inline void qk_dot_f32(const float* q, int64_t q_stride, const float* k, int64_t k_stride, int64_t nk,
-                       int64_t d, float* s, int64_t s_stride, int64_t nr) {
+                       int64_t d, float* s, int64_t s_stride, int64_t nr,
+                       const StreamAhead& ahead = {}) {
   const int64_t d8 = round_up(d, 8);
   alignas(32) float block[8 * kMaxHeadDim];
   for (int64_t j = 0; j < nk; j += 8) {
     const int64_t keys = nk - j < 8 ? nk - j : 8;
     const float* kb = k + j * k_stride;
     int64_t kb_stride = k_stride;
+    ahead.rows(j, 8);
     if (keys < 8 || d < d8) {
       for (int64_t i = 0; i < 8; ++i) {
         float* dst = block + i * d8;
