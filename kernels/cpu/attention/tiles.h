@@ -126,10 +126,10 @@ constexpr int64_t kStreamPrefetchKeys = 128;
 // Zen 3 class AVX2 VM, two threads reading a tile of K, then its tile of V, streamed 18-22 GB/s
 // where the two read in lockstep streamed 25-27 (scratch read loop). Cold GQA 32/8 D128 decode
 // (build_ab 7-15 rounds) against requesting each stream's own rows in its own kernel: bf16 and
-// fp16 0.80x the time, MHA 32/32 bf16 0.85x; fp32, with the requests spread over the rows of
-// qk_dot_f32's 8-key blocks, 0.96-0.98x. Against no requests at all (hardware prefetchers
-// alone), requesting each stream's own took 0.84-0.95x; 64 keys ahead measured as 128, 256
-// 1.03-1.14x slower.
+// fp16 0.80x the time, MHA 32/32 bf16 0.85x, fp32 1.02-1.05x (against the whole-tile bursts
+// before either, fp32 took 0.82x at Lk 16384 and 0.96x at Lk 4096). Against no requests at all
+// (hardware prefetchers alone), requesting each stream's own took 0.84-0.95x; 64 keys ahead
+// measured as 128, 256 1.03-1.14x slower.
 struct StreamAhead {
   const char* k = nullptr;
   const char* v = nullptr;
