@@ -117,11 +117,12 @@ __attribute__((always_inline)) inline void prefetch_rows(const void* base, int64
     for (int64_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(p + b, 0, kLocality);
 }
 
-// Keys ahead of the rows being read that the decode kernels request into L2.
-constexpr int64_t kStreamPrefetchKeys = 128;
+// Keys ahead of the rows being read that the decode kernels request into L2 (measured: the
+// wide path's notes below, StreamAhead's here).
+constexpr int64_t kDecodePrefetchKeys = 128;
 
 // The K and V rows of a decode tile (the stream path: few rows, K/V read from storage), for
-// requests into L2 kStreamPrefetchKeys keys ahead of the keys S = Q K^T reads (default: none).
+// requests into L2 kDecodePrefetchKeys keys ahead of the keys S = Q K^T reads (default: none).
 // Both streams are requested there, so that V's lines are on their way while K is read: on a
 // Zen 3 class AVX2 VM, two threads reading a tile of K, then its tile of V, streamed 18-22 GB/s
 // where the two read in lockstep streamed 25-27 (scratch read loop). Cold GQA 32/8 D128 decode
@@ -136,11 +137,11 @@ struct StreamAhead {
   int64_t k_stride = 0, v_stride = 0, row_bytes = 0;  // bytes
   int64_t keys = 0;  // rows that exist from the tile's first
 
-  // Requests rows [j, j + n) + kStreamPrefetchKeys of K and V (always_inline: prefetch_rows).
+  // Requests rows [j, j + n) + kDecodePrefetchKeys of K and V (always_inline: prefetch_rows).
   __attribute__((always_inline)) void rows(int64_t j, int64_t n) const {
-    if (j + n + kStreamPrefetchKeys > keys) return;
-    const char* kp = k + (j + kStreamPrefetchKeys) * k_stride;
-    const char* vp = v + (j + kStreamPrefetchKeys) * v_stride;
+    if (j + n + kDecodePrefetchKeys > keys) return;
+    const char* kp = k + (j + kDecodePrefetchKeys) * k_stride;
+    const char* vp = v + (j + kDecodePrefetchKeys) * v_stride;
     for (int64_t i = 0; i < n; ++i, kp += k_stride, vp += v_stride)
       for (int64_t b = 0; b < row_bytes; b += 64) {
         __builtin_prefetch(kp + b, 0, 2);
@@ -573,7 +574,8 @@ inline void store_lane_sums(const __m512 (&acc)[R][KB], float scale, float* s, i
 }
 
 // Decode blocks stream K and V from memory, and their time goes to keeping enough lines in
-// flight: each line read also touches its line kDecodePrefetchKeys keys ahead into L2 (rows
+// flight: in the wide (zmm) kernels each line read also touches its line kDecodePrefetchKeys
+// (defined with StreamAhead) keys ahead into L2 (rows
 // below pf_keys only). Decode from memory (isa_ab's cold decode cases, build_ab 9 rounds, 2
 // threads): GQA 32/8 Lk 16384 D128 took 0.84x the time in bf16 (with the split order), 0.82x in
 // fp16, 0.95x in fp32; MHA 32/32 Lk 4096 bf16 0.90x. 64 or 256 keys ahead measured 1.0-1.05x the
@@ -581,7 +583,6 @@ inline void store_lane_sums(const __m512 (&acc)[R][KB], float scale, float* s, i
 // benchmark's loop; a model's layers read theirs from memory) take the prefetches as extra
 // loads, MHA 32/32 Lk 257 D64 fp32 1.055x the time; GQA 32/4 (TinyLlama's heads) 1.004x, GQA
 // 32/8 Lk 4096 (in L3) 0.99x.
-constexpr int64_t kDecodePrefetchKeys = 128;
 
 // Whether zmm u of a row of storage type S starts a cache line (and so is the one to prefetch).
 template <class S>
