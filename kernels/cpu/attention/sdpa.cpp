@@ -462,6 +462,8 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
   // Lk 4096 D128 took 0.92x the time of the split order's FMAs; with the four rows of GQA 32/8
   // vdpbf16ps took 1.06x).
   const bool split = wide && split_cols(T, D);
+  // ... and the f32x8 stream path's, in the split order of 16 columns (bf16, D a multiple of 16).
+  const bool stream16 = stream && !wide && split16(T, D);
   const bool wide16 = split && nr == 1 && bf16_wide_dot(D);
   std::optional<AmxTiles> tiles;
   if (amx) tiles.emplace();
@@ -495,8 +497,8 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
     const S* qrow = q_row(rr);
     if (dot16 || wide16)
       std::memcpy(qw + rr * dp / 2, qrow, D * sizeof(S));
-    else if (split)
-      pack_row_split(reinterpret_cast<const uint16_t*>(qrow), D, scale2, w.q + rr * dp);
+    else if (split || stream16)
+      pack_row_split(reinterpret_cast<const uint16_t*>(qrow), D, scale2, w.q + rr * dp, split ? 32 : 16);
     else if (!lazy_q)
       pack_row_scaled<T>(qrow, D, scale2, w.q + rr * dp, dp);
     for (int64_t x = 0; x < dp; x += 8) simd::store(w.o + rr * dp + x, simd::zero());
@@ -631,11 +633,13 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
       if constexpr (T == DType::f32) {
         qk_dot_f32(w.q, dp, kt, ks, nk, D, w.s, pitch, nr, ahead);
       } else {
-        for (int64_t rr = 0; rr < nr; rr += kDotRows)
-          with_rows<kDotRows>(static_cast<int>(nr - rr), [&](auto R) {
-            qk_dot<T, decltype(R)::value>(w.q + rr * dp, dp, kt, ks, nk, D, w.s + rr * pitch,
-                                          pitch, rr == 0 ? ahead : StreamAhead{});
-          });
+        FF_BOOL_SWITCH(stream16, kSplit, [&] {
+          for (int64_t rr = 0; rr < nr; rr += kDotRows)
+            with_rows<kDotRows>(static_cast<int>(nr - rr), [&](auto R) {
+              qk_dot<T, decltype(R)::value, kSplit && T == DType::bf16>(
+                  w.q + rr * dp, dp, kt, ks, nk, D, w.s + rr * pitch, pitch, rr == 0 ? ahead : StreamAhead{});
+            });
+        });
       }
     } else if (amx) {
       qk_amx_tile(qw, dp / 2, kp, D, w.s, pitch, strip_keys, nr);
@@ -713,13 +717,17 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
       // (fp16/bf16 blocks of several rows take pv_stream below, which converts each V vector
       // once for kDotRows rows where pv_stream_rows converts it once per row: cold GQA 32/8
       // D128 decode bf16 took 0.91-0.93x the time on a Zen 3 class AVX2 VM, build_ab 7 rounds)
-      pv_stream_rows<T>(w.o, dp, w.alpha, w.s, pitch, vt, vs, nk, D, nr);
+      FF_BOOL_SWITCH(stream16, kSplit, [&] {
+        pv_stream_rows<T, kSplit && T == DType::bf16>(w.o, dp, w.alpha, w.s, pitch, vt, vs, nk, D, nr);
+      });
     } else if (stream) {
-      for (int64_t rr = 0; rr < nr; rr += kDotRows)
-        with_rows<kDotRows>(static_cast<int>(nr - rr), [&](auto R) {
-          pv_stream<T, decltype(R)::value>(w.o + rr * dp, dp, w.alpha + rr, w.s + rr * pitch,
-                                           pitch, vt, vs, nk, D);
-        });
+      FF_BOOL_SWITCH(stream16, kSplit, [&] {
+        for (int64_t rr = 0; rr < nr; rr += kDotRows)
+          with_rows<kDotRows>(static_cast<int>(nr - rr), [&](auto R) {
+            pv_stream<T, decltype(R)::value, kSplit && T == DType::bf16>(
+                w.o + rr * dp, dp, w.alpha + rr, w.s + rr * pitch, pitch, vt, vs, nk, D);
+          });
+      });
     } else if (amx) {
       pv_amx_tile(w.o, dp, w.alpha, w.p, kAmxPPitch, vp, dp, strip_keys, nr);
     } else if (dot16) {

@@ -8,8 +8,8 @@
 //    loop column blocks outside and row blocks inside, so the 16-wide slice of Kt or V a tile
 //    reads (8 KiB / 4 KiB at D = 128) stays in L1 across the row blocks.
 //  * few query rows (decode): K and V are streamed from their storage once, converted on the
-//    fly; S rows are dot products over D (fp32: a row x 8 keys of accumulators, others
-//    kDotRows rows x 2 keys); O += P V
+//    fly (bf16 in the split order, split16); S rows are dot products over D (fp32: a row x 8
+//    keys of accumulators, others kDotRows rows x 2 keys); O += P V
 //    walks V a row at a time when D is a multiple of 64 (pv_stream_rows). AVX-512 builds
 //    have a wide form (qk_wide, pv_wide): whole rows of O in zmm registers.
 // Every function on f32x8 is the same algorithm on all backends (generic is the AVX2 oracle).
@@ -178,13 +178,38 @@ inline void pack_row_scaled(const typename Elem<T>::type* src, int64_t d, float 
 // the order, and O = diag(alpha) O + P V splits O's blocks on load and joins them on store.
 inline bool split_cols(DType t, int64_t d) { return t == DType::bf16 && d % 32 == 0; }
 
-// dst = scale * src (d bf16, split_cols) in the split order.
-inline void pack_row_split(const uint16_t* src, int64_t d, float scale, float* dst) {
-  for (int64_t c = 0; c < d; c += 32)
-    for (int64_t i = 0; i < 16; ++i) {
+// dst = scale * src (d bf16, a multiple of `block`) in the split order of blocks of `block`
+// columns (32: split_cols; 16: split16).
+inline void pack_row_split(const uint16_t* src, int64_t d, float scale, float* dst, int64_t block = 32) {
+  const int64_t half = block / 2;
+  for (int64_t c = 0; c < d; c += block)
+    for (int64_t i = 0; i < half; ++i) {
       dst[c + i] = scale * bf16_to_f32(src[c + 2 * i]);
-      dst[c + 16 + i] = scale * bf16_to_f32(src[c + 2 * i + 1]);
+      dst[c + half + i] = scale * bf16_to_f32(src[c + 2 * i + 1]);
     }
+}
+
+// The stream path (decode on f32x8) reads bf16 K and V of whole 16-column blocks in the split
+// order of 16 columns (load_bf16_split: a shift and a mask per 16 values, where load_bf16
+// takes a widening shuffle and a shift per 8): q rows are packed in that order, and P V splits
+// O's blocks on load and joins them on store. With qk_dot's one reduction of a 4 x 2 block, on
+// a Zen 3 class AVX2 VM with K/V in cache (GQA 32/8 D128 Lk 256 / 1024, scratch A/B of two
+// builds, 21 rounds) bf16 took 0.89-0.93x the time on 2 threads and 0.91-0.92x on one; with
+// K/V from memory, bound by bandwidth, no change beyond the noise (0.99-1.05x, fp32 rows of
+// unchanged code 1.01-1.06x).
+inline bool split16(DType t, int64_t d) { return t == DType::bf16 && d % 16 == 0; }
+
+// 16 elements of storage type T as two vectors: columns 0-7 and 8-15, or with kSplit (bf16) in
+// the split order.
+template <DType T, bool kSplit>
+__attribute__((always_inline)) inline void load16(const typename Elem<T>::type* p, f32x8* a, f32x8* b) {
+  if constexpr (kSplit) {
+    static_assert(T == DType::bf16, "the split order is bf16's");
+    simd::load_bf16_split(p, a, b);
+  } else {
+    *a = Elem<T>::load(p);
+    *b = Elem<T>::load(p + 8);
+  }
 }
 
 // The packed K tile in column panels of kKPanel keys: Kt[j / kKPanel][x][j % kKPanel] = k[j][x]
@@ -275,12 +300,13 @@ inline void qk_packed(const float* q, int64_t q_stride, const float* kt, int64_t
 }
 
 // s[r][j] = q[r] . k[j] for R rows (R <= kDotRows), nk keys read from storage; q rows are
-// zero-padded to a multiple of 8. Each pair of keys requests the K/V rows `ahead` of it.
-template <DType T, int R>
+// zero-padded to a multiple of 8 (with kSplit: in the split order of 16 columns, split16). Each
+// pair of keys requests the K/V rows `ahead` of it.
+template <DType T, int R, bool kSplit = false>
 inline void qk_dot(const float* q, int64_t q_stride, const typename Elem<T>::type* k,
                    int64_t k_stride, int64_t nk, int64_t d, float* s, int64_t s_stride,
                    const StreamAhead& ahead = {}) {
-  const int64_t dv = d / 8 * 8;
+  const int64_t d16 = d / 16 * 16, dv = d / 8 * 8;
   int64_t j = 0;
   for (; j + 2 <= nk; j += 2) {
     const auto* k0p = k + j * k_stride;
@@ -295,11 +321,27 @@ inline void qk_dot(const float* q, int64_t q_stride, const typename Elem<T>::typ
         acc[r][1] = simd::fmadd(qv, k1, acc[r][1]);
       }
     };
-    for (int64_t x = 0; x < dv; x += 8) step(x, Elem<T>::load(k0p + x), Elem<T>::load(k1p + x));
+    for (int64_t x = 0; x < d16; x += 16) {
+      f32x8 k0a, k0b, k1a, k1b;
+      load16<T, kSplit>(k0p + x, &k0a, &k0b);
+      load16<T, kSplit>(k1p + x, &k1a, &k1b);
+      step(x, k0a, k1a);
+      step(x + 8, k0b, k1b);
+    }
+    if (d16 < dv) step(d16, Elem<T>::load(k0p + d16), Elem<T>::load(k1p + d16));
     if (dv < d) step(dv, load_n<T>(k0p + dv, d - dv), load_n<T>(k1p + dv, d - dv));
-    for (int r = 0; r < R; ++r) {
-      s[r * s_stride + j] = simd::reduce_add(acc[r][0]);
-      s[r * s_stride + j + 1] = simd::reduce_add(acc[r][1]);
+    if constexpr (R == 4) {  // the 8 scores in one reduction: lane 2r + i = row r's, key j + i
+      alignas(32) float sums[8];
+      simd::store(sums, simd::reduce_add8(&acc[0][0]));
+      for (int r = 0; r < R; ++r) {
+        s[r * s_stride + j] = sums[2 * r];
+        s[r * s_stride + j + 1] = sums[2 * r + 1];
+      }
+    } else {
+      for (int r = 0; r < R; ++r) {
+        s[r * s_stride + j] = simd::reduce_add(acc[r][0]);
+        s[r * s_stride + j + 1] = simd::reduce_add(acc[r][1]);
+      }
     }
   }
   if (j < nk) {
@@ -309,7 +351,13 @@ inline void qk_dot(const float* q, int64_t q_stride, const typename Elem<T>::typ
     auto step = [&](int64_t x, f32x8 kv) {
       for (int r = 0; r < R; ++r) acc[r] = simd::fmadd(simd::load(q + r * q_stride + x), kv, acc[r]);
     };
-    for (int64_t x = 0; x < dv; x += 8) step(x, Elem<T>::load(kp + x));
+    for (int64_t x = 0; x < d16; x += 16) {
+      f32x8 ka, kb;
+      load16<T, kSplit>(kp + x, &ka, &kb);
+      step(x, ka);
+      step(x + 8, kb);
+    }
+    if (d16 < dv) step(d16, Elem<T>::load(kp + d16));
     if (dv < d) step(dv, load_n<T>(kp + dv, d - dv));
     for (int r = 0; r < R; ++r) s[r * s_stride + j] = simd::reduce_add(acc[r]);
   }
@@ -397,8 +445,9 @@ inline void pv_f32(float* o, int64_t o_stride, const float* alpha, const float* 
 }
 
 // The same for R rows (R <= kDotRows) with V streamed from storage (d columns, any d); o rows
-// have round_up(d, 8) columns, the padding stays 0.
-template <DType T, int R>
+// have round_up(d, 8) columns, the padding stays 0. With kSplit (bf16, d a multiple of 16) V is
+// read in the split order (split16) and O's 16-column blocks are split and joined around it.
+template <DType T, int R, bool kSplit = false>
 inline void pv_stream(float* o, int64_t o_stride, const float* alpha, const float* p,
                       int64_t p_stride, const typename Elem<T>::type* v, int64_t v_stride,
                       int64_t nk, int64_t d) {
@@ -409,10 +458,12 @@ inline void pv_stream(float* o, int64_t o_stride, const float* alpha, const floa
       const f32x8 a = simd::set1(alpha[r]);
       acc[r][0] = simd::mul(simd::load(o + r * o_stride + c), a);
       acc[r][1] = simd::mul(simd::load(o + r * o_stride + c + 8), a);
+      if constexpr (kSplit) simd::split_pairs(acc[r][0], acc[r][1], &acc[r][0], &acc[r][1]);
     }
     const auto* vp = v + c;
     for (int64_t j = 0; j < nk; ++j, vp += v_stride) {
-      const f32x8 v0 = Elem<T>::load(vp), v1 = Elem<T>::load(vp + 8);
+      f32x8 v0, v1;
+      load16<T, kSplit>(vp, &v0, &v1);
       for (int r = 0; r < R; ++r) {
         const f32x8 pb = simd::set1(p[r * p_stride + j]);
         acc[r][0] = simd::fmadd(pb, v0, acc[r][0]);
@@ -420,6 +471,7 @@ inline void pv_stream(float* o, int64_t o_stride, const float* alpha, const floa
       }
     }
     for (int r = 0; r < R; ++r) {
+      if constexpr (kSplit) simd::join_pairs(acc[r][0], acc[r][1], &acc[r][0], &acc[r][1]);
       simd::store(o + r * o_stride + c, acc[r][0]);
       simd::store(o + r * o_stride + c + 8, acc[r][1]);
     }
@@ -442,8 +494,9 @@ inline void pv_stream(float* o, int64_t o_stride, const float* alpha, const floa
 // columns of O in eight registers while the keys are walked in order, so each V row's bytes are
 // read front to back (pv_stream reads them a 16-column block at a time, 512 bytes apart at
 // D128). For K/V read from memory, as in a model's decode step where the weights stream
-// through the cache between layers, that order keeps more lines in flight.
-template <DType T>
+// through the cache between layers, that order keeps more lines in flight. kSplit: as
+// pv_stream's.
+template <DType T, bool kSplit = false>
 inline void pv_stream_rows(float* o, int64_t o_stride, const float* alpha, const float* p,
                            int64_t p_stride, const typename Elem<T>::type* v, int64_t v_stride,
                            int64_t nk, int64_t d, int64_t nr) {
@@ -453,12 +506,21 @@ inline void pv_stream_rows(float* o, int64_t o_stride, const float* alpha, const
       const f32x8 a = simd::set1(alpha[r]);
       f32x8 acc[8];
       for (int u = 0; u < 8; ++u) acc[u] = simd::mul(simd::load(orow + 8 * u), a);
+      if constexpr (kSplit)
+        for (int u = 0; u < 8; u += 2) simd::split_pairs(acc[u], acc[u + 1], &acc[u], &acc[u + 1]);
       const auto* vp = v + c;
       const float* pr = p + r * p_stride;
       for (int64_t j = 0; j < nk; ++j, vp += v_stride) {
         const f32x8 pb = simd::set1(pr[j]);
-        for (int u = 0; u < 8; ++u) acc[u] = simd::fmadd(pb, Elem<T>::load(vp + 8 * u), acc[u]);
+        for (int u = 0; u < 8; u += 2) {
+          f32x8 v0, v1;
+          load16<T, kSplit>(vp + 8 * u, &v0, &v1);
+          acc[u] = simd::fmadd(pb, v0, acc[u]);
+          acc[u + 1] = simd::fmadd(pb, v1, acc[u + 1]);
+        }
       }
+      if constexpr (kSplit)
+        for (int u = 0; u < 8; u += 2) simd::join_pairs(acc[u], acc[u + 1], &acc[u], &acc[u + 1]);
       for (int u = 0; u < 8; ++u) simd::store(orow + 8 * u, acc[u]);
     }
 }

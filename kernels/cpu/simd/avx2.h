@@ -80,6 +80,17 @@ inline f32x8 reduce_add8(const f32x8* a) {
   // h0 = the sums of lanes 0-3 of a[0..3], then of lanes 4-7; h1 the same for a[4..7]
   return {_mm256_add_ps(_mm256_permute2f128_ps(h0, h1, 0x20), _mm256_permute2f128_ps(h0, h1, 0x31))};
 }
+// 16 values held as a (0-7) and b (8-15), in the split order: the even-indexed ones (0, 2, ...,
+// 14), then the odd ones; join_pairs is the inverse.
+inline void split_pairs(f32x8 a, f32x8 b, f32x8* even, f32x8* odd) {
+  even->v = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(a.v, b.v, 0x88)), 0xD8));
+  odd->v = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(a.v, b.v, 0xDD)), 0xD8));
+}
+inline void join_pairs(f32x8 even, f32x8 odd, f32x8* a, f32x8* b) {
+  const __m256 lo = _mm256_unpacklo_ps(even.v, odd.v), hi = _mm256_unpackhi_ps(even.v, odd.v);
+  a->v = _mm256_permute2f128_ps(lo, hi, 0x20);
+  b->v = _mm256_permute2f128_ps(lo, hi, 0x31);
+}
 inline float reduce_max(f32x8 a) {
   __m128 s = _mm_max_ps(_mm256_castps256_ps128(a.v), _mm256_extractf128_ps(a.v, 1));
   s = _mm_max_ps(s, _mm_movehl_ps(s, s));
@@ -137,6 +148,13 @@ namespace simd {
 inline f32x8 load_bf16(const uint16_t* p) {
   __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   return {_mm256_castsi256_ps(_mm256_slli_epi32(w, 16))};
+}
+// 16 bf16 in the split order (split_pairs): a shift and a mask of their 32-bit words, where
+// load_bf16 widens and shifts each half.
+inline void load_bf16_split(const uint16_t* p, f32x8* even, f32x8* odd) {
+  const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  even->v = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+  odd->v = _mm256_castsi256_ps(_mm256_and_si256(w, _mm256_set1_epi32(static_cast<int>(0xffff0000u))));
 }
 // round to nearest even; NaN stays a (quiet) NaN
 inline void store_bf16(uint16_t* p, f32x8 a) {

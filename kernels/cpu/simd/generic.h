@@ -77,6 +77,20 @@ inline f32x8 reduce_add8(const f32x8* a) {
   // the same order as the AVX2 backend
   FF_LANES(((a[i].v[0] + a[i].v[1]) + (a[i].v[2] + a[i].v[3])) + ((a[i].v[4] + a[i].v[5]) + (a[i].v[6] + a[i].v[7])));
 }
+// 16 values held as a (0-7) and b (8-15), in the split order: the even-indexed ones (0, 2, ...,
+// 14), then the odd ones; join_pairs is the inverse.
+inline void split_pairs(f32x8 a, f32x8 b, f32x8* even, f32x8* odd) {
+  for (int i = 0; i < 4; ++i) {
+    even->v[i] = a.v[2 * i], odd->v[i] = a.v[2 * i + 1];
+    even->v[4 + i] = b.v[2 * i], odd->v[4 + i] = b.v[2 * i + 1];
+  }
+}
+inline void join_pairs(f32x8 even, f32x8 odd, f32x8* a, f32x8* b) {
+  for (int i = 0; i < 4; ++i) {
+    a->v[2 * i] = even.v[i], a->v[2 * i + 1] = odd.v[i];
+    b->v[2 * i] = even.v[4 + i], b->v[2 * i + 1] = odd.v[4 + i];
+  }
+}
 inline float reduce_max(f32x8 a) {
   float m = a.v[0];
   for (int i = 1; i < 8; ++i) m = a.v[i] > m ? a.v[i] : m;

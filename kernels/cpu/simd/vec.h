@@ -88,6 +88,10 @@ inline void store_bf16(uint16_t* p, f32x8 a) {
   store(buf, a);
   for (int i = 0; i < 8; ++i) p[i] = f32_to_bf16(buf[i]);
 }
+// 16 bf16 in the split order (split_pairs)
+inline void load_bf16_split(const uint16_t* p, f32x8* even, f32x8* odd) {
+  split_pairs(load_bf16(p), load_bf16(p + 8), even, odd);
+}
 #endif
 
 }  // namespace simd
