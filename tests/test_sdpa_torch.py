@@ -51,6 +51,9 @@ def torch_sdpa_err(torch, q, k, v, ref, *, causal=False, window=None):
         ((1, 7, 1, 33, 33, 80), dict(causal=True, window=9)),
         ((1, 4, 2, 20, 1100, 96), dict(window=300)),
         ((1, 8, 4, 3, 1100, 59), dict(causal=True)),
+        # 32 pairs of 200 rows: fp16/bf16 blocks of 192 rows and a last of 8 on the avx2 ymm
+        # tiles (fp32 blocks there stay at 96)
+        ((2, 16, 16, 200, 130, 64), dict(causal=True)),
     ],
     ids=str,
 )
@@ -87,6 +90,8 @@ BF16_PREFILL = [
     # one not a whole number of 16-row tiles, and a last key tile not a whole 32-key step
     ((1, 8, 2, 101, 300, 64), dict(causal=True)),
     ((1, 4, 1, 110, 520, 128), dict(mask="additive", window=200)),
+    # 16 pairs of 200 rows: on the avx2 ymm tiles a block of 192 rows and a last of 8
+    ((1, 32, 16, 100, 150, 128), dict(causal=True)),
     # scores of a few hundred (base 2) under a negative scale: a max taken on the wrong side
     # overflows 2^x
     ((1, 2, 2, 40, 70, 64), dict(scale=-40.0)),

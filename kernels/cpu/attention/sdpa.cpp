@@ -45,10 +45,14 @@ namespace {
 constexpr int64_t kRowTile = 192;
 constexpr int64_t kAmxRowTile = 384;
 constexpr int64_t kMaxRowTile = 3 * kRowTile;  // the largest blocks (scratch rows)
+constexpr int64_t kMaxRowTileF32 = kMaxRowTile;
 #else
 constexpr int64_t kRowTile = 96;
 constexpr int64_t kAmxRowTile = kRowTile;
-constexpr int64_t kMaxRowTile = kRowTile;
+constexpr int64_t kMaxRowTile = 2 * kRowTile;
+// fp32 blocks of the ymm tiles stay at kRowTile; fp16/bf16 blocks, which convert each K/V tile
+// as they pack it, take up to twice (register_tile_rows).
+constexpr int64_t kMaxRowTileF32 = kRowTile;
 #endif
 static_assert(kMaxRowTile >= kAmxRowTile, "the scratch holds the AMX blocks");
 // Blocks below which register_tile_rows stops growing them (and split_chunk lengthening its
@@ -86,18 +90,23 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // Rows per block of the register tiles (fp32 and fp16 inputs, bf16 without AMX) for head dims
 // padded to dp, in a call of `pairs` (batch, kv head) pairs of `rows` rows each: as many as
-// keep a block's Q and O (rows x dp floats each) within 576 x 128 floats, up to kMaxRowTile
-// (AVX-512 builds: 576 up to D128, 384 at D192, 288 at D256), halved (not below kRowTile)
+// keep a block's Q and O (rows x dp floats each) within 3 kRowTile x 128 floats, up to
+// kMaxRowTile (AVX-512 builds: 576 up to D128, 384 at D192, 288 at D256; AVX2 builds: 192 for
+// fp16/bf16 storage up to D128, 144 at D256, while fp32 stays at 96), halved (not below kRowTile)
 // while the call would have fewer than kMinBlocks blocks. Each K/V tile is packed, and each
 // K/V row read, once per block: on causal B1 H32 L2048 D128 fp32, 384 rows took 0.978-0.979x
 // the time of 192 and 576 0.961-0.983x that of 384 (768: 0.998x of 576); on non-causal B1 H8
 // L2048 D128 0.961-0.966x and 0.986-0.989x (build_ab, 11-21 rounds). Fewer, larger blocks
 // balance worse: causal B1 H8 L512 D64 took 0.96x the time in 24 blocks of 192 as in 8 of 384
-// on 2 threads. Depends on the shape alone: the work decomposition, and so every bit of the
+// on 2 threads. On a Zen 3 class AVX2 VM fp16/bf16 blocks, which convert every K/V tile they
+// pack, took 0.92-1.00x the time in blocks of 192 as of 96 on causal prefill (2 threads;
+// 1 thread: 0.90-0.94x on D128 bf16; build_ab 9-11 rounds); fp32 measured no better (kRowTile).
+// Depends on the shape and storage alone: the work decomposition, and so every bit of the
 // result, is the same for any thread count.
-inline int64_t register_tile_rows(int64_t dp, int64_t pairs, int64_t rows) {
+inline int64_t register_tile_rows(int64_t dp, int64_t pairs, int64_t rows, int64_t elem_bytes) {
   const int64_t fit = 3 * kRowTile * 128 / dp / kMr * kMr;
-  int64_t tile = fit < kRowTile ? kRowTile : fit > kMaxRowTile ? kMaxRowTile : fit;
+  const int64_t most = elem_bytes == 4 ? kMaxRowTileF32 : kMaxRowTile;
+  int64_t tile = fit < kRowTile ? kRowTile : fit > most ? most : fit;
   while (tile > kRowTile && pairs * ((rows + tile - 1) / tile) < kMinBlocks) {
     const int64_t half = tile / 2 / kMr * kMr;
     tile = half < kRowTile ? kRowTile : half;
@@ -255,28 +264,30 @@ struct Block {
   int64_t j0, j1;  // keys [j0, j1)
 };
 
-// The fp32 working set of one block (per thread, kept between calls).
+// The fp32 working set of one block (per thread, kept between calls), for blocks of at most
+// `rows` rows (the call's Problem::row_tile; sized per call, so that decode's small blocks keep
+// their arrays close together).
 struct Work {
-  float* q;      // [kMaxRowTile][dp], pre-scaled
-  float* o;      // [kMaxRowTile][dp], unnormalised output
-  float* s;      // [kMaxRowTile][tile keys], scores then probabilities
+  float* q;      // [rows][dp], pre-scaled
+  float* o;      // [rows][dp], unnormalised output
+  float* s;      // [rows][tile keys], scores then probabilities
   float* kt;     // [kKeyTile / kKPanel][D][kKPanel], packed transposed K tile (AMX: K pairs)
   float* v;      // packed V: the panels of pack_v_wide (zmm tiles: a group of tiles) or
                  // [dp / kVPanel][kKeyTile][kVPanel] (AMX: V pairs); all three sized for
                  // kMaxKeyTile keys
-  uint32_t* p;   // [kMaxRowTile][kAmxPPitch] AMX: probabilities as bf16 pairs
-  float* m;      // [kMaxRowTile] running max
-  float* l;      // [kMaxRowTile] running sum
-  float* alpha;  // [kMaxRowTile] rescale of this tile
-  float* alpha2; // [kMaxRowTile] ... of a later tile of a group (zmm tiles), from the one before
+  uint32_t* p;   // [rows][kAmxPPitch] AMX: probabilities as bf16 pairs
+  float* m;      // [rows] running max
+  float* l;      // [rows] running sum
+  float* alpha;  // [rows] rescale of this tile
+  float* alpha2; // [rows] ... of a later tile of a group (zmm tiles), from the one before
 };
 
-Work thread_work(int64_t dp) {
+Work thread_work(int64_t dp, int64_t block_rows) {
   thread_local GrowBuffer<float> buf;
+  const int64_t rows = round_up(block_rows, 16);
   const int64_t v_size = std::max(kMaxKeyTile * dp, kGroupKeys * round_up(dp, 64));
-  const int64_t sizes[] = {kMaxRowTile * dp, kMaxRowTile * dp, kMaxRowTile * kMaxKeyTile,
-                           dp * kMaxKeyTile, v_size, kMaxRowTile * kAmxPPitch,
-                           kMaxRowTile, kMaxRowTile, kMaxRowTile, kMaxRowTile};
+  const int64_t sizes[] = {rows * dp, rows * dp, rows * kMaxKeyTile, dp * kMaxKeyTile, v_size,
+                           rows * kAmxPPitch, rows, rows, rows, rows};
   constexpr int kArrays = sizeof(sizes) / sizeof(sizes[0]);
   int64_t need = 0;
   for (int64_t n : sizes) need += n;
@@ -860,7 +871,7 @@ void run(const SdpaParams& p, const Problem& pr) {
   const int64_t pairs = p.batch * p.kv_heads;
   const int64_t grain = pr.chunks == 1 && pr.row_blocks > 1 && pairs >= 4 * num_threads() ? pr.row_blocks : 1;
   parallel_for(units, grain, [&](int64_t begin, int64_t end) {
-    const Work w = thread_work(dp);
+    const Work w = thread_work(dp, pr.row_tile);
     for (int64_t u = begin; u < end; ++u) {
       const Block bk = block_of(pr, u);
       attend<T>(pr, bk, w);
@@ -938,7 +949,7 @@ void sdpa(const SdpaParams& p) {
   const bool dot16 = p.dtype == DType::bf16 && bf16_tiles(p.head_dim);  // bf16 on vdpbf16ps
   const bool amx = dot16 && amx_bf16_tiles(p.head_dim);
   const int64_t D = p.head_dim, dp = round_up(D, 16);
-  const int64_t row_tile = amx ? kAmxRowTile : register_tile_rows(dp, p.batch * p.kv_heads, rows);
+  const int64_t row_tile = amx ? kAmxRowTile : register_tile_rows(dp, p.batch * p.kv_heads, rows, elem_bytes);
   Problem pr{p, G, dp, row_tile, (rows + row_tile - 1) / row_tile,
              (p.kv_len + chunk - 1) / chunk, chunk};
   if (amx) {
