@@ -295,6 +295,39 @@ def test_split_kv(rng, isa, threads, chunk, opts):
     check(out, lse, q, k, v, **opts)
 
 
+# Decode blocks of 1024 keys or more (K/V rows requested ahead from S = Q K^T: StreamAhead) with
+# rows whose keys all lie in the first or the last part of the block, rows with no key at all,
+# window and causal ranges; kv_chunk 0 keeps each block whole, -1 splits by shape (some of these
+# shapes still give blocks of 1024+ keys).
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("chunk", [0, -1])
+@pytest.mark.parametrize(
+    "shape, opts",
+    [
+        ((1, 8, 2, 1, 1025, 64), dict(mask="parts")),
+        ((1, 7, 1, 1, 2049, 59), dict(mask="parts")),
+        ((1, 4, 4, 2, 1500, 128), dict(mask="parts", causal=True)),
+        ((4, 32, 8, 1, 1100, 128), dict()),
+        ((1, 6, 2, 3, 1500, 80), dict(causal=True, window=1100)),
+    ],
+    ids=str,
+)
+def test_decode_long_blocks(rng, isa, threads, dtype, chunk, shape, opts):
+    b, hq, hkv, lq, lk, d = shape
+    q, k, v = make_qkv(rng, *shape, dtype=np.dtype(dtype))
+    opts = dict(opts)
+    if opts.pop("mask", None):  # "parts"
+        keep = rng.random((b, hq, lq, lk)) < 0.8
+        keep[:, 0::3, :, lk * 2 // 5:] = False  # keys in the first 2/5 only
+        keep[:, 1::3, :, : lk * 3 // 5] = False  # ... in the last 2/5 only
+        keep[0, hq - 1, 0] = False  # no key at all
+        opts["mask"] = keep
+    out, lse = native_sdpa(q, k, v, return_lse=True, kv_chunk=chunk, **opts)
+    check(out, lse, q, k, v, tol=dtype, **opts)
+    if "mask" in opts:
+        assert (out[0, hq - 1, 0] == 0).all() and np.isneginf(lse[0, hq - 1, 0])
+
+
 # (hq, hkv, lk) -> the keys per split-KV chunk split_chunk picks for fp32 and for 2-byte
 # storage (half as many units, twice the keys each); lk itself: not split
 AUTO_SPLIT = {

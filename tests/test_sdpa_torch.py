@@ -157,6 +157,9 @@ BF16_DECODE = [
     ((1, 3, 3, 1, 1100, 32), dict()),
     ((1, 6, 2, 1, 333, 32), dict()),
     ((1, 2, 2, 1, 200, 80), dict()),
+    # 16 and 32 pairs: no split-KV, blocks of 1100 and 1300 keys (rows requested ahead)
+    ((2, 32, 8, 1, 1100, 128), dict()),
+    ((2, 16, 16, 1, 1300, 64), dict(causal=True)),
 ]
 
 
