@@ -295,10 +295,9 @@ def test_split_kv(rng, isa, threads, chunk, opts):
     check(out, lse, q, k, v, **opts)
 
 
-# Decode blocks of 1024 keys or more (K/V rows requested ahead from S = Q K^T: StreamAhead) with
-# rows whose keys all lie in the first or the last part of the block, rows with no key at all,
-# window and causal ranges; kv_chunk 0 keeps each block whole, -1 splits by shape (some of these
-# shapes still give blocks of 1024+ keys).
+# Long decode blocks (K/V rows requested ahead from S = Q K^T: StreamAhead, 256 keys or more)
+# with rows whose keys all lie in the first or the last part of the block, rows with no key at
+# all, window and causal ranges; kv_chunk 0 keeps each block whole, -1 splits by shape.
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 @pytest.mark.parametrize("chunk", [0, -1])
 @pytest.mark.parametrize(

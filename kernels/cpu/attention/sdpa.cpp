@@ -76,7 +76,11 @@ constexpr int64_t kSplitChunk = 512;   // the fewest keys per split-KV chunk (sp
 constexpr int64_t kStreamMaxRows = 8;  // blocks this small stream K/V instead of packing them
 constexpr int64_t kPrefetchTiles = 2;  // how far ahead K/V tiles are prefetched
 constexpr int64_t kPrefetchMaxRows = 64;  // ... by blocks of at most this many rows
-constexpr int64_t kStreamAheadMinKeys = 1024;  // decode blocks this long request rows in-kernel
+// Decode blocks this long request rows in-kernel (StreamAhead). 256 rather than 1024 (Zen 3
+// class AVX2 VM, scratch A/B of two builds, 15 rounds): GQA 32/8 D128 bf16 / fp16 blocks of
+// 300-1500 keys took 0.76-0.88x the time with K/V from memory and 0.88-0.96x from cache; fp32
+// blocks of 400-512 keys 0.86-1.03x; GQA 32/4 and MHA Lk 257 D64 fp32 0.97-1.00x (25 rounds).
+constexpr int64_t kStreamAheadMinKeys = 256;
 constexpr int64_t kDecodeBurstKeys = 2 * kKeyTile;  // fp32 decode rows requested up front
 // Outputs of at least this many bytes are written with streaming stores (write_row), around the
 // caches: an output larger than the L2s leaves them for memory anyway, and a normal store first
@@ -565,7 +569,7 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
     // kDecodePrefetchKeys; the stream path, blocks of kStreamAheadMinKeys keys or more:
     // StreamAhead): on a Zen 3 class AVX2 VM this burst of a whole tile's requests made cold
     // GQA 32/8 D128 decode 1.04-1.2x slower than none at all. Shorter stream blocks keep it
-    // (there MHA 32/32 and GQA 32/4 Lk 257 D64 took 1.15-1.25x the time without it).
+    // (there MHA 32/32 and GQA 32/4 Lk 257 D64 took 1.15-1.25x the time with no requests).
     if (!wide && !stream_ahead && nr <= kPrefetchMaxRows && !pr.kv_cache) {
       const int64_t ahead = t + kPrefetchTiles * tile;
       const int64_t n = jmax - ahead < tile ? jmax - ahead : tile;
