@@ -295,7 +295,7 @@ def test_split_kv(rng, isa, threads, chunk, opts):
     check(out, lse, q, k, v, **opts)
 
 
-# Long decode blocks (K/V rows requested ahead from S = Q K^T: StreamAhead, 256 keys or more)
+# Long decode blocks (K/V rows requested kDecodePrefetchKeys ahead from S = Q K^T: StreamAhead)
 # with rows whose keys all lie in the first or the last part of the block, rows with no key at
 # all, window and causal ranges; kv_chunk 0 keeps each block whole, -1 splits by shape.
 @pytest.mark.parametrize("dtype", ["float32", "float16"])

@@ -76,11 +76,6 @@ constexpr int64_t kSplitChunk = 512;   // the fewest keys per split-KV chunk (sp
 constexpr int64_t kStreamMaxRows = 8;  // blocks this small stream K/V instead of packing them
 constexpr int64_t kPrefetchTiles = 2;  // how far ahead K/V tiles are prefetched
 constexpr int64_t kPrefetchMaxRows = 64;  // ... by blocks of at most this many rows
-// Decode blocks this long request rows in-kernel (StreamAhead). 256 rather than 1024 (Zen 3
-// class AVX2 VM, scratch A/B of two builds, 15 rounds): GQA 32/8 D128 bf16 / fp16 blocks of
-// 300-1500 keys took 0.76-0.88x the time with K/V from memory and 0.88-0.96x from cache; fp32
-// blocks of 400-512 keys 0.86-1.03x; GQA 32/4 and MHA Lk 257 D64 fp32 0.97-1.00x (25 rounds).
-constexpr int64_t kStreamAheadMinKeys = 256;
 constexpr int64_t kDecodeBurstKeys = 2 * kKeyTile;  // fp32 decode rows requested up front
 // Outputs of at least this many bytes are written with streaming stores (write_row), around the
 // caches: an output larger than the L2s leaves them for memory anyway, and a normal store first
@@ -552,7 +547,6 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
     prefetch_rows<2>(v + t0 * vs, vs * static_cast<int64_t>(sizeof(S)), n, row_bytes);
   }
   const int64_t t_first = bk.j0 + (jmin - bk.j0) / tile * tile;
-  const bool stream_ahead = stream && !wide && jmax - t_first >= kStreamAheadMinKeys;
   for (int64_t t = t_first; t < jmax; t += tile) {
     const int64_t nk = bk.j1 - t < tile ? bk.j1 - t : tile;
     const S* kt = k + t * ks;
@@ -566,11 +560,10 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
     // 0.96x the time with it. (Touching the next tile into L2 a part per P V strip measured
     // 0.97-1.0x with 192-row fp32 blocks, and 0.998-1.03x, no gain, with 576.) Decode rows
     // request theirs inside their kernels instead, a few rows at a time (the wide path:
-    // kDecodePrefetchKeys; the stream path, blocks of kStreamAheadMinKeys keys or more:
-    // StreamAhead): on a Zen 3 class AVX2 VM this burst of a whole tile's requests made cold
-    // GQA 32/8 D128 decode 1.04-1.2x slower than none at all. Shorter stream blocks keep it
-    // (there MHA 32/32 and GQA 32/4 Lk 257 D64 took 1.15-1.25x the time with no requests).
-    if (!wide && !stream_ahead && nr <= kPrefetchMaxRows && !pr.kv_cache) {
+    // kDecodePrefetchKeys; the stream path: StreamAhead): on a Zen 3 class AVX2 VM this burst
+    // of a whole tile's requests made cold GQA 32/8 D128 decode 1.04-1.2x slower than none at
+    // all, and blocks of 160-1500 keys up to 1.3x slower than StreamAhead.
+    if (!wide && !stream && nr <= kPrefetchMaxRows && !pr.kv_cache) {
       const int64_t ahead = t + kPrefetchTiles * tile;
       const int64_t n = jmax - ahead < tile ? jmax - ahead : tile;
       const int64_t row_bytes = D * static_cast<int64_t>(sizeof(S));
@@ -642,9 +635,15 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
     } else if (wide) {
       qk_wide<T>(w.q, dp, kt, ks, nk, D, w.s, pitch, nr, jmax - t);
     } else if (stream) {
+      // Stream blocks request their K/V rows from here whatever their length. Blocks shorter
+      // than 1024 keys took the whole-tile burst above until (Zen 3 class AVX2 VM, scratch A/B
+      // of two builds, 15-25 rounds, 2 threads): against it, GQA 32/8 D128 bf16 / fp16 blocks
+      // of 160-1500 keys took 0.76-0.94x the time with K/V from memory and 0.86-1.01x from
+      // cache; fp32 blocks of 200-512 keys 0.94-1.00x / 0.86-1.03x, MHA 32/32 Lk 200 D64
+      // 0.94-0.97x; isa_ab's Lk 257 D64 fp32 cases 0.97-1.00x (25 rounds).
       const StreamAhead ahead{reinterpret_cast<const char*>(kt), reinterpret_cast<const char*>(vt),
                               ks * static_cast<int64_t>(sizeof(S)), vs * static_cast<int64_t>(sizeof(S)),
-                              D * static_cast<int64_t>(sizeof(S)), stream_ahead ? jmax - t : 0};
+                              D * static_cast<int64_t>(sizeof(S)), jmax - t};
       if constexpr (T == DType::f32) {
         qk_dot_f32(w.q, dp, kt, ks, nk, D, w.s, pitch, nr, ahead);
       } else {
