@@ -563,7 +563,7 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
     // kDecodePrefetchKeys; the stream path: StreamAhead): on a Zen 3 class AVX2 VM this burst
     // of a whole tile's requests made cold GQA 32/8 D128 decode 1.04-1.2x slower than none at
     // all, and blocks of 160-1500 keys up to 1.3x slower than StreamAhead.
-    if (!wide && !stream && nr <= kPrefetchMaxRows && !pr.kv_cache) {
+    if (!stream && nr <= kPrefetchMaxRows && !pr.kv_cache) {
       const int64_t ahead = t + kPrefetchTiles * tile;
       const int64_t n = jmax - ahead < tile ? jmax - ahead : tile;
       const int64_t row_bytes = D * static_cast<int64_t>(sizeof(S));
