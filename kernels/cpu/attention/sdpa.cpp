@@ -635,12 +635,12 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
     } else if (wide) {
       qk_wide<T>(w.q, dp, kt, ks, nk, D, w.s, pitch, nr, jmax - t);
     } else if (stream) {
-      // Stream blocks request their K/V rows from here whatever their length. Blocks shorter
-      // than 1024 keys took the whole-tile burst above until (Zen 3 class AVX2 VM, scratch A/B
-      // of two builds, 15-25 rounds, 2 threads): against it, GQA 32/8 D128 bf16 / fp16 blocks
-      // of 160-1500 keys took 0.76-0.94x the time with K/V from memory and 0.86-1.01x from
-      // cache; fp32 blocks of 200-512 keys 0.94-1.00x / 0.86-1.03x, MHA 32/32 Lk 200 D64
-      // 0.94-0.97x; isa_ab's Lk 257 D64 fp32 cases 0.97-1.00x (25 rounds).
+      // Stream blocks request their K/V rows from here whatever their length (blocks shorter
+      // than 1024 keys used to take the whole-tile burst above instead). On a Zen 3 class AVX2
+      // VM (scratch A/B of two builds, 15-25 rounds, 2 threads), against the burst, GQA 32/8
+      // D128 bf16 / fp16 blocks of 160-1500 keys took 0.76-0.94x the time with K/V from memory
+      // and 0.86-1.01x from cache; fp32 blocks of 200-512 keys 0.94-1.00x / 0.86-1.03x, MHA
+      // 32/32 Lk 200 D64 0.94-0.97x; isa_ab's Lk 257 D64 fp32 cases 0.97-1.00x (25 rounds).
       const StreamAhead ahead{reinterpret_cast<const char*>(kt), reinterpret_cast<const char*>(vt),
                               ks * static_cast<int64_t>(sizeof(S)), vs * static_cast<int64_t>(sizeof(S)),
                               D * static_cast<int64_t>(sizeof(S)), jmax - t};

@@ -300,8 +300,8 @@ inline void qk_packed(const float* q, int64_t q_stride, const float* kt, int64_t
 }
 
 // s[r][j] = q[r] . k[j] for R rows (R <= kDotRows), nk keys read from storage; q rows are
-// zero-padded to a multiple of 8 (with kSplit: in the split order of 16 columns, split16). Each
-// pair of keys requests the K/V rows `ahead` of it.
+// zero-padded to a multiple of 8 (with kSplit, which needs d a multiple of 16: in the split
+// order of 16 columns, split16). Each pair of keys requests the K/V rows `ahead` of it.
 template <DType T, int R, bool kSplit = false>
 inline void qk_dot(const float* q, int64_t q_stride, const typename Elem<T>::type* k,
                    int64_t k_stride, int64_t nk, int64_t d, float* s, int64_t s_stride,
