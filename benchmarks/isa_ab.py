@@ -115,6 +115,17 @@ def default_cases(rng) -> list:
         sdpa_case("sdpa cold decode GQA 32/8 Lk 16384 D128 fp16", gqa_long, False, rng, "float16", cold=True),
         sdpa_case("sdpa cold decode MHA 32/32 Lk 4096 D128 bf16", [(1, 32, 1, 128), (1, 32, 4096, 128), (1, 32, 4096, 128)],
                   False, rng, "bfloat16", cold=True),
+        # decode blocks shorter than 1024 keys (split-KV chunks of 512 at Lk 1024 bf16; whole
+        # blocks of 200 and 1500 keys): where each stream block's row requests (StreamAhead)
+        # replaced the whole-tile burst
+        sdpa_case("sdpa decode GQA 32/8 Lk 1024 D128 bf16", [(1, 32, 1, 128), (1, 8, 1024, 128), (1, 8, 1024, 128)],
+                  False, rng, "bfloat16"),
+        sdpa_case("sdpa cold decode GQA 32/8 Lk 1500 D128 bf16", [(1, 32, 1, 128), (1, 8, 1500, 128), (1, 8, 1500, 128)],
+                  False, rng, "bfloat16", cold=True),
+        sdpa_case("sdpa cold decode GQA 32/8 Lk 200 D128 bf16", [(1, 32, 1, 128), (1, 8, 200, 128), (1, 8, 200, 128)],
+                  False, rng, "bfloat16", cold=True),
+        sdpa_case("sdpa cold decode MHA 32/32 Lk 200 D64", [(1, 32, 1, 64), (1, 32, 200, 64), (1, 32, 200, 64)], False,
+                  rng, cold=True),
         # the model benchmark's decode step (TinyLlama's heads, a 257-token cache: K/V in L2)
         sdpa_case("sdpa decode GQA 32/4 Lk 257 D64", [(1, 32, 1, 64), (1, 4, 257, 64), (1, 4, 257, 64)], False, rng),
         sdpa_case("sdpa decode MHA 32/32 Lk 257 D64", [(1, 32, 1, 64), (1, 32, 257, 64), (1, 32, 257, 64)], False, rng),
