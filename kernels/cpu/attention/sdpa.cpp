@@ -411,19 +411,25 @@ inline float exp_sum(float* s, int64_t n, float m) {
 }
 
 // Online softmax over one tile row of nk scores (the row has round_up(nk, 8) writable columns):
-// updates the running max m and sum l, turns s into 2^(s - m_new) and returns the factor the
-// accumulator must be rescaled by. A row with no finite score yet keeps m = -inf, l = 0, p = 0.
+// updates the running max m and sum l, turns s into 2^(s - m) and returns the factor the
+// accumulator must be rescaled by. m moves only when the tile's scores rise more than
+// kMaxSlack above it (else alpha = 1: no rescale, and no exponential of m_old - m_new). A row
+// with no finite score yet keeps m = -inf, l = 0, p = 0.
 inline float softmax_update(float* s, int64_t nk, float* m, float* l) {
   const int64_t n8 = round_up(nk, 8);
   for (int64_t j = nk; j < n8; ++j) s[j] = kNegInf;
   f32x8 mx = simd::set1(kNegInf);
   for (int64_t j = 0; j < n8; j += 8) mx = simd::max(mx, simd::load(s + j));
-  const float m_new = std::fmax(*m, simd::reduce_max(mx));
-  if (m_new == kNegInf) {
-    for (int64_t j = 0; j < n8; j += 8) simd::store(s + j, simd::zero());
+  const float m_tile = simd::reduce_max(mx);
+  if (m_tile <= *m + kMaxSlack) {  // (m = -inf: only when the tile has no finite score either)
+    if (*m == kNegInf) {
+      for (int64_t j = 0; j < n8; j += 8) simd::store(s + j, simd::zero());
+      return 1.0f;
+    }
+    *l += exp_sum(s, n8, *m);
     return 1.0f;
   }
-  return advance_row(m, l, m_new, exp_sum(s, n8, m_new));
+  return advance_row(m, l, m_tile, exp_sum(s, n8, m_tile));
 }
 
 // Tile h > 0 of a group (kGroupTiles tiles, one P V step) joined to those before it: rows whose

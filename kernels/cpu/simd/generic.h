@@ -45,7 +45,7 @@ inline f32x8 round(f32x8 a) {
   constexpr float kMagic = 12582912.0f;  // 1.5 * 2^23
   FF_LANES((a.v[i] + kMagic) - kMagic);
 }
-// a * 2^n for integral-valued n in [-126, 127]
+// a * 2^n for integral-valued n in [-126, 127]; n = -127 gives 0 (the scale's bits are 0)
 inline f32x8 ldexp(f32x8 a, f32x8 n) {
   f32x8 r;
   for (int i = 0; i < 8; ++i) {
