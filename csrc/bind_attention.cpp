@@ -55,22 +55,20 @@ SdpaTensor tensor_of(const View<4>& v, const char* name) {
   return {reinterpret_cast<const void*>(v.ptr), v.strides[0], v.strides[1], v.strides[2]};
 }
 
-void sdpa_binding(py::handle q_, py::handle k_, py::handle v_, py::handle out_, int dtype,
-                  py::object lse_, py::object mask_, int mask_kind, bool causal, double scale,
-                  int64_t window, int64_t kv_chunk) {
-  const AttentionKernels& kern = FF_KERNELS(attention_kernels);
-  const auto q = parse_view<4>(q_, "q"), k = parse_view<4>(k_, "k"), v = parse_view<4>(v_, "v");
-  const auto out = parse_view<4>(out_, "out");
+// The kernel's parameters for q, k, v and out of one dtype (mask and lse added by the caller),
+// checked against the raw-pointer contract.
+SdpaParams params_of(const View<4>& q, const View<4>& k, const View<4>& v, const View<4>& out, int dtype,
+                     bool causal, double scale, int64_t window, int64_t kv_chunk) {
   const int64_t B = q.shape[0], Hq = q.shape[1], Lq = q.shape[2], D = q.shape[3];
   const int64_t Hkv = k.shape[1], Lk = k.shape[2];
+  const int64_t max_head_dim = FF_KERNELS(attention_kernels).max_head_dim;
   check(dtype >= 0 && dtype <= 2, "dtype code must be 0 (f32), 1 (f16) or 2 (bf16)");
   for (int64_t n : {B, Hq, Lq, D, Hkv, Lk}) check(n > 0, "every dimension must be non-zero");
   check(k.shape == v.shape, "k and v shapes differ");
   check(k.shape[0] == B && k.shape[3] == D, "k's batch or head dim does not match q's");
   check(Hq % Hkv == 0, "k's heads do not divide q's heads");
   check(out.shape == q.shape, "out's shape does not match q's");
-  check(D <= kern.max_head_dim, "head dim " + std::to_string(D) + " exceeds " +
-                                    std::to_string(kern.max_head_dim));
+  check(D <= max_head_dim, "head dim " + std::to_string(D) + " exceeds " + std::to_string(max_head_dim));
   check(std::isfinite(scale), "scale must be finite");
   check(window >= 0, "window must be >= 0 (0: none)");
 
@@ -82,6 +80,21 @@ void sdpa_binding(py::handle q_, py::handle k_, py::handle v_, py::handle out_, 
   p.out = const_cast<void*>(o.data);
   p.out_stride_b = o.stride_b, p.out_stride_h = o.stride_h, p.out_stride_l = o.stride_l;
   p.lse = nullptr;
+  p.mask.kind = SdpaMaskKind::none;
+  p.causal = causal;
+  p.window = window;
+  p.scale = static_cast<float>(scale);
+  p.kv_chunk = kv_chunk;
+  return p;
+}
+
+void sdpa_binding(py::handle q_, py::handle k_, py::handle v_, py::handle out_, int dtype,
+                  py::object lse_, py::object mask_, int mask_kind, bool causal, double scale,
+                  int64_t window, int64_t kv_chunk) {
+  const auto q = parse_view<4>(q_, "q"), k = parse_view<4>(k_, "k"), v = parse_view<4>(v_, "v");
+  const auto out = parse_view<4>(out_, "out");
+  SdpaParams p = params_of(q, k, v, out, dtype, causal, scale, window, kv_chunk);
+  const int64_t B = p.batch, Hq = p.q_heads, Lq = p.q_len, Lk = p.kv_len;
   if (!lse_.is_none()) {
     const auto lse = parse_view<3>(lse_, "lse");
     check(lse.shape[0] == B && lse.shape[1] == Hq && lse.shape[2] == Lq, "lse must be [B, Hq, Lq]");
@@ -103,12 +116,88 @@ void sdpa_binding(py::handle q_, py::handle k_, py::handle v_, py::handle out_, 
     p.mask.data = reinterpret_cast<const void*>(m.ptr);
     p.mask.stride_b = st[0], p.mask.stride_h = st[1], p.mask.stride_q = st[2], p.mask.stride_k = st[3];
   }
-  p.causal = causal;
-  p.window = window;
-  p.scale = static_cast<float>(scale);
-  p.kv_chunk = kv_chunk;
   py::gil_scoped_release release;
-  kern.sdpa(p);
+  FF_KERNELS(attention_kernels).sdpa(p);
+}
+
+// ---- the eager torch call in one step ------------------------------------------------------
+//
+// ff.sdpa's general path checks and describes its arguments in Python (check_args, then
+// native_sdpa's descriptors): about 27 us a call on a Zen 3 class VM where torch's own SDPA
+// takes 8, which a model pays on every layer of every decode step. sdpa_torch takes the common
+// eager call (plain CPU tensors of one dtype, no mask, no lse, no autograd to record) in C++ and
+// returns None for anything else, which the front then sends down the general path: every
+// argument error keeps the general path's message, and this path only has to recognise calls
+// that path would accept.
+
+struct TorchRefs {
+  py::object tensor_type, empty_like, f32, f16, bf16;
+};
+
+const TorchRefs& torch_refs() {  // (leaked: lives as long as the interpreter's torch module)
+  static const TorchRefs* refs = [] {
+    py::module_ t = py::module_::import("torch");
+    return new TorchRefs{t.attr("Tensor"), t.attr("empty_like"), t.attr("float32"), t.attr("float16"),
+                         t.attr("bfloat16")};
+  }();
+  return *refs;
+}
+
+// The view and dtype code of a plain CPU tensor that needs no autograd, 4-d with no zero-sized
+// dimension and a contiguous last dimension (the general path copies others); false otherwise.
+bool eager_view(py::handle t, const TorchRefs& r, View<4>* v, int* dtype) {
+  if (Py_TYPE(t.ptr()) != reinterpret_cast<PyTypeObject*>(r.tensor_type.ptr())) return false;
+  if (t.attr("requires_grad").cast<bool>() || !t.attr("is_cpu").cast<bool>()) return false;
+  const py::object dt = t.attr("dtype");
+  *dtype = dt.is(r.f32) ? 0 : dt.is(r.f16) ? 1 : dt.is(r.bf16) ? 2 : -1;
+  if (*dtype < 0) return false;
+  const py::object shape = t.attr("shape"), strides = t.attr("stride")();
+  if (!PyTuple_Check(shape.ptr()) || PyTuple_GET_SIZE(shape.ptr()) != 4 || !PyTuple_Check(strides.ptr()))
+    return false;
+  for (int i = 0; i < 4; ++i) {
+    v->shape[i] = PyLong_AsLongLong(PyTuple_GET_ITEM(shape.ptr(), i));
+    v->strides[i] = PyLong_AsLongLong(PyTuple_GET_ITEM(strides.ptr(), i));
+    if (v->shape[i] <= 0) return false;
+  }
+  v->ptr = t.attr("data_ptr")().cast<uintptr_t>();
+  return v->ptr != 0 && (v->shape[3] == 1 || v->strides[3] == 1);
+}
+
+py::object sdpa_torch(py::handle q_, py::handle k_, py::handle v_, py::handle causal_, py::handle scale_,
+                      py::handle window_, int64_t max_out_bytes) {
+  const TorchRefs& r = torch_refs();
+  View<4> q, k, v;
+  int qt, kt, vt;
+  if (!eager_view(q_, r, &q, &qt) || !eager_view(k_, r, &k, &kt) || !eager_view(v_, r, &v, &vt)) return py::none();
+  const int64_t D = q.shape[3];
+  if (kt != qt || vt != qt || k.shape != v.shape || k.shape[0] != q.shape[0] || k.shape[3] != D ||
+      q.shape[1] % k.shape[1] != 0 || D > FF_KERNELS(attention_kernels).max_head_dim)
+    return py::none();
+  if (!PyBool_Check(causal_.ptr())) return py::none();
+  double scale = 1.0 / std::sqrt(static_cast<double>(D));
+  if (!scale_.is_none()) {
+    if (!PyFloat_CheckExact(scale_.ptr())) return py::none();
+    scale = PyFloat_AS_DOUBLE(scale_.ptr());
+    if (!std::isfinite(scale)) return py::none();
+  }
+  int64_t window = 0;
+  if (!window_.is_none()) {
+    if (!PyLong_CheckExact(window_.ptr())) return py::none();
+    window = PyLong_AsLongLong(window_.ptr());
+    if (window < 1) return py::none();
+  }
+  const int64_t elem = qt == 0 ? 4 : 2;
+  if (q.shape[0] * q.shape[1] * q.shape[2] * D * elem >= max_out_bytes) return py::none();
+  py::object out_ = r.empty_like(q_);
+  View<4> out;
+  int ot;
+  if (!eager_view(out_, r, &out, &ot)) return py::none();  // (cannot happen: a fresh tensor like q)
+  const SdpaParams p = params_of(q, k, v, out, qt, causal_.ptr() == Py_True, scale, window, -1);
+  {
+    py::gil_scoped_release release;
+    FF_KERNELS(attention_kernels).sdpa(p);
+  }
+  return out_;
 }
 
 }  // namespace
@@ -128,6 +217,14 @@ descriptor broadcastable to [B, Hq, Lq, Lk]; mask_kind 1 reads uint8 (non-zero k
 2 reads fp32 added to the scaled scores. window: 0 for none. kv_chunk: -1 picks split-KV by
 shape, 0 never splits, n > 0 splits the keys into chunks of n.)doc");
   m.attr("sdpa_max_head_dim") = FF_KERNELS(attention_kernels).max_head_dim;
+  m.def("sdpa_torch", &sdpa_torch,
+        R"doc(The common eager ff.sdpa call on torch tensors in one step (use fusedformer.sdpa instead).
+
+sdpa_torch(q, k, v, causal, scale, window, max_out_bytes) with plain CPU tensors of one dtype
+(float32, float16, bfloat16) that need no autograd, q [B, Hq, Lq, D], k/v [B, Hkv, Lk, D] with
+a contiguous last dimension, causal a bool, scale None or a finite float, window None or an
+int >= 1, and an output under max_out_bytes: returns the output (torch.empty_like(q)); None for
+any other call, without running anything.)doc");
   m.def(
       "_softmax_exp2",
       [](py::array_t<float, py::array::c_style | py::array::forcecast> x) {

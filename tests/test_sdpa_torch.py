@@ -478,3 +478,88 @@ def test_output_cache_limit(torch, monkeypatch):
         monkeypatch.setenv("FUSEDFORMER_OUTPUT_CACHE_MB", bad)
         with pytest.raises(ValueError, match="FUSEDFORMER_OUTPUT_CACHE_MB"):
             ops_attention._cache_limit()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize(
+    "shape, opts",
+    [
+        ((1, 8, 2, 1, 257, 64), dict()),
+        ((2, 7, 1, 33, 129, 59), dict(causal=True, scale=0.3)),
+        ((1, 4, 4, 31, 127, 32), dict(causal=True, window=9)),
+        ((1, 32, 8, 3, 1025, 128), dict(window=100)),
+    ],
+    ids=str,
+)
+def test_eager_call_in_one_step_matches_the_general_path(torch, isa, threads, dtype, shape, opts):
+    """The common eager call (_C.sdpa_torch: checked and described in C++) gives the general
+    path's bits (native_sdpa, the same kernel), in q's dtype and layout; q as the transpose of a
+    [B, Lq, Hq, D] tensor, as models pass it."""
+    from fusedformer import _C
+    from fusedformer.ops_attention import HUGEPAGE_MIN_BYTES, native_sdpa
+
+    b, hq, hkv, lq, lk, d = shape
+    q, k, v = qkv(torch, b, hq, hkv, lq, lk, d, getattr(torch, dtype))
+    q = q.transpose(1, 2).contiguous().transpose(1, 2)
+    before = [t.clone() for t in (q, k, v)]
+    out = _C.sdpa_torch(q, k, v, opts.get("causal", False), opts.get("scale"), opts.get("window"),
+                        HUGEPAGE_MIN_BYTES)
+    assert out is not None and out.dtype == q.dtype and out.shape == q.shape and out.stride() == q.stride()
+    want = native_sdpa(q, k, v, causal=opts.get("causal", False), scale=opts.get("scale"),
+                       window=opts.get("window") or 0)
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    assert not torch.isnan(out).any()
+    for t, t0 in zip((q, k, v), before):
+        assert torch.equal(t, t0)
+    torch.testing.assert_close(ff.sdpa(q, k, v, **opts), want, rtol=0, atol=0)
+
+
+def test_eager_call_in_one_step_declines_the_rest(torch):
+    """_C.sdpa_torch returns None, running nothing, for every call it does not take: those
+    go down ff.sdpa's general path (with its own errors, or its copies)."""
+    from fusedformer import _C
+    from fusedformer.ops_attention import HUGEPAGE_MIN_BYTES
+
+    q, k, v = qkv(torch, 1, 4, 2, 5, 9, 32, torch.float32)
+
+    def declines(q=q, k=k, v=v, causal=False, scale=None, window=None, limit=HUGEPAGE_MIN_BYTES):
+        return _C.sdpa_torch(q, k, v, causal, scale, window, limit) is None
+
+    assert not declines()
+    assert declines(q=q.numpy())  # not torch
+    assert declines(q=q.clone().requires_grad_())  # autograd to record
+    assert declines(k=k.half(), v=v.half())  # mixed dtypes
+    assert declines(q=q.double(), k=k.double(), v=v.double())  # unsupported dtype
+    assert declines(q=q[0])  # 3-d
+    assert declines(q=q[:, :, :0])  # zero-sized
+    assert declines(v=v[:, :, :8])  # v's shape is not k's
+    assert declines(q=torch.randn(1, 3, 5, 32))  # heads do not divide
+    assert declines(q=torch.randn(1, 4, 5, 16))  # head dims differ
+    big = _C.sdpa_max_head_dim + 1
+    assert declines(q=torch.randn(1, 4, 5, big), k=torch.randn(1, 2, 9, big), v=torch.randn(1, 2, 9, big))
+    assert declines(q=torch.randn(1, 4, 32, 5).transpose(2, 3))  # last dim not contiguous: a copy
+    assert declines(causal=1)
+    for scale in (1, np.float32(0.5), float("nan"), float("inf"), True):
+        assert declines(scale=scale)
+    for window in (0, -3, True, np.int64(4), 2.0):
+        assert declines(window=window)
+    assert declines(limit=q.numel() * 4)  # large outputs take the output cache
+
+    class Sub(torch.Tensor):
+        pass
+
+    assert declines(q=q.as_subclass(Sub))
+
+
+def test_eager_call_in_one_step_only_when_eager(torch):
+    """ff.sdpa takes the one-step call only in plain eager mode: under torch.jit.trace the op
+    must be recorded (the general path's custom op), so the trace replays on new inputs."""
+    from fusedformer import ops_attention
+
+    q, k, v = qkv(torch, 1, 4, 2, 5, 9, 32, torch.float32)
+    assert ops_attention._eager_torch(q, k, v, False, None, None) is not None
+    assert ops_attention._eager_torch(q.numpy(), k.numpy(), v.numpy(), False, None, None) is None
+
+    traced = torch.jit.trace(lambda a, b, c: ff.sdpa(a, b, c), (q, k, v), check_trace=False)
+    q2, k2, v2 = qkv(torch, 1, 4, 2, 5, 9, 32, torch.float32, seed=1)
+    torch.testing.assert_close(traced(q2, k2, v2), ff.sdpa(q2, k2, v2), rtol=0, atol=0)

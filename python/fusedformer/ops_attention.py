@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 
 import numpy as np
 
@@ -130,6 +131,10 @@ def sdpa(q, k, v, *, mask=None, causal=False, scale=None, window=None, return_ls
     shape, dtype and, where q's storage is dense, its memory layout, as torch's SDPA does), or
     (out, lse) with lse fp32 [B, Hq, Lq] when return_lse.
     """
+    if mask is None and not return_lse:
+        out = _eager_torch(q, k, v, causal, scale, window)
+        if out is not None:
+            return out
     framework = common_framework("sdpa", q=q, k=k, v=v, mask=mask)
     if framework == "numpy":
         q, k, v = (np.asarray(t) if not isinstance(t, np.ndarray) else t for t in (q, k, v))
@@ -144,6 +149,17 @@ def sdpa(q, k, v, *, mask=None, causal=False, scale=None, window=None, return_ls
         op = attention_op.sdpa_lse if return_lse else attention_op.sdpa
         return op(q, k, v, mask, bool(causal), scale_f, window_i or None)
     return native_sdpa(q, k, v, mask=mask, causal=causal, scale=scale_f, window=window_i, return_lse=return_lse)
+
+
+def _eager_torch(q, k, v, causal, scale, window):
+    """The common eager call on torch tensors (no mask, no lse) through _C.sdpa_torch, which
+    checks and describes the tensors in C++: its output, or None where that call does not
+    apply (not torch, autograd to record, anything the general path would copy or reject), or
+    torch.compile / export / jit.trace is tracing (the op must appear in the graph)."""
+    torch = sys.modules.get("torch")
+    if torch is None or type(q) is not torch.Tensor or torch.compiler.is_compiling() or torch._C._is_tracing():
+        return None
+    return _C.sdpa_torch(q, k, v, causal, scale, window, HUGEPAGE_MIN_BYTES)
 
 
 def _torch_plain_eager(q, k, v, mask) -> bool:
