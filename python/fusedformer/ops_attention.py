@@ -159,7 +159,9 @@ def _eager_torch(q, k, v, causal, scale, window):
     torch = sys.modules.get("torch")
     if torch is None or type(q) is not torch.Tensor or torch.compiler.is_compiling() or torch._C._is_tracing():
         return None
-    return _C.sdpa_torch(q, k, v, causal, scale, window, HUGEPAGE_MIN_BYTES)
+    # (getattr: benchmarks/build_ab.py runs builds from before this call existed as _C)
+    one_step = getattr(_C, "sdpa_torch", None)
+    return None if one_step is None else one_step(q, k, v, causal, scale, window, HUGEPAGE_MIN_BYTES)
 
 
 def _torch_plain_eager(q, k, v, mask) -> bool:
