@@ -1,6 +1,7 @@
 """What one ff.sdpa call costs beyond its kernel, on torch tensors: the eager call in one step
-(`_C.sdpa_torch`), the general path it skips (check_args, then native_sdpa's descriptors), and
-torch's own F.scaled_dot_product_attention, in alternating rounds on the same inputs.
+(`_C.sdpa_torch`; numpy arrays take `_C.sdpa_numpy` the same way), the general path it skips
+(check_args, then native_sdpa's descriptors), and torch's own F.scaled_dot_product_attention,
+in alternating rounds on the same inputs.
 
     python benchmarks/call_overhead.py [--rounds N]
 

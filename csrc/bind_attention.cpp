@@ -120,55 +120,96 @@ void sdpa_binding(py::handle q_, py::handle k_, py::handle v_, py::handle out_, 
   FF_KERNELS(attention_kernels).sdpa(p);
 }
 
-// ---- the eager torch call in one step ------------------------------------------------------
+// ---- the eager call in one step ------------------------------------------------------------
 //
 // ff.sdpa's general path checks and describes its arguments in Python (check_args, then
 // native_sdpa's descriptors): about 27 us a call on a Zen 3 class VM where torch's own SDPA
-// takes 8, which a model pays on every layer of every decode step. sdpa_torch takes the common
-// eager call (plain CPU tensors of one dtype, no mask, no lse, no autograd to record) in C++ and
-// returns None for anything else, which the front then sends down the general path: every
-// argument error keeps the general path's message, and this path only has to recognise calls
-// that path would accept.
+// takes 8, which a model pays on every layer of every decode step. sdpa_torch and sdpa_numpy
+// take the common eager call (plain CPU tensors or ndarrays of one dtype, no mask, no lse, no
+// autograd to record) in C++ and return None for anything else, which the front then sends
+// down the general path: every argument error keeps the general path's message, and this path
+// only has to recognise calls that path would accept.
 
-struct TorchRefs {
-  py::object tensor_type, empty_like, f32, f16, bf16;
+// Torch: the tensor type, empty_like and the dtypes, read once (leaked: they live as long as
+// the interpreter's torch module; torch is imported by then, as the caller holds its tensors).
+struct TorchFramework {
+  py::object tensor_type, empty_like_fn, f32, f16, bf16;
+
+  static const TorchFramework& get() {
+    static const TorchFramework* fw = [] {
+      py::module_ t = py::module_::import("torch");
+      return new TorchFramework{t.attr("Tensor"), t.attr("empty_like"), t.attr("float32"), t.attr("float16"),
+                                t.attr("bfloat16")};
+    }();
+    return *fw;
+  }
+  // The view and dtype code of a plain CPU tensor that needs no autograd (false otherwise).
+  bool view(py::handle t, View<4>* v, int* dtype) const {
+    if (Py_TYPE(t.ptr()) != reinterpret_cast<PyTypeObject*>(tensor_type.ptr())) return false;
+    if (t.attr("requires_grad").cast<bool>() || !t.attr("is_cpu").cast<bool>()) return false;
+    const py::object dt = t.attr("dtype");
+    *dtype = dt.is(f32) ? 0 : dt.is(f16) ? 1 : dt.is(bf16) ? 2 : -1;
+    if (*dtype < 0) return false;
+    const py::object shape = t.attr("shape"), strides = t.attr("stride")();
+    if (!PyTuple_Check(shape.ptr()) || PyTuple_GET_SIZE(shape.ptr()) != 4 || !PyTuple_Check(strides.ptr()))
+      return false;
+    for (int i = 0; i < 4; ++i) {
+      v->shape[i] = PyLong_AsLongLong(PyTuple_GET_ITEM(shape.ptr(), i));
+      v->strides[i] = PyLong_AsLongLong(PyTuple_GET_ITEM(strides.ptr(), i));
+    }
+    v->ptr = t.attr("data_ptr")().cast<uintptr_t>();
+    return true;
+  }
+  py::object empty_like(py::handle q) const { return empty_like_fn(q); }
 };
 
-const TorchRefs& torch_refs() {  // (leaked: lives as long as the interpreter's torch module)
-  static const TorchRefs* refs = [] {
-    py::module_ t = py::module_::import("torch");
-    return new TorchRefs{t.attr("Tensor"), t.attr("empty_like"), t.attr("float32"), t.attr("float16"),
-                         t.attr("bfloat16")};
-  }();
-  return *refs;
-}
+// numpy: native-order float32 and float16 ndarrays (not subclasses; numpy has no bfloat16) whose
+// strides are whole elements and broadcast no axis (the general path lays such an output out
+// otherwise).
+struct NumpyFramework {
+  py::object empty_like_fn;
+  py::dtype f32, f16;
 
-// The view and dtype code of a plain CPU tensor that needs no autograd, 4-d with no zero-sized
-// dimension and a contiguous last dimension (the general path copies others); false otherwise.
-bool eager_view(py::handle t, const TorchRefs& r, View<4>* v, int* dtype) {
-  if (Py_TYPE(t.ptr()) != reinterpret_cast<PyTypeObject*>(r.tensor_type.ptr())) return false;
-  if (t.attr("requires_grad").cast<bool>() || !t.attr("is_cpu").cast<bool>()) return false;
-  const py::object dt = t.attr("dtype");
-  *dtype = dt.is(r.f32) ? 0 : dt.is(r.f16) ? 1 : dt.is(r.bf16) ? 2 : -1;
-  if (*dtype < 0) return false;
-  const py::object shape = t.attr("shape"), strides = t.attr("stride")();
-  if (!PyTuple_Check(shape.ptr()) || PyTuple_GET_SIZE(shape.ptr()) != 4 || !PyTuple_Check(strides.ptr()))
-    return false;
-  for (int i = 0; i < 4; ++i) {
-    v->shape[i] = PyLong_AsLongLong(PyTuple_GET_ITEM(shape.ptr(), i));
-    v->strides[i] = PyLong_AsLongLong(PyTuple_GET_ITEM(strides.ptr(), i));
-    if (v->shape[i] <= 0) return false;
+  static const NumpyFramework& get() {
+    static const NumpyFramework* fw = [] {
+      return new NumpyFramework{py::module_::import("numpy").attr("empty_like"), py::dtype::of<float>(),
+                                py::dtype("float16")};
+    }();
+    return *fw;
   }
-  v->ptr = t.attr("data_ptr")().cast<uintptr_t>();
-  return v->ptr != 0 && (v->shape[3] == 1 || v->strides[3] == 1);
-}
+  bool view(py::handle h, View<4>* v, int* dtype) const {
+    if (Py_TYPE(h.ptr()) != py::detail::npy_api::get().PyArray_Type_) return false;
+    const auto a = py::reinterpret_borrow<py::array>(h);
+    if (a.ndim() != 4) return false;
+    const py::dtype dt = a.dtype();
+    *dtype = dt.equal(f32) ? 0 : dt.equal(f16) ? 1 : -1;
+    if (*dtype < 0) return false;
+    const int64_t item = static_cast<int64_t>(a.itemsize());
+    for (int i = 0; i < 4; ++i) {
+      v->shape[i] = static_cast<int64_t>(a.shape(i));
+      const int64_t bytes = static_cast<int64_t>(a.strides(i));
+      if (bytes % item != 0 || (bytes == 0 && v->shape[i] > 1)) return false;
+      v->strides[i] = bytes / item;
+    }
+    v->ptr = reinterpret_cast<uintptr_t>(a.data());
+    return true;
+  }
+  py::object empty_like(py::handle q) const { return empty_like_fn(q); }
+};
 
-py::object sdpa_torch(py::handle q_, py::handle k_, py::handle v_, py::handle causal_, py::handle scale_,
+// The call on F's arrays, or None where it is not the common one (see above).
+template <class F>
+py::object sdpa_eager(py::handle q_, py::handle k_, py::handle v_, py::handle causal_, py::handle scale_,
                       py::handle window_, int64_t max_out_bytes) {
-  const TorchRefs& r = torch_refs();
+  const F& fw = F::get();
   View<4> q, k, v;
   int qt, kt, vt;
-  if (!eager_view(q_, r, &q, &qt) || !eager_view(k_, r, &k, &kt) || !eager_view(v_, r, &v, &vt)) return py::none();
+  if (!fw.view(q_, &q, &qt) || !fw.view(k_, &k, &kt) || !fw.view(v_, &v, &vt)) return py::none();
+  for (const View<4>* x : {&q, &k, &v}) {  // non-empty, last dimension contiguous (else a copy)
+    for (int64_t n : x->shape)
+      if (n <= 0) return py::none();
+    if (x->ptr == 0 || (x->shape[3] != 1 && x->strides[3] != 1)) return py::none();
+  }
   const int64_t D = q.shape[3];
   if (kt != qt || vt != qt || k.shape != v.shape || k.shape[0] != q.shape[0] || k.shape[3] != D ||
       q.shape[1] % k.shape[1] != 0 || D > FF_KERNELS(attention_kernels).max_head_dim)
@@ -188,10 +229,10 @@ py::object sdpa_torch(py::handle q_, py::handle k_, py::handle v_, py::handle ca
   }
   const int64_t elem = qt == 0 ? 4 : 2;
   if (q.shape[0] * q.shape[1] * q.shape[2] * D * elem >= max_out_bytes) return py::none();
-  py::object out_ = r.empty_like(q_);
+  py::object out_ = fw.empty_like(q_);
   View<4> out;
   int ot;
-  if (!eager_view(out_, r, &out, &ot)) return py::none();  // (cannot happen: a fresh tensor like q)
+  check(fw.view(out_, &out, &ot) && ot == qt, "empty_like(q) is not an output like q");
   const SdpaParams p = params_of(q, k, v, out, qt, causal_.ptr() == Py_True, scale, window, -1);
   {
     py::gil_scoped_release release;
@@ -217,14 +258,16 @@ descriptor broadcastable to [B, Hq, Lq, Lk]; mask_kind 1 reads uint8 (non-zero k
 2 reads fp32 added to the scaled scores. window: 0 for none. kv_chunk: -1 picks split-KV by
 shape, 0 never splits, n > 0 splits the keys into chunks of n.)doc");
   m.attr("sdpa_max_head_dim") = FF_KERNELS(attention_kernels).max_head_dim;
-  m.def("sdpa_torch", &sdpa_torch,
-        R"doc(The common eager ff.sdpa call on torch tensors in one step (use fusedformer.sdpa instead).
+  const char* eager_doc = R"doc(The common eager ff.sdpa call in one step (use fusedformer.sdpa instead).
 
-sdpa_torch(q, k, v, causal, scale, window, max_out_bytes) with plain CPU tensors of one dtype
-(float32, float16, bfloat16) that need no autograd, q [B, Hq, Lq, D], k/v [B, Hkv, Lk, D] with
-a contiguous last dimension, causal a bool, scale None or a finite float, window None or an
-int >= 1, and an output under max_out_bytes: returns the output (torch.empty_like(q)); None for
-any other call, without running anything.)doc");
+sdpa_torch / sdpa_numpy(q, k, v, causal, scale, window, max_out_bytes) with plain CPU tensors
+(float32, float16, bfloat16) that need no autograd, or ndarrays (float32, float16, native byte
+order, no broadcast axis), of one dtype: q [B, Hq, Lq, D], k/v [B, Hkv, Lk, D] with a contiguous
+last dimension, causal a bool, scale None or a finite float, window None or an int >= 1, and
+an output under max_out_bytes. Returns the output (empty_like(q)); None for any other call,
+without running anything.)doc";
+  m.def("sdpa_torch", &sdpa_eager<TorchFramework>, eager_doc);
+  m.def("sdpa_numpy", &sdpa_eager<NumpyFramework>, eager_doc);
   m.def(
       "_softmax_exp2",
       [](py::array_t<float, py::array::c_style | py::array::forcecast> x) {

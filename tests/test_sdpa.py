@@ -659,3 +659,65 @@ def test_big_prefill(rng):
     q, k, v = make_qkv(rng, 1, 4, 2, 1025, 1025, 128)
     out = ff.sdpa(q, k, v, causal=True)
     check(out, None, q, k, v, causal=True)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize(
+    "shape, opts",
+    [((1, 8, 2, 1, 257, 64), dict()), ((2, 7, 1, 33, 129, 59), dict(causal=True, scale=0.3)),
+     ((1, 4, 4, 31, 127, 32), dict(causal=True, window=9))],
+    ids=str,
+)
+def test_eager_call_in_one_step_matches_the_general_path(rng, isa, threads, dtype, shape, opts):
+    """The common call on ndarrays (_C.sdpa_numpy: checked and described in C++) gives the
+    general path's bits (native_sdpa, the same kernel), in q's dtype and layout; q as the
+    transpose of a [B, Lq, Hq, D] array."""
+    from fusedformer import _C
+    from fusedformer.ops_attention import HUGEPAGE_MIN_BYTES, native_sdpa
+
+    q, k, v = (x.astype(dtype) for x in make_qkv(rng, *shape))
+    q = np.ascontiguousarray(q.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)
+    before = [x.copy() for x in (q, k, v)]
+    out = _C.sdpa_numpy(q, k, v, opts.get("causal", False), opts.get("scale"), opts.get("window"),
+                        HUGEPAGE_MIN_BYTES)
+    assert out is not None and out.dtype == q.dtype and out.shape == q.shape and out.strides == q.strides
+    want = native_sdpa(q, k, v, causal=opts.get("causal", False), scale=opts.get("scale"),
+                       window=opts.get("window") or 0)
+    np.testing.assert_array_equal(out, want)
+    assert not np.isnan(out).any()
+    for x, x0 in zip((q, k, v), before):
+        np.testing.assert_array_equal(x, x0)
+    np.testing.assert_array_equal(ff.sdpa(q, k, v, **opts), want)
+
+
+def test_eager_call_in_one_step_declines_the_rest(rng):
+    """_C.sdpa_numpy returns None, running nothing, for every call it does not take: those go
+    down ff.sdpa's general path (with its own errors, or its copies and layouts)."""
+    from fusedformer import _C
+    from fusedformer.ops_attention import HUGEPAGE_MIN_BYTES
+
+    q, k, v = make_qkv(rng, 1, 4, 2, 5, 9, 32)
+
+    def declines(q=q, k=k, v=v, causal=False, scale=None, window=None, limit=HUGEPAGE_MIN_BYTES):
+        return _C.sdpa_numpy(q, k, v, causal, scale, window, limit) is None
+
+    assert not declines()
+    assert declines(q=q.tolist())  # not an ndarray
+    assert declines(q=q.view(np.ma.MaskedArray))  # a subclass
+    assert declines(k=k.astype(np.float16), v=v.astype(np.float16))  # mixed dtypes
+    assert declines(q=q.astype(np.float64), k=k.astype(np.float64), v=v.astype(np.float64))
+    assert declines(q=q.astype(">f4"), k=k.astype(">f4"), v=v.astype(">f4"))  # byte order
+    assert declines(q=q[0])  # 3-d
+    assert declines(q=q[:, :, :0])  # zero-sized
+    assert declines(v=v[:, :, :8])  # v's shape is not k's
+    assert declines(q=rng.standard_normal((1, 3, 5, 32)).astype(np.float32))  # heads do not divide
+    assert declines(q=np.broadcast_to(q[:, :1], q.shape))  # a broadcast axis (stride 0)
+    assert declines(q=rng.standard_normal((1, 4, 32, 5)).astype(np.float32).transpose(0, 1, 3, 2))
+    buf = np.ones(1 << 16, np.uint8)  # a stride of 642 bytes: not whole float32 elements
+    assert declines(q=np.ndarray(q.shape, np.float32, buffer=buf, strides=(4096, 642, 128, 4)))
+    assert declines(causal=np.bool_(True))
+    for scale in (1, np.float64(0.5), float("nan")):
+        assert declines(scale=scale)
+    for window in (0, True, np.int64(4)):
+        assert declines(window=window)
+    assert declines(limit=q.nbytes)  # large outputs take the output cache

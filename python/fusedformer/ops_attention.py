@@ -132,7 +132,7 @@ def sdpa(q, k, v, *, mask=None, causal=False, scale=None, window=None, return_ls
     (out, lse) with lse fp32 [B, Hq, Lq] when return_lse.
     """
     if mask is None and not return_lse:
-        out = _eager_torch(q, k, v, causal, scale, window)
+        out = _eager_call(q, k, v, causal, scale, window)
         if out is not None:
             return out
     framework = common_framework("sdpa", q=q, k=k, v=v, mask=mask)
@@ -151,16 +151,20 @@ def sdpa(q, k, v, *, mask=None, causal=False, scale=None, window=None, return_ls
     return native_sdpa(q, k, v, mask=mask, causal=causal, scale=scale_f, window=window_i, return_lse=return_lse)
 
 
-def _eager_torch(q, k, v, causal, scale, window):
-    """The common eager call on torch tensors (no mask, no lse) through _C.sdpa_torch, which
-    checks and describes the tensors in C++: its output, or None where that call does not
-    apply (not torch, autograd to record, anything the general path would copy or reject), or
-    torch.compile / export / jit.trace is tracing (the op must appear in the graph)."""
-    torch = sys.modules.get("torch")
-    if torch is None or type(q) is not torch.Tensor or torch.compiler.is_compiling() or torch._C._is_tracing():
-        return None
-    # (getattr: benchmarks/build_ab.py runs builds from before this call existed as _C)
-    one_step = getattr(_C, "sdpa_torch", None)
+def _eager_call(q, k, v, causal, scale, window):
+    """The common eager call (no mask, no lse) on numpy arrays or torch tensors through
+    _C.sdpa_numpy / _C.sdpa_torch, which check and describe them in C++: its output, or None
+    where that call does not apply (another framework, autograd to record, anything the general
+    path would copy or reject), or torch.compile / export / jit.trace is tracing (the op must
+    appear in the graph)."""
+    if type(q) is np.ndarray:
+        one_step = getattr(_C, "sdpa_numpy", None)
+    else:
+        torch = sys.modules.get("torch")
+        if torch is None or type(q) is not torch.Tensor or torch.compiler.is_compiling() or torch._C._is_tracing():
+            return None
+        one_step = getattr(_C, "sdpa_torch", None)
+    # (getattr: benchmarks/build_ab.py runs builds from before these calls existed as _C)
     return None if one_step is None else one_step(q, k, v, causal, scale, window, HUGEPAGE_MIN_BYTES)
 
 
