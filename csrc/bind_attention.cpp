@@ -82,7 +82,8 @@ SdpaParams params_of(const View<4>& q, const View<4>& k, const View<4>& v, const
   p.lse = nullptr;
   p.mask.kind = SdpaMaskKind::none;
   p.causal = causal;
-  p.window = window;
+  p.window = window < Lk ? window : Lk;  // (a window of Lk keys already limits nothing; past
+                                         // int64 range arithmetic it would overflow key_range)
   p.scale = static_cast<float>(scale);
   p.kv_chunk = kv_chunk;
   return p;
@@ -225,6 +226,10 @@ py::object sdpa_eager(py::handle q_, py::handle k_, py::handle v_, py::handle ca
   if (!window_.is_none()) {
     if (!PyLong_CheckExact(window_.ptr())) return py::none();
     window = PyLong_AsLongLong(window_.ptr());
+    if (window == -1 && PyErr_Occurred()) {  // past int64: the general path's to handle
+      PyErr_Clear();
+      return py::none();
+    }
     if (window < 1) return py::none();
   }
   const int64_t elem = qt == 0 ? 4 : 2;

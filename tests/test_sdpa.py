@@ -718,6 +718,17 @@ def test_eager_call_in_one_step_declines_the_rest(rng):
     assert declines(causal=np.bool_(True))
     for scale in (1, np.float64(0.5), float("nan")):
         assert declines(scale=scale)
-    for window in (0, True, np.int64(4)):
+    for window in (0, True, np.int64(4), -(2**70)):
         assert declines(window=window)
     assert declines(limit=q.nbytes)  # large outputs take the output cache
+
+
+def test_window_wider_than_int64_is_no_window(rng):
+    """A window of Lk keys or more, up to past int64 (a Python int may be any size), limits
+    nothing; Lq > Lk too, where the diagonal starts below key 0."""
+    for lq, lk in ((5, 9), (9, 5)):
+        q, k, v = make_qkv(rng, 1, 4, 2, lq, lk, 32)
+        for causal in (False, True):
+            want = ff.sdpa(q, k, v, causal=causal)
+            for window in (lk, 2**62, 2**63 - 1, 2**70):
+                np.testing.assert_array_equal(ff.sdpa(q, k, v, causal=causal, window=window), want)

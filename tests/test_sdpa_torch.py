@@ -541,7 +541,7 @@ def test_eager_call_in_one_step_declines_the_rest(torch):
     assert declines(causal=1)
     for scale in (1, np.float32(0.5), float("nan"), float("inf"), True):
         assert declines(scale=scale)
-    for window in (0, -3, True, np.int64(4), 2.0):
+    for window in (0, -3, True, np.int64(4), 2.0, 2**70):
         assert declines(window=window)
     assert declines(limit=q.numel() * 4)  # large outputs take the output cache
 

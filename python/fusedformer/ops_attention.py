@@ -118,7 +118,7 @@ def _checked_window(window) -> int:
         window = int(window)
     if window < 1:
         raise ValueError(f"[sdpa] window must be a positive int or None, got {window}")
-    return window
+    return min(window, 2**63 - 1)  # (wider than any call's keys: the kernel's int64 holds it)
 
 
 def sdpa(q, k, v, *, mask=None, causal=False, scale=None, window=None, return_lse=False):
