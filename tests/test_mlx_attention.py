@@ -242,3 +242,13 @@ def test_mlx_path_compiles_and_differentiates(rng):
     for g, w in zip(grads, want):
         assert not np.isnan(np.array(g)).any()
         np.testing.assert_allclose(np.array(g), np.array(w), atol=1e-4, rtol=1e-4)
+
+
+def test_window_wider_than_the_keys_is_no_window(rng):
+    """A window of Lk keys or more, up to past int64, limits nothing (MLX's int32 positions)."""
+    for lq, lk in ((5, 9), (9, 5)):
+        q, k, v = (mx.array(rng.standard_normal(s).astype(np.float32)) for s in ((1, 2, lq, 8), (1, 2, lk, 8), (1, 2, lk, 8)))
+        for causal in (False, True):
+            want = np.array(ff.sdpa(q, k, v, causal=causal))
+            for window in (lk, 2**62, 2**70):
+                np.testing.assert_array_equal(np.array(ff.sdpa(q, k, v, causal=causal, window=window)), want)

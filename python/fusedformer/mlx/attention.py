@@ -102,8 +102,8 @@ def position_mask(lq: int, lk: int, *, causal: bool = False, window: int | None 
     allowed = mx.ones((lq, lk), dtype=mx.bool_)
     if causal:
         allowed = allowed & (j <= i)
-    if window is not None:
-        allowed = allowed & (j > i - window)
+    if window is not None:  # (a window of lk keys already limits nothing; wider ones overflow int32)
+        allowed = allowed & (j > i - min(window, lk))
     return allowed
 
 
