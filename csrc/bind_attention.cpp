@@ -44,6 +44,10 @@ View<N> parse_view(const py::handle& h, const char* name) {
   return v;
 }
 
+// The largest |scale|: the kernel folds log2(e) into it in float32 (scores in base 2), which
+// must stay finite.
+constexpr double kMaxScale = 3.4028234663852886e38 / 1.4426950408889634 / 1.0001;
+
 void check(bool ok, const std::string& msg) {
   if (!ok) throw py::value_error("[sdpa] " + msg);
 }
@@ -69,7 +73,7 @@ SdpaParams params_of(const View<4>& q, const View<4>& k, const View<4>& v, const
   check(Hq % Hkv == 0, "k's heads do not divide q's heads");
   check(out.shape == q.shape, "out's shape does not match q's");
   check(D <= max_head_dim, "head dim " + std::to_string(D) + " exceeds " + std::to_string(max_head_dim));
-  check(std::isfinite(scale), "scale must be finite");
+  check(std::isfinite(scale) && std::fabs(scale) <= kMaxScale, "scale must be finite in float32 after the factor log2 e");
   check(window >= 0, "window must be >= 0 (0: none)");
 
   SdpaParams p{};
@@ -220,7 +224,7 @@ py::object sdpa_eager(py::handle q_, py::handle k_, py::handle v_, py::handle ca
   if (!scale_.is_none()) {
     if (!PyFloat_CheckExact(scale_.ptr())) return py::none();
     scale = PyFloat_AS_DOUBLE(scale_.ptr());
-    if (!std::isfinite(scale)) return py::none();
+    if (!std::isfinite(scale) || std::fabs(scale) > kMaxScale) return py::none();
   }
   int64_t window = 0;
   if (!window_.is_none()) {
@@ -263,6 +267,7 @@ descriptor broadcastable to [B, Hq, Lq, Lk]; mask_kind 1 reads uint8 (non-zero k
 2 reads fp32 added to the scaled scores. window: 0 for none. kv_chunk: -1 picks split-KV by
 shape, 0 never splits, n > 0 splits the keys into chunks of n.)doc");
   m.attr("sdpa_max_head_dim") = FF_KERNELS(attention_kernels).max_head_dim;
+  m.attr("sdpa_max_scale") = kMaxScale;
   const char* eager_doc = R"doc(The common eager ff.sdpa call in one step (use fusedformer.sdpa instead).
 
 sdpa_torch / sdpa_numpy(q, k, v, causal, scale, window, max_out_bytes) with plain CPU tensors

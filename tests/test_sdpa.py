@@ -531,6 +531,8 @@ def test_bad_arrays(rng, mutate, exc, words):
     [
         (dict(scale=float("nan")), ValueError, "scale"),
         (dict(scale=float("inf")), ValueError, "scale"),
+        (dict(scale=1e40), ValueError, "scale"),  # finite, but not in float32
+        (dict(scale=-3e38), ValueError, "scale"),  # ... after the factor log2 e
         (dict(scale="1"), TypeError, "scale"),
         (dict(window=0), ValueError, "window"),
         (dict(window=2.5), TypeError, "window"),
@@ -716,7 +718,7 @@ def test_eager_call_in_one_step_declines_the_rest(rng):
     buf = np.ones(1 << 16, np.uint8)  # a stride of 642 bytes: not whole float32 elements
     assert declines(q=np.ndarray(q.shape, np.float32, buffer=buf, strides=(4096, 642, 128, 4)))
     assert declines(causal=np.bool_(True))
-    for scale in (1, np.float64(0.5), float("nan")):
+    for scale in (1, np.float64(0.5), float("nan"), 1e40, 3e38):
         assert declines(scale=scale)
     for window in (0, True, np.int64(4), -(2**70)):
         assert declines(window=window)

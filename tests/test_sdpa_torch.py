@@ -539,7 +539,7 @@ def test_eager_call_in_one_step_declines_the_rest(torch):
     assert declines(q=torch.randn(1, 4, 5, big), k=torch.randn(1, 2, 9, big), v=torch.randn(1, 2, 9, big))
     assert declines(q=torch.randn(1, 4, 32, 5).transpose(2, 3))  # last dim not contiguous: a copy
     assert declines(causal=1)
-    for scale in (1, np.float32(0.5), float("nan"), float("inf"), True):
+    for scale in (1, np.float32(0.5), float("nan"), float("inf"), True, 1e40, -3e38):
         assert declines(scale=scale)
     for window in (0, -3, True, np.int64(4), 2.0, 2**70):
         assert declines(window=window)

@@ -21,6 +21,7 @@ __all__ = ["sdpa", "check_args", "native_sdpa"]
 # dtype name (numpy, torch and mlx spell them alike after the last dot) -> kernel code
 DTYPE_CODES = {"float32": 0, "float16": 1, "bfloat16": 2}
 MAX_HEAD_DIM = int(_C.sdpa_max_head_dim)
+MAX_SCALE = float(_C.sdpa_max_scale)  # the kernel takes scale * log2(e) in float32
 
 
 # numpy dtype -> name: str() of a numpy dtype runs Python code (about 8 us a call, four calls
@@ -106,6 +107,8 @@ def _checked_scale(scale, head_dim) -> float:
         scale = float(scale)
     if not math.isfinite(scale):
         raise ValueError(f"[sdpa] scale must be finite, got {scale}")
+    if abs(scale) > MAX_SCALE:  # (else every score is +-inf or nan and the output a silent 0)
+        raise ValueError(f"[sdpa] scale {scale} overflows float32, the kernel's precision (|scale| <= {MAX_SCALE:.4g})")
     return scale
 
 
