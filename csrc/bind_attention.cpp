@@ -130,37 +130,42 @@ void sdpa_binding(py::handle q_, py::handle k_, py::handle v_, py::handle out_, 
 // ff.sdpa's general path checks and describes its arguments in Python (check_args, then
 // native_sdpa's descriptors): about 27 us a call on a Zen 3 class VM where torch's own SDPA
 // takes 8, which a model pays on every layer of every decode step. sdpa_torch and sdpa_numpy
-// take the common eager call (plain CPU tensors or ndarrays of one dtype, no mask, no lse, no
-// autograd to record) in C++ and return None for anything else, which the front then sends
+// take the common eager call (plain CPU tensors or ndarrays of one dtype; no mask, or a bool
+// or float32 one; no lse; no autograd to record) in C++ and return None for anything else, which the front then sends
 // down the general path: every argument error keeps the general path's message, and this path
 // only has to recognise calls that path would accept.
 
 // Torch: the tensor type, empty_like and the dtypes, read once (leaked: they live as long as
 // the interpreter's torch module; torch is imported by then, as the caller holds its tensors).
+// The element types the one-step call tells apart: q/k/v's, and a mask's (bool keeps, float32 adds).
+enum EagerDType { kF32 = 0, kF16 = 1, kBF16 = 2, kBool = 3, kOther = -1 };
+
 struct TorchFramework {
-  py::object tensor_type, empty_like_fn, f32, f16, bf16;
+  py::object tensor_type, empty_like_fn, f32, f16, bf16, boolean;
 
   static const TorchFramework& get() {
     static const TorchFramework* fw = [] {
       py::module_ t = py::module_::import("torch");
       return new TorchFramework{t.attr("Tensor"), t.attr("empty_like"), t.attr("float32"), t.attr("float16"),
-                                t.attr("bfloat16")};
+                                t.attr("bfloat16"), t.attr("bool")};
     }();
     return *fw;
   }
-  // The view and dtype code of a plain CPU tensor that needs no autograd (false otherwise).
-  bool view(py::handle t, View<4>* v, int* dtype) const {
+  // The view (leading dimensions of size 1 where it has fewer than 4, up to `fewer` of them)
+  // and EagerDType of a plain CPU tensor that needs no autograd (false otherwise).
+  bool view(py::handle t, View<4>* v, int* dtype, int fewer = 0) const {
     if (Py_TYPE(t.ptr()) != reinterpret_cast<PyTypeObject*>(tensor_type.ptr())) return false;
     if (t.attr("requires_grad").cast<bool>() || !t.attr("is_cpu").cast<bool>()) return false;
     const py::object dt = t.attr("dtype");
-    *dtype = dt.is(f32) ? 0 : dt.is(f16) ? 1 : dt.is(bf16) ? 2 : -1;
-    if (*dtype < 0) return false;
+    *dtype = dt.is(f32) ? kF32 : dt.is(f16) ? kF16 : dt.is(bf16) ? kBF16 : dt.is(boolean) ? kBool : kOther;
     const py::object shape = t.attr("shape"), strides = t.attr("stride")();
-    if (!PyTuple_Check(shape.ptr()) || PyTuple_GET_SIZE(shape.ptr()) != 4 || !PyTuple_Check(strides.ptr()))
-      return false;
+    if (!PyTuple_Check(shape.ptr()) || !PyTuple_Check(strides.ptr())) return false;
+    const int nd = static_cast<int>(PyTuple_GET_SIZE(shape.ptr()));
+    if (nd > 4 || nd < 4 - fewer) return false;
     for (int i = 0; i < 4; ++i) {
-      v->shape[i] = PyLong_AsLongLong(PyTuple_GET_ITEM(shape.ptr(), i));
-      v->strides[i] = PyLong_AsLongLong(PyTuple_GET_ITEM(strides.ptr(), i));
+      const int at = i - (4 - nd);
+      v->shape[i] = at < 0 ? 1 : PyLong_AsLongLong(PyTuple_GET_ITEM(shape.ptr(), at));
+      v->strides[i] = at < 0 ? 0 : PyLong_AsLongLong(PyTuple_GET_ITEM(strides.ptr(), at));
     }
     v->ptr = t.attr("data_ptr")().cast<uintptr_t>();
     return true;
@@ -173,26 +178,27 @@ struct TorchFramework {
 // otherwise).
 struct NumpyFramework {
   py::object empty_like_fn;
-  py::dtype f32, f16;
+  py::dtype f32, f16, boolean;
 
   static const NumpyFramework& get() {
     static const NumpyFramework* fw = [] {
       return new NumpyFramework{py::module_::import("numpy").attr("empty_like"), py::dtype::of<float>(),
-                                py::dtype("float16")};
+                                py::dtype("float16"), py::dtype::of<bool>()};
     }();
     return *fw;
   }
-  bool view(py::handle h, View<4>* v, int* dtype) const {
+  bool view(py::handle h, View<4>* v, int* dtype, int fewer = 0) const {
     if (Py_TYPE(h.ptr()) != py::detail::npy_api::get().PyArray_Type_) return false;
     const auto a = py::reinterpret_borrow<py::array>(h);
-    if (a.ndim() != 4) return false;
+    const int nd = static_cast<int>(a.ndim());
+    if (nd > 4 || nd < 4 - fewer) return false;
     const py::dtype dt = a.dtype();
-    *dtype = dt.equal(f32) ? 0 : dt.equal(f16) ? 1 : -1;
-    if (*dtype < 0) return false;
+    *dtype = dt.equal(f32) ? kF32 : dt.equal(f16) ? kF16 : dt.equal(boolean) ? kBool : kOther;
     const int64_t item = static_cast<int64_t>(a.itemsize());
     for (int i = 0; i < 4; ++i) {
-      v->shape[i] = static_cast<int64_t>(a.shape(i));
-      const int64_t bytes = static_cast<int64_t>(a.strides(i));
+      const int at = i - (4 - nd);
+      v->shape[i] = at < 0 ? 1 : static_cast<int64_t>(a.shape(at));
+      const int64_t bytes = at < 0 ? 0 : static_cast<int64_t>(a.strides(at));
       if (bytes % item != 0 || (bytes == 0 && v->shape[i] > 1)) return false;
       v->strides[i] = bytes / item;
     }
@@ -204,12 +210,13 @@ struct NumpyFramework {
 
 // The call on F's arrays, or None where it is not the common one (see above).
 template <class F>
-py::object sdpa_eager(py::handle q_, py::handle k_, py::handle v_, py::handle causal_, py::handle scale_,
-                      py::handle window_, int64_t max_out_bytes) {
+py::object sdpa_eager(py::handle q_, py::handle k_, py::handle v_, py::handle mask_, py::handle causal_,
+                      py::handle scale_, py::handle window_, int64_t max_out_bytes) {
   const F& fw = F::get();
   View<4> q, k, v;
   int qt, kt, vt;
   if (!fw.view(q_, &q, &qt) || !fw.view(k_, &k, &kt) || !fw.view(v_, &v, &vt)) return py::none();
+  if (qt < kF32 || qt > kBF16) return py::none();
   for (const View<4>* x : {&q, &k, &v}) {  // non-empty, last dimension contiguous (else a copy)
     for (int64_t n : x->shape)
       if (n <= 0) return py::none();
@@ -236,13 +243,29 @@ py::object sdpa_eager(py::handle q_, py::handle k_, py::handle v_, py::handle ca
     }
     if (window < 1) return py::none();
   }
+  View<4> m;  // the mask: bool (keeps) or float32 (adds), broadcastable to [B, Hq, Lq, Lk]
+  int mt = kOther;
+  if (!mask_.is_none()) {
+    if (!fw.view(mask_, &m, &mt, 4) || (mt != kBool && mt != kF32) || m.ptr == 0) return py::none();
+    const std::array<int64_t, 4> full{q.shape[0], q.shape[1], q.shape[2], k.shape[2]};
+    for (int i = 0; i < 4; ++i) {
+      if (m.shape[i] != full[i] && m.shape[i] != 1) return py::none();
+      if (m.shape[i] == 1) m.strides[i] = 0;
+    }
+  }
   const int64_t elem = qt == 0 ? 4 : 2;
   if (q.shape[0] * q.shape[1] * q.shape[2] * D * elem >= max_out_bytes) return py::none();
   py::object out_ = fw.empty_like(q_);
   View<4> out;
   int ot;
   check(fw.view(out_, &out, &ot) && ot == qt, "empty_like(q) is not an output like q");
-  const SdpaParams p = params_of(q, k, v, out, qt, causal_.ptr() == Py_True, scale, window, -1);
+  SdpaParams p = params_of(q, k, v, out, qt, causal_.ptr() == Py_True, scale, window, -1);
+  if (mt != kOther) {
+    p.mask.kind = mt == kBool ? SdpaMaskKind::keep : SdpaMaskKind::add;
+    p.mask.data = reinterpret_cast<const void*>(m.ptr);
+    p.mask.stride_b = m.strides[0], p.mask.stride_h = m.strides[1], p.mask.stride_q = m.strides[2];
+    p.mask.stride_k = m.strides[3];
+  }
   {
     py::gil_scoped_release release;
     FF_KERNELS(attention_kernels).sdpa(p);
@@ -270,12 +293,13 @@ shape, 0 never splits, n > 0 splits the keys into chunks of n.)doc");
   m.attr("sdpa_max_scale") = kMaxScale;
   const char* eager_doc = R"doc(The common eager ff.sdpa call in one step (use fusedformer.sdpa instead).
 
-sdpa_torch / sdpa_numpy(q, k, v, causal, scale, window, max_out_bytes) with plain CPU tensors
-(float32, float16, bfloat16) that need no autograd, or ndarrays (float32, float16, native byte
-order, no broadcast axis), of one dtype: q [B, Hq, Lq, D], k/v [B, Hkv, Lk, D] with a contiguous
-last dimension, causal a bool, scale None or a finite float, window None or an int >= 1, and
-an output under max_out_bytes. Returns the output (empty_like(q)); None for any other call,
-without running anything.)doc";
+sdpa_torch / sdpa_numpy(q, k, v, mask, causal, scale, window, max_out_bytes) with plain CPU
+tensors (float32, float16, bfloat16) that need no autograd, or ndarrays (float32, float16,
+native byte order, no broadcast axis), of one dtype: q [B, Hq, Lq, D], k/v [B, Hkv, Lk, D] with
+a contiguous last dimension; mask None, or bool (True keeps) or float32 (added) of up to 4 dims
+broadcastable to [B, Hq, Lq, Lk], of the same framework; causal a bool, scale None or a finite
+float, window None or an int >= 1, and an output under max_out_bytes. Returns the output
+(empty_like(q)); None for any other call, without running anything.)doc";
   m.def("sdpa_torch", &sdpa_eager<TorchFramework>, eager_doc);
   m.def("sdpa_numpy", &sdpa_eager<NumpyFramework>, eager_doc);
   m.def(

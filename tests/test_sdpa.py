@@ -667,29 +667,42 @@ def test_big_prefill(rng):
 @pytest.mark.parametrize(
     "shape, opts",
     [((1, 8, 2, 1, 257, 64), dict()), ((2, 7, 1, 33, 129, 59), dict(causal=True, scale=0.3)),
-     ((1, 4, 4, 31, 127, 32), dict(causal=True, window=9))],
+     ((1, 4, 4, 31, 127, 32), dict(causal=True, window=9)),
+     ((2, 4, 2, 3, 127, 32), dict(mask="bool [B, 1, Lq, Lk]")), ((1, 4, 1, 33, 31, 64), dict(mask="float32 [Lk]")),
+     ((2, 4, 2, 3, 129, 32), dict(mask="float32 [B, Hq, 1, Lk]", causal=True))],
     ids=str,
 )
 def test_eager_call_in_one_step_matches_the_general_path(rng, isa, threads, dtype, shape, opts):
     """The common call on ndarrays (_C.sdpa_numpy: checked and described in C++) gives the
     general path's bits (native_sdpa, the same kernel), in q's dtype and layout; q as the
-    transpose of a [B, Lq, Hq, D] array."""
+    transpose of a [B, Lq, Hq, D] array; masks bool or additive, broadcast along any axis."""
     from fusedformer import _C
     from fusedformer.ops_attention import HUGEPAGE_MIN_BYTES, native_sdpa
 
+    b, hq, _, lq, lk, _ = shape
     q, k, v = (x.astype(dtype) for x in make_qkv(rng, *shape))
     q = np.ascontiguousarray(q.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)
-    before = [x.copy() for x in (q, k, v)]
-    out = _C.sdpa_numpy(q, k, v, opts.get("causal", False), opts.get("scale"), opts.get("window"),
+    opts = dict(opts)
+    if "mask" in opts:
+        kind, dims = opts["mask"].split(" ", 1)
+        full = dict(B=b, Hq=hq, Lq=lq, Lk=lk)
+        mshape = [full.get(n, 1) for n in dims.strip("[]").split(", ")]
+        opts["mask"] = (rng.random(mshape) < 0.8 if kind == "bool"
+                        else np.where(rng.random(mshape) < 0.2, -np.inf, rng.standard_normal(mshape)).astype(np.float32))
+    mask = opts.get("mask")
+    before = [x.copy() for x in (q, k, v) + (() if mask is None else (mask,))]
+    out = _C.sdpa_numpy(q, k, v, mask, opts.get("causal", False), opts.get("scale"), opts.get("window"),
                         HUGEPAGE_MIN_BYTES)
     assert out is not None and out.dtype == q.dtype and out.shape == q.shape and out.strides == q.strides
-    want = native_sdpa(q, k, v, causal=opts.get("causal", False), scale=opts.get("scale"),
+    want = native_sdpa(q, k, v, mask=mask, causal=opts.get("causal", False), scale=opts.get("scale"),
                        window=opts.get("window") or 0)
     np.testing.assert_array_equal(out, want)
     assert not np.isnan(out).any()
-    for x, x0 in zip((q, k, v), before):
+    for x, x0 in zip((q, k, v) + (() if mask is None else (mask,)), before):
         np.testing.assert_array_equal(x, x0)
     np.testing.assert_array_equal(ff.sdpa(q, k, v, **opts), want)
+    if mask is not None:  # and the mask acts: the call without it differs
+        assert not np.array_equal(ff.sdpa(q, k, v, **{**opts, "mask": None}), want)
 
 
 def test_eager_call_in_one_step_declines_the_rest(rng):
@@ -700,10 +713,17 @@ def test_eager_call_in_one_step_declines_the_rest(rng):
 
     q, k, v = make_qkv(rng, 1, 4, 2, 5, 9, 32)
 
-    def declines(q=q, k=k, v=v, causal=False, scale=None, window=None, limit=HUGEPAGE_MIN_BYTES):
-        return _C.sdpa_numpy(q, k, v, causal, scale, window, limit) is None
+    def declines(q=q, k=k, v=v, mask=None, causal=False, scale=None, window=None, limit=HUGEPAGE_MIN_BYTES):
+        return _C.sdpa_numpy(q, k, v, mask, causal, scale, window, limit) is None
 
     assert not declines()
+    assert not declines(mask=np.ones((5, 9), bool))
+    assert declines(mask=np.ones((5, 9), np.float16))  # the general path converts it
+    assert declines(mask=np.ones((5, 9), np.int32))  # the general path's error
+    assert declines(mask=np.ones((5, 8), bool))  # not broadcastable
+    assert declines(mask=np.ones((1, 1, 1, 5, 9), bool))  # 5-d
+    assert declines(mask=np.broadcast_to(np.ones((1, 9), bool), (5, 9)))  # a broadcast axis
+    assert declines(mask=np.ones((5, 9), bool).tolist())
     assert declines(q=q.tolist())  # not an ndarray
     assert declines(q=q.view(np.ma.MaskedArray))  # a subclass
     assert declines(k=k.astype(np.float16), v=v.astype(np.float16))  # mixed dtypes

@@ -488,30 +488,43 @@ def test_output_cache_limit(torch, monkeypatch):
         ((2, 7, 1, 33, 129, 59), dict(causal=True, scale=0.3)),
         ((1, 4, 4, 31, 127, 32), dict(causal=True, window=9)),
         ((1, 32, 8, 3, 1025, 128), dict(window=100)),
+        # transformers' padding mask (bool, [B, 1, Lq, Lk]) and additive ones, broadcast by size
+        # 1 or by stride 0
+        ((2, 8, 2, 1, 257, 64), dict(mask="bool")),
+        ((2, 4, 4, 33, 31, 32), dict(mask="additive", causal=True)),
+        ((1, 4, 2, 3, 129, 64), dict(mask="expanded")),
     ],
     ids=str,
 )
 def test_eager_call_in_one_step_matches_the_general_path(torch, isa, threads, dtype, shape, opts):
     """The common eager call (_C.sdpa_torch: checked and described in C++) gives the general
     path's bits (native_sdpa, the same kernel), in q's dtype and layout; q as the transpose of a
-    [B, Lq, Hq, D] tensor, as models pass it."""
+    [B, Lq, Hq, D] tensor, as models pass it; masks bool or additive (float32)."""
     from fusedformer import _C
     from fusedformer.ops_attention import HUGEPAGE_MIN_BYTES, native_sdpa
 
     b, hq, hkv, lq, lk, d = shape
     q, k, v = qkv(torch, b, hq, hkv, lq, lk, d, getattr(torch, dtype))
     q = q.transpose(1, 2).contiguous().transpose(1, 2)
-    before = [t.clone() for t in (q, k, v)]
-    out = _C.sdpa_torch(q, k, v, opts.get("causal", False), opts.get("scale"), opts.get("window"),
+    g = torch.Generator().manual_seed(2)
+    opts = dict(opts)
+    kind = opts.pop("mask", None)
+    mask = {None: None, "bool": torch.rand(b, 1, lq, lk, generator=g) < 0.8,
+            "additive": torch.where(torch.rand(lq, lk, generator=g) < 0.2, float("-inf"), torch.randn(lq, lk, generator=g)),
+            "expanded": torch.randn(lk, generator=g).expand(b, hq, lq, lk)}[kind]
+    before = [t.clone() for t in (q, k, v) + (() if mask is None else (mask,))]
+    out = _C.sdpa_torch(q, k, v, mask, opts.get("causal", False), opts.get("scale"), opts.get("window"),
                         HUGEPAGE_MIN_BYTES)
     assert out is not None and out.dtype == q.dtype and out.shape == q.shape and out.stride() == q.stride()
-    want = native_sdpa(q, k, v, causal=opts.get("causal", False), scale=opts.get("scale"),
+    want = native_sdpa(q, k, v, mask=mask, causal=opts.get("causal", False), scale=opts.get("scale"),
                        window=opts.get("window") or 0)
     torch.testing.assert_close(out, want, rtol=0, atol=0)
     assert not torch.isnan(out).any()
-    for t, t0 in zip((q, k, v), before):
+    for t, t0 in zip((q, k, v) + (() if mask is None else (mask,)), before):
         assert torch.equal(t, t0)
-    torch.testing.assert_close(ff.sdpa(q, k, v, **opts), want, rtol=0, atol=0)
+    torch.testing.assert_close(ff.sdpa(q, k, v, mask=mask, **opts), want, rtol=0, atol=0)
+    if mask is not None:  # and the mask acts: the call without it differs
+        assert not torch.equal(ff.sdpa(q, k, v, **opts), want)
 
 
 def test_eager_call_in_one_step_declines_the_rest(torch):
@@ -522,10 +535,17 @@ def test_eager_call_in_one_step_declines_the_rest(torch):
 
     q, k, v = qkv(torch, 1, 4, 2, 5, 9, 32, torch.float32)
 
-    def declines(q=q, k=k, v=v, causal=False, scale=None, window=None, limit=HUGEPAGE_MIN_BYTES):
-        return _C.sdpa_torch(q, k, v, causal, scale, window, limit) is None
+    def declines(q=q, k=k, v=v, mask=None, causal=False, scale=None, window=None, limit=HUGEPAGE_MIN_BYTES):
+        return _C.sdpa_torch(q, k, v, mask, causal, scale, window, limit) is None
 
     assert not declines()
+    assert not declines(mask=torch.ones(1, 1, 5, 9, dtype=torch.bool))
+    assert not declines(mask=torch.zeros(9).expand(5, 9))  # broadcast by stride 0: read in place
+    assert declines(mask=torch.zeros(5, 9, dtype=torch.float16))  # the general path converts it
+    assert declines(mask=torch.zeros(5, 9, dtype=torch.int32))  # the general path's error
+    assert declines(mask=torch.zeros(5, 8))  # not broadcastable
+    assert declines(mask=torch.zeros(5, 9, requires_grad=True))  # autograd to record
+    assert declines(mask=np.zeros((5, 9), np.float32))  # another framework
     assert declines(q=q.numpy())  # not torch
     assert declines(q=q.clone().requires_grad_())  # autograd to record
     assert declines(k=k.half(), v=v.half())  # mixed dtypes
@@ -557,7 +577,7 @@ def test_eager_call_in_one_step_only_when_eager(torch):
     from fusedformer import ops_attention
 
     q, k, v = qkv(torch, 1, 4, 2, 5, 9, 32, torch.float32)
-    assert ops_attention._eager_call(q, k, v, False, None, None) is not None
+    assert ops_attention._eager_call(q, k, v, None, False, None, None) is not None
 
     traced = torch.jit.trace(lambda a, b, c: ff.sdpa(a, b, c), (q, k, v), check_trace=False)
     q2, k2, v2 = qkv(torch, 1, 4, 2, 5, 9, 32, torch.float32, seed=1)
