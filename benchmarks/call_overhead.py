@@ -23,17 +23,18 @@ from fusedformer.bench.harness import measure_in_rounds
 from fusedformer.ops_attention import check_args, native_sdpa
 
 BATCH = 100  # calls per timed loop
-CASES = [  # name, q shape, k/v shape
-    ("tiny B1 H2 Lq1 Lk4 D8", (1, 2, 1, 8), (1, 2, 4, 8)),
-    ("decode MHA 12/12 Lk 64 D64", (1, 12, 1, 64), (1, 12, 64, 64)),
-    ("decode GQA 32/4 Lk 257 D64", (1, 32, 1, 64), (1, 4, 257, 64)),
+CASES = [  # name, q shape, k/v shape, bool padding mask (transformers' [B, 1, Lq, Lk]) or not
+    ("tiny B1 H2 Lq1 Lk4 D8", (1, 2, 1, 8), (1, 2, 4, 8), False),
+    ("decode MHA 12/12 Lk 64 D64", (1, 12, 1, 64), (1, 12, 64, 64), False),
+    ("decode GQA 32/4 Lk 257 D64", (1, 32, 1, 64), (1, 4, 257, 64), False),
+    ("decode B2 GQA 8/2 Lk 257 D64, bool padding mask", (2, 8, 1, 64), (2, 2, 257, 64), True),
 ]
 
 
-def general_path(q, k, v):
+def general_path(q, k, v, mask):
     """ff.sdpa's path before the one-step call: the checks, then the descriptors and kernel."""
-    scale, window = check_args(q, k, v)
-    return native_sdpa(q, k, v, scale=scale, window=window)
+    scale, window = check_args(q, k, v, mask)
+    return native_sdpa(q, k, v, mask=mask, scale=scale, window=window)
 
 
 def batched(fn):
@@ -55,14 +56,15 @@ def main(argv=None) -> None:
     for col in ("case", "ff.sdpa (one step)", "general path", "torch SDPA", "ff / torch"):
         table.add_column(col, justify="left" if col == "case" else "right")
     g = torch.Generator().manual_seed(0)
-    for name, qs, kvs in CASES:
+    for name, qs, kvs, masked in CASES:
         q, k, v = torch.randn(qs, generator=g), torch.randn(kvs, generator=g), torch.randn(kvs, generator=g)
+        mask = torch.arange(kvs[2]).expand(qs[0], 1, qs[2], kvs[2]) >= 5 if masked else None  # 5 pad keys
         group = qs[1] // kvs[1]
         kr, vr = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)  # torch's MHA form
         fns = {
-            "ff": (batched(lambda: ff.sdpa(q, k, v)), {"min_runs": 20}),
-            "general": (batched(lambda: general_path(q, k, v)), {"min_runs": 20}),
-            "torch": (batched(lambda: F.scaled_dot_product_attention(q, kr, vr)), {"min_runs": 20}),
+            "ff": (batched(lambda: ff.sdpa(q, k, v, mask=mask)), {"min_runs": 20}),
+            "general": (batched(lambda: general_path(q, k, v, mask)), {"min_runs": 20}),
+            "torch": (batched(lambda: F.scaled_dot_product_attention(q, kr, vr, attn_mask=mask)), {"min_runs": 20}),
         }
         t = measure_in_rounds(fns, rounds=args.rounds, budget_s=0.3 * args.rounds)
         us = {n: t[n].median_ms * 1e3 / BATCH for n in fns}
