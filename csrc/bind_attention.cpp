@@ -45,7 +45,7 @@ View<N> parse_view(const py::handle& h, const char* name) {
 }
 
 // The largest |scale|: the kernel folds log2(e) into it in float32 (scores in base 2), which
-// must stay finite.
+// must stay finite (1.0001: a margin for that product's rounding).
 constexpr double kMaxScale = 3.4028234663852886e38 / 1.4426950408889634 / 1.0001;
 
 void check(bool ok, const std::string& msg) {
@@ -131,15 +131,16 @@ void sdpa_binding(py::handle q_, py::handle k_, py::handle v_, py::handle out_, 
 // native_sdpa's descriptors): about 27 us a call on a Zen 3 class VM where torch's own SDPA
 // takes 8, which a model pays on every layer of every decode step. sdpa_torch and sdpa_numpy
 // take the common eager call (plain CPU tensors or ndarrays of one dtype; no mask, or a bool
-// or float32 one; no lse; no autograd to record) in C++ and return None for anything else, which the front then sends
-// down the general path: every argument error keeps the general path's message, and this path
-// only has to recognise calls that path would accept.
+// or float32 one; no lse; no autograd to record) in C++ and return None for anything else,
+// which the front then sends down the general path: every argument error keeps the general
+// path's message, and this path only has to recognise calls that path would accept.
+
+// The element types the one-step call tells apart: q/k/v's, and a mask's (bool keeps, float32
+// adds).
+enum EagerDType { kF32 = 0, kF16 = 1, kBF16 = 2, kBool = 3, kOther = -1 };
 
 // Torch: the tensor type, empty_like and the dtypes, read once (leaked: they live as long as
 // the interpreter's torch module; torch is imported by then, as the caller holds its tensors).
-// The element types the one-step call tells apart: q/k/v's, and a mask's (bool keeps, float32 adds).
-enum EagerDType { kF32 = 0, kF16 = 1, kBF16 = 2, kBool = 3, kOther = -1 };
-
 struct TorchFramework {
   py::object tensor_type, empty_like_fn, f32, f16, bf16, boolean;
 

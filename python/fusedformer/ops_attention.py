@@ -155,11 +155,11 @@ def sdpa(q, k, v, *, mask=None, causal=False, scale=None, window=None, return_ls
 
 
 def _eager_call(q, k, v, mask, causal, scale, window):
-    """The common eager call (no lse; no mask, or a bool or float32 one) on numpy arrays or torch tensors through
-    _C.sdpa_numpy / _C.sdpa_torch, which check and describe them in C++: its output, or None
-    where that call does not apply (another framework, autograd to record, anything the general
-    path would copy or reject), or torch.compile / export / jit.trace is tracing (the op must
-    appear in the graph)."""
+    """The common eager call (no lse; no mask, or a bool or float32 one) on numpy arrays or
+    torch tensors through _C.sdpa_numpy / _C.sdpa_torch, which check and describe them in C++:
+    its output, or None where that call does not apply (another framework, autograd to record,
+    anything the general path would copy or reject), or torch.compile / export / jit.trace is
+    tracing (the op must appear in the graph)."""
     if type(q) is np.ndarray:
         one_step = getattr(_C, "sdpa_numpy", None)
     else:
