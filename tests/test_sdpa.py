@@ -72,7 +72,7 @@ def test_softmax_exp2_within_two_ulp(rng, isa):
     """The online softmax's 2^x (each ISA's own: a table and degree-2 polynomial on AVX-512)
     against float64 over its whole range, in ulps of the result; 0 below -126.5 and at -inf
     (from -126.5 to -126 subnormal on AVX2 and generic, 0 on AVX-512); inputs above 127 clamp
-    there."""
+    there; NaN stays NaN (a NaN score must reach the row's sum, test_non_finite_rows_...)."""
     from fusedformer import _C
 
     x = np.concatenate([rng.uniform(-126, 127, 400_000), rng.uniform(-1, 1, 100_000),
@@ -81,8 +81,8 @@ def test_softmax_exp2_within_two_ulp(rng, isa):
     exact = np.exp2(x.astype(np.float64))
     ulp = np.spacing(exact.astype(np.float32)).astype(np.float64)
     assert np.max(np.abs(y - exact) / ulp) <= 2.0
-    edges = np.array([-126.51, -127, -1000, -np.inf, 200, np.inf], np.float32)
-    np.testing.assert_array_equal(_C._softmax_exp2(edges), [0, 0, 0, 0, 2.0**127, 2.0**127])
+    edges = np.array([-126.51, -127, -1000, -np.inf, 200, np.inf, np.nan], np.float32)
+    np.testing.assert_array_equal(_C._softmax_exp2(edges), [0, 0, 0, 0, 2.0**127, 2.0**127, np.nan])
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
@@ -497,6 +497,85 @@ def test_large_scores_no_overflow(rng, isa):
     bound = 2 * np.spacing(np.float32(scores.max())) * np.abs(v).max()
     np.testing.assert_allclose(out, ref_out, atol=TOL["float32"] + bound, rtol=0)
     np.testing.assert_allclose(lse, ref_lse, atol=LSE_TOL["float32"] + bound, rtol=1e-6)
+
+
+def _non_finite_case(rng, case, shape, dtype):
+    """Inputs for test_non_finite_rows_match_reference as float32 arrays already rounded to
+    dtype, with the mask (or None) and the options."""
+    b, hq, hkv, lq, lk, d = shape
+    q, k, v = make_qkv(rng, b, hq, hkv, lq, lk, d)
+    opts, mask = dict(causal=True), None
+    j = lk - lq + lq // 2  # a key the later half of the rows keep under causal
+    if case == "nan-q":  # that row NaN, the rest as before
+        q[0, hq - 1, lq // 2, 3] = np.nan
+    elif case == "nan-k":  # the rows that keep key j NaN, those before it (causal) not
+        k[0, 0, j, 5] = np.nan
+    elif case == "inf-q":  # +inf and -inf scores: rows with a +inf score NaN (inf - inf)
+        q[0, 0, lq - 1, 0] = np.inf
+    elif case == "overflow":  # finite inputs, scaled scores past fp32 in some rows: exact
+        k *= 1e18
+        for i in {lq // 2, lq - 1}:
+            q[0, :, i] *= 1e21
+    elif case == "overflow-one-chunk":  # ... in the keys of one chunk of a split decode only
+        k[:, :, lk - 200:] *= 1e19
+        q *= 1e20
+    elif case == "nan-k-masked-after":  # the first tile's kept keys all NaN, then masked keys
+        k[0, :, :8, 0] = np.nan  # (vmaxps passes over a NaN followed by -inf), then finite tiles
+        mask = np.ones((lq, lk), bool)
+        mask[:, 8:64] = False
+        opts = {}
+    elif case == "nan-q-masked-row":  # a NaN in a fully masked row: still 0, lse -inf
+        mask = np.ones((lq, lk), bool)
+        mask[lq // 2] = False
+        q[0, 1, lq // 2, 0] = np.nan
+        opts = {}
+    if dtype != "float32":  # what the kernel sees, for the reference too
+        torch = pytest.importorskip("torch")
+        q, k, v = (torch.from_numpy(x).to(getattr(torch, dtype)).float().numpy() for x in (q, k, v))
+    return q, k, v, mask, opts
+
+
+# (fp16 inputs cannot reach fp32's overflow: 65504^2 D is far below it)
+NON_FINITE_CASES = [(case, dtype) for case in ("nan-q", "nan-k", "nan-k-masked-after", "inf-q", "overflow",
+                                               "overflow-one-chunk", "nan-q-masked-row")
+                    for dtype in ("float32", "float16", "bfloat16")
+                    if not (dtype == "float16" and case.startswith("overflow"))]
+
+
+@pytest.mark.parametrize(
+    "shape", [(1, 4, 2, 33, 129, 64), (1, 8, 2, 1, 2100, 128), (2, 3, 3, 7, 40, 33)], ids=str
+)
+@pytest.mark.parametrize("case,dtype", NON_FINITE_CASES, ids=[f"{c}-{d}" for c, d in NON_FINITE_CASES])
+def test_non_finite_rows_match_reference(rng, isa, threads, case, shape, dtype):
+    """Rows the fp32 kernel cannot finish are exact (reference.sdpa's semantics, in float64): a
+    NaN or inf among the inputs a row reads makes it NaN (it used to drop out as a 0 or a
+    vanished key), scores that overflow fp32 from finite inputs give the exact softmax (they
+    gave 0), and a fully masked row stays 0 whatever its query holds. The other rows are
+    untouched. Shapes: prefill, a split-KV decode (chunks merged), an odd head dim."""
+    torch = pytest.importorskip("torch")
+    q, k, v, mask, opts = _non_finite_case(rng, case, shape, dtype)
+    tq, tk, tv = (torch.from_numpy(x).to(getattr(torch, dtype)) for x in (q, k, v))
+    tmask = None if mask is None else torch.from_numpy(mask)
+    before = [x.clone() for x in (tq, tk, tv)]
+    out, lse = ff.sdpa(tq, tk, tv, mask=tmask, return_lse=True, **opts)
+    for x, y in zip((tq, tk, tv), before):
+        assert torch.equal(x, y) or torch.equal(x.isnan(), y.isnan())
+    out, lse = out.double().numpy(), lse.double().numpy()
+    ref_out, ref_lse = reference.sdpa(q, k, v, mask=mask, return_lse=True, **opts)
+    nan_rows = np.isnan(ref_out).any(-1)
+    assert nan_rows.any() == (case in ("nan-q", "nan-k", "nan-k-masked-after", "inf-q"))
+    np.testing.assert_array_equal(np.isnan(out).all(-1), nan_rows)
+    np.testing.assert_array_equal(np.isnan(out).any(-1), nan_rows)
+    np.testing.assert_array_equal(np.isnan(lse), np.isnan(ref_lse))
+    live = ~nan_rows
+    np.testing.assert_allclose(out[live], ref_out[live], atol=TOL[dtype], rtol=0)
+    with np.errstate(over="ignore"):  # overflowing rows' lse is past fp32 too
+        ref_lse = ref_lse.astype(np.float32).astype(np.float64)
+    np.testing.assert_array_equal(np.isinf(lse), np.isinf(ref_lse))
+    finite = np.isfinite(ref_lse)
+    np.testing.assert_allclose(lse[finite], ref_lse[finite], atol=LSE_TOL[dtype], rtol=1e-6)
+    if case == "nan-q-masked-row":
+        assert (out[:, :, shape[3] // 2] == 0).all() and np.isneginf(lse[:, :, shape[3] // 2]).all()
 
 
 # ---- bad input ------------------------------------------------------------------------------

@@ -113,15 +113,15 @@ inline void pack_amx_kv(const uint16_t* k, int64_t k_stride, const uint16_t* v, 
     for (int64_t x = 0; x < dp; x += 16) _mm512_storeu_si512(vp + j2 * dp + x, _mm512_setzero_si512());
 }
 
-// 2^x on the lanes of `keep` where x >= -126, 0 on the others: the probabilities of the P
-// operand (x <= kMaxSlack), which are rounded to bf16 (up to 2^-9 relative) right after. A
-// degree-3 polynomial for 2^r on [-1/2, 1/2] (1.0e-4 relative error, a twentieth of that
-// rounding; fitted for it by iteratively reweighted least squares), and no clamping: lanes
-// below -126 are masked, and a pass whose x rise past the slack (to inf above 127) is redone.
-// 8 instructions where exp2_16 takes 13 and a masked move.
+// 2^x on the lanes of `keep` where x >= -126 (or NaN: it stays NaN), 0 on the others: the
+// probabilities of the P operand (x <= kMaxSlack), which are rounded to bf16 (up to 2^-9
+// relative) right after. A degree-3 polynomial for 2^r on [-1/2, 1/2] (1.0e-4 relative
+// error, a twentieth of that rounding; fitted for it by iteratively reweighted least squares),
+// and no clamping: lanes below -126 are masked, and a pass whose x rise past the slack (to inf
+// above 127) is redone. 8 instructions where exp2_16 takes 13 and a masked move.
 inline __m512 exp2_p16(__m512 x, __mmask16 keep) {
   constexpr float kC[3] = {5.500858e-2f, 2.4221037e-1f, 6.932829e-1f};
-  keep = _mm512_mask_cmp_ps_mask(keep, x, _mm512_set1_ps(simd::exp2_poly::kLo), _CMP_GE_OQ);
+  keep = _mm512_mask_cmp_ps_mask(keep, x, _mm512_set1_ps(simd::exp2_poly::kLo), _CMP_NLT_UQ);  // NaN kept
   const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 r = _mm512_sub_ps(x, n);
   __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(kC[0]), r, _mm512_set1_ps(kC[1]));
@@ -160,6 +160,21 @@ FF_BF16_DOT inline float scaled_max(const float* s, int64_t a, int64_t e, int64_
     hi = _mm512_mask_max_ps(hi, in, hi, x);
   }
   return _mm512_reduce_max_ps(hi);
+}
+
+// Whether any lane of s in [a, e) the mask keeps scales to NaN (scale s plus the mask): the max
+// of scaled_max passes over NaN lanes (vmaxps drops a NaN first operand).
+FF_BF16_DOT inline bool scaled_has_nan(const float* s, int64_t a, int64_t e, float scale, const MaskRow& mr) {
+  const __m512i av = _mm512_set1_epi32(static_cast<int>(a)), ev = _mm512_set1_epi32(static_cast<int>(e));
+  const __m512i sixteen = _mm512_set1_epi32(16);
+  const __m512 sv = _mm512_set1_ps(scale), zero = _mm512_setzero_ps();
+  __m512i idx = _mm512_add_epi32(kLanes16(), _mm512_set1_epi32(static_cast<int>(a / 16 * 16)));
+  for (int64_t j = a / 16 * 16; j < e; j += 16, idx = _mm512_add_epi32(idx, sixteen)) {
+    __mmask16 in = lanes_in(idx, av, ev);
+    const __m512 x = scaled_scores(s, j, &in, sv, zero, mr);
+    if (_mm512_mask_cmp_ps_mask(in, x, x, _CMP_UNORD_Q)) return true;
+  }
+  return false;
 }
 
 // p = 2^(scale s - m) (plus the mask) over the 32-key steps [j_lo, j_hi) of one score row, 0
@@ -214,7 +229,10 @@ FF_BF16_DOT inline float softmax_amx_row(const float* s, int64_t a, int64_t e, i
   const int64_t j_hi = m_new == -kInf ? nk32 : round_up(e, 32);
   for (int64_t j = 0; j < j_lo; j += 32) _mm512_storeu_si512(pw + j / 2, _mm512_setzero_si512());
   for (int64_t j = j_hi; j < nk32; j += 32) _mm512_storeu_si512(pw + j / 2, _mm512_setzero_si512());
-  if (m_new == -kInf) return 1.0f;
+  if (m_new == -kInf) {  // a NaN score (which the max passes over) makes l NaN
+    if (a < e && scaled_has_nan(s, a, e, scale, mr)) *l = std::numeric_limits<float>::quiet_NaN();
+    return 1.0f;
+  }
   float rise = 0.0f;
   float sum = exp_pairs(s, a, e, j_lo, j_hi, scale, m_new, mr, pw, &rise);
   if (rise > kMaxSlack) {

@@ -23,6 +23,7 @@
 #include <limits>
 #include <memory>
 #include <optional>
+#include <vector>
 
 #include "kernels/cpu/attention/api.h"
 #include "kernels/cpu/attention/amx.h"
@@ -414,7 +415,9 @@ inline float exp_sum(float* s, int64_t n, float m) {
 // updates the running max m and sum l, turns s into 2^(s - m) and returns the factor the
 // accumulator must be rescaled by. m moves only when the tile's scores rise more than
 // kMaxSlack above it (else alpha = 1: no rescale, and no exponential of m_old - m_new). A row
-// with no finite score yet keeps m = -inf, l = 0, p = 0.
+// with no finite score yet keeps m = -inf, l = 0, p = 0. A NaN score makes l NaN (write_row
+// then recomputes the row): through exp_sum's 2^NaN, or, where the max passed over it (vmaxps
+// drops a NaN in its first operand) on a tile with no finite score, set here.
 inline float softmax_update(float* s, int64_t nk, float* m, float* l) {
   const int64_t n8 = round_up(nk, 8);
   for (int64_t j = nk; j < n8; ++j) s[j] = kNegInf;
@@ -423,6 +426,8 @@ inline float softmax_update(float* s, int64_t nk, float* m, float* l) {
   const float m_tile = simd::reduce_max(mx);
   if (m_tile <= *m + kMaxSlack) {  // (m = -inf: only when the tile has no finite score either)
     if (*m == kNegInf) {
+      for (int64_t j = 0; j < nk; ++j)
+        if (std::isnan(s[j])) *l = s[j];
       for (int64_t j = 0; j < n8; j += 8) simd::store(s + j, simd::zero());
       return 1.0f;
     }
@@ -781,15 +786,76 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
   }
 }
 
-// out[b, h, i] = o / l (0 where l == 0), lse = ln2 m + log l (-inf where l == 0). With
-// `stream` (Problem::stream_out), rows of whole 32-byte blocks on a 16-byte boundary leave
-// through streaming stores (simd::stream, stream_copy).
+// One row recomputed in float64 with reference.sdpa's semantics, for the rows the fp32 kernel
+// cannot finish (write_row): the keys it keeps are those of its causal/window range that the
+// mask keeps (bool non-zero; an additive score of -inf drops the key); none kept gives 0 and
+// lse -inf; a NaN or +inf among the kept scores (a NaN or inf in what the row reads) gives a NaN
+// row; otherwise the exact softmax, which float64 holds for any finite fp32 inputs (scores of
+// q ~ k ~ 1e19 overflow fp32, not float64). Scalar code: such rows are rare, and a NaN row
+// stops at its first NaN score.
+template <DType T>
+void write_exact_row(const SdpaParams& p, int64_t b, int64_t h, int64_t i) {
+  using S = typename Elem<T>::type;
+  constexpr double kInf = std::numeric_limits<double>::infinity();
+  const int64_t D = p.head_dim, kvh = h / (p.q_heads / p.kv_heads);
+  const S* q = static_cast<const S*>(p.q.data) + b * p.q.stride_b + h * p.q.stride_h + i * p.q.stride_l;
+  const S* k = static_cast<const S*>(p.k.data) + b * p.k.stride_b + kvh * p.k.stride_h;
+  const S* v = static_cast<const S*>(p.v.data) + b * p.v.stride_b + kvh * p.v.stride_h;
+  const SdpaMask& mk = p.mask;
+  const int64_t mask_row = b * mk.stride_b + h * mk.stride_h + i * mk.stride_q;
+  int64_t lo, hi;
+  key_range(p, i, &lo, &hi);
+  double qd[kMaxHeadDim];
+  for (int64_t x = 0; x < D; ++x) qd[x] = Elem<T>::to_f32(q[x]);
+  std::vector<double> s;  // the kept keys' scores, and their keys
+  std::vector<int64_t> keys;
+  double m = -kInf;
+  bool nan = false;
+  for (int64_t j = lo; j < hi && !nan; ++j) {
+    if (mk.kind == SdpaMaskKind::keep && !static_cast<const uint8_t*>(mk.data)[mask_row + j * mk.stride_k]) continue;
+    const S* kj = k + j * p.k.stride_l;
+    double dot = 0.0;
+    for (int64_t x = 0; x < D; ++x) dot += qd[x] * Elem<T>::to_f32(kj[x]);
+    double sj = static_cast<double>(p.scale) * dot;
+    if (mk.kind == SdpaMaskKind::add) sj += static_cast<const float*>(mk.data)[mask_row + j * mk.stride_k];
+    if (sj == -kInf) continue;
+    nan = std::isnan(sj) || sj == kInf;
+    m = std::max(m, sj);
+    s.push_back(sj);
+    keys.push_back(j);
+  }
+  double o[kMaxHeadDim] = {}, l = 0.0;
+  for (size_t n = 0; n < keys.size() && !nan; ++n) {
+    const double e = std::exp(s[n] - m);
+    const S* vj = v + keys[n] * p.v.stride_l;
+    for (int64_t x = 0; x < D; ++x) o[x] += e * Elem<T>::to_f32(vj[x]);
+    l += e;
+  }
+  const float fill = nan ? std::numeric_limits<float>::quiet_NaN() : 0.0f;
+  float row[kMaxHeadDim];
+  for (int64_t x = 0; x < D; ++x) row[x] = l > 0.0 ? static_cast<float>(o[x] / l) : fill;
+  S* dst = static_cast<S*>(p.out) + b * p.out_stride_b + h * p.out_stride_h + i * p.out_stride_l;
+  from_f32<T>(row, dst, D);
+  if (p.lse)
+    p.lse[(b * p.q_heads + h) * p.q_len + i] =
+        nan ? fill : l > 0.0 ? static_cast<float>(m + std::log(l)) : kNegInf;
+}
+
+// out[b, h, i] = o / l, lse = ln2 m + log l. Rows with no finite score (l = 0: fully masked) or
+// past fp32 (m or l not finite) take write_exact_row. With `stream` (Problem::stream_out), rows
+// of whole 32-byte blocks on a 16-byte boundary leave through streaming stores (simd::stream,
+// stream_copy).
 template <DType T>
 void write_row(const SdpaParams& p, bool stream, int64_t b, int64_t h, int64_t i, const float* o, float m,
                float l) {
+  constexpr float kInf = std::numeric_limits<float>::infinity();
+  if (!(l > 0.0f && l < kInf && m > kNegInf && m < kInf)) {  // (false for NaN too)
+    write_exact_row<T>(p, b, h, i);
+    return;
+  }
   using S = typename Elem<T>::type;
   S* dst = static_cast<S*>(p.out) + b * p.out_stride_b + h * p.out_stride_h + i * p.out_stride_l;
-  const f32x8 inv = simd::set1(l > 0.0f ? 1.0f / l : 0.0f);
+  const f32x8 inv = simd::set1(1.0f / l);
   const int64_t row_bytes = p.head_dim * static_cast<int64_t>(sizeof(S));
   if (stream && row_bytes % 32 == 0 && reinterpret_cast<uintptr_t>(dst) % 16 == 0) {
     if constexpr (T == DType::f32) {
@@ -811,10 +877,7 @@ void write_row(const SdpaParams& p, bool stream, int64_t b, int64_t h, int64_t i
     for (int64_t x = 0; x < p.head_dim; x += 8) simd::store(row + x, simd::mul(simd::load(o + x), inv));
     from_f32<T>(row, dst, p.head_dim);
   }
-  if (p.lse) {
-    const float lse = simd::exp2_poly::kLn2 * m + std::log(l);  // m is in base 2
-    p.lse[(b * p.q_heads + h) * p.q_len + i] = l > 0.0f ? lse : kNegInf;
-  }
+  if (p.lse) p.lse[(b * p.q_heads + h) * p.q_len + i] = simd::exp2_poly::kLn2 * m + std::log(l);  // m in base 2
 }
 
 // Unit u -> block. Consecutive units share a kv head (its K/V stay in cache); within a head,
@@ -901,7 +964,8 @@ void run(const SdpaParams& p, const Problem& pr) {
   });
   if (pr.chunks == 1) return;
 
-  // Merge the chunks of each block: o = sum_c 2^(m_c - M) o_c, l = sum_c 2^(m_c - M) l_c.
+  // Merge the chunks of each block: o = sum_c 2^(m_c - M) o_c, l = sum_c 2^(m_c - M) l_c. A
+  // chunk that saw a NaN score (l_c NaN) leaves l NaN, and write_row recomputes the row.
   const int64_t blocks = units / pr.chunks;
   parallel_for(blocks, 1, [&](int64_t begin, int64_t end) {
     float acc[kMaxHeadDim];
@@ -917,6 +981,7 @@ void run(const SdpaParams& p, const Problem& pr) {
           for (int64_t c = 0; c < pr.chunks; ++c) {
             const int64_t at = (u0 + c) * pitch + rr;
             const float e = simd::exp2_scalar(part.m[at] - mx);
+            if (std::isnan(part.l[at])) l = part.l[at];  // a NaN score, even where m_c = -inf
             if (e == 0.0f) continue;
             l += e * part.l[at];
             const float* o = part.o.get() + at * dp;

@@ -792,7 +792,8 @@ alignas(64) inline constexpr float kPow[32] = {
 
 inline __m512 exp2_16_low(__m512 x) {
   namespace c = exp2_table;
-  const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(simd::exp2_poly::kLo), _CMP_GE_OQ);
+  // lanes not below kLo, NaN included (unordered: NLT_UQ), so NaN stays NaN as in simd::exp2
+  const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(simd::exp2_poly::kLo), _CMP_NLT_UQ);
   const __m512 t = _mm512_add_ps(x, _mm512_set1_ps(c::kRound));
   const __m512 y = _mm512_sub_ps(t, _mm512_set1_ps(c::kRound));
   const __m512 r = _mm512_sub_ps(x, y);
@@ -802,7 +803,8 @@ inline __m512 exp2_16_low(__m512 x) {
   return _mm512_maskz_scalef_ps(keep, _mm512_fmadd_ps(q, f, f), y);
 }
 
-// 2^x on 16 lanes for any x: exp2_16_low with inputs above 127 clamped there (NaN gives 0).
+// 2^x on 16 lanes for any x: exp2_16_low with inputs above 127 clamped there (NaN stays NaN:
+// vminps returns its second operand, x, where either is NaN).
 inline __m512 exp2_16(__m512 x) {
   return exp2_16_low(_mm512_min_ps(_mm512_set1_ps(simd::exp2_poly::kHi), x));
 }
@@ -872,7 +874,10 @@ inline void softmax_rows_zmm(__m512 (&acc)[R][NC], float* s, int64_t s_stride, c
       m_new = std::fmax(m_old, _mm512_reduce_max_ps(mx));
     }
     float* p = s + r * s_stride;
-    if (m_new == -kInf) {  // no finite score yet
+    if (m_new == -kInf) {  // no finite score yet; a NaN one (which the max passes over) makes l NaN
+      __mmask16 nan = 0;
+      for (int u = 0; u < NC; ++u) nan |= _mm512_cmp_ps_mask(acc[r][u], acc[r][u], _CMP_UNORD_Q);
+      if (nan) st.l[r] = std::numeric_limits<float>::quiet_NaN();
       for (int u = 0; u < NC; ++u) _mm512_storeu_ps(p + 16 * u, _mm512_setzero_ps());
       st.alpha[r] = 1.0f;
       continue;

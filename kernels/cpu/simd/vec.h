@@ -34,12 +34,14 @@ constexpr float kP[6] = {1.5353360504e-4f, 1.3398875017e-3f, 9.6184369177e-3f,
 }  // namespace exp2_poly
 
 // 2^x for fp32: exactly 0 below -126.5 (so exp2(-inf) == 0), subnormal from there to -126;
-// inputs above 127 are clamped. x clamps to kFloor below, where n = -127 makes ldexp's scale
-// 2^-127's bits 0, so underflow takes no compare and select (the online softmax's exponents,
-// 15 vector operations instead of 17).
+// inputs above 127 are clamped; NaN stays NaN. x clamps to kFloor below, where n = -127 makes
+// ldexp's scale 2^-127's bits 0, so underflow takes no compare and select (the online
+// softmax's exponents, 15 vector operations instead of 17). The clamps take x second: max and
+// min return their second operand where either is NaN (vmaxps, and generic.h alike), so a NaN
+// score reaches the row's sum, which sdpa's write_row checks, instead of dropping out as 0.
 inline f32x8 exp2(f32x8 x) {
   namespace c = exp2_poly;
-  x = min(max(x, set1(c::kFloor)), set1(c::kHi));
+  x = min(set1(c::kHi), max(set1(c::kFloor), x));
   const f32x8 n = round(x);
   const f32x8 r = sub(x, n);
   f32x8 p = set1(c::kP[0]);
