@@ -130,7 +130,9 @@ def sdpa(q, k, v, *, mask=None, causal=False, scale=None, window=None, return_ls
     q [B, Hq, Lq, D], k/v [B, Hkv, Lk, D] with Hq % Hkv == 0 (GQA/MQA without repeating K/V).
     causal is bottom-right aligned (query i sees keys j <= i + Lk - Lq); window=w also needs
     j > i + Lk - Lq - w; mask is bool (True = keep) or additive float, broadcastable to
-    [B, Hq, Lq, Lk]. Fully masked rows give 0 (lse -inf), never NaN. Returns out (like q: its
+    [B, Hq, Lq, Lk]. Fully masked rows give 0 (lse -inf), never NaN; a NaN or inf among the
+    inputs a row reads makes it NaN, and scores past float32 from finite inputs are exact (the
+    native kernel recomputes those rows in float64). Returns out (like q: its
     shape, dtype and, where q's storage is dense, its memory layout, as torch's SDPA does), or
     (out, lse) with lse fp32 [B, Hq, Lq] when return_lse.
     """
