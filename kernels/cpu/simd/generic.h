@@ -45,11 +45,14 @@ inline f32x8 round(f32x8 a) {
   constexpr float kMagic = 12582912.0f;  // 1.5 * 2^23
   FF_LANES((a.v[i] + kMagic) - kMagic);
 }
-// a * 2^n for integral-valued n in [-126, 127]; n = -127 gives 0 (the scale's bits are 0)
+// a * 2^n for integral-valued n in [-126, 127]; n = -127 gives 0 (the scale's bits are 0); a
+// NaN n scales by 1, as avx2.h's does (exp2 of NaN: a is NaN there too; converting NaN to int
+// would be undefined)
 inline f32x8 ldexp(f32x8 a, f32x8 n) {
   f32x8 r;
   for (int i = 0; i < 8; ++i) {
-    int32_t bits = (static_cast<int32_t>(n.v[i]) + 127) << 23;
+    const int32_t e = n.v[i] == n.v[i] ? static_cast<int32_t>(n.v[i]) : 0;
+    int32_t bits = (e + 127) << 23;
     float scale;
     std::memcpy(&scale, &bits, 4);
     r.v[i] = a.v[i] * scale;
