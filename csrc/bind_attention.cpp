@@ -131,9 +131,9 @@ void sdpa_binding(py::handle q_, py::handle k_, py::handle v_, py::handle out_, 
 // native_sdpa's descriptors): about 27 us a call on a Zen 3 class VM where torch's own SDPA
 // takes 8, which a model pays on every layer of every decode step. sdpa_torch and sdpa_numpy
 // take the common eager call (plain CPU tensors or ndarrays of one dtype; no mask, or a bool
-// or float32 one; no lse; no autograd to record) in C++ and return None for anything else,
-// which the front then sends down the general path: every argument error keeps the general
-// path's message, and this path only has to recognise calls that path would accept.
+// or float32 one; with or without the lse; no autograd to record) in C++ and return None for
+// anything else, which the front then sends down the general path: every argument error keeps
+// the general path's message, and this path only has to recognise calls that path would accept.
 
 // The element types the one-step call tells apart: q/k/v's, and a mask's (bool keeps, float32
 // adds).
@@ -142,13 +142,13 @@ enum EagerDType { kF32 = 0, kF16 = 1, kBF16 = 2, kBool = 3, kOther = -1 };
 // Torch: the tensor type, empty_like and the dtypes, read once (leaked: they live as long as
 // the interpreter's torch module; torch is imported by then, as the caller holds its tensors).
 struct TorchFramework {
-  py::object tensor_type, empty_like_fn, f32, f16, bf16, boolean;
+  py::object tensor_type, empty_like_fn, empty_fn, f32, f16, bf16, boolean;
 
   static const TorchFramework& get() {
     static const TorchFramework* fw = [] {
       py::module_ t = py::module_::import("torch");
-      return new TorchFramework{t.attr("Tensor"), t.attr("empty_like"), t.attr("float32"), t.attr("float16"),
-                                t.attr("bfloat16"), t.attr("bool")};
+      return new TorchFramework{t.attr("Tensor"), t.attr("empty_like"), t.attr("empty"), t.attr("float32"),
+                                t.attr("float16"), t.attr("bfloat16"), t.attr("bool")};
     }();
     return *fw;
   }
@@ -172,6 +172,12 @@ struct TorchFramework {
     return true;
   }
   py::object empty_like(py::handle q) const { return empty_like_fn(q); }
+  // A contiguous float32 [b, h, l] (the lse) and its data.
+  py::object empty_lse(int64_t b, int64_t h, int64_t l, float** data) const {
+    py::object t = empty_fn(py::make_tuple(b, h, l), py::arg("dtype") = f32);
+    *data = reinterpret_cast<float*>(t.attr("data_ptr")().cast<uintptr_t>());
+    return t;
+  }
 };
 
 // numpy: native-order float32 and float16 ndarrays (not subclasses; numpy has no bfloat16) whose
@@ -207,12 +213,17 @@ struct NumpyFramework {
     return true;
   }
   py::object empty_like(py::handle q) const { return empty_like_fn(q); }
+  py::object empty_lse(int64_t b, int64_t h, int64_t l, float** data) const {
+    py::array_t<float> a({b, h, l});
+    *data = a.mutable_data();
+    return std::move(a);
+  }
 };
 
 // The call on F's arrays, or None where it is not the common one (see above).
 template <class F>
 py::object sdpa_eager(py::handle q_, py::handle k_, py::handle v_, py::handle mask_, py::handle causal_,
-                      py::handle scale_, py::handle window_, int64_t max_out_bytes) {
+                      py::handle scale_, py::handle window_, int64_t max_out_bytes, bool return_lse) {
   const F& fw = F::get();
   View<4> q, k, v;
   int qt, kt, vt;
@@ -267,10 +278,13 @@ py::object sdpa_eager(py::handle q_, py::handle k_, py::handle v_, py::handle ma
     p.mask.stride_b = m.strides[0], p.mask.stride_h = m.strides[1], p.mask.stride_q = m.strides[2];
     p.mask.stride_k = m.strides[3];
   }
+  py::object lse_;
+  if (return_lse) lse_ = fw.empty_lse(q.shape[0], q.shape[1], q.shape[2], &p.lse);
   {
     py::gil_scoped_release release;
     FF_KERNELS(attention_kernels).sdpa(p);
   }
+  if (return_lse) return py::make_tuple(out_, lse_);
   return out_;
 }
 
@@ -294,15 +308,18 @@ shape, 0 never splits, n > 0 splits the keys into chunks of n.)doc");
   m.attr("sdpa_max_scale") = kMaxScale;
   const char* eager_doc = R"doc(The common eager ff.sdpa call in one step (use fusedformer.sdpa instead).
 
-sdpa_torch / sdpa_numpy(q, k, v, mask, causal, scale, window, max_out_bytes) with plain CPU
+sdpa_torch / sdpa_numpy(q, k, v, mask, causal, scale, window, max_out_bytes, return_lse=False) with plain CPU
 tensors (float32, float16, bfloat16) that need no autograd, or ndarrays (float32, float16,
 native byte order, no broadcast axis), of one dtype: q [B, Hq, Lq, D], k/v [B, Hkv, Lk, D] with
 a contiguous last dimension; mask None, or bool (True keeps) or float32 (added) of up to 4 dims
 broadcastable to [B, Hq, Lq, Lk], of the same framework; causal a bool, scale None or a finite
 float, window None or an int >= 1, and an output under max_out_bytes. Returns the output
-(empty_like(q)); None for any other call, without running anything.)doc";
-  m.def("sdpa_torch", &sdpa_eager<TorchFramework>, eager_doc);
-  m.def("sdpa_numpy", &sdpa_eager<NumpyFramework>, eager_doc);
+(empty_like(q)), or with return_lse (output, lse: contiguous float32 [B, Hq, Lq] of the same
+framework); None for any other call, without running anything.)doc";
+  for (const auto& [name, fn] : {std::pair{"sdpa_torch", &sdpa_eager<TorchFramework>},
+                                 std::pair{"sdpa_numpy", &sdpa_eager<NumpyFramework>}})
+    m.def(name, fn, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("mask"), py::arg("causal"), py::arg("scale"),
+          py::arg("window"), py::arg("max_out_bytes"), py::arg("return_lse") = false, eager_doc);
   m.def(
       "_softmax_exp2",
       [](py::array_t<float, py::array::c_style | py::array::forcecast> x) {

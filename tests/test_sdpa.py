@@ -782,6 +782,16 @@ def test_eager_call_in_one_step_matches_the_general_path(rng, isa, threads, dtyp
     np.testing.assert_array_equal(ff.sdpa(q, k, v, **opts), want)
     if mask is not None:  # and the mask acts: the call without it differs
         assert not np.array_equal(ff.sdpa(q, k, v, **{**opts, "mask": None}), want)
+    # with the lse: (out, lse), lse contiguous float32 [B, Hq, Lq], the general path's bits
+    out, lse = _C.sdpa_numpy(q, k, v, mask, opts.get("causal", False), opts.get("scale"), opts.get("window"),
+                             HUGEPAGE_MIN_BYTES, True)
+    want, want_lse = native_sdpa(q, k, v, mask=mask, causal=opts.get("causal", False), scale=opts.get("scale"),
+                                 window=opts.get("window") or 0, return_lse=True)
+    assert lse.dtype == np.float32 and lse.shape == q.shape[:3] and lse.flags.c_contiguous
+    np.testing.assert_array_equal(out, want)
+    np.testing.assert_array_equal(lse, want_lse)
+    for got, w in zip(ff.sdpa(q, k, v, return_lse=True, **opts), (want, want_lse)):
+        np.testing.assert_array_equal(got, w)
 
 
 def test_eager_call_in_one_step_declines_the_rest(rng):

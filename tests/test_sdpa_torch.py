@@ -525,6 +525,16 @@ def test_eager_call_in_one_step_matches_the_general_path(torch, isa, threads, dt
     torch.testing.assert_close(ff.sdpa(q, k, v, mask=mask, **opts), want, rtol=0, atol=0)
     if mask is not None:  # and the mask acts: the call without it differs
         assert not torch.equal(ff.sdpa(q, k, v, **opts), want)
+    # with the lse: (out, lse), lse contiguous float32 [B, Hq, Lq], the general path's bits
+    out, lse = _C.sdpa_torch(q, k, v, mask, opts.get("causal", False), opts.get("scale"), opts.get("window"),
+                             HUGEPAGE_MIN_BYTES, True)
+    want, want_lse = native_sdpa(q, k, v, mask=mask, causal=opts.get("causal", False), scale=opts.get("scale"),
+                                 window=opts.get("window") or 0, return_lse=True)
+    assert lse.dtype == torch.float32 and lse.shape == q.shape[:3] and lse.is_contiguous()
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    torch.testing.assert_close(lse, want_lse, rtol=0, atol=0)
+    for got, w in zip(ff.sdpa(q, k, v, mask=mask, return_lse=True, **opts), (want, want_lse)):
+        torch.testing.assert_close(got, w, rtol=0, atol=0)
 
 
 def test_eager_call_in_one_step_declines_the_rest(torch):
@@ -578,7 +588,11 @@ def test_eager_call_in_one_step_only_when_eager(torch):
 
     q, k, v = qkv(torch, 1, 4, 2, 5, 9, 32, torch.float32)
     assert ops_attention._eager_call(q, k, v, None, False, None, None) is not None
+    assert isinstance(ops_attention._eager_call(q, k, v, None, False, None, None, True), tuple)
 
     traced = torch.jit.trace(lambda a, b, c: ff.sdpa(a, b, c), (q, k, v), check_trace=False)
     q2, k2, v2 = qkv(torch, 1, 4, 2, 5, 9, 32, torch.float32, seed=1)
     torch.testing.assert_close(traced(q2, k2, v2), ff.sdpa(q2, k2, v2), rtol=0, atol=0)
+    traced = torch.jit.trace(lambda a, b, c: ff.sdpa(a, b, c, return_lse=True), (q, k, v), check_trace=False)
+    for got, want in zip(traced(q2, k2, v2), ff.sdpa(q2, k2, v2, return_lse=True)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)

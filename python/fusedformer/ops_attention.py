@@ -136,10 +136,9 @@ def sdpa(q, k, v, *, mask=None, causal=False, scale=None, window=None, return_ls
     shape, dtype and, where q's storage is dense, its memory layout, as torch's SDPA does), or
     (out, lse) with lse fp32 [B, Hq, Lq] when return_lse.
     """
-    if not return_lse:
-        out = _eager_call(q, k, v, mask, causal, scale, window)
-        if out is not None:
-            return out
+    out = _eager_call(q, k, v, mask, causal, scale, window, return_lse)
+    if out is not None:
+        return out
     framework = common_framework("sdpa", q=q, k=k, v=v, mask=mask)
     if framework == "numpy":
         q, k, v = (np.asarray(t) if not isinstance(t, np.ndarray) else t for t in (q, k, v))
@@ -156,12 +155,12 @@ def sdpa(q, k, v, *, mask=None, causal=False, scale=None, window=None, return_ls
     return native_sdpa(q, k, v, mask=mask, causal=causal, scale=scale_f, window=window_i, return_lse=return_lse)
 
 
-def _eager_call(q, k, v, mask, causal, scale, window):
-    """The common eager call (no lse; no mask, or a bool or float32 one) on numpy arrays or
-    torch tensors through _C.sdpa_numpy / _C.sdpa_torch, which check and describe them in C++:
-    its output, or None where that call does not apply (another framework, autograd to record,
-    anything the general path would copy or reject), or torch.compile / export / jit.trace is
-    tracing (the op must appear in the graph)."""
+def _eager_call(q, k, v, mask, causal, scale, window, return_lse=False):
+    """The common eager call (no mask, or a bool or float32 one; with or without the lse) on
+    numpy arrays or torch tensors through _C.sdpa_numpy / _C.sdpa_torch, which check and
+    describe them in C++: its result, or None where that call does not apply (another
+    framework, autograd to record, anything the general path would copy or reject), or
+    torch.compile / export / jit.trace is tracing (the op must appear in the graph)."""
     if type(q) is np.ndarray:
         one_step = getattr(_C, "sdpa_numpy", None)
     else:
@@ -170,7 +169,11 @@ def _eager_call(q, k, v, mask, causal, scale, window):
             return None
         one_step = getattr(_C, "sdpa_torch", None)
     # (getattr: benchmarks/build_ab.py runs builds from before these calls existed as _C)
-    return None if one_step is None else one_step(q, k, v, mask, causal, scale, window, HUGEPAGE_MIN_BYTES)
+    if one_step is None:
+        return None
+    if return_lse:  # (passed only then: the builds build_ab runs from before it lack it)
+        return one_step(q, k, v, mask, causal, scale, window, HUGEPAGE_MIN_BYTES, True)
+    return one_step(q, k, v, mask, causal, scale, window, HUGEPAGE_MIN_BYTES)
 
 
 def _torch_plain_eager(q, k, v, mask) -> bool:
