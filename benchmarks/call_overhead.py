@@ -1,7 +1,10 @@
 """What one ff.sdpa call costs beyond its kernel, on torch tensors: the eager call in one step
 (`_C.sdpa_torch`; numpy arrays take `_C.sdpa_numpy` the same way), the general path it skips
 (check_args, then native_sdpa's descriptors), and torch's own F.scaled_dot_product_attention,
-in alternating rounds on the same inputs.
+in alternating rounds on the same inputs. Then the same for ff.torch's QuantizedLinear (4-bit
+affine, group 64): its call through the weight described once (`_C.QMatmulPlan`), the same
+module's call without the plan (qmatmul_tensor: _C.qmatmul's arguments and numpy views of x
+and y on every call, as before it), and nn.Linear with the dense fp32 weight.
 
     python benchmarks/call_overhead.py [--rounds N]
 
@@ -15,6 +18,7 @@ median microseconds per call; writes nothing.
 from __future__ import annotations
 
 import argparse
+import copy
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +34,12 @@ CASES = [  # name, q shape, k/v shape, bool padding mask (transformers' [B, 1, L
     ("decode GQA 32/4 Lk 257 D64", (1, 32, 1, 64), (1, 4, 257, 64), False, False),
     ("decode B2 GQA 8/2 Lk 257 D64, bool padding mask", (2, 8, 1, 64), (2, 2, 257, 64), True, False),
     ("decode GQA 32/4 Lk 257 D64, return_lse", (1, 32, 1, 64), (1, 4, 257, 64), False, True),
+]
+
+
+LINEAR_CASES = [  # name, x shape, (out, in) features
+    ("tiny 256 x 256, one token", (1, 1, 256), (256, 256)),
+    ("2048 x 2048, one token", (1, 1, 2048), (2048, 2048)),
 ]
 
 
@@ -75,6 +85,37 @@ def main(argv=None) -> None:
         ratio = f"{us['ff'] / us['torch']:.2f}" if "torch" in us else "—"
         table.add_row(name, f"{us['ff']:.1f}", f"{us['general']:.1f}", torch_us, ratio)
     Console().print(table)
+    Console().print(linear_table(args.rounds))
+
+
+def linear_table(rounds: int):
+    """QuantizedLinear's call: through _C.QMatmulPlan, the general path, and nn.Linear."""
+    from rich.table import Table
+
+    from fusedformer.torch.quantized_linear import QuantizedLinear
+
+    table = Table(title=f"QuantizedLinear (4-bit affine) per call on torch fp32 (us, medians over {rounds} rounds)")
+    for col in ("case", "QuantizedLinear", "without the plan", "nn.Linear (fp32)", "ql / linear"):
+        table.add_column(col, justify="left" if col == "case" else "right")
+    g = torch.Generator().manual_seed(1)
+    for name, xs, (n, k) in LINEAR_CASES:
+        linear = torch.nn.Linear(k, n, bias=False)
+        ql = QuantizedLinear.from_linear(linear, ff.quant.Affine(bits=4, group_size=64))
+        no_plan = copy.deepcopy(ql)  # (before either has run: no plan to copy yet)
+        args, _ = no_plan._cached_kernel(no_plan._parts())
+        no_plan._kernel_cache = (no_plan._kernel_cache[0], (args, None))  # forward: qmatmul_tensor
+        x = torch.randn(xs, generator=g)
+        with torch.no_grad():
+            fns = {
+                "ql": (batched(lambda: ql(x)), {"min_runs": 20}),
+                "general": (batched(lambda: no_plan(x)), {"min_runs": 20}),
+                "linear": (batched(lambda: linear(x)), {"min_runs": 20}),
+            }
+            t = measure_in_rounds(fns, rounds=rounds, budget_s=0.3 * rounds)
+        us = {name_: t[name_].median_ms * 1e3 / BATCH for name_ in fns}
+        table.add_row(name, f"{us['ql']:.1f}", f"{us['general']:.1f}", f"{us['linear']:.1f}",
+                      f"{us['ql'] / us['linear']:.2f}")
+    return table
 
 
 if __name__ == "__main__":

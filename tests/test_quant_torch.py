@@ -96,3 +96,66 @@ def test_ff_qmatmul_on_tensors(rng):
     y = ff.qmatmul(x, qw)
     assert isinstance(y, torch.Tensor)
     np.testing.assert_allclose(y.numpy(), x.numpy() @ qw.dequantize().T, rtol=1e-5, atol=1e-5)
+
+
+# Pruned weights both ways: affine survivors and raw fp32 ones (codes kind 3).
+PLAN_SCHEMES = SCHEMES + [Affine(8, 64), Palettize(2), Prune(0.5)]
+
+
+@pytest.mark.parametrize("scheme", PLAN_SCHEMES, ids=repr)
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_plan_matches_the_general_path(scheme, dtype, isa, threads):
+    """QuantizedLinear's eager call through _C.QMatmulPlan (the weight described once) gives
+    qmatmul_tensor's bits, in x's dtype, for x of any leading shape and for rows one stride
+    apart but further than K (a slice of a wider tensor); x is left unchanged."""
+    from fusedformer.ops_attention import HUGEPAGE_MIN_BYTES
+    from fusedformer.ops_quant import qmatmul_tensor
+
+    torch.manual_seed(3)
+    dt = getattr(torch, dtype)
+    q = QuantizedLinear.from_linear(torch.nn.Linear(128, 40, bias=False), scheme)
+    args, plan = q._cached_kernel(q._parts())
+    assert plan is not None
+    xs = [torch.randn(128), torch.randn(1, 128), torch.randn(2, 3, 128), torch.randn(3, 1, 128),
+          torch.randn(2, 3, 160)[..., 16:144], torch.randn(33, 128)]
+    for x in (x.to(dt) for x in xs):
+        before = x.clone()
+        y = plan.torch(x, HUGEPAGE_MIN_BYTES)
+        assert y is not None and y.dtype == dt and y.shape == (*x.shape[:-1], 40) and y.is_contiguous()
+        torch.testing.assert_close(y, qmatmul_tensor(x, None, args), rtol=0, atol=0)
+        assert torch.equal(x, before)
+        with torch.no_grad():
+            torch.testing.assert_close(q(x), y, rtol=0, atol=0)
+
+
+def test_plan_declines_the_rest():
+    """_C.QMatmulPlan.torch returns None, running nothing, for every x it does not take, which
+    QuantizedLinear then sends down qmatmul_tensor (the same result); a bad weight description
+    is the binding's ValueError."""
+    from fusedformer import _C
+    from fusedformer.ops_attention import HUGEPAGE_MIN_BYTES
+
+    torch.manual_seed(4)
+    q = QuantizedLinear.from_linear(torch.nn.Linear(64, 8, bias=False), Affine(4, 32))
+    args, plan = q._cached_kernel(q._parts())
+    x = torch.randn(3, 64)
+    assert plan.torch(x, HUGEPAGE_MIN_BYTES) is not None
+    declined = [
+        x.double(),  # another dtype
+        x.clone().requires_grad_(),  # autograd to record
+        torch.nn.Parameter(x.clone()),  # a subclass
+        torch.randn(64, 3).t(),  # the last dimension not contiguous
+        torch.randn(3, 2, 64).transpose(0, 1),  # rows not one stride apart
+        x[:, None].expand(3, 2, 64),  # a broadcast row (stride 0)
+        torch.randn(3, 32),  # K does not match
+        torch.randn(0, 64),  # no rows
+    ]
+    for bad in declined:
+        assert plan.torch(bad, HUGEPAGE_MIN_BYTES) is None
+        if bad.dtype == torch.float32 and bad.shape[-1] == 64 and bad.numel():
+            with torch.no_grad():
+                torch.testing.assert_close(q(bad), q(bad.detach().contiguous()), rtol=0, atol=0)
+    assert plan.torch(x, 3 * 8 * 4) is None  # an output at the limit (the output cache's)
+    assert plan.torch(x.numpy(), HUGEPAGE_MIN_BYTES) is None
+    with pytest.raises(ValueError, match=r"\[qmatmul\] bad affine bits/group"):
+        _C.QMatmulPlan(*args._replace(bits=9))

@@ -7,6 +7,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from fusedformer import _C
+from fusedformer.ops_attention import HUGEPAGE_MIN_BYTES
 from fusedformer.ops_quant import kernel_args, qmatmul_tensor
 from fusedformer.quant import QuantizedWeight, compress
 from fusedformer.torch.qmatmul_op import parts_as_tensors
@@ -67,16 +69,24 @@ class QuantizedLinear(nn.Module):
     def dequantized_weight(self) -> torch.Tensor:
         return torch.from_numpy(self.quantized_weight().dequantize())
 
-    def _cached_kernel_args(self, parts):
+    def _cached_kernel(self, parts):
+        """(_C.qmatmul's arguments, _C.QMatmulPlan or None) for the buffers now in place."""
         key = tuple(p.data_ptr() for p in parts)
         if self._kernel_cache is None or self._kernel_cache[0] != key:
-            self._kernel_cache = (key, kernel_args(QuantizedWeight.from_op_args(parts, self._meta)))
+            args = kernel_args(QuantizedWeight.from_op_args(parts, self._meta))
+            plan_type = getattr(_C, "QMatmulPlan", None)  # (build_ab runs builds from before it)
+            self._kernel_cache = (key, (args, None if plan_type is None else plan_type(*args)))
         return self._kernel_cache[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         parts = self._parts()
         if _plain_eager(x):  # skip the dispatcher and re-parsing the weight on every call
-            y = qmatmul_tensor(x, None, self._cached_kernel_args(parts))
+            args, plan = self._cached_kernel(parts)
+            # the weight described once in C++ (_C.QMatmulPlan); None for an x it does not take
+            # (rows not one stride apart, a large output: the output cache), or builds without it
+            y = None if plan is None else plan.torch(x, HUGEPAGE_MIN_BYTES)
+            if y is None:
+                y = qmatmul_tensor(x, None, args)
         else:  # tracing, compiling, fake tensors or autograd: the custom op
             y = torch.ops.fusedformer.qmatmul(x, parts, self._meta)
         return y if self.bias is None else y + self.bias.to(y.dtype)
