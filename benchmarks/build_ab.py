@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import shutil
 import statistics
 import sys
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -31,13 +33,22 @@ from isa_ab import default_cases  # noqa: E402
 
 
 def load_build(label: str, path: str):
-    """The extension at `path` as a module of its own, named ff_<label>._C."""
+    """The extension at `path` as a module of its own, named ff_<label>._C, loaded from a copy:
+    dlopen hands a file it has loaded before (the package's own _C, the default candidate) back
+    as the same library, whose module init would then run a second time (registering its
+    classes twice is an ImportError)."""
     if not Path(path).is_file():
         raise SystemExit(f"[build_ab] no such file: {path}")
-    spec = importlib.util.spec_from_file_location(f"ff_{label}._C", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if Path(module.__file__).resolve() != Path(path).resolve():
+    folder = Path(tempfile.mkdtemp(prefix=f"ff_{label}_"))
+    copy = folder / Path(path).name
+    shutil.copyfile(path, copy)
+    try:
+        spec = importlib.util.spec_from_file_location(f"ff_{label}._C", copy)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        shutil.rmtree(folder)  # (the loaded library stays mapped)
+    if Path(module.__file__) != copy:
         raise SystemExit(f"[build_ab] {path} did not load as a module of its own")
     return module
 

@@ -243,7 +243,8 @@ void init_quant(py::module_& m) {
         "y = x @ W.T for a compressed W [n, k] (codes_kind: 0 affine, 1 int8, 2 lut, 3 raw f32;\n"
         "mask/row_offsets for pruned weights). x [m, k] raw f32/f16/bf16 (dtype 0/1/2); y like x,\n"
         "written to `out` when given (C-contiguous [m, n], x's dtype) and returned.");
-  py::class_<QMatmulPlan>(m, "QMatmulPlan",
+  // (module_local: benchmarks/build_ab.py loads two builds of this module into one process)
+  py::class_<QMatmulPlan>(m, "QMatmulPlan", py::module_local(),
                           "A compressed weight described once for qmatmul's eager calls (ff.torch's "
                           "QuantizedLinear); built from the arguments _C.qmatmul takes after x and dtype.")
       .def(py::init<int, int64_t, int64_t, int, int, py::object, py::object, py::object, py::object, py::object,

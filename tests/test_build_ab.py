@@ -39,6 +39,15 @@ def test_second_build_is_its_own_module_and_is_routed_only_inside_using(tmp_path
     np.testing.assert_array_equal(got, expected)
 
 
+def test_the_package_build_loads_again_as_its_own_module():
+    """The default candidate is the package's own _C file, already loaded: it loads from a copy
+    (the same file again would be the same library, its module init run twice: its classes'
+    second registration raised ImportError)."""
+    other = build_ab.load_build("again", ff._C.__file__)
+    assert other is not ff._C and other.__name__ == "ff_again._C"
+    assert other.QMatmulPlan is not ff._C.QMatmulPlan
+
+
 def test_missing_build_is_a_clear_error(tmp_path):
     with pytest.raises(SystemExit, match=r"\[build_ab\] no such file"):
         build_ab.load_build("none", str(tmp_path / "missing.so"))
