@@ -529,6 +529,11 @@ def _non_finite_case(rng, case, shape, dtype):
         mask[lq // 2] = False
         q[0, 1, lq // 2, 0] = np.nan
         opts = {}
+    elif case == "nan-v-masked-row":  # a NaN value: NaN where kept; a fully masked row of the
+        mask = np.ones((hq, lq, lk), bool)  # same kv head still 0 (its P V may have run over the
+        mask[1, lq // 2] = False  # NaN with p = 0)
+        v[0, 0, min(3, lk - 1), 5] = np.nan
+        opts = {}
     if dtype != "float32":  # what the kernel sees, for the reference too
         torch = pytest.importorskip("torch")
         q, k, v = (torch.from_numpy(x).to(getattr(torch, dtype)).float().numpy() for x in (q, k, v))
@@ -537,7 +542,7 @@ def _non_finite_case(rng, case, shape, dtype):
 
 # (fp16 inputs cannot reach fp32's overflow: 65504^2 D is far below it)
 NON_FINITE_CASES = [(case, dtype) for case in ("nan-q", "nan-k", "nan-k-masked-after", "inf-q", "overflow",
-                                               "overflow-one-chunk", "nan-q-masked-row")
+                                               "overflow-one-chunk", "nan-q-masked-row", "nan-v-masked-row")
                     for dtype in ("float32", "float16", "bfloat16")
                     if not (dtype == "float16" and case.startswith("overflow"))]
 
@@ -563,9 +568,8 @@ def test_non_finite_rows_match_reference(rng, isa, threads, case, shape, dtype):
     out, lse = out.double().numpy(), lse.double().numpy()
     ref_out, ref_lse = reference.sdpa(q, k, v, mask=mask, return_lse=True, **opts)
     nan_rows = np.isnan(ref_out).any(-1)
-    assert nan_rows.any() == (case in ("nan-q", "nan-k", "nan-k-masked-after", "inf-q"))
-    np.testing.assert_array_equal(np.isnan(out).all(-1), nan_rows)
-    np.testing.assert_array_equal(np.isnan(out).any(-1), nan_rows)
+    assert nan_rows.any() == (case in ("nan-q", "nan-k", "nan-k-masked-after", "inf-q", "nan-v-masked-row"))
+    np.testing.assert_array_equal(np.isnan(out), np.isnan(ref_out))  # (whole rows, or v's column)
     np.testing.assert_array_equal(np.isnan(lse), np.isnan(ref_lse))
     live = ~nan_rows
     np.testing.assert_allclose(out[live], ref_out[live], atol=TOL[dtype], rtol=0)
@@ -574,8 +578,9 @@ def test_non_finite_rows_match_reference(rng, isa, threads, case, shape, dtype):
     np.testing.assert_array_equal(np.isinf(lse), np.isinf(ref_lse))
     finite = np.isfinite(ref_lse)
     np.testing.assert_allclose(lse[finite], ref_lse[finite], atol=LSE_TOL[dtype], rtol=1e-6)
-    if case == "nan-q-masked-row":
-        assert (out[:, :, shape[3] // 2] == 0).all() and np.isneginf(lse[:, :, shape[3] // 2]).all()
+    if case.endswith("masked-row"):
+        dead = ~np.broadcast_to(mask, out.shape[:3] + (mask.shape[-1],)).any(-1)
+        assert dead.any() and (out[dead] == 0).all() and np.isneginf(lse[dead]).all()
 
 
 # ---- bad input ------------------------------------------------------------------------------

@@ -34,10 +34,10 @@ def sdpa(q, k, v, *, mask=None, causal=False, scale=None, window=None, return_ls
     q [B, Hq, Lq, D], k [B, Hkv, Lk, D], v [B, Hkv, Lk, Dv] with Hq % Hkv == 0 (query head h
     uses kv head h // (Hq // Hkv)). ``mask`` broadcasts to [B, Hq, Lq, Lk]: bool (True = keep)
     or additive float. A key is masked by causal/window, a False in a bool mask, or a score of
-    -inf (an additive -inf); fully masked rows give 0 and lse = -inf. A NaN or +inf among a
-    row's kept scores (from a NaN or inf in its inputs) makes that row NaN, as IEEE arithmetic
-    has it; finite float32 inputs never overflow float64 here. Returns float64 arrays: out
-    [B, Hq, Lq, Dv] (and lse [B, Hq, Lq] if ``return_lse``).
+    -inf (an additive -inf); fully masked rows give 0 and lse = -inf, whatever v holds. A NaN
+    or +inf among a row's kept scores (from a NaN or inf in its inputs) makes that row NaN, as
+    IEEE arithmetic has it; finite float32 inputs never overflow float64 here. Returns float64
+    arrays: out [B, Hq, Lq, Dv] (and lse [B, Hq, Lq] if ``return_lse``).
     """
     q, k, v = (np.asarray(t, dtype=np.float64) for t in (q, k, v))
     b, hq, lq, d = q.shape
@@ -61,7 +61,8 @@ def sdpa(q, k, v, *, mask=None, causal=False, scale=None, window=None, return_ls
     with np.errstate(invalid="ignore"):  # inf - inf: a +inf score makes its row NaN
         p = np.where(allowed, np.exp(s - np.where(dead, 0.0, m)), 0.0)
     denom = p.sum(axis=-1, keepdims=True)
-    out = np.einsum("bhij,bhjd->bhid", p / np.where(dead, 1.0, denom), v)
+    with np.errstate(invalid="ignore"):  # (0 p times a non-finite v)
+        out = np.where(dead, 0.0, np.einsum("bhij,bhjd->bhid", p / np.where(dead, 1.0, denom), v))
     if not return_lse:
         return out
     with np.errstate(divide="ignore", invalid="ignore"):

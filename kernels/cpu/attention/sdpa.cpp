@@ -786,13 +786,13 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
   }
 }
 
-// One row recomputed in float64 with reference.sdpa's semantics, for the rows the fp32 kernel
-// cannot finish (write_row): the keys it keeps are those of its causal/window range that the
-// mask keeps (bool non-zero; an additive score of -inf drops the key); none kept gives 0 and
-// lse -inf; a NaN or +inf among the kept scores (a NaN or inf in what the row reads) gives a NaN
-// row; otherwise the exact softmax, which float64 holds for any finite fp32 inputs (scores of
-// q ~ k ~ 1e19 overflow fp32, not float64). Scalar code: such rows are rare, and a NaN row
-// stops at its first NaN score.
+// One row recomputed in float64 with reference.sdpa's semantics, for the rows past fp32 that
+// the kernel cannot finish (write_row): the keys it keeps are those of its causal/window range
+// that the mask keeps (bool non-zero; an additive score of -inf drops the key); none kept
+// gives 0 and lse -inf; a NaN or +inf among the kept scores (a NaN or inf in what the row
+// reads) gives a NaN row; otherwise the exact softmax, which float64 holds for any finite fp32
+// inputs (scores of q ~ k ~ 1e19 overflow fp32, not float64). Scalar code: such rows are rare,
+// and a NaN row stops at its first NaN score.
 template <DType T>
 void write_exact_row(const SdpaParams& p, int64_t b, int64_t h, int64_t i) {
   using S = typename Elem<T>::type;
@@ -841,20 +841,26 @@ void write_exact_row(const SdpaParams& p, int64_t b, int64_t h, int64_t i) {
         nan ? fill : l > 0.0 ? static_cast<float>(m + std::log(l)) : kNegInf;
 }
 
-// out[b, h, i] = o / l, lse = ln2 m + log l. Rows with no finite score (l = 0: fully masked) or
-// past fp32 (m or l not finite) take write_exact_row. With `stream` (Problem::stream_out), rows
-// of whole 32-byte blocks on a 16-byte boundary leave through streaming stores (simd::stream,
-// stream_copy).
+// out[b, h, i] = o / l, lse = ln2 m + log l. A row with no finite score (l = 0, m = -inf: fully
+// masked; a NaN score would have made l NaN) gets 0 and lse -inf, whatever o holds (0 p times a
+// non-finite V); rows past fp32 (m or l not finite) take write_exact_row. With `stream`
+// (Problem::stream_out), rows of whole 32-byte blocks on a 16-byte boundary leave through
+// streaming stores (simd::stream, stream_copy).
 template <DType T>
 void write_row(const SdpaParams& p, bool stream, int64_t b, int64_t h, int64_t i, const float* o, float m,
                float l) {
+  using S = typename Elem<T>::type;
   constexpr float kInf = std::numeric_limits<float>::infinity();
-  if (!(l > 0.0f && l < kInf && m > kNegInf && m < kInf)) {  // (false for NaN too)
+  S* dst = static_cast<S*>(p.out) + b * p.out_stride_b + h * p.out_stride_h + i * p.out_stride_l;
+  if (l == 0.0f) {
+    std::memset(dst, 0, p.head_dim * sizeof(S));  // (+0 in fp32, fp16 and bf16 alike)
+    if (p.lse) p.lse[(b * p.q_heads + h) * p.q_len + i] = kNegInf;
+    return;
+  }
+  if (!(l < kInf && m > kNegInf && m < kInf)) {  // (false for NaN too)
     write_exact_row<T>(p, b, h, i);
     return;
   }
-  using S = typename Elem<T>::type;
-  S* dst = static_cast<S*>(p.out) + b * p.out_stride_b + h * p.out_stride_h + i * p.out_stride_l;
   const f32x8 inv = simd::set1(1.0f / l);
   const int64_t row_bytes = p.head_dim * static_cast<int64_t>(sizeof(S));
   if (stream && row_bytes % 32 == 0 && reinterpret_cast<uintptr_t>(dst) % 16 == 0) {
@@ -981,7 +987,6 @@ void run(const SdpaParams& p, const Problem& pr) {
           for (int64_t c = 0; c < pr.chunks; ++c) {
             const int64_t at = (u0 + c) * pitch + rr;
             const float e = simd::exp2_scalar(part.m[at] - mx);
-            if (std::isnan(part.l[at])) l = part.l[at];  // a NaN score, even where m_c = -inf
             if (e == 0.0f) continue;
             l += e * part.l[at];
             const float* o = part.o.get() + at * dp;
@@ -990,6 +995,8 @@ void run(const SdpaParams& p, const Problem& pr) {
               simd::store(acc + x, simd::fmadd(ev, simd::load(o + x), simd::load(acc + x)));
           }
         }
+        for (int64_t c = 0; c < pr.chunks; ++c)  // a NaN score, even where every m_c is -inf or NaN
+          if (std::isnan(part.l[(u0 + c) * pitch + rr])) l = part.l[(u0 + c) * pitch + rr];
         const int64_t r = bk.r0 + rr;
         write_row<T>(p, pr.stream_out, bk.b, bk.kvh * G + r % G, r / G, acc, mx, l);
       }
