@@ -52,6 +52,25 @@ def test_state_dict_roundtrip(scheme):
     assert any(k.endswith("w_meta") for k in q.state_dict())
 
 
+def test_copy_and_pickle_after_a_call():
+    """A module that has run (its kernel cache holds a _C.QMatmulPlan) still deep-copies and
+    pickles whole (torch.save of the module), and the copies compute the same."""
+    import copy
+
+    torch.manual_seed(5)
+    q = QuantizedLinear.from_linear(torch.nn.Linear(64, 24), Affine(4, 32))
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        want = q(x)
+        assert q._kernel_cache is not None
+        buf = io.BytesIO()
+        torch.save(q, buf)
+        buf.seek(0)
+        for other in (copy.deepcopy(q), torch.load(buf, weights_only=False)):
+            torch.testing.assert_close(other(x), want, rtol=0, atol=0)
+        torch.testing.assert_close(q(x), want, rtol=0, atol=0)
+
+
 def test_op_fake_and_compile_shapes():
     from torch._subclasses.fake_tensor import FakeTensorMode
 

@@ -69,6 +69,13 @@ class QuantizedLinear(nn.Module):
     def dequantized_weight(self) -> torch.Tensor:
         return torch.from_numpy(self.quantized_weight().dequantize())
 
+    def __getstate__(self):
+        """Pickling and copy.deepcopy leave the kernel cache behind (a _C.QMatmulPlan cannot be
+        pickled; the copy builds its own on its first call)."""
+        state = self.__dict__.copy()
+        state["_kernel_cache"] = None
+        return state
+
     def _cached_kernel(self, parts):
         """(_C.qmatmul's arguments, _C.QMatmulPlan or None) for the buffers now in place."""
         key = tuple(p.data_ptr() for p in parts)
