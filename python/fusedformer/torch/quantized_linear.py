@@ -7,7 +7,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from fusedformer import _C
 from fusedformer.ops_attention import HUGEPAGE_MIN_BYTES
 from fusedformer.ops_quant import kernel_args, qmatmul_tensor
 from fusedformer.quant import QuantizedWeight, compress
@@ -80,8 +79,10 @@ class QuantizedLinear(nn.Module):
         """(_C.qmatmul's arguments, _C.QMatmulPlan or None) for the buffers now in place."""
         key = tuple(p.data_ptr() for p in parts)
         if self._kernel_cache is None or self._kernel_cache[0] != key:
+            from fusedformer import _C  # (looked up here: build_ab swaps fusedformer._C for its builds)
+
             args = kernel_args(QuantizedWeight.from_op_args(parts, self._meta))
-            plan_type = getattr(_C, "QMatmulPlan", None)  # (build_ab runs builds from before it)
+            plan_type = getattr(_C, "QMatmulPlan", None)  # (builds from before it have none)
             self._kernel_cache = (key, (args, None if plan_type is None else plan_type(*args)))
         return self._kernel_cache[1]
 
