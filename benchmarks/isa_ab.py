@@ -115,6 +115,8 @@ def default_cases(rng) -> list:
         sdpa_case("sdpa cold decode GQA 32/8 Lk 16384 D128 fp16", gqa_long, False, rng, "float16", cold=True),
         sdpa_case("sdpa cold decode MHA 32/32 Lk 4096 D128 bf16", [(1, 32, 1, 128), (1, 32, 4096, 128), (1, 32, 4096, 128)],
                   False, rng, "bfloat16", cold=True),
+        sdpa_case("sdpa cold decode MHA 32/32 Lk 4096 D128 fp32", [(1, 32, 1, 128), (1, 32, 4096, 128), (1, 32, 4096, 128)],
+                  False, rng, cold=True),
         # decode blocks shorter than 1024 keys (split-KV chunks of 512 at Lk 1024 bf16; whole
         # blocks of 200 and 1500 keys): where each stream block's row requests (StreamAhead)
         # replaced the whole-tile burst
@@ -122,6 +124,10 @@ def default_cases(rng) -> list:
                   False, rng, "bfloat16"),
         sdpa_case("sdpa cold decode GQA 32/8 Lk 1500 D128 bf16", [(1, 32, 1, 128), (1, 8, 1500, 128), (1, 8, 1500, 128)],
                   False, rng, "bfloat16", cold=True),
+        sdpa_case("sdpa cold decode GQA 32/8 Lk 4096 D96 fp32", [(1, 32, 1, 96), (1, 8, 4096, 96), (1, 8, 4096, 96)],
+                  False, rng, cold=True),
+        sdpa_case("sdpa cold decode GQA 32/8 Lk 1500 D128 fp32", [(1, 32, 1, 128), (1, 8, 1500, 128), (1, 8, 1500, 128)],
+                  False, rng, cold=True),
         sdpa_case("sdpa cold decode GQA 32/8 Lk 200 D128 bf16", [(1, 32, 1, 128), (1, 8, 200, 128), (1, 8, 200, 128)],
                   False, rng, "bfloat16", cold=True),
         sdpa_case("sdpa cold decode MHA 32/32 Lk 200 D64", [(1, 32, 1, 64), (1, 32, 200, 64), (1, 32, 200, 64)], False,

@@ -558,10 +558,29 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
     prefetch_rows<2>(v + t0 * vs, vs * static_cast<int64_t>(sizeof(S)), n, row_bytes);
   }
   const int64_t t_first = bk.j0 + (jmin - bk.j0) / tile * tile;
+  // fp32 stream blocks of several rows (GQA/MQA decode) over at least kSplitChunk keys of K/V
+  // rows stored back to back: S = Q K^T requests the K rows kDecodePrefetchKeys keys past each
+  // tile's and P V the V rows, a line per iteration of their inner loops (LineAhead), instead
+  // of StreamAhead's burst of both per 8-key block of S = Q K^T, which leaves the memory idle
+  // while P V computes. On a Zen 3 class AVX2 VM (build_ab, 11-15 rounds, 2 threads), cold GQA
+  // 32/8 D128 decode took 0.79-0.87x the time at Lk 4096, 0.84-0.88x at Lk 16384 and
+  // 0.90x at Lk 1500, D96 (pv_stream) 0.69x at Lk 4096; with K/V in cache 0.88-0.96x.
+  // Measured and left out: bf16/fp16 rows
+  // (qk_dot / pv_stream: 1.05-1.2x slower), MHA fp32 (one row: 1.04x), blocks of 257 keys
+  // (1.07-1.15x); and the kernels' inner loops carry the requests only where they make them
+  // (NoLines): a LineAhead with nothing to request cost short blocks 1.07-1.17x.
+  const bool spread = T == DType::f32 && stream && !wide && nr > 1 && D % 16 == 0 &&
+                      bk.j1 - bk.j0 >= kSplitChunk && p.k.stride_l == D && p.v.stride_l == D;
   for (int64_t t = t_first; t < jmax; t += tile) {
     const int64_t nk = bk.j1 - t < tile ? bk.j1 - t : tile;
     const S* kt = k + t * ks;
     const S* vt = v + t * vs;
+    // (spread) The rows of x kDecodePrefetchKeys keys past this tile's, over `steps` steps.
+    auto lines_ahead = [&](const S* x, int64_t xs, int64_t steps) {
+      const int64_t a = t + kDecodePrefetchKeys, n = jmax - a < nk ? jmax - a : nk;
+      return spread && n > 0 ? LineAhead::over(x + a * xs, n * D * static_cast<int64_t>(sizeof(S)), steps)
+                             : LineAhead{};
+    };
     // Touch the K and V rows kPrefetchTiles tiles ahead while this one computes: V is read
     // column block by column block, which hardware prefetchers do not follow. Blocks of many
     // rows compute long enough on each tile for the next to arrive unasked, and two tiles ahead
@@ -656,7 +675,11 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
                               ks * static_cast<int64_t>(sizeof(S)), vs * static_cast<int64_t>(sizeof(S)),
                               D * static_cast<int64_t>(sizeof(S)), jmax - t};
       if constexpr (T == DType::f32) {
-        qk_dot_f32(w.q, dp, kt, ks, nk, D, w.s, pitch, nr, ahead);
+        if (spread)
+          qk_dot_f32(w.q, dp, kt, ks, nk, D, w.s, pitch, nr, StreamAhead{},
+                     lines_ahead(k, ks, (nk + 7) / 8 * nr * dp / 8));
+        else
+          qk_dot_f32(w.q, dp, kt, ks, nk, D, w.s, pitch, nr, ahead);
       } else {
         FF_BOOL_SWITCH(stream16, kSplit, [&] {
           for (int64_t rr = 0; rr < nr; rr += kDotRows)
@@ -743,14 +766,22 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
       // once for kDotRows rows where pv_stream_rows converts it once per row: cold GQA 32/8
       // D128 decode bf16 took 0.91-0.93x the time on a Zen 3 class AVX2 VM, build_ab 7 rounds)
       FF_BOOL_SWITCH(stream16, kSplit, [&] {
-        pv_stream_rows<T, kSplit && T == DType::bf16>(w.o, dp, w.alpha, w.s, pitch, vt, vs, nk, D, nr);
+        constexpr bool kS = kSplit && T == DType::bf16;
+        if (spread)
+          pv_stream_rows<T, kS>(w.o, dp, w.alpha, w.s, pitch, vt, vs, nk, D, nr, lines_ahead(v, vs, nr * (D / 64) * nk));
+        else
+          pv_stream_rows<T, kS>(w.o, dp, w.alpha, w.s, pitch, vt, vs, nk, D, nr);
       });
     } else if (stream) {
       FF_BOOL_SWITCH(stream16, kSplit, [&] {
         for (int64_t rr = 0; rr < nr; rr += kDotRows)
           with_rows<kDotRows>(static_cast<int>(nr - rr), [&](auto R) {
-            pv_stream<T, decltype(R)::value, kSplit && T == DType::bf16>(
-                w.o + rr * dp, dp, w.alpha + rr, w.s + rr * pitch, pitch, vt, vs, nk, D);
+            constexpr int kR = decltype(R)::value;
+            constexpr bool kS = kSplit && T == DType::bf16;
+            if (spread && rr == 0)
+              pv_stream<T, kR, kS>(w.o, dp, w.alpha, w.s, pitch, vt, vs, nk, D, lines_ahead(v, vs, D / 16 * nk));
+            else
+              pv_stream<T, kR, kS>(w.o + rr * dp, dp, w.alpha + rr, w.s + rr * pitch, pitch, vt, vs, nk, D);
           });
       });
     } else if (amx) {

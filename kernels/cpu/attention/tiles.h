@@ -130,7 +130,8 @@ constexpr int64_t kDecodePrefetchKeys = 128;
 // fp16 0.80x the time, MHA 32/32 bf16 0.85x, fp32 1.02-1.05x (against the whole-tile bursts
 // before either, fp32 took 0.82x at Lk 16384 and 0.96x at Lk 4096). Against no requests at all
 // (hardware prefetchers alone), requesting each stream's own took 0.84-0.95x; 64 keys ahead
-// measured as 128, 256 1.03-1.14x slower.
+// measured as 128, 256 1.03-1.14x slower. (fp32 blocks of several rows over long runs of keys
+// request each stream from its own kernel, spread over its loop instead: LineAhead, in attend.)
 struct StreamAhead {
   const char* k = nullptr;
   const char* v = nullptr;
@@ -148,6 +149,29 @@ struct StreamAhead {
         __builtin_prefetch(vp + b, 0, 2);
       }
   }
+};
+
+// A run of cache lines requested into L2 `per` at a time, one step per iteration of a kernel's
+// inner loop, so that the requests spread evenly over the compute instead of in bursts.
+struct LineAhead {
+  const char* p = nullptr;
+  const char* end = nullptr;
+  int64_t per = 0;
+  __attribute__((always_inline)) void step() {
+    for (int64_t i = 0; i < per && p < end; ++i, p += 64) __builtin_prefetch(p, 0, 2);
+  }
+  // The lines of [begin, begin + bytes) over `steps` steps.
+  static LineAhead over(const void* begin, int64_t bytes, int64_t steps) {
+    const char* b = static_cast<const char*>(begin);
+    const int64_t lines = (bytes + 63) / 64;
+    return {b, b + bytes, steps > 0 ? (lines + steps - 1) / steps : 0};
+  }
+};
+
+// ... and none: kernels take the one or the other as a type, so that without requests their
+// inner loops carry no state for them.
+struct NoLines {
+  void step() const {}
 };
 
 // A strip loop's per-strip work when the caller has none (for_score_strips).
@@ -375,9 +399,10 @@ inline void qk_dot(const float* q, int64_t q_stride, const typename Elem<T>::typ
 // measured 1.1-1.3x slower than qk_dot, which converts each K vector once for all its rows.
 // Each 8-key block requests the K/V rows `ahead` of it (spread over the rows of the block, the
 // requests took 0.96-0.98x the time from memory, but 1.3x on short calls: register spills).
+template <class Lines = NoLines>
 inline void qk_dot_f32(const float* q, int64_t q_stride, const float* k, int64_t k_stride, int64_t nk,
                        int64_t d, float* s, int64_t s_stride, int64_t nr,
-                       const StreamAhead& ahead = {}) {
+                       const StreamAhead& ahead = {}, Lines lines = {}) {
   const int64_t d8 = round_up(d, 8);
   alignas(32) float block[8 * kMaxHeadDim];
   for (int64_t j = 0; j < nk; j += 8) {
@@ -401,6 +426,7 @@ inline void qk_dot_f32(const float* q, int64_t q_stride, const float* k, int64_t
       f32x8 acc[8];
       for (auto& a : acc) a = simd::zero();
       for (int64_t x = 0; x < d8; x += 8) {
+        lines.step();
         const f32x8 qv = simd::load(q + r * q_stride + x);
         for (int i = 0; i < 8; ++i) acc[i] = simd::fmadd(qv, simd::load(kb + i * kb_stride + x), acc[i]);
       }
@@ -447,10 +473,10 @@ inline void pv_f32(float* o, int64_t o_stride, const float* alpha, const float* 
 // The same for R rows (R <= kDotRows) with V streamed from storage (d columns, any d); o rows
 // have round_up(d, 8) columns, the padding stays 0. With kSplit (bf16, d a multiple of 16) V is
 // read in the split order (split16) and O's 16-column blocks are split and joined around it.
-template <DType T, int R, bool kSplit = false>
+template <DType T, int R, bool kSplit = false, class Lines = NoLines>
 inline void pv_stream(float* o, int64_t o_stride, const float* alpha, const float* p,
                       int64_t p_stride, const typename Elem<T>::type* v, int64_t v_stride,
-                      int64_t nk, int64_t d) {
+                      int64_t nk, int64_t d, Lines lines = {}) {
   int64_t c = 0;
   for (; c + 16 <= d; c += 16) {
     f32x8 acc[R][2];
@@ -462,6 +488,7 @@ inline void pv_stream(float* o, int64_t o_stride, const float* alpha, const floa
     }
     const auto* vp = v + c;
     for (int64_t j = 0; j < nk; ++j, vp += v_stride) {
+      lines.step();
       f32x8 v0, v1;
       load16<T, kSplit>(vp, &v0, &v1);
       for (int r = 0; r < R; ++r) {
@@ -496,10 +523,10 @@ inline void pv_stream(float* o, int64_t o_stride, const float* alpha, const floa
 // D128). For K/V read from memory, as in a model's decode step where the weights stream
 // through the cache between layers, that order keeps more lines in flight. kSplit: as
 // pv_stream's.
-template <DType T, bool kSplit = false>
+template <DType T, bool kSplit = false, class Lines = NoLines>
 inline void pv_stream_rows(float* o, int64_t o_stride, const float* alpha, const float* p,
                            int64_t p_stride, const typename Elem<T>::type* v, int64_t v_stride,
-                           int64_t nk, int64_t d, int64_t nr) {
+                           int64_t nk, int64_t d, int64_t nr, Lines lines = {}) {
   for (int64_t r = 0; r < nr; ++r)
     for (int64_t c = 0; c < d; c += 64) {
       float* orow = o + r * o_stride + c;
@@ -511,6 +538,7 @@ inline void pv_stream_rows(float* o, int64_t o_stride, const float* alpha, const
       const auto* vp = v + c;
       const float* pr = p + r * p_stride;
       for (int64_t j = 0; j < nk; ++j, vp += v_stride) {
+        lines.step();
         const f32x8 pb = simd::set1(pr[j]);
         for (int u = 0; u < 8; u += 2) {
           f32x8 v0, v1;
