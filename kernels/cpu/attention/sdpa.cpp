@@ -78,6 +78,11 @@ constexpr int64_t kStreamMaxRows = 8;  // blocks this small stream K/V instead o
 constexpr int64_t kPrefetchTiles = 2;  // how far ahead K/V tiles are prefetched
 constexpr int64_t kPrefetchMaxRows = 64;  // ... by blocks of at most this many rows
 constexpr int64_t kDecodeBurstKeys = 2 * kKeyTile;  // fp32 decode rows requested up front
+// How far ahead of a tile's keys its kernels request K/V rows where they spread the requests
+// over their loops (LineAhead, in attend): against 128 (kDecodePrefetchKeys), cold fp32 GQA
+// 32/8 decode took 0.92-0.98x the time at D128 Lk 4096 / 16384 and D96, build_ab 11-15 rounds;
+// 256 took 1.19x at D96.
+constexpr int64_t kLineAheadKeys = kKeyTile;
 // Outputs of at least this many bytes are written with streaming stores (write_row), around the
 // caches: an output larger than the L2s leaves them for memory anyway, and a normal store first
 // reads each line it writes (write_row held 3.5% of causal B4 H12 L1024 D64 fp32's samples,
@@ -559,7 +564,7 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
   }
   const int64_t t_first = bk.j0 + (jmin - bk.j0) / tile * tile;
   // fp32 stream blocks of several rows (GQA/MQA decode) over at least kSplitChunk keys of K/V
-  // rows stored back to back: S = Q K^T requests the K rows kDecodePrefetchKeys keys past each
+  // rows stored back to back: S = Q K^T requests the K rows kLineAheadKeys keys past each
   // tile's and P V the V rows, a line per iteration of their inner loops (LineAhead), instead
   // of StreamAhead's burst of both per 8-key block of S = Q K^T, which leaves the memory idle
   // while P V computes. On a Zen 3 class AVX2 VM (build_ab, 11-15 rounds, 2 threads), cold GQA
@@ -575,9 +580,9 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
     const int64_t nk = bk.j1 - t < tile ? bk.j1 - t : tile;
     const S* kt = k + t * ks;
     const S* vt = v + t * vs;
-    // (spread) The rows of x kDecodePrefetchKeys keys past this tile's, over `steps` steps.
+    // (spread) The rows of x kLineAheadKeys keys past this tile's, over `steps` steps.
     auto lines_ahead = [&](const S* x, int64_t xs, int64_t steps) {
-      const int64_t a = t + kDecodePrefetchKeys, n = jmax - a < nk ? jmax - a : nk;
+      const int64_t a = t + kLineAheadKeys, n = jmax - a < nk ? jmax - a : nk;
       return spread && n > 0 ? LineAhead::over(x + a * xs, n * D * static_cast<int64_t>(sizeof(S)), steps)
                              : LineAhead{};
     };
