@@ -567,13 +567,14 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
   // rows stored back to back: S = Q K^T requests the K rows kLineAheadKeys keys past each
   // tile's and P V the V rows, a line per iteration of their inner loops (LineAhead), instead
   // of StreamAhead's burst of both per 8-key block of S = Q K^T, which leaves the memory idle
-  // while P V computes. On a Zen 3 class AVX2 VM (build_ab, 11-15 rounds, 2 threads), cold GQA
-  // 32/8 D128 decode took 0.79-0.87x the time at Lk 4096, 0.84-0.88x at Lk 16384 and
-  // 0.90x at Lk 1500, D96 (pv_stream) 0.69x at Lk 4096; with K/V in cache 0.88-0.96x.
-  // Measured and left out: bf16/fp16 rows
-  // (qk_dot / pv_stream: 1.05-1.2x slower), MHA fp32 (one row: 1.04x), blocks of 257 keys
-  // (1.07-1.15x); and the kernels' inner loops carry the requests only where they make them
-  // (NoLines): a LineAhead with nothing to request cost short blocks 1.07-1.17x.
+  // while P V computes. On a Zen 3 class AVX2 VM (build_ab, 9-15 rounds, 2 threads), requests
+  // 128 keys ahead made cold GQA 32/8 D128 decode take 0.79-0.88x the time at Lk 4096,
+  // 0.84-0.92x at Lk 16384 and 0.90x at Lk 1500, D96 (pv_stream) 0.69x at Lk 4096, and
+  // 0.88-0.99x with K/V in cache; with kLineAheadKeys (64), 0.79x / 0.75x / D96 0.74x
+  // (15 rounds). Measured and left out: bf16/fp16 rows (qk_dot / pv_stream: 1.01-1.21x
+  // slower), MHA fp32 (one row: 1.04x), blocks of 257 keys (1.07-1.15x); and the kernels'
+  // inner loops carry the requests only where they make them (NoLines): a LineAhead with
+  // nothing to request cost short blocks 1.07-1.17x.
   const bool spread = T == DType::f32 && stream && !wide && nr > 1 && D % 16 == 0 &&
                       bk.j1 - bk.j0 >= kSplitChunk && p.k.stride_l == D && p.v.stride_l == D;
   for (int64_t t = t_first; t < jmax; t += tile) {
