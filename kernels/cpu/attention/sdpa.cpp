@@ -784,10 +784,13 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
           with_rows<kDotRows>(static_cast<int>(nr - rr), [&](auto R) {
             constexpr int kR = decltype(R)::value;
             constexpr bool kS = kSplit && T == DType::bf16;
-            if (spread && rr == 0)
-              pv_stream<T, kR, kS>(w.o, dp, w.alpha, w.s, pitch, vt, vs, nk, D, lines_ahead(v, vs, D / 16 * nk));
+            float* const o = w.o + rr * dp;
+            const float* const a = w.alpha + rr;
+            const float* const s = w.s + rr * pitch;
+            if (spread && rr == 0)  // (the first rows' kernel requests the rows for all)
+              pv_stream<T, kR, kS>(o, dp, a, s, pitch, vt, vs, nk, D, lines_ahead(v, vs, D / 16 * nk));
             else
-              pv_stream<T, kR, kS>(w.o + rr * dp, dp, w.alpha + rr, w.s + rr * pitch, pitch, vt, vs, nk, D);
+              pv_stream<T, kR, kS>(o, dp, a, s, pitch, vt, vs, nk, D);
           });
       });
     } else if (amx) {
