@@ -8,8 +8,12 @@ The candidate is the build in python/fusedformer (or a second .so path). Each bu
 as its own module (`ff_base._C`, `ff_candidate._C`: Python keeps one module per name, so two
 files loaded under the same name would silently run the first one twice) and put in place of
 `fusedformer._C` in turn; each case alternates between them, one short measurement each per
-round, and the table gives medians over the rounds and their ratio. The cases are those of
-isa_ab.py. Prints a table; writes nothing.
+round (which goes first alternates from round to round, so that neither always runs on the
+other's warm caches or in the same phase of a slowing host), and the table gives medians over
+the rounds, their ratio, and the per-round ratios (candidate / base of the same round: a shared
+host's slow minutes move both of a round alike) as median and quartiles. A change whose
+quartiles straddle 1 is not told from noise by that run. The cases are those of isa_ab.py.
+Prints a table; writes nothing.
 """
 
 from __future__ import annotations
@@ -68,6 +72,25 @@ def using(build):
             m._C = original
 
 
+def alternating_rounds(fns: dict, rounds: int, time_one) -> dict[str, list[float]]:
+    """time_one(fn) for each of `fns` (name -> fn) in each of `rounds` rounds, the order
+    reversed every other round; returns each name's times in round order."""
+    samples = {name: [] for name in fns}
+    order = list(fns)
+    for r in range(rounds):
+        for name in order if r % 2 == 0 else order[::-1]:
+            samples[name].append(time_one(fns[name]))
+    return samples
+
+
+def paired_ratios(base: list[float], cand: list[float]) -> tuple[float, float, float]:
+    """The per-round ratios cand / base: (first quartile, median, third quartile)."""
+    if len(base) != len(cand) or not base:
+        raise ValueError(f"[build_ab] need one base and one candidate time per round, got {len(base)} and {len(cand)}")
+    q1, med, q3 = np.quantile(np.asarray(cand) / np.asarray(base), [0.25, 0.5, 0.75])
+    return float(q1), float(med), float(q3)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("base", help="the base build's _C .so")
@@ -88,17 +111,18 @@ def main(argv=None) -> None:
 
     table = Table(title=f"base {args.base} vs candidate {args.candidate}: medians of "
                         f"{args.rounds} alternating rounds ({builds['candidate'].num_threads()} threads)")
-    for col in ("case", "base ms", "candidate ms", "candidate / base"):
+    for col in ("case", "base ms", "candidate ms", "candidate / base", "per round (quartiles)"):
         table.add_column(col, justify="left" if col == "case" else "right")
     for name, fn in cases:
-        samples = {label: [] for label in builds}
-        for _ in range(args.rounds):
-            for label, build in builds.items():
-                with using(build):
-                    samples[label].append(measure(fn, budget_s=0.3).median_ms)
+        def time_one(build, fn=fn):
+            with using(build):
+                return measure(fn, budget_s=0.3).median_ms
+
+        samples = alternating_rounds(builds, args.rounds, time_one)
         base, cand = (statistics.median(samples[label]) for label in builds)
-        table.add_row(name, f"{base:.3f}", f"{cand:.3f}", f"{cand / base:.3f}")
-    Console().print(table)
+        q1, med, q3 = paired_ratios(samples["base"], samples["candidate"])
+        table.add_row(name, f"{base:.3f}", f"{cand:.3f}", f"{cand / base:.3f}", f"{med:.3f} ({q1:.3f}-{q3:.3f})")
+    Console(width=max(Console().width, 130)).print(table)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ fusedformer._C only inside `using` (two builds loaded under one name would run o
 twice, and an A/B would compare a build with itself)."""
 
 import shutil
+import statistics
 import sys
 from pathlib import Path
 
@@ -51,3 +52,24 @@ def test_the_package_build_loads_again_as_its_own_module():
 def test_missing_build_is_a_clear_error(tmp_path):
     with pytest.raises(SystemExit, match=r"\[build_ab\] no such file"):
         build_ab.load_build("none", str(tmp_path / "missing.so"))
+
+
+def test_rounds_alternate_which_build_goes_first():
+    calls = []
+    samples = build_ab.alternating_rounds({"base": "b", "candidate": "c"}, 4,
+                                          lambda fn: calls.append(fn) or float(len(calls)))
+    assert calls == ["b", "c", "c", "b", "b", "c", "c", "b"]
+    assert samples == {"base": [1.0, 4.0, 5.0, 8.0], "candidate": [2.0, 3.0, 6.0, 7.0]}
+
+
+def test_paired_ratios_are_per_round():
+    # a candidate 0.9x the base's time on a host that slows down 3x during round 3 and stays
+    # slow: the ratio of the medians says 2.7, the per-round ratios 0.9 (but round 3's)
+    base = [1.0, 1.0, 1.0, 3.0, 3.0]
+    cand = [0.9, 0.9, 2.7, 2.7, 2.7]
+    assert statistics.median(cand) / statistics.median(base) == pytest.approx(2.7)
+    assert build_ab.paired_ratios(base, cand) == pytest.approx((0.9, 0.9, 0.9))
+    q1, med, q3 = build_ab.paired_ratios([1.0, 1.0, 1.0, 1.0], [0.8, 1.0, 1.1, 1.3])
+    assert q1 < med < q3 and med == pytest.approx(1.05)
+    with pytest.raises(ValueError, match=r"\[build_ab\] need one base and one candidate"):
+        build_ab.paired_ratios([1.0], [1.0, 2.0])
