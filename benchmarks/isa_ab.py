@@ -40,13 +40,20 @@ def qmatmul_case(scheme, n: int, k: int, rng, m: int = 1):
     return f"qmatmul {m}x{k} @ {n}x{k} {scheme!r}", call
 
 
-def sdpa_case(name: str, shapes, causal: bool, rng, dtype: str = "float32", mask=None, cold: bool = False):
+def sdpa_case(name: str, shapes, causal: bool, rng, dtype: str = "float32", mask=None, cold: bool = False,
+              hf: bool = False):
     """cold: K and V cycle through copies that stream 2x the last-level cache (read from memory,
-    as in `fusedformer bench attention`'s decode rows); else the same K/V every call."""
+    as in `fusedformer bench attention`'s decode rows); else the same K/V every call. hf: the
+    [B, H, L, D] inputs are views of [B, L, H, D] tensors (x.transpose(1, 2), as Hugging Face
+    models pass them: rows H D elements apart)."""
     import torch  # bf16 inputs need torch tensors (numpy has no bfloat16)
 
-    q, k, v = (torch.from_numpy(rng.standard_normal(s).astype(np.float32)).to(getattr(torch, dtype))
-               for s in shapes)
+    def make(s):
+        b, h, l, d = s
+        x = torch.from_numpy(rng.standard_normal((b, l, h, d) if hf else s).astype(np.float32))
+        return (x.transpose(1, 2) if hf else x).to(getattr(torch, dtype))
+
+    q, k, v = (make(s) for s in shapes)
     copies = []  # (cold) made at the first call, so that only the cases that run hold them
 
     def call():
@@ -103,8 +110,12 @@ def default_cases(rng) -> list:
         sdpa_case("sdpa prefill causal B1 H8 L512 D64 fp32", [(1, 8, 512, 64)] * 3, True, rng),
         sdpa_case("sdpa prefill causal B1 H16 L1024 D256 fp32", [(1, 16, 1024, 256)] * 3, True, rng),
         sdpa_case("sdpa prefill causal B1 H8 L1024 D128 fp16", [(1, 8, 1024, 128)] * 3, True, rng, "float16"),
+        sdpa_case("sdpa prefill causal B1 H8 L1024 D128 fp32 HF layout", [(1, 8, 1024, 128)] * 3, True, rng, hf=True),
+        sdpa_case("sdpa prefill causal B1 H12 L1024 D64 fp32 HF layout", [(1, 12, 1024, 64)] * 3, True, rng, hf=True),
+        sdpa_case("sdpa prefill causal B1 H8 L1024 D96 fp32", [(1, 8, 1024, 96)] * 3, True, rng),
         sdpa_case("sdpa decode GQA 32/8 Lk 4096 D128", gqa, False, rng),
         sdpa_case("sdpa decode GQA 32/8 Lk 4096 D128 bf16", gqa, False, rng, "bfloat16"),
+        sdpa_case("sdpa decode GQA 32/8 Lk 4096 D128 fp16", gqa, False, rng, "float16"),
         sdpa_case("sdpa decode MHA 32/32 Lk 4096 D128 bf16", [(1, 32, 1, 128), (1, 32, 4096, 128), (1, 32, 4096, 128)],
                   False, rng, "bfloat16"),
         # decode with K/V read from memory (as a model's layers read theirs)
@@ -113,6 +124,7 @@ def default_cases(rng) -> list:
         sdpa_case("sdpa cold decode GQA 32/8 Lk 16384 D128", gqa_long, False, rng, cold=True),
         sdpa_case("sdpa cold decode GQA 32/8 Lk 16384 D128 bf16", gqa_long, False, rng, "bfloat16", cold=True),
         sdpa_case("sdpa cold decode GQA 32/8 Lk 16384 D128 fp16", gqa_long, False, rng, "float16", cold=True),
+        sdpa_case("sdpa cold decode GQA 32/8 Lk 4096 D128 fp16", gqa, False, rng, "float16", cold=True),
         sdpa_case("sdpa cold decode MHA 32/32 Lk 4096 D128 bf16", [(1, 32, 1, 128), (1, 32, 4096, 128), (1, 32, 4096, 128)],
                   False, rng, "bfloat16", cold=True),
         sdpa_case("sdpa cold decode MHA 32/32 Lk 4096 D128 fp32", [(1, 32, 1, 128), (1, 32, 4096, 128), (1, 32, 4096, 128)],

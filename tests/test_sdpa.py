@@ -368,14 +368,16 @@ def test_split_kv_many_rows(rng, isa):
 # ---- layouts, poisoning, immutability -------------------------------------------------------
 
 
-def test_strided_inputs(rng, isa):
-    """[B, L, H, D] tensors viewed as [B, H, L, D] (Hugging Face layout), sliced heads."""
-    b, l, h, d = 2, 37, 6, 64
+@pytest.mark.parametrize("b,l,h,d", [(2, 37, 6, 64), (1, 129, 4, 128), (1, 70, 3, 96)])
+def test_strided_inputs(rng, isa, b, l, h, d):
+    """[B, L, H, D] tensors viewed as [B, H, L, D] (Hugging Face layout), sliced heads. The
+    K/V rows lie 2 H D floats apart: 3072 and 4096 bytes (a multiple of 512: fp32 V packed for
+    P V), and 2304 (V read in place)."""
     qb = rng.standard_normal((b, l, h, d)).astype(np.float32)
     kvb = rng.standard_normal((b, l, 2 * h, d)).astype(np.float32)
     q = qb.transpose(0, 2, 1, 3)
-    k = kvb.transpose(0, 2, 1, 3)[:, :3]
-    v = kvb.transpose(0, 2, 1, 3)[:, 3::1][:, ::1][:, :3]
+    k = kvb.transpose(0, 2, 1, 3)[:, : h // 2]
+    v = kvb.transpose(0, 2, 1, 3)[:, h // 2 :: 1][:, ::1][:, : h // 2]
     assert not q.flags.c_contiguous
     out = ff.sdpa(q, k, v, causal=True)
     check(out, None, q, k, v, causal=True)

@@ -811,7 +811,15 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
       h = 0;
       pv_f32_wide(w.o, dp, w.alpha, w.s, pitch, reinterpret_cast<const float*>(vp), 0, group_keys, dp, nr);
     } else {  // 16-column register tiles: fp32 V in place, other storage types in panels
-      const bool in_place = T == DType::f32 && D % 16 == 0;
+      // (fp32 V rows a multiple of 512 bytes apart are packed too: the 16-column slice P V
+      // reads of a tile's 64 rows then falls in at most 8 of L1's 64 sets (one for rows 4 KiB
+      // apart, as those of an H8 D128 [B, L, H, D] view), whose 8 ways it fills or overflows, and P and O lines
+      // evict it between the row strips that reread it; packed, it is 4 KiB of consecutive
+      // lines. On a Zen 3 class AVX2 VM, build_ab 15 rounds, per-round ratios median
+      // (quartiles): B1 H8 L1024 D128 causal with the [B, L, H, D] view's rows 0.910
+      // (0.883-0.944), contiguous B1 H32 L2048 D128 0.979 (0.943-1.002); rows 256 or 384
+      // bytes apart (contiguous D64, D96) stay in place: packing them made D64 1.05-1.07x slower.)
+      const bool in_place = T == DType::f32 && D % 16 == 0 && vs * static_cast<int64_t>(sizeof(S)) % 512 != 0;
       if (!in_place) pack_v_panels<T>(vt, vs, nk, D, dp, w.v);
       for (int64_t c = 0; c < dp; c += kVPanel) {
         const float* vc = in_place ? reinterpret_cast<const float*>(vt) + c : w.v + c * kKeyTile;

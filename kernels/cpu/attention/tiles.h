@@ -36,7 +36,8 @@ constexpr int kMaxHeadDim = 256;
 // the ymm prefill tiles. A 6x16 register tile reads a 16-key (16-column) slice; as a
 // contiguous panel its rows are one stream of lines instead of lines 256 B apart (measured
 // 3-5% faster on D128 prefill on a Zen 3 class AVX2 machine). V is packed in panels where it
-// is packed anyway (fp16/bf16); fp32 V is read in place (packing it measured no faster). The
+// is packed anyway (fp16/bf16) and where its rows are a multiple of 512 bytes apart (attend);
+// other fp32 V is read in place (packing contiguous D64 rows measured 1.05-1.07x slower). The
 // zmm tiles of AVX-512 builds read whole 64-key rows, so there a K panel is the whole tile,
 // and V is packed in panels of 64 columns (pack_v_wide) whatever its storage type: at D128
 // the 64-column halves of fp32 V rows in place (256 B of every 512) made B1 H8 L2048 D128
