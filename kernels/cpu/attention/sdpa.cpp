@@ -38,7 +38,8 @@ namespace {
 // all its rows: AVX-512 builds take twice the rows (their CPUs have 1-2 MiB of L2 per core),
 // 0.96x the time of 96 on causal B1 H32 L2048 D128 fp32 prefill and 0.91x on bf16 (AMX) in
 // alternating runs of two builds on a Sapphire Rapids class VM; on a Zen 3 class AVX2 machine
-// (512 KiB L2) 192 measured no better than 96. Blocks on the AMX tiles take twice that again
+// (512 KiB L2) 192 measured no better than 96, but its blocks grow to 192 (kMaxRowTile).
+// Blocks on the AMX tiles take twice that again
 // (0.94x the time of 192 on B1 H32 L2048 D128 bf16 prefill, 0.96x on B4 H12 L1024 D64; 576 no
 // better). The register tiles of AVX-512 builds take up to three times kRowTile
 // (register_tile_rows).
@@ -46,14 +47,16 @@ namespace {
 constexpr int64_t kRowTile = 192;
 constexpr int64_t kAmxRowTile = 384;
 constexpr int64_t kMaxRowTile = 3 * kRowTile;  // the largest blocks (scratch rows)
-constexpr int64_t kMaxRowTileF32 = kMaxRowTile;
 #else
 constexpr int64_t kRowTile = 96;
 constexpr int64_t kAmxRowTile = kRowTile;
 constexpr int64_t kMaxRowTile = 2 * kRowTile;
-// fp32 blocks of the ymm tiles stay at kRowTile; fp16/bf16 blocks, which convert each K/V tile
-// as they pack it, take up to twice (register_tile_rows).
-constexpr int64_t kMaxRowTileF32 = kRowTile;
+// Blocks of the ymm tiles take up to twice kRowTile (register_tile_rows): fp16/bf16 convert
+// each K/V tile as they pack it, and fp32 packs K and (rows a multiple of 512 bytes apart) V.
+// For fp32, against kRowTile, build_ab 11-15 rounds, per-round median (quartiles): causal B1
+// H32 L2048 D128 0.956 (0.918-0.975) and 0.976 (0.940-1.021) in two runs, non-causal B1 H8
+// L2048 D128 0.970 (0.967-0.974), B4 H12 L1024 D64 0.975 (0.972-0.980); D96, D256 and the
+// [B, L, H, D] layouts 0.94-1.01.
 #endif
 static_assert(kMaxRowTile >= kAmxRowTile, "the scratch holds the AMX blocks");
 // Blocks below which register_tile_rows stops growing them (and split_chunk lengthening its
@@ -96,8 +99,8 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 // Rows per block of the register tiles (fp32 and fp16 inputs, bf16 without AMX) for head dims
 // padded to dp, in a call of `pairs` (batch, kv head) pairs of `rows` rows each: as many as
 // keep a block's Q and O (rows x dp floats each) within 3 kRowTile x 128 floats, up to
-// kMaxRowTile (AVX-512 builds: 576 up to D128, 384 at D192, 288 at D256; AVX2 builds: 192 for
-// fp16/bf16 storage up to D128, 144 at D256, while fp32 stays at 96), halved (not below kRowTile)
+// kMaxRowTile (AVX-512 builds: 576 up to D128, 384 at D192, 288 at D256; AVX2 builds: 192 up
+// to D128, 144 at D256), halved (not below kRowTile)
 // while the call would have fewer than kMinBlocks blocks. Each K/V tile is packed, and each
 // K/V row read, once per block: on causal B1 H32 L2048 D128 fp32, 384 rows took 0.978-0.979x
 // the time of 192 and 576 0.961-0.983x that of 384 (768: 0.998x of 576); on non-causal B1 H8
@@ -105,13 +108,12 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 // balance worse: causal B1 H8 L512 D64 took 0.96x the time in 24 blocks of 192 as in 8 of 384
 // on 2 threads. On a Zen 3 class AVX2 VM fp16/bf16 blocks, which convert every K/V tile they
 // pack, took 0.92-1.00x the time in blocks of 192 as of 96 on causal prefill (2 threads;
-// 1 thread: 0.90-0.94x on D128 bf16; build_ab 9-11 rounds); fp32 measured no better (kRowTile).
-// Depends on the shape and storage alone: the work decomposition, and so every bit of the
-// result, is the same for any thread count.
-inline int64_t register_tile_rows(int64_t dp, int64_t pairs, int64_t rows, int64_t elem_bytes) {
+// 1 thread: 0.90-0.94x on D128 bf16; build_ab 9-11 rounds); fp32 blocks, once they packed V
+// too, 0.96-0.98x (kMaxRowTile). Depends on the shape alone: the work decomposition, and so
+// every bit of the result, is the same for any thread count.
+inline int64_t register_tile_rows(int64_t dp, int64_t pairs, int64_t rows) {
   const int64_t fit = 3 * kRowTile * 128 / dp / kMr * kMr;
-  const int64_t most = elem_bytes == 4 ? kMaxRowTileF32 : kMaxRowTile;
-  int64_t tile = fit < kRowTile ? kRowTile : fit > most ? most : fit;
+  int64_t tile = fit < kRowTile ? kRowTile : fit > kMaxRowTile ? kMaxRowTile : fit;
   while (tile > kRowTile && pairs * ((rows + tile - 1) / tile) < kMinBlocks) {
     const int64_t half = tile / 2 / kMr * kMr;
     tile = half < kRowTile ? kRowTile : half;
@@ -129,7 +131,7 @@ inline int64_t register_tile_rows(int64_t dp, int64_t pairs, int64_t rows, int64
 // bytes as an fp32 one of the same shape does: cold GQA 32/8 Lk 4096 D128 bf16 in 2 chunks of
 // 2048 keys took 0.957-0.964x the time of 4 of 1024 (build_ab 11-21 rounds; with K/V in cache
 // 0.975-1.05x, Lk 16384 bf16/fp16 0.989-0.992x, fp32 unchanged); 16 units are still one per
-// thread of a 16-thread pool. Depends on the shape and storage alone, as register_tile_rows.
+// thread of a 16-thread pool. Depends on the shape and storage alone, not on the thread count.
 inline int64_t split_chunk(int64_t pairs, int64_t kv_len, int64_t elem_bytes) {
   const int64_t units = elem_bytes == 4 ? kMinBlocks : kMinBlocks / 2;
   const int64_t chunks = (units + pairs - 1) / pairs;
@@ -1078,7 +1080,7 @@ void sdpa(const SdpaParams& p) {
   const bool dot16 = p.dtype == DType::bf16 && bf16_tiles(p.head_dim);  // bf16 on vdpbf16ps
   const bool amx = dot16 && amx_bf16_tiles(p.head_dim);
   const int64_t D = p.head_dim, dp = round_up(D, 16);
-  const int64_t row_tile = amx ? kAmxRowTile : register_tile_rows(dp, p.batch * p.kv_heads, rows, elem_bytes);
+  const int64_t row_tile = amx ? kAmxRowTile : register_tile_rows(dp, p.batch * p.kv_heads, rows);
   Problem pr{p, G, dp, row_tile, (rows + row_tile - 1) / row_tile,
              (p.kv_len + chunk - 1) / chunk, chunk};
   if (amx) {
