@@ -38,11 +38,10 @@ namespace {
 // all its rows: AVX-512 builds take twice the rows (their CPUs have 1-2 MiB of L2 per core),
 // 0.96x the time of 96 on causal B1 H32 L2048 D128 fp32 prefill and 0.91x on bf16 (AMX) in
 // alternating runs of two builds on a Sapphire Rapids class VM; on a Zen 3 class AVX2 machine
-// (512 KiB L2) 192 measured no better than 96, but its blocks grow to 192 (kMaxRowTile).
-// Blocks on the AMX tiles take twice that again
-// (0.94x the time of 192 on B1 H32 L2048 D128 bf16 prefill, 0.96x on B4 H12 L1024 D64; 576 no
-// better). The register tiles of AVX-512 builds take up to three times kRowTile
-// (register_tile_rows).
+// (512 KiB L2) 192 measured no better than 96 while fp32 V was read in place; its blocks now
+// take up to 192 (kMaxRowTile). Blocks on the AMX tiles take twice that again (0.94x the time
+// of 192 on B1 H32 L2048 D128 bf16 prefill, 0.96x on B4 H12 L1024 D64; 576 no better). The
+// register tiles of AVX-512 builds take up to three times kRowTile (register_tile_rows).
 #if defined(__AVX512F__)
 constexpr int64_t kRowTile = 192;
 constexpr int64_t kAmxRowTile = 384;
@@ -814,14 +813,15 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
       pv_f32_wide(w.o, dp, w.alpha, w.s, pitch, reinterpret_cast<const float*>(vp), 0, group_keys, dp, nr);
     } else {  // 16-column register tiles: fp32 V in place, other storage types in panels
       // (fp32 V rows a multiple of 512 bytes apart are packed too: the 16-column slice P V
-      // reads of a tile's 64 rows then falls in at most 8 of L1's 64 sets (one for rows 4 KiB
-      // apart, as those of an H8 D128 [B, L, H, D] view), whose 8 ways it fills or overflows, and P and O lines
-      // evict it between the row strips that reread it; packed, it is 4 KiB of consecutive
-      // lines. On a Zen 3 class AVX2 VM, build_ab 15 rounds, per-round ratios median
+      // reads of a tile's 64 rows then falls in at most 8 of L1's 64 sets, one for rows 4 KiB
+      // apart (an H8 D128 [B, L, H, D] view), whose 8 ways it fills or overflows, and P and O
+      // lines evict it between the row strips that reread it; packed, it is 4 KiB of
+      // consecutive lines. On a Zen 3 class AVX2 VM, build_ab 15 rounds, per-round median
       // (quartiles): B1 H8 L1024 D128 causal with the [B, L, H, D] view's rows 0.910
-      // (0.883-0.944), contiguous B1 H32 L2048 D128 0.979 (0.943-1.002); rows 256 or 384
-      // bytes apart (contiguous D64, D96) stay in place: packing them made D64 1.05-1.07x slower.)
-      const bool in_place = T == DType::f32 && D % 16 == 0 && vs * static_cast<int64_t>(sizeof(S)) % 512 != 0;
+      // (0.883-0.944), contiguous B1 H32 L2048 D128 0.979 (0.943-1.002). Rows 256 or 384 bytes
+      // apart (contiguous D64, D96) stay in place: packing them made D64 1.05-1.07x slower.)
+      const int64_t v_row_bytes = vs * static_cast<int64_t>(sizeof(S));
+      const bool in_place = T == DType::f32 && D % 16 == 0 && v_row_bytes % 512 != 0;
       if (!in_place) pack_v_panels<T>(vt, vs, nk, D, dp, w.v);
       for (int64_t c = 0; c < dp; c += kVPanel) {
         const float* vc = in_place ? reinterpret_cast<const float*>(vt) + c : w.v + c * kKeyTile;
