@@ -811,7 +811,7 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
       if (++h < kGroupTiles && t + tile < jmax) continue;  // P V waits for the group's next tile
       h = 0;
       pv_f32_wide(w.o, dp, w.alpha, w.s, pitch, reinterpret_cast<const float*>(vp), 0, group_keys, dp, nr);
-    } else {  // 16-column register tiles: fp32 V in place, other storage types in panels
+    } else {  // 16-column register tiles: V in panels, or fp32 V in place (below)
       // (fp32 V rows a multiple of 512 bytes apart are packed too: the 16-column slice P V
       // reads of a tile's 64 rows then falls in at most 8 of L1's 64 sets, one for rows 4 KiB
       // apart (an H8 D128 [B, L, H, D] view), whose 8 ways it fills or overflows, and P and O
