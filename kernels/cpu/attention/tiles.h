@@ -306,11 +306,11 @@ inline void pack_v_panels(const typename Elem<T>::type* v, int64_t v_stride, int
       simd::store(dst, Elem<T>::load(src + x));
       simd::store(dst + 8, Elem<T>::load(src + x + 8));
     }
-    for (int64_t h = 0; x < dp; x += 8, h ^= 8) {  // the last panel, partial (columns d..dp: 0)
-      const int64_t n = d - x < 8 ? (d - x > 0 ? d - x : 0) : 8;
-      simd::store(dst + h, n == 8 ? Elem<T>::load(src + x) : load_n<T>(src + x, n));
-      if (h == 8) dst += kPanelFloats;
-    }
+    if (x < dp)  // the last panel, partial (d..dp, fewer than kVPanel columns, are 0)
+      for (int64_t h = 0; h < kVPanel; h += 8) {
+        const int64_t n = d - x - h < 8 ? (d - x - h > 0 ? d - x - h : 0) : 8;
+        simd::store(dst + h, n == 8 ? Elem<T>::load(src + x + h) : load_n<T>(src + x + h, n));
+      }
   }
 }
 
