@@ -768,16 +768,18 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
     // O = diag(alpha) O + P V
     if (wide) {
       pv_wide<T>(w.o, dp, w.alpha, w.s, pitch, vt, vs, nk, D, nr, jmax - t);
-    } else if (stream && D % 64 == 0 && (T == DType::f32 || nr == 1)) {
-      // (fp16/bf16 blocks of several rows take pv_stream below, which converts each V vector
-      // once for kDotRows rows where pv_stream_rows converts it once per row: cold GQA 32/8
-      // D128 decode bf16 took 0.91-0.93x the time on a Zen 3 class AVX2 VM, build_ab 7 rounds)
+    } else if (stream && D % 64 == 0 && (nr == 1 || (T == DType::f32 && !spread))) {
+      // (Other blocks of several rows take pv_stream below, which reads each V vector once for
+      // kDotRows rows where pv_stream_rows reads it once per row. fp16/bf16: converted once, not
+      // per row: cold GQA 32/8 D128 decode bf16 took 0.91-0.93x the time on a Zen 3 class AVX2
+      // VM, build_ab 7 rounds. fp32 over spread's long runs of keys: a tile's V (32 KiB at
+      // D128) does not stay in L1 across the rows, so each row's pass reread it from L2; with
+      // pv_stream, cold GQA 32/8 D128 decode took 0.926 (0.904-0.957) / 0.970 (0.931-0.991) the
+      // time at Lk 4096 and 0.946 / 0.965 at Lk 16384, build_ab 15 rounds twice, per-round
+      // medians (quartiles); Lk 1500 and D96 (pv_stream already) unchanged. Short fp32 blocks,
+      // without spread's requests, stay here: pv_stream took GQA 32/4 Lk 257 D64 1.20x the time.)
       FF_BOOL_SWITCH(stream16, kSplit, [&] {
-        constexpr bool kS = kSplit && T == DType::bf16;
-        if (spread)
-          pv_stream_rows<T, kS>(w.o, dp, w.alpha, w.s, pitch, vt, vs, nk, D, nr, lines_ahead(v, vs, nr * (D / 64) * nk));
-        else
-          pv_stream_rows<T, kS>(w.o, dp, w.alpha, w.s, pitch, vt, vs, nk, D, nr);
+        pv_stream_rows<T, kSplit && T == DType::bf16>(w.o, dp, w.alpha, w.s, pitch, vt, vs, nk, D, nr);
       });
     } else if (stream) {
       FF_BOOL_SWITCH(stream16, kSplit, [&] {

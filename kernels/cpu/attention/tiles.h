@@ -9,8 +9,9 @@
 //    reads (8 KiB / 4 KiB at D = 128) stays in L1 across the row blocks.
 //  * few query rows (decode): K and V are streamed from their storage once, converted on the
 //    fly (bf16 in the split order, split16); S rows are dot products over D (fp32: a row x 8
-//    keys of accumulators, others kDotRows rows x 2 keys); O += P V
-//    walks V a row at a time when D is a multiple of 64 (pv_stream_rows). AVX-512 builds
+//    keys of accumulators, others kDotRows rows x 2 keys); O += P V reads each V vector once
+//    for kDotRows rows (pv_stream), or walks V a row at a time (pv_stream_rows: one row, or
+//    short fp32 blocks, D a multiple of 64). AVX-512 builds
 //    have a wide form (qk_wide, pv_wide): whole rows of O in zmm registers.
 // Every function on f32x8 is the same algorithm on all backends (generic is the AVX2 oracle).
 #pragma once
@@ -537,10 +538,10 @@ inline void pv_stream(float* o, int64_t o_stride, const float* alpha, const floa
 // D128). For K/V read from memory, as in a model's decode step where the weights stream
 // through the cache between layers, that order keeps more lines in flight. kSplit: as
 // pv_stream's.
-template <DType T, bool kSplit = false, class Lines = NoLines>
+template <DType T, bool kSplit = false>
 inline void pv_stream_rows(float* o, int64_t o_stride, const float* alpha, const float* p,
                            int64_t p_stride, const typename Elem<T>::type* v, int64_t v_stride,
-                           int64_t nk, int64_t d, int64_t nr, Lines lines = {}) {
+                           int64_t nk, int64_t d, int64_t nr) {
   for (int64_t r = 0; r < nr; ++r)
     for (int64_t c = 0; c < d; c += 64) {
       float* orow = o + r * o_stride + c;
@@ -552,7 +553,6 @@ inline void pv_stream_rows(float* o, int64_t o_stride, const float* alpha, const
       const auto* vp = v + c;
       const float* pr = p + r * p_stride;
       for (int64_t j = 0; j < nk; ++j, vp += v_stride) {
-        lines.step();
         const f32x8 pb = simd::set1(pr[j]);
         for (int u = 0; u < 8; u += 2) {
           f32x8 v0, v1;
