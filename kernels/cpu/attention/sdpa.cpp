@@ -567,7 +567,7 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
   // fp32 stream blocks of several rows (GQA/MQA decode) over at least kSplitChunk keys of K/V
   // rows stored back to back: S = Q K^T requests the K rows kLineAheadKeys keys past each
   // tile's and P V the V rows, a line per iteration of their inner loops (LineAhead), instead
-  // of StreamAhead's burst of both per 8-key block of S = Q K^T, which leaves the memory idle
+  // of StreamAhead's burst of both per block of keys of S = Q K^T, which leaves the memory idle
   // while P V computes. On a Zen 3 class AVX2 VM (build_ab, 9-15 rounds, 2 threads), requests
   // 128 keys ahead made cold GQA 32/8 D128 decode take 0.79-0.88x the time at Lk 4096,
   // 0.84-0.92x at Lk 16384 and 0.90x at Lk 1500, D96 (pv_stream) 0.69x at Lk 4096, and
@@ -681,20 +681,30 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
       const StreamAhead ahead{reinterpret_cast<const char*>(kt), reinterpret_cast<const char*>(vt),
                               ks * static_cast<int64_t>(sizeof(S)), vs * static_cast<int64_t>(sizeof(S)),
                               D * static_cast<int64_t>(sizeof(S)), jmax - t};
-      if constexpr (T == DType::f32) {
-        if (spread)
-          qk_dot_f32(w.q, dp, kt, ks, nk, D, w.s, pitch, nr, StreamAhead{},
-                     lines_ahead(k, ks, (nk + 7) / 8 * nr * dp / 8));
-        else
-          qk_dot_f32(w.q, dp, kt, ks, nk, D, w.s, pitch, nr, ahead);
-      } else {
+      // One fp32 row (MHA decode) takes qk_dot_f32 (a row x 8 keys, one reduction per 8
+      // scores); blocks of several rows take qk_dot, kDotRows rows x 2 keys, each K vector loaded
+      // once for the rows and one reduction per 8 scores too, where qk_dot_f32 reloads the keys
+      // per row (9 loads per 8 multiply-adds). fp32 GQA 32/8 D128 against qk_dot_f32 on a Zen 3
+      // class AVX2 VM (build_ab, per-round medians, quartiles): cold Lk 4096 0.969 / 0.929
+      // (0.888-0.948) the time, Lk 16384 0.949 / 0.919 (0.901-0.947), D96 0.896 / 0.976, warm Lk
+      // 4096 0.891 (11 and 15 rounds); short blocks (no spread) GQA 32/4 Lk 257 D64 cold 0.940.
+      // The first rows' kernel requests the rows for all.
+      auto dot_rows = [&](auto lines_of) {
         FF_BOOL_SWITCH(stream16, kSplit, [&] {
           for (int64_t rr = 0; rr < nr; rr += kDotRows)
             with_rows<kDotRows>(static_cast<int>(nr - rr), [&](auto R) {
               qk_dot<T, decltype(R)::value, kSplit && T == DType::bf16>(
-                  w.q + rr * dp, dp, kt, ks, nk, D, w.s + rr * pitch, pitch, rr == 0 ? ahead : StreamAhead{});
+                  w.q + rr * dp, dp, kt, ks, nk, D, w.s + rr * pitch, pitch,
+                  rr == 0 && !spread ? ahead : StreamAhead{}, lines_of(rr));
             });
         });
+      };
+      if (T == DType::f32 && nr == 1) {
+        if constexpr (T == DType::f32) qk_dot_f32(w.q, dp, kt, ks, nk, D, w.s, pitch, nr, ahead);
+      } else if (spread) {  // (qk_dot's inner loop steps once per 16 columns of a key pair)
+        dot_rows([&](int64_t rr) { return rr == 0 ? lines_ahead(k, ks, nk / 2 * (D / 16)) : LineAhead{}; });
+      } else {
+        dot_rows([](int64_t) { return NoLines{}; });
       }
     } else if (amx) {
       qk_amx_tile(qw, dp / 2, kp, D, w.s, pitch, strip_keys, nr);

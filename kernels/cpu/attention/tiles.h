@@ -8,8 +8,8 @@
 //    loop column blocks outside and row blocks inside, so the 16-wide slice of Kt or V a tile
 //    reads (8 KiB / 4 KiB at D = 128) stays in L1 across the row blocks.
 //  * few query rows (decode): K and V are streamed from their storage once, converted on the
-//    fly (bf16 in the split order, split16); S rows are dot products over D (fp32: a row x 8
-//    keys of accumulators, others kDotRows rows x 2 keys); O += P V reads each V vector once
+//    fly (bf16 in the split order, split16); S rows are dot products over D (one fp32 row: a
+//    row x 8 keys of accumulators, else kDotRows rows x 2 keys); O += P V reads each V vector once
 //    for kDotRows rows (pv_stream), or walks V a row at a time (pv_stream_rows: one row, or
 //    short fp32 blocks, D a multiple of 64). AVX-512 builds
 //    have a wide form (qk_wide, pv_wide): whole rows of O in zmm registers.
@@ -340,11 +340,12 @@ inline void qk_packed(const float* q, int64_t q_stride, const float* kt, int64_t
 
 // s[r][j] = q[r] . k[j] for R rows (R <= kDotRows), nk keys read from storage; q rows are
 // zero-padded to a multiple of 8 (with kSplit, which needs d a multiple of 16: in the split
-// order of 16 columns, split16). Each pair of keys requests the K/V rows `ahead` of it.
-template <DType T, int R, bool kSplit = false>
+// order of 16 columns, split16). Each pair of keys requests the K/V rows `ahead` of it, and
+// steps `lines` once per 16 columns (LineAhead: fp32 blocks over long runs of keys).
+template <DType T, int R, bool kSplit = false, class Lines = NoLines>
 inline void qk_dot(const float* q, int64_t q_stride, const typename Elem<T>::type* k,
                    int64_t k_stride, int64_t nk, int64_t d, float* s, int64_t s_stride,
-                   const StreamAhead& ahead = {}) {
+                   const StreamAhead& ahead = {}, Lines lines = {}) {
   const int64_t d16 = d / 16 * 16, dv = d / 8 * 8;
   int64_t j = 0;
   for (; j + 2 <= nk; j += 2) {
@@ -361,6 +362,7 @@ inline void qk_dot(const float* q, int64_t q_stride, const typename Elem<T>::typ
       }
     };
     for (int64_t x = 0; x < d16; x += 16) {
+      lines.step();
       f32x8 k0a, k0b, k1a, k1b;
       load16<T, kSplit>(k0p + x, &k0a, &k0b);
       load16<T, kSplit>(k1p + x, &k1a, &k1b);
@@ -406,18 +408,12 @@ inline void qk_dot(const float* q, int64_t q_stride, const typename Elem<T>::typ
 // multiple of 8. Eight keys at a time, one row at a time: eight accumulators over the head dim,
 // reduced together into one vector of eight scores (reduce_add8), while the eight K rows stay
 // in L1 across the rows; keys past the last eight, or rows that are not whole vectors, are
-// copied to a zero-padded block first. Against qk_dot (kDotRows rows x 2 keys, a reduction per
-// score), on a Zen 3 class AVX2 machine, D128, 4 rows: 95 against 118 cycles per key with the
-// PV step from cache, 570 against 694 from memory (/tmp microbenchmark). Decode GQA 32/8 fp32,
-// two builds in one process, 2 threads: the same best time (bound by memory), 0.91-0.94x the
-// median (Lk 4096, 16384). For bf16 K, converting the 8-key block first or every load per row
-// measured 1.1-1.3x slower than qk_dot, which converts each K vector once for all its rows.
-// Each 8-key block requests the K/V rows `ahead` of it (spread over the rows of the block, the
-// requests took 0.96-0.98x the time from memory, but 1.3x on short calls: register spills).
-template <class Lines = NoLines>
+// copied to a zero-padded block first. Decode takes it for one row (MHA); blocks of several
+// rows take qk_dot, which loads each K vector once for kDotRows rows (attend has the
+// measurements). Each 8-key block requests the K/V rows `ahead` of it.
 inline void qk_dot_f32(const float* q, int64_t q_stride, const float* k, int64_t k_stride, int64_t nk,
                        int64_t d, float* s, int64_t s_stride, int64_t nr,
-                       const StreamAhead& ahead = {}, Lines lines = {}) {
+                       const StreamAhead& ahead = {}) {
   const int64_t d8 = round_up(d, 8);
   alignas(32) float block[8 * kMaxHeadDim];
   for (int64_t j = 0; j < nk; j += 8) {
@@ -441,7 +437,6 @@ inline void qk_dot_f32(const float* q, int64_t q_stride, const float* k, int64_t
       f32x8 acc[8];
       for (auto& a : acc) a = simd::zero();
       for (int64_t x = 0; x < d8; x += 8) {
-        lines.step();
         const f32x8 qv = simd::load(q + r * q_stride + x);
         for (int i = 0; i < 8; ++i) acc[i] = simd::fmadd(qv, simd::load(kb + i * kb_stride + x), acc[i]);
       }
