@@ -296,9 +296,11 @@ def test_split_kv(rng, isa, threads, chunk, opts):
     check(out, lse, q, k, v, **opts)
 
 
-# Long decode blocks (K/V rows requested kDecodePrefetchKeys ahead from S = Q K^T: StreamAhead)
-# with rows whose keys all lie in the first or the last part of the block, rows with no key at
-# all, window and causal ranges; kv_chunk 0 keeps each block whole, -1 splits by shape.
+# Long decode blocks (K/V rows requested kDecodePrefetchKeys ahead from S = Q K^T: StreamAhead;
+# fp32 blocks of several rows over 512+ keys: LineAhead, with qk_dot and pv_stream over row
+# groups of 4 and fewer, at D 64, 80, 96, 128) with rows whose keys all lie in the first or the
+# last part of the block, rows with no key at all, window and causal ranges; kv_chunk 0 keeps
+# each block whole, -1 splits by shape.
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 @pytest.mark.parametrize("chunk", [0, -1])
 @pytest.mark.parametrize(
@@ -309,6 +311,8 @@ def test_split_kv(rng, isa, threads, chunk, opts):
         ((1, 4, 4, 2, 1500, 128), dict(mask="parts", causal=True)),
         ((4, 32, 8, 1, 1100, 128), dict()),
         ((1, 6, 2, 3, 1500, 80), dict(causal=True, window=1100)),
+        ((1, 6, 2, 2, 1500, 80), dict(mask="parts")),
+        ((1, 8, 2, 1, 1100, 96), dict(causal=True, window=700)),
     ],
     ids=str,
 )
