@@ -9,10 +9,10 @@
 //    reads (8 KiB / 4 KiB at D = 128) stays in L1 across the row blocks.
 //  * few query rows (decode): K and V are streamed from their storage once, converted on the
 //    fly (bf16 in the split order, split16); S rows are dot products over D (one fp32 row: a
-//    row x 8 keys of accumulators, else kDotRows rows x 2 keys); O += P V reads each V vector once
-//    for kDotRows rows (pv_stream), or walks V a row at a time (pv_stream_rows: one row, or
-//    short fp32 blocks, D a multiple of 64). AVX-512 builds
-//    have a wide form (qk_wide, pv_wide): whole rows of O in zmm registers.
+//    row x 8 keys of accumulators, else kDotRows rows x 2 keys); O += P V reads each V vector
+//    once for kDotRows rows (pv_stream), or walks V a row at a time (pv_stream_rows: one row,
+//    or short fp32 blocks; D a multiple of 64). AVX-512 builds have a wide form (qk_wide,
+//    pv_wide): whole rows of O in zmm registers.
 // Every function on f32x8 is the same algorithm on all backends (generic is the AVX2 oracle).
 #pragma once
 
