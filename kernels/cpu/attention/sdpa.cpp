@@ -700,7 +700,7 @@ void attend(const Problem& pr, const Block& bk, const Work& w) {
         });
       };
       if (T == DType::f32 && nr == 1) {
-        if constexpr (T == DType::f32) qk_dot_f32(w.q, dp, kt, ks, nk, D, w.s, pitch, nr, ahead);
+        if constexpr (T == DType::f32) qk_dot_f32(w.q, kt, ks, nk, D, w.s, ahead);
       } else if (spread) {  // (qk_dot's inner loop steps once per 16 columns of a key pair)
         dot_rows([&](int64_t rr) { return rr == 0 ? lines_ahead(k, ks, nk / 2 * (D / 16)) : LineAhead{}; });
       } else {

@@ -404,15 +404,13 @@ inline void qk_dot(const float* q, int64_t q_stride, const typename Elem<T>::typ
   }
 }
 
-// s[r][j] = q[r] . k[j] for nr rows and nk keys of fp32 storage; q rows are zero-padded to a
-// multiple of 8. Eight keys at a time, one row at a time: eight accumulators over the head dim,
-// reduced together into one vector of eight scores (reduce_add8), while the eight K rows stay
-// in L1 across the rows; keys past the last eight, or rows that are not whole vectors, are
-// copied to a zero-padded block first. Decode takes it for one row (MHA); blocks of several
-// rows take qk_dot, which loads each K vector once for kDotRows rows (attend has the
+// s[j] = q . k[j] for one row and nk keys of fp32 storage (decode with one row per kv head:
+// MHA); q is zero-padded to a multiple of 8. Eight keys at a time: eight accumulators over the
+// head dim, reduced together into one vector of eight scores (reduce_add8); keys past the last
+// eight, or rows that are not whole vectors, are copied to a zero-padded block first. Blocks of
+// several rows take qk_dot, which loads each K vector once for kDotRows rows (attend has the
 // measurements). Each 8-key block requests the K/V rows `ahead` of it.
-inline void qk_dot_f32(const float* q, int64_t q_stride, const float* k, int64_t k_stride, int64_t nk,
-                       int64_t d, float* s, int64_t s_stride, int64_t nr,
+inline void qk_dot_f32(const float* q, const float* k, int64_t k_stride, int64_t nk, int64_t d, float* s,
                        const StreamAhead& ahead = {}) {
   const int64_t d8 = round_up(d, 8);
   alignas(32) float block[8 * kMaxHeadDim];
@@ -433,21 +431,19 @@ inline void qk_dot_f32(const float* q, int64_t q_stride, const float* k, int64_t
       kb = block;
       kb_stride = d8;
     }
-    for (int64_t r = 0; r < nr; ++r) {
-      f32x8 acc[8];
-      for (auto& a : acc) a = simd::zero();
-      for (int64_t x = 0; x < d8; x += 8) {
-        const f32x8 qv = simd::load(q + r * q_stride + x);
-        for (int i = 0; i < 8; ++i) acc[i] = simd::fmadd(qv, simd::load(kb + i * kb_stride + x), acc[i]);
-      }
-      const f32x8 sums = simd::reduce_add8(acc);
-      if (keys == 8) {
-        simd::store(s + r * s_stride + j, sums);
-      } else {
-        alignas(32) float out[8];
-        simd::store(out, sums);
-        for (int64_t i = 0; i < keys; ++i) s[r * s_stride + j + i] = out[i];
-      }
+    f32x8 acc[8];
+    for (auto& a : acc) a = simd::zero();
+    for (int64_t x = 0; x < d8; x += 8) {
+      const f32x8 qv = simd::load(q + x);
+      for (int i = 0; i < 8; ++i) acc[i] = simd::fmadd(qv, simd::load(kb + i * kb_stride + x), acc[i]);
+    }
+    const f32x8 sums = simd::reduce_add8(acc);
+    if (keys == 8) {
+      simd::store(s + j, sums);
+    } else {
+      alignas(32) float out[8];
+      simd::store(out, sums);
+      for (int64_t i = 0; i < keys; ++i) s[j + i] = out[i];
     }
   }
 }
