@@ -95,8 +95,8 @@ def main(argv=None) -> None:
                 table.add_row(str(threads), dt, f"{cold_ns:.1f} ({gbs:.1f}, {100 * gbs / p:.0f}%)",
                               f"{memory_ns:.1f}", f"{hot_ns:.1f}", f"{flops_per_key / flops_per_thread:.1f}",
                               f"{cold_ns / (hot_ns + memory_ns):.2f}")
-            table.add_row(str(threads), "probes", f"read {p:.1f} GB/s", "",
-                          f"FMA {statistics.median(fma_gflops):.0f} GFLOP/s", "", "", end_section=True)
+            table.add_row(str(threads), "probes", f"read {p:.1f} GB/s", "", "",
+                          f"FMA {statistics.median(fma_gflops):.0f} GFLOP/s", "", end_section=True)
     finally:
         _C.set_num_threads(full)
     Console().print(table)
