@@ -142,21 +142,23 @@ enum EagerDType { kF32 = 0, kF16 = 1, kBF16 = 2, kBool = 3, kOther = -1 };
 // Torch: the tensor type, empty_like and the dtypes, read once (leaked: they live as long as
 // the interpreter's torch module; torch is imported by then, as the caller holds its tensors).
 struct TorchFramework {
-  py::object tensor_type, empty_like_fn, empty_fn, f32, f16, bf16, boolean;
+  py::object tensor_type, empty_like_fn, empty_fn, f32, f16, bf16, boolean, strided;
 
   static const TorchFramework& get() {
     static const TorchFramework* fw = [] {
       py::module_ t = py::module_::import("torch");
       return new TorchFramework{t.attr("Tensor"), t.attr("empty_like"), t.attr("empty"), t.attr("float32"),
-                                t.attr("float16"), t.attr("bfloat16"), t.attr("bool")};
+                                t.attr("float16"), t.attr("bfloat16"), t.attr("bool"), t.attr("strided")};
     }();
     return *fw;
   }
   // The view (leading dimensions of size 1 where it has fewer than 4, up to `fewer` of them)
-  // and EagerDType of a plain CPU tensor that needs no autograd (false otherwise).
+  // and EagerDType of a plain dense CPU tensor that needs no autograd (false otherwise: sparse
+  // and mkldnn tensors go to the general path, which names them).
   bool view(py::handle t, View<4>* v, int* dtype, int fewer = 0) const {
     if (Py_TYPE(t.ptr()) != reinterpret_cast<PyTypeObject*>(tensor_type.ptr())) return false;
     if (t.attr("requires_grad").cast<bool>() || !t.attr("is_cpu").cast<bool>()) return false;
+    if (!py::object(t.attr("layout")).is(strided)) return false;
     const py::object dt = t.attr("dtype");
     *dtype = dt.is(f32) ? kF32 : dt.is(f16) ? kF16 : dt.is(bf16) ? kBF16 : dt.is(boolean) ? kBool : kOther;
     const py::object shape = t.attr("shape"), strides = t.attr("stride")();

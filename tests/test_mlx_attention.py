@@ -123,6 +123,18 @@ def test_fully_masked_rows_give_zero(rng, kind):
     check(lse, want_lse, "fp32", "lse")
 
 
+@pytest.mark.parametrize("native", [False, True], ids=["mlx", "native"])
+def test_float32_lowest_in_an_additive_mask_keeps_the_keys(rng, request, native):
+    """Hugging Face's mask value, float32's lowest: a row of it alone attends uniformly (out the
+    mean of v, not their sum; lse float32's lowest), beside live scores its keys weigh 0."""
+    if native:
+        request.getfixturevalue("native_cpu_kernel")
+    mask = rng.standard_normal((7, 21)).astype(np.float32)
+    mask[0] = np.finfo(np.float32).min
+    mask[1, :10] = np.finfo(np.float32).min
+    run_both(rng, (1, 4, 2, 7, 21, 32), mask_np=mask)
+
+
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("masking", ["causal", "window", "bool", "additive"])
 def test_dtypes(rng, dtype, masking):

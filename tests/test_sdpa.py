@@ -209,6 +209,42 @@ def test_fully_masked_rows_give_zero_and_neg_inf(rng, isa, threads):
             check(out, lse, q, k, v, mask=m)
 
 
+LOWEST = np.finfo(np.float32).min  # torch.finfo(float32).min: Hugging Face models' mask value
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("shape, chunk", [((1, 4, 2, 70, 130, 32), -1), ((1, 8, 2, 1, 1100, 64), 0),
+                                          ((1, 8, 2, 1, 1100, 64), 256)], ids=str)
+def test_additive_mask_at_float32_lowest_keeps_the_keys(rng, isa, threads, dtype, shape, chunk):
+    """An additive float32 lowest (whose base-2 value overflows float32) weighs a key at the
+    lowest, not -inf: a row of it alone attends uniformly, as in float64 and in torch's SDPA,
+    with lse float32's lowest; beside ordinary scores it weighs 0; beside -inf it is kept."""
+    q, k, v = make_qkv(rng, *shape, dtype)
+    lq, lk = shape[3], shape[4]
+    mask = rng.standard_normal((lq, lk)).astype(np.float32)
+    mask[0] = LOWEST
+    if lq > 2:
+        mask[1, : lk // 2] = LOWEST  # ordinary scores beside it
+        mask[2, ::2], mask[2, 1::2] = LOWEST, -np.inf  # -inf beside it
+    out, lse = native_sdpa(q, k, v, mask=mask, return_lse=True, kv_chunk=chunk)
+    check(out, None, q, k, v, tol=dtype, mask=mask)
+    assert (lse[:, :, 0] == LOWEST).all()
+    if lq > 2:
+        check(out[:, :, 1:], lse[:, :, 1:], q[:, :, 1:], k, v, tol=dtype, mask=mask[1:])
+
+
+def test_float64_mask_past_float32_keeps_the_keys(rng, isa):
+    """A float64 additive mask below float32's range (-1e300) is a kept key at the lowest weight, not -inf."""
+    q, k, v = make_qkv(rng, 1, 2, 1, 3, 40, 16)
+    mask = rng.standard_normal((3, 40))
+    mask[0] = -1e300
+    mask[1, 5:] = -1e300
+    mask[2, 7] = 1e300  # past float32 on the other side: this key takes the row
+    out, lse = ff.sdpa(q, k, v, mask=mask, return_lse=True)
+    check(out, None, q, k, v, mask=mask)
+    assert (lse[:, :, 0] == LOWEST).all() and np.isfinite(lse).all()
+
+
 # ---- masks that exclude whole key tiles ------------------------------------------------------
 # Each row's keys are narrowed to its mask row's kept range [first, last + 1) before the tiles
 # run, so tiles a mask excludes entirely are skipped. Shapes span several row blocks (192 rows)
@@ -630,6 +666,7 @@ def test_bad_arrays(rng, mutate, exc, words):
         (dict(mask=np.ones((5, 7), dtype=bool)), ValueError, "mask of shape"),
         (dict(mask=np.ones((3, 5, 6), dtype=bool)), ValueError, "mask of shape"),
         (dict(mask=np.ones((5, 6), dtype=np.int32)), TypeError, "mask must be bool"),
+        (dict(mask=np.ones((5, 6), dtype=">f4")), TypeError, "mask must be bool .*byte order"),
     ],
 )
 def test_bad_options(rng, kwargs, exc, words):

@@ -253,6 +253,32 @@ def test_bf16_mask_and_lse(torch, isa):
     assert np.abs(out.float().numpy() - ref_of(q, k, v, mask=keep.numpy())).max() < 2e-2
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_finfo_min_mask_as_torch(torch, isa, dtype):
+    """Hugging Face's additive masks hold torch.finfo(dtype).min in the model's dtype (past
+    float32's range once times log2 e): masked keys weigh 0 beside live ones and a row of them
+    alone attends uniformly, as torch's SDPA gives, never a row of zeros."""
+    import torch.nn.functional as F
+
+    dt = getattr(torch, dtype)
+    q, k, v = qkv(torch, 2, 4, 4, 9, 70, 32, dt)
+    mask = torch.zeros(2, 1, 9, 70, dtype=dt)
+    mask[0, :, :, :30] = torch.finfo(dt).min  # left padding
+    mask[1, :, 4] = torch.finfo(dt).min  # a padded query row: every key at the lowest
+    out = ff.sdpa(q, k, v, mask=mask)
+    want = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask.float())
+    assert np.abs(out.float().numpy() - want.numpy()).max() < (2e-5 if dtype == "float32" else 2e-2)
+
+
+def test_sparse_and_mkldnn_tensors_rejected(torch):
+    q, k, v = qkv(torch, 1, 2, 2, 3, 4, 8, torch.float32)
+    for bad in (q.to_sparse(), q.to_mkldnn()):
+        with pytest.raises(TypeError, match=r"^\[sdpa\] q must be a dense \(strided\) tensor, got layout"):
+            ff.sdpa(bad, k, v)
+    with pytest.raises(TypeError, match=r"^\[sdpa\] mask must be a dense \(strided\) tensor"):
+        ff.sdpa(q, k, v, mask=torch.ones(3, 4).to_sparse())
+
+
 def test_framework_mix_rejected(torch):
     q, k, v = qkv(torch, 1, 2, 2, 3, 4, 8, torch.float32)
     with pytest.raises(TypeError, match=r"^\[sdpa\] all arrays must come from one framework"):
@@ -316,6 +342,25 @@ def test_torch_export_sees_one_op(torch):
     targets = [str(n.target) for n in ep.graph.nodes if n.op == "call_function"]
     assert targets.count("fusedformer.sdpa.default") == 1, targets
     torch.testing.assert_close(ep.module()(q, k, v), _module(torch)(q, k, v))
+
+
+def test_torch_export_dynamic_lengths(torch):
+    """ff.sdpa's checks leave symbolic lengths symbolic: one export serves every Lq, Lk (a KV
+    cache's), mask included, strict or not."""
+
+    class Attn(torch.nn.Module):
+        def forward(self, q, k, v, mask):
+            return ff.sdpa(q, k, v, mask=mask)
+
+    q, k, v = qkv(torch, 1, 4, 2, 5, 7, 16, torch.float32)
+    mask = torch.randn(1, 1, 5, 7)
+    lq, lk = torch.export.Dim("lq", min=2, max=64), torch.export.Dim("lk", min=2, max=64)
+    dims = ({2: lq}, {2: lk}, {2: lk}, {2: lq, 3: lk})
+    q2, k2, v2 = qkv(torch, 1, 4, 2, 9, 30, 16, torch.float32, seed=1)
+    mask2 = torch.randn(1, 1, 9, 30)
+    for strict in (False, True):
+        ep = torch.export.export(Attn(), (q, k, v, mask), dynamic_shapes=dims, strict=strict)
+        torch.testing.assert_close(ep.module()(q2, k2, v2, mask2), ff.sdpa(q2, k2, v2, mask=mask2))
 
 
 @pytest.mark.parametrize("mode", ["eager", "op", "compiled"])

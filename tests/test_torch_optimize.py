@@ -7,6 +7,7 @@ FusedAttention, and the report / bad-input behaviour.
 
 from __future__ import annotations
 
+import collections
 import copy
 import warnings
 
@@ -180,6 +181,39 @@ def test_use_fused_sdpa_counts_fallbacks(rng):
         F.scaled_dot_product_attention(q.requires_grad_(), q, q).sum().backward()
     assert stats.fused == 0
     assert set(stats.fallbacks) == {"dropout > 0", "dtype torch.float64", "gradient required (fused backward not implemented)"}
+
+
+@pytest.mark.torch
+def test_use_fused_sdpa_falls_back_on_shapes_only_torch_takes():
+    """Calls torch's SDPA takes and the fused op does not (v's head dim unlike q's, K/V broadcast
+    over the batch, a head dim past the kernel's) run torch's op, counted, instead of raising."""
+    t = torch.randn
+    cases = [
+        ((t(2, 4, 5, 8), t(2, 4, 6, 8), t(2, 4, 6, 16)), "head dims q 8, k 8, v 16 differ"),
+        ((t(2, 4, 5, 8), t(1, 4, 6, 8), t(1, 4, 6, 8)), "k/v shapes differ from each other or broadcast over q's batch"),
+        ((t(2, 5, 8), t(1, 6, 8), t(1, 6, 8)), "k/v shapes differ from each other or broadcast over q's batch"),
+        ((t(1, 2, 3, 512), t(1, 2, 4, 512), t(1, 2, 4, 512)), "head dim 512 > 256"),
+    ]
+    with ff.torch.use_fused_sdpa() as stats:
+        got = [F.scaled_dot_product_attention(*args) for args, _ in cases]
+    for (args, _), g in zip(cases, got):
+        torch.testing.assert_close(g, F.scaled_dot_product_attention(*args))
+    assert stats.fused == 0 and stats.fallbacks == {reason: n for reason, n in
+                                                    collections.Counter(r for _, r in cases).items()}
+
+
+@pytest.mark.torch
+def test_wide_heads_fall_back_in_the_modules():
+    """Head dims past the kernel's run torch's path in the swapped nn.MultiheadAttention and in FusedAttention."""
+    torch.manual_seed(0)
+    stock = nn.MultiheadAttention(1024, 2, batch_first=True).eval()
+    fused = ff.torch.optimize(copy.deepcopy(stock), attention="fused")
+    x = torch.randn(1, 3, 1024)
+    with torch.inference_mode():
+        torch.testing.assert_close(fused(x, x, x, need_weights=False)[0], stock(x, x, x, need_weights=False)[0])
+        assert fused.fusedformer_report.stats.fallbacks == {"head dim 512 > 256": 1}
+        attn = ff.torch.FusedAttention(1024, 2).eval()
+        assert attn(x).shape == x.shape and torch.isfinite(attn(x)).all()
 
 
 # ------------------------------------------------------------------ torch's own layers

@@ -45,7 +45,10 @@ def _shape4(name, t) -> tuple:
     """t's shape as 4 ints; TypeError/ValueError naming the argument otherwise."""
     if not hasattr(t, "shape") or not hasattr(t, "dtype"):
         raise TypeError(f"[sdpa] {name} must be an array or tensor, got {type(t).__name__}")
-    shape = tuple(map(int, t.shape))
+    layout = getattr(t, "layout", None)  # (torch: sparse and mkldnn tensors have no strides)
+    if layout is not None and str(layout) != "torch.strided":
+        raise TypeError(f"[sdpa] {name} must be a dense (strided) tensor, got layout {layout}")
+    shape = tuple(t.shape)  # (not int(): symbolic sizes under torch.export would specialize)
     if len(shape) != 4:
         kind = "[B, Hq, Lq, D]" if name == "q" else "[B, Hkv, Lk, D]"
         raise ValueError(f"[sdpa] {name} must be 4-d {kind}, got shape {shape}")
@@ -92,8 +95,12 @@ def _check_mask(mask, target):
         raise TypeError(f"[sdpa] mask must be an array or tensor, got {type(mask).__name__}")
     mname = _dtype_name(mask)
     if mname != "bool" and not mname.startswith(("float", "bfloat")):
-        raise TypeError(f"[sdpa] mask must be bool (True = keep) or floating (additive), got {mname}")
-    shape = tuple(map(int, mask.shape))
+        order = " in the machine's byte order" if isinstance(mask.dtype, np.dtype) and not mask.dtype.isnative else ""
+        raise TypeError(f"[sdpa] mask must be bool (True = keep) or floating (additive){order}, got {mname}")
+    layout = getattr(mask, "layout", None)
+    if layout is not None and str(layout) != "torch.strided":
+        raise TypeError(f"[sdpa] mask must be a dense (strided) tensor, got layout {layout}")
+    shape = tuple(mask.shape)
     if len(shape) > 4 or any(m not in (1, t) for m, t in zip(shape[::-1], target[::-1])):
         raise ValueError(f"[sdpa] mask of shape {shape} is not broadcastable to [B, Hq, Lq, Lk] = {target}")
 
@@ -217,20 +224,35 @@ def _last_dim_contiguous(x):
     return x if (x.shape[-1] == 1 or x.stride(-1) == 1) else x.contiguous()
 
 
+def _additive_f32(m, framework):
+    """An additive mask as float32. Finite values of a wider dtype past float32's range become its
+    lowest / largest, not -inf (which would drop the key) or +inf; infinities stay."""
+    big = float(np.finfo(np.float32).max)
+    if framework == "numpy":
+        if m.dtype.itemsize > 4:
+            m = np.where(np.isinf(m), m, np.clip(m, -big, big))
+        return m.astype(np.float32, copy=False)
+    import torch
+
+    if m.dtype.itemsize > 4:
+        m = torch.where(torch.isinf(m), m, m.clamp(-big, big))
+    return m.to(torch.float32)
+
+
 def _kernel_mask(mask, framework):
     """(mask as uint8 keep / fp32 additive, padded to 4-d, kind code) for the kernel."""
     if mask is None:
         return None, 0
     if framework == "numpy":
         m = np.asarray(mask)
-        m = m.view(np.uint8) if m.dtype == np.bool_ else m.astype(np.float32, copy=False)
+        m = m.view(np.uint8) if m.dtype == np.bool_ else _additive_f32(m, framework)
         m = m.reshape((1,) * (4 - m.ndim) + m.shape)
         if any(s % m.itemsize for s in m.strides):
             m = np.ascontiguousarray(m)
     else:
         import torch
 
-        m = mask.view(torch.uint8) if mask.dtype == torch.bool else mask.to(torch.float32)
+        m = mask.view(torch.uint8) if mask.dtype == torch.bool else _additive_f32(mask, framework)
         m = m.reshape((1,) * (4 - m.dim()) + tuple(m.shape)) if m.dim() < 4 else m
     return m, 1 if _dtype_name(m) == "uint8" else 2
 

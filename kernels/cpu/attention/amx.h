@@ -138,10 +138,10 @@ FF_BF16_DOT inline __m512 scaled_scores(const float* s, int64_t j, __mmask16* in
     const __m128i b = _mm_maskz_loadu_epi8(*in, mr.keep + j);
     *in = _mm_mask_test_epi8_mask(*in, b, b);
   }
-  __m512 x = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(*in, s + j), scale, neg_m);
-  if (mr.add)
-    x = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(*in, mr.add + j), _mm512_set1_ps(simd::exp2_poly::kLog2e), x);
-  return x;
+  if (!mr.add) return _mm512_fmadd_ps(_mm512_maskz_loadu_ps(*in, s + j), scale, neg_m);
+  // the mask before m, as the other tiles add them (mask_base2: fp32's lowest takes -m back to 0)
+  const __m512 x = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(*in, s + j), scale, mask_base2(_mm512_maskz_loadu_ps(*in, mr.add + j)));
+  return _mm512_add_ps(x, neg_m);
 }
 
 // The largest scale s (plus the mask) over the lanes of s in [a, e) the mask keeps, among the

@@ -325,7 +325,7 @@ inline void apply_mask(const SdpaMask& mk, int64_t b, int64_t h, int64_t i, int6
       if (!keep[j * sk]) s[j] = kNegInf;
   } else {
     const float* add = static_cast<const float*>(mk.data) + base;
-    for (int64_t j = 0; j < nk; ++j) s[j] += add[j * sk] * simd::exp2_poly::kLog2e;  // base 2
+    for (int64_t j = 0; j < nk; ++j) s[j] += mask_base2(add[j * sk]);
   }
 }
 
@@ -945,7 +945,10 @@ void write_row(const SdpaParams& p, bool stream, int64_t b, int64_t h, int64_t i
     for (int64_t x = 0; x < p.head_dim; x += 8) simd::store(row + x, simd::mul(simd::load(o + x), inv));
     from_f32<T>(row, dst, p.head_dim);
   }
-  if (p.lse) p.lse[(b * p.q_heads + h) * p.q_len + i] = simd::exp2_poly::kLn2 * m + std::log(l);  // m in base 2
+  if (p.lse) {  // m in base 2; fp32's lowest where mask_base2 made it so (the row's sum cannot lift it)
+    constexpr float kLowest = std::numeric_limits<float>::lowest();
+    p.lse[(b * p.q_heads + h) * p.q_len + i] = m == kLowest ? kLowest : simd::exp2_poly::kLn2 * m + std::log(l);
+  }
 }
 
 // Unit u -> block. Consecutive units share a kv head (its K/V stay in cache); within a head,

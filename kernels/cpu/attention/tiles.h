@@ -81,6 +81,17 @@ struct MaskRow {
   const float* add = nullptr;
 };
 
+// An additive mask entry in the kernels' base 2 (times log2 e). Entries finite in fp32 stay
+// finite: those below -FLT_MAX / log2 e (about -2.36e38; torch.finfo(float32).min, the mask
+// value of Hugging Face models) would overflow to -inf, which drops a key, and are taken as
+// fp32's lowest instead. Such keys all weigh the same, as in torch's fp32 (a score plus
+// finfo.min is finfo.min), and a row whose largest score is among them gets lse fp32's lowest
+// (write_row). -inf stays -inf, NaN NaN.
+inline float mask_base2(float a) {
+  const float r = a * simd::exp2_poly::kLog2e;
+  return r == -std::numeric_limits<float>::infinity() && a != r ? std::numeric_limits<float>::lowest() : r;
+}
+
 // How far (base 2) a tile's scores may rise above a row's running max m before m moves: up to
 // then the tile's probabilities are taken against the old m (values up to 2^8, exact in fp32
 // and in a bf16 P, whose relative rounding does not depend on size), so the row keeps alpha = 1
@@ -577,6 +588,14 @@ inline void with_rows(int n, const F& f) {
 }
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
+// mask_base2 on 16 lanes.
+inline __m512 mask_base2(__m512 a) {
+  const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  const __m512 r = _mm512_mul_ps(a, _mm512_set1_ps(simd::exp2_poly::kLog2e));
+  const __mmask16 overflow = _mm512_cmp_ps_mask(r, neg_inf, _CMP_EQ_OQ) & _mm512_cmp_ps_mask(a, neg_inf, _CMP_NEQ_OQ);
+  return _mm512_mask_mov_ps(r, overflow, _mm512_set1_ps(std::numeric_limits<float>::lowest()));
+}
+
 // Lane indices 0..15.
 inline __m512i kLanes16() { return _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15); }
 
@@ -887,7 +906,7 @@ inline void softmax_rows_zmm(__m512 (&acc)[R][NC], float* s, int64_t s_stride, c
           acc[r][u] = _mm512_mask_mov_ps(_mm512_set1_ps(-kInf), _mm_mask_test_epi8_mask(live, b, b), acc[r][u]);
         } else {
           const __m512 a = _mm512_maskz_loadu_ps(live, st.add[r] + 16 * u);
-          acc[r][u] = _mm512_fmadd_ps(a, _mm512_set1_ps(simd::exp2_poly::kLog2e), acc[r][u]);
+          acc[r][u] = _mm512_add_ps(acc[r][u], mask_base2(a));
         }
       }
     }

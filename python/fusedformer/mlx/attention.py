@@ -88,10 +88,15 @@ def sdpa_composed(q, k, v, mask, scale):
             scores = mx.where(mask, scores, -mx.inf)
         else:
             scores = scores + mask.astype(mx.float32)
-    lse = mx.logsumexp(scores, axis=-1)
-    shift = mx.where(mx.isfinite(lse), lse, 0.0)[..., None]
-    probs = mx.exp(scores - shift).reshape(b, hkv, group, lq, lk)
-    out = (probs @ vg).reshape(b, hq, lq, dv)
+    # Shifted by the row's max and divided by the sum after P V, not shifted by the lse: where
+    # the scores sit near float32's lowest (Hugging Face's finfo.min masks), lse - max is lost
+    # to rounding and exp(scores - lse) would not sum to 1.
+    top = mx.max(scores, axis=-1, keepdims=True)
+    shift = mx.where(mx.isfinite(top), top, 0.0)
+    probs = mx.exp(scores - shift)
+    total = probs.sum(axis=-1, keepdims=True)
+    out = (probs.reshape(b, hkv, group, lq, lk) @ vg).reshape(b, hq, lq, dv) / mx.where(total > 0, total, 1.0)
+    lse = (shift + mx.log(total))[..., 0]
     return out.astype(q.dtype), lse
 
 

@@ -20,7 +20,7 @@ import inspect
 
 import torch
 
-from fusedformer.torch.routing import AttentionStats, fused_sdpa, unsupported_reason
+from fusedformer.torch.routing import AttentionStats, fused_sdpa, shape_reason, unsupported_reason
 
 NAME = "fusedformer"
 _UNSUPPORTED_KWARGS = ("softcap", "position_bias", "s_aux", "sinks", "cache")
@@ -57,6 +57,8 @@ def fusedformer_attention_forward(
 ):
     stats = stats_of(module)
     reason = unsupported_reason(query, key, value, attention_mask, dropout=dropout if module.training else 0.0)
+    if reason is None:
+        reason = shape_reason(query, key, value)
     if reason is None:
         extra = [k for k in _UNSUPPORTED_KWARGS if kwargs.get(k) is not None]
         if extra:

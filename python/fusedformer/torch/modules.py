@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fusedformer.torch.routing import AttentionStats, fused_sdpa, unsupported_reason
+from fusedformer.ops_attention import MAX_HEAD_DIM
+from fusedformer.torch.routing import AttentionStats, fused_sdpa, shape_reason, unsupported_reason
 
 
 class FusedAttention(nn.Module):
@@ -69,9 +70,9 @@ class FusedAttention(nn.Module):
         if past_kv is not None:
             k = torch.cat([past_kv[0], k], dim=2)
             v = torch.cat([past_kv[1], v], dim=2)
-        if unsupported_reason(q, k, v, mask) is None:
+        if unsupported_reason(q, k, v, mask) is None and shape_reason(q, k, v) is None:
             out = fused_sdpa(q, k, v, mask, causal=self.causal, scale=None, window=self.window)
-        else:  # training with gradients: the float64 semantics, in torch ops
+        else:  # training with gradients, a head dim past the kernel's: the same semantics in torch ops
             out = _attention_in_torch(q, k, v, mask, causal=self.causal, window=self.window)
         out = self.o_proj(out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
         return (out, (k, v)) if use_cache else out
@@ -117,6 +118,10 @@ class FusedMultiheadAttention(nn.MultiheadAttention):
                 reason = "unbatched input"
             elif is_causal and attn_mask is None:
                 reason = "is_causal without attn_mask (torch rejects it)"
+            elif self.head_dim > MAX_HEAD_DIM:
+                reason = f"head dim {self.head_dim} > {MAX_HEAD_DIM}"
+            elif 0 in query.shape or 0 in key.shape:
+                reason = "empty input"
         if reason is not None:
             stats.record(reason)
             return super().forward(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,

@@ -3,7 +3,8 @@
 Every integration (the Hugging Face attention function, the F.scaled_dot_product_attention
 mode, the swapped nn.MultiheadAttention) asks `unsupported_reason` first: a call the fused op
 cannot serve exactly (dropout while training, a gradient to compute, a device other than the
-CPU, an unsupported dtype...) runs torch's own op instead and is counted under its reason in an
+CPU, an unsupported dtype; `shape_reason`: a head dim past MAX_HEAD_DIM, v's head dim unlike q's,
+K/V broadcast over the batch...) runs torch's own op instead and is counted under its reason in an
 `AttentionStats`, so nothing falls back silently.
 """
 
@@ -15,7 +16,7 @@ import threading
 import torch
 
 import fusedformer.torch.attention_op  # noqa: F401  (registers torch.ops.fusedformer.sdpa)
-from fusedformer.ops_attention import sdpa
+from fusedformer.ops_attention import MAX_HEAD_DIM, sdpa
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -56,6 +57,22 @@ def unsupported_reason(*tensors: torch.Tensor | None, dropout: float = 0.0) -> s
             return f"dtype {t.dtype}"
     if torch.is_grad_enabled() and any(t.requires_grad for t in present):
         return "gradient required (fused backward not implemented)"
+    return None
+
+
+def shape_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
+    """Why the fused op cannot take these [..., L, D] q, k, v that torch's SDPA takes (or rejects
+    itself): empty inputs, head dims that differ or pass MAX_HEAD_DIM, k/v broadcast over q's
+    batch. None if it can."""
+    if 0 in q.shape or 0 in k.shape or 0 in v.shape:
+        return "empty input"
+    d = q.shape[-1]
+    if k.shape[-1] != d or v.shape[-1] != d:
+        return f"head dims q {d}, k {k.shape[-1]}, v {v.shape[-1]} differ"
+    if d > MAX_HEAD_DIM:
+        return f"head dim {d} > {MAX_HEAD_DIM}"
+    if k.shape[:-1] != v.shape[:-1] or k.shape[0] != q.shape[0]:
+        return "k/v shapes differ from each other or broadcast over q's batch"
     return None
 
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from fusedformer.torch.routing import AttentionStats, fused_sdpa, unsupported_reason
+from fusedformer.torch.routing import AttentionStats, fused_sdpa, shape_reason, unsupported_reason
 
 
 def sdpa_like_torch(
@@ -36,6 +36,8 @@ def sdpa_like_torch(
     reason = unsupported_reason(query, key, value, attn_mask, dropout=dropout_p)
     if reason is None and not (query.dim() == key.dim() == value.dim() and query.dim() in (3, 4)):
         reason = f"rank {query.dim()} inputs"
+    if reason is None:
+        reason = shape_reason(query, key, value)
     if reason is None and is_causal and attn_mask is not None:
         reason = "attn_mask with is_causal (torch rejects it)"
     if reason is None and query.dim() == 4 and query.shape[1] != key.shape[1] and not enable_gqa:
