@@ -191,6 +191,23 @@ def schemes():
     return Q
 
 
+def test_optimize_again_keeps_compressed_layers_and_the_report(rng):
+    """A second call cannot recompress (the original weights are gone): it says so, the layers
+    and the report keep what the first call did, and attention is not wrapped twice."""
+    Q = schemes()
+    model = make_model()
+    ff.mlx.optimize(model, attention="fused", weights=Q.Int8(), skip=("lm_head",))
+    first = model.fusedformer_report
+    ids = tokens(rng)
+    want = np.array(model(ids))
+    with pytest.warns(UserWarning, match=r"\[optimize\] \S+ is already compressed \(Int8\(zero_point=False\)\)"):
+        ff.mlx.optimize(model, attention="fused", weights=Q.Affine(4, 32), skip=("lm_head",))
+    rep = model.fusedformer_report
+    assert rep.quantized == first.quantized and rep.bytes_after == first.bytes_after
+    assert rep.attention_modules == first.attention_modules and not rep.unmatched_patterns
+    np.testing.assert_array_equal(np.array(model(ids)), want)
+
+
 @pytest.mark.parametrize("name", ["affine4", "affine8", "int8", "palettize4", "prune50_affine4"])
 def test_compressed_weights_same_logits_as_dense_twins(rng, name):
     Q = schemes()

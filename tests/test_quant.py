@@ -197,3 +197,60 @@ def test_bad_input(rng):
     w_copy = w.copy()
     compress(w, Prune(0.5, then=Affine(4, 32)))
     np.testing.assert_array_equal(w, w_copy)  # inputs are never modified
+
+
+@pytest.mark.parametrize(
+    "make, exc, words",
+    [
+        (lambda: Affine(bits=4.0), TypeError, r"Affine bits takes ints, got 4.0"),
+        (lambda: Affine(group_size=64.0), TypeError, r"Affine group_size takes ints"),
+        (lambda: Palettize(bits=True), TypeError, r"Palettize bits takes ints, got True"),
+        (lambda: Palettize(4, "per_grouped_channel", True), TypeError, r"Palettize group_size takes ints"),
+        (lambda: Int8(zero_point="no"), TypeError, r"Int8 zero_point='no' must be a bool"),
+        (lambda: Prune(n_m=(2.5, 4)), TypeError, r"Prune n_m takes ints, got 2.5"),
+        (lambda: Prune(n_m=(2,)), TypeError, r"Prune n_m=\(2,\) must be a pair"),
+        (lambda: Prune(sparsity="0.5"), TypeError, r"Prune sparsity='0.5' must be a real number"),
+        (lambda: Prune(float("nan")), ValueError, r"Prune sparsity=nan must lie in \[0, 1\)"),
+    ],
+)
+def test_schemes_reject_wrong_types(make, exc, words):
+    """Scheme fields of the wrong type are refused by name, not truncated or taken as truthy."""
+    with pytest.raises(exc, match=r"^\[quant\] " + words):
+        make()
+
+
+def test_schemes_normalise_numpy_fields():
+    assert Affine(np.int64(4), np.int32(64)) == Affine(4, 64) and type(Affine(np.int64(4)).bits) is int
+    assert Int8(np.bool_(True)).zero_point is True
+    assert Prune(n_m=[2, 4]).n_m == (2, 4) and Prune(np.float32(0.25)).sparsity == 0.25
+
+
+@pytest.mark.parametrize("scheme", [Affine(4, 32), Int8(), Int8(zero_point=True), Palettize(3),
+                                    Palettize(4, "per_grouped_channel", 4), Prune(0.5), Prune(0.5, then=Affine(3, 32)),
+                                    Prune(0.5, then=Palettize(2))], ids=repr)
+def test_arrays_must_fit_the_declared_shape(scheme, rng):
+    """A QuantizedWeight whose arrays do not fit its shape (arrays of a [8, 64] weight declared as
+    [4, 128] or [16, 32]) is refused, naming the array, instead of read as another matrix."""
+    qw = compress(gaussian(rng, (8, 64)), scheme)
+    assert QuantizedWeight(scheme, (8, 64), qw.arrays).shape == (8, 64)
+    for shape in ((4, 128), (16, 32)):
+        with pytest.raises(ValueError, match=r"^\[quant\] (array '\w+' has shape .* takes|.*divisible)"):
+            QuantizedWeight(scheme, shape, qw.arrays)
+    if isinstance(scheme, Prune):  # a stream cut short
+        arrays = dict(qw.arrays)
+        name = "values" if scheme.then is None else ("w_q" if isinstance(scheme.then, Affine) else "indices")
+        arrays[name] = arrays[name][:-1]
+        with pytest.raises(ValueError, match=rf"^\[quant\] array '{name}' has shape"):
+            QuantizedWeight(scheme, (8, 64), arrays)
+
+
+@pytest.mark.parametrize("scheme", [Affine(4, 32), Int8(zero_point=True), Prune(0.5, then=Affine(4, 32))], ids=repr)
+def test_ranges_past_float32_are_refused(scheme, rng):
+    """Finite weights whose max - min overflows float32 cannot take scale * q + bias: a clear
+    error, not a compressed weight that dequantizes to inf/NaN."""
+    w = gaussian(rng, (4, 64))
+    w[1, :2] = (3e38, -3e38)
+    with pytest.raises(ValueError, match=r"^\[quant\] .*overflows float32"):
+        compress(w, scheme)
+    w[1, :2] = (1.5e38, -1.5e38)  # a range still in float32
+    assert np.isfinite(compress(w, scheme).dequantize()).all()

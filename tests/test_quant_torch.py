@@ -178,3 +178,14 @@ def test_plan_declines_the_rest():
     assert plan.torch(x.numpy(), HUGEPAGE_MIN_BYTES) is None
     with pytest.raises(ValueError, match=r"\[qmatmul\] bad affine bits/group"):
         _C.QMatmulPlan(*args._replace(bits=9))
+
+
+def test_qmatmul_takes_nested_lists_as_numpy_does():
+    """ff.qmatmul converts sequences as ff.sdpa does: float64 then gets the named dtype error."""
+    import fusedformer as ff
+    from fusedformer.quant import compress
+
+    qw = compress(np.random.default_rng(0).standard_normal((4, 32)).astype(np.float32), Int8())
+    with pytest.raises(TypeError, match=r"^\[qmatmul\] x must be float32 or float16 \(numpy\), got float64"):
+        ff.qmatmul([[1.0] * 32], qw)
+

@@ -344,6 +344,74 @@ def test_failure_leaves_the_model_untouched():
 
 
 @pytest.mark.torch
+@pytest.mark.parametrize("attention", [None, "fused"])
+@pytest.mark.filterwarnings("ignore:.*nested:UserWarning")
+def test_compressed_linears_in_torch_encoder_layers(attention):
+    """torch's encoder fast path reads linear1.weight, which a QuantizedLinear has not: with
+    compressed linears the layers run without it, attention fused or not."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(64, 4, dim_feedforward=128, batch_first=True).eval()
+    stack = nn.TransformerEncoder(copy.deepcopy(layer), 2, enable_nested_tensor=False).eval()
+    x = torch.randn(2, 7, 64)
+    for model in (layer, stack):
+        with torch.no_grad():
+            want = model(x)
+            ff.torch.optimize(model, attention=attention, weights=ff.quant.Int8(), skip=())
+            assert rel_err(model(x), want) < 0.02
+        assert model.fusedformer_report.attention_modules == ([] if attention is None else
+                                                              model.fusedformer_report.attention_modules)
+        assert all(type(m) is not nn.TransformerEncoderLayer for m in model.modules())
+
+
+@pytest.mark.torch
+def test_casting_an_optimized_model_keeps_the_compressed_arrays():
+    """.half() / .to(bfloat16) cast the bias, not the compressed float32 scales, so the layer still runs."""
+    model = ff.torch.optimize(mlp(), attention=None, weights=ff.quant.Affine(4, 32), skip=())
+    model(torch.randn(1, 64))  # (a kernel cache and counted calls to copy too)
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        want = model(x)
+        for dtype in (torch.float16, torch.bfloat16):
+            cast = copy.deepcopy(model).to(dtype)
+            layer = cast[0]
+            assert layer.w_scales.dtype == torch.float32 and layer.bias.dtype == dtype
+            got = cast(x.to(dtype))
+            assert got.dtype == dtype and rel_err(got.float(), want) < 0.03
+
+
+@pytest.mark.torch
+def test_optimize_again_keeps_compressed_layers_and_the_report():
+    """A second call cannot recompress (the original weights are gone): it says so, and the
+    report keeps what the first call did."""
+    model = ff.torch.optimize(mlp(), attention=None, weights=ff.quant.Int8(), skip=())
+    first = model.fusedformer_report
+    with pytest.warns(UserWarning, match=r"\[optimize\] 0 is already compressed \(Int8\(zero_point=False\)\) and stays so"):
+        ff.torch.optimize(model, attention=None, weights=ff.quant.Affine(4, 32), skip=())
+    rep = model.fusedformer_report
+    assert rep.quantized == first.quantized and rep.bytes_after == first.bytes_after and not rep.unmatched_patterns
+    assert model[0].scheme == ff.quant.Int8()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ff.torch.optimize(model, attention=None, weights=ff.quant.Int8(), skip=())  # the same scheme: quiet
+
+
+@pytest.mark.torch
+def test_tied_weights_are_not_counted_as_freed():
+    """A compressed lm_head tied to the embedding frees nothing: its dense weight stays counted."""
+    torch.manual_seed(0)
+    emb = nn.Embedding(50, 64)
+    head = nn.Linear(64, 50, bias=False)
+    head.weight = emb.weight
+    model = nn.ModuleDict({"embed": emb, "lm_head": head, "proj": nn.Linear(64, 64)})
+    ff.torch.optimize(model, attention=None, weights=ff.quant.Int8(), skip=())
+    rep = model.fusedformer_report
+    assert rep.tied == {"lm_head": "embed.weight"} and "through ties" in str(rep)
+    dense = 50 * 64 * 4 + 64 * 64 * 4
+    compressed = model["lm_head"].weight_nbytes + model["proj"].weight_nbytes
+    assert rep.bytes_before == dense and rep.bytes_after == compressed + 50 * 64 * 4
+
+
+@pytest.mark.torch
 def test_bad_arguments():
     model = mlp()
     with pytest.raises(ValueError, match=r"\[optimize\] attention must be one of"):
@@ -352,6 +420,11 @@ def test_bad_arguments():
         ff.torch.optimize(model, weights="int4")
     with pytest.raises(TypeError, match=r"\[optimize\] model must be a torch.nn Module"):
         ff.torch.optimize(object())
+    for skip in (None, 3, ("lm_head", 3)):
+        with pytest.raises(TypeError, match=r"\[optimize\] skip must be a module-name pattern"):
+            ff.torch.optimize(model, weights=ff.quant.Int8(), skip=skip)
+    with pytest.raises(TypeError, match=r"\[optimize\] weights' keys must be module-name patterns \(str\), got 3"):
+        ff.torch.optimize(model, weights={3: ff.quant.Int8()})
     meta = nn.Linear(4, 4, device="meta")
     with pytest.raises(ValueError, match=r"\[optimize\] weight is on meta"):
         ff.torch.optimize(meta)

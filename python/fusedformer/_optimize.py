@@ -21,7 +21,8 @@ class OptimizeReport:
     skipped: list[str] = field(default_factory=list)
     unmatched_patterns: list[str] = field(default_factory=list)
     bytes_before: int = 0
-    bytes_after: int = 0
+    bytes_after: int = 0  # with the dense weights that ties keep alive
+    tied: dict[str, str] = field(default_factory=dict)  # compressed layer -> a parameter sharing its dense weight
     stats: object = None
 
     def __str__(self) -> str:
@@ -32,6 +33,9 @@ class OptimizeReport:
                 f"  {len(self.quantized)} linear layers compressed: {self.bytes_before / 2**20:.1f} MiB -> "
                 f"{self.bytes_after / 2**20:.1f} MiB ({self.bytes_before / max(self.bytes_after, 1):.2f}x smaller)"
             )
+        if self.tied:
+            lines.append("  dense weights still held through ties (counted after): "
+                         + ", ".join(f"{name} ({other})" for name, other in self.tied.items()))
         if self.skipped:
             lines.append(f"  skipped: {', '.join(self.skipped)}")
         for p in self.unmatched_patterns:
@@ -41,13 +45,33 @@ class OptimizeReport:
         return "\n".join(lines)
 
 
+def start_report(model, framework: str, attention, skipped, unmatched, stats=None) -> OptimizeReport:
+    """This call's report. A later optimize() of the same model carries over what the earlier ones
+    changed (attention modules, compressed layers and their bytes), so the report stays the
+    model's whole story."""
+    report = OptimizeReport(framework, attention=attention, skipped=skipped, unmatched_patterns=unmatched, stats=stats)
+    previous = getattr(model, "fusedformer_report", None)
+    if isinstance(previous, OptimizeReport):
+        report.attention = attention if attention is not None else previous.attention
+        report.attention_modules = list(previous.attention_modules)
+        report.quantized = dict(previous.quantized)
+        report.tied = dict(previous.tied)
+        report.bytes_before, report.bytes_after = previous.bytes_before, previous.bytes_after
+    return report
+
+
 def check_arguments(model, attention, skip, module_type, framework: str) -> tuple[str, ...]:
     """Validates optimize()'s arguments; returns ``skip`` as a tuple."""
     if attention not in ATTENTION_MODES:
         raise ValueError(f"[optimize] attention must be one of {ATTENTION_MODES}, got {attention!r}")
     if not isinstance(model, module_type):
         raise TypeError(f"[optimize] model must be a {framework} Module, got {type(model).__name__}")
-    return (skip,) if isinstance(skip, str) else tuple(skip)
+    if isinstance(skip, str):
+        return (skip,)
+    patterns = tuple(skip) if isinstance(skip, (tuple, list, set, frozenset)) else None
+    if patterns is None or not all(isinstance(s, str) for s in patterns):
+        raise TypeError(f"[optimize] skip must be a module-name pattern (str) or a sequence of them, got {skip!r}")
+    return patterns
 
 
 def matches(name: str, pattern: str) -> bool:
@@ -55,17 +79,22 @@ def matches(name: str, pattern: str) -> bool:
     return fnmatch.fnmatchcase(name, pattern) or pattern in name.split(".")
 
 
-def plan_weights(linears, weights, skip):
+def plan_weights(linears, weights, skip, compressed=()):
     """Which linear gets which scheme.
 
-    ``linears``: (name, module, (out_features, in_features)) for every candidate layer.
-    Returns ([(name, module, scheme)], skipped names, patterns that matched nothing); raises
-    before anything changes if a layer cannot take its scheme. Warns on unmatched patterns.
+    ``linears``: (name, module, (out_features, in_features)) for every candidate layer;
+    ``compressed``: (name, scheme) of the layers an earlier optimize() compressed, which stay
+    as they are (their original weights are gone) with a warning where a pattern asks for
+    another scheme. Returns ([(name, module, scheme)], skipped names, patterns that matched
+    nothing); raises before anything changes if a layer cannot take its scheme. Warns on
+    unmatched patterns.
     """
     from fusedformer import quant
 
     rules = list(weights.items()) if isinstance(weights, dict) else [("*", weights)]
     for pattern, scheme in rules:
+        if not isinstance(pattern, str):
+            raise TypeError(f"[optimize] weights' keys must be module-name patterns (str), got {pattern!r}")
         if not quant.is_scheme(scheme):
             raise TypeError(f"[optimize] weights for {pattern!r} must be a fusedformer.quant scheme, got {scheme!r}")
     used, plan, skipped = set(), [], []
@@ -79,6 +108,16 @@ def plan_weights(linears, weights, skip):
                 quant.check_compressible(shape, scheme, name=name)
                 plan.append((name, module, scheme))
                 break
+    for name, current in compressed:
+        if any(matches(name, s) for s in skip):
+            continue
+        pattern, scheme = next(((p, sc) for p, sc in rules if matches(name, p)), (None, None))
+        if pattern is None:
+            continue
+        used.add(pattern)
+        if scheme != current:
+            warnings.warn(f"[optimize] {name} is already compressed ({current!r}) and stays so: its original "
+                          f"weights are gone (optimize the uncompressed model for {scheme!r})", stacklevel=3)
     unmatched = [p for p, _ in rules if p not in used]
     for p in unmatched:
         warnings.warn(f"[optimize] weights pattern {p!r} matched no linear layer", stacklevel=3)

@@ -116,6 +116,8 @@ def _cached_output(m: int, n: int, dtype: np.dtype) -> np.ndarray | None:
 def qmatmul(x, qw):
     """x @ W.T with W = qw.dequantize() decoded inside the kernel; x's framework and dtype out."""
     kind = framework_of(x)
+    if kind == "numpy" and not isinstance(x, np.ndarray):  # (lists, scalars: as ff.sdpa takes them)
+        x = np.asarray(x)
     _check(tuple(x.shape), qw)
     if kind == "mlx":
         from .mlx import quant as mlx_quant  # implemented by the MLX integration

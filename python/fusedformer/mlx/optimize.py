@@ -30,7 +30,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from fusedformer._optimize import OptimizeReport, check_arguments, plan_weights
+from fusedformer._optimize import check_arguments, plan_weights, start_report
 from fusedformer.mlx.attention import MX_FAST_SDPA, sdpa_mlx
 from fusedformer.mlx.linear import QuantizedLinear
 
@@ -48,8 +48,10 @@ def optimize(model: nn.Module, attention: str | None = "fused", weights=None, sk
       whose linears stay as they are.
     """
     skip = check_arguments(model, attention, skip, nn.Module, "mlx.nn")
-    plan, skipped, unmatched = plan_weights(_linears(model), weights, skip) if weights is not None else ([], [], [])
-    report = OptimizeReport("mlx", attention=attention, skipped=skipped, unmatched_patterns=unmatched)
+    compressed = [(path, m.qweight.scheme) for path, m in model.named_modules() if isinstance(m, QuantizedLinear)]
+    plan, skipped, unmatched = (plan_weights(_linears(model), weights, skip, compressed)
+                                if weights is not None else ([], [], []))
+    report = start_report(model, "mlx", attention, skipped, unmatched)
     if attention == "fused":
         for path, module in model.named_modules():
             if is_attention_module(module):

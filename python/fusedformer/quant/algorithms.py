@@ -6,6 +6,16 @@ from __future__ import annotations
 import numpy as np
 
 
+def check_range(w_min: np.ndarray, w_max: np.ndarray, what: str) -> None:
+    """A ``[quant]`` ValueError where some max - min overflows float32: the scale * q + bias (or
+    (q - zero point) * scale) form cannot hold such a range, and its values would be inf/NaN."""
+    with np.errstate(over="ignore"):
+        span = w_max.astype(np.float32) - w_min.astype(np.float32)
+    if not np.isfinite(span).all():
+        raise ValueError(f"[quant] {what}: a range of the weight (max - min) overflows float32; "
+                         "such a weight cannot be compressed in this format")
+
+
 def affine_params(w_min: np.ndarray, w_max: np.ndarray, bits: int):
     """MLX's scale/bias rule (mlx backend/cpu/quantized.cpp quantize), float32 throughout.
 
@@ -42,6 +52,7 @@ def affine_quantize(w: np.ndarray, bits: int, group_size: int, keep: np.ndarray 
         w_max = np.where(kg, g, -np.inf).max(-1)
         empty = ~kg.any(-1)
         w_min, w_max = np.where(empty, 0, w_min), np.where(empty, 0, w_max)
+    check_range(w_min, w_max, f"Affine group of {group_size}")
     scale, bias = affine_params(w_min, w_max, bits)
     q = np.rint((g - bias[..., None]) / scale[..., None])
     q = np.clip(q, 0, (1 << bits) - 1).astype(np.uint8).reshape(n, k)
@@ -65,6 +76,7 @@ def int8_quantize(w: np.ndarray, zero_point: bool):
         return q, scale, None
     w_min = np.minimum(w.min(1), 0).astype(f32)
     w_max = np.maximum(w.max(1), 0).astype(f32)
+    check_range(w_min, w_max, "Int8 with zero points, a row")
     scale = ((w_max - w_min) / f32(255)).astype(f32)
     scale = np.where(scale > 0, scale, f32(1))
     zp = np.clip(np.rint(-128 - w_min / scale), -128, 127).astype(np.int8)

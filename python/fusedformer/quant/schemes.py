@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
+
+import numpy as np
 
 
 def _fail(msg: str):
     raise ValueError(f"[quant] {msg}")
+
+
+def _int(scheme, name: str, value) -> int:
+    """value as an int: Python and numpy integers, not bools, floats or strings."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"[quant] {scheme} {name} takes ints, got {value!r}")
+    return int(value)
+
+
+def _set(obj, name: str, value) -> None:
+    object.__setattr__(obj, name, value)  # (frozen dataclasses: a validated, normalised field)
 
 
 @dataclass(frozen=True)
@@ -20,6 +34,8 @@ class Affine:
     GROUP_SIZES = (32, 64, 128)
 
     def __post_init__(self):
+        _set(self, "bits", _int("Affine", "bits", self.bits))
+        _set(self, "group_size", _int("Affine", "group_size", self.group_size))
         if self.bits not in self.BITS:
             _fail(f"Affine bits={self.bits!r} is not supported; use one of {self.BITS}")
         if self.group_size not in self.GROUP_SIZES:
@@ -34,6 +50,11 @@ class Int8:
     """Per-output-channel int8 (Core ML linear_symmetric): w = (q - zero_point) * scale."""
 
     zero_point: bool = False
+
+    def __post_init__(self):
+        if not isinstance(self.zero_point, (bool, np.bool_)):
+            raise TypeError(f"[quant] Int8 zero_point={self.zero_point!r} must be a bool")
+        _set(self, "zero_point", bool(self.zero_point))
 
     def to_json(self) -> dict:
         return {"format": "int8", "zero_point": self.zero_point}
@@ -51,11 +72,13 @@ class Palettize:
     GRANULARITIES = ("per_tensor", "per_grouped_channel")
 
     def __post_init__(self):
+        _set(self, "bits", _int("Palettize", "bits", self.bits))
+        _set(self, "group_size", _int("Palettize", "group_size", self.group_size))
         if self.bits not in self.BITS:
             _fail(f"Palettize bits={self.bits!r} is not supported; use one of {self.BITS}")
         if self.granularity not in self.GRANULARITIES:
             _fail(f"Palettize granularity={self.granularity!r}; use one of {self.GRANULARITIES}")
-        if not isinstance(self.group_size, int) or self.group_size < 1:
+        if self.group_size < 1:
             _fail(f"Palettize group_size={self.group_size!r} must be a positive integer")
 
     def to_json(self) -> dict:
@@ -73,12 +96,17 @@ class Prune:
 
     def __post_init__(self):
         if self.n_m is not None:
-            n, m = self.n_m
+            if not isinstance(self.n_m, (tuple, list)) or len(self.n_m) != 2:
+                raise TypeError(f"[quant] Prune n_m={self.n_m!r} must be a pair of ints (n, m), e.g. (2, 4)")
+            n, m = (_int("Prune", "n_m", x) for x in self.n_m)
             if not (0 < n < m <= 16):
                 _fail(f"Prune n_m={self.n_m!r} must satisfy 0 < n < m <= 16 (e.g. (2, 4))")
-            object.__setattr__(self, "n_m", (int(n), int(m)))
-            object.__setattr__(self, "sparsity", 1.0 - n / m)
-        if not (0.0 <= float(self.sparsity) < 1.0):
+            _set(self, "n_m", (n, m))
+            _set(self, "sparsity", 1.0 - n / m)
+        if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, numbers.Real):
+            raise TypeError(f"[quant] Prune sparsity={self.sparsity!r} must be a real number in [0, 1)")
+        _set(self, "sparsity", float(self.sparsity))
+        if not (0.0 <= self.sparsity < 1.0):  # (false for NaN too)
             _fail(f"Prune sparsity={self.sparsity!r} must lie in [0, 1)")
         if self.then is not None and not isinstance(self.then, (Affine, Palettize)):
             _fail(f"Prune then={self.then!r} must be None, an Affine or a Palettize")

@@ -69,6 +69,38 @@ def _as_dtype(name: str, a: np.ndarray, dtype) -> np.ndarray:
     _fail(f"array {name!r} has dtype {a.dtype}, expected {np.dtype(dtype).name}")
 
 
+def _stream_bytes(count: int, bits: int) -> int:
+    return (count * bits + 7) // 8
+
+
+def _expected_shapes(scheme, shape, arrays) -> dict[str, tuple[int, ...]]:
+    """The shape each canonical array must have for a weight of ``shape`` [N, K] (Prune: its
+    streams' lengths follow the mask's set bits, read from ``arrays["mask"]`` once its shape is
+    right)."""
+    n, k = shape
+    if isinstance(scheme, Affine):
+        groups = k // scheme.group_size
+        return {"w_q": (n, k * scheme.bits // 32), "scales": (n, groups), "biases": (n, groups)}
+    if isinstance(scheme, Int8):
+        return {"w_q": (n, k), "scales": (n,), "zero_points": (n,)}
+    if isinstance(scheme, Palettize):
+        return {"indices": (n, _stream_bytes(k, scheme.bits)), "lut": (_lut_groups(scheme, n), 1 << scheme.bits)}
+    out = {"mask": (n, k // 8)}
+    mask = arrays["mask"]
+    if mask.shape != out["mask"]:
+        return out
+    nnz = int(_POPCOUNT8[mask.view(np.uint8)].sum(dtype=np.int64))
+    inner = scheme.then
+    if inner is None:
+        out["values"] = (nnz,)
+    elif isinstance(inner, Affine):
+        groups = k // inner.group_size
+        out.update(w_q=(_stream_bytes(nnz, inner.bits),), scales=(n, groups), biases=(n, groups))
+    else:
+        out.update(indices=(_stream_bytes(nnz, inner.bits),), lut=(_lut_groups(inner, n), 1 << inner.bits))
+    return out
+
+
 _POPCOUNT8 = np.array([bin(b).count("1") for b in range(256)], np.uint8)  # set bits per byte value
 
 
@@ -83,6 +115,12 @@ class QuantizedWeight:
         if missing:
             _fail(f"{type(scheme).__name__} weight is missing arrays {missing}")
         self.arrays = {n: _as_dtype(n, np.ascontiguousarray(arrays[n]), _dtypes(scheme)[n]) for n in names}
+        check_compressible(self.shape, scheme)
+        for name, want in _expected_shapes(scheme, self.shape, self.arrays).items():
+            got = self.arrays[name].shape if name in self.arrays else want
+            if got != want:
+                _fail(f"array {name!r} has shape {list(got)}; a {list(self.shape)} weight of {scheme} "
+                      f"takes {list(want)}")
         self._row_offsets = None
 
     # -- views -------------------------------------------------------------------------

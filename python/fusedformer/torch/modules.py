@@ -179,29 +179,40 @@ def _mha_fastpath_disabled():
         torch.backends.mha.set_fastpath_enabled(was)
 
 
-class FusedTransformerEncoder(nn.TransformerEncoder):
+class _NoFastPath:
+    """forward without torch's native encoder/decoder fast path, which bypasses self_attn.forward
+    and reads linear1.weight / linear2.weight (a QuantizedLinear has none)."""
+
+    def forward(self, *args, **kwargs):
+        with _mha_fastpath_disabled():
+            return super().forward(*args, **kwargs)
+
+
+class FusedTransformerEncoder(_NoFastPath, nn.TransformerEncoder):
     """nn.TransformerEncoder without its nested-tensor fast path, so its layers' attention runs fused."""
 
-    def forward(self, *args, **kwargs):
-        with _mha_fastpath_disabled():
-            return super().forward(*args, **kwargs)
 
-
-class FusedTransformerEncoderLayer(nn.TransformerEncoderLayer):
+class FusedTransformerEncoderLayer(_NoFastPath, nn.TransformerEncoderLayer):
     """nn.TransformerEncoderLayer whose self-attention runs the fused op (see FusedMultiheadAttention)."""
 
-    def forward(self, *args, **kwargs):
-        with _mha_fastpath_disabled():
-            return super().forward(*args, **kwargs)
 
-
-class FusedTransformerDecoderLayer(nn.TransformerDecoderLayer):
+class FusedTransformerDecoderLayer(_NoFastPath, nn.TransformerDecoderLayer):
     """nn.TransformerDecoderLayer whose attentions run the fused op (see FusedMultiheadAttention)."""
 
-    def forward(self, *args, **kwargs):
-        with _mha_fastpath_disabled():
-            return super().forward(*args, **kwargs)
 
+class TransformerEncoderNoFastPath(_NoFastPath, nn.TransformerEncoder):
+    """nn.TransformerEncoder (attention as torch runs it) without the fast path, for compressed linears."""
+
+
+class TransformerEncoderLayerNoFastPath(_NoFastPath, nn.TransformerEncoderLayer):
+    """nn.TransformerEncoderLayer (attention as torch runs it) without the fast path, for compressed linears."""
+
+
+# torch class -> subclass optimize(attention=None) swaps in where it compresses the linears inside
+NO_FASTPATH_SWAPS = {
+    nn.TransformerEncoder: TransformerEncoderNoFastPath,
+    nn.TransformerEncoderLayer: TransformerEncoderLayerNoFastPath,
+}
 
 # torch class -> fused subclass optimize() swaps in
 SWAPS = {

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fusedformer._optimize import OptimizeReport, check_arguments, plan_weights
+from fusedformer._optimize import OptimizeReport, check_arguments, plan_weights, start_report
 from fusedformer.torch.routing import AttentionStats
 from fusedformer.torch.sdpa_mode import use_fused_sdpa  # noqa: F401  (re-exported as ff.torch.use_fused_sdpa)
 
@@ -21,6 +21,24 @@ def _linears(model: nn.Module):
     for name, module in model.named_modules():
         if type(module) is nn.Linear:
             yield name, module, tuple(module.weight.shape)
+
+
+def _compressed(model: nn.Module):
+    """(name, scheme) of the layers an earlier optimize() compressed."""
+    from fusedformer.torch.quantized_linear import QuantizedLinear
+
+    return [(name, m.scheme) for name, m in model.named_modules() if isinstance(m, QuantizedLinear)]
+
+
+def _weight_holders(model: nn.Module, plan) -> dict[int, list[str]]:
+    """id(weight) of each planned linear -> the names of the parameters outside the plan that
+    share it (tied weights: swapping the linear does not free the dense tensor)."""
+    planned = {f"{name}.weight" if name else "weight" for name, _, _ in plan}
+    holders = {id(linear.weight): [] for _, linear, _ in plan}
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in holders and pname not in planned:
+            holders[id(p)].append(pname)
+    return holders
 
 
 def _check_device(model: nn.Module) -> None:
@@ -35,6 +53,15 @@ def _plan_attention(model: nn.Module) -> list[tuple[str, nn.Module, type]]:
     from fusedformer.torch.modules import SWAPS
 
     return [(name, m, SWAPS[type(m)]) for name, m in model.named_modules() if type(m) in SWAPS]
+
+
+def _plan_no_fastpath(model: nn.Module, compressed: list[str]) -> list[tuple[str, nn.Module, type]]:
+    """torch's encoder (layers) holding a linear about to be compressed, with the subclass that
+    turns off their native fast path (it reads linear1.weight; attention="fused" swaps its own)."""
+    from fusedformer.torch.modules import NO_FASTPATH_SWAPS
+
+    return [(name, m, NO_FASTPATH_SWAPS[type(m)]) for name, m in model.named_modules()
+            if type(m) in NO_FASTPATH_SWAPS and any(c.startswith(name + ".") if name else True for c in compressed)]
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -58,29 +85,38 @@ def optimize(model: nn.Module, attention: str | None = "fused", weights=None, sk
 
     skip = check_arguments(model, attention, skip, nn.Module, "torch.nn")
     _check_device(model)
-    plan, skipped, unmatched = plan_weights(_linears(model), weights, skip) if weights is not None else ([], [], [])
+    plan, skipped, unmatched = (plan_weights(_linears(model), weights, skip, _compressed(model))
+                                if weights is not None else ([], [], []))
     for name, linear, _ in plan:  # every check before the first change
         if not torch.isfinite(linear.weight).all():
             raise ValueError(f"[optimize] {name}.weight has NaN/inf entries; it cannot be compressed")
-    swaps = _plan_attention(model) if attention == "fused" else []
+    swaps = _plan_attention(model) if attention == "fused" else _plan_no_fastpath(model, [n for n, _, _ in plan])
 
     previous = getattr(model, "fusedformer_report", None)
     stats = previous.stats if isinstance(previous, OptimizeReport) else AttentionStats()
-    report = OptimizeReport("torch", attention=attention, skipped=skipped, unmatched_patterns=unmatched, stats=stats)
-    if attention == "fused":
-        if hf.is_hf_model(model):
-            report.attention_modules += hf.use_fused_attention(model, stats)
-        for name, module, fused_cls in swaps:
-            module.__class__ = fused_cls
-            if hasattr(fused_cls, "_fusedformer_stats"):
-                module._fusedformer_stats = stats
-            report.attention_modules.append(name)
+    report = start_report(model, "torch", attention, skipped, unmatched, stats)
+    fused = hf.use_fused_attention(model, stats) if attention == "fused" and hf.is_hf_model(model) else []
+    for name, module, cls in swaps:
+        module.__class__ = cls
+        if hasattr(cls, "_fusedformer_stats"):
+            module._fusedformer_stats = stats
+        if attention == "fused":
+            fused.append(name)
+    report.attention_modules += [name for name in fused if name not in report.attention_modules]
     if plan:
         from fusedformer.torch.quantized_linear import QuantizedLinear
 
+        holders = _weight_holders(model, plan)
+        counted = set()
         for name, linear, scheme in plan:
             q = QuantizedLinear.from_linear(linear, scheme)
-            report.bytes_before += linear.weight.numel() * linear.weight.element_size()
+            w = linear.weight
+            if id(w) not in counted:  # (a weight two compressed layers share is freed once)
+                counted.add(id(w))
+                report.bytes_before += w.numel() * w.element_size()
+                if holders[id(w)]:  # tied to a parameter that stays (an embedding): not freed
+                    report.bytes_after += w.numel() * w.element_size()
+                    report.tied[name] = holders[id(w)][0]
             report.bytes_after += q.weight_nbytes
             report.quantized[name] = repr(scheme)
             _set_submodule(model, name, q)

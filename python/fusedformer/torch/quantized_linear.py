@@ -54,6 +54,17 @@ class QuantizedLinear(nn.Module):
         self.scheme = qw.scheme
         self._kernel_cache = None
 
+    def _apply(self, fn, recurse=True):
+        """.half(), .to(dtype) and the like cast the bias only: the compressed arrays keep their
+        storage dtypes (float32 scales, LUTs, values), which the format and the kernel fix."""
+        kept = {name: self._buffers[name] for name in self._buffers if name.startswith("w_")}
+        super()._apply(fn, recurse)
+        for name, before in kept.items():
+            after = self._buffers[name]
+            if after is not None and after.dtype != before.dtype:
+                self._buffers[name] = before.to(after.device)
+        return self
+
     def quantized_weight(self) -> QuantizedWeight:
         return QuantizedWeight.from_op_args(self._parts(), self._meta)
 

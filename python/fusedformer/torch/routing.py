@@ -29,6 +29,13 @@ class AttentionStats:
         self.fused = 0
         self.fallbacks: collections.Counter[str] = collections.Counter()
 
+    def __getstate__(self):  # (copy.deepcopy and pickle of an optimized model: the lock stays behind)
+        return {"fused": self.fused, "fallbacks": self.fallbacks}
+
+    def __setstate__(self, state):
+        self.__init__()
+        self.fused, self.fallbacks = state["fused"], collections.Counter(state["fallbacks"])
+
     def record(self, reason: str | None) -> None:
         with self._lock:
             if reason is None:
