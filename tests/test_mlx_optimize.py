@@ -269,6 +269,13 @@ def test_skip_patterns_report_and_checks_before_any_change():
     with pytest.raises(ValueError, match=r"^\[quant\] layers\.2: K=40 is not divisible by the group size 32"):
         ff.mlx.optimize(model, weights=Q.Affine(4, 32))
     assert [type(m).__name__ for m in model.layers] == ["Linear", "ReLU", "Linear", "Linear"]  # untouched
+    w = np.array(model.layers[3].weight)
+    w[0, 0] = np.nan  # values too: checked before any change
+    model.layers[3].weight = mx.array(w)
+    with pytest.raises(ValueError, match=r"^\[quant\] layers\.3: the weight has 1 NaN/inf entries"):
+        ff.mlx.optimize(model, weights=Q.Int8(), skip=("layers.2",))
+    assert [type(m).__name__ for m in model.layers] == ["Linear", "ReLU", "Linear", "Linear"]
+    model.layers[3].weight = mx.array(np.nan_to_num(w))
     ff.mlx.optimize(model, attention=None, weights={"layers.0": Q.Int8(), "*": Q.Affine(4, 32)}, skip=("layers.2",))
     assert [type(m).__name__ for m in model.layers] == ["QuantizedLinear", "ReLU", "Linear", "QuantizedLinear"]
     report = model.fusedformer_report

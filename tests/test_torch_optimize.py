@@ -344,6 +344,20 @@ def test_failure_leaves_the_model_untouched():
 
 
 @pytest.mark.torch
+@pytest.mark.parametrize("value, words", [(float("nan"), "the weight has 2 NaN/inf entries"),
+                                          (3e38, "Affine group of 32: a range of the weight .* overflows float32")])
+def test_bad_weight_values_leave_the_model_untouched(value, words):
+    """Weights the scheme cannot take by their values are found before attention or any layer is swapped."""
+    model = nn.Sequential(nn.MultiheadAttention(32, 4, batch_first=True), nn.Linear(32, 64), nn.Linear(64, 32))
+    with torch.no_grad():
+        model[2].weight[0, :2] = torch.tensor([value, -value])
+    with pytest.raises(ValueError, match=r"^\[quant\] 2: " + words):
+        ff.torch.optimize(model, weights=ff.quant.Affine(4, 32), skip=())
+    assert [type(m) for m in model] == [nn.MultiheadAttention, nn.Linear, nn.Linear]
+    assert not hasattr(model, "fusedformer_report")
+
+
+@pytest.mark.torch
 @pytest.mark.parametrize("attention", [None, "fused"])
 @pytest.mark.filterwarnings("ignore:.*nested:UserWarning")
 def test_compressed_linears_in_torch_encoder_layers(attention):

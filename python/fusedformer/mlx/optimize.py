@@ -32,7 +32,8 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from fusedformer._optimize import check_arguments, plan_weights, start_report
 from fusedformer.mlx.attention import MX_FAST_SDPA, sdpa_mlx
-from fusedformer.mlx.linear import QuantizedLinear
+from fusedformer.mlx.linear import QuantizedLinear, _same_affine, dense_weight
+from fusedformer.quant import check_values
 
 _routing = threading.local()
 
@@ -51,6 +52,9 @@ def optimize(model: nn.Module, attention: str | None = "fused", weights=None, sk
     compressed = [(path, m.qweight.scheme) for path, m in model.named_modules() if isinstance(m, QuantizedLinear)]
     plan, skipped, unmatched = (plan_weights(_linears(model), weights, skip, compressed)
                                 if weights is not None else ([], [], []))
+    for path, linear, scheme in plan:  # every check before the first change (adopted arrays need none)
+        if not _same_affine(linear, scheme):
+            check_values(dense_weight(linear), scheme, name=path)
     report = start_report(model, "mlx", attention, skipped, unmatched)
     if attention == "fused":
         for path, module in model.named_modules():

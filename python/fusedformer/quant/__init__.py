@@ -49,7 +49,7 @@ JSON of scheme and shape as uint8 bytes; safetensors-compatible), .to_op_args()/
 
 from .packing import pack_bits, unpack_bits
 from .schemes import Affine, Int8, Palettize, Prune, scheme_from_json
-from .weight import QuantizedWeight, check_compressible, compress, is_scheme
+from .weight import QuantizedWeight, check_compressible, check_values, compress, is_scheme
 
 __all__ = ["Affine", "Int8", "Palettize", "Prune", "QuantizedWeight", "compress",
-           "pack_bits", "unpack_bits", "scheme_from_json", "is_scheme", "check_compressible"]
+           "pack_bits", "unpack_bits", "scheme_from_json", "is_scheme", "check_compressible", "check_values"]

@@ -296,15 +296,31 @@ def check_compressible(shape, scheme, name: str | None = None) -> None:
                   f"the {n} output channels")
 
 
+def check_values(w, scheme, name: str | None = None) -> None:
+    """Raises a ``[quant]`` ValueError where W's values cannot take ``scheme`` (NaN/inf entries;
+    a group or row range past float32 for the affine forms): with check_compressible, every
+    check compress() makes, so optimize() can make them all before it changes anything."""
+    w = _to_numpy_f32(w)
+    check_compressible(w.shape, scheme, name=name)
+    what = f"{name}: " if name else ""
+    if not np.isfinite(w).all():
+        bad = int(np.size(w) - np.isfinite(w).sum())
+        _fail(f"{what}the weight has {bad} NaN/inf entries; compress finite weights only")
+    inner = scheme.then if isinstance(scheme, Prune) else scheme
+    n, k = w.shape
+    if isinstance(inner, Affine):
+        g = w.reshape(n, k // inner.group_size, inner.group_size)
+        alg.check_range(g.min(-1), g.max(-1), f"{what}Affine group of {inner.group_size}")
+    elif isinstance(inner, Int8) and inner.zero_point:
+        alg.check_range(np.minimum(w.min(1), 0), np.maximum(w.max(1), 0), f"{what}Int8 with zero points, a row")
+
+
 def compress(w, scheme) -> QuantizedWeight:
     """Compresses W [N, K] (numpy, torch or mlx; any float dtype) with ``scheme``."""
     if not is_scheme(scheme):
         raise TypeError(f"[quant] scheme must be Affine, Int8, Palettize or Prune, got {type(scheme).__name__}")
     w = _to_numpy_f32(w)
-    check_compressible(w.shape, scheme)
-    if not np.isfinite(w).all():
-        bad = int(np.size(w) - np.isfinite(w).sum())
-        _fail(f"the weight has {bad} NaN/inf entries; compress finite weights only")
+    check_values(w, scheme)
     n, k = w.shape
     if isinstance(scheme, Prune):
         return _compress_pruned(w, scheme)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fusedformer import quant
 from fusedformer._optimize import OptimizeReport, check_arguments, plan_weights, start_report
 from fusedformer.torch.routing import AttentionStats
 from fusedformer.torch.sdpa_mode import use_fused_sdpa  # noqa: F401  (re-exported as ff.torch.use_fused_sdpa)
@@ -87,9 +88,8 @@ def optimize(model: nn.Module, attention: str | None = "fused", weights=None, sk
     _check_device(model)
     plan, skipped, unmatched = (plan_weights(_linears(model), weights, skip, _compressed(model))
                                 if weights is not None else ([], [], []))
-    for name, linear, _ in plan:  # every check before the first change
-        if not torch.isfinite(linear.weight).all():
-            raise ValueError(f"[optimize] {name}.weight has NaN/inf entries; it cannot be compressed")
+    for name, linear, scheme in plan:  # every check before the first change
+        quant.check_values(linear.weight.detach(), scheme, name=name)
     swaps = _plan_attention(model) if attention == "fused" else _plan_no_fastpath(model, [n for n, _, _ in plan])
 
     previous = getattr(model, "fusedformer_report", None)
