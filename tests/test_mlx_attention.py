@@ -135,6 +135,40 @@ def test_float32_lowest_in_an_additive_mask_keeps_the_keys(rng, request, native)
     run_both(rng, (1, 4, 2, 7, 21, 32), mask_np=mask)
 
 
+@pytest.mark.parametrize("native", [False, True], ids=["mlx", "native"])
+def test_mask_dtypes_past_the_inputs_range_keep_their_keys(rng, request, native):
+    """Finite additive values past the inputs' range stay finite (a kept key), whatever the
+    mask's own dtype: bfloat16 -1e9 / +1e9 for float16 inputs, float64 -1e300 / +1e300 for
+    float32; a NaN row stays NaN."""
+    if native:
+        request.getfixturevalue("native_cpu_kernel")
+    for dtype, mdtype, big in (("fp16", mx.bfloat16, 1e9), ("fp32", mx.float64, 1e300)):
+        (q, k, v), (q64, k64, v64) = make_qkv(rng, 1, 2, 1, 4, 9, 16, dtype=dtype)
+        mask = rng.standard_normal((4, 9))
+        mask[0] = -big  # a row of it alone: its scores are lost to rounding, so uniform (as torch gives)
+        mask[1, 3] = big  # this key takes the row
+        want = reference.sdpa(q64, k64, v64, mask=np.clip(mask, -1e4, 1e4))  # rows 1-3: the same weights, in range
+        want[:, :, 0] = np.repeat(v64.mean(axis=2), 2, axis=1)
+        for return_lse in (False, True):
+            with mx.stream(mx.cpu):
+                got = ff.sdpa(q, k, v, mask=mx.array(mask, dtype=mdtype), return_lse=return_lse)
+            check(got[0] if return_lse else got, want, dtype)
+    mask = np.zeros((4, 9), np.float32)
+    mask[2] = np.nan
+    (q, k, v), _ = make_qkv(rng, 1, 2, 1, 4, 9, 16)
+    for return_lse in (False, True):
+        got = np.array(ff.sdpa(q, k, v, mask=mx.array(mask), return_lse=return_lse)[0 if return_lse else ...])
+        assert np.isnan(got[:, :, 2]).all() and not np.isnan(got[:, :, [0, 1, 3]]).any()
+
+
+def test_native_kernel_takes_bf16_masks_and_huge_windows(rng, native_cpu_kernel):
+    (q, k, v), (q64, k64, v64) = make_qkv(rng, 1, 2, 1, 5, 11, 16)
+    mask = rng.standard_normal((5, 11)).astype(np.float32)
+    bf16 = mx.array(mask).astype(mx.bfloat16)
+    check(ff.sdpa(q, k, v, mask=bf16), reference.sdpa(q64, k64, v64, mask=np.array(bf16.astype(mx.float32))), "fp32")
+    check(ff.sdpa(q, k, v, causal=True, window=2**70), reference.sdpa(q64, k64, v64, causal=True), "fp32")
+
+
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("masking", ["causal", "window", "bool", "additive"])
 def test_dtypes(rng, dtype, masking):

@@ -191,6 +191,20 @@ def schemes():
     return Q
 
 
+@pytest.mark.parametrize("name", ["int8", "affine4", "palettize4"])
+def test_report_counts_what_the_layers_hold(name):
+    """bytes_after is the MLX arrays each compressed layer keeps (Int8: MLX's q + 128 codes and
+    its group scales), and optimize() leaves no canonical copy cached."""
+
+    Q = schemes()
+    scheme = {"int8": Q.Int8(), "affine4": Q.Affine(4, 64), "palettize4": Q.Palettize(4)}[name]
+    model = nn.Sequential(nn.Linear(256, 512), nn.Linear(512, 128))
+    ff.mlx.optimize(model, attention=None, weights=scheme, skip=())
+    held = sum(v.nbytes for layer in model.layers for k, v in tree_flatten(layer.parameters()) if k != "bias")
+    assert model.fusedformer_report.bytes_after == held
+    assert all(layer.qweight._quantized is None for layer in model.layers)
+
+
 def test_optimize_again_keeps_compressed_layers_and_the_report(rng):
     """A second call cannot recompress (the original weights are gone): it says so, the layers
     and the report keep what the first call did, and attention is not wrapped twice."""

@@ -153,7 +153,7 @@ def sdpa(q, k, v, *, mask=None, causal=False, scale=None, window=None, return_ls
     if framework == "mlx":
         from fusedformer.mlx.attention import sdpa_mlx
 
-        return sdpa_mlx(q, k, v, mask=mask, causal=causal, scale=scale, window=window, return_lse=return_lse)
+        return sdpa_mlx(q, k, v, mask=mask, causal=causal, scale=scale, window=window_i or None, return_lse=return_lse)
     if framework == "torch" and not _torch_plain_eager(q, k, v, mask):
         from fusedformer.torch import attention_op
 

@@ -4,7 +4,7 @@ Importing this module does not import MLX; each name below imports it on first u
 
     import fusedformer as ff
     ff.sdpa(q, k, v, causal=True)                  # MLX arrays in, MLX arrays out
-    layer = ff.mlx.QuantizedLinear.from_quantized(qw, bias=None)
+    layer = ff.mlx.QuantizedLinear(qw, bias=None)   # qw = ff.quant.compress(w, scheme)
     ff.mlx.optimize(model, attention="fused", weights=ff.quant.Affine(4, 64))
 """
 

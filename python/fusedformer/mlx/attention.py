@@ -60,8 +60,10 @@ def _sdpa_native(q, k, v, mask, causal, scale, window, return_lse):
     from fusedformer.ops_attention import native_sdpa
 
     arrays = [np.asarray(a) for a in (q, k, v)]  # zero-copy views (strides kept)
-    mask = None if mask is None else np.asarray(mask)
-    result = native_sdpa(*arrays, mask=mask, causal=causal, scale=scale, window=window or 0, return_lse=return_lse)
+    if mask is not None:  # (numpy has no bfloat16: such a mask is widened, exactly)
+        mask = np.asarray(mask.astype(mx.float32) if mask.dtype == mx.bfloat16 else mask)
+    window = min(window, 2**63 - 1) if window else 0  # (wider than any call's keys)
+    result = native_sdpa(*arrays, mask=mask, causal=causal, scale=scale, window=window, return_lse=return_lse)
     if return_lse:
         return mx.array(result[0]), mx.array(result[1])
     return mx.array(result)
@@ -134,20 +136,21 @@ def attention_mask(mask, lq: int, lk: int, *, causal: bool, window: int | None, 
         combined = _additive_as(mask, dtype)
         if positions is not None:
             combined = mx.where(positions, combined, -mx.inf)
-        return combined, mx.any(combined > -mx.inf, axis=-1, keepdims=True)
+        return combined, mx.any(combined != -mx.inf, axis=-1, keepdims=True)  # (NaN keeps its row: NaN out)
     return combined, mx.any(combined, axis=-1, keepdims=True)
 
 
 def _additive_as(mask, dtype):
     """An additive mask in ``dtype``; finite values are clamped to its range (-inf stays -inf), so
-    a large finite penalty such as -1e9 does not turn into -inf in float16."""
+    a large finite penalty such as -1e9 does not turn into -inf in float16, nor -1e300 (float64)
+    in float32. The clamp runs in float32 or wider, where every target's bounds are exact (a
+    bfloat16 mask would round float16's -65504 to -65536, -inf once cast)."""
     if mask.dtype == dtype:
         return mask
-    if not mx.issubdtype(mask.dtype, mx.floating):
-        mask = mask.astype(mx.float32)
-    if dtype != mx.float32:
-        info = mx.finfo(dtype)
-        mask = mx.where(mx.isinf(mask), mask, mx.clip(mask, info.min, info.max))
+    if mask.dtype != mx.float64:
+        mask = mask.astype(mx.float32)  # (exact from float16 / bfloat16)
+    info = mx.finfo(dtype)
+    mask = mx.where(mx.isinf(mask), mask, mx.clip(mask, info.min, info.max))
     return mask.astype(dtype)
 
 

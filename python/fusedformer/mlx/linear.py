@@ -20,7 +20,9 @@ Prune (+Affine/Palet.)  no fused MLX kernel: scatter the packed survivors into e
 ======================  ==================================================================
 
 Tiles bound the transient dense weight to ``TILE_ELEMENTS`` values; the compressed arrays are
-what stays in memory (``quantized_weight()`` views them from numpy without a copy).
+what stays in memory (``quantized_weight()`` views them from numpy without a copy, except
+Int8's: its canonical int8 codes are a copy of the q + 128 codes MLX's kernel reads, made on
+first use, by the native kernel's path or a call of ``quantized_weight()``).
 Activations may be float32, float16 or bfloat16; accumulation is float32 and the result has the
 activations' dtype. No Metal is written here: on Apple GPUs affine and int8 use MLX's own
 kernel and the others run as the MLX op compositions below. On MLX's CPU device,

@@ -65,7 +65,7 @@ def optimize(model: nn.Module, attention: str | None = "fused", weights=None, sk
     for path, linear, scheme in plan:  # one layer at a time: peak memory ~ model + one layer
         layer = QuantizedLinear.from_linear(linear, scheme)
         report.bytes_before += _nbytes(linear)
-        report.bytes_after += layer.quantized_weight().nbytes
+        report.bytes_after += _nbytes(layer)  # what the layer holds (Int8: MLX's q + 128 codes and group scales)
         report.quantized[path] = repr(scheme)
         swapped.append((path, layer))
     if swapped:
