@@ -47,3 +47,55 @@ def test_bench_limits_writes_valid_json(tmp_path):
 def test_unknown_area_is_an_argparse_error():
     out = cli("bench", "nope")
     assert out.returncode == 2 and "invalid choice" in out.stderr
+
+
+BAD_INVOCATIONS = [
+    (["bench", "attention", "--shape", "1,2,3", "--no-save"], "[bench attention] --shape takes B,HQ,HKV,LQ,LK,D"),
+    (["bench", "attention", "--shape", "1,32,5,16,16,64", "--no-save"], "HKV must divide HQ"),
+    (["bench", "attention", "--rounds", "0", "--no-save"], "argument --rounds: must be an integer >= 1"),
+    (["bench", "attention", "--impl", "bogus", "--no-save"], "argument --impl: invalid choice: 'bogus'"),
+    (["bench", "qmatmul", "--schemes", "affineX", "--shape", "1,64,64", "--no-save"], "unknown scheme 'affineX'"),
+    (["bench", "qmatmul", "--schemes", "affine7", "--shape", "1,64,64", "--no-save"], "Affine bits=7 is not supported"),
+    (["bench", "model", "--steps", "0"], "argument --steps: must be an integer >= 1"),
+    (["export", "tiny-llama", "--out", "x.mlpackage", "--target", "iOS99"], "[export] unknown target 'iOS99'"),
+    (["export", "tiny-llama", "--out", "x.mlpackage", "--seq-len", "0"], "argument --seq-len: must be an integer >= 1"),
+    (["export", "tiny-llama", "--out", "x.mlpackage", "--adapter", "chat=/missing.pt"], "--adapter file '/missing.pt' does not exist"),
+    (["verify", "x.mlpackage", "--seq-len", "0"], "argument --seq-len: must be an integer >= 1"),
+]
+
+
+def test_bad_invocations_give_one_line_not_a_traceback(capsys, tmp_path, monkeypatch):
+    """Bad flags and shapes end in a usage error or the area's tagged message, exit status 2."""
+    import importlib.util
+
+    from fusedformer.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    coreml = importlib.util.find_spec("coremltools") is not None  # (export and verify need it)
+    for argv, words in BAD_INVOCATIONS:
+        if argv[0] in ("export", "verify") and not coreml:
+            continue
+        try:
+            rc = main(argv)
+        except SystemExit as e:  # argparse's usage errors
+            rc = e.code
+        err = capsys.readouterr().err
+        assert rc == 2 and words in err and "Traceback" not in err, (argv, err)
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_a_filter_matching_nothing_writes_nothing(tmp_path):
+    out = cli("bench", "attention", "--case", "nothing matches this", "--out", str(tmp_path))
+    assert out.returncode == 2 and "no case matches --case 'nothing matches this'" in out.stderr
+    assert not any(tmp_path.iterdir())
+
+
+def test_options_given_win_over_quick():
+    import argparse
+
+    from fusedformer.bench.harness import quick_or
+
+    args = argparse.Namespace(quick=True, prompt=8, steps=None)
+    assert quick_or(args, "prompt", 64, 256) == 8 and quick_or(args, "steps", 4, 8) == 4
+    args.quick = False
+    assert quick_or(args, "steps", 4, 8) == 8

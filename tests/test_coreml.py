@@ -146,6 +146,54 @@ def test_flexible_length(decoder, tmp_path):
         assert psnr(expected, out) >= 60, length
 
 
+@pytest.mark.parametrize("options", [dict(window=2), dict(causal=True, window=3)], ids=str)
+def test_flexible_length_window_matches_reference(options, rng, tmp_path):
+    """Flexible lengths build the causal/window mask in the program (not a constant): without
+    causal, the window bounds only how far back a query looks, as reference.sdpa_mask."""
+    module = SdpaCall(**options).eval()
+    q, k, v = _qkv(rng, 1, 2, 2, 6, 6, 8)
+    mlmodel = ff.coreml.export(module, {"q": torch.from_numpy(q), "k": torch.from_numpy(k), "v": torch.from_numpy(v)},
+                               tmp_path / "flex.mlpackage", precision="fp32",
+                               flexible={name: {2: (1, 16)} for name in ("q", "k", "v")})
+    for length in (3, 6, 11):
+        q, k, v = _qkv(rng, 1, 2, 2, length, length, 8)
+        out = ff.coreml.verify(mlmodel, {"q": q, "k": k, "v": v})["output"]
+        np.testing.assert_allclose(out, reference.sdpa(q, k, v, **options), atol=2e-5, rtol=1e-5)
+
+
+def test_export_path_never_replaces_anything_but_a_package(decoder, tmp_path):
+    """A path without the suffix gets it (and package_path says so); an existing package is
+    replaced; a directory or file that is not one is refused before any work, and left alone."""
+    model, ids, _ = decoder
+    mlmodel = ff.coreml.export(model, (ids,), tmp_path / "bare", precision="fp32")
+    assert mlmodel.package_path == str(tmp_path / "bare.mlpackage") and (tmp_path / "bare.mlpackage" / "Manifest.json").is_file()
+    assert ff.coreml.export(model, (ids,), tmp_path / "bare", precision="fp32").package_path == mlmodel.package_path
+    for victim in (tmp_path / "data.mlpackage", tmp_path / "notes.mlpackage"):
+        if victim.name.startswith("data"):
+            (victim / "sub").mkdir(parents=True)
+            (victim / "important.txt").write_text("keep me")
+        else:
+            victim.write_text("keep me")
+        with pytest.raises(ValueError, match=r"^\[export\] .* exists and is not a Core ML package"):
+            ff.coreml.export(model, (ids,), victim)
+    assert (tmp_path / "data.mlpackage" / "important.txt").read_text() == "keep me"
+    assert (tmp_path / "notes.mlpackage").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"flexible": {"input_idz": {1: (1, 64)}}}, r"flexible names input 'input_idz'; the inputs are \['input_ids'\]"),
+    ({"flexible": {"input_ids": {5: (1, 64)}}}, r"flexible axis 5 of input 'input_ids' \(rank 2\) does not exist"),
+    ({"flexible": {"input_ids": {1: (10, 64)}}}, r"flexible range \(10, 64\) of input 'input_ids' axis 1"),
+    ({"kv_cache": True, "adapters": {"a": {}}}, r"adapters and kv_cache together are not supported"),
+    ({"kv_cache": True, "flexible": {"input_ids": {1: (1, 64)}}}, r"flexible does not apply with kv_cache"),
+])
+def test_export_rejects_bad_combinations(decoder, tmp_path, kwargs, match):
+    model, ids, _ = decoder
+    with pytest.raises(ValueError, match=r"^\[export\] " + match):
+        ff.coreml.export(model, (ids,), tmp_path / "x.mlpackage", **kwargs)
+    assert not (tmp_path / "x.mlpackage").exists()
+
+
 @pytest.mark.parametrize("kwargs, match", [
     ({"attention": "flash"}, "attention must be one of"),
     ({"precision": "bf16"}, "precision must be one of"),

@@ -98,7 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ValueError, TypeError, OSError) as e:
+        if not str(e).startswith("["):  # (ours are tagged "[area] ..."; anything else is a bug: its traceback)
+            raise
+        print(f"fusedformer {args.command}: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

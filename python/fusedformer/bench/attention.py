@@ -236,7 +236,7 @@ def _in_turn_calls(fns):
 def add_arguments(parser) -> None:
     parser.add_argument("--dtype", choices=["all", "float32", "bfloat16"], default="all", help="dtypes to run")
     parser.add_argument("--case", default="", help="only cases whose name contains this text")
-    parser.add_argument("--impl", action="append", default=None, help="only these impls (repeatable)")
+    parser.add_argument("--impl", action="append", default=None, choices=list(IMPLS), help="only these impls (repeatable)")
     parser.add_argument("--shape", action="append", default=None, metavar="B,HQ,HKV,LQ,LK,D",
                         help="time these shapes instead of the built-in cases (repeatable; the files are "
                         f"attention_shapes.json/.png): decode rows (K/V from memory, %% of bandwidth) up to LQ "
@@ -258,6 +258,9 @@ def run(args) -> Report:
         for c in built
         if getattr(args, "dtype", "all") in ("all", c.dtype) and getattr(args, "case", "") in c.name
     ]
+    if not selected:
+        raise ValueError(f"[bench attention] no case matches --case {getattr(args, 'case', '')!r} and --dtype "
+                         f"{getattr(args, 'dtype', 'all')!r}; nothing run, nothing written")
     impls = getattr(args, "impl", None) or list(IMPLS)
     # the read probe streams at least twice the last-level cache, as the decode cases' K/V
     # copies do (a 64 MiB probe read 47 GB/s here, out of cache)

@@ -19,7 +19,7 @@ import sys
 
 import numpy as np
 
-from fusedformer.bench.harness import measure
+from fusedformer.bench.harness import measure, positive_int, quick_or
 from fusedformer.bench.report import Report
 
 COMPUTE_UNITS = ("CPU_AND_GPU", "CPU_ONLY", "CPU_AND_NE", "ALL")
@@ -28,8 +28,10 @@ COMPUTE_UNITS = ("CPU_AND_GPU", "CPU_ONLY", "CPU_AND_NE", "ALL")
 def add_arguments(parser) -> None:
     parser.add_argument("packages", nargs="*", help=".mlpackage files written by fusedformer export")
     parser.add_argument("--compute-units", choices=COMPUTE_UNITS, default="CPU_AND_GPU")
-    parser.add_argument("--seq-len", type=int, default=128, help="tokens per prediction (flexible inputs)")
-    parser.add_argument("--decode-steps", type=int, default=16, help="decode steps timed for stateful packages")
+    parser.add_argument("--seq-len", type=positive_int, default=None,
+                        help="tokens per prediction (flexible inputs; default 128, 16 with --quick)")
+    parser.add_argument("--decode-steps", type=positive_int, default=None,
+                        help="decode steps timed for stateful packages (default 16; 4 with --quick)")
 
 
 def runtime_missing_reason() -> str | None:
@@ -84,8 +86,8 @@ def run(args) -> Report | None:
     import coremltools as ct
 
     units = getattr(ct.ComputeUnit, args.compute_units)
-    seq = 16 if args.quick else args.seq_len
-    steps = 4 if args.quick else args.decode_steps
+    seq = quick_or(args, "seq_len", 16, 128)
+    steps = quick_or(args, "decode_steps", 4, 16)
     rep = Report("coreml", description=f"MLModel.predict, compute units {args.compute_units}")
     baselines: dict[str, str] = {}
     for path in args.packages:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -139,9 +141,27 @@ def parse_shape(spec: str, names: str, area: str) -> tuple[int, ...]:
     return sizes
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a usage error otherwise, not a traceback later)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
+
+
+def quick_or(args, name: str, quick: int, default: int) -> int:
+    """An option whose default depends on --quick: the value given, else `quick` with --quick,
+    else `default` (options given explicitly win over --quick)."""
+    value = getattr(args, name)
+    return value if value is not None else quick if args.quick else default
+
+
 def add_rounds_argument(parser) -> None:
     """The --rounds option of the areas timed with measure_in_rounds."""
-    parser.add_argument("--rounds", type=int, default=4,
+    parser.add_argument("--rounds", type=positive_int, default=4,
                         help="alternating rounds per case: each impl gets --budget / rounds seconds in each")
 
 

@@ -10,18 +10,18 @@ from __future__ import annotations
 import numpy as np
 
 from fusedformer import _C
-from fusedformer.bench.harness import measure
+from fusedformer.bench.harness import measure, positive_int, quick_or
 from fusedformer.bench.report import Report, track
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--mib", type=int, default=512, help="buffer size of the read probe (MiB)")
+    parser.add_argument("--mib", type=positive_int, default=None, help="buffer size of the read probe (MiB; default 512, 64 with --quick)")
 
 
 def run(args) -> Report:
     rep = Report("limits", description="fp32 FMA peak and streaming-read bandwidth per thread count")
     budget = args.budget
-    mib = 64 if args.quick else args.mib
+    mib = quick_or(args, "mib", 64, 512)
     buf = np.random.default_rng(0).standard_normal(mib << 18, dtype=np.float32)
     most = _C.num_threads()
     thread_counts = sorted({1, most})

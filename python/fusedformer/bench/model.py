@@ -20,7 +20,7 @@ import os
 import subprocess
 import sys
 
-from fusedformer.bench.harness import Timing
+from fusedformer.bench.harness import Timing, positive_int, quick_or
 from fusedformer.bench.report import Report, track
 
 VARIANTS = {
@@ -38,12 +38,13 @@ BASELINE = "stock (HF sdpa)"
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--layers", type=int, default=None, help="decoder layers (default 22; 2 with --quick)")
-    parser.add_argument("--prompt", type=int, default=256, help="prefill tokens")
+    parser.add_argument("--layers", type=positive_int, default=None, help="decoder layers (default 22; 2 with --quick)")
+    parser.add_argument("--prompt", type=positive_int, default=None, help="prefill tokens (default 256; 64 with --quick)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of: " + ", ".join(VARIANTS))
     parser.add_argument("--no-minilm", dest="minilm", action="store_false", help="skip the MiniLM rows")
-    parser.add_argument("--rounds", type=int, default=4, help="alternating rounds per variant and the baseline")
-    parser.add_argument("--steps", type=int, default=8, help="decode steps per round")
+    parser.add_argument("--rounds", type=positive_int, default=None,
+                        help="alternating rounds per variant and the baseline (default 4; 2 with --quick)")
+    parser.add_argument("--steps", type=positive_int, default=None, help="decode steps per round (default 8; 4 with --quick)")
 
 
 def llama_config(layers: int):
@@ -239,13 +240,13 @@ def _in_subprocess(code: str) -> dict:
 
 
 def run(args) -> Report:
-    layers = args.layers or (2 if args.quick else 22)
-    prompt = 64 if args.quick else args.prompt
+    layers = quick_or(args, "layers", 2, 22)
+    prompt = quick_or(args, "prompt", 64, 256)
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         raise SystemExit(f"[bench model] unknown variants {unknown}; choose from {list(VARIANTS)}")
-    rounds, prefills, steps = (2, 1, 4) if args.quick else (args.rounds, 1, args.steps)
+    rounds, prefills, steps = quick_or(args, "rounds", 2, 4), 1, quick_or(args, "steps", 4, 8)
     rep = Report("model", description=f"LLaMA-shaped decoder, {layers} layers (1.1B at 22), fp32, HF transformers")
     case_p, case_d = f"prefill {prompt} tokens, {layers} layers", f"decode 1 token (KV cache), {layers} layers"
     # The baseline's process lives through the whole run; each other variant is timed in turn

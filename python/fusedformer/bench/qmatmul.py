@@ -63,15 +63,19 @@ def parse_shapes(specs: list[str]) -> list[tuple[int, int, int]]:
 def _scheme(name: str):
     from fusedformer.quant import Affine, Int8, Palettize, Prune
 
-    if name == "int8":
-        return Int8()
-    if name.startswith("affine"):
-        return Affine(int(name[6:]), 64)
-    if name.startswith("palettize"):
-        return Palettize(int(name[9:]))
-    if name == "prune50-affine4":
-        return Prune(0.5, then=Affine(4, 64))
-    raise ValueError(f"[bench qmatmul] unknown scheme {name!r}")
+    bits = name.lstrip("abcdefghijklmnopqrstuvwxyz")
+    try:
+        if name == "int8":
+            return Int8()
+        if name == "prune50-affine4":
+            return Prune(0.5, then=Affine(4, 64))
+        if name.startswith("affine") and bits.isdigit():
+            return Affine(int(bits), 64)
+        if name.startswith("palettize") and bits.isdigit():
+            return Palettize(int(bits))
+    except ValueError as e:  # (a bit width the format lacks)
+        raise ValueError(f"[bench qmatmul] --schemes {name!r}: {e}") from None
+    raise ValueError(f"[bench qmatmul] unknown scheme {name!r}: affineB (group 64), int8, palettizeB or prune50-affine4")
 
 
 def _copies(obj, nbytes: float, clone):

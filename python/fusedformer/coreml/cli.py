@@ -14,6 +14,8 @@ import time
 
 import numpy as np
 
+from fusedformer.bench.harness import positive_int
+
 # --weights NAME -> scheme factory (fusedformer.quant)
 WEIGHT_SCHEMES = {
     "affine4": lambda q: q.Affine(bits=4, group_size=64),
@@ -42,10 +44,10 @@ def add_export_arguments(parser) -> None:
     parser.add_argument("--target", default="iOS18", help="minimum deployment target (iOS18, macOS15, iOS17, ...)")
     parser.add_argument("--precision", choices=("fp16", "fp32"), default="fp16")
     parser.add_argument("--weights", choices=sorted(WEIGHT_SCHEMES), help="compress every linear (lm_head kept)")
-    parser.add_argument("--seq-len", type=int, default=64, help="tokens of the example input (and default length)")
-    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--seq-len", type=positive_int, default=64, help="tokens of the example input (and default length)")
+    parser.add_argument("--batch", type=positive_int, default=1)
     parser.add_argument("--kv-cache", action="store_true", help="stateful decoder with the K/V caches as Core ML states")
-    parser.add_argument("--max-len", type=int, default=512, help="cache length of --kv-cache exports")
+    parser.add_argument("--max-len", type=positive_int, default=512, help="cache length of --kv-cache exports")
     parser.add_argument("--adapter", action="append", default=[], metavar="NAME=FILE",
                         help="add a function NAME whose tensors come from FILE (.safetensors/.pt state dict)")
 
@@ -58,7 +60,10 @@ def _load_model(name: str):
         return tiny_llama(), "causal-lm"
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(name)
+    try:
+        config = AutoConfig.from_pretrained(name)
+    except OSError as e:  # (no such directory, no config.json, a hub id not reachable)
+        raise OSError(f"[export] cannot load model {name!r}: {e}") from None
     if getattr(config, "is_decoder", False) or any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel")
                                                    for a in (config.architectures or [])):
         return AutoModelForCausalLM.from_pretrained(name).eval(), "causal-lm"
@@ -68,6 +73,8 @@ def _load_model(name: str):
 def _load_state_dict(path: str) -> dict:
     import torch
 
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"[export] --adapter file {path!r} does not exist")
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
@@ -90,6 +97,10 @@ def run_export(args) -> int:
 
     import fusedformer as ff
 
+    from fusedformer.coreml.export import check_options
+
+    check_options(args.attention, args.target, args.precision)  # (before minutes of loading)
+    adapters = _parse_adapters(args.adapter) or None
     started = time.perf_counter()
     _say(f"loading {args.model}")
     model, kind = _load_model(args.model)
@@ -110,7 +121,7 @@ def run_export(args) -> int:
     _say(f"tracing and converting ({args.attention} attention, {args.target}, {args.precision})")
     mlmodel = ff.coreml.export(
         model, inputs, args.out, attention=args.attention, target=args.target, precision=args.precision,
-        kv_cache=args.kv_cache, adapters=_parse_adapters(args.adapter) or None,
+        kv_cache=args.kv_cache, adapters=adapters,
         **({"max_len": args.max_len} if args.kv_cache else {"static_kwargs": static}),
     )
     from fusedformer.coreml.interpreter import Program
@@ -119,12 +130,13 @@ def run_export(args) -> int:
     program = Program.load(mlmodel)
     counts = program.op_types()
     top = ", ".join(f"{op} {n}" for op, n in counts.most_common() if op != "const")
-    _say(f"saved {args.out}: {package_size(args.out) / 2**20:.2f} MiB, functions {program.functions}")
+    _say(f"saved {mlmodel.package_path}: {package_size(mlmodel.package_path) / 2**20:.2f} MiB, "
+         f"functions {program.functions}")
     _say(f"inputs {program.input_names}, outputs {program.output_names}, states {program.state_names}")
     _say(f"ops: {top}")
     for note in mlmodel.fusedformer.notes:
         _say(f"note: {note}")
-    _say(f"done in {time.perf_counter() - started:.1f} s; check it with: fusedformer verify {args.out}")
+    _say(f"done in {time.perf_counter() - started:.1f} s; check it with: fusedformer verify {mlmodel.package_path}")
     return 0
 
 
@@ -136,7 +148,7 @@ def add_verify_arguments(parser) -> None:
     parser.add_argument("package", help="a .mlpackage written by fusedformer export (or any ML program)")
     parser.add_argument("--inputs", help=".npz of inputs keyed by input name (default: random tokens / ones)")
     parser.add_argument("--function", default="main", help="function of a multifunction package")
-    parser.add_argument("--seq-len", type=int, default=8, help="length of flexible dims for random inputs")
+    parser.add_argument("--seq-len", type=positive_int, default=8, help="length of flexible dims for random inputs")
     parser.add_argument("--fp32", action="store_true", help="keep fp16 values in fp32 (no fp16 rounding emulation)")
     parser.add_argument("--save", help="write the outputs to this .npz")
     parser.add_argument("--json", action="store_true", help="print a JSON summary")
@@ -173,6 +185,8 @@ def run_verify(args) -> int:
         print(f"fusedformer verify: {e}", file=sys.stderr)
         return 1
     if args.inputs:
+        if not os.path.isfile(args.inputs):
+            raise FileNotFoundError(f"[verify] --inputs file {args.inputs!r} does not exist")
         with np.load(args.inputs) as data:
             inputs = {k: data[k] for k in data.files}
     else:

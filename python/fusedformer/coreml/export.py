@@ -105,6 +105,28 @@ def flat_module(model, input_names, static_kwargs):
 # conversion
 
 
+def _checked_flexible(flexible, named: dict) -> dict:
+    """``flexible`` ({input name: {axis: (lo, hi)}}) checked against the traced inputs: an unknown
+    name or an axis / range the input cannot have is an [export] error, not a static export."""
+    if not flexible:
+        return {}
+    if not isinstance(flexible, dict):
+        raise TypeError(f"[export] flexible must be {{input name: {{axis: (lo, hi)}}}}, got {type(flexible).__name__}")
+    for name, axes in flexible.items():
+        if name not in named:
+            raise ValueError(f"[export] flexible names input {name!r}; the inputs are {list(named)}")
+        rank = named[name].dim()
+        for axis, bounds in dict(axes).items():
+            if isinstance(axis, bool) or not isinstance(axis, int) or not -rank <= axis < rank:
+                raise ValueError(f"[export] flexible axis {axis!r} of input {name!r} (rank {rank}) does not exist")
+            lo, hi = bounds
+            size = named[name].shape[axis]
+            if not 1 <= lo <= size <= hi:
+                raise ValueError(f"[export] flexible range {(lo, hi)} of input {name!r} axis {axis} must satisfy "
+                                 f"1 <= lo <= {size} (the example's size) <= hi")
+    return flexible
+
+
 def _tensor_type(ct, name, tensor, flexible=None):
     import torch
 
@@ -160,12 +182,25 @@ def convert(traced, inputs, output_names, *, attention, target, precision, state
     return mlmodel, list(options.notes)
 
 
+def package_path(path) -> str:
+    """The package ``path`` names: with the ``.mlpackage`` suffix coremltools adds where it is
+    missing. A ValueError where something other than a Core ML package (a directory holding a
+    Manifest.json) is there already: export replaces an earlier package, never anything else."""
+    path = os.fspath(path)
+    if not path.endswith(".mlpackage"):
+        path += ".mlpackage"
+    if os.path.lexists(path) and not (os.path.isdir(path) and os.path.isfile(os.path.join(path, "Manifest.json"))):
+        raise ValueError(f"[export] {path} exists and is not a Core ML package; export writes a new .mlpackage "
+                         "or replaces one, nothing else (choose another path)")
+    return path
+
+
 def save(mlmodel, path, result: ExportResult):
     for key, value in result.to_metadata().items():
         mlmodel.user_defined_metadata[key] = value
-    path = os.fspath(path)
-    if os.path.exists(path):
-        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    path = package_path(path)
+    if os.path.exists(path):  # an earlier package (package_path refuses anything else)
+        shutil.rmtree(path)
     mlmodel.save(path)
     mlmodel.fusedformer = result
     mlmodel.package_path = path
@@ -196,13 +231,22 @@ def export(model, example_inputs, path, *, attention="fused", target="iOS18", pr
     adapters: {name: state_dict} -> one multifunction package (see multifunction.py).
     flexible: {input name: {axis: (lo, hi)}} flexible input dims (RangeDim).
     static_kwargs: extra keyword arguments passed to forward while tracing (e.g. use_cache=False).
-    Returns the MLModel (``.fusedformer`` holds the ExportResult, ``.package_path`` the path).
+    Returns the MLModel (``.fusedformer`` holds the ExportResult, ``.package_path`` the path
+    written: ``path``, with ``.mlpackage`` appended where it lacks it). An existing package there
+    is replaced; anything else there is refused, before any work.
     """
     import torch
 
     import coremltools as ct
 
     check_options(attention, target, precision)
+    path = package_path(path)
+    if kv_cache and flexible:
+        raise ValueError("[export] flexible does not apply with kv_cache: the stateful decoder takes any input "
+                         "length up to max_len already")
+    if adapters and kv_cache:
+        raise ValueError("[export] adapters and kv_cache together are not supported yet: export the stateful "
+                         "decoder and the adapters' functions separately")
     if adapters:
         from fusedformer.coreml.multifunction import export_multifunction
 
@@ -216,7 +260,7 @@ def export(model, example_inputs, path, *, attention="fused", target="iOS18", pr
                                precision=precision, max_len=max_len)
 
     named = name_inputs(model, example_inputs)
-    flexible = flexible or {}
+    flexible = _checked_flexible(flexible, named)
     inputs = [_tensor_type(ct, n, t, flexible.get(n)) for n, t in named.items()]
     static_kwargs = dict(static_kwargs or {})
     model = model.eval()

@@ -114,10 +114,7 @@ def structural_mask(lq, lk, *, causal: bool, window: int | None, name: str) -> V
         keep = mb.less_equal(x=cols, y=rows)
     if window is not None:
         lo = mb.greater(x=cols, y=mb.sub(x=rows, y=window))
-        keep = lo if keep is None else mb.logical_and(x=keep, y=lo)
-        if not causal:
-            hi = mb.less(x=cols, y=mb.add(x=rows, y=window))
-            keep = mb.logical_and(x=keep, y=hi)
+        keep = lo if keep is None else mb.logical_and(x=keep, y=lo)  # (no upper bound without causal)
     return mb.identity(x=keep, name=name)
 
 

@@ -63,11 +63,11 @@ def export_multifunction(model, example_inputs, path, *, adapters: dict, **optio
         first = results[BASE_FUNCTION]
         result = ExportResult(attention=first.attention, target=first.target, precision=first.precision,
                               notes=first.notes + [f"functions: {', '.join(results)}"])
-        save(mlmodel, path, result)
+        path = save(mlmodel, path, result).package_path
     # reopen from its final place: the merged model's weights lived in the temporary directory
-    mlmodel = ct.models.MLModel(os.fspath(path), skip_model_load=True)
+    mlmodel = ct.models.MLModel(path, skip_model_load=True)
     mlmodel.fusedformer = result
-    mlmodel.package_path = os.fspath(path)
+    mlmodel.package_path = path
     return mlmodel
 
 
