@@ -107,11 +107,12 @@ def last_level_cache_bytes() -> int:
     return max(sizes) if sizes else 32 << 20
 
 
-def cold_copies(nbytes: float, *, cap: int = 64) -> int:
+def cold_copies(nbytes: float, *, cap: int = 256) -> int:
     """How many copies of an operand of ``nbytes`` to use in turn so that one round streams at
     least twice the last-level cache: every call then reads its operand from memory, as each
     layer's weights and KV cache are read in a model's decode step. (Timing one copy that fits
-    in the cache measures the cache, not the kernel's use of memory bandwidth.)"""
+    in the cache measures the cache, not the kernel's use of memory bandwidth.) At most ``cap``
+    copies: operands under 2 x LLC / cap (256 KiB with a 32 MiB cache) are read partly from cache."""
     need = 2 * last_level_cache_bytes()
     return int(min(cap, max(1, -(-need // max(int(nbytes), 1)))))
 
