@@ -8,7 +8,10 @@
 #include <cstdlib>
 #include <memory>
 #include <mutex>
+#include <new>
+#include <stdexcept>
 #include <string>
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -77,10 +80,21 @@ bool spin_until(const Pred& done) {
 // it, or the worker sees the job closed and never touches its fields.
 class ThreadPool {
  public:
+  // Throws std::system_error (RuntimeError in Python) where the system refuses a thread, after
+  // stopping the ones it started (a pids or address-space limit).
   explicit ThreadPool(int threads) {
-    for (int i = 1; i < threads; ++i) workers_.emplace_back([this] { worker_loop(); });
+    try {
+      for (int i = 1; i < threads; ++i) workers_.emplace_back([this] { worker_loop(); });
+    } catch (...) {
+      stop_workers();
+      throw;
+    }
   }
-  ~ThreadPool() {
+  ~ThreadPool() { stop_workers(); }
+  int size() const { return static_cast<int>(workers_.size()) + 1; }
+
+ private:
+  void stop_workers() {
     {
       std::lock_guard<std::mutex> lock(mutex_);
       stop_.store(true);
@@ -88,7 +102,8 @@ class ThreadPool {
     wake_.notify_all();
     for (auto& t : workers_) t.join();
   }
-  int size() const { return static_cast<int>(workers_.size()) + 1; }
+
+ public:
 
   void run(int64_t n, int64_t grain, RangeFn fn, void* ctx) {
     grain = std::max<int64_t>(grain, 1);
@@ -237,10 +252,11 @@ void openmp_body(void* data) {
 
 std::mutex g_pool_mutex;
 std::shared_ptr<ThreadPool> g_pool;
+int g_child_pool_size = 0;  // in a forked child: the size of the parent's pool, for the child's own
 
 std::shared_ptr<ThreadPool> pool() {
   std::lock_guard<std::mutex> lock(g_pool_mutex);
-  if (!g_pool) g_pool = std::make_shared<ThreadPool>(available_cpus());
+  if (!g_pool) g_pool = std::make_shared<ThreadPool>(g_child_pool_size > 0 ? g_child_pool_size : available_cpus());
   return g_pool;
 }
 
@@ -259,7 +275,13 @@ int num_threads() { return pool()->size(); }
 void set_spin_us(int64_t us) { g_spin_ns.store(us * 1000, std::memory_order_relaxed); }
 
 void set_num_threads(int n) {
-  auto fresh = std::make_shared<ThreadPool>(std::max(1, n));
+  std::shared_ptr<ThreadPool> fresh;
+  try {
+    fresh = std::make_shared<ThreadPool>(std::max(1, n));
+  } catch (const std::system_error& e) {  // (the pool in place stays)
+    throw std::runtime_error("[set_num_threads] the system refused to start " + std::to_string(n) + " threads (" + e.what() +
+                             "); the pool keeps its " + std::to_string(num_threads()));
+  }
   std::shared_ptr<ThreadPool> old;
   {
     std::lock_guard<std::mutex> lock(g_pool_mutex);
@@ -288,11 +310,19 @@ bool openmp_team_spins() {
 
 // Set in a child process forked from this one: GNU OpenMP's team does not survive a fork (a
 // region in the child waits for the parent's threads forever: torch's own ops hang there), so
-// the child's jobs run on our pool, that is on the calling thread alone (the pool's workers
-// stay in the parent too), as multiprocessing workers usually want.
+// the child's jobs run on our pool. Nor do our pool's workers: the child forgets the parent's
+// pool without touching it (its workers are not in this process, and its locks may have been
+// held by threads that are not either) and builds its own of the same size on first use, so
+// num_threads() stays true and set_num_threads() works there.
 std::atomic<bool> g_forked{false};
 #ifdef __linux__
-const int g_atfork = pthread_atfork(nullptr, nullptr, [] { g_forked.store(true, std::memory_order_relaxed); });
+void forget_parents_pool() {  // (the child has one thread: nothing else reads these now)
+  g_forked.store(true, std::memory_order_relaxed);
+  g_child_pool_size = g_pool ? g_pool->size() : 0;
+  new (&g_pool_mutex) std::mutex();
+  new (&g_pool) std::shared_ptr<ThreadPool>();  // the parent's pool is leaked, never joined
+}
+const int g_atfork = pthread_atfork(nullptr, nullptr, forget_parents_pool);
 #endif
 
 // GOMP_parallel where jobs run on the OpenMP team now, else null (our pool).

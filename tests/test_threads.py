@@ -210,3 +210,67 @@ def test_forked_child_runs_kernels(pool):
 def test_set_pool_rejects_unknown_names():
     with pytest.raises(ValueError, match=r"\[_set_pool\] name must be 'auto', 'own' or 'openmp'"):
         _C._set_pool("tbb")
+
+_FORK_DURING_JOB = """
+import os, sys, threading, time
+import numpy as np
+import fusedformer as ff
+from fusedformer import _C
+_C._set_pool("own")
+_C.set_num_threads(2)
+rng = np.random.default_rng(0)
+q = rng.standard_normal((1, 8, 200, 64)).astype(np.float32)
+want = ff.sdpa(q, q, q, causal=True)
+stop = False
+def busy():  # a job of the parent's pool under way at each fork
+    while not stop:
+        ff.sdpa(q, q, q, causal=True)
+worker = threading.Thread(target=busy)
+worker.start()
+status = []
+for i in range(6):
+    time.sleep(0.01)
+    pid = os.fork()
+    if pid == 0:  # the child: its own pool of the parent's size, resizable, same results
+        ok = _C.num_threads() == 2 and len(set(_C._pool_trace(64, 1))) == 2
+        ok = ok and np.array_equal(ff.sdpa(q, q, q, causal=True), want)
+        _C.set_num_threads(1)
+        ok = ok and _C.num_threads() == 1 and np.array_equal(ff.sdpa(q, q, q, causal=True), want)
+        os._exit(0 if ok else 3)
+    for _ in range(500):  # 10 s
+        done, code = os.waitpid(pid, os.WNOHANG)
+        if done:
+            status.append(os.waitstatus_to_exitcode(code))
+            break
+        time.sleep(0.02)
+    else:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        status.append("hung")
+stop = True
+worker.join()
+print(status)
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+def test_forked_children_get_a_pool_of_their_own():
+    """A child forked while the parent's pool runs a job neither hangs (the parent's workers and
+    locks are not its) nor runs alone: it builds a pool of the parent's size, which it can resize."""
+    out = subprocess.run([sys.executable, "-c", _FORK_DURING_JOB], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[0] == str([0] * 6), out.stdout
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_AS as Linux applies it")
+def test_threads_the_system_refuses_raise():
+    """A pool the system cannot start (its address space too small for the stacks) raises a named
+    RuntimeError and keeps the pool in place, instead of hanging."""
+    script = ("import resource; resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))\n"
+              "from fusedformer import _C\n"
+              "try:\n    _C.set_num_threads(4096)\nexcept RuntimeError as e:\n    print(e)\n"
+              "print(_C.num_threads())\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    message, threads = out.stdout.strip().split("\n")
+    assert message.startswith("[set_num_threads] the system refused to start 4096 threads") and threads == str(_C.num_threads())

@@ -274,19 +274,40 @@ class _OutputCache:
     tensors whose storage is not resizable (as torch.from_numpy's)."""
 
     def __init__(self, limit: int):
+        import collections
         import threading
 
         self.limit = limit
         self.kept: dict[int, list] = {}  # bytes -> free 64-byte aligned uint8 arrays
-        self.bytes = 0
+        self._bytes = 0
+        # Memory given back waits here until the next take / clear / set_limit / bytes settles it
+        # under the lock: give_back runs from finalizers, which a garbage collection may start
+        # inside a locked section on the same thread (a deadlock, were it to take the lock).
+        self.returned = collections.deque()
         self.lock = threading.Lock()
+
+    @property
+    def bytes(self) -> int:
+        """Bytes kept now."""
+        with self.lock:
+            self._settle()
+            return self._bytes
+
+    def _settle(self) -> None:
+        """Files the memory given back since (under the lock), up to the limit."""
+        while self.returned:
+            buf = self.returned.popleft()
+            if self._bytes + buf.nbytes <= self.limit:
+                self.kept.setdefault(buf.nbytes, []).append(buf)
+                self._bytes += buf.nbytes
 
     def take(self, nbytes: int):
         """A 64-byte aligned uint8 array of nbytes: a kept one, or new and hinted to huge pages."""
         with self.lock:
+            self._settle()
             free = self.kept.get(nbytes)
             if free:
-                self.bytes -= nbytes
+                self._bytes -= nbytes
                 return free.pop()
         raw = np.empty(nbytes + 64, dtype=np.uint8)
         start = -raw.ctypes.data % 64
@@ -295,27 +316,26 @@ class _OutputCache:
         return buf
 
     def give_back(self, buf) -> None:
-        with self.lock:
-            if self.bytes + buf.nbytes <= self.limit:
-                self.kept.setdefault(buf.nbytes, []).append(buf)
-                self.bytes += buf.nbytes
+        self.returned.append(buf)  # (no lock: see __init__; deque.append is atomic)
 
     def clear(self) -> None:
         """Frees the kept memory (memory lent to live outputs stays theirs)."""
         with self.lock:
+            self.returned.clear()
             self.kept.clear()
-            self.bytes = 0
+            self._bytes = 0
 
     def set_limit(self, limit: int) -> int:
         """Keeps at most ``limit`` bytes from now on, freeing kept memory past it (largest
         buffers first); returns the limit before."""
         with self.lock:
+            self._settle()
             before, self.limit = self.limit, limit
             for nbytes in sorted(self.kept, reverse=True):
                 free = self.kept[nbytes]
-                while free and self.bytes > limit:
+                while free and self._bytes > limit:
                     free.pop()
-                    self.bytes -= nbytes
+                    self._bytes -= nbytes
             self.kept = {n: free for n, free in self.kept.items() if free}
         return before
 
@@ -348,7 +368,7 @@ class _OutputCache:
 def _cache_limit() -> int:
     import os
 
-    text = os.environ.get("FUSEDFORMER_OUTPUT_CACHE_MB", "256")
+    text = os.environ.get("FUSEDFORMER_OUTPUT_CACHE_MB") or "256"  # (empty: unset, as the other variables)
     try:
         mb = int(text)
     except ValueError:
