@@ -128,6 +128,102 @@ def test_training_with_dropout_falls_back_and_is_counted():
     assert "dropout" in str(model.fusedformer_report)
 
 
+def eager_only_models():
+    """Models whose attention only eager computes (softcapping, sinks): transformers runs them
+    eager, and so must the calls the fused op cannot serve."""
+    tf = require("transformers")
+    common = dict(vocab_size=97, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, sliding_window=4)
+    models = {"gemma2-softcap": lambda: tf.Gemma2ForCausalLM(tf.Gemma2Config(**common))}
+    if hasattr(tf, "GptOssForCausalLM"):
+        def gpt_oss():
+            model = tf.GptOssForCausalLM(tf.GptOssConfig(**common, num_local_experts=4, num_experts_per_tok=2,
+                                                         layer_types=["sliding_attention", "full_attention"]))
+            with torch.no_grad():
+                for layer in model.model.layers:
+                    layer.self_attn.sinks.normal_(0, 2.0)
+            return model
+        models["gpt-oss-sinks"] = gpt_oss
+    return models
+
+
+@pytest.mark.hf
+@pytest.mark.parametrize("name", ["gemma2-softcap", "gpt-oss-sinks"])
+def test_eager_only_attention_falls_back_to_eager(name):
+    """Calls with softcap or sinks run the model's eager attention (with sdpa's mask made eager's),
+    counted, and give the stock model's logits, padded or not."""
+    models = eager_only_models()
+    if name not in models:
+        pytest.skip(f"{name}: not in this transformers")
+    torch.manual_seed(0)
+    stock = models[name]().eval()
+    fused = ff.torch.optimize(copy.deepcopy(stock), attention="fused")
+    ids = torch.randint(3, 97, (2, 9), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    with torch.inference_mode():
+        for kw in (dict(), dict(attention_mask=mask)):
+            want, got = stock(ids, **kw).logits, fused(ids, **kw).logits
+            real = kw.get("attention_mask", torch.ones_like(ids)).bool()
+            assert rel_err(got[real], want[real]) < 1e-5, kw
+    reasons = fused.fusedformer_report.stats.fallbacks
+    assert sum(reasons.values()) == 4 and all(r.startswith("unsupported argument") for r in reasons)
+
+
+@pytest.mark.hf
+def test_models_outside_the_attention_interface_are_not_claimed():
+    """A model whose attention transformers cannot reroute (Bloom) keeps it, with a warning,
+    and the report names no attention module; BERT's are counted once (the inner modules)."""
+    tf = require("transformers")
+    torch.manual_seed(0)
+    bloom = tf.BloomForCausalLM(tf.BloomConfig(vocab_size=97, hidden_size=64, n_layer=2, n_head=4)).eval()
+    with pytest.warns(UserWarning, match=r"\[optimize\] BloomForCausalLM does not route attention"):
+        ff.torch.optimize(bloom, attention="fused")
+    assert bloom.fusedformer_report.attention_modules == []
+    bert = tf.BertModel(tf.BertConfig(vocab_size=97, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                      intermediate_size=96)).eval()
+    ff.torch.optimize(bert, attention="fused")
+    assert bert.fusedformer_report.attention_modules == ["encoder.layer.0.attention.self", "encoder.layer.1.attention.self"]
+
+
+_FRESH_LOAD = """
+import sys, torch
+import fusedformer  # noqa: F401
+model = torch.load(sys.argv[1], weights_only=False)
+with torch.inference_mode():
+    got = model(torch.arange(1, 10)[None]).logits
+torch.testing.assert_close(got, torch.load(sys.argv[2]))
+print(model.fusedformer_report.stats.fused)
+"""
+
+
+@pytest.mark.hf
+def test_pickled_optimized_model_runs_in_a_fresh_process(tmp_path):
+    import subprocess
+    import sys
+
+    model = ff.torch.optimize(build("llama-gqa"), attention="fused", weights=ff.quant.Int8())
+    with torch.inference_mode():
+        want = model(torch.arange(1, 10)[None]).logits
+    torch.save(model, tmp_path / "model.pt")
+    torch.save(want, tmp_path / "want.pt")
+    out = subprocess.run([sys.executable, "-c", _FRESH_LOAD, str(tmp_path / "model.pt"), str(tmp_path / "want.pt")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert int(out.stdout.split()[-1]) > 0  # fused calls, counted in the loaded report
+
+
+@pytest.mark.hf
+def test_compile_fullgraph_of_an_optimized_model():
+    model = ff.torch.optimize(build("llama-gqa"), attention="fused")
+    ids = torch.arange(1, 10)[None]
+    with torch.inference_mode():
+        want = model(ids).logits
+        torch._dynamo.reset()
+        got = torch.compile(model, backend="eager", fullgraph=True)(ids).logits
+    torch.testing.assert_close(got, want)
+
+
 # ------------------------------------------------------------------ the real model
 
 
@@ -391,6 +487,19 @@ def test_casting_an_optimized_model_keeps_the_compressed_arrays():
             assert layer.w_scales.dtype == torch.float32 and layer.bias.dtype == dtype
             got = cast(x.to(dtype))
             assert got.dtype == dtype and rel_err(got.float(), want) < 0.03
+
+
+@pytest.mark.torch
+def test_patterns_of_skipped_layers_are_matched_and_skips_carried_over():
+    model = mlp()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "3.0" matched a layer: skipped, not a typo
+        ff.torch.optimize(model, attention=None, weights={"3.0": ff.quant.Int8(), "*": ff.quant.Int8()}, skip=("3",))
+    assert model.fusedformer_report.skipped == ["3.0"]
+    ff.torch.optimize(model, attention="fused")
+    assert model.fusedformer_report.skipped == ["3.0"]
+    ff.torch.optimize(model, attention=None, weights=ff.quant.Int8(), skip=())
+    assert model.fusedformer_report.skipped == [] and "3.0" in model.fusedformer_report.quantized
 
 
 @pytest.mark.torch

@@ -25,6 +25,11 @@ class OptimizeReport:
     tied: dict[str, str] = field(default_factory=dict)  # compressed layer -> a parameter sharing its dense weight
     stats: object = None
 
+    def close(self) -> None:
+        """At the end of a call: a layer an earlier call skipped and this one compressed is no
+        longer listed as skipped."""
+        self.skipped = [n for n in self.skipped if n not in self.quantized]
+
     def __str__(self) -> str:
         lines = [f"fusedformer.{self.framework}.optimize: attention={self.attention!r}, "
                  f"{len(self.attention_modules)} attention modules"]
@@ -56,6 +61,7 @@ def start_report(model, framework: str, attention, skipped, unmatched, stats=Non
         report.attention_modules = list(previous.attention_modules)
         report.quantized = dict(previous.quantized)
         report.tied = dict(previous.tied)
+        report.skipped = [n for n in previous.skipped if n not in skipped] + list(skipped)
         report.bytes_before, report.bytes_after = previous.bytes_before, previous.bytes_after
     return report
 
@@ -101,6 +107,7 @@ def plan_weights(linears, weights, skip, compressed=()):
     for name, module, shape in linears:
         if any(matches(name, s) for s in skip):
             skipped.append(name)
+            used.update(p for p, _ in rules if matches(name, p))  # (matched, and skipped: no typo to warn of)
             continue
         for pattern, scheme in rules:
             if matches(name, pattern):

@@ -70,6 +70,7 @@ def optimize(model: nn.Module, attention: str | None = "fused", weights=None, sk
         swapped.append((path, layer))
     if swapped:
         model.update_modules(tree_unflatten(swapped))
+    report.close()
     model.fusedformer_report = report
     return model
 

@@ -10,13 +10,18 @@ What transformers (5.x) passes to an attention function, and how it maps onto ff
   top-left causality, so the keys beyond Lq are dropped, as its own sdpa function does;
 - scaling: the softmax scale; dropout: applied only in training (then torch's function runs);
 - sliding_window: already in the mask, so it is not applied twice;
-- softcap, position_bias, attention sinks, paged caches: not supported: torch's function runs.
+- softcap, position_bias, attention sinks, paged caches: not supported. Calls the fused op
+  cannot serve run the model's own attention instead: the implementation it had before
+  optimize() (transformers' "sdpa", or its modeling file's eager_attention_forward where it was
+  "eager", as for models with softcapping or sinks), counted in the stats by reason.
 Returns (output [B, Lq, Hq, D] contiguous, None), as transformers expects.
 """
 
 from __future__ import annotations
 
 import inspect
+import sys
+import warnings
 
 import torch
 
@@ -66,10 +71,11 @@ def fusedformer_attention_forward(
         elif kwargs.get("output_attentions"):
             reason = "output_attentions"
     if reason is not None:
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
         stats.record(reason)
-        return sdpa_attention_forward(
+        fallback, eager = _fallback(module, kwargs)
+        if eager:  # (the mask transformers built for us is sdpa's: bool, or None for plain causal)
+            attention_mask = _eager_mask(query, key, attention_mask, is_causal, module)
+        return fallback(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
         )
 
@@ -81,6 +87,41 @@ def fusedformer_attention_forward(
     stats.record(None)
     out = fused_sdpa(query, key, value, attention_mask, causal=causal, scale=scaling)
     return out.transpose(1, 2).contiguous(), None
+
+
+_EAGER_ONLY_KWARGS = ("softcap", "s_aux", "sinks")  # what transformers' sdpa function cannot do
+
+
+def _fallback(module, kwargs):
+    """(function, whether it is eager) that a call the fused op cannot serve runs: the model's
+    own, as before optimize() (``module._fusedformer_fallback``): its modeling file's
+    eager_attention_forward where that was "eager" or the call needs what only eager computes
+    (softcap, sinks), else the registered implementation (transformers' "sdpa" by default)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    impl = getattr(module, "_fusedformer_fallback", "sdpa")
+    if impl == "eager" or any(kwargs.get(k) is not None for k in _EAGER_ONLY_KWARGS):
+        eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+        if eager is not None:
+            return eager, True
+    return (ALL_ATTENTION_FUNCTIONS[impl] if impl in ALL_ATTENTION_FUNCTIONS else ALL_ATTENTION_FUNCTIONS["sdpa"]), False
+
+
+def _eager_mask(query, key, attention_mask, is_causal, module):
+    """sdpa's mask as eager attention takes it: additive in the query's dtype (finfo.min where a
+    bool mask drops a key), and causality made explicit where sdpa's mask left it to is_causal
+    (None: top-left, as torch's is_causal)."""
+    if attention_mask is not None:
+        if attention_mask.dtype != torch.bool:
+            return attention_mask
+        low = torch.finfo(query.dtype).min
+        return torch.zeros(attention_mask.shape, dtype=query.dtype).masked_fill(~attention_mask, low)
+    lq, lk = query.shape[2], key.shape[2]
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    if not causal or lq == 1:
+        return None
+    keep = torch.ones(lq, lk, dtype=torch.bool).tril()
+    return torch.zeros(1, 1, lq, lk, dtype=query.dtype).masked_fill(~keep, torch.finfo(query.dtype).min)
 
 
 def register() -> None:
@@ -106,12 +147,22 @@ def is_hf_model(model) -> bool:
 
 def use_fused_attention(model, stats: AttentionStats) -> list[str]:
     """Sets "fusedformer" as the attention implementation of an HF model; returns the names of
-    the attention modules that will report to ``stats``."""
+    the attention modules that will report to ``stats`` (the innermost: BERT's BertSelfAttention,
+    not the BertAttention around it). A model whose attention does not go through transformers'
+    AttentionInterface (GPT-Neo, Bloom...) keeps its attention, with a warning, and none is named."""
     register()
+    previous = getattr(model.config, "_attn_implementation", None) or "sdpa"
+    if previous == NAME:  # (a second optimize(): the first one's fallback stays)
+        previous = getattr(model, "_fusedformer_fallback", "sdpa")
     model.set_attn_implementation(NAME)
-    names = []
-    for name, module in model.named_modules():
-        if hasattr(module, "is_causal") or type(module).__name__.endswith("Attention"):
-            module._fusedformer_stats = stats
-            names.append(name)
-    return names
+    if getattr(model.config, "_attn_implementation", None) != NAME:
+        warnings.warn(f"[optimize] {type(model).__name__} does not route attention through transformers' "
+                      "AttentionInterface: its attention stays as it is, not fused", stacklevel=3)
+        return []
+    model._fusedformer_fallback = previous
+    found = [(name, module) for name, module in model.named_modules()
+             if hasattr(module, "is_causal") or type(module).__name__.endswith("Attention")]
+    for _, module in found:
+        module._fusedformer_stats = stats
+        module._fusedformer_fallback = previous
+    return [name for name, _ in found if not any(other.startswith(name + ".") for other, _ in found)]

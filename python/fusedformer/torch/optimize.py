@@ -120,5 +120,6 @@ def optimize(model: nn.Module, attention: str | None = "fused", weights=None, sk
             report.bytes_after += q.weight_nbytes
             report.quantized[name] = repr(scheme)
             _set_submodule(model, name, q)
+    report.close()
     model.fusedformer_report = report
     return model

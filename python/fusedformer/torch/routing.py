@@ -11,6 +11,7 @@ K/V broadcast over the batch...) runs torch's own op instead and is counted unde
 from __future__ import annotations
 
 import collections
+import sys
 import threading
 
 import torch
@@ -35,8 +36,16 @@ class AttentionStats:
     def __setstate__(self, state):
         self.__init__()
         self.fused, self.fallbacks = state["fused"], collections.Counter(state["fallbacks"])
+        if "transformers" in sys.modules:  # an optimized HF model loaded in a fresh process needs
+            from fusedformer.torch import hf  # its attention function registered again
+
+            hf.register()
 
     def record(self, reason: str | None) -> None:
+        """Counts one call (calls inside a torch.compile / export graph are not counted: the
+        graph runs no Python, and a lock would break it)."""
+        if torch.compiler.is_compiling():
+            return
         with self._lock:
             if reason is None:
                 self.fused += 1
