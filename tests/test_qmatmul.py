@@ -28,7 +28,9 @@ SCHEMES = [
     Prune(n_m=(2, 4), then=Palettize(2, "per_grouped_channel", 7)),
 ]
 N, K = 77, 256  # odd N, several K chunks of the GEMV decode (and a partial GEMM panel)
-TOL = {"float32": 2e-6, "float16": 2e-3, "bfloat16": 1.6e-2}
+# Error / (sum |x| max |W|) against the float64 product of the rounded x: the output's rounding
+# (at most 2^-11 or 2^-9 of |y| <= that scale) and fp32 accumulation.
+TOL = {"float32": 2e-6, "float16": 6e-4, "bfloat16": 2e-3}
 
 
 @functools.lru_cache(maxsize=None)

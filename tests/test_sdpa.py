@@ -571,6 +571,15 @@ def _non_finite_case(rng, case, shape, dtype):
         mask[lq // 2] = False
         q[0, 1, lq // 2, 0] = np.nan
         opts = {}
+    elif case == "nan-v-causal":  # a NaN value the later rows keep: NaN in its column there only,
+        v[0, 0, j, 5] = np.nan  # not in the earlier rows of the same tiles (their p = 0)
+    elif case == "non-finite-masked-tail":  # a KV cache's unused tail holding anything, masked: read by no row
+        mask = np.ones((lq, lk), bool)
+        mask[:, lk - 5:] = False
+        k[0, :, lk - 5:] = np.nan
+        v[0, :, lk - 5:] = np.inf
+        v[0, :, lk - 3:, 1] = np.nan
+        opts = {}
     elif case == "nan-v-masked-row":  # a NaN value: NaN where kept; a fully masked row of the
         mask = np.ones((hq, lq, lk), bool)  # same kv head still 0 (its P V may have run over the
         mask[1, lq // 2] = False  # NaN with p = 0)
@@ -584,7 +593,8 @@ def _non_finite_case(rng, case, shape, dtype):
 
 # (fp16 inputs cannot reach fp32's overflow: 65504^2 D is far below it)
 NON_FINITE_CASES = [(case, dtype) for case in ("nan-q", "nan-k", "nan-k-masked-after", "inf-q", "overflow",
-                                               "overflow-one-chunk", "nan-q-masked-row", "nan-v-masked-row")
+                                               "overflow-one-chunk", "nan-q-masked-row", "nan-v-masked-row",
+                                               "nan-v-causal", "non-finite-masked-tail")
                     for dtype in ("float32", "float16", "bfloat16")
                     if not (dtype == "float16" and case.startswith("overflow"))]
 
@@ -605,12 +615,13 @@ def test_non_finite_rows_match_reference(rng, isa, threads, case, shape, dtype):
     tmask = None if mask is None else torch.from_numpy(mask)
     before = [x.clone() for x in (tq, tk, tv)]
     out, lse = ff.sdpa(tq, tk, tv, mask=tmask, return_lse=True, **opts)
-    for x, y in zip((tq, tk, tv), before):
-        assert torch.equal(x, y) or torch.equal(x.isnan(), y.isnan())
+    for x, y in zip((tq, tk, tv), before):  # unmodified, bit for bit (NaN where NaN was)
+        torch.testing.assert_close(x, y, rtol=0, atol=0, equal_nan=True)
     out, lse = out.double().numpy(), lse.double().numpy()
     ref_out, ref_lse = reference.sdpa(q, k, v, mask=mask, return_lse=True, **opts)
     nan_rows = np.isnan(ref_out).any(-1)
-    assert nan_rows.any() == (case in ("nan-q", "nan-k", "nan-k-masked-after", "inf-q", "nan-v-masked-row"))
+    assert nan_rows.any() == (case in ("nan-q", "nan-k", "nan-k-masked-after", "inf-q", "nan-v-masked-row",
+                                       "nan-v-causal"))
     np.testing.assert_array_equal(np.isnan(out), np.isnan(ref_out))  # (whole rows, or v's column)
     np.testing.assert_array_equal(np.isnan(lse), np.isnan(ref_lse))
     live = ~nan_rows

@@ -175,6 +175,33 @@ def test_bf16_decode_within_rounding(torch, isa, threads, shape, opts):
     assert excess.max() <= 0, (excess.max(), np.unravel_index(excess.argmax(), excess.shape))
 
 
+TAIL_SHAPES = [(1, 8, 2, 1, 333, 64), (1, 2, 2, 1, 259, 96), (1, 16, 2, 1, 1500, 128), (1, 7, 1, 1, 2049, 59),
+               (1, 4, 2, 40, 300, 64), (1, 4, 4, 33, 129, 80)]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("tail", [1, 7])
+@pytest.mark.parametrize("shape", TAIL_SHAPES, ids=str)
+def test_last_keys_carry_the_answer(torch, isa, shape, tail, dtype):
+    """The last `tail` keys dominate every row (their keys point along the group's query, their
+    scores ~20 above the rest), so a kernel that dropped or misread the keys past its last whole
+    tile, block or vector step would be off by O(1), far past any dtype's rounding bound."""
+    b, hq, hkv, lq, lk, d = shape
+    dt = getattr(torch, dtype)
+    q, k, v = qkv(torch, *shape, torch.float32, seed=tail)
+    group = hq // hkv
+    head_q = q[:, ::group, -1:]  # one query per kv head, for each of its heads and rows
+    q = head_q.repeat_interleave(group, 1).expand(b, hq, lq, d).contiguous()
+    k[:, :, lk - tail:] = head_q * (20 * d**0.5 / head_q.norm(dim=-1, keepdim=True) ** 2)  # scores of 20
+    q, k, v = (t.to(dt) for t in (q, k, v))
+    out = ff.sdpa(q, k, v).float().numpy()
+    ref = ref_of(q, k, v)
+    tail_mean = np.repeat(v.float().numpy()[:, :, lk - tail:].mean(axis=2, keepdims=True), group, axis=1)
+    assert np.abs(ref - tail_mean).max() < 0.05  # (the setup does what it says: the tail is the answer)
+    tol = {"float32": 2e-5, "float16": 4e-3, "bfloat16": 3e-2}[dtype]
+    np.testing.assert_allclose(out, ref, atol=tol, rtol=0)
+
+
 @pytest.mark.parametrize("chunk", [192, 256])
 def test_bf16_prefill_split_keys(torch, isa, chunk):
     """Key chunks on bf16 prefill blocks: aligned to the AMX key tile (packed once per call) or

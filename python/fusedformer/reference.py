@@ -36,7 +36,9 @@ def sdpa(q, k, v, *, mask=None, causal=False, scale=None, window=None, return_ls
     or additive float. A key is masked by causal/window, a False in a bool mask, or a score of
     -inf (an additive -inf); fully masked rows give 0 and lse = -inf, whatever v holds. A NaN
     or +inf among a row's kept scores (from a NaN or inf in its inputs) makes that row NaN, as
-    IEEE arithmetic has it; finite float32 inputs never overflow float64 here. Returns float64
+    IEEE arithmetic has it, and so does a NaN or inf in the v of a key the row keeps (in those
+    columns: p * inf, 0 * inf); what a row does not keep it does not read (a KV cache's unused
+    tail may hold anything). Finite float32 inputs never overflow float64 here. Returns float64
     arrays: out [B, Hq, Lq, Dv] (and lse [B, Hq, Lq] if ``return_lse``).
     """
     q, k, v = (np.asarray(t, dtype=np.float64) for t in (q, k, v))
@@ -61,8 +63,15 @@ def sdpa(q, k, v, *, mask=None, causal=False, scale=None, window=None, return_ls
     with np.errstate(invalid="ignore"):  # inf - inf: a +inf score makes its row NaN
         p = np.where(allowed, np.exp(s - np.where(dead, 0.0, m)), 0.0)
     denom = p.sum(axis=-1, keepdims=True)
-    with np.errstate(invalid="ignore"):  # (0 p times a non-finite v)
-        out = np.where(dead, 0.0, np.einsum("bhij,bhjd->bhid", p / np.where(dead, 1.0, denom), v))
+    with np.errstate(invalid="ignore"):  # (a NaN row's p)
+        p = p / np.where(dead, 1.0, denom)
+    finite = np.isfinite(v)
+    out = np.einsum("bhij,bhjd->bhid", p, np.where(finite, v, 0.0))
+    with np.errstate(invalid="ignore"):  # the non-finite v of kept keys, as IEEE multiplies and adds them
+        for bb, hh, j in zip(*np.nonzero(~finite.all(axis=-1))):
+            rows = allowed[bb, hh, :, j]
+            out[bb, hh, rows] += p[bb, hh, rows, j][:, None] * np.where(finite[bb, hh, j], 0.0, v[bb, hh, j])
+    out = np.where(dead, 0.0, out)
     if not return_lse:
         return out
     with np.errstate(divide="ignore", invalid="ignore"):

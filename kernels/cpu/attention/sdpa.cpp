@@ -903,9 +903,21 @@ void write_exact_row(const SdpaParams& p, int64_t b, int64_t h, int64_t i) {
         nan ? fill : l > 0.0 ? static_cast<float>(m + std::log(l)) : kNegInf;
 }
 
+// Whether the n floats at o (padded to whole vectors) are all finite: o * 0 is NaN exactly
+// where o is not.
+inline bool all_finite(const float* o, int64_t n) {
+  f32x8 acc = simd::zero();
+  for (int64_t x = 0; x < n; x += 8) acc = simd::fmadd(simd::load(o + x), simd::zero(), acc);
+  return simd::reduce_add(acc) == 0.0f;
+}
+
 // out[b, h, i] = o / l, lse = ln2 m + log l. A row with no finite score (l = 0, m = -inf: fully
 // masked; a NaN score would have made l NaN) gets 0 and lse -inf, whatever o holds (0 p times a
-// non-finite V); rows past fp32 (m or l not finite) take write_exact_row. With `stream`
+// non-finite V); rows past fp32 (m or l not finite) take write_exact_row, and so do rows whose
+// o is not finite: a NaN or inf in the V of a key the row keeps (write_exact_row gives its NaN
+// columns), or of a key it masks, which the tiles' P V multiplied by p = 0 (a strip's rows run
+// to the strip's last key; a KV cache's unused tail may hold anything): the row reads only
+// its kept keys there. With `stream`
 // (Problem::stream_out), rows of whole 32-byte blocks on a 16-byte boundary leave through
 // streaming stores (simd::stream, stream_copy).
 template <DType T>
@@ -919,7 +931,7 @@ void write_row(const SdpaParams& p, bool stream, int64_t b, int64_t h, int64_t i
     if (p.lse) p.lse[(b * p.q_heads + h) * p.q_len + i] = kNegInf;
     return;
   }
-  if (!(l < kInf && m > kNegInf && m < kInf)) {  // (false for NaN too)
+  if (!(l < kInf && m > kNegInf && m < kInf) || !all_finite(o, p.head_dim)) {  // (false for NaN too)
     write_exact_row<T>(p, b, h, i);
     return;
   }
