@@ -142,13 +142,13 @@ enum EagerDType { kF32 = 0, kF16 = 1, kBF16 = 2, kBool = 3, kOther = -1 };
 // Torch: the tensor type, empty_like and the dtypes, read once (leaked: they live as long as
 // the interpreter's torch module; torch is imported by then, as the caller holds its tensors).
 struct TorchFramework {
-  py::object tensor_type, empty_like_fn, empty_fn, f32, f16, bf16, boolean, strided;
+  py::object tensor_type, empty_like_fn, empty_fn, f32, f16, bf16, boolean;
 
   static const TorchFramework& get() {
     static const TorchFramework* fw = [] {
       py::module_ t = py::module_::import("torch");
       return new TorchFramework{t.attr("Tensor"), t.attr("empty_like"), t.attr("empty"), t.attr("float32"),
-                                t.attr("float16"), t.attr("bfloat16"), t.attr("bool"), t.attr("strided")};
+                                t.attr("float16"), t.attr("bfloat16"), t.attr("bool")};
     }();
     return *fw;
   }
@@ -158,7 +158,6 @@ struct TorchFramework {
   bool view(py::handle t, View<4>* v, int* dtype, int fewer = 0) const {
     if (Py_TYPE(t.ptr()) != reinterpret_cast<PyTypeObject*>(tensor_type.ptr())) return false;
     if (t.attr("requires_grad").cast<bool>() || !t.attr("is_cpu").cast<bool>()) return false;
-    if (!py::object(t.attr("layout")).is(strided)) return false;
     const py::object dt = t.attr("dtype");
     *dtype = dt.is(f32) ? kF32 : dt.is(f16) ? kF16 : dt.is(bf16) ? kBF16 : dt.is(boolean) ? kBool : kOther;
     const py::object shape = t.attr("shape"), strides = t.attr("stride")();
@@ -170,7 +169,11 @@ struct TorchFramework {
       v->shape[i] = at < 0 ? 1 : PyLong_AsLongLong(PyTuple_GET_ITEM(shape.ptr(), at));
       v->strides[i] = at < 0 ? 0 : PyLong_AsLongLong(PyTuple_GET_ITEM(strides.ptr(), at));
     }
-    v->ptr = t.attr("data_ptr")().cast<uintptr_t>();
+    try {  // (sparse and mkldnn tensors have no data pointer: the general path names them)
+      v->ptr = t.attr("data_ptr")().cast<uintptr_t>();
+    } catch (const py::error_already_set&) {
+      return false;
+    }
     return true;
   }
   py::object empty_like(py::handle q) const { return empty_like_fn(q); }
