@@ -169,3 +169,18 @@ def test_model_variant_names_survive_the_comma_separated_option():
     from fusedformer.bench.model import VARIANTS
 
     assert [n.strip() for n in ",".join(VARIANTS).split(",")] == list(VARIANTS)
+
+
+def test_a_ratio_the_area_measured_is_kept():
+    """bench model's ratios are against the baseline's samples of the same rounds: given to
+    Report.add, they stay (later rows do not recompute them from the medians) and say so."""
+    from fusedformer.bench.harness import Timing
+    from fusedformer.bench.report import Report
+
+    rep = Report("model", description="test")
+    t = lambda ms: Timing(median_ms=ms, min_ms=ms, max_ms=ms, runs=3)  # noqa: E731
+    rep.add(case="c", impl="stock", timing=t(10.0))
+    given = rep.add(case="c", impl="fast", timing=t(5.0), baseline="stock", ratio=0.61)
+    pooled = rep.add(case="c", impl="other", timing=t(4.0), baseline="stock")
+    assert given.ratio == 0.61 and "same rounds" in given.extra["ratio_of"]
+    assert pooled.ratio == 0.4 and "ratio_of" not in pooled.extra

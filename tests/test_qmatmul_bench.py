@@ -33,6 +33,9 @@ def test_bench_qmatmul_shares_refer_to_the_read_probe_of_their_rounds(monkeypatc
             assert r.pct_bandwidth == pytest.approx(100 * r.gbs / read.gbs, rel=2e-2, abs=slack), r.impl
             assert r.ratio is not None or r.impl == "torch fp32"
         assert (rows["torch _weight_int8pack_mm"].runs == 1) == case.startswith("65x")
+        for impl, dtype in (("torch bf16", "bfloat16"), ("torch fp32", "float32")):  # % peak of its own ceiling
+            r = rows[impl]
+            assert r.pct_peak == pytest.approx(100 * r.gflops / rep.peak_for(dtype), rel=1e-2, abs=0.06), impl
     assert rep.references == {harness.READ_PROBE}
     rep.finish(tmp_path, plot=False)
     assert (tmp_path / "qmatmul.json").exists()

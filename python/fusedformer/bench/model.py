@@ -118,7 +118,7 @@ class VariantModel:
         return {
             "model_bytes": self.model_bytes,
             "streamed_bytes": self.streamed_bytes,
-            "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024),  # (bytes on macOS, KiB on Linux)
             "attention_calls": None if report is None
             else {"fused": report.stats.fused, "fallbacks": dict(report.stats.fallbacks)},
         }
@@ -274,8 +274,10 @@ def run(args) -> Report:
             note = f"fallbacks: {r['attention_calls']['fallbacks']}"
         prefill, decode = _timing(samples["prefill"]), _timing(samples["decode"])
         paired = samples.get("paired")
-        pair_p = dict(paired_ratio=prefill.median_ms / _timing(paired["prefill"]).median_ms) if paired else {}
-        pair_d = dict(paired_ratio=decode.median_ms / _timing(paired["decode"]).median_ms) if paired else {}
+        # ratios against the baseline's samples of the same rounds (the pooled baseline median
+        # mixes every variant's minutes: on a drifting machine it reordered variants)
+        pair_p = dict(ratio=prefill.median_ms / _timing(paired["prefill"]).median_ms) if paired else {}
+        pair_d = dict(ratio=decode.median_ms / _timing(paired["decode"]).median_ms) if paired else {}
         rep.add(case=case_p, impl=name, timing=prefill, baseline=BASELINE if base else None, note=note,
                 tokens_per_s=prompt / (prefill.median_ms / 1e3), **extra, **pair_p)
         rep.add(case=case_d, impl=name, timing=decode, baseline=BASELINE if base else None,

@@ -198,8 +198,9 @@ def run(args) -> Report:
         bandwidth = probe.gbs(read)
         for impl, timing in timings.items():
             c = contenders[impl]
+            peak = rep.peak_for("bfloat16") if impl == "torch bf16" else None  # (bf16 products: their own ceiling)
             rep.add(case=case, impl=impl, timing=timing, flops=flops, bytes=c.nbytes, baseline=BASELINE,
-                    note=c.note, bandwidth_gbs=bandwidth, **c.figures)
+                    note=c.note, bandwidth_gbs=bandwidth, peak_gflops=peak, **c.figures)
         rep.add(case=case, impl=READ_PROBE, timing=read, bytes=probe.nbytes, bandwidth_gbs=bandwidth,
                 note="streaming read timed in the same rounds: the GB/s this case's % BW refers to")
         del contenders, timings

@@ -105,13 +105,16 @@ class Report:
         note: str = "",
         peak_gflops: float | None = None,
         bandwidth_gbs: float | None = None,
+        ratio: float | None = None,
         **extra,
     ) -> Row:
         """Adds a timed row. ``flops``/``bytes`` are the work of one call (GFLOP/s and GB/s are
         derived); ``baseline`` names the impl of the same case this row is compared with;
         ``peak_gflops`` is the ceiling % peak refers to (default: the fp32 FMA peak), and
         ``bandwidth_gbs`` the one % BW refers to (default: the read bandwidth measured at the
-        start of the run); ``extra`` holds further figures (tokens_per_s=..., model_mb=...)."""
+        start of the run); ``ratio``, where given, is this row's ratio to the baseline as the
+        area measured it (bench model: against the baseline's samples of the same rounds) instead
+        of the medians' quotient; ``extra`` holds further figures (tokens_per_s=..., model_mb=...)."""
         peak = peak_gflops or self.peak_gflops
         bandwidth = bandwidth_gbs or self.bandwidth_gbs
         sec = timing.median_ms / 1e3
@@ -132,6 +135,9 @@ class Report:
             note=note,
             extra={k: (_round(v, 4) if isinstance(v, float) else v) for k, v in extra.items()},
         )
+        if ratio is not None:
+            row.extra["ratio_of"] = "the baseline's samples of the same rounds"
+            row.ratio = _round(ratio, 4)
         self.rows.append(row)
         self._update_ratios()
         return row
@@ -139,6 +145,8 @@ class Report:
     def _update_ratios(self) -> None:
         by_key = {(r.case, r.impl): r for r in self.rows}
         for r in self.rows:
+            if "ratio_of" in r.extra:  # (given by the area)
+                continue
             base = by_key.get((r.case, r.baseline)) if r.baseline else None
             r.ratio = _round(r.median_ms / base.median_ms, 4) if base and base.median_ms > 0 else None
 
