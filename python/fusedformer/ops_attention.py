@@ -41,13 +41,18 @@ def _dtype_name(x) -> str:
     return str(dt).rsplit(".", 1)[-1]
 
 
+def _check_dense(name, t) -> None:
+    """TypeError for torch's sparse and mkldnn tensors, which have no strides to read."""
+    layout = getattr(t, "layout", None)
+    if layout is not None and str(layout) != "torch.strided":
+        raise TypeError(f"[sdpa] {name} must be a dense (strided) tensor, got layout {layout}")
+
+
 def _shape4(name, t) -> tuple:
     """t's shape as 4 ints; TypeError/ValueError naming the argument otherwise."""
     if not hasattr(t, "shape") or not hasattr(t, "dtype"):
         raise TypeError(f"[sdpa] {name} must be an array or tensor, got {type(t).__name__}")
-    layout = getattr(t, "layout", None)  # (torch: sparse and mkldnn tensors have no strides)
-    if layout is not None and str(layout) != "torch.strided":
-        raise TypeError(f"[sdpa] {name} must be a dense (strided) tensor, got layout {layout}")
+    _check_dense(name, t)
     shape = tuple(t.shape)  # (not int(): symbolic sizes under torch.export would specialize)
     if len(shape) != 4:
         kind = "[B, Hq, Lq, D]" if name == "q" else "[B, Hkv, Lk, D]"
@@ -97,9 +102,7 @@ def _check_mask(mask, target):
     if mname != "bool" and not mname.startswith(("float", "bfloat")):
         order = " in the machine's byte order" if isinstance(mask.dtype, np.dtype) and not mask.dtype.isnative else ""
         raise TypeError(f"[sdpa] mask must be bool (True = keep) or floating (additive){order}, got {mname}")
-    layout = getattr(mask, "layout", None)
-    if layout is not None and str(layout) != "torch.strided":
-        raise TypeError(f"[sdpa] mask must be a dense (strided) tensor, got layout {layout}")
+    _check_dense("mask", mask)
     shape = tuple(mask.shape)
     if len(shape) > 4 or any(m not in (1, t) for m, t in zip(shape[::-1], target[::-1])):
         raise ValueError(f"[sdpa] mask of shape {shape} is not broadcastable to [B, Hq, Lq, Lk] = {target}")

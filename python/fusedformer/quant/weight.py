@@ -73,10 +73,9 @@ def _stream_bytes(count: int, bits: int) -> int:
     return (count * bits + 7) // 8
 
 
-def _expected_shapes(scheme, shape, arrays) -> dict[str, tuple[int, ...]]:
+def _expected_shapes(scheme, shape, nnz: int | None) -> dict[str, tuple[int, ...]]:
     """The shape each canonical array must have for a weight of ``shape`` [N, K] (Prune: its
-    streams' lengths follow the mask's set bits, read from ``arrays["mask"]`` once its shape is
-    right)."""
+    streams' lengths follow ``nnz``, the mask's set bits; the mask's alone where that is None)."""
     n, k = shape
     if isinstance(scheme, Affine):
         groups = k // scheme.group_size
@@ -86,10 +85,8 @@ def _expected_shapes(scheme, shape, arrays) -> dict[str, tuple[int, ...]]:
     if isinstance(scheme, Palettize):
         return {"indices": (n, _stream_bytes(k, scheme.bits)), "lut": (_lut_groups(scheme, n), 1 << scheme.bits)}
     out = {"mask": (n, k // 8)}
-    mask = arrays["mask"]
-    if mask.shape != out["mask"]:
+    if nnz is None:
         return out
-    nnz = int(_POPCOUNT8[mask.view(np.uint8)].sum(dtype=np.int64))
     inner = scheme.then
     if inner is None:
         out["values"] = (nnz,)
@@ -115,13 +112,16 @@ class QuantizedWeight:
         if missing:
             _fail(f"{type(scheme).__name__} weight is missing arrays {missing}")
         self.arrays = {n: _as_dtype(n, np.ascontiguousarray(arrays[n]), _dtypes(scheme)[n]) for n in names}
+        self._row_offsets = None
         check_compressible(self.shape, scheme)
-        for name, want in _expected_shapes(scheme, self.shape, self.arrays).items():
+        nnz = None  # (Prune: the survivors the mask counts, once its shape is right; row_offsets keeps them)
+        if isinstance(scheme, Prune) and self.arrays["mask"].shape == (self.shape[0], self.shape[1] // 8):
+            nnz = int(self.row_offsets()[-1])
+        for name, want in _expected_shapes(scheme, self.shape, nnz).items():
             got = self.arrays[name].shape if name in self.arrays else want
             if got != want:
                 _fail(f"array {name!r} has shape {list(got)}; a {list(self.shape)} weight of {scheme} "
                       f"takes {list(want)}")
-        self._row_offsets = None
 
     # -- views -------------------------------------------------------------------------
     @property

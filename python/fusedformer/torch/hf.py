@@ -115,13 +115,13 @@ def _eager_mask(query, key, attention_mask, is_causal, module):
         if attention_mask.dtype != torch.bool:
             return attention_mask
         low = torch.finfo(query.dtype).min
-        return torch.zeros(attention_mask.shape, dtype=query.dtype).masked_fill(~attention_mask, low)
+        return torch.zeros(attention_mask.shape, dtype=query.dtype, device=query.device).masked_fill(~attention_mask, low)
     lq, lk = query.shape[2], key.shape[2]
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     if not causal or lq == 1:
         return None
-    keep = torch.ones(lq, lk, dtype=torch.bool).tril()
-    return torch.zeros(1, 1, lq, lk, dtype=query.dtype).masked_fill(~keep, torch.finfo(query.dtype).min)
+    keep = torch.ones(lq, lk, dtype=torch.bool, device=query.device).tril()
+    return torch.zeros(1, 1, lq, lk, dtype=query.dtype, device=query.device).masked_fill(~keep, torch.finfo(query.dtype).min)
 
 
 def register() -> None:
