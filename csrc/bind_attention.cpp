@@ -160,7 +160,14 @@ struct TorchFramework {
     if (t.attr("requires_grad").cast<bool>() || !t.attr("is_cpu").cast<bool>()) return false;
     const py::object dt = t.attr("dtype");
     *dtype = dt.is(f32) ? kF32 : dt.is(f16) ? kF16 : dt.is(bf16) ? kBF16 : dt.is(boolean) ? kBool : kOther;
-    const py::object shape = t.attr("shape"), strides = t.attr("stride")();
+    py::object shape, strides;
+    try {  // (sparse and mkldnn tensors have no strides or no data pointer: the general path names them)
+      shape = t.attr("shape");
+      strides = t.attr("stride")();
+      v->ptr = t.attr("data_ptr")().cast<uintptr_t>();
+    } catch (const py::error_already_set&) {
+      return false;
+    }
     if (!PyTuple_Check(shape.ptr()) || !PyTuple_Check(strides.ptr())) return false;
     const int nd = static_cast<int>(PyTuple_GET_SIZE(shape.ptr()));
     if (nd > 4 || nd < 4 - fewer) return false;
@@ -168,11 +175,6 @@ struct TorchFramework {
       const int at = i - (4 - nd);
       v->shape[i] = at < 0 ? 1 : PyLong_AsLongLong(PyTuple_GET_ITEM(shape.ptr(), at));
       v->strides[i] = at < 0 ? 0 : PyLong_AsLongLong(PyTuple_GET_ITEM(strides.ptr(), at));
-    }
-    try {  // (sparse and mkldnn tensors have no data pointer: the general path names them)
-      v->ptr = t.attr("data_ptr")().cast<uintptr_t>();
-    } catch (const py::error_already_set&) {
-      return false;
     }
     return true;
   }

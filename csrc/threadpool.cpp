@@ -318,7 +318,7 @@ std::atomic<bool> g_forked{false};
 #ifdef __linux__
 void forget_parents_pool() {  // (the child has one thread: nothing else reads these now)
   g_forked.store(true, std::memory_order_relaxed);
-  g_child_pool_size = g_pool ? g_pool->size() : 0;
+  if (g_pool) g_child_pool_size = g_pool->size();  // (else the size this process inherited stays)
   new (&g_pool_mutex) std::mutex();
   new (&g_pool) std::shared_ptr<ThreadPool>();  // the parent's pool is leaked, never joined
 }

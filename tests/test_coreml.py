@@ -161,6 +161,13 @@ def test_flexible_length_window_matches_reference(options, rng, tmp_path):
         np.testing.assert_allclose(out, reference.sdpa(q, k, v, **options), atol=2e-5, rtol=1e-5)
 
 
+def test_package_path_takes_a_trailing_slash(tmp_path):
+    from fusedformer.coreml.export import package_path
+
+    for given in (tmp_path / "m.mlpackage", f"{tmp_path / 'm.mlpackage'}/", tmp_path / "m", f"{tmp_path / 'm'}/"):
+        assert package_path(given) == str(tmp_path / "m.mlpackage"), given
+
+
 def test_export_path_never_replaces_anything_but_a_package(decoder, tmp_path):
     """A path without the suffix gets it (and package_path says so); an existing package is
     replaced; a directory or file that is not one is refused before any work, and left alone."""

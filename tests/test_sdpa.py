@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -516,6 +518,49 @@ def test_broadcast_q_gets_a_contiguous_output(rng, rows):
     out = ff.sdpa(q, k, v, causal=True)
     assert out.flags.c_contiguous
     check(out, None, q, k, v, causal=True)
+
+
+_CACHE_GC = """
+import gc, sys
+import numpy as np
+import fusedformer as ff
+q = np.random.default_rng(0).standard_normal((1, 8, 512, 256)).astype(np.float32)  # 4 MiB outputs: cached
+a, b = ff.sdpa(q, q, q), ff.sdpa(q, q, q)
+gc.disable(); gc.collect()
+cycle = [a]; cycle.append(cycle); del a, cycle  # `a` waits for the collector
+gc.set_threshold(int(sys.argv[1])); gc.enable()
+del b  # a collection may start inside the cache's locked section and release `a` there
+ff.set_cache_limit(1 << 30)
+print(ff.get_cache_memory())
+"""
+
+
+def test_output_cache_survives_collections_inside_its_lock():
+    """An output freed by a garbage collection that starts inside the cache's locked section (its
+    finalizer gives the memory back on the same thread) does not deadlock (a non-reentrant lock
+    did): whatever collection threshold places it there."""
+    import subprocess
+    import sys
+
+    for threshold in range(3, 9):
+        out = subprocess.run([sys.executable, "-c", _CACHE_GC, str(threshold)], capture_output=True, text=True,
+                             timeout=120)
+        assert out.returncode == 0, (threshold, out.stderr[-2000:])
+
+
+def test_output_cache_limit_zero_keeps_nothing():
+    """Outputs released after set_cache_limit(0) go back to the system (none wait to be filed)."""
+    from fusedformer import ops_attention
+
+    q = np.random.default_rng(0).standard_normal((1, 8, 1024, 128)).astype(np.float32)  # 4 MiB: cached
+    outs = [ff.sdpa(q, q, q) for _ in range(3)]
+    before = ff.set_cache_limit(0)
+    try:
+        del outs
+        gc.collect()
+        assert ff.get_cache_memory() == 0 and not ops_attention._OUTPUT_CACHE.returned
+    finally:
+        ff.set_cache_limit(before)
 
 
 def test_inputs_unmodified(rng, isa):

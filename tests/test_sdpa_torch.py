@@ -299,11 +299,12 @@ def test_finfo_min_mask_as_torch(torch, isa, dtype):
 
 def test_sparse_and_mkldnn_tensors_rejected(torch):
     q, k, v = qkv(torch, 1, 2, 2, 3, 4, 8, torch.float32)
-    for bad in (q.to_sparse(), q.to_mkldnn()):
+    for bad in (q.to_sparse(), q.to_mkldnn(), q.to_sparse_csr()):
         with pytest.raises(TypeError, match=r"^\[sdpa\] q must be a dense \(strided\) tensor, got layout"):
             ff.sdpa(bad, k, v)
-    with pytest.raises(TypeError, match=r"^\[sdpa\] mask must be a dense \(strided\) tensor"):
-        ff.sdpa(q, k, v, mask=torch.ones(3, 4).to_sparse())
+    for bad in (torch.ones(3, 4).to_sparse(), torch.ones(3, 4).to_sparse_csr()):
+        with pytest.raises(TypeError, match=r"^\[sdpa\] mask must be a dense \(strided\) tensor"):
+            ff.sdpa(q, k, v, mask=bad)
 
 
 def test_framework_mix_rejected(torch):

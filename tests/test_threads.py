@@ -262,6 +262,28 @@ def test_forked_children_get_a_pool_of_their_own():
     assert out.stdout.split("\n")[0] == str([0] * 6), out.stdout
 
 
+_GRANDCHILD = """
+import os
+from fusedformer import _C
+_C.set_num_threads(1)  # before starting workers, as multiprocessing users do
+pid = os.fork()
+if pid == 0:  # a child that never used the pool forks again at once
+    grand = os.fork()
+    if grand == 0:
+        os._exit(0 if _C.num_threads() == 1 else 3)
+    _, status = os.waitpid(grand, 0)
+    os._exit(os.waitstatus_to_exitcode(status))
+_, status = os.waitpid(pid, 0)
+print(os.waitstatus_to_exitcode(status))
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+def test_grandchildren_keep_the_thread_count():
+    out = subprocess.run([sys.executable, "-c", _GRANDCHILD], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "0", (out.stdout, out.stderr)
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_AS as Linux applies it")
 def test_threads_the_system_refuses_raise():
     """A pool the system cannot start (its address space too small for the stacks) raises a named

@@ -319,7 +319,12 @@ class _OutputCache:
         return buf
 
     def give_back(self, buf) -> None:
-        self.returned.append(buf)  # (no lock: see __init__; deque.append is atomic)
+        self.returned.append(buf)  # (no blocking on the lock: see __init__; deque.append is atomic)
+        if self.lock.acquire(blocking=False):  # filed now, unless this thread (or another) holds it
+            try:
+                self._settle()
+            finally:
+                self.lock.release()
 
     def clear(self) -> None:
         """Frees the kept memory (memory lent to live outputs stays theirs)."""

@@ -186,7 +186,7 @@ def package_path(path) -> str:
     """The package ``path`` names: with the ``.mlpackage`` suffix coremltools adds where it is
     missing. A ValueError where something other than a Core ML package (a directory holding a
     Manifest.json) is there already: export replaces an earlier package, never anything else."""
-    path = os.fspath(path)
+    path = os.fspath(path).rstrip(os.sep) or os.sep  # (a shell's completion of a package ends in /)
     if not path.endswith(".mlpackage"):
         path += ".mlpackage"
     if os.path.lexists(path) and not (os.path.isdir(path) and os.path.isfile(os.path.join(path, "Manifest.json"))):
