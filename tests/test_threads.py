@@ -232,7 +232,8 @@ for i in range(6):
     time.sleep(0.01)
     pid = os.fork()
     if pid == 0:  # the child: its own pool of the parent's size, resizable, same results
-        ok = _C.num_threads() == 2 and len(set(_C._pool_trace(64, 1))) == 2
+        # (its worker exists: it joins some job; a busy machine may let the caller finish a few alone)
+        ok = _C.num_threads() == 2 and any(len(set(_C._pool_trace(2000, 10))) == 2 for _ in range(200))
         ok = ok and np.array_equal(ff.sdpa(q, q, q, causal=True), want)
         _C.set_num_threads(1)
         ok = ok and _C.num_threads() == 1 and np.array_equal(ff.sdpa(q, q, q, causal=True), want)
