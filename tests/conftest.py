@@ -69,6 +69,6 @@ def require(module: str):
         if mod == module or name == module:
             status = backend_status(name)
             if not status["available"]:
-                pytest.skip(f"{name}: {status['reason']} ({status['install']})")
+                pytest.skip(f"{name}: {status['reason']} ({status['install']})", allow_module_level=True)
             return pytest.importorskip(mod)
     return pytest.importorskip(module)

@@ -171,3 +171,72 @@ def test_many_rows_relayout_path(rng, scheme, monkeypatch):
     x, x64 = random_x(rng, (2, 20, 64), "fp32")  # 40 rows >= CPU_RELAYOUT_MIN_ROWS
     y = MLXWeight._mlx_matmul_t(weight, x)  # the composition path, also for int8
     check_matmul(y.reshape(40, -1), x64.reshape(40, -1), qw.dequantize(), "fp32")
+
+
+class _Model(nn.Module):
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def __call__(self, x):
+        return self.layer(x)
+
+
+LOAD_SCHEMES = [Q.Affine(4, 32), Q.Int8(True), Q.Palettize(3), Q.Prune(0.5), Q.Prune(0.5, then=Q.Affine(4, 32)),
+                Q.Prune(0.5, then=Q.Palettize(2))]
+
+
+@pytest.mark.parametrize("scheme", LOAD_SCHEMES, ids=scheme_id)
+def test_load_weights_replaces_what_was_derived(rng, scheme, monkeypatch, tmp_path):
+    """load_weights into a model whose layer has already run (native path: the cached
+    QuantizedWeight) and is split into row tiles (pruned: the survivors before each tile) serves
+    the loaded weight, on both paths; a layer of different survivors counts differ per tile."""
+    import fusedformer as ff
+
+    monkeypatch.setattr(mlx_linear, "TILE_ELEMENTS", 16 * 128)  # 3 row tiles of 48 rows
+    saved_qw, other_qw = compressed(rng, scheme), compressed(rng, scheme)
+    saved, other = _Model(QuantizedLinear(saved_qw)), _Model(QuantizedLinear(other_qw))
+    path = str(tmp_path / "w.safetensors")
+    saved.save_weights(path)
+    x, x64 = random_x(rng, (3, 128), "fp32")
+    with ff.mlx.cpu_kernel("native"):
+        mx.eval(other(x))  # builds the native path's QuantizedWeight of the old arrays
+    other.layer.qweight.dequantize()  # ... and the pruned tiles' offsets
+    other.load_weights(path)
+    for name, a in saved_qw.arrays.items():
+        np.testing.assert_array_equal(other.layer.quantized_weight().arrays[name], a, err_msg=name)
+    np.testing.assert_array_equal(np.array(other.layer.qweight.dequantize()), saved_qw.dequantize())
+    check_matmul(other(x), x64, saved_qw.dequantize(), "fp32")
+    with ff.mlx.cpu_kernel("native"):
+        check_matmul(other(x), x64, saved_qw.dequantize(), "fp32")
+
+
+def test_pruned_mask_and_survivors_of_different_weights_are_refused(rng):
+    layer = QuantizedLinear(compressed(rng, Q.Prune(0.5)))
+    denser = compressed(rng, Q.Prune(0.25))
+    layer.update({"qweight": {"mask": mx.array(denser.arrays["mask"])}})
+    with pytest.raises(ValueError, match=r"\[qmatmul\] the pruned weight's mask keeps \d+ values but its 'values'"):
+        layer(mx.array(rng.standard_normal((1, 128)).astype(np.float32)))
+
+
+@pytest.mark.parametrize("scheme", LOAD_SCHEMES, ids=scheme_id)
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_set_dtype_casts_the_format_arrays_as_mlx_does(rng, scheme, dtype):
+    """model.set_dtype casts the format's float arrays (as it does nn.QuantizedLinear's scales);
+    both paths then serve the same rounded weight, the native kernel on its exact float32
+    widening."""
+    import fusedformer as ff
+
+    qw = compressed(rng, scheme)
+    model = _Model(QuantizedLinear(qw))
+    with ff.mlx.cpu_kernel("native"):
+        mx.eval(model(mx.zeros((1, 128))))  # a QuantizedWeight of the float32 arrays, to be dropped
+    model.set_dtype(DTYPES[dtype])
+    rounded = np.array(model.layer.qweight.dequantize()).astype(np.float64)
+    # (affine and int8 round scale * q + bias to that dtype on MLX, not on the native kernel)
+    np.testing.assert_allclose(model.layer.quantized_weight().dequantize(), rounded, rtol=0,
+                               atol=EPS[dtype] * np.abs(rounded).max())
+    x, x64 = random_x(rng, (3, 128), dtype)
+    check_matmul(model(x), x64, rounded, dtype)
+    with ff.mlx.cpu_kernel("native"):
+        check_matmul(model(x), x64, rounded, dtype)

@@ -92,6 +92,15 @@ class MLXWeight(nn.Module):
         self.scheme = qw.scheme
         self._quantized = None
 
+    def __setitem__(self, key, value):
+        # Every array replaced (load_weights, update, set_dtype: all go through here) drops what
+        # was derived from the old ones.
+        super().__setitem__(key, value)
+        self._arrays_changed()
+
+    def _arrays_changed(self):
+        self._quantized = None
+
     @staticmethod
     def from_quantized(qw: QuantizedWeight) -> "MLXWeight":
         for scheme_type, cls in _FORMATS:
@@ -113,7 +122,7 @@ class MLXWeight(nn.Module):
     def quantized_weight(self) -> QuantizedWeight:
         """This weight as a QuantizedWeight over (zero-copy) numpy views of its MLX arrays."""
         if self._quantized is None:
-            arrays = {name: np.asarray(a) for name, a in self.canonical_arrays().items()}
+            arrays = {name: np.asarray(_widened(a)) for name, a in self.canonical_arrays().items()}
             self._quantized = QuantizedWeight(self.scheme, (self.out_features, self.in_features), arrays)
         return self._quantized
 
@@ -138,19 +147,39 @@ class MLXWeight(nn.Module):
         return y.astype(x.dtype)
 
     def dequantize(self):
-        """W as float32 [N, K]: the same values as QuantizedWeight.dequantize()."""
-        return mx.concatenate([self.dequantize_rows(r0, r1) for r0, r1 in self._row_tiles()], axis=0)
+        """W as float32 [N, K]: the same values as QuantizedWeight.dequantize() (with the format's
+        float arrays cast by ``set_dtype``, MLX's own dequantization in that dtype)."""
+        w = mx.concatenate([self.dequantize_rows(r0, r1) for r0, r1 in self._row_tiles()], axis=0)
+        return w.astype(mx.float32)
 
     def dequantize_rows(self, r0: int, r1: int):
         raise NotImplementedError
+
+    def derived_nbytes(self) -> int:
+        """Bytes held beside the parameters (arrays derived from them for MLX's kernels)."""
+        return 0
 
     def _row_tiles(self):
         rows = max(1, TILE_ELEMENTS // self.in_features)
         return [(r, min(r + rows, self.out_features)) for r in range(0, self.out_features, rows)]
 
 
+class _Grouped:
+    """Arrays derived from a weight's parameters (a plain object: nn.Module takes arrays, dicts,
+    lists and tuples for parameters)."""
+
+    def __init__(self, scales, biases):
+        self.scales, self.biases = scales, biases
+
+
 def _mx(arrays: dict, name: str):
     return mx.array(np.asarray(arrays[name]))
+
+
+def _widened(a):
+    """``a`` with float16/bfloat16 (a model's ``set_dtype`` casts the format's float arrays, as
+    it does nn.QuantizedLinear's scales) widened to float32, exactly, for the native kernel."""
+    return a.astype(mx.float32) if a.dtype in (mx.float16, mx.bfloat16) else a
 
 
 class AffineWeight(MLXWeight):
@@ -194,9 +223,27 @@ class Int8Weight(MLXWeight):
         self.offsets = mx.array(zero + 128)  # exact small integers: W = (u - offset) * scale
         self.group_size = next((g for g in (128, 64, 32) if k % g == 0), None)
         if self.group_size is not None:
-            groups = k // self.group_size
-            self.group_scales = mx.array(np.repeat(scales[:, None], groups, axis=1))
-            self.group_biases = mx.array(np.repeat((-(zero + 128) * scales)[:, None], groups, axis=1))
+            self.group_arrays()
+
+    def _arrays_changed(self):
+        super()._arrays_changed()
+        self._grouped = None
+
+    def group_arrays(self):
+        """(scales, biases) per group of MLX's 8-bit kernel, derived from the channels' scales and
+        offsets in float32, where scale * u + bias is exact: not parameters, so that a model's
+        set_dtype casts only the channels' arrays (a float16 bias -offset * scale would lose
+        up to a quarter of a step on every weight of the row, the same sign for all)."""
+        if self._grouped is None:
+            groups = self.in_features // self.group_size
+            scales = self.scales.astype(mx.float32)[:, None]
+            self._grouped = _Grouped(mx.repeat(scales, groups, axis=1),
+                                     mx.repeat(-self.offsets.astype(mx.float32)[:, None] * scales, groups, axis=1))
+            mx.eval(self._grouped.scales, self._grouped.biases)
+        return self._grouped.scales, self._grouped.biases
+
+    def derived_nbytes(self) -> int:
+        return 0 if self.group_size is None else 2 * 4 * self.out_features * (self.in_features // self.group_size)
 
     @property
     def path(self):
@@ -211,7 +258,8 @@ class Int8Weight(MLXWeight):
     def _mlx_matmul_t(self, x):
         if self.group_size is None:
             return super()._mlx_matmul_t(x)
-        y = mx.quantized_matmul(x, self.codes.view(mx.uint32), self.group_scales, self.group_biases,
+        scales, biases = self.group_arrays()
+        y = mx.quantized_matmul(x, self.codes.view(mx.uint32), scales, biases,
                                 transpose=True, group_size=self.group_size, bits=8)
         return y.astype(x.dtype)
 
@@ -245,8 +293,6 @@ class PrunedWeight(MLXWeight):
         arrays = qw.to_dict()
         self.inner = qw.scheme.then
         self.mask = _mx(arrays, "mask")
-        kept = np.unpackbits(np.asarray(arrays["mask"]), axis=-1, count=self.in_features, bitorder="little")
-        self.row_offsets = np.concatenate([[0], np.cumsum(kept.sum(1))]).astype(np.int64)  # plain numpy
         if self.inner is None:
             self.survivors = _mx(arrays, "values")  # ("values" would shadow dict.values of nn.Module)
         elif isinstance(self.inner, Affine):
@@ -254,6 +300,33 @@ class PrunedWeight(MLXWeight):
             self.scales, self.biases = _mx(arrays, "scales"), _mx(arrays, "biases")
         else:
             self.indices, self.lut = _mx(arrays, "indices"), _mx(arrays, "lut")
+
+    def _arrays_changed(self):
+        super()._arrays_changed()
+        self._row_offsets = None
+
+    @property
+    def row_offsets(self) -> np.ndarray:
+        """Survivors before each row (plain numpy, from the mask; rebuilt when the mask is
+        replaced), checked against the survivors' arrays."""
+        if self._row_offsets is None:
+            kept = np.unpackbits(np.asarray(self.mask), axis=-1, count=self.in_features, bitorder="little")
+            offsets = np.concatenate([[0], np.cumsum(kept.sum(1))]).astype(np.int64)
+            self._check_survivors(int(offsets[-1]))
+            self._row_offsets = offsets
+        return self._row_offsets
+
+    def _check_survivors(self, nnz: int):
+        inner = self.inner
+        if inner is None:
+            held, name = self.survivors.shape[0], "values"
+        elif isinstance(inner, Affine):
+            held, name = self.w_q.size * 8 // inner.bits, "w_q"
+        else:
+            held, name = self.indices.size * 8 // inner.bits, "indices"
+        if held < nnz:
+            raise ValueError(f"[qmatmul] the pruned weight's mask keeps {nnz} values but its '{name}' "
+                             f"holds {held}: mask and survivors come from different weights")
 
     def canonical_arrays(self):
         if self.inner is None:
