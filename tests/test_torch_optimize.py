@@ -486,6 +486,40 @@ def test_compressed_linears_in_torch_encoder_layers(attention):
 
 
 @pytest.mark.torch
+@pytest.mark.parametrize("attention", [None, "fused"])
+@pytest.mark.filterwarnings("ignore:.*nested:UserWarning")
+def test_encoder_fast_path_is_off_per_module_not_process_wide(attention, monkeypatch):
+    """The swapped encoder and layers skip torch's fast path by their own attributes: the
+    process-wide flag is never touched (toggled around each call, threads left it off for every
+    other model or on under another call), and a padded batch, the nested-tensor path's input,
+    runs the compressed layers."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(64, 4, dim_feedforward=128, batch_first=True).eval()
+    stack = nn.TransformerEncoder(layer, 2, enable_nested_tensor=True).eval()
+    x = torch.randn(3, 9, 64)
+    pad = torch.zeros(3, 9, dtype=torch.bool)
+    pad[1, 6:] = pad[2, 2:] = True
+    with torch.no_grad():
+        want = stack(x, src_key_padding_mask=pad)
+    ff.torch.optimize(stack, attention=attention, weights=ff.quant.Int8(), skip=())
+
+    def touched(_):
+        raise AssertionError("torch.backends.mha.set_fastpath_enabled was called")
+
+    monkeypatch.setattr(torch.backends.mha, "set_fastpath_enabled", touched)
+    assert torch.backends.mha.get_fastpath_enabled()
+    with torch.no_grad():
+        got = stack(x, src_key_padding_mask=pad)
+        alone = stack.layers[0](x)
+    keep = ~pad
+    assert rel_err(got[keep], want[keep]) < 0.02
+    assert alone.shape == x.shape and torch.isfinite(alone).all()
+    assert stack.use_nested_tensor is False and stack.layers[0].activation_relu_or_gelu == 0
+    # ... and a layer swapped back to torch's class is torch's again (the attributes are its own)
+    assert nn.TransformerEncoderLayer(64, 4, batch_first=True).activation_relu_or_gelu == 1
+
+
+@pytest.mark.torch
 def test_casting_an_optimized_model_keeps_the_compressed_arrays():
     """.half() / .to(bfloat16) cast the bias, not the compressed float32 scales, so the layer still runs."""
     model = ff.torch.optimize(mlp(), attention=None, weights=ff.quant.Affine(4, 32), skip=())

@@ -9,8 +9,6 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -168,43 +166,43 @@ def _mha_mask(attn_mask, key_padding_mask, b, h, lq, lk, dtype):
     return bias
 
 
-@contextlib.contextmanager
-def _mha_fastpath_disabled():
-    """torch's encoder/decoder layers take a native fast path that bypasses self_attn.forward."""
-    was = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        yield
-    finally:
-        torch.backends.mha.set_fastpath_enabled(was)
+def _always(value):
+    """A class attribute that reads ``value`` on every instance, whatever __init__ stored (a
+    property: it wins over the instance's own entry, and assignments to it are ignored)."""
+    return property(lambda self: value, lambda self, _: None)
 
 
-class _NoFastPath:
-    """forward without torch's native encoder/decoder fast path, which bypasses self_attn.forward
-    and reads linear1.weight / linear2.weight (a QuantizedLinear has none)."""
+# torch's encoder and encoder layer take a native fast path (nested tensors; one fused C++ layer)
+# that bypasses self_attn.forward and reads linear1.weight / linear2.weight, which a
+# QuantizedLinear has not. The subclasses turn it off for themselves through the conditions
+# torch checks on the module (use_nested_tensor, activation_relu_or_gelu), not through the
+# process-wide torch.backends.mha flag: toggling that around each call raced between threads
+# (left off for every other model, or on while another call read it).
+class _EncoderNoFastPath:
+    use_nested_tensor = _always(False)
 
-    def forward(self, *args, **kwargs):
-        with _mha_fastpath_disabled():
-            return super().forward(*args, **kwargs)
+
+class _LayerNoFastPath:
+    activation_relu_or_gelu = _always(0)
 
 
-class FusedTransformerEncoder(_NoFastPath, nn.TransformerEncoder):
+class FusedTransformerEncoder(_EncoderNoFastPath, nn.TransformerEncoder):
     """nn.TransformerEncoder without its nested-tensor fast path, so its layers' attention runs fused."""
 
 
-class FusedTransformerEncoderLayer(_NoFastPath, nn.TransformerEncoderLayer):
+class FusedTransformerEncoderLayer(_LayerNoFastPath, nn.TransformerEncoderLayer):
     """nn.TransformerEncoderLayer whose self-attention runs the fused op (see FusedMultiheadAttention)."""
 
 
-class FusedTransformerDecoderLayer(_NoFastPath, nn.TransformerDecoderLayer):
+class FusedTransformerDecoderLayer(nn.TransformerDecoderLayer):
     """nn.TransformerDecoderLayer whose attentions run the fused op (see FusedMultiheadAttention)."""
 
 
-class TransformerEncoderNoFastPath(_NoFastPath, nn.TransformerEncoder):
+class TransformerEncoderNoFastPath(_EncoderNoFastPath, nn.TransformerEncoder):
     """nn.TransformerEncoder (attention as torch runs it) without the fast path, for compressed linears."""
 
 
-class TransformerEncoderLayerNoFastPath(_NoFastPath, nn.TransformerEncoderLayer):
+class TransformerEncoderLayerNoFastPath(_LayerNoFastPath, nn.TransformerEncoderLayer):
     """nn.TransformerEncoderLayer (attention as torch runs it) without the fast path, for compressed linears."""
 
 
