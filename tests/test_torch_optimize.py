@@ -122,6 +122,52 @@ def test_bert_with_padding_matches_stock():
 
 
 @pytest.mark.hf
+def test_fallbacks_of_a_flex_attention_model_run_eager_on_eager_masks():
+    """A model loaded with flex_attention: the calls the fused op cannot take (attention weights
+    asked for) run the model's eager attention, since the mask transformers built is sdpa's
+    (flex took it as no mask at all: future keys attended)."""
+    require("transformers")
+    stock = build("llama-gqa")
+    stock.set_attn_implementation("flex_attention")
+    eager = copy.deepcopy(stock)
+    eager.set_attn_implementation("eager")
+    fused = ff.torch.optimize(copy.deepcopy(stock), attention="fused")
+    ids = torch.randint(0, 97, (1, 12), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        want = eager(ids, output_attentions=True)
+        got = fused(ids, output_attentions=True)
+    assert rel_err(got.logits, want.logits) < 1e-5
+    assert len(got.attentions) == 2 and torch.allclose(got.attentions[1], want.attentions[1], atol=1e-6)
+    assert fused.fusedformer_report.stats.fallbacks == {"output_attentions": 2}
+
+
+@pytest.mark.hf
+@pytest.mark.filterwarnings("ignore:.*does not route attention:UserWarning")  # (T5's attention stays unfused)
+def test_layers_whose_parent_reads_their_weight_stay_dense():
+    """T5's feed-forward reads self.wo.weight.dtype in its forward: its wo layers stay dense, with
+    one warning, and are listed as skipped; the other linears are compressed and the model runs."""
+    tf = require("transformers")
+    torch.manual_seed(0)
+    stock = tf.T5ForConditionalGeneration(tf.T5Config(vocab_size=97, d_model=64, d_kv=16, d_ff=96, num_layers=2,
+                                                      num_heads=4, decoder_start_token_id=0, pad_token_id=0)).eval()
+    model = copy.deepcopy(stock)
+    with pytest.warns(UserWarning, match=r"\[optimize\] T5DenseActDense\.forward reads wo\.weight itself.*"
+                                         r"4 such layer\(s\) stay dense") as caught:
+        ff.torch.optimize(model, attention=None, weights=ff.quant.Int8())
+    assert sum("reads wo.weight" in str(w.message) for w in caught) == 1
+    report = model.fusedformer_report
+    wo = [n for n, _ in model.named_modules() if n.endswith(".wo")]
+    assert len(wo) == 4 and set(wo) <= set(report.skipped) and not set(wo) & set(report.quantized)
+    assert len(report.quantized) == 28
+    ids = torch.randint(3, 97, (2, 9), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        want = stock(input_ids=ids, decoder_input_ids=ids).logits
+        got = model(input_ids=ids, decoder_input_ids=ids).logits
+        model.generate(ids, max_new_tokens=3)
+    assert rel_err(got, want) < 0.05
+
+
+@pytest.mark.hf
 def test_training_with_dropout_falls_back_and_is_counted():
     tf = require("transformers")
     torch.manual_seed(0)

@@ -93,18 +93,21 @@ _EAGER_ONLY_KWARGS = ("softcap", "s_aux", "sinks")  # what transformers' sdpa fu
 
 
 def _fallback(module, kwargs):
-    """(function, whether it is eager) that a call the fused op cannot serve runs: the model's
-    own, as before optimize() (``module._fusedformer_fallback``): its modeling file's
-    eager_attention_forward where that was "eager" or the call needs what only eager computes
-    (softcap, sinks), else the registered implementation (transformers' "sdpa" by default)."""
+    """(function, whether it is eager) that a call the fused op cannot serve runs. The mask it
+    gets is sdpa's (the "fusedformer" mask builder is transformers' sdpa_mask), which only
+    transformers' sdpa function takes as it is: a model that ran "sdpa" before optimize()
+    (``module._fusedformer_fallback``) falls back to it, unless the call needs what only eager
+    computes (softcap, sinks); any other (eager, flex_attention, flash...) runs its modeling
+    file's eager_attention_forward on the mask made eager's (flex took sdpa's mask as no mask or
+    as 0/1 scores: wrong logits)."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     impl = getattr(module, "_fusedformer_fallback", "sdpa")
-    if impl == "eager" or any(kwargs.get(k) is not None for k in _EAGER_ONLY_KWARGS):
+    if impl != "sdpa" or any(kwargs.get(k) is not None for k in _EAGER_ONLY_KWARGS):
         eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
         if eager is not None:
             return eager, True
-    return (ALL_ATTENTION_FUNCTIONS[impl] if impl in ALL_ATTENTION_FUNCTIONS else ALL_ATTENTION_FUNCTIONS["sdpa"]), False
+    return ALL_ATTENTION_FUNCTIONS["sdpa"], False
 
 
 def _eager_mask(query, key, attention_mask, is_causal, module):

@@ -9,6 +9,10 @@ memory stays near the fp32 model plus one layer.
 
 from __future__ import annotations
 
+import inspect
+import re
+import warnings
+
 import torch
 from torch import nn
 
@@ -65,6 +69,49 @@ def _plan_no_fastpath(model: nn.Module, compressed: list[str]) -> list[tuple[str
             if type(m) in NO_FASTPATH_SWAPS and any(c.startswith(name + ".") if name else True for c in compressed)]
 
 
+_WEIGHT_READS: dict[tuple[type, str], bool] = {}
+
+
+def _forward_reads_weight(parent: nn.Module, child: str) -> bool:
+    """Whether ``parent``'s forward reads ``self.<child>.weight`` (T5's feed-forward casts its
+    input to ``self.wo.weight.dtype``; a QuantizedLinear has no weight). torch's encoder layers,
+    whose fast path reads linear1.weight, are swapped for subclasses without it instead."""
+    from fusedformer.torch.modules import NO_FASTPATH_SWAPS, SWAPS
+
+    cls = type(parent)
+    if cls in NO_FASTPATH_SWAPS or cls in SWAPS:
+        return False
+    key = (cls, child)
+    if key not in _WEIGHT_READS:
+        try:
+            source = inspect.getsource(cls.forward)
+        except (OSError, TypeError):  # (no source kept: reads nothing we can see)
+            source = ""
+        _WEIGHT_READS[key] = re.search(rf"\bself\.{re.escape(child)}\.weight\b", source) is not None
+    return _WEIGHT_READS[key]
+
+
+def _without_weight_readers(model: nn.Module, plan):
+    """The plan without the linears whose parent's forward reads their dense weight itself: they
+    stay as they are, with a warning per kind of parent (``skip`` them to silence it), and are
+    returned by name."""
+    kept, names, by_kind = [], [], {}
+    for item in plan:
+        name = item[0]
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        if _forward_reads_weight(parent, child):
+            names.append(name)
+            by_kind.setdefault((type(parent).__name__, child), []).append(name)
+        else:
+            kept.append(item)
+    for (parent, child), layers in by_kind.items():
+        warnings.warn(f"[optimize] {parent}.forward reads {child}.weight itself, which a compressed layer has "
+                      f"not: {len(layers)} such layer(s) stay dense, e.g. {layers[0]} (skip them to silence this)",
+                      stacklevel=3)
+    return kept, names
+
+
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
@@ -88,6 +135,8 @@ def optimize(model: nn.Module, attention: str | None = "fused", weights=None, sk
     _check_device(model)
     plan, skipped, unmatched = (plan_weights(_linears(model), weights, skip, _compressed(model))
                                 if weights is not None else ([], [], []))
+    plan, kept = _without_weight_readers(model, plan)
+    skipped += kept
     for name, linear, scheme in plan:  # every check before the first change
         quant.check_values(linear.weight.detach(), scheme, name=name)
     swaps = _plan_attention(model) if attention == "fused" else _plan_no_fastpath(model, [n for n, _, _ in plan])
