@@ -2,8 +2,12 @@
 #include <pybind11/numpy.h>
 #include <pybind11/stl.h>
 
+#include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <mutex>
+#include <new>
+#include <stdexcept>
 #include <string>
 #include <thread>
 #include <vector>
@@ -40,6 +44,28 @@ bool advise_hugepages(uintptr_t ptr, int64_t nbytes) {
   (void)nbytes;
   return false;
 #endif
+}
+
+// A pool job of n indices (grain 1) whose ranges on `thrower` ("caller": the submitting thread,
+// "worker": any other) throw std::bad_alloc (memory) or std::runtime_error, the others waiting
+// ~50 us each so that both kinds of thread are inside the job; returns the indices that ran.
+// The context lives on this frame, which an exception unwinds.
+int64_t pool_job_that_throws(int64_t n, const std::string& thrower, bool memory) {
+  struct Job {
+    std::thread::id caller;
+    bool on_caller, memory;
+    std::atomic<int64_t> ran{0};
+  } job{std::this_thread::get_id(), thrower == "caller", memory};
+  parallel_for_raw(n, 1, [](void* ctx, int64_t b, int64_t e) {
+    auto* j = static_cast<Job*>(ctx);
+    if ((std::this_thread::get_id() == j->caller) == j->on_caller) {
+      if (j->memory) throw std::bad_alloc();
+      throw std::runtime_error("[_pool_job_that_throws] range " + std::to_string(b) + " failed");
+    }
+    std::this_thread::sleep_for(std::chrono::microseconds(50));
+    j->ran.fetch_add(e - b);
+  }, &job);
+  return job.ran.load();
 }
 
 }  // namespace
@@ -96,6 +122,16 @@ void init_core(py::module_& m) {
         }
       },
       "FUSEDFORMER_POOL's setting ('auto', 'own' or 'openmp'; pool_backend() says what it resolves to).");
+  m.def(
+      "_pool_job_that_throws",
+      [](int64_t n, const std::string& thrower, bool memory) {
+        if (thrower != "caller" && thrower != "worker")
+          throw py::value_error("[_pool_job_that_throws] thrower must be 'caller' or 'worker', got '" + thrower + "'");
+        py::gil_scoped_release release;
+        return pool_job_that_throws(n, thrower, memory);
+      },
+      py::arg("n"), py::arg("thrower"), py::arg("memory"),
+      "Test hook: a pool job whose ranges on the caller's or the workers' threads throw.");
   m.def("pool_backend", &pool_backend,
         "Where kernels' parallel work runs now: 'openmp' (the team of the OpenMP runtime the process "
         "has loaded, torch's: by default where its threads spin between regions, or always with "

@@ -6,6 +6,7 @@
 #include <cctype>
 #include <condition_variable>
 #include <cstdlib>
+#include <exception>
 #include <memory>
 #include <mutex>
 #include <new>
@@ -30,6 +31,48 @@ namespace ff {
 namespace {
 
 thread_local bool t_inside_pool_job = false;
+
+// The first exception a job's ranges threw (std::bad_alloc from a scratch buffer, say), kept for
+// the submitter to rethrow once every thread has left the job: a throw on a worker thread
+// would terminate the process, and one from the submitter's own share would unwind the frame
+// the workers still read. Later ranges are skipped (stop()) and their exceptions dropped.
+class JobError {
+ public:
+  void record(int64_t n, std::atomic<int64_t>* next) noexcept {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (!error_) error_ = std::current_exception();
+    }
+    next->store(n, std::memory_order_relaxed);  // no range is handed out after this
+  }
+  void rethrow() {  // (the job's threads are done: no lock needed)
+    if (!error_) return;
+    std::exception_ptr e = error_;
+    error_ = nullptr;
+    std::rethrow_exception(e);
+  }
+
+ private:
+  std::mutex mutex_;
+  std::exception_ptr error_;
+};
+
+// Runs fn on chunks of [0, n) taken from `next` until none is left, as a pool job's thread
+// (nested parallel_for calls run inline); an exception stops the job and is recorded in `error`.
+void take_chunks(RangeFn fn, void* ctx, int64_t n, int64_t grain, std::atomic<int64_t>* next, JobError* error) noexcept {
+  const bool outer = t_inside_pool_job;
+  t_inside_pool_job = true;
+  try {
+    for (;;) {
+      const int64_t b = next->fetch_add(grain, std::memory_order_relaxed);
+      if (b >= n) break;
+      fn(ctx, b, std::min(b + grain, n));
+    }
+  } catch (...) {
+    error->record(n, next);
+  }
+  t_inside_pool_job = outer;
+}
 
 // How long an idle worker (and a submitter waiting for the last worker) spins before it
 // sleeps. Decode runs one short kernel after another (tens to hundreds of microseconds each,
@@ -128,21 +171,15 @@ class ThreadPool {
     work();
     state_.store(job << 1, std::memory_order_seq_cst);  // closed to workers that have not joined
     auto finished = [this] { return active_.load(std::memory_order_seq_cst) == 0; };
-    if (spin_until(finished)) return;
-    std::unique_lock<std::mutex> lock(mutex_);
-    done_.wait(lock, finished);
+    if (!spin_until(finished)) {
+      std::unique_lock<std::mutex> lock(mutex_);
+      done_.wait(lock, finished);
+    }
+    error_.rethrow();
   }
 
  private:
-  void work() {
-    t_inside_pool_job = true;
-    for (;;) {
-      const int64_t b = next_.fetch_add(grain_, std::memory_order_relaxed);
-      if (b >= n_) break;
-      fn_(ctx_, b, std::min(b + grain_, n_));
-    }
-    t_inside_pool_job = false;
-  }
+  void work() noexcept { take_chunks(fn_, ctx_, n_, grain_, &next_, &error_); }
 
   void worker_loop() {
     uint64_t seen = 0;  // the last job this worker looked at
@@ -178,6 +215,7 @@ class ThreadPool {
   void* ctx_ = nullptr;
   int64_t n_ = 0, grain_ = 1;
   std::atomic<int64_t> next_{0};
+  JobError error_;
 };
 
 // ---- running jobs on the process's OpenMP team (FUSEDFORMER_POOL) ------------------------
@@ -235,19 +273,13 @@ struct OpenMPJob {
   void* ctx;
   int64_t n, grain;
   std::atomic<int64_t> next{0};
+  JobError error;
 };
 
 // The body of the parallel region: every team thread takes chunks from the shared counter.
 void openmp_body(void* data) {
   auto* job = static_cast<OpenMPJob*>(data);
-  const bool outer = t_inside_pool_job;
-  t_inside_pool_job = true;
-  for (;;) {
-    const int64_t b = job->next.fetch_add(job->grain, std::memory_order_relaxed);
-    if (b >= job->n) break;
-    job->fn(job->ctx, b, std::min(b + job->grain, job->n));
-  }
-  t_inside_pool_job = outer;
+  take_chunks(job->fn, job->ctx, job->n, job->grain, &job->next, &job->error);
 }
 
 std::mutex g_pool_mutex;
@@ -345,6 +377,7 @@ void parallel_for_raw(int64_t n, int64_t grain, RangeFn fn, void* ctx) {
     if (GompParallel omp = team_for_jobs()) {
       OpenMPJob job{fn, ctx, n, grain};
       omp(openmp_body, &job, static_cast<unsigned>(p->size()), 0);
+      job.error.rethrow();
       return;
     }
   }

@@ -139,6 +139,53 @@ def test_env_runs_kernels_on_the_openmp_team():
     assert out.stdout.strip() == "ok"
 
 
+_THROWS = """
+import sys
+import numpy as np
+pool, thrower, memory = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
+if pool == "openmp":
+    import torch
+    torch.ones(1 << 16).sum()  # torch's OpenMP team exists
+from fusedformer import _C, reference
+import fusedformer as ff
+_C.set_num_threads(2)
+assert _C.pool_backend() == pool, _C.pool_backend()
+error = MemoryError if memory else RuntimeError
+raised = 0
+for attempt in range(30):  # (a worker of our pool may be asleep and miss a job; the team's join)
+    try:
+        ran = _C._pool_job_that_throws(400, thrower, memory)
+        assert ran == 400, ran  # nobody threw: every range ran
+    except error as e:
+        raised += 1
+        assert memory or "[_pool_job_that_throws] range" in str(e), e
+        if raised == 3:
+            break
+assert raised == 3, raised
+rng = np.random.default_rng(0)  # the pool lives on: both threads compute right
+q, k, v = (rng.standard_normal(s).astype(np.float32) for s in ((1, 8, 77, 64), (1, 2, 300, 64), (1, 2, 300, 64)))
+for _ in range(20):
+    np.testing.assert_allclose(ff.sdpa(q, k, v, causal=True), reference.sdpa(q, k, v, causal=True), atol=2e-5)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("pool", ["own", "openmp"])
+@pytest.mark.parametrize("thrower", ["caller", "worker"])
+@pytest.mark.parametrize("memory", [True, False], ids=["bad_alloc", "runtime_error"])
+def test_an_exception_inside_a_job_fails_the_call_not_the_process(pool, thrower, memory):
+    """A range that throws (a scratch buffer the system refuses: std::bad_alloc) on the calling
+    thread or on a worker raises MemoryError / RuntimeError once every thread has left the job:
+    a worker's throw terminated the process, the caller's left workers on its unwound frame."""
+    if pool == "openmp":
+        pytest.importorskip("torch")
+    env = {**os.environ, "FUSEDFORMER_POOL": pool}
+    out = subprocess.run([sys.executable, "-c", _THROWS, pool, thrower, "1" if memory else "0"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == "ok"
+
+
 _BACKEND = """
 import os, sys
 import numpy as np
