@@ -298,6 +298,9 @@ py::object sdpa_eager(py::handle q_, py::handle k_, py::handle v_, py::handle ma
 }  // namespace
 
 void init_attention(py::module_& m) {
+  // numpy's functions and dtypes (and pybind11's numpy C API) are looked up here, not on the first
+  // call, which may come from a finalizer at interpreter shutdown, when imports fail.
+  NumpyFramework::get();
   m.def("sdpa", &sdpa_binding, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"),
         py::arg("dtype"), py::arg("lse") = py::none(), py::arg("mask") = py::none(),
         py::arg("mask_kind") = 0, py::arg("causal") = false, py::arg("scale"),

@@ -344,3 +344,85 @@ def test_threads_the_system_refuses_raise():
     assert out.returncode == 0, out.stderr
     message, threads = out.stdout.strip().split("\n")
     assert message.startswith("[set_num_threads] the system refused to start 4096 threads") and threads == str(_C.num_threads())
+
+
+_LOCKS_AT_FORK = """
+import os, sys, threading, time
+import numpy as np
+import fusedformer as ff
+from fusedformer import ops_attention
+held = [ops_attention._OUTPUT_CACHE.lock]
+if sys.argv[1] == "torch":
+    from fusedformer.torch.routing import AttentionStats
+    stats = AttentionStats()
+    held.append(stats._lock)
+go, done = threading.Event(), threading.Event()
+def holder():  # another thread holds the locks at the fork
+    for lock in held:
+        lock.acquire()
+    go.set()
+    done.wait()
+    for lock in held:
+        lock.release()
+threading.Thread(target=holder, daemon=True).start()
+go.wait()
+pid = os.fork()
+if pid == 0:
+    q = np.ones((1, 16, 2048, 64), np.float32)  # an 8 MiB output: from the output cache
+    out = ff.sdpa(q, q[:, :, :64], q[:, :, :64])
+    if sys.argv[1] == "torch":
+        stats.record(None)
+    os._exit(0 if out.shape == q.shape else 1)
+deadline = time.monotonic() + 60
+while time.monotonic() < deadline:
+    got, status = os.waitpid(pid, os.WNOHANG)
+    if got:
+        print("exit", os.waitstatus_to_exitcode(status))
+        break
+    time.sleep(0.05)
+else:
+    os.kill(pid, 9)
+    print("hung")
+done.set()
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+@pytest.mark.parametrize("frameworks", ["numpy", "torch"])
+def test_locks_held_by_another_thread_at_a_fork_are_free_in_the_child(frameworks):
+    """The output cache's lock (and the attention stats' with torch) held by another thread when
+    the process forks: the child's first large output and counted call do not wait forever."""
+    if frameworks == "torch":
+        pytest.importorskip("torch")
+    out = subprocess.run([sys.executable, "-c", _LOCKS_AT_FORK, frameworks], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == "exit 0"
+
+
+_AT_SHUTDOWN = """
+import numpy as np, fusedformer as ff
+small = np.random.rand(1, 4, 64, 64).astype(np.float32)
+big = np.random.rand(1, 16, 2048, 64).astype(np.float32)  # an 8 MiB output: the output cache
+qw = ff.quant.compress(np.random.rand(256, 256).astype(np.float32), ff.quant.Affine(bits=4, group_size=64))
+calls = {"sdpa": lambda: ff.sdpa(small, small, small), "sdpa 8 MiB": lambda: ff.sdpa(big, small, small),
+         "sdpa mask": lambda: ff.sdpa(small, small, small, mask=np.ones((64, 64), np.float64)),
+         "qmatmul": lambda: ff.qmatmul(np.ones((8, 256), np.float32), qw)}
+class Flush:  # a module-level object whose __del__ runs at interpreter shutdown
+    def __del__(self):
+        for name, fn in calls.items():
+            try:
+                fn()
+                print(name, "ok")
+            except Exception as e:
+                print(name, "failed:", type(e).__name__, e)
+flusher = Flush()
+"""
+
+
+def test_calls_from_a_finalizer_at_interpreter_shutdown():
+    """Calls from a __del__ that runs while the interpreter shuts down (the import machinery
+    gone): nothing the calls need is imported inside them."""
+    out = subprocess.run([sys.executable, "-c", _AT_SHUTDOWN], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split("\n")[:4] == ["sdpa ok", "sdpa 8 MiB ok", "sdpa mask ok", "qmatmul ok"], out.stdout

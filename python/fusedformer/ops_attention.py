@@ -7,9 +7,13 @@ mlx arrays go to ``fusedformer.mlx.attention.sdpa_mlx``.
 
 from __future__ import annotations
 
+import collections
 import math
 import numbers
+import os
 import sys
+import threading
+import weakref
 
 import numpy as np
 
@@ -27,8 +31,10 @@ MAX_SCALE = float(_C.sdpa_max_scale)  # the kernel takes scale * log2(e) in floa
 # numpy dtype -> name: str() of a numpy dtype runs Python code (about 8 us a call, four calls
 # per sdpa), so each is spelled once. Other frameworks' dtypes are spelled by C code each time
 # (a torch dtype in about 0.3 us), which also keeps torch.compile tracing plain: Dynamo cannot
-# hash some dtypes (mlx's) that a shared dict would hold.
-_NUMPY_DTYPE_NAMES: dict = {}
+# hash some dtypes (mlx's) that a shared dict would hold. The usual ones are spelled at import:
+# str() of a dtype imports numpy code on its first call, which a call from a finalizer at
+# interpreter shutdown cannot.
+_NUMPY_DTYPE_NAMES: dict = {np.dtype(t): str(np.dtype(t)) for t in ("float32", "float16", "float64", "bool")}
 
 
 def _dtype_name(x) -> str:
@@ -277,9 +283,6 @@ class _OutputCache:
     tensors whose storage is not resizable (as torch.from_numpy's)."""
 
     def __init__(self, limit: int):
-        import collections
-        import threading
-
         self.limit = limit
         self.kept: dict[int, list] = {}  # bytes -> free 64-byte aligned uint8 arrays
         self._bytes = 0
@@ -288,6 +291,7 @@ class _OutputCache:
         # inside a locked section on the same thread (a deadlock, were it to take the lock).
         self.returned = collections.deque()
         self.lock = threading.Lock()
+        self.watches: dict[int, weakref.ref] = {}  # id -> the weak reference of each lent array
 
     @property
     def bytes(self) -> int:
@@ -313,9 +317,11 @@ class _OutputCache:
                 self._bytes -= nbytes
                 return free.pop()
         raw = np.empty(nbytes + 64, dtype=np.uint8)
-        start = -raw.ctypes.data % 64
+        # (the address from __array_interface__: .ctypes imports numpy code on first use, which a
+        # call from a finalizer at interpreter shutdown cannot)
+        start = -raw.__array_interface__["data"][0] % 64
         buf = raw[start:start + nbytes]
-        _C.advise_hugepages(buf.ctypes.data, nbytes)
+        _C.advise_hugepages(buf.__array_interface__["data"][0], nbytes)
         return buf
 
     def give_back(self, buf) -> None:
@@ -350,14 +356,21 @@ class _OutputCache:
     def lend(self, nbytes: int):
         """A uint8 array of nbytes on cached memory, its own: once it and every array or tensor
         made from it are gone, the memory goes back to the cache."""
-        import weakref
-
         buf = self.take(nbytes)
         # through a memoryview: numpy points a view's base past views of arrays to the array that
         # owns the memory, but not past an array on a foreign buffer, so every array made from
         # `lent` keeps it (and torch.from_numpy keeps the array it is given)
         lent = np.frombuffer(memoryview(buf), dtype=np.uint8)
-        weakref.finalize(lent, self.give_back, buf)
+        # a weak reference with a callback, kept here until it runs (weakref.finalize imports
+        # atexit on its first use, which a call from a finalizer at interpreter shutdown cannot)
+        watches = self.watches
+
+        def returned(ref, buf=buf, give_back=self.give_back):
+            watches.pop(id(ref), None)
+            give_back(buf)
+
+        ref = weakref.ref(lent, returned)
+        watches[id(ref)] = ref
         return lent
 
     def empty_like(self, torch, q):
@@ -374,8 +387,6 @@ class _OutputCache:
 
 
 def _cache_limit() -> int:
-    import os
-
     text = os.environ.get("FUSEDFORMER_OUTPUT_CACHE_MB") or "256"  # (empty: unset, as the other variables)
     try:
         mb = int(text)
@@ -387,6 +398,16 @@ def _cache_limit() -> int:
 
 
 _OUTPUT_CACHE = _OutputCache(_cache_limit())
+
+
+def _unlock_after_fork() -> None:
+    """A child forked while another thread held the cache's lock inherits it held, by a thread
+    that does not exist there: its first output of HUGEPAGE_MIN_BYTES would wait forever."""
+    _OUTPUT_CACHE.lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_unlock_after_fork)
 
 
 def get_cache_memory() -> int:

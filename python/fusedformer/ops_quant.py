@@ -11,9 +11,12 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import ops_attention
+# (imported here, not inside the calls: a call from a __del__ at interpreter shutdown finds no
+# import machinery left)
+from . import _C, ops_attention
 from ._frameworks import framework_of
 from .ops_attention import HUGEPAGE_MIN_BYTES
+from .quant import Affine, Int8, Palettize, Prune, QuantizedWeight
 
 _CODES = {"affine": 0, "int8": 1, "lut": 2, "f32": 3}
 
@@ -41,8 +44,6 @@ def kernel_args(qw) -> KernelArgs:
     cached = getattr(qw, "_kernel_args", None)
     if cached is not None:
         return cached
-    from .quant import Affine, Int8, Palettize, Prune
-
     n, k = qw.shape
     s, a = qw.scheme, qw.arrays
     inner = s.then if isinstance(s, Prune) else s
@@ -68,8 +69,6 @@ def kernel_args(qw) -> KernelArgs:
 
 
 def _check(x_shape, qw):
-    from .quant import QuantizedWeight
-
     if not isinstance(qw, QuantizedWeight):
         raise TypeError(f"[qmatmul] qw must be a fusedformer.quant.QuantizedWeight, got {type(qw).__name__}")
     if len(x_shape) < 1 or x_shape[-1] != qw.shape[1]:
@@ -80,8 +79,6 @@ def _check(x_shape, qw):
 def qmatmul_numpy(x: np.ndarray, qw, dtype_code: int | None = None, args: KernelArgs | None = None) -> np.ndarray:
     """Native kernel on a numpy array (float32/float16, or raw bf16 words with dtype_code=2).
     ``args``: kernel_args(qw), when the caller caches them."""
-    from . import _C
-
     if args is None:
         args = kernel_args(qw)
     if dtype_code is None:

@@ -11,8 +11,10 @@ K/V broadcast over the batch...) runs torch's own op instead and is counted unde
 from __future__ import annotations
 
 import collections
+import os
 import sys
 import threading
+import weakref
 
 import torch
 
@@ -27,6 +29,7 @@ class AttentionStats:
 
     def __init__(self):
         self._lock = threading.Lock()
+        _ALL_STATS.add(self)
         self.fused = 0
         self.fallbacks: collections.Counter[str] = collections.Counter()
 
@@ -59,6 +62,20 @@ class AttentionStats:
     def __repr__(self) -> str:
         fb = ", ".join(f"{r}: {n}" for r, n in self.fallbacks.most_common()) or "none"
         return f"AttentionStats(fused={self.fused}, fallbacks: {fb})"
+
+
+_ALL_STATS: "weakref.WeakSet[AttentionStats]" = weakref.WeakSet()
+
+
+def _unlock_after_fork() -> None:
+    """(as the output cache's: a lock held by another thread at the fork is never released in
+    the child, whose first counted call would wait forever)"""
+    for stats in list(_ALL_STATS):
+        stats._lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_unlock_after_fork)
 
 
 def unsupported_reason(*tensors: torch.Tensor | None, dropout: float = 0.0) -> str | None:
