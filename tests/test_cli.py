@@ -99,3 +99,46 @@ def test_options_given_win_over_quick():
     assert quick_or(args, "prompt", 64, 256) == 8 and quick_or(args, "steps", 4, 8) == 4
     args.quick = False
     assert quick_or(args, "steps", 4, 8) == 8
+
+
+_WITHOUT = """
+import sys
+for name in sys.argv[1].split(","):
+    sys.modules[name] = None  # import name -> ModuleNotFoundError, as where it is not installed
+from fusedformer.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_commands_needing_a_missing_framework_say_what_to_install(tmp_path):
+    """Without torch (or coremltools) the commands that need it print one line naming the extra
+    that installs it, exit 2, and no traceback; `info` shows each extra's name in its table."""
+    cases = [("torch", ["bench", "attention", "--quick", "--no-save"], "needs torch (pip install 'fusedformer[torch]')"),
+             ("torch", ["bench", "qmatmul", "--quick", "--no-save"], "needs torch (pip install 'fusedformer[torch]')"),
+             ("torch,coremltools", ["verify", str(tmp_path)], "pip install 'fusedformer[coreml]')")]
+    for blocked, argv, message in cases:
+        out = subprocess.run([sys.executable, "-c", _WITHOUT, blocked, *argv], capture_output=True, text=True,
+                             timeout=300)
+        assert out.returncode == 2, (argv, out.stderr[-2000:])
+        assert message in out.stderr and "Traceback" not in out.stderr, (argv, out.stderr[-2000:])
+    out = subprocess.run([sys.executable, "-c", _WITHOUT, "torch", "info", "--no-measure"], capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0 and "pip install 'fusedformer[torch]'" in out.stdout, out.stdout
+
+
+def test_benchmark_json_names_a_commit_only_from_a_checkout(tmp_path):
+    """git_commit() reads fusedformer's own checkout; an installed package (here a copy of the
+    module in a site-packages inside someone's git repository) gives None."""
+    import importlib.util
+    import shutil
+
+    from fusedformer.bench import machine
+
+    site = tmp_path / "lib" / "python3" / "site-packages" / "fusedformer" / "bench"
+    site.mkdir(parents=True)
+    shutil.copy(machine.__file__, site / "machine.py")
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    spec = importlib.util.spec_from_file_location("installed_machine", site / "machine.py")
+    installed = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(installed)
+    assert installed.git_commit() is None

@@ -16,6 +16,7 @@ def cmd_info(args) -> int:
         print(json.dumps(data, indent=1))
         return 0
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title=f"fusedformer {data['version']}", show_header=False, title_justify="left")
@@ -30,8 +31,8 @@ def cmd_info(args) -> int:
         if data["limits"].get("peak_gflops_amx_bf16"):
             table.add_row("", f"{data['limits']['peak_gflops_amx_bf16']:.1f} GFLOP/s bf16 AMX tiles (tdpbf16ps)")
         table.add_row("measured bandwidth", f"{data['limits']['bandwidth_gbs']:.1f} GB/s streaming read")
-    for name, st in data["backends"].items():
-        table.add_row(name, st["version"] if st["available"] else f"missing: {st['reason']} — {st['install']}")
+    for name, st in data["backends"].items():  # (escaped: rich reads "[torch]" in a hint as markup)
+        table.add_row(name, st["version"] if st["available"] else escape(f"missing: {st['reason']} — {st['install']}"))
     Console().print(table)
     return 0
 
@@ -96,10 +97,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def install_hint(module: str) -> str:
+    """The pip command that installs what imports ``module`` (an extra where one carries it)."""
+    from fusedformer._info import BACKENDS
+
+    root = module.split(".")[0]
+    extras = {mod: extra for mod, extra in BACKENDS.values()} | {"matplotlib": "bench", "safetensors": "hf"}
+    return f"pip install 'fusedformer[{extras[root]}]'" if root in extras else f"pip install {root}"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except ModuleNotFoundError as e:
+        if not e.name or e.name.split(".")[0] == "fusedformer":  # (ours missing: a broken install, its traceback)
+            raise
+        print(f"fusedformer {args.command}: needs {e.name.split('.')[0]} ({install_hint(e.name)})", file=sys.stderr)
+        return 2
     except (ValueError, TypeError, OSError) as e:
         if not str(e).startswith("["):  # (ours are tagged "[area] ..."; anything else is a bug: its traceback)
             raise

@@ -12,8 +12,12 @@ from fusedformer._info import installed_version, cpu_model, machine_limits
 
 
 def git_commit() -> str | None:
+    """The commit of the fusedformer checkout this runs from; None for an installed package (a
+    git repository enclosing its environment is someone else's)."""
+    root = Path(__file__).resolve().parents[3]
+    if not ((root / ".git").exists() and (root / "kernels" / "cpu").is_dir()):
+        return None
     try:
-        root = Path(__file__).resolve().parents[3]
         out = subprocess.run(
             ["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5
         )
