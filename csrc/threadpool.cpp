@@ -35,7 +35,8 @@ thread_local bool t_inside_pool_job = false;
 // The first exception a job's ranges threw (std::bad_alloc from a scratch buffer, say), kept for
 // the submitter to rethrow once every thread has left the job: a throw on a worker thread
 // would terminate the process, and one from the submitter's own share would unwind the frame
-// the workers still read. Later ranges are skipped (stop()) and their exceptions dropped.
+// the workers still read. Later ranges are skipped (record() exhausts the counter) and their
+// exceptions dropped.
 class JobError {
  public:
   void record(int64_t n, std::atomic<int64_t>* next) noexcept {

@@ -138,6 +138,8 @@ def test_benchmark_json_names_a_commit_only_from_a_checkout(tmp_path):
     site.mkdir(parents=True)
     shutil.copy(machine.__file__, site / "machine.py")
     subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=u", "-c", "user.email=u@x", "commit", "-q",
+                    "--allow-empty", "-m", "theirs"], check=True)  # (a commit the old lookup returned)
     spec = importlib.util.spec_from_file_location("installed_machine", site / "machine.py")
     installed = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(installed)

@@ -192,3 +192,14 @@ def test_qmatmul_takes_nested_lists_as_numpy_does():
     with pytest.raises(TypeError, match=r"^\[qmatmul\] x must be float32 or float16 \(numpy\), got float64"):
         ff.qmatmul([[1.0] * 32], qw)
 
+
+
+def test_reading_the_dense_weight_says_what_to_do():
+    """Model code that reads .weight of a compressed layer (as WavLM's attention does) gets an
+    AttributeError naming the fix; hasattr and getattr with a default behave as for any module
+    without one."""
+    q = QuantizedLinear.from_linear(torch.nn.Linear(64, 24), Int8())
+    with pytest.raises(AttributeError, match=r"\[QuantizedLinear\] a compressed layer has no dense \.weight.*skip="):
+        q.weight.dtype
+    assert not hasattr(q, "weight") and getattr(q, "weight", None) is None
+    assert q.w_scales.dtype == torch.float32  # (buffers still found)

@@ -14,6 +14,8 @@ def framework_of(x) -> str:
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(x, torch.Tensor):
         return "torch"
+    if torch is None and type(x).__module__.startswith("torch"):  # (at interpreter shutdown,
+        return "torch"  # sys.modules is emptied: a tensor must not pass for a numpy array)
     mx = sys.modules.get("mlx.core")
     if mx is not None and isinstance(x, mx.array):
         return "mlx"

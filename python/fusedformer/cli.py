@@ -102,7 +102,8 @@ def install_hint(module: str) -> str:
     from fusedformer._info import BACKENDS
 
     root = module.split(".")[0]
-    extras = {mod: extra for mod, extra in BACKENDS.values()} | {"matplotlib": "bench", "safetensors": "hf"}
+    extras = {mod.split(".")[0]: extra for mod, extra in BACKENDS.values()}
+    extras |= {"matplotlib": "bench", "safetensors": "hf", "sklearn": "coreml"}
     return f"pip install 'fusedformer[{extras[root]}]'" if root in extras else f"pip install {root}"
 
 

@@ -34,7 +34,7 @@ MAX_SCALE = float(_C.sdpa_max_scale)  # the kernel takes scale * log2(e) in floa
 # hash some dtypes (mlx's) that a shared dict would hold. The usual ones are spelled at import:
 # str() of a dtype imports numpy code on its first call, which a call from a finalizer at
 # interpreter shutdown cannot.
-_NUMPY_DTYPE_NAMES: dict = {np.dtype(t): str(np.dtype(t)) for t in ("float32", "float16", "float64", "bool")}
+_NUMPY_DTYPE_NAMES: dict = {np.dtype(t): str(np.dtype(t)) for t in ("float32", "float16", "float64", "bool", "uint8")}
 
 
 def _dtype_name(x) -> str:

@@ -93,12 +93,13 @@ class MLXWeight(nn.Module):
         self._quantized = None
 
     def __setitem__(self, key, value):
-        # Every array replaced (load_weights, update, set_dtype: all go through here) drops what
-        # was derived from the old ones.
+        # Every array replaced (load_weights, update, set_dtype: all go through here) drops or
+        # rebuilds what was derived from the old ones (at once: under mx.compile nothing can be
+        # read back from an array, so nothing is derived lazily inside a call).
         super().__setitem__(key, value)
-        self._arrays_changed()
+        self._arrays_changed(key)
 
-    def _arrays_changed(self):
+    def _arrays_changed(self, key: str):
         self._quantized = None
 
     @staticmethod
@@ -120,7 +121,8 @@ class MLXWeight(nn.Module):
         return self._mlx_matmul_t(x)
 
     def quantized_weight(self) -> QuantizedWeight:
-        """This weight as a QuantizedWeight over (zero-copy) numpy views of its MLX arrays."""
+        """This weight as a QuantizedWeight over numpy views of its MLX arrays (zero-copy, but
+        float16/bfloat16 arrays left by set_dtype, widened to float32 copies)."""
         if self._quantized is None:
             arrays = {name: np.asarray(_widened(a)) for name, a in self.canonical_arrays().items()}
             self._quantized = QuantizedWeight(self.scheme, (self.out_features, self.in_features), arrays)
@@ -155,21 +157,9 @@ class MLXWeight(nn.Module):
     def dequantize_rows(self, r0: int, r1: int):
         raise NotImplementedError
 
-    def derived_nbytes(self) -> int:
-        """Bytes held beside the parameters (arrays derived from them for MLX's kernels)."""
-        return 0
-
     def _row_tiles(self):
         rows = max(1, TILE_ELEMENTS // self.in_features)
         return [(r, min(r + rows, self.out_features)) for r in range(0, self.out_features, rows)]
-
-
-class _Grouped:
-    """Arrays derived from a weight's parameters (a plain object: nn.Module takes arrays, dicts,
-    lists and tuples for parameters)."""
-
-    def __init__(self, scales, biases):
-        self.scales, self.biases = scales, biases
 
 
 def _mx(arrays: dict, name: str):
@@ -222,32 +212,26 @@ class Int8Weight(MLXWeight):
         self.scales = mx.array(scales)
         self.offsets = mx.array(zero + 128)  # exact small integers: W = (u - offset) * scale
         self.group_size = next((g for g in (128, 64, 32) if k % g == 0), None)
-        if self.group_size is not None:
-            self.group_arrays()
-
-    def _arrays_changed(self):
-        super()._arrays_changed()
-        self._grouped = None
-
-    def group_arrays(self):
-        """(scales, biases) per group of MLX's 8-bit kernel, derived from the channels' scales and
-        offsets in float32, where scale * u + bias is exact: not parameters, so that a model's
-        set_dtype casts only the channels' arrays (a float16 bias -offset * scale would lose
-        up to a quarter of a step on every weight of the row, the same sign for all)."""
-        if self._grouped is None:
-            groups = self.in_features // self.group_size
-            scales = self.scales.astype(mx.float32)[:, None]
-            self._grouped = _Grouped(mx.repeat(scales, groups, axis=1),
-                                     mx.repeat(-self.offsets.astype(mx.float32)[:, None] * scales, groups, axis=1))
-            mx.eval(self._grouped.scales, self._grouped.biases)
-        return self._grouped.scales, self._grouped.biases
-
-    def derived_nbytes(self) -> int:
-        return 0 if self.group_size is None else 2 * 4 * self.out_features * (self.in_features // self.group_size)
+        if self.group_size is not None:  # (parameters, as MLX's kernel reads them: group_arrays)
+            groups = k // self.group_size
+            self.group_scales = mx.array(np.repeat(scales[:, None], groups, axis=1))
+            self.group_biases = mx.array(np.repeat((-(zero + 128) * scales)[:, None], groups, axis=1))
 
     @property
     def path(self):
         return MLXWeight.path if self.group_size is None else "mx.quantized_matmul 8-bit (MLX's fused kernel)"
+
+    def group_arrays(self):
+        """The group scales and biases MLX's 8-bit kernel reads: the parameters, or where
+        set_dtype made them float16/bfloat16, the same derived in float32 from the channels'
+        arrays. In half precision the kernel would round scale * u (u up to 255) before the bias
+        -(128 + zero_point) * scale cancels it, a rounding step of the code's whole range on
+        every weight; in float32 both are exact."""
+        if self.group_scales.dtype == mx.float32 and self.group_biases.dtype == mx.float32:
+            return self.group_scales, self.group_biases
+        scales = self.scales.astype(mx.float32)[:, None]
+        shape = self.group_scales.shape
+        return mx.broadcast_to(scales, shape), mx.broadcast_to(-self.offsets.astype(mx.float32)[:, None] * scales, shape)
 
     def canonical_arrays(self):
         arrays = {"w_q": (self.codes.astype(mx.int16) - 128).astype(mx.int8), "scales": self.scales}
@@ -286,7 +270,10 @@ class PalettizedWeight(MLXWeight):
 
 class PrunedWeight(MLXWeight):
     """Bitmask + packed survivors (no fused MLX kernel). Each tile places its rows' survivors
-    through the mask's running count, then dequantizes them as the inner scheme says."""
+    through the mask's running count, then dequantizes them as the inner scheme says. The
+    survivors before each tile are numbers (row_offsets, from the mask when it is set): a
+    function mx.compile traced keeps them, so compile again after loading a mask that keeps
+    other counts per tile."""
 
     def __init__(self, qw):
         super().__init__(qw)
@@ -301,22 +288,15 @@ class PrunedWeight(MLXWeight):
         else:
             self.indices, self.lut = _mx(arrays, "indices"), _mx(arrays, "lut")
 
-    def _arrays_changed(self):
-        super()._arrays_changed()
-        self._row_offsets = None
-
-    @property
-    def row_offsets(self) -> np.ndarray:
-        """Survivors before each row (plain numpy, from the mask; rebuilt when the mask is
-        replaced), checked against the survivors' arrays."""
-        if self._row_offsets is None:
+    def _arrays_changed(self, key):
+        super()._arrays_changed(key)
+        if key == "mask":  # survivors before each row, plain numpy (tile slices need numbers)
             kept = np.unpackbits(np.asarray(self.mask), axis=-1, count=self.in_features, bitorder="little")
-            offsets = np.concatenate([[0], np.cumsum(kept.sum(1))]).astype(np.int64)
-            self._check_survivors(int(offsets[-1]))
-            self._row_offsets = offsets
-        return self._row_offsets
+            self.row_offsets = np.concatenate([[0], np.cumsum(kept.sum(1))]).astype(np.int64)
 
-    def _check_survivors(self, nnz: int):
+    def _check_survivors(self):
+        """The mask's survivors against the arrays holding them (shapes only), before a call."""
+        nnz = int(self.row_offsets[-1])
         inner = self.inner
         if inner is None:
             held, name = self.survivors.shape[0], "values"
@@ -336,6 +316,8 @@ class PrunedWeight(MLXWeight):
         return {"mask": self.mask, "indices": self.indices, "lut": self.lut}
 
     def dequantize_rows(self, r0, r1):
+        if r0 == 0:
+            self._check_survivors()
         rows, k = r1 - r0, self.in_features
         keep = unpack_bits(self.mask[r0:r1], 1, 0, k).astype(mx.bool_)
         s0, s1 = int(self.row_offsets[r0]), int(self.row_offsets[r1])

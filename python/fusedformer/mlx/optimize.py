@@ -87,8 +87,7 @@ def _linear_shape(linear) -> tuple[int, int]:
 
 
 def _nbytes(linear) -> int:
-    derived = linear.qweight.derived_nbytes() if isinstance(linear, QuantizedLinear) else 0
-    return derived + sum(v.nbytes for k, v in tree_flatten(linear.parameters()) if k != "bias")
+    return sum(v.nbytes for k, v in tree_flatten(linear.parameters()) if k != "bias")
 
 
 @contextlib.contextmanager

@@ -11,9 +11,10 @@ What transformers (5.x) passes to an attention function, and how it maps onto ff
 - scaling: the softmax scale; dropout: applied only in training (then torch's function runs);
 - sliding_window: already in the mask, so it is not applied twice;
 - softcap, position_bias, attention sinks, paged caches: not supported. Calls the fused op
-  cannot serve run the model's own attention instead: the implementation it had before
-  optimize() (transformers' "sdpa", or its modeling file's eager_attention_forward where it was
-  "eager", as for models with softcapping or sinks), counted in the stats by reason.
+  cannot serve run the model's own attention instead, counted in the stats by reason:
+  transformers' "sdpa" where the model ran it before optimize(), else (eager, flex, flash, and
+  calls with softcapping or sinks) its modeling file's eager_attention_forward on the mask made
+  eager's.
 Returns (output [B, Lq, Hq, D] contiguous, None), as transformers expects.
 """
 

@@ -43,6 +43,13 @@ class QuantizedLinear(nn.Module):
         """Compresses linear.weight with scheme (bias kept as is)."""
         return cls(compress(linear.weight.detach(), scheme), linear.bias)
 
+    def __getattr__(self, name: str):
+        if name == "weight":  # (an AttributeError still: hasattr and getattr(..., default) stay as they were)
+            raise AttributeError("[QuantizedLinear] a compressed layer has no dense .weight: code that reads it "
+                                 "needs the layer kept dense (ff.torch.optimize(..., skip=[its name])); "
+                                 "dequantized_weight() gives its values")
+        return super().__getattr__(name)
+
     def _set_weight(self, qw: QuantizedWeight) -> None:
         self._names = list(qw.arrays)
         for name in [n for n in self._buffers if n.startswith("w_")]:

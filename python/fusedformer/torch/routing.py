@@ -14,7 +14,6 @@ import collections
 import os
 import sys
 import threading
-import weakref
 
 import torch
 
@@ -29,7 +28,7 @@ class AttentionStats:
 
     def __init__(self):
         self._lock = threading.Lock()
-        _ALL_STATS.add(self)
+        self._pid = os.getpid()
         self.fused = 0
         self.fallbacks: collections.Counter[str] = collections.Counter()
 
@@ -49,6 +48,9 @@ class AttentionStats:
         graph runs no Python, and a lock would break it)."""
         if torch.compiler.is_compiling():
             return
+        if self._pid != os.getpid():  # a forked child: the lock may have been held at the fork by
+            self._lock = threading.Lock()  # a thread that does not exist here (it would wait forever)
+            self._pid = os.getpid()
         with self._lock:
             if reason is None:
                 self.fused += 1
@@ -62,20 +64,6 @@ class AttentionStats:
     def __repr__(self) -> str:
         fb = ", ".join(f"{r}: {n}" for r, n in self.fallbacks.most_common()) or "none"
         return f"AttentionStats(fused={self.fused}, fallbacks: {fb})"
-
-
-_ALL_STATS: "weakref.WeakSet[AttentionStats]" = weakref.WeakSet()
-
-
-def _unlock_after_fork() -> None:
-    """(as the output cache's: a lock held by another thread at the fork is never released in
-    the child, whose first counted call would wait forever)"""
-    for stats in list(_ALL_STATS):
-        stats._lock = threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_unlock_after_fork)
 
 
 def unsupported_reason(*tensors: torch.Tensor | None, dropout: float = 0.0) -> str | None:
