@@ -104,6 +104,8 @@ def _fallback(module, kwargs):
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     impl = getattr(module, "_fusedformer_fallback", "sdpa")
+    if impl.startswith("paged|") and impl in ALL_ATTENTION_FUNCTIONS:  # (only it reads the paged cache)
+        return ALL_ATTENTION_FUNCTIONS[impl], False
     if impl != "sdpa" or any(kwargs.get(k) is not None for k in _EAGER_ONLY_KWARGS):
         eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
         if eager is not None:
