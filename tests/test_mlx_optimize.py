@@ -3,6 +3,7 @@ twin with the same weights."""
 
 from __future__ import annotations
 
+import threading
 import warnings
 
 import numpy as np
@@ -265,16 +266,48 @@ def test_left_padding_gives_finite_logits(rng):
 
 
 def test_routing_is_scoped_to_optimized_modules():
-    fast = mx.fast.scaled_dot_product_attention
     mha = nn.MultiHeadAttention(32, 4)
     ff.mlx.optimize(mha, attention="fused")
     assert type(mha).__name__ == "FusedMultiHeadAttention"
     x = mx.random.normal((1, 5, 32))
     mask = mx.array(np.zeros((5, 5), bool))  # every key masked
     assert (np.array(mha(x, x, x, mask)) == np.array(mha.out_proj(mx.zeros((1, 5, 32))))).all()
-    assert mx.fast.scaled_dot_product_attention is fast  # restored after the call
     ff.mlx.optimize(mha, attention="fused")  # idempotent
     assert type(mha).__name__ == "FusedMultiHeadAttention"
+
+
+def test_routing_is_per_thread(monkeypatch):
+    """A thread inside an optimized module's call routes its own mx.fast calls, not another
+    thread's (swapping mx.fast's function per block sent them to ours), and outside every block
+    mx.fast runs MLX's own."""
+    import importlib
+
+    mlx_optimize = importlib.import_module("fusedformer.mlx.optimize")  # (ff.mlx.optimize is the function)
+
+    monkeypatch.setattr(mlx_optimize, "MX_FAST_SDPA", lambda *a, **k: "mlx")
+    monkeypatch.setattr(mlx_optimize, "_fused_sdpa_like_mx_fast", lambda *a, **k: "ours")
+    monkeypatch.setattr(mx.fast, "scaled_dot_product_attention", mx.fast.scaled_dot_product_attention)
+
+    def call():
+        return mx.fast.scaled_dot_product_attention(None, None, None, scale=1.0)
+
+    inside, done, seen = threading.Event(), threading.Event(), []
+
+    def hold():
+        with mlx_optimize.use_fused_sdpa():
+            seen.append(call())
+            inside.set()
+            done.wait(60)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert inside.wait(60)
+    try:
+        other = call()
+    finally:
+        done.set()
+        holder.join()
+    assert seen == ["ours"] and other == "mlx" and call() == "mlx"
 
 
 def test_skip_patterns_report_and_checks_before_any_change():

@@ -92,18 +92,26 @@ def _nbytes(linear) -> int:
 
 @contextlib.contextmanager
 def use_fused_sdpa():
-    """Within the block, ``mx.fast.scaled_dot_product_attention`` calls go to fusedformer's MLX
-    sdpa (calls with ``sinks`` still go to MLX's, which alone supports them). Re-entrant."""
-    depth = getattr(_routing, "depth", 0)
-    if depth == 0:
-        mx.fast.scaled_dot_product_attention = _fused_sdpa_like_mx_fast
-    _routing.depth = depth + 1
+    """Within the block, this thread's ``mx.fast.scaled_dot_product_attention`` calls go to
+    fusedformer's MLX sdpa (calls with ``sinks`` still go to MLX's, which alone supports them).
+    Re-entrant. The first use puts a router in mx.fast that stays: outside such blocks (and in
+    other threads) it passes calls to MLX's own function. Swapping mx.fast's function in and out
+    per block raced between threads (calls outside a block sent to ours, calls inside to MLX's)."""
+    if mx.fast.scaled_dot_product_attention is not _routed_sdpa:
+        mx.fast.scaled_dot_product_attention = _routed_sdpa
+    _routing.depth = getattr(_routing, "depth", 0) + 1
     try:
         yield
     finally:
         _routing.depth -= 1
-        if _routing.depth == 0:
-            mx.fast.scaled_dot_product_attention = MX_FAST_SDPA
+
+
+def _routed_sdpa(*args, **kwargs):
+    """mx.fast.scaled_dot_product_attention once use_fused_sdpa() has run: ours inside its blocks
+    (this thread's), MLX's own elsewhere."""
+    if getattr(_routing, "depth", 0) > 0:
+        return _fused_sdpa_like_mx_fast(*args, **kwargs)
+    return MX_FAST_SDPA(*args, **kwargs)
 
 
 def _fused_sdpa_like_mx_fast(q, k, v, *, scale, mask=None, sinks=None, **kwargs):
