@@ -151,7 +151,7 @@ def test_layers_whose_parent_reads_their_weight_stay_dense():
     stock = tf.T5ForConditionalGeneration(tf.T5Config(vocab_size=97, d_model=64, d_kv=16, d_ff=96, num_layers=2,
                                                       num_heads=4, decoder_start_token_id=0, pad_token_id=0)).eval()
     model = copy.deepcopy(stock)
-    with pytest.warns(UserWarning, match=r"\[optimize\] T5DenseActDense\.forward reads wo\.weight itself.*"
+    with pytest.warns(UserWarning, match=r"\[optimize\] T5DenseActDense reads wo\.weight itself.*"
                                          r"4 such layer\(s\) stay dense") as caught:
         ff.torch.optimize(model, attention=None, weights=ff.quant.Int8())
     assert sum("reads wo.weight" in str(w.message) for w in caught) == 1
@@ -165,6 +165,29 @@ def test_layers_whose_parent_reads_their_weight_stay_dense():
         got = model(input_ids=ids, decoder_input_ids=ids).logits
         model.generate(ids, max_new_tokens=3)
     assert rel_err(got, want) < 0.05
+
+
+@pytest.mark.hf
+def test_layers_a_parents_helper_reads_stay_dense():
+    """WavLM's attention hands self.q_proj.weight (and k, v, out) to torch in a method its
+    forward calls: those four stay dense, named in one warning, and the model runs."""
+    tf = require("transformers")
+    torch.manual_seed(0)
+    config = tf.WavLMConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                            conv_dim=(8, 8), conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=4,
+                            num_conv_pos_embedding_groups=2, num_buckets=16, max_bucket_distance=32)
+    stock = tf.WavLMModel(config).eval()
+    model = copy.deepcopy(stock)
+    with pytest.warns(UserWarning, match=r"\[optimize\] WavLMAttention reads (\w+_proj\.weight, ){3}\w+_proj\.weight "
+                                         r"itself.*4 such layer\(s\) stay dense") as caught:
+        ff.torch.optimize(model, attention=None, weights=ff.quant.Int8(), skip=())
+    assert sum("WavLMAttention reads" in str(w.message) for w in caught) == 1
+    attention = {f"encoder.layers.0.attention.{p}_proj" for p in ("q", "k", "v", "out")}
+    assert attention <= set(model.fusedformer_report.skipped)
+    assert not attention & set(model.fusedformer_report.quantized) and model.fusedformer_report.quantized
+    x = torch.randn(1, 400, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        assert rel_err(model(x).last_hidden_state, stock(x).last_hidden_state) < 0.05
 
 
 @pytest.mark.hf

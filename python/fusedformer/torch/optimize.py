@@ -72,10 +72,17 @@ def _plan_no_fastpath(model: nn.Module, compressed: list[str]) -> list[tuple[str
 _WEIGHT_READS: dict[tuple[type, str], bool] = {}
 
 
+# Modules whose classes' code is not a model's own (torch's layers, transformers' base classes).
+_FRAMEWORK_MODULES = ("torch.", "transformers.modeling_utils", "transformers.generation", "transformers.integrations")
+
+
 def _forward_reads_weight(parent: nn.Module, child: str) -> bool:
-    """Whether ``parent``'s forward reads ``self.<child>.weight`` (T5's feed-forward casts its
-    input to ``self.wo.weight.dtype``; a QuantizedLinear has no weight). torch's encoder layers,
-    whose fast path reads linear1.weight, are swapped for subclasses without it instead."""
+    """Whether the code of ``parent``'s class (and of its bases that are a model's own, not
+    torch's or transformers' infrastructure) reads ``self.<child>.weight``: T5's feed-forward
+    casts its input to ``self.wo.weight.dtype`` in forward, WavLM's attention hands
+    ``self.q_proj.weight`` to torch in a method forward calls. A QuantizedLinear has no weight.
+    torch's encoder layers, whose fast path reads linear1.weight, are swapped for subclasses
+    without it instead."""
     from fusedformer.torch.modules import NO_FASTPATH_SWAPS, SWAPS
 
     cls = type(parent)
@@ -83,16 +90,23 @@ def _forward_reads_weight(parent: nn.Module, child: str) -> bool:
         return False
     key = (cls, child)
     if key not in _WEIGHT_READS:
-        try:
-            source = inspect.getsource(cls.forward)
-        except (OSError, TypeError):  # (no source kept: reads nothing we can see)
-            source = ""
-        _WEIGHT_READS[key] = re.search(rf"\bself\.{re.escape(child)}\.weight\b", source) is not None
+        pattern = re.compile(rf"\bself\.{re.escape(child)}\.weight\b")
+        found = False
+        for klass in cls.__mro__:
+            if klass is object or klass.__module__.startswith(_FRAMEWORK_MODULES):
+                continue
+            try:
+                found = pattern.search(inspect.getsource(klass)) is not None
+            except (OSError, TypeError):  # (no source kept: reads nothing we can see)
+                continue
+            if found:
+                break
+        _WEIGHT_READS[key] = found
     return _WEIGHT_READS[key]
 
 
 def _without_weight_readers(model: nn.Module, plan):
-    """The plan without the linears whose parent's forward reads their dense weight itself: they
+    """The plan without the linears whose parent's code reads their dense weight itself: they
     stay as they are, with a warning per kind of parent (``skip`` them to silence it), and are
     returned by name."""
     kept, names, by_kind = [], [], {}
@@ -102,12 +116,14 @@ def _without_weight_readers(model: nn.Module, plan):
         parent = model.get_submodule(parent_name) if parent_name else model
         if _forward_reads_weight(parent, child):
             names.append(name)
-            by_kind.setdefault((type(parent).__name__, child), []).append(name)
+            by_kind.setdefault(type(parent).__name__, {}).setdefault(child, []).append(name)
         else:
             kept.append(item)
-    for (parent, child), layers in by_kind.items():
-        warnings.warn(f"[optimize] {parent}.forward reads {child}.weight itself, which a compressed layer has "
-                      f"not: {len(layers)} such layer(s) stay dense, e.g. {layers[0]} (skip them to silence this)",
+    for parent, children in by_kind.items():
+        reads = ", ".join(f"{child}.weight" for child in children)
+        layers = [name for found in children.values() for name in found]
+        warnings.warn(f"[optimize] {parent} reads {reads} itself, which a compressed layer has not: "
+                      f"{len(layers)} such layer(s) stay dense, e.g. {layers[0]} (skip them to silence this)",
                       stacklevel=3)
     return kept, names
 
