@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,11 @@ def test_wheel_round_trip(tmp_path):
     run([sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "-q", "-w", dist, ROOT])
     wheels = list(dist.glob("fusedformer-*.whl"))
     assert len(wheels) == 1, wheels
+    with zipfile.ZipFile(wheels[0]) as wheel:  # the license text ships with it (Apache-2.0 asks for it)
+        names = wheel.namelist()
+        metadata = wheel.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names), names
+    assert "License-File: LICENSE" in metadata and "License-Expression: Apache-2.0" in metadata
     venv = tmp_path / "venv"
     run([sys.executable, "-m", "venv", venv])
     py = venv / "bin" / "python"
