@@ -9,6 +9,7 @@ memory stays near the fp32 model plus one layer.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import re
 import warnings
@@ -69,14 +70,11 @@ def _plan_no_fastpath(model: nn.Module, compressed: list[str]) -> list[tuple[str
             if type(m) in NO_FASTPATH_SWAPS and any(c.startswith(name + ".") if name else True for c in compressed)]
 
 
-_WEIGHT_READS: dict[tuple[type, str], bool] = {}
-
-
 # Modules whose classes' code is not a model's own (torch's layers, transformers' base classes).
 _FRAMEWORK_MODULES = ("torch.", "transformers.modeling_utils", "transformers.generation", "transformers.integrations")
 
 
-def _forward_reads_weight(parent: nn.Module, child: str) -> bool:
+def _reads_child_weight(parent: nn.Module, child: str) -> bool:
     """Whether the code of ``parent``'s class (and of its bases that are a model's own, not
     torch's or transformers' infrastructure) reads ``self.<child>.weight``: T5's feed-forward
     casts its input to ``self.wo.weight.dtype`` in forward, WavLM's attention hands
@@ -86,23 +84,21 @@ def _forward_reads_weight(parent: nn.Module, child: str) -> bool:
     from fusedformer.torch.modules import NO_FASTPATH_SWAPS, SWAPS
 
     cls = type(parent)
-    if cls in NO_FASTPATH_SWAPS or cls in SWAPS:
-        return False
-    key = (cls, child)
-    if key not in _WEIGHT_READS:
-        pattern = re.compile(rf"\bself\.{re.escape(child)}\.weight\b")
-        found = False
-        for klass in cls.__mro__:
-            if klass is object or klass.__module__.startswith(_FRAMEWORK_MODULES):
-                continue
-            try:
-                found = pattern.search(inspect.getsource(klass)) is not None
-            except (OSError, TypeError):  # (no source kept: reads nothing we can see)
-                continue
-            if found:
-                break
-        _WEIGHT_READS[key] = found
-    return _WEIGHT_READS[key]
+    return cls not in NO_FASTPATH_SWAPS and cls not in SWAPS and _class_reads(cls, child)
+
+
+@functools.lru_cache(maxsize=None)
+def _class_reads(cls: type, child: str) -> bool:
+    pattern = re.compile(rf"\bself\.{re.escape(child)}\.weight\b")
+    for klass in cls.__mro__:
+        if klass is object or klass.__module__.startswith(_FRAMEWORK_MODULES):
+            continue
+        try:
+            if pattern.search(inspect.getsource(klass)):
+                return True
+        except (OSError, TypeError):  # (no source kept: reads nothing we can see)
+            continue
+    return False
 
 
 def _without_weight_readers(model: nn.Module, plan):
@@ -114,7 +110,7 @@ def _without_weight_readers(model: nn.Module, plan):
         name = item[0]
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        if _forward_reads_weight(parent, child):
+        if _reads_child_weight(parent, child):
             names.append(name)
             by_kind.setdefault(type(parent).__name__, {}).setdefault(child, []).append(name)
         else:
@@ -151,8 +147,8 @@ def optimize(model: nn.Module, attention: str | None = "fused", weights=None, sk
     _check_device(model)
     plan, skipped, unmatched = (plan_weights(_linears(model), weights, skip, _compressed(model))
                                 if weights is not None else ([], [], []))
-    plan, kept = _without_weight_readers(model, plan)
-    skipped += kept
+    plan, dense = _without_weight_readers(model, plan)
+    skipped += dense
     for name, linear, scheme in plan:  # every check before the first change
         quant.check_values(linear.weight.detach(), scheme, name=name)
     swaps = _plan_attention(model) if attention == "fused" else _plan_no_fastpath(model, [n for n, _, _ in plan])
