@@ -134,6 +134,33 @@ def test_kmeans_exact_on_small_data():
     np.testing.assert_array_equal(lut, [0.5] * 4)
 
 
+def _lut_rmse(values, lut):
+    from fusedformer.quant.algorithms import lut_assign
+
+    return float(np.sqrt(np.mean((values.astype(np.float64) - lut[lut_assign(values, lut)]) ** 2)))
+
+
+# 4096 values: the exact DP; 2**17: the histogram (bins over the bulk, far values exact).
+@pytest.mark.parametrize("n,bits", [(4096, 8), (1 << 17, 4), (1 << 17, 8)])
+@pytest.mark.parametrize("outlier", [1e4, 1e6, -1e12])
+def test_kmeans_far_outliers_leave_the_bulk_its_palette(n, bits, outlier, rng):
+    """Two values far from the rest take two LUT entries each to itself; the other 2**bits - 2
+    serve the bulk about as well as a palette of the bulk alone (k/(k-2) for a Gaussian). Bins of
+    equal width over the whole range, and prefix sums taken from the first point, left 3 to 10
+    distinct entries or lost the bulk's error to rounding (up to 60 times the error)."""
+    from fusedformer.quant.algorithms import kmeans_lut
+
+    bulk = rng.standard_normal(n - 2).astype(np.float32)
+    far = np.array([outlier, -outlier / 3], np.float32)
+    values = np.concatenate([bulk[: n // 3], far[:1], bulk[n // 3:], far[1:]])
+    lut = kmeans_lut(values, bits)
+    assert np.isfinite(lut).all() and np.all(np.diff(lut) >= 0)
+    for x in far:
+        np.testing.assert_allclose(lut[np.abs(lut - x).argmin()], x, rtol=1e-6)
+    k = 1 << bits
+    assert _lut_rmse(bulk, lut) <= 1.1 * k / (k - 2) * _lut_rmse(bulk, kmeans_lut(bulk, bits))
+
+
 @pytest.mark.slow
 def test_kmeans_large_tensor(rng):
     """A 2048 x 4096 weight (the native k-means; its time is the benchmarks' business, not a test's)."""

@@ -13,6 +13,7 @@
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <vector>
 
 #include "kernels/cpu/quant/api.h"
 #include "kernels/cpu/isa.h"
@@ -22,10 +23,15 @@ namespace ff {
 namespace FF_ISA_NS {
 namespace {
 
-// Points with prefix sums of weight, weighted value and weighted square (values centred).
+// Points with prefix sums of weight, weighted value and weighted square (values centred on the
+// median). The sums are anchored at the median point: P[t] sums the points from the pivot up to
+// t, and for t below the pivot it is minus the sum from t up to it, so that P[j] - P[i] is the
+// sum over [i, j) either way. A cluster's sums then never take the difference of two totals that
+// carry an outlier far from it (prefix sums from the first point lost a cluster's whole error to
+// rounding once one point 1e10 times the rest came before it).
 struct Points {
   int64_t m = 0;
-  std::unique_ptr<double[]> w, s, ss;  // prefix sums, size m + 1
+  std::unique_ptr<double[]> w, s, ss;  // anchored prefix sums, size m + 1
   double cost(int64_t i, int64_t j) const {  // within-cluster SSE of points [i, j)
     const double cw = w[j] - w[i];
     if (cw <= 0) return 0;
@@ -38,56 +44,102 @@ struct Points {
   }
 };
 
-void alloc_points(Points& p, int64_t m) {
+// The points in ascending order of value, each as its weight and the sums of its (centred)
+// values and of their squares, before the prefix sums.
+struct PointList {
+  std::vector<double> w, s, ss;
+  void add(double cw, double cs, double css) {
+    w.push_back(cw);
+    s.push_back(cs);
+    ss.push_back(css);
+  }
+  // Each distinct value of sorted[0, n) with its multiplicity.
+  void add_distinct(const float* sorted, int64_t n, double centre) {
+    for (int64_t i = 0; i < n;) {
+      int64_t e = i;
+      while (e < n && sorted[e] == sorted[i]) ++e;
+      const double x = sorted[i] - centre, c = static_cast<double>(e - i);
+      add(c, c * x, c * x * x);
+      i = e;
+    }
+  }
+};
+
+// The anchored prefix sums of the list (pivot: the first point where the weight reaches half).
+void anchor_points(const PointList& list, Points& p) {
+  const int64_t m = static_cast<int64_t>(list.w.size());
   p.m = m;
   p.w.reset(new double[m + 1]);
   p.s.reset(new double[m + 1]);
   p.ss.reset(new double[m + 1]);
-  p.w[0] = p.s[0] = p.ss[0] = 0;
-}
-
-// Distinct values of sorted v (centred on `centre`), each weighted by its multiplicity.
-void points_exact(const float* sorted, int64_t n, double centre, Points& p) {
-  int64_t m = 0;
-  for (int64_t i = 0; i < n; ++i) m += (i == 0 || sorted[i] != sorted[i - 1]);
-  alloc_points(p, m);
-  int64_t j = 0;
-  for (int64_t i = 0; i < n;) {
-    int64_t e = i;
-    while (e < n && sorted[e] == sorted[i]) ++e;
-    const double x = sorted[i] - centre, c = static_cast<double>(e - i);
-    p.w[j + 1] = p.w[j] + c;
-    p.s[j + 1] = p.s[j] + c * x;
-    p.ss[j + 1] = p.ss[j] + c * x * x;
-    ++j;
-    i = e;
+  double total = 0, below = 0;
+  for (double x : list.w) total += x;
+  int64_t pivot = 0;
+  while (pivot < m && below + list.w[pivot] < 0.5 * total) below += list.w[pivot++];
+  p.w[pivot] = p.s[pivot] = p.ss[pivot] = 0;
+  for (int64_t t = pivot; t < m; ++t) {
+    p.w[t + 1] = p.w[t] + list.w[t];
+    p.s[t + 1] = p.s[t] + list.s[t];
+    p.ss[t + 1] = p.ss[t] + list.ss[t];
+  }
+  for (int64_t t = pivot - 1; t >= 0; --t) {
+    p.w[t] = p.w[t + 1] - list.w[t];
+    p.s[t] = p.s[t + 1] - list.s[t];
+    p.ss[t] = p.ss[t + 1] - list.ss[t];
   }
 }
 
-// Non-empty bins of an equal-width histogram over [lo, hi].
-void points_histogram(const float* v, int64_t n, double lo, double hi, int64_t bins, double centre,
-                      Points& p) {
-  std::unique_ptr<double[]> cw(new double[bins]()), cs(new double[bins]()), css(new double[bins]());
-  const double inv = (hi > lo) ? static_cast<double>(bins) / (hi - lo) : 0;
+// A strided sample of v, sorted: where the histogram's bins go and the values' centre.
+struct Sample {
+  std::vector<float> x;
+  Sample(const float* v, int64_t n) {
+    constexpr int64_t kSize = int64_t{1} << 16;
+    const int64_t stride = std::max<int64_t>(1, n / kSize);
+    for (int64_t i = 0; i < n; i += stride) x.push_back(v[i]);
+    std::sort(x.begin(), x.end());
+  }
+  double median() const { return x[x.size() / 2]; }
+  // The range the histogram's bins cover: the sample's span less its extreme 1/4096 on each
+  // side, widened by `widen` times that span each way, within [lo, hi]. Values outside it become
+  // exact points: bins of equal width over all of [lo, hi] left the bulk of the data in a
+  // handful of bins beside an outlier 1e4 times the rest (an 8-bit palette of 1M values kept 8
+  // distinct entries).
+  void range(double widen, double lo, double hi, double* a, double* b) const {
+    const size_t cut = x.size() / 4096;
+    const double qa = x[cut], qb = x[x.size() - 1 - cut], span = qb - qa;
+    *a = std::max(lo, qa - widen * span);
+    *b = std::min(hi, qb + widen * span);
+  }
+};
+
+// Non-empty bins of an equal-width histogram over [a, b], with the values outside it as exact
+// points below and above them. False (list untouched) where more than max_tail values lie
+// outside.
+bool points_histogram(const float* v, int64_t n, double a, double b, int64_t bins, double centre,
+                      int64_t max_tail, PointList& list) {
+  std::vector<double> cw(bins), cs(bins), css(bins);
+  std::vector<float> below, above;
+  const double inv = (b > a) ? static_cast<double>(bins) / (b - a) : 0;
   for (int64_t i = 0; i < n; ++i) {
-    int64_t b = static_cast<int64_t>((v[i] - lo) * inv);
-    b = std::min(std::max<int64_t>(b, 0), bins - 1);
-    const double x = v[i] - centre;
-    cw[b] += 1;
-    cs[b] += x;
-    css[b] += x * x;
+    const double x = v[i];
+    if (x < a || x > b) {
+      (x < a ? below : above).push_back(v[i]);
+      if (static_cast<int64_t>(below.size() + above.size()) > max_tail) return false;
+      continue;
+    }
+    const int64_t bin = std::min(static_cast<int64_t>((x - a) * inv), bins - 1);
+    const double c = x - centre;
+    cw[bin] += 1;
+    cs[bin] += c;
+    css[bin] += c * c;
   }
-  int64_t m = 0;
-  for (int64_t b = 0; b < bins; ++b) m += cw[b] > 0;
-  alloc_points(p, m);
-  int64_t j = 0;
-  for (int64_t b = 0; b < bins; ++b) {
-    if (cw[b] <= 0) continue;
-    p.w[j + 1] = p.w[j] + cw[b];
-    p.s[j + 1] = p.s[j] + cs[b];
-    p.ss[j + 1] = p.ss[j] + css[b];
-    ++j;
-  }
+  std::sort(below.begin(), below.end());
+  std::sort(above.begin(), above.end());
+  list.add_distinct(below.data(), static_cast<int64_t>(below.size()), centre);
+  for (int64_t bin = 0; bin < bins; ++bin)
+    if (cw[bin] > 0) list.add(cw[bin], cs[bin], css[bin]);
+  list.add_distinct(above.data(), static_cast<int64_t>(above.size()), centre);
+  return true;
 }
 
 struct Layer {
@@ -172,14 +224,26 @@ void lloyd(const float* v, int64_t n, double* c, int64_t k, int iters) {
   }
 }
 
+// The histogram's points (centred on the sample's median, returned): bins over the sample's
+// range, widened until at most max_points / 4 values lie outside it, else over all of [lo, hi].
+double histogram_points(const float* v, int64_t n, double lo, double hi, int64_t max_points, PointList& list) {
+  const Sample sample(v, n);
+  const double centre = sample.median();
+  for (double widen : {0.125, 1.0, 8.0, 64.0}) {
+    double a, b;
+    sample.range(widen, lo, hi, &a, &b);
+    if (points_histogram(v, n, a, b, max_points, centre, max_points / 4, list)) return centre;
+  }
+  points_histogram(v, n, lo, hi, max_points, centre, n, list);
+  return centre;
+}
+
 void kmeans1d(const float* v, int64_t n, int k, float* centroids) {
-  double lo = v[0], hi = v[0], total = 0;
+  double lo = v[0], hi = v[0];
   for (int64_t i = 0; i < n; ++i) {
     lo = std::min<double>(lo, v[i]);
     hi = std::max<double>(hi, v[i]);
-    total += v[i];
   }
-  const double centre = total / static_cast<double>(n);
   // DP budget: k * m * log2(m) cost evaluations (m points: exact below it, histogram bins above;
   // Lloyd iterations on the raw values then refine the histogram solution).
   constexpr double kDpBudget = 3e7;
@@ -188,16 +252,20 @@ void kmeans1d(const float* v, int64_t n, int k, float* centroids) {
          static_cast<double>(k) * (2 * max_points) * std::log2(2.0 * max_points) <= kDpBudget)
     max_points *= 2;
 
-  Points p;
-  bool exact = n <= max_points;
+  PointList list;
+  const bool exact = n <= max_points;
+  double centre;
   if (exact) {
     std::unique_ptr<float[]> sorted(new float[n]);
     std::memcpy(sorted.get(), v, n * sizeof(float));
     std::sort(sorted.get(), sorted.get() + n);
-    points_exact(sorted.get(), n, centre, p);
+    centre = sorted[n / 2];
+    list.add_distinct(sorted.get(), n, centre);
   } else {
-    points_histogram(v, n, lo, hi, max_points, centre, p);
+    centre = histogram_points(v, n, lo, hi, max_points, list);
   }
+  Points p;
+  anchor_points(list, p);
   std::unique_ptr<double[]> means(new double[k]);
   const int64_t kk = dp_kmeans(p, k, means.get());
   for (int64_t c = 0; c < kk; ++c) means[c] += centre;
