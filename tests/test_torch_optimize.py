@@ -191,6 +191,41 @@ def test_layers_a_parents_helper_reads_stay_dense():
 
 
 @pytest.mark.hf
+def test_continuous_batching_runs_with_sdpa_set_back():
+    """transformers' continuous batching (generate_batch) takes only sdpa, paged|eager and flash
+    attention and names "fusedformer" in its refusal; with sdpa set back (the README's recipe)
+    it runs the compressed linears on its packed batches, token for token as generate() does
+    prompt by prompt, and setting "fusedformer" again fuses attention again."""
+    tf = require("transformers")
+    if not hasattr(tf.LlamaForCausalLM, "generate_batch"):
+        pytest.skip("this transformers has no generate_batch")
+    from transformers import ContinuousBatchingConfig, GenerationConfig
+
+    torch.manual_seed(0)
+    model = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96,
+                                               num_hidden_layers=2, num_attention_heads=4,
+                                               num_key_value_heads=2)).eval()
+    ff.torch.optimize(model, weights=ff.quant.Affine(4, 32))
+    prompts = [[1, 5, 9, 20, 33], [2, 7, 40], [3, 4, 5, 6, 7, 8, 9, 10, 11]]
+    config = GenerationConfig(max_new_tokens=5, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    batching = ContinuousBatchingConfig(num_blocks=16, block_size=16, max_batch_tokens=64)
+    with pytest.raises(ValueError, match="fusedformer"):
+        model.generate_batch(prompts, generation_config=config, continuous_batching_config=batching, warmup=False)
+    model.set_attn_implementation("sdpa")
+    with torch.inference_mode():
+        out = model.generate_batch(prompts, generation_config=config, continuous_batching_config=batching,
+                                   warmup=False)
+        for i, prompt in enumerate(prompts):
+            one = model.generate(torch.tensor([prompt]), generation_config=config)[0, len(prompt):]
+            assert out[f"req_{i}"].generated_tokens == one.tolist()
+    fused = model.fusedformer_report.stats.fused
+    model.set_attn_implementation("fusedformer")
+    with torch.inference_mode():
+        model(torch.tensor([prompts[0]]))
+    assert model.fusedformer_report.stats.fused > fused
+
+
+@pytest.mark.hf
 def test_training_with_dropout_falls_back_and_is_counted():
     tf = require("transformers")
     torch.manual_seed(0)
