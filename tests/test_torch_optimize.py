@@ -197,9 +197,10 @@ def test_continuous_batching_runs_with_sdpa_set_back():
     it runs the compressed linears on its packed batches, token for token as generate() does
     prompt by prompt, and setting "fusedformer" again fuses attention again."""
     tf = require("transformers")
-    if not hasattr(tf.LlamaForCausalLM, "generate_batch"):
-        pytest.skip("this transformers has no generate_batch")
-    from transformers import ContinuousBatchingConfig, GenerationConfig
+    ContinuousBatchingConfig = getattr(tf, "ContinuousBatchingConfig", None)
+    if ContinuousBatchingConfig is None or not hasattr(tf.LlamaForCausalLM, "generate_batch"):
+        pytest.skip("this transformers has no generate_batch with a ContinuousBatchingConfig")
+    from transformers import GenerationConfig
 
     torch.manual_seed(0)
     model = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96,
