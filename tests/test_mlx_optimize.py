@@ -13,6 +13,7 @@ from tests.conftest import require
 pytestmark = pytest.mark.mlx
 mx = require("mlx")
 import mlx.nn as nn  # noqa: E402
+from mlx.core.fast import scaled_dot_product_attention as bound_sdpa  # noqa: E402  (a name bound at import)
 from mlx.utils import tree_flatten  # noqa: E402
 
 import fusedformer as ff  # noqa: E402
@@ -377,3 +378,138 @@ def test_native_cpu_kernel_in_an_optimized_model(rng):
     with ff.mlx.cpu_kernel("native"):
         logits = np.array(model(ids))
     np.testing.assert_allclose(logits, base, atol=2e-5, rtol=2e-5)
+
+
+def test_adopted_bf16_layer_keeps_its_arrays_and_outputs(rng):
+    """An mlx-lm-style bf16 4-bit layer adopted as it is keeps its bf16 scales and biases: the
+    same bytes and, bit for bit, nn.QuantizedLinear's outputs (float32 copies grew it by 11%
+    and moved outputs by up to 0.19); the native kernel widens them and agrees."""
+    layer = nn.Linear(256, 64, bias=False)
+    layer.set_dtype(mx.bfloat16)
+    model = nn.Sequential(layer)
+    nn.quantize(model, group_size=64, bits=4)
+    x = mx.array(rng.standard_normal((3, 256)).astype(np.float32)).astype(mx.bfloat16)
+    want = np.array(model(x).astype(mx.float32))
+    before = {k.split(".")[-1]: (v.dtype, v.nbytes) for k, v in tree_flatten(model.parameters())}
+    ff.mlx.optimize(model, weights=schemes().Affine(4, 64))
+    after = {k.split(".")[-1]: (v.dtype, v.nbytes) for k, v in tree_flatten(model.parameters())}
+    assert after == {"w_q": before["weight"], "scales": before["scales"], "biases": before["biases"]}
+    assert model.fusedformer_report.bytes_after == model.fusedformer_report.bytes_before
+    np.testing.assert_array_equal(np.array(model(x).astype(mx.float32)), want)
+    with ff.mlx.cpu_kernel("native"):  # (bf16 x stays on MLX's path; float32 x runs the kernel)
+        got = np.array(model(x.astype(mx.float32)))
+    np.testing.assert_allclose(got, np.array(model(x.astype(mx.float32))), atol=1e-4, rtol=1e-4)
+
+
+def test_dict_of_layers_with_digit_keys():
+    """Layers in a dict whose keys are digits (a hand-written MoE) are swapped in place:
+    update_modules(tree_unflatten(...)) took the keys for list indices and failed half-way."""
+    mx.random.seed(1)
+    model = nn.Module()
+    model.experts = {"0": nn.Linear(64, 32), "1": nn.Linear(64, 32)}
+    model.blocks = [nn.Linear(64, 64)]
+    x = mx.random.normal((2, 64))
+    want = [np.array(model.experts[k](x)) for k in ("0", "1")]
+    ff.mlx.optimize(model, attention=None, weights=schemes().Int8())
+    assert isinstance(model.experts, dict) and sorted(model.experts) == ["0", "1"]
+    assert all(isinstance(m, QuantizedLinear) for m in (*model.experts.values(), model.blocks[0]))
+    for k, w in zip(("0", "1"), want):
+        np.testing.assert_allclose(np.array(model.experts[k](x)), w, atol=0.05, rtol=0.05)
+
+
+def test_tied_weight_is_reported_and_counted():
+    """An lm_head holding the embedding's array frees nothing when compressed: the report names
+    the tie and counts the dense array as still held (as ff.torch.optimize does)."""
+    model = nn.Module()
+    model.embed = nn.Embedding(1000, 256)
+    model.lm_head = nn.Linear(256, 1000, bias=False)
+    model.lm_head.weight = model.embed.weight
+    ff.mlx.optimize(model, attention=None, weights=schemes().Affine(4, 64), skip=())
+    report = model.fusedformer_report
+    assert report.tied == {"lm_head": "embed.weight"}
+    dense = model.embed.weight.nbytes
+    assert report.bytes_before == dense and report.bytes_after > dense
+    assert "lm_head (embed.weight)" in str(report)
+
+
+class BoundNameAttention(nn.Module):
+    """Calls MLX's attention through a name bound at import."""
+
+    def __call__(self, q, k, v, mask):
+        return bound_sdpa(q, k, v, scale=1.0, mask=mask)
+
+
+def test_attention_called_through_a_bound_name_is_routed():
+    """A module calling MLX's function through a name bound at import is routed (it was reported
+    fused and ran MLX's op): its fully masked row gives 0; outside the module the name still
+    runs MLX's function."""
+    model = nn.Module()
+    model.attn = BoundNameAttention()
+    ff.mlx.optimize(model, attention="fused")
+    assert model.fusedformer_report.attention_modules == ["attn"]
+    q, k = mx.random.normal((1, 1, 2, 8)), mx.random.normal((1, 1, 3, 8))
+    mask = mx.array([[True, True, True], [False, False, False]])
+    out = np.array(model.attn(q, k, k, mask))
+    np.testing.assert_array_equal(out[0, 0, 1], 0)
+    np.testing.assert_allclose(out[0, 0, 0], np.array(ff.sdpa(q, k, k, mask=mask, scale=1.0))[0, 0, 0], atol=1e-5)
+    outside = np.array(bound_sdpa(q, k, k, scale=1.0, mask=mask))
+    np.testing.assert_array_equal(outside, np.array(mx.fast.scaled_dot_product_attention(q, k, k, scale=1.0, mask=mask)))
+    assert not np.all(outside[0, 0, 1] == 0)  # (MLX's own: the mean of v there)
+
+
+@pytest.mark.parametrize("kind", ["qmatmul", "sdpa"])
+def test_native_kernel_refuses_gradients_and_transforms(kind, rng):
+    """The native kernel's result is a constant to MLX: a gradient through it was 0, silently.
+    It raises instead, naming the op; mx.compile and mx.vmap say why they cannot run it."""
+    if kind == "qmatmul":
+        layer = QuantizedLinear(ff.quant.compress(rng.standard_normal((32, 64)).astype(np.float32), schemes().Int8()))
+        x = mx.random.normal((2, 64))
+        f = layer
+    else:
+        x = mx.random.normal((1, 2, 4, 64))
+
+        def f(q):
+            return ff.sdpa(q, q, q, causal=True)
+    with ff.mlx.cpu_kernel("native"):
+        mx.eval(f(x))  # (runs)
+        with pytest.raises(ValueError, match=rf"^\[{kind}\] cpu_kernel\('native'\) is for inference: it has no gradient"):
+            mx.grad(lambda a: f(a).sum())(x)
+        with pytest.raises(ValueError, match=rf"^\[{kind}\] cpu_kernel\('native'\) is for inference"):
+            mx.jvp(f, [x], [x])
+        with pytest.raises(ValueError, match=rf"^\[{kind}\] cpu_kernel\('native'\) evaluates its inputs, which mx.compile"):
+            mx.compile(f)(x)
+    grad = mx.grad(lambda a: f(a).sum())(x)  # MLX's path: differentiable
+    assert float(mx.abs(grad).sum()) > 0
+
+
+def test_cpu_kernel_block_is_this_threads_own():
+    """cpu_kernel("native") in one thread leaves another thread on MLX's path (a process-wide
+    switch gave a training thread zero gradients while another was inside a block)."""
+    from fusedformer.mlx.native import current_cpu_kernel
+
+    inside, release, seen = threading.Event(), threading.Event(), []
+
+    def worker():
+        with ff.mlx.cpu_kernel("native"):
+            seen.append(current_cpu_kernel())
+            inside.set()
+            release.wait(30)
+
+    t = threading.Thread(target=worker)
+    t.start()
+    try:
+        assert inside.wait(30)
+        assert current_cpu_kernel() == "mlx" and seen == ["native"]
+        layer = QuantizedLinear(ff.quant.compress(np.ones((8, 32), np.float32), schemes().Int8()))
+        grad = mx.grad(lambda a: layer(a).sum())(mx.ones((1, 32)))
+        assert float(mx.abs(grad).sum()) > 0
+    finally:
+        release.set()
+        t.join()
+    previous = ff.mlx.set_cpu_kernel("native")  # the default outside blocks, every thread
+    try:
+        assert current_cpu_kernel() == "native"
+        with ff.mlx.cpu_kernel("mlx"):
+            assert current_cpu_kernel() == "mlx"
+    finally:
+        ff.mlx.set_cpu_kernel(previous)

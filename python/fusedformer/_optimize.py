@@ -129,3 +129,15 @@ def plan_weights(linears, weights, skip, compressed=()):
     for p in unmatched:
         warnings.warn(f"[optimize] weights pattern {p!r} matched no linear layer", stacklevel=3)
     return plan, skipped, unmatched
+
+
+def weight_holders(named_parameters, plan) -> dict[int, list[str]]:
+    """id(weight) of each planned linear -> the names of the parameters outside the plan that
+    hold the same weight object (tied weights: swapping the linear does not free it).
+    ``named_parameters``: (name, parameter) pairs, duplicates included."""
+    planned = {f"{name}.weight" if name else "weight" for name, _, _ in plan}
+    holders = {id(linear.weight): [] for _, linear, _ in plan}
+    for pname, p in named_parameters:
+        if id(p) in holders and pname not in planned:
+            holders[id(p)].append(pname)
+    return holders

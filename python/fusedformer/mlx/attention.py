@@ -25,7 +25,7 @@ import numpy as np
 
 from fusedformer import _C
 from fusedformer._frameworks import common_framework
-from fusedformer.mlx.native import use_native
+from fusedformer.mlx.native import run_native, use_native
 
 FLOAT_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
 # MLX's own op, captured at import: ff.mlx.use_fused_sdpa() routes the public name to sdpa_mlx.
@@ -59,14 +59,15 @@ def _sdpa_native(q, k, v, mask, causal, scale, window, return_lse):
     """fusedformer's native kernel on the MLX arrays' memory (evaluates them now)."""
     from fusedformer.ops_attention import native_sdpa
 
-    arrays = [np.asarray(a) for a in (q, k, v)]  # zero-copy views (strides kept)
-    if mask is not None:  # (numpy has no bfloat16: such a mask is widened, exactly)
-        mask = np.asarray(mask.astype(mx.float32) if mask.dtype == mx.bfloat16 else mask)
     window = min(window, 2**63 - 1) if window else 0  # (wider than any call's keys)
-    result = native_sdpa(*arrays, mask=mask, causal=causal, scale=scale, window=window, return_lse=return_lse)
-    if return_lse:
-        return mx.array(result[0]), mx.array(result[1])
-    return mx.array(result)
+
+    def compute(q, k, v, mask=None):  # zero-copy views (strides kept)
+        return native_sdpa(q, k, v, mask=mask, causal=causal, scale=scale, window=window, return_lse=return_lse)
+
+    arrays = (q, k, v)
+    if mask is not None:  # (numpy has no bfloat16: such a mask is widened, exactly)
+        arrays += (mask.astype(mx.float32) if mask.dtype == mx.bfloat16 else mask,)
+    return run_native("sdpa", compute, *arrays)
 
 
 def sdpa_composed(q, k, v, mask, scale):
@@ -164,6 +165,9 @@ def _check_inputs(q, k, v, mask):
     if framework != "mlx":
         raise TypeError(f"[sdpa] sdpa_mlx takes MLX arrays, got {framework} arrays")
     for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.ndim != 4:
+            kind = "[B, Hq, Lq, D]" if name == "q" else "[B, Hkv, Lk, D]"
+            raise ValueError(f"[sdpa] {name} must be 4-d {kind}, got shape {tuple(x.shape)}")
         if x.dtype not in FLOAT_DTYPES:
             raise TypeError(f"[sdpa] {name} has dtype {x.dtype}; MLX attention takes float32, float16 or bfloat16")
     for name, x in (("k", k), ("v", v)):

@@ -32,6 +32,7 @@ kernel and the others run as the MLX op compositions below. On MLX's CPU device,
 
 from __future__ import annotations
 
+import functools
 import json
 import weakref
 
@@ -40,7 +41,7 @@ import mlx.nn as nn
 import numpy as np
 
 from fusedformer._frameworks import framework_of
-from fusedformer.mlx.native import use_native
+from fusedformer.mlx.native import run_native, use_native
 from fusedformer.quant import Affine, Int8, Palettize, Prune, QuantizedWeight, compress
 
 TILE_ELEMENTS = 1 << 22  # dense weight values materialised at once by the tiled formats
@@ -117,7 +118,7 @@ class MLXWeight(nn.Module):
         if use_native(x):
             from fusedformer.ops_quant import qmatmul_numpy
 
-            return mx.array(qmatmul_numpy(np.asarray(x), self.quantized_weight()))
+            return run_native("qmatmul", functools.partial(qmatmul_numpy, qw=self.quantized_weight()), x)
         return self._mlx_matmul_t(x)
 
     def quantized_weight(self) -> QuantizedWeight:
@@ -364,11 +365,14 @@ class QuantizedLinear(nn.Module):
         bits and group size equal the scheme's is adopted as it is (its arrays are already our
         format; quantizing its dequantized grid again would move some values); any other is
         dequantized and compressed."""
-        if _same_affine(linear, scheme):
-            qw = affine_weight_from_mlx(linear.weight, linear.scales, linear.biases, scheme)
-        else:
-            qw = compress(dense_weight(linear), scheme)
-        return cls(qw, bias=linear.get("bias"))
+        if not _same_affine(linear, scheme):
+            return cls(compress(dense_weight(linear), scheme), bias=linear.get("bias"))
+        layer = cls(affine_weight_from_mlx(linear.weight, linear.scales, linear.biases, scheme), bias=linear.get("bias"))
+        # Its own scales and biases, in their dtype (an mlx-lm bf16 model's: bf16), so that the
+        # layer holds and computes what nn.QuantizedLinear did (float32 copies grew it by 11%
+        # and moved bf16 outputs by up to 0.19); the native kernel widens them when it runs.
+        layer.qweight.scales, layer.qweight.biases = linear.scales, linear.biases
+        return layer
 
     @classmethod
     def from_torch(cls, layer) -> "QuantizedLinear":

@@ -7,11 +7,10 @@ Attention. MLX models (mlx.nn.MultiHeadAttention, mlx-lm's models, most hand-wri
 ``mx.fast.scaled_dot_product_attention`` inside an attention module's ``__call__``. optimize()
 finds those modules (any module whose ``__call__`` calls ``scaled_dot_product_attention``) and
 gives each a subclass that runs its ``__call__`` inside :func:`use_fused_sdpa`, which routes
-``mx.fast.scaled_dot_product_attention`` to :func:`fusedformer.mlx.attention.sdpa_mlx` for the
-duration of that call only (other models in the process are untouched; the name is
-process-wide while the call builds its graph, so do not build other MLX graphs from other
-threads meanwhile). The fused MLX kernel
-still does the work; what changes is fusedformer's semantics: rows with every key masked (left
+this thread's ``mx.fast.scaled_dot_product_attention`` calls to
+:func:`fusedformer.mlx.attention.sdpa_mlx` for the duration of that call only (other models,
+and other threads, are untouched; a module that bound MLX's function to a name of its own at
+import is routed through that name). The fused MLX kernel still does the work; what changes is fusedformer's semantics: rows with every key masked (left
 padding, windows) give 0 instead of NaN or the mean of v.
 
 Weights. Every ``nn.Linear`` and ``nn.QuantizedLinear`` not matched by ``skip`` becomes an
@@ -24,13 +23,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import re
 import threading
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_flatten
 
-from fusedformer._optimize import check_arguments, plan_weights, start_report
+from fusedformer._optimize import check_arguments, plan_weights, start_report, weight_holders
 from fusedformer.mlx.attention import MX_FAST_SDPA, sdpa_mlx
 from fusedformer.mlx.linear import QuantizedLinear, _same_affine, dense_weight
 from fusedformer.quant import check_values
@@ -61,18 +61,33 @@ def optimize(model: nn.Module, attention: str | None = "fused", weights=None, sk
             if is_attention_module(module):
                 module.__class__ = _fused_class(type(module))
                 report.attention_modules.append(path)
-    swapped = []
+    holders = weight_holders(tree_flatten(model.parameters()), plan)
+    counted = set()
     for path, linear, scheme in plan:  # one layer at a time: peak memory ~ model + one layer
         layer = QuantizedLinear.from_linear(linear, scheme)
-        report.bytes_before += _nbytes(linear)
+        w = linear.weight
+        if id(w) not in counted:  # (a weight two compressed layers share is freed once)
+            counted.add(id(w))
+            report.bytes_before += _nbytes(linear)
+            if holders[id(w)]:  # tied to an array that stays (an embedding): not freed
+                report.bytes_after += _nbytes(linear)
+                report.tied[path] = holders[id(w)][0]
         report.bytes_after += _nbytes(layer)  # what the layer holds (Int8: MLX's q + 128 codes and group scales)
         report.quantized[path] = repr(scheme)
-        swapped.append((path, layer))
-    if swapped:
-        model.update_modules(tree_unflatten(swapped))
+        _set_module(model, path, layer)
     report.close()
     model.fusedformer_report = report
     return model
+
+
+def _set_module(model: nn.Module, path: str, new: nn.Module) -> None:
+    """Puts ``new`` at ``path`` of the module tree: through modules and dicts by key, lists by
+    index (update_modules(tree_unflatten(...)) took a dict's digit keys for list indices)."""
+    *parents, last = path.split(".")
+    node = model
+    for key in parents:
+        node = node[int(key)] if isinstance(node, list) else node[key]
+    node[int(last) if isinstance(node, list) else last] = new
 
 
 def _linears(model):
@@ -125,12 +140,30 @@ def _fused_sdpa_like_mx_fast(q, k, v, *, scale, mask=None, sinks=None, **kwargs)
     return sdpa_mlx(q, k, v, mask=mask, scale=scale)
 
 
+def _bound_names(cls) -> list[str]:
+    """Names in the module of ``cls.__call__`` bound to MLX's attention function at import
+    (``from mlx.core.fast import scaled_dot_product_attention [as name]``), or to the router."""
+    namespace = getattr(cls.__call__, "__globals__", {})
+    return [name for name, value in namespace.items() if value is MX_FAST_SDPA or value is _routed_sdpa]
+
+
+def _route_bound_names(cls) -> None:
+    """Binds the names _bound_names finds to the router, which passes calls outside
+    use_fused_sdpa() blocks to MLX's function as before: such a module was reported fused but
+    never routed."""
+    namespace = cls.__call__.__globals__
+    for name in _bound_names(cls):
+        namespace[name] = _routed_sdpa
+
+
 @functools.lru_cache(maxsize=None)
 def _calls_sdpa(cls) -> bool:
     try:
-        return "scaled_dot_product_attention" in inspect.getsource(cls.__call__)
+        source = inspect.getsource(cls.__call__)
     except (OSError, TypeError):
         return False
+    return "scaled_dot_product_attention" in source or any(
+        re.search(rf"\b{re.escape(name)}\s*\(", source) for name in _bound_names(cls))
 
 
 def is_attention_module(module: nn.Module) -> bool:
@@ -141,8 +174,11 @@ def is_attention_module(module: nn.Module) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=None)
 def _fused_class(cls):
-    """A subclass of ``cls`` whose ``__call__`` runs under use_fused_sdpa()."""
+    """A subclass of ``cls`` whose ``__call__`` runs under use_fused_sdpa() (one per class, so
+    that modules of one class share it)."""
+    _route_bound_names(cls)
 
     def __call__(self, *args, **kwargs):
         with use_fused_sdpa():

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from fusedformer import quant
-from fusedformer._optimize import OptimizeReport, check_arguments, plan_weights, start_report
+from fusedformer._optimize import OptimizeReport, check_arguments, plan_weights, start_report, weight_holders
 from fusedformer.torch.routing import AttentionStats
 from fusedformer.torch.sdpa_mode import use_fused_sdpa  # noqa: F401  (re-exported as ff.torch.use_fused_sdpa)
 
@@ -34,17 +34,6 @@ def _compressed(model: nn.Module):
     from fusedformer.torch.quantized_linear import QuantizedLinear
 
     return [(name, m.scheme) for name, m in model.named_modules() if isinstance(m, QuantizedLinear)]
-
-
-def _weight_holders(model: nn.Module, plan) -> dict[int, list[str]]:
-    """id(weight) of each planned linear -> the names of the parameters outside the plan that
-    share it (tied weights: swapping the linear does not free the dense tensor)."""
-    planned = {f"{name}.weight" if name else "weight" for name, _, _ in plan}
-    holders = {id(linear.weight): [] for _, linear, _ in plan}
-    for pname, p in model.named_parameters(remove_duplicate=False):
-        if id(p) in holders and pname not in planned:
-            holders[id(p)].append(pname)
-    return holders
 
 
 def _check_device(model: nn.Module) -> None:
@@ -167,7 +156,7 @@ def optimize(model: nn.Module, attention: str | None = "fused", weights=None, sk
     if plan:
         from fusedformer.torch.quantized_linear import QuantizedLinear
 
-        holders = _weight_holders(model, plan)
+        holders = weight_holders(model.named_parameters(remove_duplicate=False), plan)
         counted = set()
         for name, linear, scheme in plan:
             q = QuantizedLinear.from_linear(linear, scheme)
