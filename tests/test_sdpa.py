@@ -603,6 +603,10 @@ def _non_finite_case(rng, case, shape, dtype):
         k *= 1e18
         for i in {lq // 2, lq - 1}:
             q[0, :, i] *= 1e21
+    elif case == "underflow":  # finite inputs, every kept score of some rows below fp32's lowest:
+        k = np.abs(k) + 1  # exact (they were taken for fully masked rows: 0, lse -inf)
+        for i in {lq // 2, lq - 1}:
+            q[0, :, i] = -(np.abs(q[0, :, i]) + 1) * 5e37
     elif case == "overflow-one-chunk":  # ... in the keys of one chunk of a split decode only
         k[:, :, lk - 200:] *= 1e19
         q *= 1e20
@@ -638,10 +642,10 @@ def _non_finite_case(rng, case, shape, dtype):
 
 # (fp16 inputs cannot reach fp32's overflow: 65504^2 D is far below it)
 NON_FINITE_CASES = [(case, dtype) for case in ("nan-q", "nan-k", "nan-k-masked-after", "inf-q", "overflow",
-                                               "overflow-one-chunk", "nan-q-masked-row", "nan-v-masked-row",
+                                               "underflow", "overflow-one-chunk", "nan-q-masked-row", "nan-v-masked-row",
                                                "nan-v-causal", "non-finite-masked-tail")
                     for dtype in ("float32", "float16", "bfloat16")
-                    if not (dtype == "float16" and case.startswith("overflow"))]
+                    if not (dtype == "float16" and case.startswith(("overflow", "underflow")))]
 
 
 @pytest.mark.parametrize(
@@ -652,7 +656,8 @@ def test_non_finite_rows_match_reference(rng, isa, threads, case, shape, dtype):
     """Rows the fp32 kernel cannot finish are exact (reference.sdpa's semantics, in float64): a
     NaN or inf among the inputs a row reads makes it NaN (it used to drop out as a 0 or a
     vanished key), scores that overflow fp32 from finite inputs give the exact softmax (they
-    gave 0), and a fully masked row stays 0 whatever its query holds. The other rows are
+    gave 0; those past fp32's lowest gave 0 as if fully masked), and a fully masked row stays 0
+    whatever its query holds. The other rows are
     untouched. Shapes: prefill, a split-KV decode (chunks merged), an odd head dim."""
     torch = pytest.importorskip("torch")
     q, k, v, mask, opts = _non_finite_case(rng, case, shape, dtype)

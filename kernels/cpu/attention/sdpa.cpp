@@ -903,6 +903,22 @@ void write_exact_row(const SdpaParams& p, int64_t b, int64_t h, int64_t i) {
         nan ? fill : l > 0.0 ? static_cast<float>(m + std::log(l)) : kNegInf;
 }
 
+// Whether row i keeps any key: one in its causal/window range that the mask keeps (bool
+// non-zero, additive not -inf). O(keys) of mask reads, for rows that ended with no finite score.
+inline bool keeps_a_key(const SdpaParams& p, int64_t b, int64_t h, int64_t i) {
+  int64_t lo, hi;
+  key_range(p, i, &lo, &hi);
+  const SdpaMask& mk = p.mask;
+  if (mk.kind == SdpaMaskKind::none || hi <= lo) return hi > lo;
+  const int64_t row = b * mk.stride_b + h * mk.stride_h + i * mk.stride_q;
+  for (int64_t j = lo; j < hi; ++j) {
+    if (mk.kind == SdpaMaskKind::keep ? static_cast<const uint8_t*>(mk.data)[row + j * mk.stride_k] != 0
+                                      : static_cast<const float*>(mk.data)[row + j * mk.stride_k] != kNegInf)
+      return true;
+  }
+  return false;
+}
+
 // Whether the n floats at o (padded to whole vectors) are all finite: o * 0 is NaN exactly
 // where o is not.
 inline bool all_finite(const float* o, int64_t n) {
@@ -911,9 +927,10 @@ inline bool all_finite(const float* o, int64_t n) {
   return simd::reduce_add(acc) == 0.0f;
 }
 
-// out[b, h, i] = o / l, lse = ln2 m + log l. A row with no finite score (l = 0, m = -inf: fully
-// masked; a NaN score would have made l NaN) gets 0 and lse -inf, whatever o holds (0 p times a
-// non-finite V); rows past fp32 (m or l not finite) take write_exact_row, and so do rows whose
+// out[b, h, i] = o / l, lse = ln2 m + log l. A row with no finite score (l = 0, m = -inf; a NaN
+// score would have made l NaN) gets 0 and lse -inf, whatever o holds (0 p times a non-finite
+// V), where it is fully masked; where it keeps a key, its scores all fell below fp32 from finite
+// inputs (q ~ -k ~ 1e19, or q past fp32 once scaled) and it takes write_exact_row; rows past fp32 (m or l not finite) take write_exact_row, and so do rows whose
 // o is not finite: a NaN or inf in the V of a key the row keeps (write_exact_row gives its NaN
 // columns), or of a key it masks, which the tiles' P V multiplied by p = 0 (a strip's rows run
 // to the strip's last key; a KV cache's unused tail may hold anything): the row reads only
@@ -927,6 +944,10 @@ void write_row(const SdpaParams& p, bool stream, int64_t b, int64_t h, int64_t i
   constexpr float kInf = std::numeric_limits<float>::infinity();
   S* dst = static_cast<S*>(p.out) + b * p.out_stride_b + h * p.out_stride_h + i * p.out_stride_l;
   if (l == 0.0f) {
+    if (keeps_a_key(p, b, h, i)) {  // (it took the whole row for masked)
+      write_exact_row<T>(p, b, h, i);
+      return;
+    }
     std::memset(dst, 0, p.head_dim * sizeof(S));  // (+0 in fp32, fp16 and bf16 alike)
     if (p.lse) p.lse[(b * p.q_heads + h) * p.q_len + i] = kNegInf;
     return;
