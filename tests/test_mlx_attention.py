@@ -78,7 +78,7 @@ def test_window(rng, lq, lk, window, causal):
 
 
 # mask shapes broadcast to [B=2, Hq=4, Lq=9, Lk=21]
-MASK_SHAPES = [(9, 21), (21,), (2, 1, 9, 21), (1, 4, 1, 21), (2, 4, 9, 21)]
+MASK_SHAPES = [(9, 21), (21,), (2, 1, 9, 21), (1, 4, 1, 21), (2, 4, 9, 21), ()]  # (0-d: crashed)
 
 
 @pytest.mark.parametrize("mask_shape", MASK_SHAPES, ids=lambda s: "x".join(map(str, s)))
@@ -86,9 +86,9 @@ MASK_SHAPES = [(9, 21), (21,), (2, 1, 9, 21), (1, 4, 1, 21), (2, 4, 9, 21)]
 @pytest.mark.parametrize("causal,window", [(False, None), (True, None), (True, 5)], ids=["plain", "causal", "window"])
 def test_masks(rng, mask_shape, kind, causal, window):
     if kind == "bool":
-        mask = rng.random(mask_shape) < 0.7
+        mask = np.asarray(rng.random(mask_shape) < 0.7)
     else:
-        mask = (rng.standard_normal(mask_shape) * 2).astype(np.float32)
+        mask = np.asarray(rng.standard_normal(mask_shape) * 2, np.float32)
         mask[rng.random(mask_shape) < 0.2] = -np.inf
     run_both(rng, (2, 4, 2, 9, 21, 16), mask_np=mask, causal=causal, window=window)
 

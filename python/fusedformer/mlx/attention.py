@@ -122,6 +122,8 @@ def attention_mask(mask, lq: int, lk: int, *, causal: bool, window: int | None, 
     array of ``dtype`` (MLX wants additive masks in the output's type); live is None when no row
     can be fully masked, else a bool array broadcastable to [B, Hq, Lq, 1].
     """
+    if mask is not None and mask.ndim == 0:  # (a scalar broadcasts too; the rows' any() wants an axis)
+        mask = mask.reshape(1, 1)
     if mask is None and window is None:
         if not causal:
             return None, None
