@@ -188,6 +188,8 @@ def test_serialisation_roundtrip(scheme, rng, tmp_path):
 
 def test_bad_input(rng):
     w = gaussian(rng, (8, 96))
+    with pytest.raises(TypeError, match=r"^\[quant\] the weight is complex64; compress takes real floating weights"):
+        compress(w.astype(np.complex64), Int8())  # (its imaginary part was dropped, silently)
     with pytest.raises(ValueError, match=r"\[quant\] K=96 is not divisible by the group size 64"):
         compress(w, Affine(4, 64))
     with pytest.raises(ValueError, match=r"\[quant\] Affine bits=7"):

@@ -16,6 +16,9 @@ def _fail(msg: str):
 
 
 def _to_numpy_f32(w) -> np.ndarray:
+    dtype = str(getattr(w, "dtype", ""))
+    if "complex" in dtype:  # (casting would drop the imaginary part, silently)
+        raise TypeError(f"[quant] the weight is {dtype}; compress takes real floating weights")
     mod = type(w).__module__
     if mod.startswith("torch"):
         w = w.detach().to("cpu").float().numpy()
