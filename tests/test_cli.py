@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from fusedformer.bench.report import validate
 
 
@@ -143,4 +145,32 @@ def test_benchmark_json_names_a_commit_only_from_a_checkout(tmp_path):
     spec = importlib.util.spec_from_file_location("installed_machine", site / "machine.py")
     installed = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(installed)
-    assert installed.git_commit() is None
+    assert installed.git_commit() is None and installed.git_dirty() is None
+
+
+def test_benchmark_json_records_how_it_ran(monkeypatch):
+    """The machine block says what else shaped the numbers: torch's threads, the settings in the
+    environment, the command line, and whether the checkout had changes beyond its commit."""
+    from fusedformer.bench import machine
+
+    monkeypatch.setenv("FUSEDFORMER_SPIN_US", "0")
+    monkeypatch.setenv("OMP_WAIT_POLICY", "passive")
+    monkeypatch.setattr(machine.sys, "argv", ["fusedformer", "bench", "attention", "--quick"])
+    d = machine.describe_machine()
+    assert d["environment"] == {"FUSEDFORMER_SPIN_US": "0", "OMP_WAIT_POLICY": "passive"}
+    assert d["command"] == "fusedformer bench attention --quick"
+    torch = pytest.importorskip("torch")
+    assert d["torch_threads"] == torch.get_num_threads()
+    if machine.git_commit() is not None:  # (a checkout: CI's clean clone, or a working tree)
+        assert d["git_dirty"] in (True, False)
+
+
+def test_bench_model_with_nothing_to_run_writes_nothing(tmp_path, capsys):
+    """An empty or unknown --variants is a usage error (exit 2), as `bench attention` has it,
+    and writes no report: it ran nothing and wrote an empty model.json, exiting 0."""
+    from fusedformer.cli import main
+
+    for variants, message in (("", "names none and --no-minilm; nothing run"), ("bogus", "unknown variants ['bogus']")):
+        assert main(["bench", "model", "--variants", variants, "--no-minilm", "--out", str(tmp_path)]) == 2
+        assert message in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())

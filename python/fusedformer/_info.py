@@ -83,6 +83,17 @@ def backend_status(name: str) -> dict:
     return {"available": True, "version": version}
 
 
+# Environment variables that change what fusedformer (and the peers it is measured against) do.
+SETTINGS_VARIABLES = ("FUSEDFORMER_ISA", "FUSEDFORMER_NUM_THREADS", "FUSEDFORMER_SPIN_US", "FUSEDFORMER_POOL",
+                      "FUSEDFORMER_OUTPUT_CACHE_MB", "FUSEDFORMER_MLX_CPU_KERNEL", "THP_MEM_ALLOC_ENABLE",
+                      "OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS")
+
+
+def settings_from_environment() -> dict[str, str]:
+    """The SETTINGS_VARIABLES that are set, with their values."""
+    return {k: os.environ[k] for k in SETTINGS_VARIABLES if k in os.environ}
+
+
 def info(*, measure: bool = True) -> dict:
     """Version, ISA in use and compiled in, threads, measured limits and optional backends.
 
@@ -100,8 +111,7 @@ def info(*, measure: bool = True) -> dict:
         "cpu": cpu_model(),
         "platform": f"{platform.system()} {platform.machine()}",
         "python": platform.python_version(),
-        "env": {k: os.environ[k] for k in ("FUSEDFORMER_ISA", "FUSEDFORMER_NUM_THREADS", "FUSEDFORMER_SPIN_US",
-                                                 "FUSEDFORMER_POOL", "FUSEDFORMER_OUTPUT_CACHE_MB", "THP_MEM_ALLOC_ENABLE") if k in os.environ},
+        "env": settings_from_environment(),
         "limits": machine_limits() if measure else None,
         "backends": {name: backend_status(name) for name in BACKENDS},
     }

@@ -5,25 +5,45 @@ from __future__ import annotations
 import datetime
 import platform
 import subprocess
+import sys
 from pathlib import Path
 
 from fusedformer import _C
-from fusedformer._info import installed_version, cpu_model, machine_limits
+from fusedformer._info import cpu_model, installed_version, machine_limits, settings_from_environment
+
+
+def _checkout() -> Path | None:
+    """The fusedformer checkout this runs from; None for an installed package (a git repository
+    enclosing its environment is someone else's)."""
+    root = Path(__file__).resolve().parents[3]
+    return root if (root / ".git").exists() and (root / "kernels" / "cpu").is_dir() else None
+
+
+def _git(*args: str) -> str | None:
+    root = _checkout()
+    if root is None:
+        return None
+    try:
+        out = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
 
 
 def git_commit() -> str | None:
-    """The commit of the fusedformer checkout this runs from; None for an installed package (a
-    git repository enclosing its environment is someone else's)."""
-    root = Path(__file__).resolve().parents[3]
-    if not ((root / ".git").exists() and (root / "kernels" / "cpu").is_dir()):
-        return None
-    try:
-        out = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5
-        )
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
+    """The commit of the fusedformer checkout this runs from (None outside one)."""
+    return _git("rev-parse", "--short", "HEAD") or None
+
+
+def git_dirty() -> bool | None:
+    """Whether tracked files of the checkout differ from its commit (None outside one)."""
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return None if status is None else bool(status)
+
+
+def _torch_threads() -> int | None:
+    torch = sys.modules.get("torch")  # (the peers' threads, where torch is in use; not imported for this)
+    return torch.get_num_threads() if torch is not None else None
 
 
 def describe_machine() -> dict:
@@ -39,10 +59,14 @@ def describe_machine() -> dict:
         "platform": f"{platform.system()} {platform.machine()}",
         "cpus_available": _C.available_cpus(),
         "threads": _C.num_threads(),
+        "torch_threads": _torch_threads(),
         "isa": _C.isa(),
         "isas_compiled": list(_C.compiled_isas()),
         "limits": machine_limits(),
         "versions": versions,
         "git_commit": git_commit(),
+        "git_dirty": git_dirty(),
+        "environment": settings_from_environment(),
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else None,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }

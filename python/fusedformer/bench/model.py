@@ -245,7 +245,10 @@ def run(args) -> Report:
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
-        raise SystemExit(f"[bench model] unknown variants {unknown}; choose from {list(VARIANTS)}")
+        raise ValueError(f"[bench model] unknown variants {unknown}; choose from {list(VARIANTS)}")
+    if not names and not args.minilm:
+        raise ValueError(f"[bench model] --variants {args.variants!r} names none and --no-minilm; nothing run, "
+                         "nothing written")
     rounds, prefills, steps = quick_or(args, "rounds", 2, 4), 1, quick_or(args, "steps", 4, 8)
     rep = Report("model", description=f"LLaMA-shaped decoder, {layers} layers (1.1B at 22), fp32, HF transformers")
     case_p, case_d = f"prefill {prompt} tokens, {layers} layers", f"decode 1 token (KV cache), {layers} layers"

@@ -166,7 +166,9 @@ class Report:
 
         limits = self.machine["limits"]
         title = (
-            f"fusedformer bench {self.area} — {self.machine['cpu']}, {self.machine['threads']} threads, "
+            f"fusedformer bench {self.area} — {self.machine['cpu']}, {self.machine['threads']} threads"
+            + (f" (torch {tt})" if (tt := self.machine.get("torch_threads")) and tt != self.machine["threads"] else "")
+            + ", "
             f"ISA {self.machine['isa']}; measured peak {limits['peak_gflops']:.0f} GFLOP/s"
             + (f" (bf16 dot {limits['peak_gflops_bf16_dot']:.0f})" if limits.get("peak_gflops_bf16_dot") else "")
             + (f" (AMX bf16 {limits['peak_gflops_amx_bf16']:.0f})" if limits.get("peak_gflops_amx_bf16") else "")
