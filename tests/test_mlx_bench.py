@@ -49,6 +49,8 @@ def test_add_rows_to_report(rng):
     mlx_bench.add_qmatmul_rows(rep, case="c", x=x, qws={"int8": Q.compress(w, Q.Int8())}, flops=2e3, io_bytes=260,
                                budget_s=0.01, native=True)
     assert [r.impl for r in rep.rows] == ["fusedformer mlx int8", "fusedformer mlx int8, native"]
+    # (one copy, cache-warm: no ratio to a baseline timed cold, no share of the read probe)
+    assert all(r.pct_bandwidth is None and r.ratio is None and "cache-warm" in r.note for r in rep.rows)
     q = rng.standard_normal((1, 2, 4, 8), dtype=np.float32)
     mlx_bench.add_attention_rows(rep, case="a", q=q, k=q, v=q, causal=True, flops=1e3,
                                  baseline=mlx_bench.IMPL_MX_FAST_SDPA, budget_s=0.01)

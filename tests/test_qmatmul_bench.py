@@ -11,8 +11,10 @@ from tests.conftest import require
 
 @pytest.mark.torch
 def test_bench_qmatmul_shares_refer_to_the_read_probe_of_their_rounds(monkeypatch, tmp_path):
-    """Every row's % BW is of the read probe timed in the same rounds as the case; the probe is
-    tabled, not plotted, and has no ratio; the slow reference loops at large M run once."""
+    """Every row timed in the rounds has its % BW of the read probe timed in the same rounds as
+    the case; ff.mlx's rows, timed apart on one weight copy, have neither a share nor a ratio;
+    the probe is tabled, not plotted, and has no ratio; the slow reference loops at large M run
+    once."""
     require("torch")
     from fusedformer.bench import harness, qmatmul
 
@@ -30,6 +32,9 @@ def test_bench_qmatmul_shares_refer_to_the_read_probe_of_their_rounds(monkeypatc
         # each figure is rounded (% BW to 0.1, GB/s to 0.01): hence the tolerances
         slack = 0.05 + 100 * 0.005 / read.gbs + 1e-6
         for r in rows.values():
+            if r.impl.startswith("fusedformer mlx "):  # (one copy, cache-warm: no share, no ratio)
+                assert r.pct_bandwidth is None and r.ratio is None, r.impl
+                continue
             assert r.pct_bandwidth == pytest.approx(100 * r.gbs / read.gbs, rel=2e-2, abs=slack), r.impl
             assert r.ratio is not None or r.impl == "torch fp32"
         assert (rows["torch _weight_int8pack_mm"].runs == 1) == case.startswith("65x")

@@ -208,7 +208,7 @@ def run(args) -> Report:
             from fusedformer.mlx import bench as mlx_bench
 
             mlx_bench.add_qmatmul_rows(rep, case=case, x=x, qws={s: qws[s] for s in names}, flops=flops, io_bytes=io,
-                                       baseline=BASELINE, budget_s=budget, bandwidth_gbs=bandwidth)
+                                       budget_s=budget)
     return rep
 
 

@@ -106,6 +106,7 @@ class Report:
         peak_gflops: float | None = None,
         bandwidth_gbs: float | None = None,
         ratio: float | None = None,
+        share_of_bandwidth: bool = True,
         **extra,
     ) -> Row:
         """Adds a timed row. ``flops``/``bytes`` are the work of one call (GFLOP/s and GB/s are
@@ -114,7 +115,8 @@ class Report:
         ``bandwidth_gbs`` the one % BW refers to (default: the read bandwidth measured at the
         start of the run); ``ratio``, where given, is this row's ratio to the baseline as the
         area measured it (bench model: against the baseline's samples of the same rounds) instead
-        of the medians' quotient; ``extra`` holds further figures (tokens_per_s=..., model_mb=...)."""
+        of the medians' quotient; ``share_of_bandwidth=False`` leaves % BW out (a row timed
+        cache-warm); ``extra`` holds further figures (tokens_per_s=..., model_mb=...)."""
         peak = peak_gflops or self.peak_gflops
         bandwidth = bandwidth_gbs or self.bandwidth_gbs
         sec = timing.median_ms / 1e3
@@ -130,7 +132,7 @@ class Report:
             gflops=_round(gflops, 2),
             pct_peak=_round(100 * gflops / peak if gflops else None, 1),
             gbs=_round(gbs, 2),
-            pct_bandwidth=_round(100 * gbs / bandwidth if gbs else None, 1),
+            pct_bandwidth=_round(100 * gbs / bandwidth if gbs and share_of_bandwidth else None, 1),
             baseline=baseline if baseline != impl else None,
             note=note,
             extra={k: (_round(v, 4) if isinstance(v, float) else v) for k, v in extra.items()},
