@@ -72,7 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
         a = areas.add_parser(area, help=help_text, description=help_text)
         a.add_argument("--quick", action="store_true", help="smaller shapes, for a fast look")
         a.add_argument("--out", default="benchmarks/results", help="directory for JSON and PNG")
-        a.add_argument("--budget", type=float, default=1.0, help="seconds of timed runs per row")
+        a.add_argument("--budget", type=float, default=1.0,
+                       help="seconds of timed runs per row" + (" (MiniLM's rows; the decoder's are set by "
+                                                               "--rounds and --steps)" if area == "model" else ""))
         a.add_argument("--no-plot", dest="plot", action="store_false", help="skip the PNG")
         a.add_argument("--no-save", action="store_true", help="print only, write nothing")
         try:

@@ -1,10 +1,11 @@
 """`fusedformer bench model`: end-to-end speed of a LLaMA-shaped decoder, the main benchmark.
 
 A 1.1B LLaMA-shaped config (22 layers, hidden 2048, 32 heads, 4 KV heads, intermediate 5632,
-vocab 32000; random weights, fp32) under Hugging Face transformers, in six variants: stock
-(transformers' sdpa attention), fused attention, fused attention with int8, 4-bit affine and
-4-bit palettized weights (lm_head kept fp32, optimize()'s default), and 4-bit affine with the
-lm_head quantized too. Per variant: prefill of 256 tokens (ms); decode tokens/s, timed as
+vocab 32000; random weights, fp32) under Hugging Face transformers, in seven variants: stock
+(transformers' sdpa attention), the stock model in bf16 (the peer that reads half the bytes
+without fusedformer), fused attention, fused attention with int8, 4-bit affine and 4-bit
+palettized weights (lm_head kept fp32, optimize()'s default), and 4-bit affine with the lm_head
+quantized too. Per variant: prefill of 256 tokens (ms); decode tokens/s, timed as
 single-token forward steps on the prompt's KV cache after a warm-up step; model bytes; and the
 peak RSS of its process. Each variant runs in its own process (its RSS is its own), driven
 over pipes: the stock model's process lives through the run, and every other variant is timed
@@ -26,6 +27,8 @@ from fusedformer.bench.report import Report, track
 VARIANTS = {
     # name: (attention, weights scheme expression, optimize()'s skip)
     "stock (HF sdpa)": (None, None, ()),
+    # the peer that reads fewer bytes without fusedformer: the same model in bf16 (half of fp32's)
+    "stock bf16 (HF sdpa)": (None, None, ()),
     "fused": ("fused", None, ("lm_head",)),
     "fused + int8": ("fused", "Int8()", ("lm_head",)),
     "fused + 4-bit affine": ("fused", "Affine(bits=4, group_size=64)", ("lm_head",)),
@@ -57,6 +60,18 @@ def llama_config(layers: int):
     )
 
 
+def prefill_flops(layers: int, prompt: int) -> float:
+    """FLOPs of one prefill of ``prompt`` tokens (dense-equivalent: compressed weights do the same
+    products): every linear layer on every token, the lm_head on the last one, and causal
+    attention (Q K^T and P V over the prompt(prompt + 1)/2 pairs of each head)."""
+    c = llama_config(layers)
+    head_dim = c.hidden_size // c.num_attention_heads
+    kv = c.num_key_value_heads * head_dim
+    per_token = c.hidden_size * (2 * c.hidden_size + 2 * kv) + 3 * c.hidden_size * c.intermediate_size
+    attention = 2 * 2 * c.num_attention_heads * head_dim * prompt * (prompt + 1) / 2
+    return layers * (2.0 * per_token * prompt + attention) + 2.0 * c.hidden_size * c.vocab_size
+
+
 class VariantModel:
     """One variant, built in the current process: times prefill and single-token decode steps."""
 
@@ -68,6 +83,8 @@ class VariantModel:
 
         torch.manual_seed(0)
         model = LlamaForCausalLM(llama_config(layers)).eval()
+        if "bf16" in name:
+            model = model.to(torch.bfloat16)
         attention, scheme, skip = VARIANTS[name]
         weights = eval(scheme, {**vars(ff.quant)}) if scheme else None  # noqa: S307 (our own table)
         if attention or weights:
@@ -86,11 +103,12 @@ class VariantModel:
         self.first = logits[:, -1:].argmax(-1)
 
     def prefill(self, runs: int) -> list[float]:
-        """ms of ``runs`` prefills of the prompt (no cache)."""
+        """ms of ``runs`` prefills of the prompt (no cache; the last position's logits only, as
+        generate() asks for them: every position's took ~6% of a 22-layer prefill)."""
         import torch
 
         with torch.inference_mode():
-            return [_ms(lambda: self.model(self.ids, use_cache=False)) for _ in range(runs)]
+            return [_ms(lambda: self.model(self.ids, use_cache=False, logits_to_keep=1)) for _ in range(runs)]
 
     def decode(self, runs: int, warmup: int = 1) -> list[float]:
         """ms of ``runs`` single-token steps after ``warmup`` untimed ones, from the prompt's KV
@@ -187,10 +205,11 @@ class Worker:
 def timed_in_turn(workers: list[Worker], rounds: int, prefills: int, steps: int) -> dict:
     """Prefill and decode samples of each worker, taken in alternating rounds so that every
     worker sees the same stretch of machine time (this VM's speed drifts by tens of percent
-    over minutes: ratios of samples taken minutes apart mean little)."""
+    over minutes: ratios of samples taken minutes apart mean little), the order reversed every
+    other round."""
     samples = {w.name: {"prefill": [], "decode": []} for w in workers}
-    for _ in range(rounds):
-        for w in workers:
+    for r in range(rounds):
+        for w in workers if r % 2 == 0 else workers[::-1]:  # (who goes first alternates too)
             samples[w.name]["prefill"] += w.ask("prefill", prefills)
             samples[w.name]["decode"] += w.ask("decode", steps)
     return samples
@@ -282,6 +301,7 @@ def run(args) -> Report:
         pair_p = dict(ratio=prefill.median_ms / _timing(paired["prefill"]).median_ms) if paired else {}
         pair_d = dict(ratio=decode.median_ms / _timing(paired["decode"]).median_ms) if paired else {}
         rep.add(case=case_p, impl=name, timing=prefill, baseline=BASELINE if base else None, note=note,
+                flops=prefill_flops(layers, prompt), peak_gflops=rep.peak_for("bfloat16") if "bf16" in name else None,
                 tokens_per_s=prompt / (prefill.median_ms / 1e3), **extra, **pair_p)
         rep.add(case=case_d, impl=name, timing=decode, baseline=BASELINE if base else None,
                 bytes=r["streamed_bytes"], note=note, tokens_per_s=1e3 / decode.median_ms, **extra, **pair_d)
