@@ -184,3 +184,27 @@ def test_a_ratio_the_area_measured_is_kept():
     pooled = rep.add(case="c", impl="other", timing=t(4.0), baseline="stock")
     assert given.ratio == 0.61 and "same rounds" in given.extra["ratio_of"]
     assert pooled.ratio == 0.4 and "ratio_of" not in pooled.extra
+
+
+def test_coreml_decode_step_is_timed_alone():
+    """bench coreml's stateful rows time only the predictions they name: a fresh state and the
+    prefill run before each timed run of decode steps, outside it (its decode row timed state,
+    prefill and steps together). A fake model on a fake clock: make_state costs 1000, the
+    prefill 100, a step 1; so a step's median must be exactly 1 (clock units, x1e3 as ms)."""
+    from fusedformer.bench.coreml import time_with_fresh_state
+
+    now = [0.0]
+
+    class FakeModel:
+        def make_state(self):
+            now[0] += 1000
+            return object()
+
+        def predict(self, inputs, state):
+            now[0] += inputs["cost"]
+
+    prefill, steps = {"cost": 100}, [{"cost": 1}] * 4
+    t = time_with_fresh_state(FakeModel(), [prefill], steps, budget_s=0, clock=lambda: now[0])
+    assert t.runs == 3 and t.median_ms == t.max_ms == 1e3
+    t = time_with_fresh_state(FakeModel(), [], [prefill], budget_s=0, clock=lambda: now[0])
+    assert t.median_ms == 100e3
