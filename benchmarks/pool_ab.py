@@ -49,6 +49,8 @@ def main(argv=None) -> None:
     a, b = torch.randn(368, 384), torch.randn(384, 1536)
     torch.mm(a, b)  # torch's OpenMP runtime loaded and its team started
     chosen = [(n, f) for n, f in cases(np.random.default_rng(0)) if args.case in n]
+    for _, fn in chosen:  # untimed: the first call compresses the weight and builds the cold copies
+        fn()
     before = _C._pool_mode()
     samples = {(n, pool): [] for n, _ in chosen for pool in POOLS}
     try:
