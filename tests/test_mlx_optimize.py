@@ -513,3 +513,16 @@ def test_cpu_kernel_block_is_this_threads_own():
             assert current_cpu_kernel() == "mlx"
     finally:
         ff.mlx.set_cpu_kernel(previous)
+
+
+def test_report_counts_what_stays_dense():
+    """The report says what the whole model holds and how much of it stays dense (the embedding)."""
+    model = nn.Module()
+    model.embed = nn.Embedding(1000, 256)
+    model.proj = nn.Linear(256, 256)
+    ff.mlx.optimize(model, attention=None, weights=schemes().Int8())
+    report = model.fusedformer_report
+    arrays = dict(tree_flatten(model.parameters()))
+    assert report.dense_bytes == arrays["embed.weight"].nbytes
+    assert report.model_bytes == sum(a.nbytes for a in arrays.values())
+    assert "of it outside compressed layers" in str(report)

@@ -705,3 +705,21 @@ def test_bad_arguments():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ff.torch.optimize(model, attention="fused")  # nothing to swap in an MLP: fine, no warning
+
+
+@pytest.mark.hf
+def test_report_counts_what_stays_dense():
+    """The report says what the whole model holds and how much of it is outside the compressed
+    layers: here the embedding (which a tied lm_head keeps alive) and the norms."""
+    tf = require("transformers")
+    model = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=96,
+                                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                               tie_word_embeddings=True))
+    ff.torch.optimize(model, weights=ff.quant.Affine(4, 32), skip=())
+    report = model.fusedformer_report
+    compressed = tuple(name + "." for name in report.quantized)
+    params = sum(p.nbytes for p in model.parameters())  # (the embedding and norms: every linear compressed)
+    other_buffers = sum(b.nbytes for name, b in model.named_buffers() if not name.startswith(compressed))  # (rotary)
+    assert report.dense_bytes == params + other_buffers
+    assert report.model_bytes == params + sum(b.nbytes for b in model.buffers())
+    assert f"the model holds {report.model_bytes / 2**20:.1f} MiB" in str(report)

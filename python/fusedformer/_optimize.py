@@ -23,6 +23,8 @@ class OptimizeReport:
     bytes_before: int = 0
     bytes_after: int = 0  # with the dense weights that ties keep alive
     tied: dict[str, str] = field(default_factory=dict)  # compressed layer -> a parameter sharing its dense weight
+    model_bytes: int = 0  # every parameter and buffer of the model after the call, each once
+    dense_bytes: int = 0  # ... of them outside compressed layers (embeddings, norms, layers left dense)
     stats: object = None
 
     def close(self) -> None:
@@ -38,6 +40,9 @@ class OptimizeReport:
                 f"  {len(self.quantized)} linear layers compressed: {self.bytes_before / 2**20:.1f} MiB -> "
                 f"{self.bytes_after / 2**20:.1f} MiB ({self.bytes_before / max(self.bytes_after, 1):.2f}x smaller)"
             )
+        if self.model_bytes:
+            lines.append(f"  the model holds {self.model_bytes / 2**20:.1f} MiB, {self.dense_bytes / 2**20:.1f} MiB "
+                         "of it outside compressed layers (embeddings, norms, layers left dense)")
         if self.tied:
             lines.append("  dense weights still held through ties (counted after): "
                          + ", ".join(f"{name} ({other})" for name, other in self.tied.items()))
@@ -141,3 +146,18 @@ def weight_holders(named_parameters, plan) -> dict[int, list[str]]:
         if id(p) in holders and pname not in planned:
             holders[id(p)].append(pname)
     return holders
+
+
+def count_model_bytes(report: OptimizeReport, arrays, compressed_prefixes) -> None:
+    """Sets report.model_bytes and dense_bytes from (name, array) pairs of every parameter and
+    buffer (each array once: ``nbytes`` and an id), given the paths of the compressed layers."""
+    seen, total, dense = set(), 0, 0
+    prefixes = tuple(p + "." for p in compressed_prefixes)
+    for name, array in arrays:
+        if id(array) in seen:
+            continue
+        seen.add(id(array))
+        total += array.nbytes
+        if not name.startswith(prefixes):
+            dense += array.nbytes
+    report.model_bytes, report.dense_bytes = total, dense

@@ -30,7 +30,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from fusedformer._optimize import check_arguments, plan_weights, start_report, weight_holders
+from fusedformer._optimize import check_arguments, count_model_bytes, plan_weights, start_report, weight_holders
 from fusedformer.mlx.attention import MX_FAST_SDPA, sdpa_mlx
 from fusedformer.mlx.linear import QuantizedLinear, _same_affine, dense_weight
 from fusedformer.quant import check_values
@@ -75,6 +75,7 @@ def optimize(model: nn.Module, attention: str | None = "fused", weights=None, sk
         report.bytes_after += _nbytes(layer)  # what the layer holds (Int8: MLX's q + 128 codes and group scales)
         report.quantized[path] = repr(scheme)
         _set_module(model, path, layer)
+    count_model_bytes(report, tree_flatten(model.parameters()), report.quantized)
     report.close()
     model.fusedformer_report = report
     return model

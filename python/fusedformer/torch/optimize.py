@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from fusedformer import quant
-from fusedformer._optimize import OptimizeReport, check_arguments, plan_weights, start_report, weight_holders
+from fusedformer._optimize import (OptimizeReport, check_arguments, count_model_bytes, plan_weights, start_report,
+                                  weight_holders)
 from fusedformer.torch.routing import AttentionStats
 from fusedformer.torch.sdpa_mode import use_fused_sdpa  # noqa: F401  (re-exported as ff.torch.use_fused_sdpa)
 
@@ -113,6 +114,10 @@ def _without_weight_readers(model: nn.Module, plan):
     return kept, names
 
 
+def _named_tensors(model: nn.Module) -> list:
+    return [*model.named_parameters(), *model.named_buffers()]
+
+
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
@@ -170,6 +175,7 @@ def optimize(model: nn.Module, attention: str | None = "fused", weights=None, sk
             report.bytes_after += q.weight_nbytes
             report.quantized[name] = repr(scheme)
             _set_submodule(model, name, q)
+    count_model_bytes(report, _named_tensors(model), report.quantized)
     report.close()
     model.fusedformer_report = report
     return model
