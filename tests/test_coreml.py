@@ -47,6 +47,7 @@ def test_decoder_matches_torch_fp32(decoder, attention, tmp_path):
     else:
         assert ops["softmax"] == 2 and ops["scaled_dot_product_attention"] == 0
     assert mlmodel.user_defined_metadata["fusedformer.attention"] == attention
+    assert mlmodel.user_defined_metadata["fusedformer.fused_attention_ops"] == ("2" if attention == "fused" else "0")
     # from disk, through the milproto loader, keyed by the forward's names
     out = ff.coreml.verify(path, {"input_ids": ids})
     assert list(out) == ["logits"]
@@ -63,6 +64,12 @@ def test_decoder_fp16_emulated(decoder, tmp_path):
     assert out16.dtype == np.float32 or out16.dtype == np.float16
     assert 30 <= psnr(logits, out16) < psnr(logits, out32)  # fp16 rounding is visible, and bounded
     assert psnr(logits, out32) >= 50  # fp16 weights only
+    # a loaded Program takes the options too (they were ignored)
+    program = ff.coreml.Program.load(mlmodel)
+    np.testing.assert_array_equal(ff.coreml.verify(program, {"input_ids": ids}, emulate_fp16=False)["logits"], out32)
+    np.testing.assert_array_equal(ff.coreml.verify(program, {"input_ids": ids})["logits"], out16)
+    with pytest.raises(ValueError, match=r"^\[verify\] the program has no function 'chat'"):
+        ff.coreml.verify(program, {"input_ids": ids}, function_name="chat")
 
 
 def test_below_ios18_falls_back_to_unfused(decoder, tmp_path):
@@ -193,6 +200,10 @@ def test_export_path_never_replaces_anything_but_a_package(decoder, tmp_path):
     ({"flexible": {"input_ids": {1: (10, 64)}}}, r"flexible range \(10, 64\) of input 'input_ids' axis 1"),
     ({"kv_cache": True, "adapters": {"a": {}}}, r"adapters and kv_cache together are not supported"),
     ({"kv_cache": True, "flexible": {"input_ids": {1: (1, 64)}}}, r"flexible does not apply with kv_cache"),
+    # iOS18 features below iOS18: refused up front (conversion failed late, or raised the package's version)
+    ({"kv_cache": True, "target": "iOS17"}, r"target iOS17: kv_cache=True .* needs iOS18/macOS15 or later"),
+    ({"adapters": {"a": {}}, "target": "macOS14"}, r"target macOS14: adapters .* needs iOS18/macOS15 or later"),
+    ({"kv_cache": True, "target": ct.target.iOS16}, r"target iOS16: kv_cache=True"),
 ])
 def test_export_rejects_bad_combinations(decoder, tmp_path, kwargs, match):
     model, ids, _ = decoder
@@ -205,6 +216,7 @@ def test_export_rejects_bad_combinations(decoder, tmp_path, kwargs, match):
     ({"attention": "flash"}, "attention must be one of"),
     ({"precision": "bf16"}, "precision must be one of"),
     ({"target": "iOS99"}, "unknown target"),
+    ({"target": "iOS14"}, r"^\[export\] target iOS14 is too old: an ML program needs iOS15"),
 ])
 def test_export_rejects_bad_options(decoder, tmp_path, kwargs, match):
     model, ids, _ = decoder
@@ -245,3 +257,45 @@ def test_torch_ops_coremltools_lacks(rng, tmp_path):
 def test_bool_inputs_are_refused(tmp_path):
     with pytest.raises(TypeError, match="bool"):
         ff.coreml.export(_DiffOnes(), {"x": torch.ones(2, 3, dtype=torch.bool)}, tmp_path / "b.mlpackage")
+
+
+def test_flexible_batch_with_grouped_query_attention(decoder, tmp_path):
+    """A flexible batch with K/V heads repeated for GQA (the repeat's reshape cannot hold a
+    symbolic batch as a constant); the declared range is enforced like Core ML does."""
+    model, ids, _ = decoder
+    mlmodel = ff.coreml.export(model, (ids.repeat(2, 1),), tmp_path / "batch.mlpackage", precision="fp32",
+                               flexible={"input_ids": {0: (1, 4)}}, target=ct.target.iOS18)
+    assert _op_types(mlmodel)["scaled_dot_product_attention"] == 2
+    assert mlmodel.user_defined_metadata["fusedformer.target"] == "iOS18"  # (the enum's name, not "9")
+    tokens = torch.randint(0, 97, (3, 9))
+    with torch.no_grad():
+        expected = model(tokens).numpy()
+    assert psnr(expected, ff.coreml.verify(mlmodel, {"input_ids": tokens})["logits"]) >= 60
+    with pytest.raises(ValueError, match=r"^\[verify\] input 'input_ids' has shape \(5, 9\); the program declares "
+                                         r"shapes \(1\.\.4, 9\)"):
+        ff.coreml.verify(mlmodel, {"input_ids": torch.zeros(5, 9, dtype=torch.long)})
+
+
+class _TorchAttention(torch.nn.Module):
+    """Attention written out in torch ops, as in a model ff.torch.optimize never saw."""
+
+    def forward(self, q, k, v):
+        return torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1) @ v
+
+
+def test_fused_request_without_fused_ops_is_recorded_as_unfused(rng, tmp_path):
+    q, k, v = (torch.from_numpy(t) for t in _qkv(rng, 1, 2, 2, 4, 4, 8))
+    with pytest.warns(UserWarning, match=r"^\[export\] attention='fused' but the program has softmax and no "
+                                         r"scaled_dot_product_attention op"):
+        mlmodel = ff.coreml.export(_TorchAttention(), {"q": q, "k": k, "v": v}, tmp_path / "t.mlpackage",
+                                   attention="fused", precision="fp32")
+    assert mlmodel.fusedformer.attention == "unfused" and mlmodel.fusedformer.fused_attention_ops == 0
+    assert mlmodel.user_defined_metadata["fusedformer.attention"] == "unfused"
+    assert mlmodel.user_defined_metadata["fusedformer.fused_attention_ops"] == "0"
+    # a program with no attention at all says so, and warns of nothing
+    from fusedformer.coreml.export import ExportWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ExportWarning)
+        plain = ff.coreml.export(_DiffOnes(), {"x": q[0, 0]}, tmp_path / "p.mlpackage", precision="fp32")
+    assert plain.fusedformer.attention == "none"

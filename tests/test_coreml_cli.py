@@ -42,6 +42,15 @@ def test_export_then_verify_tiny_llama(tmp_path, capsys):
     with torch.no_grad():
         expected = tiny_llama()(torch.from_numpy(ids).long()).numpy()
     np.testing.assert_allclose(np.load(tmp_path / "out.npz")["logits"], expected, atol=1e-4)
+    # inputs the program does not take: a message and exit status 1, no traceback
+    for name, bad in (("missing", {"tokens": ids}), ("long", {"input_ids": np.zeros((1, 7), np.int32)})):
+        np.savez(tmp_path / f"{name}.npz", **bad)
+        args = _parse(cli.add_verify_arguments, [str(out), "--inputs", str(tmp_path / f"{name}.npz")])
+        assert cli.run_verify(args) == 1, name
+        assert "fusedformer verify: [verify] input" in capsys.readouterr().err, name
+    args = _parse(cli.add_verify_arguments, [str(out), "--inputs", str(tmp_path / "none.npz")])
+    assert cli.run_verify(args) == 2
+    assert "no such --inputs file" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -53,6 +62,15 @@ def test_export_kv_cache_and_verify_random_inputs(tmp_path, capsys):
     assert "states ['k_cache', 'v_cache']" in capsys.readouterr().err
     assert cli.run_verify(_parse(cli.add_verify_arguments, [str(out), "--seq-len", "3"])) == 0
     assert "logits: [1, 3, 97]" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flags", [["--kv-cache"], ["--weights", "int8"], ["--adapter", "a=missing.pt"]])
+def test_export_refuses_ios18_features_below_ios18_before_loading(tmp_path, flags, monkeypatch):
+    monkeypatch.setattr(cli, "_load_model", None)  # refused before loading the model
+    args = _parse(cli.add_export_arguments, ["tiny-llama", "--out", str(tmp_path / "x.mlpackage"),
+                                             "--target", "iOS17"] + flags)
+    with pytest.raises(ValueError, match=r"^\[export\] target iOS17: .* needs iOS18/macOS15 or later"):
+        cli.run_export(args)
 
 
 def test_verify_missing_package(tmp_path):

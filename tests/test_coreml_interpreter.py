@@ -56,6 +56,8 @@ CASES = {
     "gelu_tanh": lambda r: mb.gelu(x=_x(r, 10), mode="TANH_APPROXIMATION"),
     "select": lambda r: mb.select(cond=_x(r, 3, 4) > 0, a=_x(r, 3, 4), b=np.float32(0.0)),
     "pad": lambda r: mb.pad(x=_x(r, 3, 4), pad=np.array([1, 0, 2, 1], np.int32), constant_val=1.5),
+    # past exp's fp32 range (x > 88): log(sum(exp(x))) overflows where the max-shifted form does not
+    "reduce_log_sum_exp": lambda r: mb.reduce_log_sum_exp(x=_x(r, 3, 5) * 30 + 100, axes=[1], keep_dims=False),
     "slice_update": lambda r: mb.slice_update(x=_x(r, 2, 6, 3), update=_x(r, 2, 2, 3), begin=[0, 3, 0], end=[2, 5, 3]),
 }
 
@@ -165,3 +167,15 @@ def test_fp16_rounding_after_each_op():
     assert out[name][0] == 1.0
     wide = interpreter.Program(prog, emulate_fp16=False).predict({"x": x})[name]
     assert wide[0] > 1.0
+
+
+def test_reduce_log_sum_exp_of_masked_rows():
+    """A row of -inf (every key masked) gives -inf, not NaN; a large finite row no inf."""
+    x = np.array([[-np.inf, -np.inf, -np.inf], [1000.0, 1000.0, -np.inf], [0.0, np.log(3.0), -np.inf]], np.float32)
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=(3, 3))], opset_version=ct.target.iOS18)
+    def prog(x):
+        return mb.reduce_log_sum_exp(x=x, axes=[-1], keep_dims=True)
+
+    (out,) = interpreter.Program(prog).predict({"x": x}).values()
+    np.testing.assert_allclose(out[:, 0], [-np.inf, 1000 + np.log(2.0), np.log(4.0)], rtol=1e-6)

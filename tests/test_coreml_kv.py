@@ -81,3 +81,64 @@ def test_greedy_decode_matches_torch(stateful):
 def test_kv_cache_needs_the_protocol(tmp_path):
     with pytest.raises(TypeError, match="kv_cache_config"):
         ff.coreml.export(torch.nn.Linear(4, 4), (torch.zeros(1, 4),), tmp_path / "x.mlpackage", kv_cache=True)
+
+
+def test_inputs_past_max_len_are_refused(stateful):
+    """Core ML refuses inputs beyond their declared range (1..max_len); the interpreter did not,
+    and then dropped the K/V it could not write (wrong logits, no error)."""
+    _, _, path, mlmodel = stateful
+    program = ff.coreml.Program.load(path)
+    ids, mask = np.zeros((1, 2), np.int32), np.ones((1, 257), np.int32)
+    with pytest.raises(ValueError, match=r"^\[verify\] input 'attention_mask' has shape \(1, 257\); the program "
+                                         r"declares shapes \(1, 1\.\.256\)"):
+        program.predict({"input_ids": ids, "attention_mask": mask}, program.make_state())
+    # without the package's description (no declared ranges): the cache length still bounds it
+    bare = ff.coreml.Program(mlmodel._mil_program)
+    with pytest.raises(ValueError, match=r"^\[verify\] attention_mask has length 257: .* max_len=256"):
+        bare.predict({"input_ids": ids, "attention_mask": mask}, bare.make_state())
+    with pytest.raises(ValueError, match=r"^\[verify\] greedy_decode: a prompt of 250 tokens and 8 steps need 257 "
+                                         r"cache positions; the export's max_len is 256"):
+        greedy_decode(program, np.zeros((1, 250), np.int32), steps=8)
+
+
+def test_slice_update_past_the_cache_is_an_error(stateful, monkeypatch):
+    """The last line of defence: a cache write out of bounds raises instead of writing nothing."""
+    from fusedformer.coreml import kv_cache
+
+    _, _, _, mlmodel = stateful
+    bare = ff.coreml.Program(mlmodel._mil_program)
+    state = bare.make_state()
+    monkeypatch.setattr(kv_cache, "check_decoder_inputs", lambda *args: None)  # (no input checks left)
+    with pytest.raises(ValueError, match=r"^\[verify\] slice_update .* out of bounds"):
+        bare.predict({"input_ids": np.zeros((1, 1), np.int32),
+                      "attention_mask": np.ones((1, kv_cache.cache_length(bare) + 1), np.int32)}, state)
+
+
+def test_padding_and_short_masks_are_refused(stateful):
+    """The export reads only the mask's length: zeros (padding) would silently be ignored."""
+    _, _, path, _ = stateful
+    program = ff.coreml.Program.load(path)
+    ids = np.array([[5, 6, 7]], np.int32)
+    with pytest.raises(ValueError, match=r"^\[verify\] attention_mask has values other than 1: padding is not "
+                                         r"supported by the stateful"):
+        program.predict({"input_ids": ids, "attention_mask": np.array([[0, 0, 1]], np.int32)}, program.make_state())
+    with pytest.raises(ValueError, match=r"^\[verify\] attention_mask has length 2, shorter than input_ids \(3\)"):
+        program.predict({"input_ids": ids, "attention_mask": np.ones((1, 2), np.int32)}, program.make_state())
+    # the package says so too
+    descriptions = {f.name: f.shortDescription for f in stateful[3].get_spec().description.input}
+    assert "padding is not supported" in descriptions["attention_mask"]
+
+
+def test_verify_stateful_prefill_then_decode(stateful):
+    """verify() makes fresh states when given none (a prefill), and decodes on with the caller's."""
+    model, ids, path, _ = stateful
+    mask = np.ones((1, 5), np.int32)
+    prefill = ff.coreml.verify(path, {"input_ids": ids, "attention_mask": mask})["logits"]
+    state = ff.coreml.Program.load(path).make_state()
+    np.testing.assert_array_equal(
+        ff.coreml.verify(path, {"input_ids": ids, "attention_mask": mask}, state=state)["logits"], prefill)
+    step = ff.coreml.verify(path, {"input_ids": np.array([[7]]), "attention_mask": np.ones((1, 6), np.int32)},
+                            state=state)["logits"]
+    with torch.no_grad():
+        expected = model(torch.cat([ids, torch.tensor([[7]])], 1))[:, -1:].numpy()
+    assert psnr(expected, step) >= 60

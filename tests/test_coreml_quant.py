@@ -108,3 +108,11 @@ def test_prune_affine_package_holds_the_weight_once(rng, tmp_path):
     ff.coreml.export(QuantizedLinear(qw).eval(), {"x": torch.from_numpy(x)}, path, precision="fp32")
     mask_bytes = n * k // 8
     assert package_size(path) - qw.nbytes < mask_bytes, (package_size(path), qw.nbytes)
+
+
+def test_compressed_weights_below_ios18_are_refused_up_front(rng, tmp_path, monkeypatch):
+    qw = quant.compress(rng.standard_normal((16, 64)).astype(np.float32), quant.Int8())
+    monkeypatch.setattr(torch.jit, "trace", None)  # refused before any tracing
+    with pytest.raises(ValueError, match=r"^\[export\] target iOS17: compressed weights .* needs iOS18"):
+        ff.coreml.export(QuantizedLinear(qw, None).eval(), {"x": torch.randn(2, 64)}, tmp_path / "q.mlpackage",
+                         target="iOS17")

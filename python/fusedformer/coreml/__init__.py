@@ -6,6 +6,8 @@ Importing this module imports coremltools (and torch when exporting).
     ff.coreml.verify("model.mlpackage", {"input_ids": ids})      # -> {"logits": ndarray}
 
     ff.coreml.export(model, ids, "lm.mlpackage", kv_cache=True)     # K/V caches as Core ML states
+    ff.coreml.verify("lm.mlpackage", {"input_ids": ids, "attention_mask": np.ones(ids.shape, np.int32)})
+    #   (a prefill on fresh states; pass state=Program.load(path).make_state() to decode on with it)
     ff.coreml.greedy_decode("lm.mlpackage", prompt_ids, steps=16)   # decode through the interpreter
     ff.coreml.export(model, ids, "multi.mlpackage", adapters={"chat": state_dict})
     ff.coreml.verify("multi.mlpackage", {"input_ids": ids}, function_name="chat")

@@ -41,7 +41,10 @@ def add_export_arguments(parser) -> None:
     parser.add_argument("model", help="a Hugging Face model directory or hub id, or 'tiny-llama' (a built-in test decoder)")
     parser.add_argument("--out", required=True, help="path of the .mlpackage to write")
     parser.add_argument("--attention", choices=("fused", "unfused"), default="fused")
-    parser.add_argument("--target", default="iOS18", help="minimum deployment target (iOS18, macOS15, iOS17, ...)")
+    parser.add_argument("--target", default="iOS18",
+                        help="minimum deployment target: iOS18 or macOS15 (or later) for fused attention, --weights, "
+                             "--kv-cache and --adapter; an older one (iOS17, macOS14, ... down to iOS15) only for "
+                             "plain exports, whose attention is then unfused")
     parser.add_argument("--precision", choices=("fp16", "fp32"), default="fp16")
     parser.add_argument("--weights", choices=sorted(WEIGHT_SCHEMES), help="compress every linear (lm_head kept)")
     parser.add_argument("--seq-len", type=positive_int, default=64, help="tokens of the example input (and default length)")
@@ -97,9 +100,11 @@ def run_export(args) -> int:
 
     import fusedformer as ff
 
-    from fusedformer.coreml.export import check_options
+    from fusedformer.coreml.export import check_options, check_target_supports
 
     check_options(args.attention, args.target, args.precision)  # (before minutes of loading)
+    check_target_supports(args.target, kv_cache=args.kv_cache, adapters=bool(args.adapter),
+                          compressed=bool(args.weights))
     adapters = _parse_adapters(args.adapter) or None
     started = time.perf_counter()
     _say(f"loading {args.model}")
@@ -186,14 +191,25 @@ def run_verify(args) -> int:
         return 1
     if args.inputs:
         if not os.path.isfile(args.inputs):
-            raise FileNotFoundError(f"[verify] --inputs file {args.inputs!r} does not exist")
-        with np.load(args.inputs) as data:
-            inputs = {k: data[k] for k in data.files}
+            print(f"fusedformer verify: no such --inputs file {args.inputs}", file=sys.stderr)
+            return 2
+        try:
+            with np.load(args.inputs) as data:
+                inputs = {k: data[k] for k in data.files}
+        except (OSError, ValueError) as e:  # (not an .npz)
+            print(f"fusedformer verify: cannot read --inputs {args.inputs} as .npz: {e}", file=sys.stderr)
+            return 2
     else:
         inputs = random_inputs(program, args.seq_len)
     state = program.make_state() if program.state_names else None
     started = time.perf_counter()
-    outputs = program.predict(inputs, state=state)
+    try:
+        outputs = program.predict(inputs, state=state)
+    except ValueError as e:  # inputs the program does not take: names, shapes, a stateful export's rules
+        if not str(e).startswith("[verify]"):  # (anything else is a bug: its traceback)
+            raise
+        print(f"fusedformer verify: {e}", file=sys.stderr)
+        return 1
     seconds = time.perf_counter() - started
     summary = {
         "package": args.package,

@@ -6,7 +6,9 @@
 Inputs are named after the forward's arguments, outputs after what forward returns (the keys of
 a dict / ModelOutput; a lone tensor is ``logits`` when the model takes ``input_ids``, else
 ``output``). What the export decided (attention form, fallbacks) is written to the model's
-metadata under ``fusedformer.*`` and warned about.
+metadata under ``fusedformer.*`` and warned about. The attention recorded is what the program
+holds: "fused" only where it has scaled_dot_product_attention ops (a model's attention becomes
+one only through fusedformer's sdpa op, e.g. after ``ff.torch.optimize(model, attention="fused")``).
 """
 
 from __future__ import annotations
@@ -31,14 +33,16 @@ class ExportWarning(UserWarning):
 class ExportResult:
     """What export() did; also stored in the package's user-defined metadata."""
 
-    attention: str
+    attention: str  # what the program holds: "fused", "unfused" (softmax, no fused op) or "none"
     target: str
     precision: str
     notes: list
+    fused_attention_ops: int = 0  # scaled_dot_product_attention ops in the program
 
     def to_metadata(self) -> dict:
         return {
             "fusedformer.attention": self.attention,
+            "fusedformer.fused_attention_ops": str(self.fused_attention_ops),
             "fusedformer.target": self.target,
             "fusedformer.precision": self.precision,
             "fusedformer.notes": "; ".join(self.notes),
@@ -153,12 +157,44 @@ def resolve_target(target):
         raise ValueError(f"[export] unknown target {target!r} (e.g. 'iOS18', 'macOS15')") from None
 
 
+def target_name(target) -> str:
+    """'iOS18' for "iOS18" or ct.target.iOS18 (an enum alias such as macOS15 names its iOS twin)."""
+    return target if isinstance(target, str) else getattr(target, "name", str(target))
+
+
 def check_options(attention, target, precision):
+    import coremltools as ct
+
     if attention not in ATTENTIONS:
         raise ValueError(f"[export] attention must be one of {ATTENTIONS}, got {attention!r}")
     if precision not in PRECISIONS:
         raise ValueError(f"[export] precision must be one of {PRECISIONS}, got {precision!r}")
-    resolve_target(target)
+    if resolve_target(target) < ct.target.iOS15:
+        raise ValueError(f"[export] target {target_name(target)} is too old: an ML program needs iOS15/macOS12 "
+                         "or later")
+
+
+def check_target_supports(target, *, kv_cache=False, adapters=False, compressed=False):
+    """[export] ValueError, before any work, where ``target`` is older than iOS18 and the export
+    needs iOS18 features (conversion would fail late, or silently raise the package's version)."""
+    import coremltools as ct
+
+    needs = [what for what, wanted in (
+        ("kv_cache=True (its K/V caches are Core ML states)", kv_cache),
+        ("adapters (a multifunction package)", adapters),
+        ("compressed weights (constexpr_* ops; the model has QuantizedLinear layers)", compressed),
+    ) if wanted]
+    if needs and resolve_target(target) < ct.target.iOS18:
+        raise ValueError(f"[export] target {target_name(target)}: {' and '.join(needs)} "
+                         f"{'needs' if len(needs) == 1 else 'need'} iOS18/macOS15 or later; pass target='iOS18' "
+                         "(only plain exports, with unfused attention, run on older targets)")
+
+
+def has_compressed_weights(model) -> bool:
+    """Whether ``model`` holds fusedformer compressed layers (they convert to iOS18 constexpr ops)."""
+    from fusedformer.torch.quantized_linear import QuantizedLinear
+
+    return any(isinstance(m, QuantizedLinear) for m in model.modules())
 
 
 def convert(traced, inputs, output_names, *, attention, target, precision, states=None, **lowering_kwargs):
@@ -207,11 +243,34 @@ def save(mlmodel, path, result: ExportResult):
     return mlmodel
 
 
+def count_ops(mlmodel, op_type: str) -> int:
+    """How many ``op_type`` ops the converted program runs (every function)."""
+    from fusedformer.coreml.interpreter import _load_mil_program
+
+    program, _ = _load_mil_program(mlmodel)
+    return sum(op.op_type == op_type for f in program.functions.values() for op in f.operations)
+
+
+def attention_form(mlmodel) -> tuple[str, int]:
+    """(form, fused op count) of the converted program: "fused" where it has
+    scaled_dot_product_attention ops, "unfused" where it has softmax ops only (attention that did
+    not go through fusedformer's sdpa op, or lowered unfused), "none" where it has neither."""
+    fused = count_ops(mlmodel, "scaled_dot_product_attention")
+    if fused:
+        return "fused", fused
+    return ("unfused" if count_ops(mlmodel, "softmax") else "none"), 0
+
+
 def finish(mlmodel, path, attention, target, precision, fallbacks, info=()):
     """Records what was done (``fallbacks`` are deviations from the request and are warned)."""
-    effective = "unfused" if any("unfused" in n for n in fallbacks) else attention
-    result = ExportResult(attention=effective, target=str(target), precision=precision,
-                          notes=list(fallbacks) + list(info))
+    fallbacks = list(fallbacks)
+    form, fused = attention_form(mlmodel)
+    if attention == "fused" and form == "unfused" and not any("unfused" in n for n in fallbacks):
+        fallbacks.append("attention='fused' but the program has softmax and no scaled_dot_product_attention op: "
+                         "the model's attention does not call fusedformer's sdpa op (ff.torch.optimize(model, "
+                         "attention='fused') swaps it in); recorded as unfused")
+    result = ExportResult(attention=form, target=target_name(target), precision=precision,
+                          notes=fallbacks + list(info), fused_attention_ops=fused)
     for note in fallbacks:
         warnings.warn(f"[export] {note}", ExportWarning, stacklevel=3)
     return save(mlmodel, path, result)
@@ -223,11 +282,17 @@ def export(model, example_inputs, path, *, attention="fused", target="iOS18", pr
 
     attention: "fused" (iOS18 scaled_dot_product_attention) or "unfused" (matmul/softmax/matmul);
       targets below iOS18 always get "unfused" (recorded in ``mlmodel.fusedformer.notes`` and the
-      package metadata, and warned).
+      package metadata, and warned), and so does a model whose attention does not call
+      fusedformer's sdpa op (warned; ``.fusedformer.fused_attention_ops`` counts the fused ops).
+    target: "iOS18" (default), another ``ct.target`` name or the enum itself; kv_cache, adapters
+      and compressed weights (QuantizedLinear layers) need iOS18/macOS15 or later, and an older
+      target is refused before any work; iOS15 is the oldest an ML program runs on.
     precision: "fp16" or "fp32" compute precision.
     kv_cache: export a stateful decoder: a Hugging Face causal LM (GPT-2, LLaMA, ... : any whose
       attention layers use transformers' Cache and AttentionInterface) or a model following the
       protocol in kv_cache.py; ``max_len`` is the cache length, inputs take any length up to it.
+      Its inputs are input_ids and attention_mask, all ones of length cached + new tokens: only
+      the mask's length is read, padding is not supported.
     adapters: {name: state_dict} -> one multifunction package (see multifunction.py).
     flexible: {input name: {axis: (lo, hi)}} flexible input dims (RangeDim).
     static_kwargs: extra keyword arguments passed to forward while tracing (e.g. use_cache=False).
@@ -240,6 +305,7 @@ def export(model, example_inputs, path, *, attention="fused", target="iOS18", pr
     import coremltools as ct
 
     check_options(attention, target, precision)
+    check_target_supports(target, kv_cache=kv_cache, adapters=bool(adapters), compressed=has_compressed_weights(model))
     path = package_path(path)
     if kv_cache and flexible:
         raise ValueError("[export] flexible does not apply with kv_cache: the stateful decoder takes any input "

@@ -40,7 +40,11 @@ class UnsupportedOpError(NotImplementedError):
 
 
 def _load_mil_program(source):
-    """The pymil Program of an MLModel (in memory) or of a .mlpackage / .mlmodel path."""
+    """(pymil Program, spec ModelDescription) of an MLModel (in memory) or a .mlpackage / .mlmodel path.
+
+    The description holds what the MIL text does not: the declared ranges / enumerated shapes of
+    flexible inputs, which Core ML enforces and so the interpreter does too.
+    """
     import coremltools as ct
 
     if isinstance(source, (str, os.PathLike)):
@@ -48,12 +52,12 @@ def _load_mil_program(source):
         if not os.path.exists(path):
             raise ValueError(f"[verify] no model at {path!r}")
         model = ct.models.MLModel(path, skip_model_load=True)
-        return _program_from_spec(model)
+        return _program_from_spec(model), model.get_spec().description
     if isinstance(source, ct.models.MLModel):
         program = getattr(source, "_mil_program", None)
-        if program is not None:
-            return program
-        return _program_from_spec(source)
+        if program is None:
+            program = _program_from_spec(source)
+        return program, source.get_spec().description
     raise TypeError(f"[verify] expected an MLModel or a path to a .mlpackage, got {type(source).__name__}")
 
 
@@ -64,6 +68,54 @@ def _program_from_spec(model):
     if spec.WhichOneof("Type") != "mlProgram":
         raise ValueError("[verify] the model is not an ML program (neuralnetwork models are not supported)")
     return load(spec, specification_version=spec.specificationVersion, file_weights_dir=model.weights_dir)
+
+
+class AllowedShapes:
+    """The shapes a flexible input declares: a (lo, hi) range per axis (hi -1: unbounded) or an
+    enumerated list. Core ML refuses any other shape, so the interpreter does too."""
+
+    def __init__(self, ranges=None, shapes=None):
+        self.ranges = None if ranges is None else [(int(lo), int(hi)) for lo, hi in ranges]
+        self.shapes = None if shapes is None else [tuple(int(d) for d in s) for s in shapes]
+
+    @classmethod
+    def of_feature(cls, feature) -> "AllowedShapes | None":
+        """From a spec FeatureDescription; None for an input of one fixed shape (or not an array)."""
+        if feature.type.WhichOneof("Type") != "multiArrayType":
+            return None
+        array = feature.type.multiArrayType
+        kind = array.WhichOneof("ShapeFlexibility")
+        if kind == "shapeRange":
+            return cls(ranges=[(r.lowerBound, r.upperBound) for r in array.shapeRange.sizeRanges])
+        if kind == "enumeratedShapes":
+            return cls(shapes=[s.shape for s in array.enumeratedShapes.shapes])
+        return None
+
+    def allows(self, shape) -> bool:
+        shape = tuple(int(d) for d in shape)
+        if self.shapes is not None:
+            return shape in self.shapes
+        return len(shape) == len(self.ranges) and all(
+            lo <= n and (hi < 0 or n <= hi) for n, (lo, hi) in zip(shape, self.ranges)
+        )
+
+    def __str__(self):
+        if self.shapes is not None:
+            return f"one of {self.shapes}"
+        dims = [str(lo) if lo == hi else f"{lo}..{hi if hi >= 0 else 'inf'}" for lo, hi in self.ranges]
+        return f"({', '.join(dims)})"
+
+
+def _allowed_shapes(description, function_name: str) -> dict[str, AllowedShapes]:
+    """{input name: AllowedShapes} of the flexible inputs of one function of a spec description."""
+    if description is None:
+        return {}
+    features = description.input
+    for function in description.functions:  # (multifunction packages describe each function)
+        if function.name == function_name:
+            features = function.input
+    allowed = {f.name: AllowedShapes.of_feature(f) for f in features}
+    return {name: shapes for name, shapes in allowed.items() if shapes is not None}
 
 
 def _np_dtype(builtin):
@@ -256,9 +308,20 @@ for _name, _fn in {
     "reduce_sum_square": lambda x, **kw: np.sum(x * x, **kw),
     "reduce_l2_norm": lambda x, **kw: np.sqrt(np.sum(x * x, **kw)),
     "reduce_l1_norm": lambda x, **kw: np.sum(np.abs(x), **kw),
-    "reduce_log_sum_exp": lambda x, **kw: np.log(np.sum(np.exp(x), **kw)),
 }.items():
     op(_name)(_reduce(_fn))
+
+
+@op("reduce_log_sum_exp")
+@_reduce
+def _reduce_log_sum_exp(x, axis=None, keepdims=False):
+    """log(sum(exp(x))) as max + log(sum(exp(x - max))): no overflow past exp's range (x > 88 in
+    fp32); a row of -inf gives -inf (the shift is 0 there, not -inf - -inf = NaN)."""
+    peak = np.max(x, axis=axis, keepdims=True)
+    peak = np.where(np.isfinite(peak), peak, 0)
+    with np.errstate(divide="ignore"):
+        out = np.log(np.sum(np.exp(x - peak), axis=axis, keepdims=True)) + peak
+    return out if keepdims else np.squeeze(out, axis=axis)
 
 
 @op("reduce_argmax", "reduce_argmin")
@@ -422,7 +485,13 @@ def _slice_by_size(a):
 @op("slice_update")
 def _slice_update(a):
     x = np.array(a.x, copy=True)
-    x[_index_slices(x.shape, a)] = a.update
+    index, update = _index_slices(x.shape, a), np.asarray(a.update)
+    target = x[index].shape
+    if target != update.shape:  # (numpy would clip the slice and broadcast into what is left)
+        raise ValueError(f"[verify] slice_update {a.op.name}: begin {np.asarray(a.begin).tolist()}, end "
+                         f"{np.asarray(a.end).tolist()} select {target} of x {x.shape}, not the update's "
+                         f"{update.shape}: the write is out of bounds")
+    x[index] = update
     return x
 
 
@@ -664,7 +733,10 @@ SUPPORTED_OPS = frozenset(OPS)
 class Program:
     """One function of a MIL program, ready to run in numpy."""
 
-    def __init__(self, mil_program, function_name: str = "main", *, emulate_fp16: bool = True):
+    def __init__(self, mil_program, function_name: str = "main", *, emulate_fp16: bool = True,
+                 description=None):
+        """``description``: the spec's ModelDescription (Program.load passes it), whose flexible
+        input ranges / enumerated shapes predict() enforces as Core ML does."""
         if function_name not in mil_program.functions:
             raise ValueError(
                 f"[verify] the program has no function {function_name!r} (it has {sorted(mil_program.functions)})"
@@ -673,6 +745,8 @@ class Program:
         self.function_name = function_name
         self.function = mil_program.functions[function_name]
         self.emulate_fp16 = emulate_fp16
+        self.description = description
+        self.allowed_shapes = _allowed_shapes(description, function_name)
         unknown = sorted({o.op_type for o in self._ops()} - SUPPORTED_OPS)
         if unknown:
             raise UnsupportedOpError(
@@ -682,7 +756,16 @@ class Program:
     @classmethod
     def load(cls, source, function_name: str = "main", *, emulate_fp16: bool = True) -> "Program":
         """From an MLModel (in memory) or a .mlpackage path."""
-        return cls(_load_mil_program(source), function_name, emulate_fp16=emulate_fp16)
+        program, description = _load_mil_program(source)
+        return cls(program, function_name, emulate_fp16=emulate_fp16, description=description)
+
+    def with_options(self, function_name: str | None = None, emulate_fp16: bool | None = None) -> "Program":
+        """This program with another function and/or fp16 emulation (None: keep this one's)."""
+        function_name = self.function_name if function_name is None else function_name
+        emulate_fp16 = self.emulate_fp16 if emulate_fp16 is None else emulate_fp16
+        if (function_name, emulate_fp16) == (self.function_name, self.emulate_fp16):
+            return self
+        return Program(self.mil_program, function_name, emulate_fp16=emulate_fp16, description=self.description)
 
     @property
     def functions(self) -> list[str]:
@@ -732,6 +815,10 @@ class Program:
             isinstance(d, (int, np.integer)) and d != n for d, n in zip(shape, value.shape)
         ):
             raise ValueError(f"[verify] input {name!r} has shape {value.shape}, the program expects {shape}")
+        allowed = self.allowed_shapes.get(name)
+        if allowed is not None and not allowed.allows(value.shape):
+            raise ValueError(f"[verify] input {name!r} has shape {value.shape}; the program declares shapes "
+                             f"{allowed} for it (Core ML refuses any other)")
         return value.astype(want)
 
     # -- run --------------------------------------------------------------------------------
@@ -761,6 +848,10 @@ class Program:
         if self.state_names and state is None:
             raise ValueError(f"[verify] the program is stateful ({self.state_names}): pass state=program.make_state()")
         env: dict[str, object] = {n: self._check_input(n, inputs[n]) for n in self.input_names}
+        from fusedformer.coreml import kv_cache
+
+        if kv_cache.is_stateful_decoder(self):  # what Core ML cannot check but would get wrong
+            kv_cache.check_decoder_inputs(env["input_ids"], env["attention_mask"], kv_cache.cache_length(self))
         for name in self.state_names:
             env[name] = state[name]
         for operation in self._ops():
@@ -777,14 +868,25 @@ class Program:
         return {n: np.asarray(env[n]) for n in names}
 
 
-def verify(path_or_mlmodel, inputs: dict, *, function_name: str = "main", state: dict | None = None,
-           emulate_fp16: bool = True) -> dict[str, np.ndarray]:
+def verify(path_or_mlmodel, inputs: dict, *, function_name: str | None = None, state: dict | None = None,
+           emulate_fp16: bool | None = None) -> dict[str, np.ndarray]:
     """Runs an exported model's MIL program in numpy; inputs and outputs keyed by their names.
 
     ``path_or_mlmodel``: a ``.mlpackage`` path or an ``MLModel`` (or an already loaded Program).
+    ``function_name`` / ``emulate_fp16``: None means "main" / True (for a Program: its own).
+    ``state``: the state buffers of a stateful program (``kv_cache=True`` exports), updated in place
+    like Core ML's MLState; None gives fresh (zero) ones, so one call is a prefill::
+
+        out = ff.coreml.verify(path, {"input_ids": ids, "attention_mask": np.ones(ids.shape, np.int32)})
+        state = ff.coreml.Program.load(path).make_state()   # to decode on: pass the same state each call
+        ff.coreml.verify(path, {"input_ids": ids, "attention_mask": mask}, state=state)
     """
-    program = path_or_mlmodel if isinstance(path_or_mlmodel, Program) else Program.load(
-        path_or_mlmodel, function_name, emulate_fp16=emulate_fp16
-    )
+    if isinstance(path_or_mlmodel, Program):
+        program = path_or_mlmodel.with_options(function_name, emulate_fp16)
+    else:
+        program = Program.load(path_or_mlmodel, function_name or "main",
+                               emulate_fp16=True if emulate_fp16 is None else emulate_fp16)
+    if state is None and program.state_names:
+        state = program.make_state()
     inputs = {k: (v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)) for k, v in inputs.items()}
     return program.predict(inputs, state=state)

@@ -5,7 +5,9 @@ buffers [layers, B, Hkv, max_len, D] written with ``slice_update``; ``input_ids`
 ``attention_mask`` [B, past + L] have flexible length (``RangeDim``), so one program does the
 prefill (L = prompt) and every decode step (L = 1). The number of cached tokens is the mask's
 length minus L -- no position input is needed -- and causal attention over the cache is
-``ff.sdpa(causal=True)``'s bottom-right alignment.
+``ff.sdpa(causal=True)``'s bottom-right alignment. Only the mask's length counts: its values are
+not read, so padding is not supported (a batch holds sequences of one length); the interpreter
+(verify, greedy_decode) refuses a mask with zeros, which the Core ML program would ignore.
 
 The model takes part through a small protocol (fusedformer's own decoder implements it, and
 ``hf_decoder_adapter`` adapts Hugging Face causal LMs; export(kv_cache=True) wraps those
@@ -243,12 +245,21 @@ def stateful_decoder(model, max_len: int, batch: int = 1):
     return _StatefulDecoder().eval()
 
 
+# the inputs' descriptions in the package (Xcode and MLModel.input_description show them)
+INPUT_DESCRIPTIONS = {
+    "input_ids": "new tokens [batch, L]: the prompt, then one token per step",
+    "attention_mask": "all ones, [batch, cached + L]: only its length counts (cached tokens = its length - L); "
+                      "its values are ignored, padding is not supported; cached + L <= max_len",
+}
+
+
 def export_stateful(model, example_inputs, path, *, attention="fused", target="iOS18", precision="fp16",
                     max_len: int = 256):
     """Exports ``model`` (the kv-cache protocol above) as a stateful decoder at ``path``.
 
     ``example_inputs``: input_ids [B, L] (tensor, or {"input_ids": ...}); the export accepts any
-    L in 1..max_len and any total length up to max_len.
+    L in 1..max_len and any total length up to max_len. Its ``attention_mask`` input is all ones
+    of length cached + L: only the length is read, padding is not supported.
     """
     import warnings
 
@@ -288,17 +299,64 @@ def export_stateful(model, example_inputs, path, *, attention="fused", target="i
     ]
     mlmodel, notes = convert(traced, inputs, ["logits"], attention=attention, target=target,
                                      precision=precision, states=states, queries_within_keys=True)
+    for name, text in INPUT_DESCRIPTIONS.items():
+        mlmodel.input_description[name] = text
     info = [f"stateful KV cache: {', '.join(STATE_NAMES)} fp16 {list(wrapper.k_cache.shape)}"]
     return finish(mlmodel, path, attention, target, precision, notes, info)
 
 
+# ----------------------------------------------------------------------------------------------
+# running a stateful export (MIL interpreter)
+
+
+def is_stateful_decoder(program) -> bool:
+    """Whether an interpreter Program has the layout export(kv_cache=True) writes."""
+    return program.state_names == list(STATE_NAMES) and program.input_names == ["input_ids", "attention_mask"]
+
+
+def cache_length(program) -> int:
+    """max_len of a stateful export: the length axis of its cache states."""
+    return int(program.function.inputs[STATE_NAMES[0]].sym_type.wrapped_type().get_shape()[3])
+
+
+def check_decoder_inputs(input_ids, attention_mask, max_len: int) -> None:
+    """[verify] errors for the inputs a stateful export takes without complaint but mishandles:
+    a mask with zeros (ignored, so padding would silently give unpadded results), a mask shorter
+    than input_ids (a negative cache position), more tokens than the cache holds (dropped)."""
+    ids_len, mask_len = np.shape(input_ids)[-1], np.shape(attention_mask)[-1]
+    if np.any(np.asarray(attention_mask) != 1):
+        raise ValueError("[verify] attention_mask has values other than 1: padding is not supported by the stateful "
+                         "(kv_cache=True) export, which reads only the mask's length (cached + new tokens)")
+    if mask_len < ids_len:
+        raise ValueError(f"[verify] attention_mask has length {mask_len}, shorter than input_ids ({ids_len}): its "
+                         f"length must be the cached tokens plus the new ones")
+    if mask_len > max_len:
+        raise ValueError(f"[verify] attention_mask has length {mask_len}: cached + new tokens exceed the cache's "
+                         f"max_len={max_len}")
+
+
 def greedy_decode(program, prompt_ids, steps: int):
-    """Greedy tokens from a stateful export run by the MIL interpreter (prefill, then 1 token/step)."""
+    """Greedy tokens from a stateful export run by the MIL interpreter (prefill, then 1 token/step).
+
+    The prompt and the tokens fed back must fit the cache: prompt + steps - 1 <= max_len (the last
+    token is returned, not fed).
+    """
     from fusedformer.coreml.interpreter import Program
 
     program = program if isinstance(program, Program) else Program.load(program)
-    state = program.make_state()
+    if not is_stateful_decoder(program):
+        raise ValueError(f"[verify] greedy_decode needs a kv_cache=True export (states {list(STATE_NAMES)}, inputs "
+                         f"input_ids and attention_mask); this one has states {program.state_names}, inputs "
+                         f"{program.input_names}")
     ids = np.asarray(prompt_ids, dtype=np.int32)
+    if ids.ndim != 2 or ids.shape[1] < 1:
+        raise ValueError(f"[verify] greedy_decode: prompt_ids must be [batch, tokens] with tokens >= 1, got shape "
+                         f"{ids.shape}")
+    max_len = cache_length(program)
+    if ids.shape[1] + steps - 1 > max_len:
+        raise ValueError(f"[verify] greedy_decode: a prompt of {ids.shape[1]} tokens and {steps} steps need "
+                         f"{ids.shape[1] + steps - 1} cache positions; the export's max_len is {max_len}")
+    state = program.make_state()
     total = ids.shape[1]
     tokens = []
     step_ids = ids

@@ -90,10 +90,21 @@ def repeat_kv_heads(x: Var, groups: int, name: str) -> Var:
     """[B, Hkv, L, D] -> [B, Hkv * groups, L, D], kv head h serving query heads h*g .. h*g+g-1."""
     if groups == 1:
         return x
-    b, hkv, _, d = x.shape
+    _, hkv, _, d = x.shape
     x = mb.expand_dims(x=x, axes=[2])
     x = mb.tile(x=x, reps=[1, 1, groups, 1, 1])
-    return mb.reshape(x=x, shape=[b, hkv * groups, -1, d], name=name)
+    return mb.reshape(x=x, shape=_shape_with_batch(x, [hkv * groups, -1, d]), name=name)
+
+
+def _shape_with_batch(x: Var, rest: list) -> list | Var:
+    """The reshape shape [x.shape[0], *rest]: a list for a static batch; for a flexible one a Var
+    built from x's runtime shape (a symbolic dim cannot go in a constant, and reshape's 0 copies a
+    dim only when the ranks match), whose symbolic value keeps the result's static dims known."""
+    b = x.shape[0]
+    if not is_symbolic(b):
+        return [int(b)] + list(rest)
+    batch = mb.slice_by_size(x=mb.shape(x=x), begin=[0], size=[1])
+    return mb.concat(values=[batch, np.array(rest, np.int32)], axis=0)
 
 
 def structural_mask(lq, lk, *, causal: bool, window: int | None, name: str) -> Var | None:

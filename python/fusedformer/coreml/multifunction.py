@@ -4,7 +4,8 @@
 function ``main`` and, for each adapter, the model with that adapter's tensors loaded (a LoRA's
 A/B matrices, or any subset of the weights) as a function of the adapter's name. coremltools'
 ``save_multifunction`` deduplicates the constants the functions share, so the package weighs
-about one model plus the adapters, not N models.
+about one model plus the adapters, not N models. A multifunction package needs iOS18/macOS15
+(export refuses an older target up front).
 
     ff.coreml.verify(path, inputs, function_name="chat")
 """
@@ -62,7 +63,8 @@ def export_multifunction(model, example_inputs, path, *, adapters: dict, **optio
         mlmodel = ct.models.MLModel(merged, skip_model_load=True)
         first = results[BASE_FUNCTION]
         result = ExportResult(attention=first.attention, target=first.target, precision=first.precision,
-                              notes=first.notes + [f"functions: {', '.join(results)}"])
+                              notes=first.notes + [f"functions: {', '.join(results)}"],
+                              fused_attention_ops=sum(r.fused_attention_ops for r in results.values()))
         path = save(mlmodel, path, result).package_path
     # reopen from its final place: the merged model's weights lived in the temporary directory
     mlmodel = ct.models.MLModel(path, skip_model_load=True)
