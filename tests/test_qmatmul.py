@@ -315,6 +315,8 @@ def test_bad_input(rng):
         ff.qmatmul(np.zeros((2, K), np.float64), qw)
     with pytest.raises(TypeError, match=r"\[qmatmul\] qw"):
         ff.qmatmul(np.zeros((2, K), np.float32), np.zeros((N, K)))
+    with pytest.raises(TypeError, match=r"^\[qmatmul\] x must be an array or tensor, got None"):
+        ff.qmatmul(None, qw)
 
 
 @pytest.mark.slow

@@ -705,6 +705,8 @@ def _bad(rng):
         (lambda q, k, v: (q.astype(np.float64), k.astype(np.float64), v.astype(np.float64)), TypeError, "float64"),
         (lambda q, k, v: (q[:, :, :0], k, v), ValueError, "zero-sized"),
         (lambda q, k, v: (q[:1], np.concatenate([k, k]), np.concatenate([v, v])), ValueError, "batch"),
+        (lambda q, k, v: (None, k, v), TypeError, "q must be an array or tensor, got None"),
+        (lambda q, k, v: (q, k, None), TypeError, "v must be an array or tensor, got None"),
     ],
 )
 def test_bad_arrays(rng, mutate, exc, words):
@@ -724,6 +726,7 @@ def test_bad_arrays(rng, mutate, exc, words):
         (dict(window=0), ValueError, "window"),
         (dict(window=2.5), TypeError, "window"),
         (dict(causal="yes"), TypeError, "causal"),
+        (dict(return_lse="yes"), TypeError, "return_lse must be a bool"),
         (dict(mask=np.ones((5, 7), dtype=bool)), ValueError, "mask of shape"),
         (dict(mask=np.ones((3, 5, 6), dtype=bool)), ValueError, "mask of shape"),
         (dict(mask=np.ones((5, 6), dtype=np.int32)), TypeError, "mask must be bool"),

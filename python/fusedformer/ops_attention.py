@@ -152,9 +152,14 @@ def sdpa(q, k, v, *, mask=None, causal=False, scale=None, window=None, return_ls
     shape, dtype and, where q's storage is dense, its memory layout, as torch's SDPA does), or
     (out, lse) with lse fp32 [B, Hq, Lq] when return_lse.
     """
+    if return_lse is not False and return_lse is not True and not isinstance(return_lse, np.bool_):
+        raise TypeError(f"[sdpa] return_lse must be a bool, got {type(return_lse).__name__}")
     out = _eager_call(q, k, v, mask, causal, scale, window, return_lse)
     if out is not None:
         return out
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t is None:  # (numpy would make it a 0-d object array: "q must be 4-d ..., got shape ()")
+            raise TypeError(f"[sdpa] {name} must be an array or tensor, got None")
     framework = common_framework("sdpa", q=q, k=k, v=v, mask=mask)
     if framework == "numpy":
         q, k, v = (np.asarray(t) if not isinstance(t, np.ndarray) else t for t in (q, k, v))

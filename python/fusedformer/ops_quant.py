@@ -112,6 +112,8 @@ def _cached_output(m: int, n: int, dtype: np.dtype) -> np.ndarray | None:
 
 def qmatmul(x, qw):
     """x @ W.T with W = qw.dequantize() decoded inside the kernel; x's framework and dtype out."""
+    if x is None:  # (numpy would make it a 0-d object array: "x has shape ()")
+        raise TypeError("[qmatmul] x must be an array or tensor, got None")
     kind = framework_of(x)
     if kind == "numpy" and not isinstance(x, np.ndarray):  # (lists, scalars: as ff.sdpa takes them)
         x = np.asarray(x)
