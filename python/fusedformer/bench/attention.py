@@ -25,7 +25,9 @@ import math
 from dataclasses import dataclass, replace
 
 from fusedformer.bench.harness import (
+    PEAK_PROBE,
     READ_PROBE,
+    PeakProbe,
     ReadProbe,
     add_rounds_argument,
     cold_copies,
@@ -308,36 +310,3 @@ def run(args) -> Report:
                     flops=peak_gflops * 1e9 * peak_timing.median_ms / 1e3, peak_gflops=peak_gflops,
                     note=f"{peak.name} run in the same rounds: the GFLOP/s this case's % peak refers to")
     return rep
-
-
-PEAK_PROBE = "peak probe"
-
-
-class PeakProbe:
-    """The compute-peak probe of the limit Report.peak_key picks for `dtype` (fp32 FMAs; bf16:
-    the AMX tiles when the avx512_amx variant runs, else the bf16 dot product where the CPU has
-    it), as a contender of a case's rounds: each call runs it for `seconds` and keeps the
-    GFLOP/s it measured; gflops() is their median."""
-
-    # limit key -> (name, the _C probe that measures it)
-    PROBES = {
-        "peak_gflops": ("fp32 FMA probe", "peak_gflops"),
-        "peak_gflops_bf16_dot": ("bf16 dot probe", "peak_gflops_bf16_dot"),
-        "peak_gflops_amx_bf16": ("AMX bf16 probe", "peak_gflops_amx_bf16"),
-    }
-
-    def __init__(self, rep: Report, dtype: str, seconds: float = 0.02):
-        from fusedformer import _C
-
-        self.name, fn = self.PROBES[rep.peak_key(dtype)]
-        self._fn = getattr(_C, fn)
-        self.seconds = seconds
-        self.samples: list[float] = []
-
-    def run(self):
-        self.samples.append(self._fn(seconds=self.seconds))
-
-    def gflops(self) -> float:
-        import statistics
-
-        return statistics.median(self.samples)

@@ -36,8 +36,9 @@ def git_commit() -> str | None:
 
 
 def git_dirty() -> bool | None:
-    """Whether tracked files of the checkout differ from its commit (None outside one)."""
-    status = _git("status", "--porcelain", "--untracked-files=no")
+    """Whether tracked files of the checkout differ from its commit (None outside one), results
+    aside (`bench all` writes one area's before the next starts)."""
+    status = _git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results")
     return None if status is None else bool(status)
 
 

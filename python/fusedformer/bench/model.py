@@ -21,7 +21,7 @@ import os
 import subprocess
 import sys
 
-from fusedformer.bench.harness import Timing, positive_int, quick_or
+from fusedformer.bench.harness import PEAK_PROBE, READ_PROBE, PeakProbe, ReadProbe, Timing, positive_int, quick_or
 from fusedformer.bench.report import Report, track
 
 VARIANTS = {
@@ -202,17 +202,26 @@ class Worker:
         return stats
 
 
-def timed_in_turn(workers: list[Worker], rounds: int, prefills: int, steps: int) -> dict:
+def timed_in_turn(workers: list[Worker], rounds: int, prefills: int, steps: int, between=lambda: None) -> dict:
     """Prefill and decode samples of each worker, taken in alternating rounds so that every
     worker sees the same stretch of machine time (this VM's speed drifts by tens of percent
     over minutes: ratios of samples taken minutes apart mean little), the order reversed every
-    other round."""
+    other round; ``between()`` runs after each worker's turn."""
     samples = {w.name: {"prefill": [], "decode": []} for w in workers}
     for r in range(rounds):
         for w in workers if r % 2 == 0 else workers[::-1]:  # (who goes first alternates too)
             samples[w.name]["prefill"] += w.ask("prefill", prefills)
             samples[w.name]["decode"] += w.ask("decode", steps)
+            between()  # (the machine's probes, in this process while the workers wait)
     return samples
+
+
+def _peak_of(rep: Report, name: str, fp32_peak: float | None) -> float | None:
+    """A variant's compute ceiling: the fp32 FMA probe of the rounds, or for the bf16 model the
+    bf16 limit where the CPU has a faster bf16 path (else the FMA rate bounds it too)."""
+    if "bf16" in name and rep.peak_key("bfloat16") != "peak_gflops":
+        return rep.peak_for("bfloat16")
+    return fp32_peak
 
 
 def _timing(ms: list[float]) -> Timing:
@@ -273,12 +282,22 @@ def run(args) -> Report:
     case_p, case_d = f"prefill {prompt} tokens, {layers} layers", f"decode 1 token (KV cache), {layers} layers"
     # The baseline's process lives through the whole run; each other variant is timed in turn
     # with it (alternating rounds), then its process ends: two models in memory at a time.
+    # % peak and % BW refer to the FMA and streaming-read probes run in the same rounds (a peak
+    # measured once at the start, on a slow minute, gave a prefill 105% of it)
+    peak, probe, read_ms = PeakProbe(rep, "float32"), ReadProbe.for_run(args.quick), []
+    rep.references.update((PEAK_PROBE, READ_PROBE))
+    probe.run()  # (untimed: its buffer is made and first touched)
+
+    def probes():
+        peak.run()
+        read_ms.append(_ms(probe.run))
+
     base = Worker(BASELINE, layers, prompt) if BASELINE in names else None
     base_samples = {"prefill": [], "decode": []}
     results = {}
     for name in track([n for n in names if n != BASELINE], "model variants"):
         w = Worker(name, layers, prompt)
-        got = timed_in_turn([base, w] if base else [w], rounds, prefills, steps)
+        got = timed_in_turn([base, w] if base else [w], rounds, prefills, steps, probes)
         results[name] = (got[name], w.close())
         if base:
             for kind in base_samples:
@@ -286,8 +305,10 @@ def run(args) -> Report:
             results[name][0]["paired"] = got[BASELINE]
     if base:
         if not results:  # the baseline alone
-            base_samples = timed_in_turn([base], rounds, prefills, steps)[BASELINE]
+            base_samples = timed_in_turn([base], rounds, prefills, steps, probes)[BASELINE]
         results = {BASELINE: (base_samples, base.close()), **results}
+    peak_gflops = peak.gflops() if peak.samples else None
+    bandwidth = probe.gbs(_timing(read_ms)) if read_ms else None
     for name in names:
         samples, r = results[name]
         extra = dict(model_mb=r["model_bytes"] / 2**20, peak_rss_mb=r["peak_rss"] / 2**20)
@@ -301,10 +322,19 @@ def run(args) -> Report:
         pair_p = dict(ratio=prefill.median_ms / _timing(paired["prefill"]).median_ms) if paired else {}
         pair_d = dict(ratio=decode.median_ms / _timing(paired["decode"]).median_ms) if paired else {}
         rep.add(case=case_p, impl=name, timing=prefill, baseline=BASELINE if base else None, note=note,
-                flops=prefill_flops(layers, prompt), peak_gflops=rep.peak_for("bfloat16") if "bf16" in name else None,
+                flops=prefill_flops(layers, prompt), peak_gflops=_peak_of(rep, name, peak_gflops),
                 tokens_per_s=prompt / (prefill.median_ms / 1e3), **extra, **pair_p)
         rep.add(case=case_d, impl=name, timing=decode, baseline=BASELINE if base else None,
-                bytes=r["streamed_bytes"], note=note, tokens_per_s=1e3 / decode.median_ms, **extra, **pair_d)
+                bytes=r["streamed_bytes"], note=note, tokens_per_s=1e3 / decode.median_ms, bandwidth_gbs=bandwidth,
+                **extra, **pair_d)
+    if read_ms:
+        case = "machine probes, in the decoder's rounds"
+        rep.add(case=case, impl=READ_PROBE, timing=_timing(read_ms), bytes=probe.nbytes, bandwidth_gbs=bandwidth,
+                note="streaming read: the GB/s the decode rows' % BW refers to")
+        seconds = 1e3 * peak.seconds  # (each run of the probe lasts that long)
+        rep.add(case=case, impl=PEAK_PROBE, timing=Timing(seconds, seconds, seconds, len(peak.samples)),
+                flops=peak_gflops * 1e9 * peak.seconds, peak_gflops=peak_gflops,
+                note=f"{peak.name} (median of its runs): the GFLOP/s the fp32 prefill rows' % peak refers to")
     if args.minilm:
         r = _in_subprocess(
             "import json; from fusedformer.bench.model import run_minilm; "
