@@ -20,7 +20,7 @@ import fusedformer as ff
 from fusedformer import _C
 from fusedformer.bench.harness import measure
 from fusedformer.bench.qmatmul import _clone_weight, _copies
-from fusedformer.quant import Affine, Int8, Palettize, compress
+from fusedformer.quant import Affine, Int8, Palettize, Prune, compress
 
 
 def qmatmul_case(scheme, n: int, k: int, rng, m: int = 1):
@@ -90,6 +90,8 @@ def default_cases(rng) -> list:
         qmatmul_case(Palettize(4), 4096, 4096, rng),
         qmatmul_case(Int8(), 4096, 4096, rng),
         qmatmul_case(Affine(4, 64), 4096, 4096, rng, m=512),  # prefill: the GEMM
+        # pruned GEMVs (one and two rows: x compacted to each row's survivors)
+        *(qmatmul_case(s, 4096, 4096, rng, m=m) for s in (Prune(0.5, then=Affine(4, 64)), Prune(0.5)) for m in (1, 2)),
         # a few rows (speculative decoding, small batches): one pass, then x beyond L1 (passes)
         *(qmatmul_case(s, n, k, rng, m=m) for s in (Affine(4, 64), Palettize(4), Int8(), Affine(8, 64))
           for n, k, m in ((4096, 4096, 3), (4096, 4096, 8), (2048, 5632, 8))),

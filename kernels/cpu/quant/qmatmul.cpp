@@ -3,7 +3,7 @@
 // GEMV (m <= 8): each task owns kGemvRows rows of W; dense rows are decoded eight codes at a
 // time (sixteen for byte codes in zmm) straight into registers and FMA'd with every x row.
 // Pruned rows: with one or two x rows, x is compacted to each row's kept columns and dotted with
-// the survivors' codes (gemv_compact, AVX-512); otherwise rows are expanded into an L1 buffer of
+// the survivors' codes (gemv_compact, AVX2 and AVX-512); otherwise rows are expanded into an L1 buffer of
 // kGemvChunk values first.
 // GEMM: x is packed once into blocks of kMr rows, k-major per K chunk (pack_x). Each task owns a
 // panel of kPanel rows of W; for every K chunk of kKc the panel is decoded and packed k-major in
@@ -376,11 +376,11 @@ void gemv_buffered(const Problem& p, int64_t n0, int64_t n1) {
   }
 }
 
-#if defined(__AVX512F__)
+#if defined(__AVX2__)
 // Pruned rows against one or two x rows, without expanding W: each x row is first compacted to
-// the row's kept columns (vcompressps, 16 columns per step), so the survivors' codes, which
-// sit contiguous in the stream, are decoded eight at a time and dotted with it directly: no
-// permutes, no zeros multiplied, no buffer pass. Affine sums are split at the group boundaries
+// the row's kept columns (vcompressps, 16 columns per step; AVX2, which has none: a permutation
+// from a table per 8 columns), so the survivors' codes, which sit contiguous in the stream, are
+// decoded eight at a time and dotted with it directly: no zeros multiplied, no buffer pass. Affine sums are split at the group boundaries
 // (kept-column counts at every 32 columns), each scaled by its group's scale, with the bias
 // times the group's kept x sum. Rows within 64 codes of the stream's end take gemv_buffered
 // (the 8-byte code reads stay inside the stream).
@@ -391,9 +391,25 @@ bool compact_fits(const QWeight& w, int64_t m) {
   return m <= 2 && w.k % 64 == 0 && (w.codes_kind != QCodes::affine || w.group % kCompactSpan == 0);
 }
 
+#if !defined(__AVX512F__)
+// For each byte of mask bits, the lane order that puts its set lanes first (vpermps indices).
+struct CompactOrder {
+  alignas(32) int32_t lanes[256][8];
+  CompactOrder() {
+    for (int m = 0; m < 256; ++m) {
+      int n = 0;
+      for (int i = 0; i < 8; ++i)
+        if (m >> i & 1) lanes[m][n++] = i;
+      for (int i = n; i < 8; ++i) lanes[m][i] = 0;
+    }
+  }
+};
+const CompactOrder kCompactOrder;
+#endif
+
 // x_r's kept columns of one W row (its mask bits), for r < MR, into xc + r * ldxc (each store
-// writes 16 lanes: ldxc leaves 16 floats of room past k); at[t] = kept columns before column 32 t
-// (t = 0 .. k / 32).
+// writes 16 lanes, 8 on AVX2: ldxc leaves 16 floats of room past k); at[t] = kept columns
+// before column 32 t (t = 0 .. k / 32).
 template <int MR>
 FF_ALWAYS_INLINE void compact_x(const Problem& p, const uint8_t* mask, float* xc, int64_t ldxc, int64_t* at) {
   const int64_t k = p.w->k;
@@ -403,15 +419,30 @@ FF_ALWAYS_INLINE void compact_x(const Problem& p, const uint8_t* mask, float* xc
     const uint64_t incl = quant::inclusive_counts(m), before = incl << 8;
     at[c / 32] = kept;
     at[c / 32 + 1] = kept + static_cast<int64_t>((before >> 32) & 0xff);
+#if defined(__AVX512F__)
     for (int j = 0; j < 4; ++j) {
       const __mmask16 m16 = static_cast<__mmask16>(m >> (16 * j));
       const int64_t to = kept + static_cast<int64_t>((before >> (16 * j)) & 0xff);
       for (int r = 0; r < MR; ++r)
         _mm512_storeu_ps(xc + r * ldxc + to, _mm512_maskz_compress_ps(m16, _mm512_loadu_ps(p.x + r * p.ldx + c + 16 * j)));
     }
+#else
+    for (int j = 0; j < 8; ++j) {
+      const __m256i order = _mm256_load_si256(reinterpret_cast<const __m256i*>(kCompactOrder.lanes[(m >> (8 * j)) & 0xff]));
+      const int64_t to = kept + static_cast<int64_t>((before >> (8 * j)) & 0xff);
+      for (int r = 0; r < MR; ++r)
+        _mm256_storeu_ps(xc + r * ldxc + to, _mm256_permutevar8x32_ps(_mm256_loadu_ps(p.x + r * p.ldx + c + 8 * j), order));
+    }
+#endif
     kept += static_cast<int64_t>(incl >> 56);
   }
   at[k / 32] = kept;
+}
+
+// The first n (1..8) floats at p, the other lanes 0 (lanes past n are never read).
+FF_ALWAYS_INLINE __m256 load_first(const float* p, int64_t n) {
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  return _mm256_maskload_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), lanes));
 }
 
 // acc[r] += xc_r[i] * v(i) over survivors [i0, i1) (i relative to the row's first survivor),
@@ -419,17 +450,17 @@ FF_ALWAYS_INLINE void compact_x(const Problem& p, const uint8_t* mask, float* xc
 template <bool XSums, int MR, class Values>
 FF_ALWAYS_INLINE void compact_dot(const float* xc, int64_t ldxc, int64_t i0, int64_t i1, const Values& v,
                                   __m256 (&acc)[MR], __m256 (&sx)[MR]) {
-  auto step = [&](int64_t i, __mmask8 live) __attribute__((always_inline)) {
+  auto step = [&](int64_t i, int64_t lanes) __attribute__((always_inline)) {
     const __m256 wv = v(i);
     for (int r = 0; r < MR; ++r) {
-      const __m256 xv = _mm256_maskz_loadu_ps(live, xc + r * ldxc + i);
+      const __m256 xv = lanes == 8 ? _mm256_loadu_ps(xc + r * ldxc + i) : load_first(xc + r * ldxc + i, lanes);
       acc[r] = _mm256_fmadd_ps(xv, wv, acc[r]);
       if constexpr (XSums) sx[r] = _mm256_add_ps(sx[r], xv);
     }
   };
   int64_t i = i0;
-  for (; i + 8 <= i1; i += 8) step(i, 0xFF);
-  if (i < i1) step(i, static_cast<__mmask8>((1u << (i1 - i)) - 1));
+  for (; i + 8 <= i1; i += 8) step(i, 8);
+  if (i < i1) step(i, i1 - i);
 }
 
 template <int MR, int B>
@@ -478,8 +509,7 @@ void gemv_compact(const Problem& p, int64_t n0, int64_t n1) {
       const float* values = static_cast<const float*>(w.codes) + first;
       const int64_t kept = at[k / kCompactSpan];
       compact_dot<false, MR>(xc.get(), ldxc, 0, kept, [values, kept](int64_t i) __attribute__((always_inline)) {
-        const __mmask8 live = i + 8 <= kept ? 0xFF : static_cast<__mmask8>((1u << (kept - i)) - 1);
-        return _mm256_maskz_loadu_ps(live, values + i);
+        return i + 8 <= kept ? _mm256_loadu_ps(values + i) : load_first(values + i, kept - i);
       }, acc, sx);
       for (int r = 0; r < MR; ++r) out[r] = simd::reduce_add({acc[r]});
     }
@@ -1025,7 +1055,7 @@ void gemv_mr(const Problem& p) {
                                  gemv_lut_all<MR, 4>, gemv_lut_all<MR, 5>, gemv_lut_all<MR, 6>,
                                  gemv_lut_all<MR, 7>, gemv_lut_all<MR, 8>};
   const QWeight& w = *p.w;
-#if defined(__AVX512F__)
+#if defined(__AVX2__)
   if constexpr (MR <= 2) {
     if (w.mask && compact_fits(w, p.m)) {
       return quant::bits_switch(w.codes_kind == QCodes::f32 ? 8 : w.bits, [&](auto b) {
