@@ -9,6 +9,7 @@ import pytest
 from fusedformer.bench import Report, Timing, measure
 from fusedformer.bench.harness import measure_in_rounds
 from fusedformer.bench.report import validate
+from tests.conftest import require
 
 MACHINE = {
     "cpu": "test cpu",
@@ -208,3 +209,23 @@ def test_coreml_decode_step_is_timed_alone():
     assert t.runs == 3 and t.median_ms == t.max_ms == 1e3
     t = time_with_fresh_state(FakeModel(), [], [prefill], budget_s=0, clock=lambda: now[0])
     assert t.median_ms == 100e3
+
+
+def test_model_prefill_flops_count_the_models_own_layers():
+    """bench model's prefill FLOPs: 2 per weight of every decoder linear and every token, the
+    lm_head on the last token, and causal attention's Q K^T and P V over the L(L+1)/2 pairs;
+    checked against the linears of the model the benchmark builds (one layer)."""
+    require("transformers")
+    import torch
+
+    from fusedformer.bench.model import llama_config, prefill_flops
+
+    with torch.device("meta"):  # (shapes only)
+        from transformers import LlamaForCausalLM
+
+        model = LlamaForCausalLM(llama_config(1))
+    decoder = sum(m.weight.numel() for n, m in model.named_modules()
+                  if isinstance(m, torch.nn.Linear) and n != "lm_head")
+    prompt, c = 7, model.config
+    attention = 2 * 2 * c.num_attention_heads * (c.hidden_size // c.num_attention_heads) * prompt * (prompt + 1) / 2
+    assert prefill_flops(1, prompt) == 2 * decoder * prompt + attention + 2 * model.lm_head.weight.numel()

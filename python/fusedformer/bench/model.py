@@ -25,17 +25,17 @@ from fusedformer.bench.harness import PEAK_PROBE, READ_PROBE, PeakProbe, ReadPro
 from fusedformer.bench.report import Report, track
 
 VARIANTS = {
-    # name: (attention, weights scheme expression, optimize()'s skip)
-    "stock (HF sdpa)": (None, None, ()),
+    # name: (attention, weights scheme expression, optimize()'s skip, the model's dtype)
+    "stock (HF sdpa)": (None, None, (), "float32"),
     # the peer that reads fewer bytes without fusedformer: the same model in bf16 (half of fp32's)
-    "stock bf16 (HF sdpa)": (None, None, ()),
-    "fused": ("fused", None, ("lm_head",)),
-    "fused + int8": ("fused", "Int8()", ("lm_head",)),
-    "fused + 4-bit affine": ("fused", "Affine(bits=4, group_size=64)", ("lm_head",)),
+    "stock bf16 (HF sdpa)": (None, None, (), "bfloat16"),
+    "fused": ("fused", None, ("lm_head",), "float32"),
+    "fused + int8": ("fused", "Int8()", ("lm_head",), "float32"),
+    "fused + 4-bit affine": ("fused", "Affine(bits=4, group_size=64)", ("lm_head",), "float32"),
     # every linear 4-bit, lm_head included, as mlx_lm's `convert -q` quantizes a model: the fp32
     # lm_head (262 MB) is otherwise 30% of the bytes a 4-bit decode step reads
-    "fused + 4-bit affine (lm_head too)": ("fused", "Affine(bits=4, group_size=64)", ()),
-    "fused + 4-bit palettized": ("fused", "Palettize(bits=4)", ("lm_head",)),  # per-tensor LUT: k-means of 1B weights in ~1.5 min
+    "fused + 4-bit affine (lm_head too)": ("fused", "Affine(bits=4, group_size=64)", (), "float32"),
+    "fused + 4-bit palettized": ("fused", "Palettize(bits=4)", ("lm_head",), "float32"),  # per-tensor LUT: k-means of 1B weights in ~1.5 min
 }
 BASELINE = "stock (HF sdpa)"
 
@@ -83,9 +83,8 @@ class VariantModel:
 
         torch.manual_seed(0)
         model = LlamaForCausalLM(llama_config(layers)).eval()
-        if "bf16" in name:
-            model = model.to(torch.bfloat16)
-        attention, scheme, skip = VARIANTS[name]
+        attention, scheme, skip, dtype = VARIANTS[name]
+        model = model.to(getattr(torch, dtype))
         weights = eval(scheme, {**vars(ff.quant)}) if scheme else None  # noqa: S307 (our own table)
         if attention or weights:
             ff.torch.optimize(model, attention=attention, weights=weights, skip=skip)
@@ -219,7 +218,7 @@ def timed_in_turn(workers: list[Worker], rounds: int, prefills: int, steps: int,
 def _peak_of(rep: Report, name: str, fp32_peak: float | None) -> float | None:
     """A variant's compute ceiling: the fp32 FMA probe of the rounds, or for the bf16 model the
     bf16 limit where the CPU has a faster bf16 path (else the FMA rate bounds it too)."""
-    if "bf16" in name and rep.peak_key("bfloat16") != "peak_gflops":
+    if VARIANTS[name][3] == "bfloat16" and rep.peak_key("bfloat16") != "peak_gflops":
         return rep.peak_for("bfloat16")
     return fp32_peak
 

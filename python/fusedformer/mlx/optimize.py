@@ -10,8 +10,9 @@ gives each a subclass that runs its ``__call__`` inside :func:`use_fused_sdpa`, 
 this thread's ``mx.fast.scaled_dot_product_attention`` calls to
 :func:`fusedformer.mlx.attention.sdpa_mlx` for the duration of that call only (other models,
 and other threads, are untouched; a module that bound MLX's function to a name of its own at
-import is routed through that name). The fused MLX kernel still does the work; what changes is fusedformer's semantics: rows with every key masked (left
-padding, windows) give 0 instead of NaN or the mean of v.
+import is routed through that name). The fused MLX kernel still does the work; what changes
+is fusedformer's semantics: rows with every key masked (left padding, windows) give 0 instead of
+NaN or the mean of v.
 
 Weights. Every ``nn.Linear`` and ``nn.QuantizedLinear`` not matched by ``skip`` becomes an
 ``ff.mlx.QuantizedLinear`` (see QuantizedLinear.from_linear: an affine nn.QuantizedLinear of the
