@@ -12,8 +12,11 @@
 // of y copied out at the end. Work is split by fixed row counts of W, so results do not depend
 // on the thread count.
 #include <algorithm>
+#include <cmath>
+#include <cstring>
 #include <limits>
 #include <memory>
+#include <vector>
 
 #include "kernels/cpu/quant/api.h"
 #include "kernels/cpu/quant/decode.h"
@@ -1248,6 +1251,62 @@ void gemm(const Problem& p) {
   });
 }
 
+// Whether x[0..k) holds no infinity or NaN (exponent bits all ones).
+inline bool all_finite(const float* x, int64_t k) {
+  uint32_t bad = 0;
+  for (int64_t i = 0; i < k; ++i) {
+    uint32_t u;
+    std::memcpy(&u, x + i, sizeof u);
+    bad |= (u & 0x7f800000u) == 0x7f800000u;
+  }
+  return bad == 0;
+}
+
+// Outputs the fast paths cannot be trusted with, recomputed as plain dot products over W's
+// decoded rows (in double: a product of floats is exact there, and the sum does not overflow
+// on the way to a result float holds):
+//  * every output of a row of x with an infinity or a NaN. IEEE arithmetic gives such a row
+//    +-inf wherever its infinities meet weights of one sign and NaN where infinities of both
+//    signs meet, one meets a zero weight or x has a NaN (x @ W.T in float64, the reference).
+//    The factored affine / int8 sums (scale * sum x q + bias * sum x) met inf * 0 or inf - inf
+//    in most columns and gave NaN, and the compacted pruned GEMV never reads x at pruned
+//    columns, so a NaN or inf there was lost at 1-2 rows and not at 3;
+//  * a non-finite output of a finite row: those factored sums overflow first (sum x q runs up
+//    to 255x past the result: x ~ 1e36 gave -inf where y = 6.4e37).
+// Rare, so scalar sums, each W row decoded once for all the outputs that need it.
+void redo_non_finite(const Problem& p) {
+  const QWeight& w = *p.w;
+  const int64_t k = w.k, n = w.n;
+  std::vector<int64_t> whole_rows, cells;  // cells: r * n + j
+  for (int64_t r = 0; r < p.m; ++r) {
+    if (!all_finite(p.x + r * p.ldx, k)) {
+      whole_rows.push_back(r);
+      continue;
+    }
+    const float* y = p.y + r * n;
+    if (all_finite(y, n)) continue;
+    for (int64_t j = 0; j < n; ++j)
+      if (!std::isfinite(y[j])) cells.push_back(r * n + j);
+  }
+  if (whole_rows.empty() && cells.empty()) return;
+  std::sort(cells.begin(), cells.end(), [n](int64_t a, int64_t b) { return a % n < b % n; });
+  AlignedArray<float> wrow = aligned_array<float>(k);
+  auto dot = [&](int64_t r) {
+    const float* x = p.x + r * p.ldx;
+    double acc = 0.0;
+    for (int64_t i = 0; i < k; ++i) acc += static_cast<double>(x[i]) * wrow[i];
+    return static_cast<float>(acc);
+  };
+  auto cell = cells.begin();
+  for (int64_t j = 0; j < n; ++j) {
+    const bool needed = !whole_rows.empty() || (cell != cells.end() && *cell % n == j);
+    if (!needed) continue;
+    quant::decode_row(w, j, 0, k, wrow.get());
+    for (const int64_t r : whole_rows) p.y[r * n + j] = dot(r);
+    for (; cell != cells.end() && *cell % n == j; ++cell) p.y[*cell] = dot(*cell / n);
+  }
+}
+
 void qmatmul(const QMatmulArgs& a) {
   const int64_t m = a.m, k = a.w.k, n = a.w.n;
   if (m == 0 || n == 0) return;
@@ -1272,6 +1331,7 @@ void qmatmul(const QMatmulArgs& a) {
   } else {
     gemm(p);
   }
+  redo_non_finite(p);
   FF_DTYPE_SWITCH(a.dtype, T, [&] {
     if (T != DType::f32) from_f32<T>(p.y, static_cast<typename Elem<T>::type*>(a.y), m * n);
   });
