@@ -3,6 +3,8 @@ serialisation and bad input."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -249,6 +251,38 @@ def test_schemes_normalise_numpy_fields():
     assert Affine(np.int64(4), np.int32(64)) == Affine(4, 64) and type(Affine(np.int64(4)).bits) is int
     assert Int8(np.bool_(True)).zero_point is True
     assert Prune(n_m=[2, 4]).n_m == (2, 4) and Prune(np.float32(0.25)).sparsity == 0.25
+
+
+def test_prune_sparsity_and_n_m_must_agree():
+    """n_m fixes the sparsity: a different one given beside it is refused, not overridden."""
+    assert Prune(n_m=(1, 4)).sparsity == 0.75 and Prune().sparsity == 0.5 and Prune() == Prune(0.5)
+    assert Prune(0.5, n_m=(2, 4)) == Prune(n_m=(2, 4))
+    with pytest.raises(ValueError, match=r"^\[quant\] Prune sparsity=0.9 contradicts n_m=\(2, 4\)"):
+        Prune(0.9, n_m=(2, 4))
+    qw = compress(gaussian(np.random.default_rng(0), (8, 64)), Prune(n_m=(1, 4), then=Affine(4, 32)))
+    assert QuantizedWeight.from_dict(qw.to_dict()).scheme == qw.scheme  # (the JSON carries both)
+
+
+def test_codes_of_plain_pruned_weights_say_there_are_none(rng):
+    qw = compress(gaussian(rng, (8, 64)), Prune(0.5))
+    with pytest.raises(ValueError, match=r"^\[quant\] codes\(\): Prune\(.*\) keeps its survivors as float32 values"):
+        qw.codes()
+    assert qw.arrays["values"].shape == (qw.nnz,)
+
+
+@pytest.mark.parametrize("shape,exc", [((8, 64, 5), TypeError), ((8,), TypeError), ((8.0, 64), TypeError),
+                                       (8, TypeError), ((-8, 64), ValueError), ((8, 0), ValueError)])
+def test_a_weight_shape_is_two_positive_ints(shape, exc, rng):
+    """A 3-D shape was cut to its first two dims and accepted."""
+    qw = compress(gaussian(rng, (8, 64)), Affine(4, 32))
+    with pytest.raises(exc, match=r"^\[quant\] a weight's shape must be"):
+        QuantizedWeight(Affine(4, 32), shape, qw.arrays)
+    d = qw.to_dict()
+    meta = json.loads(bytes(d["meta"]).decode())
+    meta["shape"] = [8, 64, 7]
+    d["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+    with pytest.raises(TypeError, match=r"^\[quant\] a weight's shape must be a pair of ints"):
+        QuantizedWeight.from_dict(d)
 
 
 @pytest.mark.parametrize("scheme", [Affine(4, 32), Int8(), Int8(zero_point=True), Palettize(3),

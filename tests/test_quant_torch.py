@@ -84,6 +84,14 @@ def test_op_fake_and_compile_shapes():
                           test_utils=("test_schema", "test_faketensor"))
 
 
+def test_meta_tensors_take_the_shape_function():
+    """x on the meta device (shape-only model building) gives y's shape, as nn.Linear does; the
+    eager path used to refuse it as not on the CPU."""
+    q = QuantizedLinear.from_linear(torch.nn.Linear(64, 24), Affine(4, 32))
+    y = q(torch.empty(5, 64, device="meta"))
+    assert y.shape == (5, 24) and y.device.type == "meta"
+
+
 def test_backward_raises_clearly():
     q = QuantizedLinear.from_linear(torch.nn.Linear(64, 8), Int8())
     x = torch.randn(2, 64, requires_grad=True)

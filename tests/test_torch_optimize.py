@@ -686,6 +686,30 @@ def test_tied_weights_are_not_counted_as_freed():
 
 
 @pytest.mark.torch
+def test_one_linear_under_two_names_is_swapped_under_both():
+    """m.a = m.b = nn.Linear: both names run the compressed layer (only the first was swapped,
+    and the report called the second a tie); a skipped name keeps the module dense under both;
+    two schemes for the one module are refused."""
+    torch.manual_seed(0)
+
+    def shared():
+        lin = nn.Linear(64, 64)
+        return nn.ModuleDict({"a": lin, "b": lin, "c": nn.Linear(64, 32)})
+
+    model = ff.torch.optimize(shared(), attention=None, weights=ff.quant.Int8(), skip=())
+    assert model["a"] is model["b"] and type(model["a"]).__name__ == "QuantizedLinear"
+    rep = model.fusedformer_report
+    assert set(rep.quantized) == {"a", "b", "c"} and not rep.tied
+    assert rep.bytes_before == (64 * 64 + 64 * 32) * 4
+    model = ff.torch.optimize(shared(), attention=None, weights=ff.quant.Int8(), skip=("b",))
+    assert type(model["a"]) is nn.Linear and model["a"] is model["b"] and set(model.fusedformer_report.quantized) == {"c"}
+    model = shared()
+    with pytest.raises(ValueError, match=r"\[optimize\] a and b are one nn.Linear, and weights gives them different schemes"):
+        ff.torch.optimize(model, attention=None, weights={"a": ff.quant.Int8(), "*": ff.quant.Affine(4, 32)}, skip=())
+    assert type(model["a"]) is nn.Linear and type(model["c"]) is nn.Linear  # (refused before any change)
+
+
+@pytest.mark.torch
 def test_bad_arguments():
     model = mlp()
     with pytest.raises(ValueError, match=r"\[optimize\] attention must be one of"):

@@ -90,7 +90,7 @@ class Palettize:
 class Prune:
     """Magnitude pruning (unstructured, or n:m along K), optionally quantizing the survivors."""
 
-    sparsity: float = 0.5
+    sparsity: float | None = None  # (0.5 unless given; with n_m, 1 - n / m)
     then: Affine | Palettize | None = None
     n_m: tuple[int, int] | None = None
 
@@ -101,8 +101,14 @@ class Prune:
             n, m = (_int("Prune", "n_m", x) for x in self.n_m)
             if not (0 < n < m <= 16):
                 _fail(f"Prune n_m={self.n_m!r} must satisfy 0 < n < m <= 16 (e.g. (2, 4))")
+            implied = 1.0 - n / m
+            if self.sparsity is not None and not (isinstance(self.sparsity, numbers.Real) and abs(self.sparsity - implied) <= 1e-9):
+                _fail(f"Prune sparsity={self.sparsity!r} contradicts n_m={(n, m)}, which keeps {n} of every {m} "
+                      f"(sparsity {implied:g}); give one of the two")
             _set(self, "n_m", (n, m))
-            _set(self, "sparsity", 1.0 - n / m)
+            _set(self, "sparsity", implied)
+        elif self.sparsity is None:
+            _set(self, "sparsity", 0.5)
         if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, numbers.Real):
             raise TypeError(f"[quant] Prune sparsity={self.sparsity!r} must be a real number in [0, 1)")
         _set(self, "sparsity", float(self.sparsity))

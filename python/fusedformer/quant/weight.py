@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import numbers
 
 import numpy as np
 
@@ -104,12 +105,25 @@ def _expected_shapes(scheme, shape, nnz: int | None) -> dict[str, tuple[int, ...
 _POPCOUNT8 = np.array([bin(b).count("1") for b in range(256)], np.uint8)  # set bits per byte value
 
 
+def _weight_shape(shape) -> tuple[int, int]:
+    """``shape`` as (N, K): exactly two positive ints (a 3-D shape was cut to its first two)."""
+    try:
+        dims = tuple(shape)
+    except TypeError:
+        dims = None
+    if dims is None or len(dims) != 2 or not all(isinstance(d, numbers.Integral) and not isinstance(d, bool) for d in dims):
+        raise TypeError(f"[quant] a weight's shape must be a pair of ints [N, K], got {shape!r}")
+    if min(dims) <= 0:
+        _fail(f"a weight's shape must be positive [N, K], got {list(dims)}")
+    return int(dims[0]), int(dims[1])
+
+
 class QuantizedWeight:
     """A compressed weight W [N, K]; see fusedformer.quant for the layout of each format."""
 
     def __init__(self, scheme, shape, arrays: dict[str, np.ndarray]):
         self.scheme = scheme
-        self.shape = (int(shape[0]), int(shape[1]))
+        self.shape = _weight_shape(shape)
         names = _names(scheme)
         missing = [n for n in names if n not in arrays]
         if missing:
@@ -176,6 +190,8 @@ class QuantizedWeight:
         if isinstance(s, Palettize):
             return unpack_bits(a["indices"], s.bits, k)
         inner = s.then
+        if inner is None:
+            _fail(f"codes(): {s} keeps its survivors as float32 values, not codes (arrays['values'])")
         stream = a["w_q"] if isinstance(inner, Affine) else a["indices"]
         return unpack_bits(stream, inner.bits, self.nnz)
 

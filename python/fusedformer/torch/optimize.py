@@ -25,9 +25,32 @@ from fusedformer.torch.sdpa_mode import use_fused_sdpa  # noqa: F401  (re-export
 
 
 def _linears(model: nn.Module):
-    for name, module in model.named_modules():
+    """Every nn.Linear under every name it has (one module set as two attributes is two names:
+    both are swapped, or neither; _one_module_one_scheme)."""
+    for name, module in model.named_modules(remove_duplicate=False):
         if type(module) is nn.Linear:
             yield name, module, tuple(module.weight.shape)
+
+
+def _one_module_one_scheme(plan, dense):
+    """The plan with a linear that has several names (``m.a = m.b = nn.Linear(...)``) compressed
+    under all of them or none: none where one of its names stays dense (skipped, or read by its
+    parent); a ValueError where the patterns give its names different schemes. Before, only the
+    first name was swapped and the others kept running the dense layer. Returns (plan, the
+    names that now stay dense as well)."""
+    dense_ids = {id(module) for name, module, _ in dense}
+    schemes: dict[int, tuple[str, object]] = {}
+    kept, dropped = [], []
+    for name, module, scheme in plan:
+        if id(module) in dense_ids:
+            dropped.append(name)
+            continue
+        first = schemes.setdefault(id(module), (name, scheme))
+        if first[1] != scheme:
+            raise ValueError(f"[optimize] {first[0]} and {name} are one nn.Linear, and weights gives them different "
+                             f"schemes ({first[1]!r}, {scheme!r}); give them one")
+        kept.append((name, module, scheme))
+    return kept, dropped
 
 
 def _compressed(model: nn.Module):
@@ -143,6 +166,11 @@ def optimize(model: nn.Module, attention: str | None = "fused", weights=None, sk
                                 if weights is not None else ([], [], []))
     plan, dense = _without_weight_readers(model, plan)
     skipped += dense
+    names = {}
+    for name, module, _ in _linears(model):
+        names.setdefault(name, module)
+    plan, also_dense = _one_module_one_scheme(plan, [(n, names[n], None) for n in skipped if n in names])
+    skipped += also_dense
     for name, linear, scheme in plan:  # every check before the first change
         quant.check_values(linear.weight.detach(), scheme, name=name)
     swaps = _plan_attention(model) if attention == "fused" else _plan_no_fastpath(model, [n for n, _, _ in plan])
@@ -163,8 +191,13 @@ def optimize(model: nn.Module, attention: str | None = "fused", weights=None, sk
 
         holders = weight_holders(model.named_parameters(remove_duplicate=False), plan)
         counted = set()
+        swapped = {}  # id(linear) -> its QuantizedLinear (one per module, under each of its names)
         for name, linear, scheme in plan:
-            q = QuantizedLinear.from_linear(linear, scheme)
+            if id(linear) in swapped:
+                report.quantized[name] = repr(scheme)
+                _set_submodule(model, name, swapped[id(linear)])
+                continue
+            q = swapped[id(linear)] = QuantizedLinear.from_linear(linear, scheme)
             w = linear.weight
             if id(w) not in counted:  # (a weight two compressed layers share is freed once)
                 counted.add(id(w))

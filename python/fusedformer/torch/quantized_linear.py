@@ -14,10 +14,12 @@ from fusedformer.torch.qmatmul_op import parts_as_tensors
 
 
 def _plain_eager(x: torch.Tensor) -> bool:
-    """A real tensor (not a subclass: fake and functional tensors are) outside tracing,
-    compilation and autograd."""
+    """A real CPU tensor (not a subclass: fake and functional tensors are; not on the meta
+    device, which the custom op's shape function serves) outside tracing, compilation and
+    autograd."""
     return (
         type(x) is torch.Tensor
+        and x.device.type == "cpu"
         and not (x.requires_grad and torch.is_grad_enabled())
         and not torch.jit.is_tracing()
         and not torch.compiler.is_compiling()
@@ -115,7 +117,7 @@ class QuantizedLinear(nn.Module):
                 y = qmatmul_tensor(x, None, args)
         else:  # tracing, compiling, fake tensors or autograd: the custom op
             y = torch.ops.fusedformer.qmatmul(x, parts, self._meta)
-        return y if self.bias is None else y + self.bias.to(y.dtype)
+        return y if self.bias is None else y + self.bias.to(device=y.device, dtype=y.dtype)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
