@@ -7,6 +7,7 @@ import io
 import numpy as np
 import pytest
 
+import fusedformer as ff
 from fusedformer.quant import Affine, Int8, Palettize, Prune
 
 from tests.conftest import require
@@ -90,6 +91,20 @@ def test_meta_tensors_take_the_shape_function():
     q = QuantizedLinear.from_linear(torch.nn.Linear(64, 24), Affine(4, 32))
     y = q(torch.empty(5, 64, device="meta"))
     assert y.shape == (5, 24) and y.device.type == "meta"
+
+
+def test_forward_mode_ad_is_refused_not_dropped():
+    import torch.autograd.forward_ad as fwad
+
+    q = QuantizedLinear.from_linear(torch.nn.Linear(64, 8), Int8())
+    x = torch.randn(2, 64)
+    with fwad.dual_level():
+        dual = fwad.make_dual(x, torch.randn_like(x))
+        with pytest.raises(NotImplementedError, match=r"^\[qmatmul\] forward-mode AD is not implemented: x carries"):
+            q(dual)
+        with pytest.raises(NotImplementedError, match=r"^\[qmatmul\] forward-mode AD"):
+            ff.qmatmul(dual, q.quantized_weight())
+        torch.testing.assert_close(q(x), torch.nn.functional.linear(x, q.dequantized_weight(), q.bias), rtol=1e-5, atol=1e-5)
 
 
 def test_backward_raises_clearly():

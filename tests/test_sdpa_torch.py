@@ -347,6 +347,25 @@ def test_backward_raises_naming_op(torch):
         (out.sum() + lse.sum()).backward()
 
 
+def test_forward_mode_ad_is_refused_not_dropped(torch):
+    """A dual tensor's tangent used to be dropped (the output had none): silently wrong jvps."""
+    import torch.autograd.forward_ad as fwad
+
+    q, k, v = qkv(torch, 1, 2, 2, 3, 4, 8, torch.float32)
+    for name in ("q", "k", "v"):
+        args = {"q": q, "k": k, "v": v}
+        with fwad.dual_level():
+            args[name] = fwad.make_dual(args[name], torch.randn_like(args[name]))
+            for lse in (False, True):
+                with pytest.raises(NotImplementedError, match=rf"^\[sdpa\] forward-mode AD is not implemented: {name} carries"):
+                    ff.sdpa(args["q"], args["k"], args["v"], return_lse=lse)
+            with pytest.raises(NotImplementedError, match=r"\[sdpa\] forward-mode AD"):
+                torch.ops.fusedformer.sdpa(args["q"], args["k"], args["v"])
+    with fwad.dual_level():  # inside a dual level, tensors without tangents still run
+        want = torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        torch.testing.assert_close(ff.sdpa(q, k, v), want)
+
+
 def _module(torch):
     class Attn(torch.nn.Module):
         def forward(self, q, k, v):

@@ -30,3 +30,28 @@ def common_framework(op: str, **arrays) -> str:
         detail = ", ".join(f"{n} is {k}" for n, k in kinds.items())
         raise TypeError(f"[{op}] all arrays must come from one framework: {detail}")
     return found.pop() if found else "numpy"
+
+
+def forward_ad_active(torch) -> bool:
+    """Whether torch.autograd.forward_ad has a dual level open (a module int, so calls outside
+    one pay nothing per tensor; a torch without that int is taken as having one)."""
+    return getattr(torch.autograd.forward_ad, "_current_level", 0) >= 0
+
+
+def forward_tangent(torch, **tensors) -> str | None:
+    """The name of the first tensor carrying a forward-mode AD tangent (None if none does): the
+    native kernels read the primal only and would drop it, silently."""
+    if not forward_ad_active(torch):
+        return None
+    unpack = torch.autograd.forward_ad.unpack_dual
+    return next((name for name, t in tensors.items() if t is not None and unpack(t).tangent is not None), None)
+
+
+def refuse_forward_tangents(torch, op: str, **tensors) -> None:
+    """Raises NotImplementedError naming ``op`` and the argument where a tensor carries a
+    forward-mode AD tangent (fused kernels have no jvp yet)."""
+    name = forward_tangent(torch, **tensors)
+    if name is not None:
+        raise NotImplementedError(
+            f"[{op}] forward-mode AD is not implemented: {name} carries a tangent (torch.autograd.forward_ad), "
+            "which the fused kernel would drop; run the unfused torch op for jvp")

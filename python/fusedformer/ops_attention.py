@@ -18,7 +18,7 @@ import weakref
 import numpy as np
 
 from fusedformer import _C
-from fusedformer._frameworks import common_framework
+from fusedformer._frameworks import common_framework, forward_ad_active
 
 __all__ = ["sdpa", "check_args", "native_sdpa"]
 
@@ -186,7 +186,8 @@ def _eager_call(q, k, v, mask, causal, scale, window, return_lse=False):
         one_step = getattr(_C, "sdpa_numpy", None)
     else:
         torch = sys.modules.get("torch")
-        if torch is None or type(q) is not torch.Tensor or torch.compiler.is_compiling() or torch._C._is_tracing():
+        if (torch is None or type(q) is not torch.Tensor or torch.compiler.is_compiling() or torch._C._is_tracing()
+                or forward_ad_active(torch)):  # (forward AD: the op's own checks refuse tangents)
             return None
         one_step = getattr(_C, "sdpa_torch", None)
     # (getattr: benchmarks/build_ab.py runs builds from before these calls existed as _C)
@@ -204,7 +205,7 @@ def _torch_plain_eager(q, k, v, mask) -> bool:
     the op runs, so graphs see it and backward raises."""
     import torch
 
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or forward_ad_active(torch):
         return False
     plain = torch.Tensor
     if type(q) is not plain or type(k) is not plain or type(v) is not plain:

@@ -12,12 +12,14 @@ from typing import Optional
 
 import torch
 
+from fusedformer._frameworks import refuse_forward_tangents
 from fusedformer.ops_attention import _last_dim_contiguous, check_args, native_sdpa
 
 __all__ = ["sdpa", "sdpa_lse"]
 
 
 def _run(q, k, v, mask, causal, scale, window, return_lse):
+    refuse_forward_tangents(torch, "sdpa", q=q, k=k, v=v, mask=mask)
     scale_f, window_i = check_args(q, k, v, mask, causal, scale, window)
     return native_sdpa(q, k, v, mask=mask, causal=causal, scale=scale_f, window=window_i, return_lse=return_lse)
 

@@ -12,6 +12,7 @@ import json
 import numpy as np
 import torch
 
+from fusedformer._frameworks import refuse_forward_tangents
 from fusedformer.ops_quant import qmatmul_tensor
 from fusedformer.quant import QuantizedWeight
 
@@ -23,6 +24,7 @@ def parts_as_tensors(qw: QuantizedWeight) -> list[torch.Tensor]:
 
 @torch.library.custom_op("fusedformer::qmatmul", mutates_args=())
 def qmatmul_op(x: torch.Tensor, parts: list[torch.Tensor], meta: str) -> torch.Tensor:
+    refuse_forward_tangents(torch, "qmatmul", x=x)
     return qmatmul_tensor(x, QuantizedWeight.from_op_args(parts, meta))
 
 

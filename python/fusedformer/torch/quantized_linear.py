@@ -7,6 +7,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fusedformer._frameworks import forward_ad_active
 from fusedformer.ops_attention import HUGEPAGE_MIN_BYTES
 from fusedformer.ops_quant import kernel_args, qmatmul_tensor
 from fusedformer.quant import QuantizedWeight, compress
@@ -20,6 +21,7 @@ def _plain_eager(x: torch.Tensor) -> bool:
     return (
         type(x) is torch.Tensor
         and x.device.type == "cpu"
+        and not forward_ad_active(torch)  # (the op refuses tangents)
         and not (x.requires_grad and torch.is_grad_enabled())
         and not torch.jit.is_tracing()
         and not torch.compiler.is_compiling()

@@ -17,6 +17,7 @@ import threading
 
 import torch
 
+from fusedformer._frameworks import forward_tangent
 import fusedformer.torch.attention_op  # noqa: F401  (registers torch.ops.fusedformer.sdpa)
 from fusedformer.ops_attention import MAX_HEAD_DIM, sdpa
 
@@ -78,6 +79,8 @@ def unsupported_reason(*tensors: torch.Tensor | None, dropout: float = 0.0) -> s
             return f"dtype {t.dtype}"
     if torch.is_grad_enabled() and any(t.requires_grad for t in present):
         return "gradient required (fused backward not implemented)"
+    if forward_tangent(torch, **{str(i): t for i, t in enumerate(present)}):
+        return "forward-mode AD tangent (fused jvp not implemented)"
     return None
 
 
