@@ -53,6 +53,27 @@ def build(name):
 
 
 @pytest.mark.hf
+@pytest.mark.parametrize("q_len,kv_len", [(6, 3), (5, 1), (4, 9), (7, 7)])
+def test_the_attention_function_keeps_transformers_causality_without_a_mask(q_len, kv_len):
+    """No mask and a causal module: transformers' sdpa function means torch's top-left is_causal.
+    With fewer keys than queries the fused call was bottom-right, and the first rows came out 0."""
+    require("transformers")
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from fusedformer.torch.hf import fusedformer_attention_forward
+
+    class Causal(nn.Module):
+        is_causal = True
+
+    module = Causal().eval()
+    g = torch.Generator().manual_seed(q_len * 10 + kv_len)
+    q, k, v = (torch.randn(2, 4, n, 16, generator=g) for n in (q_len, kv_len, kv_len))
+    want, _ = sdpa_attention_forward(module, q, k, v, None, scaling=0.25)
+    got, _ = fusedformer_attention_forward(module, q, k, v, None, scaling=0.25)
+    assert rel_err(got, want) < 1e-5
+
+
+@pytest.mark.hf
 def test_forward_mode_ad_falls_back_to_torch():
     """A jvp through an optimized model: attention calls with tangents run torch's op (the fused
     kernel dropped the tangent: the logits' jvp came out 3% off, with no error)."""
@@ -733,6 +754,38 @@ def test_one_linear_under_two_names_is_swapped_under_both():
     with pytest.raises(ValueError, match=r"\[optimize\] a and b are one nn.Linear, and weights gives them different schemes"):
         ff.torch.optimize(model, attention=None, weights={"a": ff.quant.Int8(), "*": ff.quant.Affine(4, 32)}, skip=())
     assert type(model["a"]) is nn.Linear and type(model["c"]) is nn.Linear  # (refused before any change)
+
+
+@pytest.mark.torch
+def test_what_weights_cannot_compress_is_refused_or_said():
+    """The model itself an nn.Linear (a child named "" was added and the layer stayed dense);
+    float64 layers (compressed, then failing on the first call); linear-like layers of other
+    types (GPT-2's Conv1D, nn.Linear subclasses) left dense without a word."""
+    lin = nn.Linear(64, 32)
+    with pytest.raises(ValueError, match=r"\[optimize\] the model is itself an nn.Linear"):
+        ff.torch.optimize(lin, attention=None, weights=ff.quant.Int8(), skip=())
+    assert not list(lin.children())
+    model = mlp().double()
+    with pytest.raises(ValueError, match=r"\[optimize\] 0 is torch.float64: compressed layers compute in float32"):
+        ff.torch.optimize(model, attention=None, weights=ff.quant.Int8(), skip=())
+    assert all(type(m) is not ff.torch.QuantizedLinear for m in model.modules())
+
+    class MyLinear(nn.Linear):
+        pass
+
+    model = nn.Sequential(MyLinear(64, 64), nn.Linear(64, 8))
+    with pytest.warns(UserWarning, match=r"\[optimize\] weights= compresses nn.Linear layers only; MyLinear \(1\) stay dense$"):
+        ff.torch.optimize(model, attention=None, weights=ff.quant.Int8(), skip=())
+    assert type(model[0]) is MyLinear and type(model[1]) is ff.torch.QuantizedLinear
+    with pytest.warns(UserWarning, match=r"compressed no layer \(every nn.Linear is skipped"):
+        ff.torch.optimize(mlp(), attention=None, weights=ff.quant.Int8(), skip=("*",))
+
+
+@pytest.mark.hf
+def test_gpt2_says_its_conv1d_layers_stay_dense():
+    model = build("gpt2")
+    with pytest.warns(UserWarning, match=r"Conv1D \(8\) stay dense: no layer was compressed"):
+        ff.torch.optimize(model, attention=None, weights=ff.quant.Int8())
 
 
 @pytest.mark.torch

@@ -7,7 +7,8 @@ What transformers (5.x) passes to an attention function, and how it maps onto ff
   attend, or additive float), already holding causality, padding and sliding windows; with None
   the call is causal iff ``is_causal`` (or the module's ``is_causal``) and Lq > 1. When a static
   cache passes more keys than queries with no mask (an empty-cache prefill), transformers means
-  top-left causality, so the keys beyond Lq are dropped, as its own sdpa function does;
+  top-left causality, so the keys beyond Lq are dropped, as its own sdpa function does; with
+  fewer keys than queries and no mask, that top-left causality is passed as a bool mask;
 - scaling: the softmax scale; dropout: applied only in training (then torch's function runs);
 - sliding_window: already in the mask, so it is not applied twice;
 - softcap, position_bias, attention sinks, paged caches: not supported. Calls the fused op
@@ -85,6 +86,9 @@ def fusedformer_attention_forward(
     causal = bool(is_causal) and attention_mask is None and q_len > 1
     if causal and kv_len > q_len:
         key, value = key[:, :, :q_len], value[:, :, :q_len]
+    elif causal and kv_len < q_len:  # (top-left too: query i sees keys j <= i, rows past Lk see all)
+        attention_mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril()
+        causal = False
     stats.record(None)
     out = fused_sdpa(query, key, value, attention_mask, causal=causal, scale=scaling)
     return out.transpose(1, 2).contiguous(), None

@@ -26,10 +26,42 @@ from fusedformer.torch.sdpa_mode import use_fused_sdpa  # noqa: F401  (re-export
 
 def _linears(model: nn.Module):
     """Every nn.Linear under every name it has (one module set as two attributes is two names:
-    both are swapped, or neither; _one_module_one_scheme)."""
+    both are swapped, or neither; _one_module_one_scheme), the model itself aside."""
     for name, module in model.named_modules(remove_duplicate=False):
-        if type(module) is nn.Linear:
+        if type(module) is nn.Linear and name:
             yield name, module, tuple(module.weight.shape)
+
+
+def _linear_like(model: nn.Module) -> dict[str, int]:
+    """Type name -> count of the layers that compute x @ W.T + b but are not nn.Linear, which
+    weights= leaves dense: nn.Linear subclasses (Falcon's FalconLinear; their forward may differ)
+    and transformers' Conv1D (GPT-2's projections, W stored [in, out])."""
+    found: dict[str, int] = {}
+    for _, m in model.named_modules():
+        if (isinstance(m, nn.Linear) and type(m) is not nn.Linear) or type(m).__name__ == "Conv1D":
+            found[type(m).__name__] = found.get(type(m).__name__, 0) + 1
+    return found
+
+
+def _check_weight_plan(model: nn.Module, plan, weights) -> None:
+    """Before any change: the model itself cannot be swapped in place; compressed layers compute
+    in float32/float16/bfloat16 (a float64 layer passed optimize() and failed on its first call);
+    a call that compresses nothing, or leaves linear-like layers of other types dense, says so."""
+    if type(model) is nn.Linear:
+        raise ValueError("[optimize] the model is itself an nn.Linear, which optimize() cannot replace in place: "
+                         "wrap it (nn.Sequential(model)) or use fusedformer.torch.QuantizedLinear.from_linear")
+    for name, linear, _ in plan:
+        if linear.weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"[optimize] {name} is {linear.weight.dtype}: compressed layers compute in float32, "
+                             "float16 or bfloat16 (cast the model first, e.g. model.float())")
+    others = _linear_like(model)
+    if others:
+        kinds = ", ".join(f"{kind} ({n})" for kind, n in others.items())
+        warnings.warn(f"[optimize] weights= compresses nn.Linear layers only; {kinds} stay dense"
+                      + ("" if plan else ": no layer was compressed"), stacklevel=3)
+    elif not plan and not _compressed(model):
+        warnings.warn("[optimize] weights= compressed no layer (every nn.Linear is skipped, or none matched)",
+                      stacklevel=3)
 
 
 def _one_module_one_scheme(plan, dense):
@@ -171,6 +203,8 @@ def optimize(model: nn.Module, attention: str | None = "fused", weights=None, sk
         names.setdefault(name, module)
     plan, also_dense = _one_module_one_scheme(plan, [(n, names[n], None) for n in skipped if n in names])
     skipped += also_dense
+    if weights is not None:
+        _check_weight_plan(model, plan, weights)
     for name, linear, scheme in plan:  # every check before the first change
         quant.check_values(linear.weight.detach(), scheme, name=name)
     swaps = _plan_attention(model) if attention == "fused" else _plan_no_fastpath(model, [n for n, _, _ in plan])
