@@ -161,6 +161,8 @@ void init_core(py::module_& m) {
       [](int64_t mib, int passes) {
         if (mib < 1 || passes < 1)
           throw py::value_error("[memory_bandwidth] mib and passes must be >= 1");
+        if (mib > (int64_t{1} << 30))  // (mib << 20 past int64 wrapped to an empty buffer: 0 GB/s)
+          throw py::value_error("[memory_bandwidth] mib must be at most 2^30, got " + std::to_string(mib));
         py::gil_scoped_release release;
         return memory_bandwidth_gbs(mib << 20, passes);
       },

@@ -3,6 +3,7 @@
 // buffer is checked for dtype, contiguity and size before a raw pointer reaches a kernel.
 #include <pybind11/numpy.h>
 
+#include <cmath>
 #include <string>
 #include <vector>
 
@@ -225,6 +226,10 @@ py::array_t<float> kmeans1d(const py::array_t<float, py::array::c_style | py::ar
   py::array_t<float> out(k);
   const float* src = v.data();
   const int64_t n = v.size();
+  for (int64_t i = 0; i < n; ++i)  // (a NaN never equals itself: the DP's run of equal values never ended)
+    if (!std::isfinite(src[i]))
+      throw py::value_error("[quant] k-means values must be finite, got " + std::to_string(src[i]) + " at index " +
+                            std::to_string(i));
   float* dst = out.mutable_data();
   {
     py::gil_scoped_release release;

@@ -59,3 +59,6 @@ def test_peak_rejects_bad_duration(probe, bad):
 def test_bandwidth_rejects_bad_size():
     with pytest.raises(ValueError, match=r"\[memory_bandwidth\]"):
         _C.memory_bandwidth(mib=0)
+    for mib in (2**31, 2**44, 2**50):  # (mib << 20 wrapped past int64 to an empty buffer: 0 GB/s)
+        with pytest.raises(ValueError, match=r"\[memory_bandwidth\] mib must be at most 2\^30"):
+            _C.memory_bandwidth(mib=mib)

@@ -127,6 +127,22 @@ def test_kmeans_never_worse_than_coremltools(bits, shape, rng):
     assert err_ours <= err_coreml * (1 + 1e-6)
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("n", [4, 200_000])
+def test_kmeans_refuses_non_finite_values(bad, n, rng):
+    """A NaN never equals itself: the DP's run of equal values never ended, and memory grew
+    without bound (compress() checks first; the binding and kmeans_lut did not)."""
+    from fusedformer import _C
+    from fusedformer.quant.algorithms import kmeans_lut
+
+    v = rng.standard_normal(n).astype(np.float32)
+    v[n // 2] = bad
+    with pytest.raises(ValueError, match=rf"^\[quant\] k-means values must be finite, got .* at index {n // 2}$"):
+        _C.quant_kmeans1d(v, 4)
+    with pytest.raises(ValueError, match=r"^\[quant\] k-means values must be finite"):
+        kmeans_lut(v, 2)
+
+
 def test_kmeans_exact_on_small_data():
     # Optimal 2-means: {0, 0, 1, 1, 2} and {10, 11, 11}.
     w = np.array([[0, 1, 2, 10, 11, 11, 0, 1]], np.float32)
