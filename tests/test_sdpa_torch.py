@@ -445,6 +445,26 @@ def test_jit_trace_records_the_op(torch):
     torch.testing.assert_close(traced(q2, k2, v2), _module(torch)(q2, k2, v2))
 
 
+def test_compiled_graphs_leave_the_default_scale_to_the_op(torch):
+    """The default scale reaches the op as None, not as 1/sqrt(D) of the traced shape: as a
+    value of the graph, inductor's caches gave a graph compiled for D 16 to a call with D 32
+    (scale 0.25: an error of 0.75; test_torch_compile_inductor runs that sequence)."""
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.extend(n.args for n in gm.graph.nodes if n.op == "call_function" and "fusedformer" in str(n.target))
+        return gm.forward
+
+    torch._dynamo.reset()
+    f = torch.compile(lambda q, k, v, m: ff.sdpa(q, k, v, mask=m, causal=True), backend=backend, fullgraph=True)
+    for d in (32, 16, 32):
+        q, k, v = qkv(torch, 2, 6, 3, 17, 17, d, torch.float32, seed=d)
+        m = torch.rand(2, 1, 17, 17, generator=torch.Generator().manual_seed(d)) < 0.7
+        want = ref_of(q, k, v, mask=m.numpy(), causal=True)
+        np.testing.assert_allclose(f(q, k, v, m).numpy(), want, atol=2e-5, rtol=0)
+    assert seen and all(args[5] is None for args in seen), seen
+
+
 @pytest.mark.slow
 def test_torch_compile_inductor(torch):
     """Inductor compiles around the opaque op (about 1.5 min on 2 busy cores: slow marker)."""
@@ -453,6 +473,12 @@ def test_torch_compile_inductor(torch):
     mod = _module(torch)
     compiled = torch.compile(mod, fullgraph=True)
     torch.testing.assert_close(compiled(q, k, v), mod(q, k, v))
+    torch._dynamo.reset()
+    f = torch.compile(lambda q, k, v, m: ff.sdpa(q, k, v, mask=m, causal=True), fullgraph=True)
+    for d in (32, 16, 32):  # (a graph for D 16 used to serve D 32 with its scale)
+        q, k, v = qkv(torch, 2, 6, 3, 17, 17, d, torch.float32, seed=d)
+        m = torch.rand(2, 1, 17, 17, generator=torch.Generator().manual_seed(d)) < 0.7
+        np.testing.assert_allclose(f(q, k, v, m).numpy(), ref_of(q, k, v, mask=m.numpy(), causal=True), atol=2e-5, rtol=0)
 
 
 def _vm_flags(addr: int) -> list[str] | None:

@@ -172,7 +172,10 @@ def sdpa(q, k, v, *, mask=None, causal=False, scale=None, window=None, return_ls
         from fusedformer.torch import attention_op
 
         op = attention_op.sdpa_lse if return_lse else attention_op.sdpa
-        return op(q, k, v, mask, bool(causal), scale_f, window_i or None)
+        # (the default scale stays None: the op derives it from the shapes it runs on. Passed as
+        # 1/sqrt(D), a traced head dim made it a value of the graph, and inductor's caches
+        # served a graph compiled for D 16 to a call with D 32: scale 0.25 where 1/sqrt(32))
+        return op(q, k, v, mask, bool(causal), None if scale is None else scale_f, window_i or None)
     return native_sdpa(q, k, v, mask=mask, causal=causal, scale=scale_f, window=window_i, return_lse=return_lse)
 
 
