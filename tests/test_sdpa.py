@@ -629,6 +629,15 @@ def _non_finite_case(rng, case, shape, dtype):
         v[0, :, lk - 5:] = np.inf
         v[0, :, lk - 3:, 1] = np.nan
         opts = {}
+    elif case == "non-finite-masked-additive":  # an additive -inf drops a key as a bool False does:
+        mask = np.zeros((lq, lk), np.float32)  # a NaN / inf in its K is not read (NaN + -inf made its
+        mask[:, lk // 2] = -np.inf  # rows NaN, mid-row; at the row's end the key was never computed)
+        mask[:, lk - 1] = -np.inf
+        mask[: lq // 2, 0] = -np.inf  # (dropped by half the rows, kept and finite for the others)
+        k[0, :, lk // 2] = np.nan
+        k[0, :, lk - 1, 2] = np.inf
+        v[0, :, lk // 2] = np.nan
+        opts = {}
     elif case == "nan-v-masked-row":  # a NaN value: NaN where kept; a fully masked row of the
         mask = np.ones((hq, lq, lk), bool)  # same kv head still 0 (its P V may have run over the
         mask[1, lq // 2] = False  # NaN with p = 0)
@@ -643,7 +652,7 @@ def _non_finite_case(rng, case, shape, dtype):
 # (fp16 inputs cannot reach fp32's overflow: 65504^2 D is far below it)
 NON_FINITE_CASES = [(case, dtype) for case in ("nan-q", "nan-k", "nan-k-masked-after", "inf-q", "overflow",
                                                "underflow", "overflow-one-chunk", "nan-q-masked-row", "nan-v-masked-row",
-                                               "nan-v-causal", "non-finite-masked-tail")
+                                               "nan-v-causal", "non-finite-masked-tail", "non-finite-masked-additive")
                     for dtype in ("float32", "float16", "bfloat16")
                     if not (dtype == "float16" and case.startswith(("overflow", "underflow")))]
 

@@ -55,7 +55,9 @@ def sdpa(q, k, v, *, mask=None, causal=False, scale=None, window=None, return_ls
         if mask.dtype == np.bool_:
             allowed = allowed & np.broadcast_to(mask, s.shape)
         else:
-            s = s + np.broadcast_to(mask.astype(np.float64), s.shape)
+            add = np.broadcast_to(mask.astype(np.float64), s.shape)
+            allowed = allowed & (add != -np.inf)  # (dropped whatever its score: NaN + -inf is NaN)
+            s = s + add
     allowed = allowed & (s != -np.inf)
     s = np.where(allowed, s, -np.inf)
     dead = ~allowed.any(axis=-1, keepdims=True)  # every key masked

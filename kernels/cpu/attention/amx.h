@@ -139,8 +139,11 @@ FF_BF16_DOT inline __m512 scaled_scores(const float* s, int64_t j, __mmask16* in
     *in = _mm_mask_test_epi8_mask(*in, b, b);
   }
   if (!mr.add) return _mm512_fmadd_ps(_mm512_maskz_loadu_ps(*in, s + j), scale, neg_m);
-  // the mask before m, as the other tiles add them (mask_base2: fp32's lowest takes -m back to 0)
-  const __m512 x = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(*in, s + j), scale, mask_base2(_mm512_maskz_loadu_ps(*in, mr.add + j)));
+  // the mask before m, as the other tiles add them (mask_base2: fp32's lowest takes -m back to 0);
+  // a -inf entry drops its lane as a bool False does (a NaN score there would make NaN + -inf)
+  const __m512 add = _mm512_maskz_loadu_ps(*in, mr.add + j);
+  *in = _mm512_mask_cmp_ps_mask(*in, add, _mm512_set1_ps(-std::numeric_limits<float>::infinity()), _CMP_NEQ_UQ);
+  const __m512 x = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(*in, s + j), scale, mask_base2(add));
   return _mm512_add_ps(x, neg_m);
 }
 

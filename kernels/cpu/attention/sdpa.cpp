@@ -325,7 +325,10 @@ inline void apply_mask(const SdpaMask& mk, int64_t b, int64_t h, int64_t i, int6
       if (!keep[j * sk]) s[j] = kNegInf;
   } else {
     const float* add = static_cast<const float*>(mk.data) + base;
-    for (int64_t j = 0; j < nk; ++j) s[j] += mask_base2(add[j * sk]);
+    for (int64_t j = 0; j < nk; ++j) {  // -inf drops the key whatever its score (NaN + -inf is NaN)
+      const float a = add[j * sk];
+      s[j] = a == kNegInf ? kNegInf : s[j] + mask_base2(a);
+    }
   }
 }
 
@@ -875,6 +878,8 @@ void write_exact_row(const SdpaParams& p, int64_t b, int64_t h, int64_t i) {
   bool nan = false;
   for (int64_t j = lo; j < hi && !nan; ++j) {
     if (mk.kind == SdpaMaskKind::keep && !static_cast<const uint8_t*>(mk.data)[mask_row + j * mk.stride_k]) continue;
+    if (mk.kind == SdpaMaskKind::add && static_cast<const float*>(mk.data)[mask_row + j * mk.stride_k] == -kInf)
+      continue;  // (dropped before its score is read: a NaN in its K stays unread)
     const S* kj = k + j * p.k.stride_l;
     double dot = 0.0;
     for (int64_t x = 0; x < D; ++x) dot += qd[x] * Elem<T>::to_f32(kj[x]);

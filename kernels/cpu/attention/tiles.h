@@ -906,7 +906,8 @@ inline void softmax_rows_zmm(__m512 (&acc)[R][NC], float* s, int64_t s_stride, c
           acc[r][u] = _mm512_mask_mov_ps(_mm512_set1_ps(-kInf), _mm_mask_test_epi8_mask(live, b, b), acc[r][u]);
         } else {
           const __m512 a = _mm512_maskz_loadu_ps(live, st.add[r] + 16 * u);
-          acc[r][u] = _mm512_add_ps(acc[r][u], mask_base2(a));
+          const __mmask16 drop = _mm512_cmp_ps_mask(a, _mm512_set1_ps(-kInf), _CMP_EQ_OQ);  // (NaN + -inf: NaN)
+          acc[r][u] = _mm512_mask_mov_ps(_mm512_add_ps(acc[r][u], mask_base2(a)), drop, _mm512_set1_ps(-kInf));
         }
       }
     }
