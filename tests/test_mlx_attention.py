@@ -121,6 +121,15 @@ def test_fully_masked_rows_give_zero(rng, kind):
     out, lse = sdpa_mlx(q, k, v, mask=mx_mask, return_lse=True, **options)
     check(out, want, "fp32")
     check(lse, want_lse, "fp32", "lse")
+    # gradients stay finite: an additive row of -infs reached MLX's op, whose backward
+    # multiplied the NaN softmax of that row into every gradient of q, k and v
+    for lse_too in (False, True):
+        def loss(q, k, v):
+            res = sdpa_mlx(q, k, v, mask=mx_mask, return_lse=lse_too, **options)
+            return (res[0] if lse_too else res).sum()
+
+        for g in mx.grad(loss, argnums=(0, 1, 2))(q, k, v):
+            assert not np.isnan(np.array(g)).any()
 
 
 @pytest.mark.parametrize("native", [False, True], ids=["mlx", "native"])

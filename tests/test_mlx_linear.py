@@ -72,6 +72,16 @@ def test_qmatmul_every_scheme(rng, scheme, m):
     check_matmul(y, x64, qw.dequantize(), "fp32")
 
 
+@pytest.mark.parametrize("scheme", SCHEMES, ids=scheme_id)
+def test_qmatmul_of_no_rows(rng, scheme):
+    """x with no rows gives [0, N] (MLX's quantized_matmul of no rows killed the process with SIGFPE)."""
+    qw = compressed(rng, scheme)
+    for shape in ((0, 128), (2, 0, 128)):
+        y = qmatmul_mlx(mx.zeros(shape), qw)
+        mx.eval(y)
+        assert y.shape == (*shape[:-1], 48) and y.dtype == mx.float32
+
+
 @pytest.mark.parametrize("scheme", [Q.Affine(4, 64), Q.Int8(), Q.Palettize(4), Q.Prune(0.5, then=Q.Affine(4, 32))],
                          ids=scheme_id)
 @pytest.mark.parametrize("dtype", list(DTYPES))

@@ -49,6 +49,8 @@ def sdpa_mlx(q, k, v, mask=None, causal=False, scale=None, window=None, return_l
     if return_lse:
         attn_mask, live = attention_mask(mask, lq, lk, causal=causal, window=window, dtype=mx.float32)
         out, lse = sdpa_composed(q, k, v, attn_mask, scale)
+        if live is not None:  # (their mask rows are 0s now: attention_mask)
+            lse = mx.where(live[..., 0], lse, -mx.inf)
         return _zero_dead_rows(out, live), lse
     attn_mask, live = attention_mask(mask, lq, lk, causal=causal, window=window, dtype=q.dtype)
     out = MX_FAST_SDPA(q, k, v, scale=scale, mask=attn_mask)
@@ -139,7 +141,11 @@ def attention_mask(mask, lq: int, lk: int, *, causal: bool, window: int | None, 
         combined = _additive_as(mask, dtype)
         if positions is not None:
             combined = mx.where(positions, combined, -mx.inf)
-        return combined, mx.any(combined != -mx.inf, axis=-1, keepdims=True)  # (NaN keeps its row: NaN out)
+        live = mx.any(combined != -mx.inf, axis=-1, keepdims=True)  # (NaN keeps its row: NaN out)
+        # A row with every key at -inf gets 0s instead: its output is zeroed anyway
+        # (_zero_dead_rows), and the softmax of -infs is NaN, which MLX's backward multiplied
+        # into every gradient (q, k and v all NaN) though the forward was right.
+        return mx.where(live, combined, mx.array(0, dtype=combined.dtype)), live
     return combined, mx.any(combined, axis=-1, keepdims=True)
 
 

@@ -119,6 +119,8 @@ class MLXWeight(nn.Module):
             from fusedformer.ops_quant import qmatmul_numpy
 
             return run_native("qmatmul", functools.partial(qmatmul_numpy, qw=self.quantized_weight()), x)
+        if x.size == 0:  # (MLX's quantized_matmul of no rows dies of SIGFPE in mlx 0.32: the process with it)
+            return mx.zeros((*x.shape[:-1], self.out_features), dtype=x.dtype)
         return self._mlx_matmul_t(x)
 
     def quantized_weight(self) -> QuantizedWeight:
