@@ -107,6 +107,15 @@ def test_forward_mode_ad_is_refused_not_dropped():
         torch.testing.assert_close(q(x), torch.nn.functional.linear(x, q.dequantized_weight(), q.bias), rtol=1e-5, atol=1e-5)
 
 
+def test_torch_func_jvp_is_refused():
+    q = QuantizedLinear.from_linear(torch.nn.Linear(64, 8), Int8())
+    x = torch.randn(2, 64)
+    qw = q.quantized_weight()
+    for f in (q, lambda x: ff.qmatmul(x, qw)):
+        with pytest.raises(NotImplementedError, match=r"^\[qmatmul\] torch.func transforms"):
+            torch.func.jvp(f, (x,), (torch.randn_like(x),))
+
+
 def test_backward_raises_clearly():
     q = QuantizedLinear.from_linear(torch.nn.Linear(64, 8), Int8())
     x = torch.randn(2, 64, requires_grad=True)

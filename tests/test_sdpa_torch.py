@@ -366,6 +366,19 @@ def test_forward_mode_ad_is_refused_not_dropped(torch):
         torch.testing.assert_close(ff.sdpa(q, k, v), want)
 
 
+def test_torch_func_transforms_are_refused(torch):
+    """torch.func.jvp gave a zero tangent, silently; vmap failed on a data pointer, grad with
+    autograd.Function's own message."""
+    q, k, v = qkv(torch, 1, 4, 2, 5, 9, 32, torch.float32)
+    words = r"^\[sdpa\] torch.func transforms \(jvp, vmap, grad, ...\) are not implemented"
+    with pytest.raises(NotImplementedError, match=words):
+        torch.func.jvp(lambda x: ff.sdpa(x, k, v), (q,), (torch.randn_like(q),))
+    with pytest.raises(NotImplementedError, match=words):
+        torch.vmap(lambda x: ff.sdpa(x, k, v))(q[None].expand(3, -1, -1, -1, -1))
+    with pytest.raises(NotImplementedError, match=words):
+        torch.func.grad(lambda x: ff.sdpa(x, k, v, return_lse=True)[0].sum())(q)
+
+
 def _module(torch):
     class Attn(torch.nn.Module):
         def forward(self, q, k, v):

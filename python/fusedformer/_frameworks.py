@@ -34,8 +34,16 @@ def common_framework(op: str, **arrays) -> str:
 
 def forward_ad_active(torch) -> bool:
     """Whether torch.autograd.forward_ad has a dual level open (a module int, so calls outside
-    one pay nothing per tensor; a torch without that int is taken as having one)."""
-    return getattr(torch.autograd.forward_ad, "_current_level", 0) >= 0
+    one pay nothing per tensor; a torch without that int is taken as having one), or a torch.func
+    transform (jvp, vmap, grad, ...) is running."""
+    return getattr(torch.autograd.forward_ad, "_current_level", 0) >= 0 or functorch_active(torch)
+
+
+def functorch_active(torch) -> bool:
+    """Whether a torch.func transform is running: its wrapped tensors look like plain ones, and
+    the native kernels read their primal only (torch.func.jvp gave a zero tangent)."""
+    level = getattr(getattr(torch._C, "_functorch", None), "maybe_current_level", None)
+    return level is not None and level() is not None
 
 
 def forward_tangent(torch, **tensors) -> str | None:
@@ -50,6 +58,10 @@ def forward_tangent(torch, **tensors) -> str | None:
 def refuse_forward_tangents(torch, op: str, **tensors) -> None:
     """Raises NotImplementedError naming ``op`` and the argument where a tensor carries a
     forward-mode AD tangent (fused kernels have no jvp yet)."""
+    if functorch_active(torch):
+        raise NotImplementedError(
+            f"[{op}] torch.func transforms (jvp, vmap, grad, ...) are not implemented: the fused kernel reads "
+            "the plain values of their wrapped tensors; run the unfused torch op under them")
     name = forward_tangent(torch, **tensors)
     if name is not None:
         raise NotImplementedError(

@@ -18,7 +18,7 @@ import weakref
 import numpy as np
 
 from fusedformer import _C
-from fusedformer._frameworks import common_framework, forward_ad_active
+from fusedformer._frameworks import common_framework, forward_ad_active, refuse_forward_tangents
 
 __all__ = ["sdpa", "check_args", "native_sdpa"]
 
@@ -169,8 +169,13 @@ def sdpa(q, k, v, *, mask=None, causal=False, scale=None, window=None, return_ls
 
         return sdpa_mlx(q, k, v, mask=mask, causal=causal, scale=scale, window=window_i or None, return_lse=return_lse)
     if framework == "torch" and not _torch_plain_eager(q, k, v, mask):
+        import torch
+
         from fusedformer.torch import attention_op
 
+        # (here, not only in the op: under torch.func.jvp the op's body sees no transform, and
+        # its output came back with a zero tangent)
+        refuse_forward_tangents(torch, "sdpa", q=q, k=k, v=v, mask=mask)
         op = attention_op.sdpa_lse if return_lse else attention_op.sdpa
         # (the default scale stays None: the op derives it from the shapes it runs on. Passed as
         # 1/sqrt(D), a traced head dim made it a value of the graph, and inductor's caches

@@ -51,5 +51,6 @@ qmatmul_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def qmatmul_torch(x: torch.Tensor, qw: QuantizedWeight) -> torch.Tensor:
+    refuse_forward_tangents(torch, "qmatmul", x=x)  # (torch.func.jvp: the op's body sees no transform)
     parts, meta = qw.to_op_args()
     return torch.ops.fusedformer.qmatmul(x, parts_as_tensors(qw), meta)

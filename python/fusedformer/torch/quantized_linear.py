@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fusedformer._frameworks import forward_ad_active
+from fusedformer._frameworks import forward_ad_active, refuse_forward_tangents
 from fusedformer.ops_attention import HUGEPAGE_MIN_BYTES
 from fusedformer.ops_quant import kernel_args, qmatmul_tensor
 from fusedformer.quant import QuantizedWeight, compress
@@ -118,6 +118,7 @@ class QuantizedLinear(nn.Module):
             if y is None:
                 y = qmatmul_tensor(x, None, args)
         else:  # tracing, compiling, fake tensors or autograd: the custom op
+            refuse_forward_tangents(torch, "qmatmul", x=x)  # (torch.func.jvp: the op's body sees no transform)
             y = torch.ops.fusedformer.qmatmul(x, parts, self._meta)
         return y if self.bias is None else y + self.bias.to(device=y.device, dtype=y.dtype)
 

@@ -17,7 +17,7 @@ import threading
 
 import torch
 
-from fusedformer._frameworks import forward_tangent
+from fusedformer._frameworks import forward_tangent, functorch_active
 import fusedformer.torch.attention_op  # noqa: F401  (registers torch.ops.fusedformer.sdpa)
 from fusedformer.ops_attention import MAX_HEAD_DIM, sdpa
 
@@ -81,6 +81,8 @@ def unsupported_reason(*tensors: torch.Tensor | None, dropout: float = 0.0) -> s
         return "gradient required (fused backward not implemented)"
     if forward_tangent(torch, **{str(i): t for i, t in enumerate(present)}):
         return "forward-mode AD tangent (fused jvp not implemented)"
+    if functorch_active(torch):
+        return "torch.func transform (not implemented by the fused op)"
     return None
 
 
