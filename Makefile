@@ -12,8 +12,10 @@ export FUSEDFORMER_BUILD_JOBS ?= 2
 
 all: build
 
-# Dev dependencies, pinned by requirements/constraints.txt (what CI tests).
+# Dev dependencies, pinned by requirements/constraints.txt (what CI tests). Those pins have no
+# Python 3.10 releases (transformers, mlx-lm, scikit-learn, hypothesis, matplotlib): 3.11 or later.
 $(DEPS): requirements/dev.txt requirements/constraints.txt
+	@py=$(PYTHON); test -x $(VPY) && py=$(VPY); $$py -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "[make] the pinned dev environment (requirements/constraints.txt) needs Python >= 3.11, $$py is $$($$py -c 'import platform; print(platform.python_version())' 2>/dev/null || echo missing); run make with PYTHON=python3.11 or later"; exit 1; }
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install -q -r requirements/dev.txt -c requirements/constraints.txt
 	touch $@

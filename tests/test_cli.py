@@ -62,7 +62,12 @@ BAD_INVOCATIONS = [
     (["export", "tiny-llama", "--out", "x.mlpackage", "--target", "iOS99"], "[export] unknown target 'iOS99'"),
     (["export", "tiny-llama", "--out", "x.mlpackage", "--seq-len", "0"], "argument --seq-len: must be an integer >= 1"),
     (["export", "tiny-llama", "--out", "x.mlpackage", "--adapter", "chat=/missing.pt"], "--adapter file '/missing.pt' does not exist"),
+    (["export", "tiny-llama", "--out", "x.mlpackage", "--adapter", "foo"], "[export] --adapter takes NAME=FILE, got 'foo'"),
     (["verify", "x.mlpackage", "--seq-len", "0"], "argument --seq-len: must be an integer >= 1"),
+    (["bench", "limits", "--budget", "-1", "--no-save"], "argument --budget: must be a number of seconds > 0"),
+    (["bench", "limits", "--budget", "0", "--no-save"], "argument --budget: must be a number of seconds > 0"),
+    (["bench", "limits", "--budget", "nan", "--no-save"], "argument --budget: must be a number of seconds > 0"),
+    (["bench", "attention", "--budget", "inf", "--no-save"], "argument --budget: must be a number of seconds > 0"),
 ]
 
 
@@ -159,8 +164,8 @@ def test_benchmark_json_records_how_it_ran(monkeypatch):
     d = machine.describe_machine()
     assert d["environment"] == {"FUSEDFORMER_SPIN_US": "0", "OMP_WAIT_POLICY": "passive"}
     assert d["command"] == "fusedformer bench attention --quick"
-    torch = pytest.importorskip("torch")
-    assert d["torch_threads"] == torch.get_num_threads()
+    torch = pytest.importorskip("torch")  # (describe_machine does not import it: only read where loaded)
+    assert machine.describe_machine()["torch_threads"] == torch.get_num_threads()
     if machine.git_commit() is not None:  # (a checkout: CI's clean clone, or a working tree)
         assert d["git_dirty"] in (True, False)
 
@@ -174,3 +179,30 @@ def test_bench_model_with_nothing_to_run_writes_nothing(tmp_path, capsys):
         assert main(["bench", "model", "--variants", variants, "--no-minilm", "--out", str(tmp_path)]) == 2
         assert message in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+_TORCH_DURING_RUN = """
+import sys
+from fusedformer.bench import limits
+from fusedformer.cli import main
+
+area_run = limits.run
+
+def run(args):  # an area that imports torch after making its Report, as attention and qmatmul do
+    report = area_run(args)
+    import torch
+    torch.set_num_threads(1)
+    return report
+
+limits.run = run
+sys.exit(main(["bench", "limits", "--quick", "--budget", "0.05", "--no-plot", "--out", sys.argv[1]]))
+"""
+
+
+def test_benchmark_json_records_torch_threads_of_torch_imported_during_the_run(tmp_path):
+    """The machine block is made before an area imports torch; the JSON still says torch's threads."""
+    pytest.importorskip("torch")
+    out = subprocess.run([sys.executable, "-c", _TORCH_DURING_RUN, str(tmp_path)], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads((tmp_path / "limits.json").read_text())["machine"]["torch_threads"] == 1

@@ -51,6 +51,9 @@ def test_export_then_verify_tiny_llama(tmp_path, capsys):
     args = _parse(cli.add_verify_arguments, [str(out), "--inputs", str(tmp_path / "none.npz")])
     assert cli.run_verify(args) == 2
     assert "no such --inputs file" in capsys.readouterr().err
+    # a function the package does not have: a usage error
+    assert cli.run_verify(_parse(cli.add_verify_arguments, [str(out), "--function", "nope"])) == 2
+    assert "[verify] the program has no function 'nope'" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -113,3 +116,16 @@ def test_export_hf_directory_with_kv_cache_and_adapter(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "functions ['main', 'tuned']" in err, err[-1500:]
     assert cli.run_verify(_parse(cli.add_verify_arguments, [str(out), "--function", "tuned", "--seq-len", "4"])) == 0
+
+
+def test_verify_unreadable_package_is_a_usage_error(tmp_path, capsys):
+    """An empty directory or a junk file: one tagged line naming the path, exit 2, no traceback."""
+    empty = tmp_path / "e.mlpackage"
+    empty.mkdir()
+    junk = tmp_path / "j.mlpackage"
+    junk.write_bytes(b"junk")
+    for path in (empty, junk):
+        assert cli.run_verify(_parse(cli.add_verify_arguments, [str(path)])) == 2, path
+        err = capsys.readouterr().err
+        line = next(x for x in err.splitlines() if "[verify]" in x)
+        assert line.startswith(f"fusedformer verify: [verify] cannot read {str(path)!r}"), err

@@ -207,6 +207,17 @@ def test_composed_path_matches_fused(rng):
     np.testing.assert_allclose(np.array(fused), np.array(composed), atol=2e-6, rtol=2e-6)
 
 
+def test_lse_of_non_finite_rows_is_the_references(rng):
+    """A +inf mask entry (a +inf score) makes its row and lse NaN; the lse path gave lse +inf."""
+    (q, k, v), (q64, k64, v64) = make_qkv(rng, 1, 2, 1, 3, 5, 8)
+    m = np.zeros((3, 5), np.float32)
+    m[1, 2], m[2, :], m[0, 4] = np.inf, -np.inf, np.nan
+    want_out, want_lse = reference.sdpa(q64, k64, v64, mask=m, return_lse=True)
+    out, lse = sdpa_mlx(q, k, v, mask=mx.array(m), return_lse=True)
+    np.testing.assert_array_equal(np.isnan(np.array(out)), np.isnan(want_out))
+    np.testing.assert_array_equal(np.array(lse), want_lse.astype(np.float32))  # (NaN, NaN, -inf)
+
+
 def test_bad_inputs(rng):
     (q, k, v), (q64, k64, _) = make_qkv(rng, 1, 2, 2, 4, 4, 8)
     with pytest.raises(TypeError, match=r"^\[sdpa\] all arrays must come from one framework: .*k is numpy"):
@@ -307,3 +318,24 @@ def test_window_wider_than_the_keys_is_no_window(rng):
             want = np.array(ff.sdpa(q, k, v, causal=causal))
             for window in (lk, 2**62, 2**70):
                 np.testing.assert_array_equal(np.array(ff.sdpa(q, k, v, causal=causal, window=window)), want)
+
+
+def test_cpu_kernel_environment_variable_is_checked(monkeypatch):
+    """FUSEDFORMER_MLX_CPU_KERNEL is read when fusedformer.mlx.native is imported: a value other
+    than mlx or native (case included) is an error naming it, not a silent MLX path."""
+    import importlib
+
+    from fusedformer.mlx import native
+
+    try:
+        for bad in ("bogus", "Native", " native"):
+            monkeypatch.setenv("FUSEDFORMER_MLX_CPU_KERNEL", bad)
+            with pytest.raises(ValueError, match=r"^\[mlx\] FUSEDFORMER_MLX_CPU_KERNEL=.* is not one of: mlx, native"):
+                importlib.reload(native)
+        for value, kind in (("", "mlx"), ("native", "native"), ("mlx", "mlx")):
+            monkeypatch.setenv("FUSEDFORMER_MLX_CPU_KERNEL", value)
+            importlib.reload(native)
+            assert native.current_cpu_kernel() == kind, value
+    finally:
+        monkeypatch.undo()
+        importlib.reload(native)  # (the default of the environment the suite runs in)

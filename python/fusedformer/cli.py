@@ -51,12 +51,16 @@ def cmd_bench(args) -> int:
     report = module.run(args)
     if report is None:  # the area printed why it could not run
         return 1
+    from fusedformer.bench.machine import torch_threads
+
+    report.machine["torch_threads"] = torch_threads()  # (torch is imported by then where the area timed it)
     report.finish(None if args.no_save else args.out, plot=args.plot)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     from fusedformer.bench import AREAS
+    from fusedformer.bench.harness import positive_seconds
 
     parser = argparse.ArgumentParser(prog="fusedformer", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -72,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
         a = areas.add_parser(area, help=help_text, description=help_text)
         a.add_argument("--quick", action="store_true", help="smaller shapes, for a fast look")
         a.add_argument("--out", default="benchmarks/results", help="directory for JSON and PNG")
-        a.add_argument("--budget", type=float, default=1.0,
+        a.add_argument("--budget", type=positive_seconds, default=1.0,
                        help="seconds of timed runs per row" + (" (MiniLM's rows; the decoder's are set by "
                                                                "--rounds and --steps)" if area == "model" else ""))
         a.add_argument("--no-plot", dest="plot", action="store_false", help="skip the PNG")

@@ -42,8 +42,12 @@ def git_dirty() -> bool | None:
     return None if status is None else bool(status)
 
 
-def _torch_threads() -> int | None:
-    torch = sys.modules.get("torch")  # (the peers' threads, where torch is in use; not imported for this)
+def torch_threads() -> int | None:
+    """torch's intra-op threads where torch is imported (the peers' threads), else None. Not
+    imported for this: a loaded OpenMP runtime moves our kernels onto its team (FUSEDFORMER_POOL
+    auto). The areas import torch after their Report is made, so `fusedformer bench` reads this
+    again once the area has run."""
+    torch = sys.modules.get("torch")
     return torch.get_num_threads() if torch is not None else None
 
 
@@ -60,7 +64,7 @@ def describe_machine() -> dict:
         "platform": f"{platform.system()} {platform.machine()}",
         "cpus_available": _C.available_cpus(),
         "threads": _C.num_threads(),
-        "torch_threads": _torch_threads(),
+        "torch_threads": torch_threads(),
         "isa": _C.isa(),
         "isas_compiled": list(_C.compiled_isas()),
         "limits": machine_limits(),

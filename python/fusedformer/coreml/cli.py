@@ -90,7 +90,7 @@ def _parse_adapters(items) -> dict:
     for item in items:
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
-            raise SystemExit(f"fusedformer export: --adapter takes NAME=FILE, got {item!r}")
+            raise ValueError(f"[export] --adapter takes NAME=FILE, got {item!r}")
         adapters[name] = _load_state_dict(path)
     return adapters
 
@@ -184,11 +184,24 @@ def run_verify(args) -> int:
     if not os.path.exists(args.package):
         print(f"fusedformer verify: no such package {args.package}", file=sys.stderr)
         return 2
+    import coremltools as ct
+    from google.protobuf.message import DecodeError
+
     try:
-        program = Program.load(args.package, args.function, emulate_fp16=not args.fp32)
-    except (UnsupportedOpError, ValueError) as e:
+        model = ct.models.MLModel(args.package, skip_model_load=True)
+    except (RuntimeError, DecodeError, OSError) as e:  # (no Manifest.json, not a Core ML spec)
+        reason = " ".join(str(e).split())
+        print(f"fusedformer verify: [verify] cannot read {args.package!r} as a Core ML model: {reason}",
+              file=sys.stderr)
+        return 2
+    try:
+        program = Program.load(model, args.function, emulate_fp16=not args.fp32)
+    except UnsupportedOpError as e:  # (a valid program the interpreter cannot run)
         print(f"fusedformer verify: {e}", file=sys.stderr)
         return 1
+    except ValueError as e:  # (not an ML program, no such --function)
+        print(f"fusedformer verify: {e}", file=sys.stderr)
+        return 2
     if args.inputs:
         if not os.path.isfile(args.inputs):
             print(f"fusedformer verify: no such --inputs file {args.inputs}", file=sys.stderr)

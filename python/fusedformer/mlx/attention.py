@@ -102,6 +102,7 @@ def sdpa_composed(q, k, v, mask, scale):
     total = probs.sum(axis=-1, keepdims=True)
     out = (probs.reshape(b, hkv, group, lq, lk) @ vg).reshape(b, hq, lq, dv) / mx.where(total > 0, total, 1.0)
     lse = (shift + mx.log(total))[..., 0]
+    lse = mx.where(top[..., 0] == mx.inf, mx.nan, lse)  # (a +inf score: NaN, as its row; log(inf) gave +inf)
     return out.astype(q.dtype), lse
 
 

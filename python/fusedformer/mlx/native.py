@@ -27,8 +27,19 @@ import numpy as np
 
 CPU_KERNELS = ("mlx", "native")
 NATIVE_DTYPES = (mx.float32, mx.float16)
-_default_kernel = os.environ.get("FUSEDFORMER_MLX_CPU_KERNEL", "mlx")
 _thread = threading.local()  # .kind: this thread's cpu_kernel() block, None outside blocks
+
+
+def _kernel_from_environment() -> str:
+    """FUSEDFORMER_MLX_CPU_KERNEL: "mlx" or "native"; empty or unset: "mlx"."""
+    value = os.environ.get("FUSEDFORMER_MLX_CPU_KERNEL", "")
+    if value and value not in CPU_KERNELS:
+        raise ValueError(f"[mlx] FUSEDFORMER_MLX_CPU_KERNEL={value!r} is not one of: {', '.join(CPU_KERNELS)} "
+                         "(empty or unset: mlx)")
+    return value or "mlx"
+
+
+_default_kernel = _kernel_from_environment()
 
 
 def _checked(kind: str) -> str:
