@@ -43,7 +43,7 @@ def _linear_like(model: nn.Module) -> dict[str, int]:
     return found
 
 
-def _check_weight_plan(model: nn.Module, plan, weights) -> None:
+def _check_weight_plan(model: nn.Module, plan) -> None:
     """Before any change: the model itself cannot be swapped in place; compressed layers compute
     in float32/float16/bfloat16 (a float64 layer passed optimize() and failed on its first call);
     a call that compresses nothing, or leaves linear-like layers of other types dense, says so."""
@@ -198,13 +198,11 @@ def optimize(model: nn.Module, attention: str | None = "fused", weights=None, sk
                                 if weights is not None else ([], [], []))
     plan, dense = _without_weight_readers(model, plan)
     skipped += dense
-    names = {}
-    for name, module, _ in _linears(model):
-        names.setdefault(name, module)
+    names = {name: module for name, module, _ in _linears(model)}
     plan, also_dense = _one_module_one_scheme(plan, [(n, names[n], None) for n in skipped if n in names])
     skipped += also_dense
     if weights is not None:
-        _check_weight_plan(model, plan, weights)
+        _check_weight_plan(model, plan)
     for name, linear, scheme in plan:  # every check before the first change
         quant.check_values(linear.weight.detach(), scheme, name=name)
     swaps = _plan_attention(model) if attention == "fused" else _plan_no_fastpath(model, [n for n, _, _ in plan])
