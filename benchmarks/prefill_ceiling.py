@@ -67,7 +67,7 @@ def main(argv=None) -> None:
     finally:
         _C.set_num_threads(full)
         torch.set_num_threads(torch_full)
-    Console().print(table)
+    Console(width=150).print(table)
 
 
 if __name__ == "__main__":
