@@ -106,15 +106,14 @@ _POPCOUNT8 = np.array([bin(b).count("1") for b in range(256)], np.uint8)  # set 
 
 
 def _weight_shape(shape) -> tuple[int, int]:
-    """``shape`` as (N, K): exactly two positive ints (a 3-D shape was cut to its first two)."""
+    """``shape`` as (N, K): exactly two ints (a 3-D shape was cut to its first two; their sizes
+    are check_compressible's)."""
     try:
         dims = tuple(shape)
     except TypeError:
         dims = None
     if dims is None or len(dims) != 2 or not all(isinstance(d, numbers.Integral) and not isinstance(d, bool) for d in dims):
         raise TypeError(f"[quant] a weight's shape must be a pair of ints [N, K], got {shape!r}")
-    if min(dims) <= 0:
-        _fail(f"a weight's shape must be positive [N, K], got {list(dims)}")
     return int(dims[0]), int(dims[1])
 
 
@@ -296,7 +295,7 @@ def check_compressible(shape, scheme, name: str | None = None) -> None:
     if not is_scheme(scheme):
         raise TypeError(f"[quant] scheme must be Affine, Int8, Palettize or Prune, got {type(scheme).__name__}")
     what = f"{name}: " if name else ""
-    if len(shape) != 2 or 0 in shape:
+    if len(shape) != 2 or min(shape) <= 0:
         _fail(f"{what}the weight must be a non-empty 2-D [N, K] array, got shape {tuple(shape)}")
     n, k = shape
     inner = scheme.then if isinstance(scheme, Prune) else scheme
