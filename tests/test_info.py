@@ -47,6 +47,35 @@ def test_missing_backend_says_how_to_install(monkeypatch):
         _info.backend_status.cache_clear()
 
 
+def test_backend_import_keeps_its_log_warnings_back(monkeypatch, caplog):
+    """A backend's import-time log warnings (coremltools logs ten on Linux) stay off stderr, and
+    the logger's level is restored afterwards."""
+    import logging
+    import types
+
+    from fusedformer import _info
+
+    def noisy_import(name, *args, **kwargs):
+        logging.getLogger(f"{name}.sub").warning("Failed to load a proxy")
+        return types.ModuleType(name)
+
+    logger = logging.getLogger("noisy_backend_xyz")
+    logger.setLevel(logging.INFO)
+    _info.backend_status.cache_clear()
+    monkeypatch.setitem(_info.BACKENDS, "torch", ("noisy_backend_xyz", "torch"))
+    monkeypatch.setattr(_info.importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setattr(_info.importlib, "import_module", noisy_import)
+    try:
+        status = _info.backend_status("torch")
+    finally:
+        _info.backend_status.cache_clear()
+    assert status["available"]
+    assert "Failed to load" not in caplog.text
+    assert logger.level == logging.INFO
+    logging.getLogger("noisy_backend_xyz.sub").warning("after the import")
+    assert "after the import" in caplog.text  # logged again once the import is done
+
+
 def test_lazy_submodules():
     assert ff.reference.sdpa is not None
     import pytest

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import importlib.metadata
 import importlib.util
+import logging
 import os
 import platform
 
@@ -68,6 +70,20 @@ def installed_version(dist: str) -> str | None:
         return None
 
 
+@contextlib.contextmanager
+def quiet_logger(name: str):
+    """Warnings of logger `name` (and its children) held back for the block: coremltools logs
+    about ten at import on Linux (no Core ML runtime, untested torch and scikit-learn versions),
+    which said nothing about whether it is usable for export."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 @functools.lru_cache(maxsize=None)
 def backend_status(name: str) -> dict:
     """{'available': True, 'version': ...} or {'available': False, 'reason': ..., 'install': ...}."""
@@ -76,7 +92,8 @@ def backend_status(name: str) -> dict:
     if importlib.util.find_spec(module.split(".")[0]) is None:
         return {"available": False, "reason": "not installed", "install": install}
     try:
-        importlib.import_module(module)
+        with quiet_logger(module.split(".")[0]):
+            importlib.import_module(module)
     except Exception as e:  # a broken install must not break ff.info()
         return {"available": False, "reason": f"import failed: {type(e).__name__}: {e}", "install": install}
     version = installed_version(name) or getattr(importlib.import_module(module), "__version__", "unknown")
