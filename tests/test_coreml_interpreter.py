@@ -111,6 +111,54 @@ def test_gather_nd(rng):
     np.testing.assert_array_equal(out, expected)
 
 
+def test_reshape_zero_matches_from_the_right():
+    """iOS17+ reshape: a 0 copies x's dim matched from the right, 1 where none matches (the
+    docstring's own example: [2, 50] by [1, 0, -1, 0] is [1, 1, 2, 50])."""
+    @mb.program(input_specs=[mb.TensorSpec(shape=(2, 50))], opset_version=ct.target.iOS18)
+    def prog(x):
+        return mb.reshape(x=x, shape=[1, 0, -1, 0])
+
+    x = np.arange(100, dtype=np.float32).reshape(2, 50)
+    (out,) = interpreter.Program(prog).predict({"x": x}).values()
+    assert out.shape == tuple(prog.functions["main"].outputs[0].shape) == (1, 1, 2, 50)
+    np.testing.assert_array_equal(out.reshape(2, 50), x)
+
+
+@pytest.mark.parametrize("kind", ["gather", "gather_along_axis", "gather_nd"])
+def test_gather_index_out_of_range_is_named(kind):
+    """An index past the axis (a token id past the vocabulary) is a [verify] error naming the op,
+    not numpy's IndexError (which the verify CLI printed as a traceback)."""
+    table = np.arange(15, dtype=np.float32).reshape(5, 3)
+    build = {
+        "gather": lambda x, i: mb.gather(x=x, indices=i, axis=0),
+        "gather_along_axis": lambda x, i: mb.gather_along_axis(x=x, indices=mb.tile(x=mb.expand_dims(x=i, axes=[1]),
+                                                                                    reps=[1, 3]), axis=0),
+        "gather_nd": lambda x, i: mb.gather_nd(x=x, indices=mb.expand_dims(x=i, axes=[1])),
+    }[kind]
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=(5, 3)), mb.TensorSpec(shape=(2,), dtype=types.int32)],
+                opset_version=ct.target.iOS18)
+    def prog(x, i):
+        return build(x, i)
+
+    program = interpreter.Program(prog)
+    out = next(iter(program.predict({"x": table, "i": np.array([4, -5], np.int32)}).values()))
+    np.testing.assert_array_equal(out.reshape(2, 3), table[[4, 0]])
+    with pytest.raises(ValueError, match=rf"^\[verify\] {kind} .*: index 5 out of range for axis 0 of size 5"):
+        program.predict({"x": table, "i": np.array([1, 5], np.int32)})
+
+
+def test_integer_inputs_refuse_fractions():
+    @mb.program(input_specs=[mb.TensorSpec(shape=(2,), dtype=types.int32)], opset_version=ct.target.iOS18)
+    def prog(i):
+        return mb.add(x=i, y=np.int32(1))
+
+    program = interpreter.Program(prog)
+    np.testing.assert_array_equal(next(iter(program.predict({"i": np.array([1.0, 2.0])}).values())), [2, 3])
+    with pytest.raises(ValueError, match=r"^\[verify\] input 'i' holds values of dtype float64 that are not whole"):
+        program.predict({"i": np.array([1.9, 2.5])})
+
+
 def test_cumsum_exclusive():
     @mb.program(input_specs=[mb.TensorSpec(shape=(4,))], opset_version=ct.target.iOS18)
     def prog(x):

@@ -101,6 +101,26 @@ def test_inputs_past_max_len_are_refused(stateful):
         greedy_decode(program, np.zeros((1, 250), np.int32), steps=8)
 
 
+def test_bad_state_and_steps_are_named(stateful):
+    """A state missing, of another shape or dtype, or passed as an input, and steps < 1, are
+    [verify] errors (they were a KeyError, an error deep in slice_update, silently fp32 state, an
+    ignored input, and numpy's "need at least one array")."""
+    _, _, path, _ = stateful
+    program = ff.coreml.Program.load(path)
+    inputs = {"input_ids": np.array([[1]], np.int32), "attention_mask": np.ones((1, 1), np.int32)}
+    fresh = program.make_state()
+    with pytest.raises(ValueError, match=r"^\[verify\] state must hold \['k_cache', 'v_cache'\]; got \['k_cache'\]"):
+        program.predict(inputs, {"k_cache": fresh["k_cache"]})
+    for bad in (fresh["k_cache"][..., :4].copy(), fresh["k_cache"].astype(np.float32)):
+        with pytest.raises(ValueError, match=r"^\[verify\] state 'k_cache' must be a float16 ndarray of shape"):
+            program.predict(inputs, {**fresh, "k_cache": bad})
+    with pytest.raises(ValueError, match=r"unexpected \['k_cache'\] \(\['k_cache'\] are states: pass them in state=\)"):
+        program.predict({**inputs, "k_cache": fresh["k_cache"]}, program.make_state())
+    for steps in (0, -3, 1.5):
+        with pytest.raises(ValueError, match=r"^\[verify\] greedy_decode: steps must be an int >= 1"):
+            greedy_decode(program, [[1, 2]], steps=steps)
+
+
 def test_slice_update_past_the_cache_is_an_error(stateful, monkeypatch):
     """The last line of defence: a cache write out of bounds raises instead of writing nothing."""
     from fusedformer.coreml import kv_cache

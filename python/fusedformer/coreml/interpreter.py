@@ -384,9 +384,12 @@ def _shape(a):
 
 @op("reshape")
 def _reshape(a):
+    """iOS17+ semantics: each 0 in ``shape`` copies x's dim matched from the right (shape[i] with
+    x.shape[j] where len(shape) - i == rank(x) - j), 1 where there is none (iOS15's rule, ranks
+    equal, is the case where the two agree)."""
     x, shape = a.x, [int(s) for s in a.shape]
-    if len(shape) == x.ndim:
-        shape = [x.shape[i] if s == 0 else s for i, s in enumerate(shape)]
+    offset = x.ndim - len(shape)
+    shape = [s if s != 0 else (x.shape[i + offset] if i + offset >= 0 else 1) for i, s in enumerate(shape)]
     return np.reshape(x, shape)
 
 
@@ -495,11 +498,23 @@ def _slice_update(a):
     return x
 
 
+def _checked_indices(a, indices, size: int, axis: int):
+    """indices as int64, each in [-size, size) (Core ML's range for gathers), else a clear error
+    (a token id past the vocabulary, say) instead of numpy's IndexError."""
+    indices = np.asarray(indices).astype(np.int64)
+    bad = (indices < -size) | (indices >= size)
+    if bad.any():
+        raise ValueError(f"[verify] {a.op.op_type} {a.op.name}: index {int(indices[bad].flat[0])} out of range for "
+                         f"axis {axis} of size {size}")
+    return indices
+
+
 @op("gather")
 def _gather(a):
-    x, indices = a.x, np.asarray(a.indices).astype(np.int64)
+    x = a.x
     axis, batch_dims = a.scalar("axis", 0), a.scalar("batch_dims", 0)
     axis %= x.ndim
+    indices = _checked_indices(a, a.indices, x.shape[axis], axis)
     if batch_dims == 0:
         return np.take(x, indices, axis=axis)
     out = [
@@ -518,7 +533,10 @@ def _gather_batch(x, indices, axis, batch_dims):
 def _gather_nd(a):
     """x[indices[..., 0], ..., indices[..., K-1]] after ``batch_dims`` leading batch axes."""
     x, indices = a.x, np.asarray(a.indices).astype(np.int64)
-    return _gather_nd_batch(x, indices, a.scalar("batch_dims", 0))
+    batch_dims = a.scalar("batch_dims", 0)
+    for d in range(indices.shape[-1]):
+        _checked_indices(a, indices[..., d], x.shape[batch_dims + d], batch_dims + d)
+    return _gather_nd_batch(x, indices, batch_dims)
 
 
 def _gather_nd_batch(x, indices, batch_dims):
@@ -529,7 +547,8 @@ def _gather_nd_batch(x, indices, batch_dims):
 
 @op("gather_along_axis")
 def _gather_along_axis(a):
-    return np.take_along_axis(a.x, np.asarray(a.indices).astype(np.int64), axis=a.scalar("axis", 0))
+    axis = a.scalar("axis", 0) % a.x.ndim
+    return np.take_along_axis(a.x, _checked_indices(a, a.indices, a.x.shape[axis], axis), axis=axis)
 
 
 @op("fill")
@@ -819,7 +838,25 @@ class Program:
         if allowed is not None and not allowed.allows(value.shape):
             raise ValueError(f"[verify] input {name!r} has shape {value.shape}; the program declares shapes "
                              f"{allowed} for it (Core ML refuses any other)")
+        if np.issubdtype(want, np.integer) and not np.issubdtype(value.dtype, np.integer):
+            if value.dtype == np.bool_ or not np.all(np.isfinite(value)) or np.any(value != np.round(value)):
+                raise ValueError(f"[verify] input {name!r} holds values of dtype {value.dtype} that are not whole "
+                                 f"numbers; the program declares it {want}")
         return value.astype(want)
+
+    def _check_state(self, state: dict):
+        """state: the buffers make_state() gives, by name, shape and dtype (Core ML's MLState holds
+        them fixed; a wrong one would fail deep inside or silently skip fp16's rounding)."""
+        fresh = self.make_state()
+        if set(state) != set(fresh):
+            raise ValueError(f"[verify] state must hold {sorted(fresh)}; got {sorted(state)}: pass "
+                             f"state=program.make_state()")
+        for name, want in fresh.items():
+            got = state[name]
+            if not isinstance(got, np.ndarray) or got.shape != want.shape or got.dtype != want.dtype:
+                raise ValueError(f"[verify] state {name!r} must be a {want.dtype} ndarray of shape {want.shape} "
+                                 f"(program.make_state()); got {type(got).__name__} "
+                                 f"{getattr(got, 'dtype', '')} {getattr(got, 'shape', '')}")
 
     # -- run --------------------------------------------------------------------------------
 
@@ -840,13 +877,17 @@ class Program:
         ``intermediates``: names of inner variables to return as well (e.g. a decompressed weight).
         """
         missing = [n for n in self.input_names if n not in inputs]
-        extra = [n for n in inputs if n not in self.function.inputs]
+        extra = [n for n in inputs if n not in self.input_names]
         if missing or extra:
+            states = [n for n in extra if n in self.state_names]
             raise ValueError(
                 f"[verify] inputs must be {self.input_names}; missing {missing}, unexpected {extra}"
+                + (f" ({states} are states: pass them in state=)" if states else "")
             )
         if self.state_names and state is None:
             raise ValueError(f"[verify] the program is stateful ({self.state_names}): pass state=program.make_state()")
+        if self.state_names:
+            self._check_state(state)
         env: dict[str, object] = {n: self._check_input(n, inputs[n]) for n in self.input_names}
         from fusedformer.coreml import kv_cache
 

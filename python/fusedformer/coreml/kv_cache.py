@@ -348,6 +348,8 @@ def greedy_decode(program, prompt_ids, steps: int):
         raise ValueError(f"[verify] greedy_decode needs a kv_cache=True export (states {list(STATE_NAMES)}, inputs "
                          f"input_ids and attention_mask); this one has states {program.state_names}, inputs "
                          f"{program.input_names}")
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+        raise ValueError(f"[verify] greedy_decode: steps must be an int >= 1, got {steps!r}")
     ids = np.asarray(prompt_ids, dtype=np.int32)
     if ids.ndim != 2 or ids.shape[1] < 1:
         raise ValueError(f"[verify] greedy_decode: prompt_ids must be [batch, tokens] with tokens >= 1, got shape "
