@@ -44,6 +44,23 @@ def test_gpt2(attention, tmp_path):
     assert psnr(expected, out["logits"]) >= 60
 
 
+def test_llama_plain_export_with_the_models_defaults(tmp_path):
+    """ff.torch.optimize then a plain export with no static_kwargs (use_cache left on): the
+    traced query length was a 0-d tensor, which made `causal` one ([sdpa] causal must be a bool)."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
+    model = transformers.LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, 100, (1, 6))
+    with torch.no_grad():
+        expected = model(ids).logits.numpy()
+    ff.torch.optimize(model, attention="fused")
+    ff.coreml.export(model, (ids,), tmp_path / "llama.mlpackage", precision="fp32")
+    assert model.fusedformer_report.stats.fused > 0
+    out = ff.coreml.verify(tmp_path / "llama.mlpackage", {"input_ids": ids.numpy()})
+    assert psnr(expected, next(iter(out.values()))) >= 60
+
+
 def test_bert_with_padding(tmp_path):
     torch.manual_seed(0)
     config = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
