@@ -56,6 +56,16 @@ def test_export_then_verify_tiny_llama(tmp_path, capsys):
     assert "[verify] the program has no function 'nope'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("weights", [w if w == "affine4" else pytest.param(w, marks=pytest.mark.slow)
+                                     for w in sorted(cli.WEIGHT_SCHEMES)])
+def test_export_tiny_llama_with_every_weight_scheme(weights, tmp_path, capsys):
+    """tiny-llama fits every --weights choice (its dim was 32, under the affine groups of 64)."""
+    out = tmp_path / "w.mlpackage"
+    args = _parse(cli.add_export_arguments, ["tiny-llama", "--out", str(out), "--seq-len", "4", "--weights", weights])
+    assert cli.run_export(args) == 0, capsys.readouterr().err
+    assert "saved" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_export_kv_cache_and_verify_random_inputs(tmp_path, capsys):
     out = tmp_path / "kv.mlpackage"

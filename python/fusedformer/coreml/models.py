@@ -102,7 +102,8 @@ class TinyDecoder(nn.Module):
         return self.lm_head(self.norm(x))
 
 
-def tiny_llama(vocab=97, dim=32, heads=4, kv_heads=2, layers=2, seed=0) -> TinyDecoder:
-    """A seeded random TinyDecoder in eval mode."""
+def tiny_llama(vocab=97, dim=64, heads=4, kv_heads=2, layers=2, seed=0) -> TinyDecoder:
+    """A seeded random TinyDecoder in eval mode (dim 64: every --weights scheme of `fusedformer export`
+    fits it, the affine ones' groups of 64 included)."""
     torch.manual_seed(seed)
     return TinyDecoder(vocab=vocab, dim=dim, heads=heads, kv_heads=kv_heads, layers=layers).eval()
