@@ -148,6 +148,15 @@ def test_gather_index_out_of_range_is_named(kind):
         program.predict({"x": table, "i": np.array([1, 5], np.int32)})
 
 
+def test_inputs_must_be_a_dict():
+    @mb.program(input_specs=[mb.TensorSpec(shape=(2,))], opset_version=ct.target.iOS18)
+    def prog(x):
+        return mb.add(x=x, y=np.float32(1))
+
+    with pytest.raises(TypeError, match=r"^\[verify\] inputs must be a dict of \['x'\] to arrays, got ndarray"):
+        interpreter.Program(prog).predict(np.zeros(2, np.float32))
+
+
 def test_integer_inputs_refuse_fractions():
     @mb.program(input_specs=[mb.TensorSpec(shape=(2,), dtype=types.int32)], opset_version=ct.target.iOS18)
     def prog(i):

@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import os
 from collections import Counter
+from collections.abc import Mapping
 from typing import Callable
 
 import numpy as np
@@ -876,6 +877,9 @@ class Program:
 
         ``intermediates``: names of inner variables to return as well (e.g. a decompressed weight).
         """
+        if not isinstance(inputs, Mapping):
+            raise TypeError(f"[verify] inputs must be a dict of {self.input_names} to arrays, got "
+                            f"{type(inputs).__name__}")
         missing = [n for n in self.input_names if n not in inputs]
         extra = [n for n in inputs if n not in self.input_names]
         if missing or extra:
