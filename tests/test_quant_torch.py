@@ -85,6 +85,19 @@ def test_op_fake_and_compile_shapes():
                           test_utils=("test_schema", "test_faketensor"))
 
 
+@pytest.mark.parametrize("scheme", [Affine(4, 32), Int8()], ids=["affine4", "int8"])
+def test_qmatmul_compiles_as_one_graph(scheme):
+    """ff.qmatmul on a weight held by the caller, under torch.compile(fullgraph=True): Dynamo could
+    not trace json.dumps of the meta nor ndarray.dtype of the parts."""
+    rng = np.random.default_rng(3)
+    weights = [ff.quant.compress(rng.standard_normal((n, 64)).astype(np.float32), scheme) for n in (24, 16, 24)]
+    x = torch.randn(5, 64)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda t, qw: ff.qmatmul(t, qw), backend="aot_eager", fullgraph=True)
+    for qw in weights + weights[:1]:  # (another weight is not served the first one's constants)
+        torch.testing.assert_close(compiled(x, qw), ff.qmatmul(x, qw), rtol=0, atol=0)
+
+
 def test_meta_tensors_take_the_shape_function():
     """x on the meta device (shape-only model building) gives y's shape, as nn.Linear does; the
     eager path used to refuse it as not on the CPU."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import torch
 
 from fusedformer._frameworks import refuse_forward_tangents
@@ -18,8 +17,10 @@ from fusedformer.quant import QuantizedWeight
 
 
 def parts_as_tensors(qw: QuantizedWeight) -> list[torch.Tensor]:
-    """The canonical arrays as CPU tensors sharing memory (uint32 stored as int32)."""
-    return [torch.from_numpy(a.view(np.int32) if a.dtype == np.uint32 else a) for a in qw.arrays.values()]
+    """The canonical arrays as CPU tensors sharing memory (uint32 stored as int32). The dtypes are
+    read on the tensors: Dynamo cannot trace ndarray.dtype (ff.qmatmul under fullgraph compile)."""
+    tensors = [torch.from_numpy(a) for a in qw.arrays.values()]
+    return [t.view(torch.int32) if t.dtype == torch.uint32 else t for t in tensors]
 
 
 @torch.library.custom_op("fusedformer::qmatmul", mutates_args=())
@@ -50,7 +51,12 @@ def _backward(ctx, grad):
 qmatmul_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+@torch.compiler.assume_constant_result
+def _op_meta(qw: QuantizedWeight) -> str:
+    """qw's JSON meta, a constant of the graph under torch.compile (Dynamo cannot trace json)."""
+    return qw.to_op_args()[1]
+
+
 def qmatmul_torch(x: torch.Tensor, qw: QuantizedWeight) -> torch.Tensor:
     refuse_forward_tangents(torch, "qmatmul", x=x)  # (torch.func.jvp: the op's body sees no transform)
-    parts, meta = qw.to_op_args()
-    return torch.ops.fusedformer.qmatmul(x, parts_as_tensors(qw), meta)
+    return torch.ops.fusedformer.qmatmul(x, parts_as_tensors(qw), _op_meta(qw))
