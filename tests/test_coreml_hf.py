@@ -61,6 +61,24 @@ def test_llama_plain_export_with_the_models_defaults(tmp_path):
     assert psnr(expected, next(iter(out.values()))) >= 60
 
 
+def test_stock_gqa_llama_plain_export(tmp_path):
+    """A stock (not optimized) HF Llama with 2 kv heads for 4 query heads: transformers called
+    torch's sdpa with enable_gqa=True, which coremltools ignores (a shape error in conversion)."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = transformers.LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, 100, (1, 6))
+    with torch.no_grad():
+        expected = model(ids).logits.numpy()
+    ff.coreml.export(model, (ids,), tmp_path / "stock.mlpackage", attention="unfused", precision="fp32")
+    out = ff.coreml.verify(tmp_path / "stock.mlpackage", {"input_ids": ids.numpy()})
+    assert psnr(expected, next(iter(out.values()))) >= 60
+    from transformers.integrations import sdpa_attention
+
+    assert sdpa_attention.use_gqa_in_sdpa(None, torch.zeros(1, 2, 3, 8), torch.zeros(1, 2, 3, 8))  # restored
+
+
 def test_bert_with_padding(tmp_path):
     torch.manual_seed(0)
     config = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,

@@ -13,9 +13,11 @@ one only through fusedformer's sdpa op, e.g. after ``ff.torch.optimize(model, at
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import shutil
+import sys
 import warnings
 from dataclasses import dataclass
 
@@ -276,6 +278,25 @@ def finish(mlmodel, path, attention, target, precision, fallbacks, info=()):
     return save(mlmodel, path, result)
 
 
+@contextlib.contextmanager
+def _kv_heads_repeated_for_sdpa():
+    """Stock Hugging Face attention ("sdpa") with fewer kv heads than query heads calls torch's
+    op with enable_gqa=True where it has no mask, which coremltools' converter ignores (a shape
+    error, "Incompatible dim 1 in shapes (1, 4) vs. (1, 2)"): while tracing, transformers is
+    told not to, and repeats K/V itself as it does for masked calls. (Models through
+    ff.torch.optimize call fusedformer's op, which the lowering takes with its own GQA.)"""
+    module = sys.modules.get("transformers.integrations.sdpa_attention")
+    if module is None or not hasattr(module, "use_gqa_in_sdpa"):
+        yield
+        return
+    original = module.use_gqa_in_sdpa
+    module.use_gqa_in_sdpa = lambda *args, **kwargs: False
+    try:
+        yield
+    finally:
+        module.use_gqa_in_sdpa = original
+
+
 def export(model, example_inputs, path, *, attention="fused", target="iOS18", precision="fp16",
            kv_cache=False, adapters=None, flexible=None, static_kwargs=None, max_len=256):
     """Traces ``model`` on ``example_inputs`` and converts it to a Core ML ML program at ``path``.
@@ -334,7 +355,7 @@ def export(model, example_inputs, path, *, attention="fused", target="iOS18", pr
         flat = _flatten_outputs(model(**named, **static_kwargs))
     output_names = name_outputs(flat, list(named))
     wrapper = flat_module(model, list(named), static_kwargs)
-    with torch.no_grad(), warnings.catch_warnings():
+    with torch.no_grad(), warnings.catch_warnings(), _kv_heads_repeated_for_sdpa():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.trace: coremltools needs it
         traced = torch.jit.trace(wrapper, tuple(named.values()), check_trace=False, strict=False)
