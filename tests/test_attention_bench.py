@@ -76,3 +76,60 @@ def test_bench_attention_rejects_bad_shapes(spec, msg):
 
     with pytest.raises(ValueError, match=r"^\[bench attention\] --shape .*" + msg):
         attention.shape_cases([spec], causal=False)
+
+
+def _mlx_cases(monkeypatch):
+    """A case that times MLX and one that skips it on purpose (case.mlx False), tiny."""
+    from fusedformer.bench import attention, harness
+
+    monkeypatch.setattr(harness, "last_level_cache_bytes", lambda: 8 << 20)
+    monkeypatch.setattr(attention, "cases", lambda quick: [
+        attention.Case("prefill", 1, 2, 2, 33, 33, 64, True, "float32", mlx=True),
+        attention.Case("decode", 1, 4, 2, 1, 129, 64, False, "float32", mlx=False),
+    ])
+    return argparse.Namespace(quick=True, budget=0.01, rounds=1, dtype="all", case="",
+                              impl=["fusedformer", "torch sdpa", "mlx sdpa", "fusedformer (mlx)"])
+
+
+@pytest.mark.torch
+def test_bench_attention_names_mlx_rows_when_mlx_is_not_installed(monkeypatch, tmp_path):
+    """Without MLX, a case that would time it has a row not timed per MLX impl saying how to
+    install it (table and JSON); a case that skips MLX on purpose has none."""
+    require("torch")
+    import json
+    import sys
+
+    from fusedformer.bench import attention
+    from fusedformer.bench.report import validate
+
+    args = _mlx_cases(monkeypatch)
+    monkeypatch.setitem(sys.modules, "mlx", None)  # (import mlx.core raises ImportError)
+    monkeypatch.setitem(sys.modules, "mlx.core", None)
+    rep = attention.run(args)
+    untimed = [(r.case.split()[0], r.impl, r.note) for r in rep.rows if r.runs == 0]
+    note = "not installed (pip install 'fusedformer[mlx]')"
+    assert untimed == [("prefill", "mlx sdpa", note), ("prefill", "fusedformer (mlx)", note)]
+    assert all(r.ratio is None and r.median_ms is None for r in rep.rows if r.runs == 0)
+    data = json.loads(rep.finish(tmp_path)["json"].read_text())
+    validate(data)
+    assert [r["impl"] for r in data["rows"] if r["note"] == note] == ["mlx sdpa", "fusedformer (mlx)"]
+
+
+@pytest.mark.torch
+def test_bench_attention_rows_record_the_threads_used(monkeypatch):
+    """Every timed row records cpu_per_wall (process CPU time / wall time of its timed calls);
+    the MLX rows' note says how many of the pool's threads MLX kept busy."""
+    require("torch")
+    require("mlx")
+    from fusedformer.bench import attention
+
+    rep = attention.run(_mlx_cases(monkeypatch))
+    prefill = {r.impl: r for r in rep.rows if r.case.startswith("prefill")}
+    assert set(prefill) == {"fusedformer", "torch sdpa", "mlx sdpa", "fusedformer (mlx)", attention.PEAK_PROBE}
+    for r in prefill.values():
+        assert isinstance(r.extra["cpu_per_wall"], float), r.impl
+        if r.impl in attention.MLX_IMPLS:
+            used = f"used ~{r.extra['cpu_per_wall']:.1f} of {rep.machine['threads']} threads"
+            assert r.note == f"{attention.MLX_NOTE}; {used}", r.impl
+        else:
+            assert "threads" not in r.note, r.impl

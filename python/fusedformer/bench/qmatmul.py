@@ -11,8 +11,13 @@ as many copies of its weight as it takes to stream twice the last-level cache pe
 the cache while torch's 64 MiB fp32 one is not). The ff.mlx rows use one copy.
 
 Every case times its implementations in alternating rounds (harness.measure_in_rounds), with
-the streaming-read probe as one more contender (the "read probe" row): % BW is of what that
-probe read in the same rounds, since this VM's read bandwidth swings 16-25 GB/s within seconds.
+the streaming-read probe and the fp32 FMA peak probe as two more contenders (the "read probe"
+and "peak probe" rows): % BW is of what that probe read in the same rounds, since this VM's read
+bandwidth swings 16-25 GB/s within seconds, and % peak of the FMA rate measured there (it moves
+by 5%); torch bf16's % peak is of the bf16 dot / AMX tile peak where the CPU has one
+(Report.peak_for), measured at the start of the run. The MLX rows say how many threads MLX's CPU
+path kept busy (cpu_per_wall: one, where ours and torch's use the pool's), and where MLX cannot
+be imported each case names its rows as not installed.
 torch's _weight_int8pack_mm and MLX's quantized_matmul are reference loops at large M (seconds
 per call): there they are timed once, after the rounds.
 
@@ -29,7 +34,10 @@ from typing import Callable
 import numpy as np
 
 from fusedformer.bench.harness import (
+    MLX_INSTALL,
+    PEAK_PROBE,
     READ_PROBE,
+    PeakProbe,
     ReadProbe,
     add_rounds_argument,
     cold_copies,
@@ -37,10 +45,12 @@ from fusedformer.bench.harness import (
     last_level_cache_bytes,
     measure,
     measure_in_rounds,
+    not_installed,
     parse_shape,
 )
 from fusedformer.bench.report import Report, track
 
+MLX_QMATMUL = "mlx quantized_matmul q4 g64 (cpu)"
 FULL_SHAPES = [(1, 4096, 4096), (1, 11008, 4096), (8, 4096, 4096), (512, 4096, 4096)]  # (M, N, K)
 QUICK_SHAPES = [(1, 2048, 2048), (8, 2048, 2048), (128, 2048, 2048)]
 BASELINE = "torch fp32"
@@ -97,13 +107,15 @@ def _clone_weight(qw):
 @dataclass
 class Contender:
     """One implementation of a case: its call, the bytes one call must move, and its row's note
-    and extra figures. ``once``: a slow reference loop, timed by a single call after the rounds."""
+    and extra figures. ``once``: a slow reference loop, timed by a single call after the rounds;
+    ``mlx``: MLX's, whose note says how many threads it used (MLX picks its own)."""
 
     fn: Callable[[], object]
     nbytes: float
     note: str = ""
     once: bool = False
     figures: dict = field(default_factory=dict)
+    mlx: bool = False
 
 
 SLOW_NOTE = "single run after the rounds (slow reference path)"
@@ -146,7 +158,7 @@ def _mlx_contender(mx, m: int, x, w, io: float) -> Contender:
             mx.eval(mx.quantized_matmul(xm, wq_, sc_, bi_, transpose=True, group_size=64, bits=4))
 
     slow = m >= SLOW_ROWS
-    return Contender(fn, nbytes + io, SLOW_NOTE if slow else "", once=slow)
+    return Contender(fn, nbytes + io, SLOW_NOTE if slow else "", once=slow, mlx=True)
 
 
 def _ours(m: int, x, w, qw, io: float, budget: float) -> Contender:
@@ -174,12 +186,11 @@ def run(args) -> Report:
     budget = args.budget
     rng = np.random.default_rng(0)
     weights = {}
-    try:
+    mlx_missing = not_installed("mlx.core", MLX_INSTALL)
+    if not mlx_missing:
         import mlx.core as mx
-    except ImportError:
-        mx = None
     probe = ReadProbe.for_run(args.quick)
-    rep.references.add(READ_PROBE)
+    rep.references.update((READ_PROBE, PEAK_PROBE))
     for m, n, k in track(shapes, "qmatmul"):
         case = f"{m}x{k} @ {n}x{k}.T"
         flops = 2.0 * m * n * k
@@ -190,33 +201,45 @@ def run(args) -> Report:
         w, qws = weights[(n, k)]
         x = rng.standard_normal((m, k)).astype(np.float32)
         contenders = _torch_contenders(m, x, w, io)
-        if mx is not None:
-            contenders["mlx quantized_matmul q4 g64 (cpu)"] = _mlx_contender(mx, m, x, w, io)
+        if not mlx_missing:
+            contenders[MLX_QMATMUL] = _mlx_contender(mx, m, x, w, io)
         contenders.update({f"fusedformer {s}": _ours(m, x, w, qws[s], io, budget) for s in names})
-        timings = _time(contenders, probe, rounds=getattr(args, "rounds", 4), budget=budget)
-        read = timings.pop(READ_PROBE)
-        bandwidth = probe.gbs(read)
+        peak = PeakProbe(rep, "float32")
+        timings = _time(contenders, {READ_PROBE: probe.run, PEAK_PROBE: peak.run},
+                        rounds=getattr(args, "rounds", 4), budget=budget)
+        read, peak_timing = timings.pop(READ_PROBE), timings.pop(PEAK_PROBE)
+        bandwidth, peak_gflops = probe.gbs(read), peak.gflops()
         for impl, timing in timings.items():
             c = contenders[impl]
-            peak = rep.peak_for("bfloat16") if impl == "torch bf16" else None  # (bf16 products: their own ceiling)
-            rep.add(case=case, impl=impl, timing=timing, flops=flops, bytes=c.nbytes, baseline=BASELINE,
-                    note=c.note, bandwidth_gbs=bandwidth, peak_gflops=peak, **c.figures)
-        rep.add(case=case, impl=READ_PROBE, timing=read, bytes=probe.nbytes, bandwidth_gbs=bandwidth,
-                note="streaming read timed in the same rounds: the GB/s this case's % BW refers to")
+            dtype = "bfloat16" if impl == "torch bf16" else "float32"  # (bf16 products: their own ceiling)
+            row = rep.add(case=case, impl=impl, timing=timing, flops=flops, bytes=c.nbytes, baseline=BASELINE,
+                          note=c.note, bandwidth_gbs=bandwidth, peak_gflops=rep.peak_for(dtype, peak_gflops),
+                          **c.figures)
+            if c.mlx:
+                rep.note_threads(row)
         del contenders, timings
-        if mx is not None:  # ff.mlx's path on the same weights (MLX's kernel or op composition per format)
+        if mlx_missing:
+            for impl in [MLX_QMATMUL] + [f"fusedformer mlx {s}" for s in names]:
+                rep.add_note(case=case, impl=impl, note=mlx_missing)
+        else:  # ff.mlx's path on the same weights (MLX's kernel or op composition per format)
             from fusedformer.mlx import bench as mlx_bench
 
+            first = len(rep.rows)
             mlx_bench.add_qmatmul_rows(rep, case=case, x=x, qws={s: qws[s] for s in names}, flops=flops, io_bytes=io,
                                        budget_s=budget)
+            for row in rep.rows[first:]:
+                rep.note_threads(row)
+        probe.add_row(rep, case, read)
+        peak.add_row(rep, case, peak_timing)
     return rep
 
 
-def _time(contenders: dict[str, Contender], probe: ReadProbe, *, rounds: int, budget: float):
-    """Timings of every contender and of the read probe: those not `once` in alternating rounds,
-    the others by one call each after them."""
+def _time(contenders: dict[str, Contender], probes: dict[str, Callable[[], object]], *, rounds: int, budget: float):
+    """Timings of every contender and of the probes: those not `once` in alternating rounds with
+    the probes, the others by one call each after them."""
     in_rounds = {name: (c.fn, {}) for name, c in contenders.items() if not c.once}
-    timings = measure_in_rounds({**in_rounds, READ_PROBE: (probe.run, {})}, rounds=rounds, budget_s=budget)
+    in_rounds.update({name: (fn, {}) for name, fn in probes.items()})
+    timings = measure_in_rounds(in_rounds, rounds=rounds, budget_s=budget)
     for name, c in contenders.items():
         if c.once:
             timings[name] = measure(c.fn, warmup=0, min_runs=1, max_runs=1)

@@ -18,9 +18,9 @@ SCHEMA = "fusedformer.bench/1"
 ROW_KEYS = {
     "case": str,
     "impl": str,
-    "median_ms": float,
-    "min_ms": float,
-    "max_ms": float,
+    "median_ms": (float, type(None)),  # (None: a row not timed, runs 0: its note says why)
+    "min_ms": (float, type(None)),
+    "max_ms": (float, type(None)),
     "runs": int,
     "gflops": (float, type(None)),
     "pct_peak": (float, type(None)),
@@ -37,9 +37,9 @@ ROW_KEYS = {
 class Row:
     case: str
     impl: str
-    median_ms: float
-    min_ms: float
-    max_ms: float
+    median_ms: float | None  # (None in a row not timed: Report.add_note)
+    min_ms: float | None
+    max_ms: float | None
     runs: int
     gflops: float | None = None
     pct_peak: float | None = None
@@ -85,9 +85,11 @@ class Report:
                 return "peak_gflops_bf16_dot"
         return "peak_gflops"
 
-    def peak_for(self, dtype: str) -> float:
-        """The compute ceiling of a case in ``dtype`` (peak_key), GFLOP/s."""
-        return self.machine["limits"][self.peak_key(dtype)]
+    def peak_for(self, dtype: str, fp32: float | None = None) -> float:
+        """The compute ceiling of a case in ``dtype`` (peak_key), GFLOP/s; where that is the fp32
+        FMA peak, ``fp32`` if given (the FMA probe run in the case's rounds)."""
+        key = self.peak_key(dtype)
+        return fp32 if key == "peak_gflops" and fp32 else self.machine["limits"][key]
 
     @property
     def bandwidth_gbs(self) -> float:
@@ -116,7 +118,8 @@ class Report:
         start of the run); ``ratio``, where given, is this row's ratio to the baseline as the
         area measured it (bench model: against the baseline's samples of the same rounds) instead
         of the medians' quotient; ``share_of_bandwidth=False`` leaves % BW out (a row timed
-        cache-warm); ``extra`` holds further figures (tokens_per_s=..., model_mb=...)."""
+        cache-warm); ``extra`` holds further figures (tokens_per_s=..., model_mb=...), and the
+        timing's cpu_per_wall where the harness measured it (the threads the impl kept busy)."""
         peak = peak_gflops or self.peak_gflops
         bandwidth = bandwidth_gbs or self.bandwidth_gbs
         sec = timing.median_ms / 1e3
@@ -140,17 +143,33 @@ class Report:
         if ratio is not None:
             row.extra["ratio_of"] = "the baseline's samples of the same rounds"
             row.ratio = _round(ratio, 4)
+        if timing.cpu_per_wall is not None:
+            row.extra["cpu_per_wall"] = _round(timing.cpu_per_wall, 2)
         self.rows.append(row)
         self._update_ratios()
         return row
 
+    def add_note(self, *, case: str, impl: str, note: str) -> Row:
+        """Adds a row that was not timed (runs 0, no figures), its note saying why: a peer that is
+        not installed is named in the table and JSON rather than missing from them."""
+        row = Row(case=case, impl=impl, median_ms=None, min_ms=None, max_ms=None, runs=0, note=note)
+        self.rows.append(row)
+        return row
+
+    def note_threads(self, row: Row) -> None:
+        """Appends to ``row``'s note how many of the pool's threads its impl kept busy (its
+        cpu_per_wall): for a peer that picks its own (MLX's CPU path runs on one)."""
+        used = row.extra.get("cpu_per_wall")
+        if used is not None:
+            row.note = "; ".join(filter(None, [row.note, f"used ~{used:.1f} of {self.machine['threads']} threads"]))
+
     def _update_ratios(self) -> None:
         by_key = {(r.case, r.impl): r for r in self.rows}
         for r in self.rows:
-            if "ratio_of" in r.extra:  # (given by the area)
+            if "ratio_of" in r.extra or not r.runs:  # (given by the area; not timed)
                 continue
             base = by_key.get((r.case, r.baseline)) if r.baseline else None
-            r.ratio = _round(r.median_ms / base.median_ms, 4) if base and base.median_ms > 0 else None
+            r.ratio = _round(r.median_ms / base.median_ms, 4) if base and base.runs and base.median_ms > 0 else None
 
     def to_dict(self) -> dict:
         return {
@@ -164,6 +183,7 @@ class Report:
     # -- output ---------------------------------------------------------------------------
 
     def table(self):
+        from rich.markup import escape
         from rich.table import Table
 
         limits = self.machine["limits"]
@@ -191,17 +211,18 @@ class Report:
         for r in self.rows:
             ratio = "—" if r.ratio is None else f"{r.ratio:.2f}× {r.baseline}"
             table.add_row(
-                r.case if r.case != prev_case else "",
-                r.impl,
+                escape(r.case) if r.case != prev_case else "",  # (text, not markup: "pip install 'x[mlx]'")
+                escape(r.impl),
                 fmt(r.median_ms, ".3f"),
-                f"{r.min_ms:.3f}–{r.max_ms:.3f}",
+                f"{r.min_ms:.3f}–{r.max_ms:.3f}" if r.runs else "—",
                 fmt(r.gflops, ".1f"),
                 fmt(r.pct_peak, ".0f"),
                 fmt(r.gbs, ".1f"),
                 fmt(r.pct_bandwidth, ".0f"),
                 ratio,
-                *[fmt(r.extra.get(k), ".4g") if not isinstance(r.extra.get(k), str) else r.extra[k] for k in extra_keys],
-                r.note,
+                *[escape(r.extra[k]) if isinstance(r.extra.get(k), str) else fmt(r.extra.get(k), ".4g")
+                  for k in extra_keys],
+                escape(r.note),
             )
             prev_case = r.case
         return table
@@ -226,12 +247,13 @@ class Report:
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        cases = list(dict.fromkeys(r.case for r in self.rows))
+        timed = [r for r in self.rows if r.runs and r.impl not in self.references]
+        cases = list(dict.fromkeys(r.case for r in timed))
         ncols = min(3, len(cases)) or 1
         nrows = math.ceil(len(cases) / ncols) or 1
         fig, axes = plt.subplots(nrows, ncols, figsize=(5.5 * ncols, 0.5 + 2.6 * nrows), squeeze=False)
         for ax, case in zip(axes.flat, cases):
-            rows = [r for r in self.rows if r.case == case and r.impl not in self.references]
+            rows = [r for r in timed if r.case == case]
             y = range(len(rows))
             ax.barh(
                 list(y),
