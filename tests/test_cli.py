@@ -60,6 +60,8 @@ BAD_INVOCATIONS = [
     (["bench", "qmatmul", "--schemes", "affine7", "--shape", "1,64,64", "--no-save"], "Affine bits=7 is not supported"),
     (["bench", "model", "--steps", "0"], "argument --steps: must be an integer >= 1"),
     (["export", "tiny-llama", "--out", "x.mlpackage", "--target", "iOS99"], "[export] unknown target 'iOS99'"),
+    (["export", "tiny-llama", "--out", "x.mlpackage", "--weights", "palettize9"], "[export] scheme 'palettize9': [quant]"),
+    (["export", "tiny-llama", "--out", "x.mlpackage", "--weights", "q4"], "[export] unknown scheme 'q4': int8, affineB"),
     (["export", "tiny-llama", "--out", "x.mlpackage", "--seq-len", "0"], "argument --seq-len: must be an integer >= 1"),
     (["export", "tiny-llama", "--out", "x.mlpackage", "--adapter", "chat=/missing.pt"], "--adapter file '/missing.pt' does not exist"),
     (["export", "tiny-llama", "--out", "x.mlpackage", "--adapter", "foo"], "[export] --adapter takes NAME=FILE, got 'foo'"),

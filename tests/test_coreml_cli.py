@@ -57,7 +57,7 @@ def test_export_then_verify_tiny_llama(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("weights", [w if w == "affine4" else pytest.param(w, marks=pytest.mark.slow)
-                                     for w in sorted(cli.WEIGHT_SCHEMES)])
+                                     for w in cli.WEIGHT_EXAMPLES])
 def test_export_tiny_llama_with_every_weight_scheme(weights, tmp_path, capsys):
     """tiny-llama fits every --weights choice (its dim was 32, under the affine groups of 64)."""
     out = tmp_path / "w.mlpackage"

@@ -335,3 +335,22 @@ def test_ranges_past_float32_are_refused(scheme, rng):
         compress(w, scheme)
     w[1, :2] = (1.5e38, -1.5e38)  # a range still in float32
     assert np.isfinite(compress(w, scheme).dequantize()).all()
+
+
+def test_short_scheme_names_are_one_spelling_for_every_command():
+    from fusedformer.quant.names import scheme_from_name
+
+    grouped = Palettize(4, granularity="per_grouped_channel", group_size=16)
+    for name, want in {
+        "int8": Int8(), "affine4": Affine(4, 64), "affine3": Affine(3, 64), "palettize4": Palettize(4),
+        "lut4": Palettize(4), "lut2-grouped": Palettize(2, granularity="per_grouped_channel", group_size=16),
+        "palettize4-grouped": grouped, "prune50": Prune(0.5), "prune75-affine4": Prune(0.75, then=Affine(4, 64)),
+        "prune50-lut4-grouped": Prune(0.5, then=grouped),
+    }.items():
+        assert scheme_from_name(name, "cmd") == want, name
+    for bad in ("int4", "affine", "lut", "prune0", "prune100", "prune50-nope", "Affine4", ""):
+        with pytest.raises(ValueError, match=rf"^\[cmd\] unknown scheme {bad!r}: int8, affineB"):
+            scheme_from_name(bad, "cmd")
+    for bad in ("affine7", "lut5", "prune50-int8", "prune50-prune50"):  # (the format's own refusal, named)
+        with pytest.raises(ValueError, match=rf"^\[cmd\] scheme {bad!r}: \[quant\]"):
+            scheme_from_name(bad, "cmd")

@@ -58,7 +58,8 @@ BASELINE = "torch fp32"
 
 def add_arguments(parser) -> None:
     parser.add_argument("--schemes", default="affine4,affine8,int8,palettize4,prune50-affine4",
-                        help="comma-separated: affineB (group 64), int8, palettizeB, prune50-affine4")
+                        help="comma-separated short names: int8, affineB (groups of 64), palettizeB or lutB, "
+                        "lutB-grouped, pruneP, pruneP-<inner> (as `fusedformer export --weights`)")
     parser.add_argument("--shape", action="append", default=None, metavar="M,N,K",
                         help="time these shapes (x [M, K] @ W [N, K].T) instead of the built-in ones "
                         "(repeatable; the files are qmatmul_shapes.json/.png)")
@@ -71,21 +72,9 @@ def parse_shapes(specs: list[str]) -> list[tuple[int, int, int]]:
 
 
 def _scheme(name: str):
-    from fusedformer.quant import Affine, Int8, Palettize, Prune
+    from fusedformer.quant.names import scheme_from_name
 
-    bits = name.lstrip("abcdefghijklmnopqrstuvwxyz")
-    try:
-        if name == "int8":
-            return Int8()
-        if name == "prune50-affine4":
-            return Prune(0.5, then=Affine(4, 64))
-        if name.startswith("affine") and bits.isdigit():
-            return Affine(int(bits), 64)
-        if name.startswith("palettize") and bits.isdigit():
-            return Palettize(int(bits))
-    except ValueError as e:  # (a bit width the format lacks)
-        raise ValueError(f"[bench qmatmul] --schemes {name!r}: {e}") from None
-    raise ValueError(f"[bench qmatmul] unknown scheme {name!r}: affineB (group 64), int8, palettizeB or prune50-affine4")
+    return scheme_from_name(name, "bench qmatmul")
 
 
 def _copies(obj, nbytes: float, clone):

@@ -16,16 +16,22 @@ import numpy as np
 
 from fusedformer.bench.harness import positive_int
 
-# --weights NAME -> scheme factory (fusedformer.quant)
-WEIGHT_SCHEMES = {
-    "affine4": lambda q: q.Affine(bits=4, group_size=64),
-    "affine8": lambda q: q.Affine(bits=8, group_size=64),
-    "int8": lambda q: q.Int8(),
-    "lut4": lambda q: q.Palettize(bits=4),
-    "lut4-grouped": lambda q: q.Palettize(bits=4, granularity="per_grouped_channel", group_size=16),
-    "prune50": lambda q: q.Prune(sparsity=0.5),
-    "prune50-lut4": lambda q: q.Prune(sparsity=0.5, then=q.Palettize(bits=4)),
-}
+# --weights takes fusedformer.quant.names' short names; these are the ones the help lists
+WEIGHT_EXAMPLES = ("affine4", "affine8", "int8", "lut4", "lut4-grouped", "prune50", "prune50-lut4")
+
+
+def weight_scheme(name: str):
+    """argparse type of --weights: the scheme of a short name (an unknown one is a usage error)."""
+    import argparse
+
+    from fusedformer.quant.names import scheme_from_name
+
+    try:
+        return scheme_from_name(name, "export")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 BUILTIN_MODELS = ("tiny-llama",)
 
 
@@ -46,7 +52,9 @@ def add_export_arguments(parser) -> None:
                              "--kv-cache and --adapter; an older one (iOS17, macOS14, ... down to iOS15) only for "
                              "plain exports, whose attention is then unfused")
     parser.add_argument("--precision", choices=("fp16", "fp32"), default="fp16")
-    parser.add_argument("--weights", choices=sorted(WEIGHT_SCHEMES), help="compress every linear (lm_head kept)")
+    parser.add_argument("--weights", type=weight_scheme, metavar="SCHEME",
+                        help=f"compress every linear (lm_head kept): a short scheme name, e.g. {', '.join(WEIGHT_EXAMPLES)} "
+                        "(affineB: groups of 64; palettizeB = lutB; pruneP-<inner>)")
     parser.add_argument("--seq-len", type=positive_int, default=64, help="tokens of the example input (and default length)")
     parser.add_argument("--batch", type=positive_int, default=1)
     parser.add_argument("--kv-cache", action="store_true", help="stateful decoder with the K/V caches as Core ML states")
@@ -110,7 +118,7 @@ def run_export(args) -> int:
     _say(f"loading {args.model}")
     model, kind = _load_model(args.model)
     if args.weights or args.attention == "fused":
-        scheme = WEIGHT_SCHEMES[args.weights](ff.quant) if args.weights else None
+        scheme = args.weights
         _say(f"optimizing: attention={args.attention}, weights={scheme}")
         if not hasattr(model, "kv_cache_config"):  # our own decoders call the fused op already
             ff.torch.optimize(model, attention="fused", weights=scheme)
