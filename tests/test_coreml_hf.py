@@ -44,35 +44,25 @@ def test_gpt2(attention, tmp_path):
     assert psnr(expected, out["logits"]) >= 60
 
 
-def test_llama_plain_export_with_the_models_defaults(tmp_path):
-    """ff.torch.optimize then a plain export with no static_kwargs (use_cache left on): the
-    traced query length was a 0-d tensor, which made `causal` one ([sdpa] causal must be a bool)."""
+@pytest.mark.parametrize("kv_heads, optimized", [(4, True), (2, True), (2, False)])
+def test_llama_plain_export_with_the_models_defaults(kv_heads, optimized, tmp_path):
+    """A plain export (no static_kwargs: use_cache left on) of an HF Llama, optimized or stock, MHA
+    or GQA. Optimized: the traced query length was a 0-d tensor, which made `causal` one ([sdpa]
+    causal must be a bool). Stock GQA: transformers called torch's sdpa with enable_gqa=True,
+    which coremltools ignores (a shape error in conversion)."""
     torch.manual_seed(0)
     config = transformers.LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
+                                      num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=64)
     model = transformers.LlamaForCausalLM(config).eval()
     ids = torch.randint(0, 100, (1, 6))
     with torch.no_grad():
         expected = model(ids).logits.numpy()
-    ff.torch.optimize(model, attention="fused")
-    ff.coreml.export(model, (ids,), tmp_path / "llama.mlpackage", precision="fp32")
-    assert model.fusedformer_report.stats.fused > 0
+    if optimized:
+        ff.torch.optimize(model, attention="fused")
+    mlmodel = ff.coreml.export(model, (ids,), tmp_path / "llama.mlpackage", precision="fp32",
+                               attention="fused" if optimized else "unfused")
+    assert mlmodel.fusedformer.attention == ("fused" if optimized else "unfused")
     out = ff.coreml.verify(tmp_path / "llama.mlpackage", {"input_ids": ids.numpy()})
-    assert psnr(expected, next(iter(out.values()))) >= 60
-
-
-def test_stock_gqa_llama_plain_export(tmp_path):
-    """A stock (not optimized) HF Llama with 2 kv heads for 4 query heads: transformers called
-    torch's sdpa with enable_gqa=True, which coremltools ignores (a shape error in conversion)."""
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    model = transformers.LlamaForCausalLM(config).eval()
-    ids = torch.randint(0, 100, (1, 6))
-    with torch.no_grad():
-        expected = model(ids).logits.numpy()
-    ff.coreml.export(model, (ids,), tmp_path / "stock.mlpackage", attention="unfused", precision="fp32")
-    out = ff.coreml.verify(tmp_path / "stock.mlpackage", {"input_ids": ids.numpy()})
     assert psnr(expected, next(iter(out.values()))) >= 60
     from transformers.integrations import sdpa_attention
 
