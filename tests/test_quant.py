@@ -354,3 +354,12 @@ def test_short_scheme_names_are_one_spelling_for_every_command():
     for bad in ("affine7", "lut5", "prune50-int8", "prune50-prune50"):  # (the format's own refusal, named)
         with pytest.raises(ValueError, match=rf"^\[cmd\] scheme {bad!r}: \[quant\]"):
             scheme_from_name(bad, "cmd")
+
+
+def test_prune_then_takes_a_class_for_its_defaults():
+    """DESIGN writes Prune(then=None|Affine|Palettize): the class means the format's defaults."""
+    assert Prune(0.5, then=Affine) == Prune(0.5, then=Affine())
+    assert Prune(0.5, then=Palettize).then == Palettize()
+    for bad in (Int8, Int8(), Prune, "affine"):
+        with pytest.raises(ValueError, match=r"^\[quant\] Prune then=.* must be None, Affine or Palettize"):
+            Prune(0.5, then=bad)

@@ -114,8 +114,11 @@ class Prune:
         _set(self, "sparsity", float(self.sparsity))
         if not (0.0 <= self.sparsity < 1.0):  # (false for NaN too)
             _fail(f"Prune sparsity={self.sparsity!r} must lie in [0, 1)")
+        if self.then in (Affine, Palettize):  # (DESIGN's spelling, then=Affine: the format's defaults)
+            _set(self, "then", self.then())
         if self.then is not None and not isinstance(self.then, (Affine, Palettize)):
-            _fail(f"Prune then={self.then!r} must be None, an Affine or a Palettize")
+            _fail(f"Prune then={self.then!r} must be None, Affine or Palettize (the class: its defaults), or an "
+                  f"instance of one")
 
     def to_json(self) -> dict:
         return {"format": "prune", "sparsity": float(self.sparsity),
