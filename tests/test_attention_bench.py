@@ -16,7 +16,7 @@ def test_bench_attention_shares_refer_to_the_probes_of_their_rounds(monkeypatch,
     require("torch")
     from fusedformer.bench import attention, harness
 
-    monkeypatch.setattr(harness, "last_level_cache_bytes", lambda: 8 << 20)  # a 64 MiB probe
+    monkeypatch.setattr(harness, "last_level_cache_bytes", lambda: 8 << 20)  # a 128 MiB probe
     monkeypatch.setattr(attention, "cases", lambda quick: [
         attention.Case("prefill", 1, 2, 2, 33, 33, 64, True, "float32"),
         attention.Case("decode", 1, 4, 2, 1, 129, 64, False, "bfloat16"),

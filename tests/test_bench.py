@@ -216,6 +216,18 @@ def test_cold_copies_stream_twice_the_cache(monkeypatch):
     assert harness.cold_copies(1, cap=5) == 5
 
 
+def test_read_probe_is_four_times_the_cache(monkeypatch):
+    """(A 64 MiB probe, twice a 32 MiB L3, read 47 GB/s: partly from the cache.) The buffer is
+    only made on the first run, so these sizes cost nothing here."""
+    from fusedformer.bench import harness
+
+    monkeypatch.setattr(harness, "last_level_cache_bytes", lambda: 32 << 20)
+    assert harness.ReadProbe.for_run(True).nbytes == 128 << 20
+    assert harness.ReadProbe.for_run(False).nbytes == 512 << 20
+    monkeypatch.setattr(harness, "last_level_cache_bytes", lambda: 256 << 20)
+    assert harness.ReadProbe.for_run(True).nbytes == harness.ReadProbe.for_run(False).nbytes == 1 << 30
+
+
 def test_last_level_cache_is_positive():
     from fusedformer.bench.harness import last_level_cache_bytes
 

@@ -19,7 +19,7 @@ def test_bench_qmatmul_shares_refer_to_the_probes_of_their_rounds(monkeypatch, t
     require("torch")
     from fusedformer.bench import harness, qmatmul
 
-    monkeypatch.setattr(harness, "last_level_cache_bytes", lambda: 8 << 20)  # a 64 MiB probe
+    monkeypatch.setattr(harness, "last_level_cache_bytes", lambda: 8 << 20)  # a 128 MiB probe
     monkeypatch.setattr(qmatmul, "QUICK_SHAPES", [(1, 24, 128), (65, 24, 128)])
     args = argparse.Namespace(quick=True, budget=0.01, out=str(tmp_path), plot=False, rounds=2,
                               schemes="affine4,int8,palettize2,prune50-affine4")
