@@ -450,9 +450,15 @@ def test_output_takes_q_layout(torch, mode):
 
 
 def test_jit_trace_records_the_op(torch):
-    """jit.trace must see fusedformer::sdpa (the Core ML path lowers it), not a baked constant."""
+    """jit.trace must see fusedformer::sdpa (the Core ML path lowers it), not a baked constant,
+    and without the argument checks' TracerWarnings (a dozen a call)."""
+    import warnings
+
     q, k, v = qkv(torch, 1, 4, 2, 5, 9, 16, torch.float32)
-    traced = torch.jit.trace(_module(torch), (q, k, v))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        traced = torch.jit.trace(_module(torch), (q, k, v))
+    assert not [w for w in caught if issubclass(w.category, torch.jit.TracerWarning)], caught[0].message
     assert "fusedformer::sdpa" in str(traced.graph)
     q2, k2, v2 = qkv(torch, 1, 4, 2, 5, 9, 16, torch.float32, seed=1)
     torch.testing.assert_close(traced(q2, k2, v2), _module(torch)(q2, k2, v2))

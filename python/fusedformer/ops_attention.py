@@ -13,6 +13,7 @@ import numbers
 import os
 import sys
 import threading
+import warnings
 import weakref
 
 import numpy as np
@@ -163,7 +164,7 @@ def sdpa(q, k, v, *, mask=None, causal=False, scale=None, window=None, return_ls
     framework = common_framework("sdpa", q=q, k=k, v=v, mask=mask)
     if framework == "numpy":
         q, k, v = (np.asarray(t) if not isinstance(t, np.ndarray) else t for t in (q, k, v))
-    scale_f, window_i = check_args(q, k, v, mask, causal, scale, window)
+    scale_f, window_i = _checked(framework, q, k, v, mask, causal, scale, window)
     if framework == "mlx":
         from fusedformer.mlx.attention import sdpa_mlx
 
@@ -182,6 +183,18 @@ def sdpa(q, k, v, *, mask=None, causal=False, scale=None, window=None, return_ls
         # served a graph compiled for D 16 to a call with D 32: scale 0.25 where 1/sqrt(32))
         return op(q, k, v, mask, bool(causal), None if scale is None else scale_f, window_i or None)
     return native_sdpa(q, k, v, mask=mask, causal=causal, scale=scale_f, window=window_i, return_lse=return_lse)
+
+
+def _checked(framework, *args):
+    """check_args(*args); under torch.jit.trace without its TracerWarnings (a dozen a call: the
+    checks read sizes as Python values, which the trace does not record). The trace records the
+    op alone; the checks run again, eagerly, inside it on every call of the traced module."""
+    torch = sys.modules.get("torch") if framework == "torch" else None
+    if torch is None or not torch._C._is_tracing():
+        return check_args(*args)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        return check_args(*args)
 
 
 def _eager_call(q, k, v, mask, causal, scale, window, return_lse=False):
