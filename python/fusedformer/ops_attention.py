@@ -190,7 +190,7 @@ def _checked(framework, *args):
     checks read sizes as Python values, which the trace does not record). The trace records the
     op alone; the checks run again, eagerly, inside it on every call of the traced module."""
     torch = sys.modules.get("torch") if framework == "torch" else None
-    if torch is None or not torch._C._is_tracing():
+    if torch is None or torch.compiler.is_compiling() or not torch._C._is_tracing():  # (Dynamo: the first)
         return check_args(*args)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
