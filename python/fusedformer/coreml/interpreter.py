@@ -818,13 +818,17 @@ class Program:
     def output_names(self) -> list[str]:
         return [v.name for v in self.function.outputs]
 
-    def make_state(self) -> dict[str, np.ndarray]:
-        """Fresh state buffers (zeros) for a stateful program, keyed by state name."""
-        state = {}
+    def _state_specs(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        """(shape, dtype) of each state buffer, by state name."""
+        specs = {}
         for name in self.state_names:
             wrapped = self.function.inputs[name].sym_type.wrapped_type()
-            state[name] = np.zeros(wrapped.get_shape(), dtype=_np_dtype(wrapped.get_primitive()))
-        return state
+            specs[name] = (tuple(wrapped.get_shape()), np.dtype(_np_dtype(wrapped.get_primitive())))
+        return specs
+
+    def make_state(self) -> dict[str, np.ndarray]:
+        """Fresh state buffers (zeros) for a stateful program, keyed by state name."""
+        return {name: np.zeros(shape, dtype) for name, (shape, dtype) in self._state_specs().items()}
 
     def _check_input(self, name, value):
         var = self.function.inputs[name]
@@ -848,14 +852,14 @@ class Program:
     def _check_state(self, state: dict):
         """state: the buffers make_state() gives, by name, shape and dtype (Core ML's MLState holds
         them fixed; a wrong one would fail deep inside or silently skip fp16's rounding)."""
-        fresh = self.make_state()
-        if set(state) != set(fresh):
-            raise ValueError(f"[verify] state must hold {sorted(fresh)}; got {sorted(state)}: pass "
+        specs = self._state_specs()  # (not make_state(): this runs on every decode step)
+        if set(state) != set(specs):
+            raise ValueError(f"[verify] state must hold {sorted(specs)}; got {sorted(state)}: pass "
                              f"state=program.make_state()")
-        for name, want in fresh.items():
+        for name, (shape, dtype) in specs.items():
             got = state[name]
-            if not isinstance(got, np.ndarray) or got.shape != want.shape or got.dtype != want.dtype:
-                raise ValueError(f"[verify] state {name!r} must be a {want.dtype} ndarray of shape {want.shape} "
+            if not isinstance(got, np.ndarray) or got.shape != shape or got.dtype != dtype:
+                raise ValueError(f"[verify] state {name!r} must be a {dtype} ndarray of shape {shape} "
                                  f"(program.make_state()); got {type(got).__name__} "
                                  f"{getattr(got, 'dtype', '')} {getattr(got, 'shape', '')}")
 

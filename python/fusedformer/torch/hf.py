@@ -81,12 +81,13 @@ def fusedformer_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
         )
 
-    # (ints: under torch.jit.trace, as ff.coreml.export runs, sizes are 0-d tensors, and causal
-    # would be one; a causal decision baked at trace time is right for any later Lq, since
-    # bottom-right causality with one query row sees every key)
-    q_len, kv_len = int(query.shape[2]), int(key.shape[2])
+    q_len, kv_len = query.shape[2], key.shape[2]
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    causal = bool(is_causal) and attention_mask is None and q_len > 1
+    # (bool: under torch.jit.trace, as ff.coreml.export runs, sizes are 0-d tensors and causal
+    # would be one; the decision baked at trace time is right for any later Lq, since bottom-right
+    # causality with one query row sees every key. Not int(q_len): under torch.compile with
+    # dynamic shapes that would specialize the graph to one length)
+    causal = bool(is_causal) and attention_mask is None and bool(q_len > 1)
     if causal and kv_len > q_len:
         key, value = key[:, :, :q_len], value[:, :, :q_len]
     elif causal and kv_len < q_len:  # (top-left too: query i sees keys j <= i, rows past Lk see all)
